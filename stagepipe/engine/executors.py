@@ -1,0 +1,103 @@
+"""Executors run tasks; the driver alone decides *what* runs, from the manifests.
+
+- ``LocalExecutor`` (default): runs each task in this process as it is submitted; no Ray import.
+- ``RayExecutor``: one Ray task per partition with the configured CPUs/GPUs/memory; Ray retries
+  system failures (a dead worker or node) ``max_retries`` times, and our atomic commit makes a
+  retried or duplicated task harmless. Ray is an optional extra (``pip install stagepipe[ray]``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+from stagepipe.config import ExecutorConfig
+from stagepipe.engine.task import Task, TaskResult, execute
+from stagepipe.errors import StagepipeError
+
+
+class Executor(ABC):
+    @abstractmethod
+    def submit(self, task: Task) -> None: ...
+
+    @abstractmethod
+    def wait(self) -> list[TaskResult]:
+        """Block until at least one submitted task has finished; return the finished ones."""
+
+    @property
+    @abstractmethod
+    def pending(self) -> int: ...
+
+    def shutdown(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+
+class LocalExecutor(Executor):
+    def __init__(self) -> None:
+        self._done: list[TaskResult] = []
+
+    def submit(self, task: Task) -> None:
+        self._done.append(execute(task))
+
+    def wait(self) -> list[TaskResult]:
+        done, self._done = self._done, []
+        return done
+
+    @property
+    def pending(self) -> int:
+        return len(self._done)
+
+
+def _remote_execute(task: Task) -> dict[str, Any]:
+    return execute(task).to_dict()
+
+
+class RayExecutor(Executor):
+    def __init__(self, cfg: ExecutorConfig, address: str | None = None) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise StagepipeError("executor 'ray' needs Ray: pip install 'stagepipe[ray]'") from None
+        self._ray = ray
+        self._owns_ray = False
+        if not ray.is_initialized():
+            ray.init(address=address or cfg.address, include_dashboard=False, log_to_driver=False)
+            self._owns_ray = True
+        options: dict[str, Any] = {"num_cpus": cfg.num_cpus_per_task, "num_gpus": cfg.num_gpus_per_task,
+                                   "max_retries": cfg.max_retries, "retry_exceptions": False}
+        if cfg.memory_gb_per_task:
+            options["memory"] = int(cfg.memory_gb_per_task * 2**30)
+        self._remote = ray.remote(_remote_execute).options(**options)
+        self._refs: dict[Any, Task] = {}
+
+    def submit(self, task: Task) -> None:
+        self._refs[self._remote.remote(task)] = task
+
+    def wait(self) -> list[TaskResult]:
+        self._ray.wait(list(self._refs), num_returns=1)
+        ready, _ = self._ray.wait(list(self._refs), num_returns=len(self._refs), timeout=0)
+        results = []
+        for ref in ready:
+            task = self._refs.pop(ref)
+            try:
+                results.append(TaskResult(**self._ray.get(ref)))
+            except Exception as exc:  # the task's worker died more often than max_retries
+                results.append(TaskResult(ref=str(task.ref), ok=False, host="?", error=f"{type(exc).__name__}: {exc}"))
+        return results
+
+    @property
+    def pending(self) -> int:
+        return len(self._refs)
+
+    def shutdown(self) -> None:
+        if self._owns_ray:
+            self._ray.shutdown()
+
+
+def make_executor(cfg: ExecutorConfig, kind: str | None = None, address: str | None = None) -> Executor:
+    kind = kind or cfg.kind
+    if kind == "local":
+        return LocalExecutor()
+    if kind == "ray":
+        return RayExecutor(cfg, address)
+    raise StagepipeError(f"unknown executor {kind!r}; expected 'local' or 'ray'")

@@ -1,0 +1,196 @@
+"""The driver: decide from manifests what is done, stale or missing, and run what is needed.
+
+Partitions are evaluated in topological order; a partition's key needs its upstream manifests, so
+a partition whose upstream is not done is ``waiting``. ``run`` repeatedly submits every runnable
+partition to the executor (several at once under Ray), waits for any to finish, and re-reads the
+states, until nothing is left or a task failed. A failure ends the run with the partition, the host,
+the error and the exact command to resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from stagepipe.config import PipelineConfig
+from stagepipe.engine.executors import Executor, LocalExecutor
+from stagepipe.engine.stage import ALL, Context, PartitionRef, compute_key, key_material
+from stagepipe.engine.task import Task, TaskResult
+from stagepipe.engine.workspace import PartitionState, Workspace
+from stagepipe.errors import StageFailedError, StagepipeError
+
+log = logging.getLogger("stagepipe")
+TODO = {"missing", "stale", "incomplete", "corrupt"}
+
+
+@dataclass
+class Entry:
+    ref: PartitionRef
+    state: PartitionState
+    key: str | None = None
+    material: dict[str, Any] | None = None
+    inputs: dict[str, str] | None = None
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: data}
+
+
+def stale_reason(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """Why a previous output no longer matches, in the words of the spec (Snakemake ``--reason``)."""
+    if old.get("version") != new.get("version"):
+        return f"stage_version {old.get('version')}→{new.get('version')}"
+    old_cfg, new_cfg = _flatten(old.get("config", {})), _flatten(new.get("config", {}))
+    changed = sorted(k for k in old_cfg.keys() | new_cfg.keys() if old_cfg.get(k) != new_cfg.get(k))
+    if changed:
+        return "config changed: " + ", ".join(changed[:4]) + (" …" if len(changed) > 4 else "")
+    ups = sorted(k for k in old.get("upstream", {}).keys() | new.get("upstream", {}).keys()
+                 if old.get("upstream", {}).get(k) != new.get("upstream", {}).get(k))
+    if ups:
+        return "upstream changed: " + ", ".join(ups[:3]) + (" …" if len(ups) > 3 else "")
+    if old.get("model_fingerprint") != new.get("model_fingerprint"):
+        return "model changed"
+    return "key changed"
+
+
+class Runner:
+    def __init__(self, config: PipelineConfig, workspace: Path, pipeline_path: str = "PIPELINE.yaml") -> None:
+        from stagepipe.stages import STAGES
+
+        self.config = config
+        self.ws = Workspace(Path(workspace))
+        self.ctx = Context(config, self.ws.root)
+        self.stages = STAGES
+        self.pipeline_path = pipeline_path
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, deep: bool = False) -> list[Entry]:
+        """Every known partition with its state, in execution order."""
+        entries: dict[PartitionRef, Entry] = {}
+        order: list[PartitionRef] = []
+        self.ctx.__dict__.pop("model_config", None)  # re-read: the snapshot may have appeared
+        fingerprint: str | None = None
+        for stage in self.stages.values():
+            partitions = stage.partitions(self.ctx)
+            if partitions is None:
+                continue
+            for partition in partitions:
+                ref = PartitionRef(stage.name, partition)
+                order.append(ref)
+                deps = stage.dependencies(self.ctx, partition)
+                blocked = [d for d in deps if d not in entries or entries[d].state.status != "done"]
+                if blocked:
+                    entries[ref] = Entry(ref, PartitionState("waiting", f"needs {blocked[0]}"))
+                    continue
+                upstream = {d: entries[d].state.manifest.digest() for d in deps}
+                material = key_material(stage, self.ctx, partition, upstream,
+                                        None if stage.name == "snapshot" else fingerprint)
+                key = compute_key(material)
+                state = self.ws.state(ref, key, deep=deep)
+                if state.status == "missing":
+                    previous = self.ws.previous_manifest(ref)
+                    if previous is not None:
+                        state = PartitionState("stale", stale_reason(previous.key_material, material))
+                inputs = {str(d): str(entries[d].state.output) for d in deps}
+                entries[ref] = Entry(ref, state, key, material, inputs)
+            if stage.name == "snapshot":
+                snap = entries.get(PartitionRef("snapshot", ALL))
+                fingerprint = snap.state.manifest.digest() if snap and snap.state.status == "done" else None
+        return [entries[r] for r in order]
+
+    # ------------------------------------------------------------------ running
+    def _matches(self, ref: PartitionRef, selectors: set[str]) -> bool:
+        return ref.stage in selectors or str(ref) in selectors
+
+    def run(self, executor: Executor | None = None, force: set[str] | None = None,
+            only: set[str] | None = None, dry_run: bool = False) -> list[TaskResult]:
+        """Run everything not done (or just ``only``); ``force`` re-runs matching partitions once."""
+        force, only = set(force or ()), set(only or ())
+        self._check_selectors(force | only)
+        if dry_run:
+            return []
+        executor = executor or LocalExecutor()
+        run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        config_json = self.config.model_dump_json()
+        forced_done: set[PartitionRef] = set()
+        submitted: set[PartitionRef] = set()
+        results: list[TaskResult] = []
+        failures: list[TaskResult] = []
+        bar = tqdm(desc="partitions", unit="part", disable=None, leave=False)
+        try:
+            while True:
+                entries = self.evaluate()
+                bar.total = len(entries)
+                bar.n = sum(e.state.status == "done" for e in entries)
+                bar.set_postfix(running=executor.pending, failed=len(failures))
+                if not failures:
+                    for entry in entries:
+                        if self._should_run(entry, force, only, forced_done, submitted):
+                            reason = entry.state.reason or ("forced" if self._matches(entry.ref, force) else "")
+                            log.info("run  %-24s (%s%s)", entry.ref, entry.state.status if entry.state.status != "done" else "forced",
+                                     f": {reason}" if reason and entry.state.status != "done" else "")
+                            submitted.add(entry.ref)
+                            executor.submit(Task(
+                                workspace=str(self.ws.root), config_json=config_json, stage=entry.ref.stage,
+                                partition=entry.ref.partition, key=entry.key, key_material=entry.material,
+                                inputs=entry.inputs, run_id=run_id, replace=self._matches(entry.ref, force),
+                            ))
+                if executor.pending == 0:
+                    break
+                for result in executor.wait():
+                    ref = PartitionRef.parse(result.ref)
+                    submitted.discard(ref)
+                    results.append(result)
+                    if self._matches(ref, force):
+                        forced_done.add(ref)
+                    if result.ok:
+                        log.info("done %-24s %.2fs on %s", result.ref, result.wall_s, result.host)
+                    else:
+                        log.error("FAIL %-24s on %s: %s", result.ref, result.host, result.error)
+                        log.debug(result.traceback)
+                        failures.append(result)
+        finally:
+            bar.close()
+        if failures:
+            first = failures[0]
+            raise StageFailedError(
+                f"{first.ref} failed on {first.host}: {first.error}. Finished partitions are kept; "
+                f"resume with: stagepipe run {self.pipeline_path} --workspace {self.ws.root}"
+            )
+        if only:
+            waiting = [e.ref for e in self.evaluate() if self._matches(e.ref, only) and e.state.status == "waiting"]
+            if waiting:
+                raise StagepipeError(f"{waiting[0]} cannot run: its upstream is not done; run without --only first")
+        return results
+
+    def _should_run(self, entry: Entry, force: set[str], only: set[str], forced_done: set[PartitionRef],
+                    submitted: set[PartitionRef]) -> bool:
+        if entry.ref in submitted or entry.key is None:
+            return False
+        if only and not self._matches(entry.ref, only):
+            return False
+        if entry.state.status == "running":
+            return False
+        if self._matches(entry.ref, force) and entry.ref not in forced_done:
+            return True
+        return entry.state.status in TODO
+
+    def _check_selectors(self, selectors: set[str]) -> None:
+        for selector in selectors:
+            ref = PartitionRef.parse(selector)
+            if ref.stage not in self.stages:
+                raise StagepipeError(f"unknown stage {ref.stage!r} in {selector!r}; stages: {', '.join(self.stages)}")
+            known = self.stages[ref.stage].partitions(self.ctx)
+            if "@" in selector and known is not None and ref.partition not in known:
+                raise StagepipeError(f"unknown partition {selector!r}; {ref.stage} has {', '.join(known[:4])} …")

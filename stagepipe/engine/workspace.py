@@ -1,0 +1,215 @@
+"""The on-disk layout of a run directory, partition states, atomic commits and the driver lock.
+
+::
+
+    <workspace>/
+      .lock, .lock.owner.json          one driver at a time (FileLock + who holds it)
+      pipeline.json                    the validated config of the last run
+      logs/run-<time>.log
+      stages/<stage>/<partition>/
+        <key16>/                       a finished output: files + manifest.json (written last)
+        .running-<key16>.json          written before work starts, removed after the commit
+        .tmp-<key16>-<uuid>/           work in progress; renamed to <key16>/ in one step
+        .aside-<key16>-<time>/         a corrupt or forced-over output, moved out of the way
+
+Outputs are addressed by key, so flipping a config value back finds the earlier result again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+from filelock import FileLock, Timeout
+
+from stagepipe.engine.stage import PartitionRef
+from stagepipe.errors import WorkspaceBusyError
+from stagepipe.io import manifest as manifest_io
+
+KEY_LEN = 16
+
+
+@dataclass(frozen=True)
+class PartitionState:
+    """``done``, ``missing``, ``stale``, ``incomplete``, ``running``, ``corrupt`` or ``waiting``."""
+
+    status: str
+    reason: str = ""
+    output: Path | None = None
+    manifest: manifest_io.Manifest | None = None
+
+
+class Workspace:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def partition_dir(self, ref: PartitionRef) -> Path:
+        return self.root / "stages" / ref.stage / ref.partition
+
+    def output_dir(self, ref: PartitionRef, key: str) -> Path:
+        return self.partition_dir(ref) / key[:KEY_LEN]
+
+    def marker(self, ref: PartitionRef, key: str) -> Path:
+        return self.partition_dir(ref) / f".running-{key[:KEY_LEN]}.json"
+
+    # ------------------------------------------------------------------ state
+    def state(self, ref: PartitionRef, key: str, deep: bool = False) -> PartitionState:
+        """Is the output for ``key`` done? Untrusted outputs are reported, never used."""
+        out = self.output_dir(ref, key)
+        marker = self.marker(ref, key)
+        if out.is_dir():
+            try:
+                manifest = manifest_io.read(out)
+            except manifest_io.ManifestError as exc:
+                return PartitionState("corrupt", str(exc), out)
+            if manifest.key != key:
+                return PartitionState("corrupt", f"{out}: manifest key {manifest.key[:12]} != {key[:12]}", out)
+            problems = manifest_io.verify(out, manifest, deep=deep)
+            if problems:
+                return PartitionState("corrupt", "; ".join(problems[:3]), out, manifest)
+            return PartitionState("done", "", out, manifest)
+        if marker.is_file():
+            owner = read_json(marker)
+            if owner and owner.get("host") == socket.gethostname() and not pid_alive(owner.get("pid"), owner.get("create_time")):
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.get("started_at", 0)))
+                return PartitionState("incomplete", f"crashed: pid {owner.get('pid')} on {owner.get('host')} started {when}")
+            if owner:
+                return PartitionState("running", f"pid {owner.get('pid')} on {owner.get('host')}")
+        return PartitionState("missing", "")
+
+    def previous_manifest(self, ref: PartitionRef) -> manifest_io.Manifest | None:
+        """The newest valid manifest of this partition under any key (to explain staleness)."""
+        best = None
+        directory = self.partition_dir(ref)
+        if not directory.is_dir():
+            return None
+        for child in directory.iterdir():
+            if child.name.startswith(".") or not child.is_dir():
+                continue
+            try:
+                manifest = manifest_io.read(child)
+            except manifest_io.ManifestError:
+                continue
+            if best is None or manifest.finished_at > best.finished_at:
+                best = manifest
+        return best
+
+    # ------------------------------------------------------------------ commit protocol
+    def begin(self, ref: PartitionRef, key: str, run_id: str) -> Path:
+        """Write the running marker and return a fresh temp directory for the outputs."""
+        directory = self.partition_dir(ref)
+        directory.mkdir(parents=True, exist_ok=True)
+        proc = psutil.Process()
+        write_json(self.marker(ref, key), {
+            "host": socket.gethostname(), "pid": os.getpid(), "create_time": proc.create_time(),
+            "started_at": time.time(), "run_id": run_id,
+        })
+        for stale in directory.glob(f".tmp-{key[:KEY_LEN]}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = directory / f".tmp-{key[:KEY_LEN]}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        return tmp
+
+    def commit(self, ref: PartitionRef, key: str, tmp: Path, replace: bool = False) -> Path:
+        """Rename the finished temp directory into place.
+
+        A valid output already there wins (a duplicated or retried task is harmless) unless
+        ``replace`` (``--force``): then the old output is moved aside, only now that the new one is
+        complete.
+        """
+        final = self.output_dir(ref, key)
+        if final.exists():
+            if self.state(ref, key).status == "done" and not replace:
+                shutil.rmtree(tmp, ignore_errors=True)  # a duplicated task finished first: harmless
+                return final
+            self.move_aside(ref, key)
+        os.rename(tmp, final)
+        fsync_dir(final.parent)
+        return final
+
+    def move_aside(self, ref: PartitionRef, key: str) -> Path | None:
+        """Move an existing output out of the way (it is kept, never deleted here)."""
+        final = self.output_dir(ref, key)
+        if not final.exists():
+            return None
+        aside = final.with_name(f".aside-{key[:KEY_LEN]}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}")
+        os.rename(final, aside)
+        return aside
+
+    def end(self, ref: PartitionRef, key: str, tmp: Path | None = None) -> None:
+        """Remove the running marker (and a temp directory left by a failure)."""
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.marker(ref, key).unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ driver lock
+    def lock(self) -> DriverLock:
+        return DriverLock(self.root)
+
+
+class DriverLock:
+    """One driver per workspace; a second one gets a clear message naming the holder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._lock = FileLock(str(root / ".lock"))
+        self._owner = root / ".lock.owner.json"
+
+    def __enter__(self) -> DriverLock:
+        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            owner = read_json(self._owner) or {}
+            raise WorkspaceBusyError(
+                f"{self.root}: another stagepipe driver holds this workspace "
+                f"(pid {owner.get('pid', '?')} on {owner.get('host', '?')}, command: {owner.get('command', '?')}); "
+                "wait for it to finish or stop it first"
+            ) from None
+        write_json(self._owner, {"pid": os.getpid(), "host": socket.gethostname(),
+                                 "command": " ".join(psutil.Process().cmdline()), "since": time.time()})
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._owner.unlink(missing_ok=True)
+        self._lock.release()
+
+
+def pid_alive(pid: int | None, create_time: float | None) -> bool:
+    if pid is None or not psutil.pid_exists(pid):
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return create_time is None or abs(proc.create_time() - create_time) < 1.0
+    except psutil.Error:
+        return False
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:6]}")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,50 @@
+"""Weights and factors as safetensors files (float tensors, string metadata)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+
+def write_atomic(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> Path:
+    """Save contiguous CPU copies via a temp file and rename; metadata always carries format=pt."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    clean = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
+    save_file(clean, str(tmp), metadata={"format": "pt", **dict(metadata or {})})
+    os.replace(tmp, path)
+    return path
+
+
+def read(path: Path, keys: Iterable[str] | None = None, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Load all tensors, or just ``keys``, without reading the rest of the file."""
+    with safe_open(str(path), framework="pt", device=device) as handle:
+        names = list(keys) if keys is not None else list(handle.keys())
+        return {name: handle.get_tensor(name) for name in names}
+
+
+def metadata(path: Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})
+
+
+def keys(path: Path) -> list[str]:
+    with safe_open(str(path), framework="pt") as handle:
+        return list(handle.keys())
+
+
+def verify(path: Path) -> list[str]:
+    """Problems with a file: unreadable header or tensors that cannot be read back."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():
+                handle.get_slice(name).get_shape()
+    except Exception as exc:  # safetensors raises SafetensorError / OSError for damaged files
+        return [f"{path}: unreadable safetensors ({exc})"]
+    return []

@@ -1,0 +1,135 @@
+"""Kronecker-factored Fisher for GFWSVD: nearest Kronecker product and factor clean-up.
+
+The empirical Fisher of a linear (m×n) from K per-sequence weight gradients ``G_k`` is
+``F = (1/K) Σ vec(G_k) vec(G_k)ᵀ`` (column-major vec). Its nearest Kronecker product
+``F ≈ B ⊗ A`` (A: m×m output side, B: n×n input side) is the top singular pair of the rearranged
+operator ``R = (1/K) Σ G_k ⊗ G_k``, found by alternating power iteration with matrix-free products
+(algorithms notes §2.10.2)::
+
+    A ← (1/K) Σ G_k B G_kᵀ ;  A ← A / ‖A‖_F
+    B ← (1/K) Σ G_kᵀ A G_k          (then F ≈ B ⊗ A with ‖A‖_F = 1)
+
+Gradients arrive through a *source*: a callable returning an iterator over batches
+``{linear: (b, m, n) float32}``. A stored source reads them back from zarr; a streaming source
+recomputes them by a forward+backward of the block, so the K gradients are never all held.
+Both feed this same code, so both modes give the same factors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+GradientSource = Callable[[], Iterator[dict[str, torch.Tensor]]]
+
+
+@dataclass
+class NKPResult:
+    A: torch.Tensor  # m×m, ‖A‖_F = 1 before clean-up
+    B: torch.Tensor  # n×n, carries the scale σ₁
+    sweeps: int
+    rel_change: float
+    history: list[float] = field(default_factory=list)
+
+
+def _apply(source: GradientSource, other: dict[str, torch.Tensor], side: str) -> tuple[dict[str, torch.Tensor], int]:
+    """One pass over the gradients: ``Σ G Y Gᵀ`` (side 'A') or ``Σ Gᵀ Y G`` (side 'B'), float64."""
+    acc: dict[str, torch.Tensor] = {}
+    count = 0
+    for batch in source():
+        for name, grads in batch.items():
+            g = grads.to(torch.float64)
+            y = other[name].to(g.device)
+            prod = g @ y @ g.transpose(1, 2) if side == "A" else g.transpose(1, 2) @ y @ g
+            acc[name] = acc[name] + prod.sum(0) if name in acc else prod.sum(0)
+        count += next(iter(batch.values())).shape[0]
+    return {name: value / count for name, value in acc.items()}, count
+
+
+def nkp_power_iteration(source: GradientSource, warm_b: dict[str, torch.Tensor], max_sweeps: int, tol: float,
+                        on_sweep: Callable[[int, dict[str, NKPResult]], None] | None = None,
+                        start: dict[str, NKPResult] | None = None) -> dict[str, NKPResult]:
+    """Alternating power iteration for every linear in ``warm_b`` at once.
+
+    A sweep is two passes over the gradients. Stops when the largest relative change of A (sign
+    aligned) drops below ``tol`` or after ``max_sweeps``. ``start`` resumes from a saved sweep.
+    """
+    results = dict(start or {})
+    b = {name: (results[name].B if name in results else warm_b[name]).to(torch.float64) for name in warm_b}
+    prev_a = {name: results[name].A for name in results}
+    first = max((r.sweeps for r in results.values()), default=0)
+    for sweep in range(first + 1, max_sweeps + 1):
+        a, _ = _apply(source, b, "A")
+        a = {n: v / torch.linalg.norm(v) for n, v in a.items()}
+        b, _ = _apply(source, a, "B")
+        for name, value in a.items():
+            change = float("inf")
+            if name in prev_a:  # ‖A‖_F = 1, so this is already relative; align the joint sign first
+                old = prev_a[name].to(value.device)
+                sign = 1.0 if float((old * value).sum()) >= 0 else -1.0
+                change = float(torch.linalg.norm(value - sign * old))
+            history = results[name].history + [change] if name in results else [change]
+            results[name] = NKPResult(A=value, B=b[name], sweeps=sweep, rel_change=change, history=history)
+        prev_a = a
+        if on_sweep is not None:
+            on_sweep(sweep, results)
+        if max(r.rel_change for r in results.values()) < tol:
+            break
+    return results
+
+
+def _psd_floor(matrix: torch.Tensor, floor_rel: float) -> tuple[torch.Tensor, dict[str, Any]]:
+    eigenvalues, basis = torch.linalg.eigh(matrix)
+    lam_max = float(eigenvalues.max())
+    lam_min = float(eigenvalues.min())
+    floor = floor_rel * lam_max
+    floored = eigenvalues < floor
+    repaired = eigenvalues.clamp(min=floor)
+    info = {
+        "eig_max": lam_max, "eig_min": lam_min, "n_negative": int((eigenvalues < 0).sum()),
+        "floored_fraction": float(floored.double().mean()),
+        "cond_before": lam_max / lam_min if lam_min > 0 else float("inf"),
+        "cond_after": lam_max / float(repaired.min()),
+    }
+    return (basis * repaired) @ basis.T, info
+
+
+def clean_factors(a: torch.Tensor, b: torch.Tensor, floor_rel: float) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, Any]]:
+    """Symmetrise, fix the joint sign (tr A > 0), normalise tr A = m (scale moved into B) and project
+    each factor onto the PSD cone with a relative eigenvalue floor.
+
+    Returns ``None`` for a side that is unusable (non-finite, or no positive mass after the sign
+    fix), with the reason in the info; the caller falls back for that side and says so.
+    """
+    info: dict[str, Any] = {"floor_rel": floor_rel}
+    a = 0.5 * (a + a.T).to(torch.float64)
+    b = 0.5 * (b + b.T).to(torch.float64)
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        info["unusable"] = "non-finite factor"
+        return None, None, info
+    if float(torch.trace(a)) < 0:
+        a, b = -a, -b
+        info["sign_flipped"] = True
+    trace_a = float(torch.trace(a))
+    out_a: torch.Tensor | None = None
+    out_b: torch.Tensor | None = None
+    if trace_a > 0:
+        scale = trace_a / a.shape[0]
+        a, b = a / scale, b * scale
+        out_a, info["A"] = _psd_floor(a, floor_rel)
+    else:
+        info["A_unusable"] = f"trace {trace_a:.3e} after sign fix"
+    if float(torch.trace(b)) > 0 and float(torch.linalg.eigvalsh(b).max()) > 0:
+        out_b, info["B"] = _psd_floor(b, floor_rel)
+    else:
+        info["B_unusable"] = f"trace {float(torch.trace(b)):.3e}: no positive mass"
+    return out_a, out_b, info
+
+
+def full_fisher(grads: torch.Tensor) -> torch.Tensor:
+    """``(1/K) Σ vec(G_k) vec(G_k)ᵀ`` with column-major vec, for tiny layers (diagnostics, tests)."""
+    vecs = grads.to(torch.float64).transpose(1, 2).reshape(grads.shape[0], -1)  # column-major
+    return vecs.T @ vecs / grads.shape[0]

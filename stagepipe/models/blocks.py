@@ -1,0 +1,151 @@
+"""Run a model one decoder block at a time from a local snapshot.
+
+``BlockRunner`` builds the model with a *single* block slot (embeddings, rotary tables, final norm
+and head are real), loads the non-block weights from the snapshot, and then loads decoder block i
+into the slot on demand. The block's call arguments (rotary position embeddings, causal mask,
+position ids) are captured once by a catcher in the slot, exactly as the full model would pass
+them, so a block run here computes what it computes inside the full model.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from stagepipe.errors import StagepipeError
+from stagepipe.io import safetensors_io
+from stagepipe.models.layout import Layout, layout_for
+from stagepipe.models.sources import weight_map
+
+
+class _Caught(Exception):
+    def __init__(self, args: tuple, kwargs: dict) -> None:
+        super().__init__("caught block inputs")
+        self.args, self.kwargs = args, kwargs
+
+
+class _Catcher(nn.Module):
+    def forward(self, *args: Any, **kwargs: Any) -> None:
+        raise _Caught(args, kwargs)
+
+
+def _single_block_config(config: Any) -> Any:
+    one = copy.deepcopy(config)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        if len(set(layer_types)) > 1:
+            raise StagepipeError(f"mixed layer types {sorted(set(layer_types))} are not supported yet")
+        one.layer_types = layer_types[:1]
+    one.num_hidden_layers = 1
+    return one
+
+
+class BlockRunner:
+    """Embeddings + head + one decoder-block slot, on ``device`` in ``dtype``."""
+
+    def __init__(self, snapshot_dir: Path, device: torch.device, dtype: torch.dtype) -> None:
+        self.snapshot_dir = Path(snapshot_dir)
+        self.device, self.dtype = device, dtype
+        self.config = AutoConfig.from_pretrained(self.snapshot_dir)
+        self.layout: Layout = layout_for(self.config.model_type)
+        self.num_layers = int(self.config.num_hidden_layers)
+        self.weight_map = weight_map(self.snapshot_dir)
+        self.model = AutoModelForCausalLM.from_config(_single_block_config(self.config), dtype=dtype)
+        self.model.eval().requires_grad_(False)
+        rest = {k: v for k, v in self._read(lambda k: not k.startswith(self.layout.layers_path + ".")).items()}
+        missing, unexpected = self.model.load_state_dict(rest, strict=False)
+        slot = self.layout.layer_prefix(0)
+        missing = [k for k in missing if not k.startswith(slot) and not self._is_tied(k)]
+        if missing or unexpected:
+            raise StagepipeError(f"snapshot {self.snapshot_dir}: missing {missing[:3]} unexpected {unexpected[:3]}")
+        self.model.to(device)
+        self._block_args: tuple | None = None
+        self._block_kwargs: dict | None = None
+
+    # ------------------------------------------------------------------ weights
+    def _is_tied(self, key: str) -> bool:
+        head = self.model.get_output_embeddings()
+        return bool(getattr(self.config, "tie_word_embeddings", False)) and head is not None and (
+            key.endswith("lm_head.weight") and head.weight is self.model.get_input_embeddings().weight
+        )
+
+    def _read(self, wanted) -> dict[str, torch.Tensor]:
+        by_file: dict[str, list[str]] = defaultdict(list)
+        for key, file in self.weight_map.items():
+            if wanted(key):
+                by_file[file].append(key)
+        tensors: dict[str, torch.Tensor] = {}
+        for file, keys in by_file.items():
+            tensors.update(safetensors_io.read(self.snapshot_dir / file, keys))
+        return tensors
+
+    def block_state(self, index: int) -> dict[str, torch.Tensor]:
+        """Block ``index``'s tensors, keyed relative to the block."""
+        prefix = self.layout.layer_prefix(index)
+        return {k[len(prefix):]: v for k, v in self._read(lambda k: k.startswith(prefix)).items()}
+
+    @property
+    def slot(self) -> nn.Module:
+        return self.model.get_submodule(self.layout.layers_path)[0]
+
+    def load_block(self, index: int, state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+        """Put block ``index`` (or the given block-relative ``state``) into the slot and return it."""
+        state = self.block_state(index) if state is None else state
+        self.slot.load_state_dict(state, strict=True)
+        return self.slot
+
+    # ------------------------------------------------------------------ execution
+    def _capture_block_inputs(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, tuple, dict]:
+        layers = self.model.get_submodule(self.layout.layers_path)
+        block = layers[0]
+        layers[0] = _Catcher()
+        try:
+            self.model(input_ids=input_ids.to(self.device), use_cache=False)
+        except _Caught as caught:
+            hidden, args, kwargs = caught.args[0], caught.args[1:], caught.kwargs
+        else:
+            raise StagepipeError("the model never called its first decoder block")
+        finally:
+            layers[0] = block
+        if "hidden_states" in kwargs:  # blocks called with keyword hidden states
+            hidden = kwargs.pop("hidden_states")
+        return hidden, args, kwargs
+
+    @torch.no_grad()
+    def prepare(self, input_ids: torch.Tensor) -> None:
+        """Capture the block call arguments (rotary tables, mask) for windows of this length."""
+        if self._block_kwargs is None:
+            _, self._block_args, self._block_kwargs = self._capture_block_inputs(input_ids[:1])
+
+    @torch.no_grad()
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Inputs of decoder block 0 for a batch of equal-length windows."""
+        self.prepare(input_ids)
+        hidden, _, _ = self._capture_block_inputs(input_ids)
+        return hidden
+
+    def run_block(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """One block's output for a batch of block inputs (autograd follows the caller's mode)."""
+        if self._block_kwargs is None:
+            raise StagepipeError("call prepare() or embed() before run_block()")
+        out = block(hidden.to(self.device, self.dtype), *self._block_args, **self._block_kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        norm = self.model.get_submodule(self.layout.final_norm_path)
+        return self.model.get_output_embeddings()(norm(hidden.to(self.device, self.dtype)))
+
+    def window_losses(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """Mean next-token NLL of each window (float32), from the last block's output."""
+        logits = self.logits(hidden).float()
+        targets = input_ids.to(self.device)[:, 1:]
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+        )
+        return nll.view(targets.shape).mean(dim=1)

@@ -1,0 +1,82 @@
+"""Where the decoder blocks, the final norm and the linears live in each supported architecture.
+
+Weights are always handled as ``W`` with shape (out, in) = (m, n). GPT-2's ``Conv1D`` stores its
+weight as (in, out); ``weight_matrix`` transposes it so no formula downstream has to know.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from stagepipe.errors import StagepipeError
+
+
+@dataclass(frozen=True)
+class Layout:
+    layers_path: str  # ModuleList of decoder blocks, relative to the CausalLM root
+    final_norm_path: str
+
+    def layer_prefix(self, index: int) -> str:
+        return f"{self.layers_path}.{index}."
+
+
+LAYOUTS = {
+    "llama": Layout("model.layers", "model.norm"),
+    "mistral": Layout("model.layers", "model.norm"),
+    "qwen2": Layout("model.layers", "model.norm"),
+    "gpt2": Layout("transformer.h", "transformer.ln_f"),
+}
+
+
+def layout_for(model_type: str) -> Layout:
+    try:
+        return LAYOUTS[model_type]
+    except KeyError:
+        raise StagepipeError(
+            f"architecture {model_type!r} is not supported; supported: {', '.join(sorted(LAYOUTS))}"
+        ) from None
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The (out, in) weight of a linear; GPT-2 ``Conv1D`` weights are transposed."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if type(module).__name__ == "Conv1D":
+        return module.weight.T
+    raise TypeError(f"{type(module).__name__} is not a linear layer")
+
+
+def block_linears(layer: nn.Module, patterns: list[str] | None) -> dict[str, nn.Module]:
+    """Linears inside one decoder block, by name relative to the block, filtered by regexes."""
+    compiled = [re.compile(p) for p in patterns] if patterns else None
+    found = {}
+    for name, module in layer.named_modules():
+        if name and is_linear(module) and (compiled is None or any(p.search(name) for p in compiled)):
+            found[name] = module
+    return found
+
+
+def num_layers(config) -> int:
+    return int(config.num_hidden_layers)
+
+
+def block_linear_shapes(config) -> dict[str, tuple[int, int]]:
+    """(m, n) of every linear inside every decoder block, by full name, from a meta-device model."""
+    from transformers import AutoModelForCausalLM
+
+    layout = layout_for(config.model_type)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    shapes = {}
+    for name, module in model.named_modules():
+        if name.startswith(layout.layers_path + ".") and is_linear(module):
+            shapes[name] = tuple(weight_matrix(module).shape)
+    return shapes

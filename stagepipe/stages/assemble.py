@@ -1,0 +1,135 @@
+"""``assemble``: the compressed model as a Hugging Face directory.
+
+Writes one safetensors shard per decoder block (targets replaced by ``<name>.down.weight`` /
+``<name>.up.weight`` / ``<name>.up.bias`` truncated to the allocated rank; everything else copied),
+a shard for the rest, ``model.safetensors.index.json``, ``config.json`` with the ranks and
+``auto_map`` to the bundled ``modeling_lowrank.py``, and the tokenizer. Before finishing it checks
+on a meta-device instance that the checkpoint has exactly the keys the class expects.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig
+
+from stagepipe.engine.stage import ALL, Context, PartitionRef, Stage, layer_index
+from stagepipe.errors import StagepipeError
+from stagepipe.io import safetensors_io
+from stagepipe.linalg import WeightedSVD
+from stagepipe.models import modeling_lowrank
+from stagepipe.models.layout import layout_for
+from stagepipe.models.sources import weight_map
+from stagepipe.stages.allocate import ALLOCATION
+from stagepipe.stages.decompose import FACTORS
+
+MODEL_DIR = "model"
+
+
+class AssembleStage(Stage):
+    name = "assemble"
+    version = 1
+    description = "write the low-rank model as a from_pretrained-loadable directory"
+
+    def dependencies(self, ctx: Context, partition: str) -> list[PartitionRef]:
+        layers = ctx.layer_partitions() or []
+        return [PartitionRef("snapshot", ALL), PartitionRef("allocate", ALL)] + [PartitionRef("decompose", p) for p in layers]
+
+    def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
+        return {}
+
+    def run(self, ctx: Context, partition: str, out: Path, inputs: dict[PartitionRef, Path]) -> dict[str, Any]:
+        snapshot = inputs[PartitionRef("snapshot", ALL)] / "model"
+        config = AutoConfig.from_pretrained(snapshot)
+        if config.model_type not in modeling_lowrank.LOWRANK_CLASSES:
+            raise StagepipeError(f"no low-rank class for architecture {config.model_type!r}")
+        layout = layout_for(config.model_type)
+        ranks: dict[str, int | None] = json.loads((inputs[PartitionRef("allocate", ALL)] / ALLOCATION).read_text())["ranks"]
+        factored = {n: r for n, r in ranks.items() if r is not None}
+        wmap = weight_map(snapshot)
+        target = out / MODEL_DIR
+        target.mkdir()
+        index: dict[str, str] = {}
+        total = 0
+        decomposed = {layer_index(r.partition): d for r, d in inputs.items() if r.stage == "decompose"}
+        files: dict[str, list[str]] = {}
+        for key, file in wmap.items():
+            files.setdefault(file, []).append(key)
+        for i in range(int(config.num_hidden_layers)):
+            prefix = layout.layer_prefix(i)
+            layer_keys = [k for k in wmap if k.startswith(prefix)]
+            shard = self._layer_shard(snapshot, wmap, layer_keys, prefix, decomposed[i], factored)
+            name = f"layer-{i:03d}.safetensors"
+            safetensors_io.write_atomic(target / name, shard)
+            index.update(dict.fromkeys(shard, name))
+            total += sum(t.numel() * t.element_size() for t in shard.values())
+        rest_keys = [k for k in wmap if not k.startswith(layout.layers_path + ".")]
+        rest = {}
+        for key in rest_keys:
+            rest.update(safetensors_io.read(snapshot / wmap[key], [key]))
+        safetensors_io.write_atomic(target / "rest.safetensors", rest)
+        index.update(dict.fromkeys(rest, "rest.safetensors"))
+        total += sum(t.numel() * t.element_size() for t in rest.values())
+        (target / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(index.items()))}, indent=1))
+        self._write_config(snapshot, target, config, factored)
+        for item in snapshot.iterdir():
+            if item.name.startswith(("tokenizer", "special_tokens", "generation_config", "vocab", "merges")):
+                shutil.copy(item, target / item.name)
+        self._check_keys(target, set(index))
+        return {"n_factored": len(factored), "bytes": total}
+
+    @staticmethod
+    def _layer_shard(snapshot: Path, wmap: dict[str, str], keys: list[str], prefix: str, decomposed: Path,
+                     factored: dict[str, int]) -> dict[str, torch.Tensor]:
+        tensors: dict[str, torch.Tensor] = {}
+        for key in keys:
+            tensors.update(safetensors_io.read(snapshot / wmap[key], [key]))
+        names = {full[len(prefix):]: full for full in factored if full.startswith(prefix)}
+        if not names:
+            return tensors
+        factors = safetensors_io.read(decomposed / FACTORS, [f"{n}.{k}" for n in names for k in ("left", "right", "sigma")])
+        for local, full in names.items():
+            weight = tensors.pop(f"{full}.weight")
+            result = WeightedSVD(sigma=factors[f"{local}.sigma"], left=factors[f"{local}.left"].double(),
+                                 right=factors[f"{local}.right"].double())
+            up, down = result.factors(factored[full])
+            tensors[f"{full}.up.weight"] = up.to(weight.dtype)
+            tensors[f"{full}.down.weight"] = down.to(weight.dtype)
+            if f"{full}.bias" in tensors:
+                tensors[f"{full}.up.bias"] = tensors.pop(f"{full}.bias")
+        return tensors
+
+    @staticmethod
+    def _write_config(snapshot: Path, target: Path, config, factored: dict[str, int]) -> None:
+        config_name, model_name = modeling_lowrank.LOWRANK_CLASSES[config.model_type]
+        data = json.loads((snapshot / "config.json").read_text())
+        data.update({
+            "model_type": f"lowrank_{config.model_type}",
+            "architectures": [model_name],
+            "lowrank_ranks": dict(sorted(factored.items())),
+            "auto_map": {"AutoConfig": f"modeling_lowrank.{config_name}",
+                         "AutoModelForCausalLM": f"modeling_lowrank.{model_name}"},
+        })
+        (target / "config.json").write_text(json.dumps(data, indent=1, sort_keys=True))
+        shutil.copy(Path(modeling_lowrank.__file__), target / "modeling_lowrank.py")
+
+    @staticmethod
+    def _check_keys(target: Path, written: set[str]) -> None:
+        """Zero missing / unexpected keys against the low-rank class, checked on the meta device."""
+        data = json.loads((target / "config.json").read_text())
+        config_name, model_name = modeling_lowrank.LOWRANK_CLASSES[data["model_type"].removeprefix("lowrank_")]
+        fields = {k: v for k, v in data.items() if k not in {"auto_map", "architectures", "model_type"}}
+        config = getattr(modeling_lowrank, config_name)(**fields)
+        with torch.device("meta"):
+            model = getattr(modeling_lowrank, model_name)(config)
+        expected = set(model.state_dict())
+        if getattr(config, "tie_word_embeddings", False):
+            expected -= {k for k in expected if k.endswith("lm_head.weight")}
+        missing, unexpected = expected - written, written - expected
+        if missing or unexpected:
+            raise StagepipeError(f"assembled checkpoint keys differ: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")

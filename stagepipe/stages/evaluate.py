@@ -1,0 +1,67 @@
+"""``evaluate``: perplexity of the dense snapshot (``dense``) and of the assembled model
+(``compressed``) on every configured test set, under one protocol (``stagepipe.evaluation``).
+
+The compressed model is loaded exactly as a user would, ``from_pretrained(dir,
+trust_remote_code=True)``, and the run fails unless there are zero missing and unexpected keys.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from stagepipe.engine.stage import ALL, Context, PartitionRef, Stage
+from stagepipe.errors import StagepipeError
+from stagepipe.evaluation import perplexity
+from stagepipe.io import zarr_io
+from stagepipe.models.sources import resolve_device
+from stagepipe.stages.assemble import MODEL_DIR
+from stagepipe.stages.tokenize import eval_partition
+
+RESULTS = "results.json"
+
+
+def load_checked(directory: Path) -> torch.nn.Module:
+    model, info = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, dtype=torch.float32,
+                                                       output_loading_info=True)
+    bad = {k: sorted(v)[:3] for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if bad:
+        raise StagepipeError(f"{directory}: loading reported {bad}")
+    return model
+
+
+class EvaluateStage(Stage):
+    name = "evaluate"
+    version = 1
+    description = "fp32 perplexity of the dense and the compressed model"
+
+    def partitions(self, ctx: Context) -> list[str]:
+        return (["dense"] if ctx.config.evaluation.dense_baseline else []) + ["compressed"]
+
+    def dependencies(self, ctx: Context, partition: str) -> list[PartitionRef]:
+        tokens = [PartitionRef("tokenize", eval_partition(d.name)) for d in ctx.config.evaluation.datasets]
+        model = PartitionRef("snapshot", ALL) if partition == "dense" else PartitionRef("assemble", ALL)
+        return [model, *tokens]
+
+    def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
+        ev = ctx.config.evaluation
+        return {"datasets": [d.name for d in ev.datasets], "protocol": "non-overlapping windows, fp32, token-mean NLL"}
+
+    def run(self, ctx: Context, partition: str, out: Path, inputs: dict[PartitionRef, Path]) -> dict[str, Any]:
+        ref = PartitionRef("snapshot", ALL) if partition == "dense" else PartitionRef("assemble", ALL)
+        model = load_checked(inputs[ref] / MODEL_DIR)
+        device = resolve_device(ctx.config.model.device)
+        results = {}
+        for dataset in ctx.config.evaluation.datasets:
+            windows = torch.from_numpy(zarr_io.read(inputs[PartitionRef("tokenize", eval_partition(dataset.name))] / "tokens.zarr", "input_ids"))
+            started = time.time()
+            result = perplexity(model, windows, ctx.config.evaluation.batch_size, device)
+            results[dataset.name] = {**result.to_dict(), "seconds": time.time() - started}
+        n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+        (out / RESULTS).write_text(json.dumps({"model": partition, "n_params": n_params, "datasets": results}, indent=1))
+        return {"n_params": n_params, "datasets": results}

@@ -1,0 +1,188 @@
+"""``fisher``: gradient statistics, computed one decoder block at a time, backwards.
+
+Partition ``head`` takes the last block's outputs (from ``capture``), applies the final norm and
+LM head, and back-propagates each window's mean next-token NLL to the last block's output.
+Partition ``layer-i`` (run from the last block down) recomputes block i on its cached inputs with
+autograd, back-propagates the incoming output gradient, stores the gradient w.r.t. its input for
+block i-1, and reads each target linear's inputs ``X_k`` and output gradients ``D_k`` per window.
+
+Per-sequence weight gradients ``G_k = D_kᵀ X_k`` are never averaged across sequences (optionally
+one per ``chunk_tokens`` chunk). From them: token-level K-FAC output factor ``Σ δ δᵀ`` (fallback)
+and the GFWSVD Kronecker factors (``stagepipe.kron``), either from gradients stored in a scratch
+zarr (``stored``) or recomputed per pass (``streaming``); ``auto`` stores below the memory budget.
+For methods that need no gradients every partition is an explicit no-op.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stagepipe.engine.stage import ALL, Context, PartitionRef, Stage, layer_index, layer_partition
+from stagepipe.io import safetensors_io, zarr_io
+from stagepipe.kron import clean_factors, nkp_power_iteration
+from stagepipe.methods import make_method
+from stagepipe.models.blocks import BlockRunner
+from stagepipe.models.layout import block_linears, weight_matrix
+from stagepipe.models.sources import DTYPES, resolve_device
+from stagepipe.stages.capture import HIDDEN, block_inputs, calibration_ids, load_grams
+from stagepipe.stages.tokenize import CALIBRATION
+
+HEAD = "head"
+GRAD = "grad.zarr"  # gradient of the loss w.r.t. this partition's *input* hidden states
+
+
+def _grad_in_ref(ctx: Context, index: int) -> PartitionRef:
+    last = ctx.num_layers - 1
+    return PartitionRef("fisher", HEAD if index == last else layer_partition(index + 1))
+
+
+class FisherStage(Stage):
+    name = "fisher"
+    version = 1
+    description = "layer-wise backward: per-sequence gradients → K-FAC / Kronecker factors"
+
+    def partitions(self, ctx: Context) -> list[str] | None:
+        layers = ctx.layer_partitions()
+        return None if layers is None else [HEAD, *reversed(layers)]
+
+    def dependencies(self, ctx: Context, partition: str) -> list[PartitionRef]:
+        deps = [PartitionRef("snapshot", ALL), PartitionRef("tokenize", CALIBRATION)]
+        if partition == HEAD:
+            return deps + [PartitionRef("capture", layer_partition(ctx.num_layers - 1))]
+        index = layer_index(partition)
+        deps += [_grad_in_ref(ctx, index), PartitionRef("capture", partition)]
+        if index > 0:
+            deps.append(PartitionRef("capture", layer_partition(index - 1)))
+        return deps
+
+    def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
+        method = make_method(ctx.config.method)
+        if not method.needs_gradients:
+            return {"needed": False}
+        return {"method": ctx.config.method.model_dump(mode="json"), "modules": ctx.config.target.modules,
+                "batch_size": ctx.config.runtime.batch_size, "align": ctx.config.allocation.align,
+                "kept_fraction": ctx.config.target.kept_fraction if ctx.config.method.diagnostics else None}
+
+    def skip_reason(self, ctx: Context, partition: str) -> str | None:
+        if not make_method(ctx.config.method).needs_gradients:
+            return f"method {ctx.config.method.name} uses no gradient statistics"
+        return None
+
+    def run(self, ctx: Context, partition: str, out: Path, inputs: dict[PartitionRef, Path]) -> dict[str, Any]:
+        device = resolve_device(ctx.config.model.device)
+        runner = BlockRunner(inputs[PartitionRef("snapshot", ALL)] / "model", device, DTYPES[ctx.config.model.dtype])
+        ids = calibration_ids(inputs)
+        if partition == HEAD:
+            return self._run_head(ctx, runner, ids, out, inputs)
+        return self._run_block(ctx, runner, layer_index(partition), ids, out, inputs)
+
+    # ------------------------------------------------------------------ head
+    def _run_head(self, ctx, runner: BlockRunner, ids, out: Path, inputs) -> dict[str, Any]:
+        batch = ctx.config.runtime.batch_size
+        last = zarr_io.open_array(inputs[PartitionRef("capture", layer_partition(runner.num_layers - 1))] / HIDDEN, "hidden")
+        grads = zarr_io.create_array(out / GRAD, "grad", tuple(last.shape), "float32", batch)
+        losses = []
+        for start in range(0, len(ids), batch):
+            hidden = zarr_io.read_rows(last, start, start + batch).to(runner.device).float().requires_grad_(True)
+            loss = runner.window_losses(hidden, ids[start : start + batch])
+            (grad,) = torch.autograd.grad(loss.sum(), hidden)
+            zarr_io.write_rows(grads, start, grad.float())
+            losses.extend(loss.tolist())
+        return {"mean_window_loss": sum(losses) / len(losses), "n_windows": len(losses)}
+
+    # ------------------------------------------------------------------ one block
+    def _run_block(self, ctx, runner: BlockRunner, index: int, ids, out: Path, inputs) -> dict[str, Any]:
+        cfg = ctx.config.method
+        batch = ctx.config.runtime.batch_size
+        block = runner.load_block(index)
+        linears = block_linears(block, ctx.config.target.modules)
+        grad_out = zarr_io.open_array(inputs[_grad_in_ref(ctx, index)] / GRAD, "grad")
+        grad_in = None
+        if index > 0:
+            grad_in = zarr_io.create_array(out / GRAD, "grad", tuple(grad_out.shape), "float32", batch)
+        captured: dict[str, dict[str, torch.Tensor]] = {n: {} for n in linears}
+
+        def forward_hook(mod, args, output, name):
+            captured[name]["x"] = args[0].detach()
+            output.register_hook(lambda g: captured[name].__setitem__("d", g.detach()))
+
+        handles = [m.register_forward_hook(lambda mod, a, o, n=n: forward_hook(mod, a, o, n)) for n, m in linears.items()]
+        kfac = {n: None for n in linears}
+        tokens = 0
+
+        def gradient_batches(record: bool) -> Iterator[dict[str, torch.Tensor]]:
+            """Recompute the block forward+backward per batch; yield per-sequence gradients."""
+            nonlocal tokens
+            for start, hidden in block_inputs(runner, index, ids, inputs, batch):
+                hidden = hidden.to(runner.device, runner.dtype).requires_grad_(True)
+                output = runner.run_block(block, hidden)
+                upstream = zarr_io.read_rows(grad_out, start, start + batch).to(output.device, output.dtype)
+                output.backward(upstream)
+                if record and grad_in is not None:
+                    zarr_io.write_rows(grad_in, start, hidden.grad.float())
+                result = {}
+                for name, got in captured.items():
+                    x, d = got["x"].float(), got["d"].float()
+                    if record:
+                        flat = d.reshape(-1, d.shape[-1]).double()
+                        kfac[name] = flat.T @ flat if kfac[name] is None else kfac[name] + flat.T @ flat
+                    chunk = cfg.chunk_tokens or x.shape[1]
+                    xs, ds = x.split(chunk, dim=1), d.split(chunk, dim=1)
+                    result[name] = torch.stack([torch.einsum("btm,btn->bmn", dc, xc) for dc, xc in zip(ds, xs, strict=True)], 1).flatten(0, 1)
+                if record:
+                    tokens += x.shape[0] * x.shape[1]
+                yield result
+
+        shapes = {n: tuple(weight_matrix(m).shape) for n, m in linears.items()}
+        chunks = -(-ids.shape[1] // (cfg.chunk_tokens or ids.shape[1]))
+        grad_bytes = len(ids) * chunks * sum(m * n for m, n in shapes.values()) * 4
+        mode = cfg.mode if cfg.mode != "auto" else ("stored" if grad_bytes <= cfg.memory_budget_gb * 2**30 else "streaming")
+        scratch = out.parent / f".scratch-{out.name}"
+        try:
+            if mode == "stored":
+                stored = {n: zarr_io.create_array(scratch / "grads.zarr", n, (len(ids) * chunks, *shapes[n]), "float32", batch * chunks)
+                          for n in linears}
+                for i, grads in enumerate(gradient_batches(record=True)):
+                    for n, g in grads.items():
+                        zarr_io.write_rows(stored[n], i * batch * chunks, g)
+
+                def source() -> Iterator[dict[str, torch.Tensor]]:
+                    for start in range(0, len(ids) * chunks, batch * chunks):
+                        yield {n: zarr_io.read_rows(stored[n], start, start + batch * chunks).to(runner.device) for n in linears}
+            else:
+                for _ in gradient_batches(record=True):
+                    pass
+
+                def source() -> Iterator[dict[str, torch.Tensor]]:
+                    return gradient_batches(record=False)
+
+            warm = self._warm_start(ctx, index, inputs, linears, shapes)
+            nkp = nkp_power_iteration(source, warm, cfg.max_sweeps, cfg.tol)
+        finally:
+            for h in handles:
+                h.remove()
+            shutil.rmtree(scratch, ignore_errors=True)
+        tensors, info = {}, {"mode": mode, "K": len(ids) * chunks, "tokens": tokens, "linears": {}}
+        for name, res in nkp.items():
+            a, b, clean = clean_factors(res.A, res.B, cfg.factor_floor_rel)
+            if a is not None:
+                tensors[f"{name}.A"] = a
+            if b is not None:
+                tensors[f"{name}.B"] = b
+            tensors[f"{name}.kfac_out"] = kfac[name] / tokens
+            info["linears"][name] = {"sweeps": res.sweeps, "rel_change": res.rel_change, "history": res.history, **clean}
+        safetensors_io.write_atomic(out / "factors.safetensors", {k: v.cpu().contiguous() for k, v in tensors.items()})
+        return info
+
+    def _warm_start(self, ctx, index: int, inputs, linears, shapes) -> dict[str, torch.Tensor]:
+        """K-FAC input factor ``E[x xᵀ]`` from ``capture`` (so 2–5 sweeps suffice), or identity."""
+        if ctx.config.method.warm_start == "identity":
+            return {n: torch.eye(shapes[n][1], dtype=torch.float64) for n in linears}
+        stats = load_grams(inputs[PartitionRef("capture", layer_partition(index))])
+        return {n: stats.gram[n] / stats.tokens[n] for n in linears}
+

@@ -1,0 +1,123 @@
+"""``report``: one JSON with everything a reader needs, and PNG plots.
+
+Perplexities (dense and compressed), achieved kept fractions, per-stage wall time and peak memory
+(from the manifests), every metric repair (eigenvalue floors) and every fallback, per matrix.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from stagepipe.engine.stage import ALL, Context, PartitionRef, Stage
+from stagepipe.io import manifest as manifest_io
+from stagepipe.io import safetensors_io
+from stagepipe.stages.allocate import ALLOCATION
+from stagepipe.stages.decompose import FACTORS
+
+REPORT = "report.json"
+UPSTREAM = ("snapshot", "tokenize", "capture", "fisher", "decompose", "allocate", "assemble", "evaluate")
+
+
+def collect(ctx: Context, inputs: dict[PartitionRef, Path]) -> dict[str, Any]:
+    manifests = {ref: manifest_io.read(path) for ref, path in inputs.items()}
+    stages: dict[str, dict[str, float]] = defaultdict(lambda: {"wall_s": 0.0, "peak_rss_mb": 0.0, "partitions": 0})
+    repairs, fallbacks = [], []
+    for ref, manifest in sorted(manifests.items()):
+        entry = stages[ref.stage]
+        entry["wall_s"] += manifest.wall_s
+        entry["peak_rss_mb"] = max(entry["peak_rss_mb"], manifest.peak_rss_mb)
+        entry["partitions"] += 1
+        if manifest.peak_gpu_mb is not None:
+            entry["peak_gpu_mb"] = max(entry.get("peak_gpu_mb", 0.0), manifest.peak_gpu_mb)
+        if ref.stage == "decompose":
+            for name, item in manifest.info.get("linears", {}).items():
+                for side in ("left", "right"):
+                    if item[side].get("n_floored"):
+                        repairs.append({"matrix": f"{ref.partition}.{name}", "side": side, **item[side]})
+                for key in ("left_fallback", "right_fallback"):
+                    if key in item:
+                        fallbacks.append({"matrix": f"{ref.partition}.{name}", "side": key.split("_")[0], "to": item[key]})
+    evaluations = {ref.partition: manifests[ref].info for ref in manifests if ref.stage == "evaluate"}
+    allocation = manifests[PartitionRef("allocate", ALL)].info
+    return {
+        "pipeline": ctx.config.name, "method": ctx.config.method.name, "policy": ctx.config.allocation.policy,
+        "model": ctx.config.model.model_dump(mode="json"), "ratios": allocation["ratios"],
+        "dense_targets": allocation["dense_targets"],
+        "perplexity": {p: {d: r["ppl"] for d, r in info["datasets"].items()} for p, info in evaluations.items()},
+        "evaluation": evaluations, "stages": dict(stages), "repairs": repairs, "fallbacks": fallbacks,
+        "calibration": manifests[PartitionRef("tokenize", "calibration")].info,
+    }
+
+
+def plot(report: dict[str, Any], inputs: dict[PartitionRef, Path], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    ranks = json.loads((inputs[PartitionRef("allocate", ALL)] / ALLOCATION).read_text())["ranks"]
+    by_type: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    for name, rank in ranks.items():
+        parts = name.split(".")
+        layer = next(int(p) for p in parts if p.isdigit())
+        by_type[parts[-1]].append((layer, rank if rank is not None else -1))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+    for kind, points in sorted(by_type.items()):
+        points.sort()
+        ax1.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=kind)
+    ax1.set(title="allocated rank per layer (-1 = dense)", xlabel="layer", ylabel="rank")
+    ax1.legend(fontsize=7)
+    for ref, path in sorted(inputs.items()):
+        if ref.stage != "decompose":
+            continue
+        sig = safetensors_io.read(path / FACTORS)
+        for key, value in sig.items():
+            if key.endswith(".sigma"):
+                energy = (value.double() ** 2).cumsum(0) / (value.double() ** 2).sum()
+                ax2.plot(energy.numpy(), alpha=0.3, color="C0" if "mlp" in key else "C1")
+    ax2.set(title="cumulative weighted σ² (blue mlp, orange attention)", xlabel="rank", ylabel="fraction kept")
+    fig.tight_layout()
+    fig.savefig(out / "ranks_spectra.png", dpi=100)
+    plt.close(fig)
+    made.append("ranks_spectra.png")
+    ppl = report["perplexity"]
+    if ppl:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        names = sorted({d for v in ppl.values() for d in v})
+        for i, model in enumerate(sorted(ppl)):
+            ax.bar([j + 0.4 * i for j in range(len(names))], [ppl[model].get(d, 0) for d in names], width=0.4, label=model)
+        ax.set_xticks([j + 0.2 for j in range(len(names))], names)
+        ax.set(title=f"perplexity ({report['method']}, kept {report['ratios']['kept_over_target_matrices']:.3f})", ylabel="PPL")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "perplexity.png", dpi=100)
+        plt.close(fig)
+        made.append("perplexity.png")
+    return made
+
+
+class ReportStage(Stage):
+    name = "report"
+    version = 1
+    description = "report.json + PNG plots"
+
+    def dependencies(self, ctx: Context, partition: str) -> list[PartitionRef]:
+        from stagepipe.stages import STAGES
+
+        deps = []
+        for name in UPSTREAM:
+            deps += [PartitionRef(name, p) for p in STAGES[name].partitions(ctx) or []]
+        return deps
+
+    def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
+        return {"name": ctx.config.name}
+
+    def run(self, ctx: Context, partition: str, out: Path, inputs: dict[PartitionRef, Path]) -> dict[str, Any]:
+        report = collect(ctx, inputs)
+        report["plots"] = plot(report, inputs, out)
+        (out / REPORT).write_text(json.dumps(report, indent=1, sort_keys=True))
+        return {"perplexity": report["perplexity"], "ratios": report["ratios"]}

@@ -1,0 +1,38 @@
+"""``snapshot``: load the model from its source once and save it as a local HF directory.
+
+Every later stage reads weights from here (one block at a time), so a GGUF model is dequantised
+once and a hub model is downloaded once. The manifest records the source fingerprint, the
+architecture and the parameter count used by all ratio accounting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from stagepipe.engine.stage import Context, PartitionRef, Stage
+from stagepipe.models.sources import load_model, source_fingerprint
+
+
+class SnapshotStage(Stage):
+    name = "snapshot"
+    version = 1
+    description = "load the model from its source and save a local safetensors copy"
+
+    def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
+        spec = ctx.config.model
+        return {"model": spec.model_dump(mode="json", exclude={"device"}), "source": source_fingerprint(spec)}
+
+    def run(self, ctx: Context, partition: str, out: Path, inputs: dict[PartitionRef, Path]) -> dict[str, Any]:
+        model, tokenizer = load_model(ctx.config.model)
+        target = out / "model"
+        model.save_pretrained(target, max_shard_size="2GB")
+        tokenizer.save_pretrained(target)
+        unique = {id(p): p.numel() for p in model.parameters()}
+        return {
+            "model_type": model.config.model_type,
+            "num_layers": int(model.config.num_hidden_layers),
+            "n_params": int(sum(unique.values())),
+            "tie_word_embeddings": bool(getattr(model.config, "tie_word_embeddings", False)),
+            "dtype": ctx.config.model.dtype,
+        }
