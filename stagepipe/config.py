@@ -223,16 +223,29 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     return "".join(parts) or "<root>"
 
 
-def _first_error(exc: ValidationError) -> str:
+def _user_loc(loc: tuple[Any, ...], data: Any) -> tuple[Any, ...]:
+    """Drop the tags that discriminated unions insert into locations ("model.tiny.hidden")."""
+    out: list[Any] = []
+    for part in loc:
+        if isinstance(data, dict) and part not in data and part in (data.get("source"), data.get("name")):
+            continue
+        out.append(part)
+        data = data.get(part) if isinstance(data, dict) else (
+            data[part] if isinstance(data, list) and isinstance(part, int) and part < len(data) else None)
+    return tuple(out)
+
+
+def _first_error(exc: ValidationError, data: Any) -> str:
     error = exc.errors()[0]
-    # Discriminated unions add the tag to the location ("model.tiny.hidden"); drop it for users.
-    loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.endswith(")")))
+    loc = _user_loc(tuple(error["loc"]), data)
     message = error["msg"]
     if error["type"] == "extra_forbidden":
         message = "unknown key (check the spelling; see docs/user-guide.md for the schema)"
     elif error["type"] == "union_tag_invalid":
-        expected = error.get("ctx", {}).get("expected_tags", "")
-        message = f"unknown value {error.get('input')!r}; expected one of {expected}"
+        ctx = error.get("ctx", {})
+        tag = error.get("input", {}).get(ctx.get("discriminator", "").strip("'"), error.get("input"))
+        loc = (*loc, ctx.get("discriminator", "").strip("'"))
+        message = f"unknown value {tag!r}; expected one of {ctx.get('expected_tags', '')}"
     elif error["type"] == "missing":
         message = "required key is missing"
     more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
@@ -281,7 +294,7 @@ def parse_pipeline(data: Any, source: str, base: Path) -> PipelineConfig:
     try:
         cfg = PipelineConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: {_first_error(exc)}") from None
+        raise ConfigError(f"{source}: {_first_error(exc, data)}") from None
     try:
         return _check_paths(cfg, base)
     except ValueError as exc:

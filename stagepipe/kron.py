@@ -36,15 +36,20 @@ class NKPResult:
 
 
 def _apply(source: GradientSource, other: dict[str, torch.Tensor], side: str) -> tuple[dict[str, torch.Tensor], int]:
-    """One pass over the gradients: ``Σ G Y Gᵀ`` (side 'A') or ``Σ Gᵀ Y G`` (side 'B'), float64."""
+    """One pass over the gradients: ``(1/K) Σ G Y Gᵀ`` (side 'A') or ``(1/K) Σ Gᵀ Y G`` (side 'B').
+
+    ``Y`` is normalised (‖A‖_F = 1) or a scaled Gram, so float32 products are well within range;
+    accumulating the K terms in float64 keeps the sum exact to float32 per-term rounding.
+    """
     acc: dict[str, torch.Tensor] = {}
     count = 0
     for batch in source():
         for name, grads in batch.items():
-            g = grads.to(torch.float64)
-            y = other[name].to(g.device)
-            prod = g @ y @ g.transpose(1, 2) if side == "A" else g.transpose(1, 2) @ y @ g
-            acc[name] = acc[name] + prod.sum(0) if name in acc else prod.sum(0)
+            g = grads.float()
+            y = other[name].to(g.device, torch.float32)
+            # per-window products in float32, the sum over windows in float64
+            prod = (g @ y @ g.transpose(1, 2) if side == "A" else g.transpose(1, 2) @ y @ g).double().sum(0)
+            acc[name] = acc[name] + prod if name in acc else prod
         count += next(iter(batch.values())).shape[0]
     return {name: value / count for name, value in acc.items()}, count
 

@@ -12,12 +12,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 
-def write_atomic(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> Path:
-    """Save contiguous CPU copies via a temp file and rename; metadata always carries format=pt."""
+def write_atomic(path: Path, tensors: Mapping[str, torch.Tensor]) -> Path:
+    """Save contiguous CPU copies via a temp file and rename, with metadata ``{"format": "pt"}`` only.
+
+    safetensors serialises metadata from a hash map, so two or more keys make the header bytes
+    differ from run to run; stagepipe promises bit-identical outputs, and the manifest carries the
+    provenance instead.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     clean = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
-    save_file(clean, str(tmp), metadata={"format": "pt", **dict(metadata or {})})
+    save_file(clean, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, path)
     return path
 

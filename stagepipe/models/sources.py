@@ -58,7 +58,14 @@ def load_model(spec: Any) -> tuple[torch.nn.Module, Any]:
     if isinstance(spec, GGUFModel):
         directory, file = gguf_location(spec)
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=file)
-        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=file, dtype=dtype)
+        loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=file, dtype=dtype)
+        # transformers marks GGUF-loaded models as quantized (not serialisable) although the weights
+        # are already dequantised: rebuild a plain model of the same config with the same tensors.
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.load_state_dict(loaded.state_dict())
         return model.eval(), tokenizer
     where = str(spec.path) if isinstance(spec, LocalModel) else spec.id
     revision = getattr(spec, "revision", None)

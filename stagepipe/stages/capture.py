@@ -48,9 +48,13 @@ def block_inputs(runner: BlockRunner, index: int, ids: torch.Tensor, inputs: dic
 
 def input_groups(block: torch.nn.Module, linears: dict[str, torch.nn.Module], runner: BlockRunner,
                  hidden: torch.Tensor) -> dict[str, str]:
-    """Map each linear to the first linear that receives the identical input tensor."""
-    seen: dict[str, int] = {}
-    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: seen.__setitem__(n, id(args[0])))
+    """Map each linear to the first linear that receives the identical input tensor.
+
+    The probe keeps every input tensor alive, so identity cannot be confused by a freed tensor's
+    address being reused.
+    """
+    seen: dict[str, torch.Tensor] = {}
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: seen.__setitem__(n, args[0]))
                for n, m in linears.items()]
     try:
         with torch.no_grad():
@@ -58,8 +62,10 @@ def input_groups(block: torch.nn.Module, linears: dict[str, torch.nn.Module], ru
     finally:
         for h in handles:
             h.remove()
-    first: dict[int, str] = {}
-    return {name: first.setdefault(seen[name], name) for name in linears}
+    groups: dict[str, str] = {}
+    for name in linears:
+        groups[name] = next((g for g in dict.fromkeys(groups.values()) if seen[g] is seen[name]), name)
+    return groups
 
 
 class CaptureStage(Stage):

