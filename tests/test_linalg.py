@@ -79,7 +79,7 @@ def test_brute_force_optimality_on_tiny_matrices() -> None:
     kron = torch.kron(b, a)  # column-major vec metric
     vec = lambda m: m.T.reshape(-1)  # noqa: E731
     optimum = weighted_svd(w, left, right).reconstruct(1)
-    assert float((vec(w - optimum) @ kron @ vec(w - optimum))) == pytest.approx(best, rel=1e-9)
+    assert float(vec(w - optimum) @ kron @ vec(w - optimum)) == pytest.approx(best, rel=1e-9)
 
 
 def test_rank_deficient_gram_is_floored_and_recorded() -> None:
