@@ -22,9 +22,22 @@ class Strict(BaseModel):
 
 
 # --------------------------------------------------------------------------- model sources
+class ShapeHint(Strict):
+    """The model's shape for ``--dry-run`` planning when its config cannot be read (offline hub id)."""
+
+    num_hidden_layers: int = Field(ge=1)
+    hidden_size: int = Field(ge=1)
+    intermediate_size: int = Field(ge=1)
+    num_attention_heads: int = Field(ge=1)
+    num_key_value_heads: int | None = Field(None, ge=1)
+    vocab_size: int = Field(ge=1)
+    tie_word_embeddings: bool = False
+
+
 class _ModelBase(Strict):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    shape_hint: ShapeHint | None = None
 
 
 class HubModel(_ModelBase):

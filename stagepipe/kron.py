@@ -10,7 +10,7 @@ operator ``R = (1/K) Σ G_k ⊗ G_k``, found by alternating power iteration with
     B ← (1/K) Σ G_kᵀ A G_k          (then F ≈ B ⊗ A with ‖A‖_F = 1)
 
 Gradients arrive through a *source*: a callable returning an iterator over batches
-``{linear: (b, m, n) float32}``. A stored source reads them back from zarr; a streaming source
+``{linear: G (b, m, n)}`` or ``{linear: (D (b, T, m), X (b, T, n))}`` with ``G_k = D_kᵀ X_k``. A stored source reads them back from zarr; a streaming source
 recomputes them by a forward+backward of the block, so the K gradients are never all held.
 Both feed this same code, so both modes give the same factors.
 """
@@ -35,22 +35,49 @@ class NKPResult:
     history: list[float] = field(default_factory=list)
 
 
+def _products(value: torch.Tensor | tuple[torch.Tensor, torch.Tensor], y: torch.Tensor, side: str) -> torch.Tensor:
+    """Σ over the batch of ``G Y Gᵀ`` (side 'A') or ``Gᵀ Y G`` (side 'B'), float32 per term.
+
+    ``value`` is either the gradients ``G`` (b, m, n) or their factors ``(D, X)`` with
+    ``G = Dᵀ X`` (D: b×T×m output gradients, X: b×T×n inputs). With factors the cheaper of
+    ``Dᵀ (X Y Xᵀ) D`` and the explicit route is used (T < m, n makes the factored route cheaper).
+    """
+    if isinstance(value, torch.Tensor):
+        g = value.float()
+        prod = g @ y @ g.transpose(1, 2) if side == "A" else g.transpose(1, 2) @ y @ g
+        return prod.double().sum(0)
+    d, x = value[0].float(), value[1].float()
+    t, m, n = d.shape[1], d.shape[2], x.shape[2]
+    explicit = t * m * n + m * n * n + m * m * n
+    factored = t * n * n + t * t * n + t * t * m + t * m * m
+    if explicit < factored:
+        return _products(d.transpose(1, 2) @ x, y, side)
+    if side == "A":  # G Y Gᵀ = Dᵀ (X Y Xᵀ) D
+        inner = x @ y @ x.transpose(1, 2)
+        prod = d.transpose(1, 2) @ inner @ d
+    else:  # Gᵀ Y G = Xᵀ (D Y Dᵀ) X
+        inner = d @ y @ d.transpose(1, 2)
+        prod = x.transpose(1, 2) @ inner @ x
+    return prod.double().sum(0)
+
+
 def _apply(source: GradientSource, other: dict[str, torch.Tensor], side: str) -> tuple[dict[str, torch.Tensor], int]:
     """One pass over the gradients: ``(1/K) Σ G Y Gᵀ`` (side 'A') or ``(1/K) Σ Gᵀ Y G`` (side 'B').
 
     ``Y`` is normalised (‖A‖_F = 1) or a scaled Gram, so float32 products are well within range;
-    accumulating the K terms in float64 keeps the sum exact to float32 per-term rounding.
+    the K terms are accumulated in float64.
     """
     acc: dict[str, torch.Tensor] = {}
     count = 0
     for batch in source():
-        for name, grads in batch.items():
-            g = grads.float()
-            y = other[name].to(g.device, torch.float32)
-            # per-window products in float32, the sum over windows in float64
-            prod = (g @ y @ g.transpose(1, 2) if side == "A" else g.transpose(1, 2) @ y @ g).double().sum(0)
+        size = 0
+        for name, value in batch.items():
+            sample = value if isinstance(value, torch.Tensor) else value[0]
+            y = other[name].to(sample.device, torch.float32)
+            prod = _products(value, y, side)
             acc[name] = acc[name] + prod if name in acc else prod
-        count += next(iter(batch.values())).shape[0]
+            size = sample.shape[0]
+        count += size
     return {name: value / count for name, value in acc.items()}, count
 
 
@@ -138,3 +165,31 @@ def full_fisher(grads: torch.Tensor) -> torch.Tensor:
     """``(1/K) Σ vec(G_k) vec(G_k)ᵀ`` with column-major vec, for tiny layers (diagnostics, tests)."""
     vecs = grads.to(torch.float64).transpose(1, 2).reshape(grads.shape[0], -1)  # column-major
     return vecs.T @ vecs / grads.shape[0]
+
+
+def diagnostics(grads: torch.Tensor, a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, rank: int,
+                floor_rel: float) -> dict[str, float]:
+    """For a small layer: how good is ``B ⊗ A`` as a Fisher, and does it predict the truncation loss?
+
+    Returns ``‖F − B⊗A‖/‖F‖`` for the full empirical Fisher ``F``, and for the rank-``rank``
+    GFWSVD truncation ``Δ``: the Kronecker-predicted loss increase ``½ Σ dropped σ̃²`` against the
+    full-Fisher quadratic ``½ vec(Δ)ᵀ F vec(Δ)``, plus the same full-Fisher quadratic for plain SVD.
+    """
+    from stagepipe.linalg import factor_metric, weighted_svd
+
+    fisher = full_fisher(grads)
+    kron = torch.kron(b.double(), a.double())
+    result = weighted_svd(weight, factor_metric(a, floor_rel), factor_metric(b, floor_rel))
+    w = weight.double()
+
+    def quadratic(delta: torch.Tensor) -> float:
+        vec = delta.T.reshape(-1)
+        return 0.5 * float(vec @ fisher @ vec)
+
+    return {
+        "nkp_rel_error": float(torch.linalg.norm(fisher - kron) / torch.linalg.norm(fisher)),
+        "rank": rank,
+        "predicted_loss_increase": 0.5 * result.dropped_energy(rank),
+        "full_fisher_loss_increase": quadratic(w - result.reconstruct(rank)),
+        "full_fisher_loss_increase_plain_svd": quadratic(w - weighted_svd(w, None, None).reconstruct(rank)),
+    }

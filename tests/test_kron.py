@@ -88,3 +88,24 @@ def test_gfwsvd_loss_and_full_fisher_diagnostics() -> None:
         assert weighted_loss(delta, left, right) == pytest.approx(result.dropped_energy(rank), rel=1e-9)
         plain = w - weighted_svd(w, None, None).reconstruct(rank)
         assert vec(delta) @ fisher @ vec(delta) < vec(plain) @ fisher @ vec(plain)
+
+
+def test_factored_products_equal_explicit_gradients() -> None:
+    from stagepipe.kron import _products
+
+    g = torch.Generator().manual_seed(5)
+    d, x = torch.randn(3, 4, 9, generator=g), torch.randn(3, 4, 7, generator=g)  # T=4 < m=9, n=7
+    grads = d.transpose(1, 2) @ x
+    for side, y in (("A", torch.randn(7, 7, generator=g)), ("B", torch.randn(9, 9, generator=g))):
+        y = y @ y.T
+        assert torch.allclose(_products((d, x), y, side), _products(grads, y, side), rtol=1e-5, atol=1e-4)
+
+
+def test_chunk_padding_keeps_gradients_exact() -> None:
+    from stagepipe.stages.fisher import _chunks
+
+    g = torch.Generator().manual_seed(6)
+    d, x = torch.randn(2, 10, 5, generator=g), torch.randn(2, 10, 3, generator=g)
+    dc, xc = _chunks(d, 4), _chunks(x, 4)  # 10 tokens → 3 chunks, the last padded with zeros
+    per_chunk = (dc.transpose(1, 2) @ xc).view(2, 3, 5, 3).sum(1)
+    assert torch.allclose(per_chunk, d.transpose(1, 2) @ x, atol=1e-5)

@@ -109,7 +109,7 @@ def test_layerwise_gradients_equal_full_model_per_sequence_gradients(write_pipel
     original = fisher.nkp_power_iteration
 
     def spy(source, warm, sweeps, tol, **kw):
-        grads_seen.extend(b["mlp.down_proj"] for b in source())
+        grads_seen.extend(d.transpose(1, 2) @ x for d, x in (b["mlp.down_proj"] for b in source()))
         return original(source, warm, sweeps, tol, **kw)
 
     fisher.nkp_power_iteration = spy
@@ -144,3 +144,17 @@ def test_gfwsvd_stored_equals_streaming(write_pipeline, tmp_path: Path) -> None:
     assert factors["stored"].keys() == factors["streaming"].keys()
     for key in factors["stored"]:
         assert torch.allclose(factors["stored"][key], factors["streaming"][key], rtol=1e-6, atol=1e-9), key
+
+
+def test_gfwsvd_diagnostics_on_tiny_layers(write_pipeline, tmp_path: Path) -> None:
+    pipeline = write_pipeline("diag", model={"source": "tiny", "arch": "llama", "num_layers": 1, "hidden": 16,
+                                             "intermediate": 24, "num_heads": 2, "num_kv_heads": 1},
+                              method={"name": "gfwsvd", "mode": "stored", "diagnostics": True, "diagnostics_max_dim": 400})
+    ws = tmp_path / "ws"
+    run_cli("run", str(pipeline), "-w", str(ws))
+    from stagepipe.io import manifest as manifest_io
+
+    info = manifest_io.read(entries(pipeline, ws)[PartitionRef("fisher", "layer-000")].state.output).info
+    diag = {n: v["diagnostics"] for n, v in info["linears"].items() if "diagnostics" in v}
+    assert diag and all(0 <= d["nkp_rel_error"] <= 1.0 + 1e-9 for d in diag.values())
+    assert all(d["predicted_loss_increase"] >= 0 and d["full_fisher_loss_increase"] >= 0 for d in diag.values())

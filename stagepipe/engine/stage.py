@@ -65,7 +65,13 @@ class Context:
 
         for candidate in sorted((self.workspace / "stages" / "snapshot" / ALL).glob("*/model/config.json")):
             return AutoConfig.from_pretrained(candidate.parent)
-        return load_config(self.config.model)
+        found = load_config(self.config.model)
+        hint = self.config.model.shape_hint
+        if found is None and hint is not None:
+            from transformers import PretrainedConfig
+
+            return PretrainedConfig(**hint.model_dump())
+        return found
 
     @property
     def num_layers(self) -> int | None:

@@ -92,12 +92,30 @@ class ResourceMeter:
 
 
 def _test_hooks(ref: PartitionRef) -> None:
-    """Fault injection for the crash/resume tests (environment variables, off by default)."""
+    """Fault injection for the crash/resume tests (environment variables, off by default).
+
+    ``STAGEPIPE_TEST_HANG_IN=stage@part`` hangs there; with ``STAGEPIPE_TEST_HANG_ONCE=<file>`` only
+    the first attempt hangs (it writes the file with its host and pid), so a retry can finish.
+    """
     if os.environ.get("STAGEPIPE_TEST_HANG_IN") == str(ref):
-        print(f"STAGEPIPE_TEST: hanging in {ref}", flush=True)
-        time.sleep(3600)
+        once = os.environ.get("STAGEPIPE_TEST_HANG_ONCE")
+        if once is None or not os.path.exists(once):
+            if once is not None:
+                Path(once).write_text(f"{socket.gethostname()} {os.getpid()} {_ray_node_id()}")
+            print(f"STAGEPIPE_TEST: hanging in {ref}", flush=True)
+            time.sleep(3600)
     if os.environ.get("STAGEPIPE_TEST_FAIL_IN") == str(ref):
         raise RuntimeError(f"injected failure in {ref}")
+
+
+def _ray_node_id() -> str:
+    """The Ray node this process runs on, or ``-`` outside Ray."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "-"
+    except ImportError:
+        return "-"
 
 
 def execute(task: Task) -> TaskResult:

@@ -74,12 +74,28 @@ def write_rows(array: zarr.Array, start: int, value: torch.Tensor | np.ndarray) 
     array[start : start + len(value)] = value.astype(array.dtype, copy=False)
 
 
+def _chunk_exists(array: zarr.Array, key: str) -> bool:
+    from zarr.core.sync import sync
+
+    return bool(sync(array.store_path.store.exists(f"{array.store_path.path}/{key}")))
+
+
 def open_array(path: Path, name: str) -> zarr.Array:
     return zarr.open_group(path, mode="r")[name]
 
 
 def read_rows(array: zarr.Array, start: int, stop: int) -> torch.Tensor:
-    """Rows ``start:stop`` as a torch tensor in the logical dtype."""
+    """Rows ``start:stop`` as a torch tensor in the logical dtype.
+
+    Refuses rows whose chunks were never written or have gone: zarr would silently return the
+    fill value (zeros) for them.
+    """
+    stop = min(stop, array.shape[0])
+    rows_per_chunk = array.chunks[0]
+    for chunk in range(start // rows_per_chunk, -(-stop // rows_per_chunk)):
+        key = "/".join(["c", str(chunk)] + ["0"] * (array.ndim - 1))
+        if not _chunk_exists(array, key):
+            raise FileNotFoundError(f"{array.store_path}: chunk {key} is missing (rows {start}:{stop})")
     data = torch.from_numpy(np.ascontiguousarray(array[start:stop]))
     if array.attrs.get(LOGICAL_DTYPE) == "bfloat16":
         data = data.view(torch.bfloat16)

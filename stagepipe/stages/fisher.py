@@ -22,9 +22,10 @@ from typing import Any
 
 import torch
 
+from stagepipe.accounting import rank_for_fraction
 from stagepipe.engine.stage import ALL, Context, PartitionRef, Stage, layer_index, layer_partition
 from stagepipe.io import safetensors_io, zarr_io
-from stagepipe.kron import clean_factors, nkp_power_iteration
+from stagepipe.kron import clean_factors, diagnostics, nkp_power_iteration
 from stagepipe.methods import make_method
 from stagepipe.models.blocks import BlockRunner
 from stagepipe.models.layout import block_linears, weight_matrix
@@ -43,7 +44,7 @@ def _grad_in_ref(ctx: Context, index: int) -> PartitionRef:
 
 class FisherStage(Stage):
     name = "fisher"
-    version = 1
+    version = 3
     description = "layer-wise backward: per-sequence gradients → K-FAC / Kronecker factors"
 
     def partitions(self, ctx: Context) -> list[str] | None:
@@ -64,7 +65,9 @@ class FisherStage(Stage):
         method = make_method(ctx.config.method)
         if not method.needs_gradients:
             return {"needed": False}
-        return {"method": ctx.config.method.model_dump(mode="json"), "modules": ctx.config.target.modules,
+        # floor_rel is read by decompose only; everything else here shapes the gradient statistics
+        return {"method": ctx.config.method.model_dump(mode="json", exclude={"floor_rel"}),
+                "modules": ctx.config.target.modules,
                 "batch_size": ctx.config.runtime.batch_size, "align": ctx.config.allocation.align,
                 "kept_fraction": ctx.config.target.kept_fraction if ctx.config.method.diagnostics else None}
 
@@ -116,7 +119,8 @@ class FisherStage(Stage):
         tokens = 0
 
         def gradient_batches(record: bool) -> Iterator[dict[str, torch.Tensor]]:
-            """Recompute the block forward+backward per batch; yield per-sequence gradients."""
+            """Recompute the block forward+backward per batch; yield per-sequence gradient factors
+            ``(D, X)`` (``G_k = D_kᵀ X_k``), one per window or per ``chunk_tokens`` chunk."""
             nonlocal tokens
             for start, hidden in block_inputs(runner, index, ids, inputs, batch):
                 hidden = hidden.to(runner.device, runner.dtype).requires_grad_(True)
@@ -129,55 +133,83 @@ class FisherStage(Stage):
                 for name, got in captured.items():
                     x, d = got["x"].float(), got["d"].float()
                     if record:
-                        flat = d.reshape(-1, d.shape[-1]).double()
-                        kfac[name] = flat.T @ flat if kfac[name] is None else kfac[name] + flat.T @ flat
-                    chunk = cfg.chunk_tokens or x.shape[1]
-                    xs, ds = x.split(chunk, dim=1), d.split(chunk, dim=1)
-                    result[name] = torch.stack([torch.einsum("btm,btn->bmn", dc, xc) for dc, xc in zip(ds, xs, strict=True)], 1).flatten(0, 1)
+                        flat = d.reshape(-1, d.shape[-1])
+                        term = (flat.T @ flat).double()  # float32 per batch, float64 across batches
+                        kfac[name] = term if kfac[name] is None else kfac[name] + term
+                    result[name] = (_chunks(d, chunk), _chunks(x, chunk))
                 if record:
                     tokens += x.shape[0] * x.shape[1]
                 yield result
 
         shapes = {n: tuple(weight_matrix(m).shape) for n, m in linears.items()}
-        chunks = -(-ids.shape[1] // (cfg.chunk_tokens or ids.shape[1]))
-        grad_bytes = len(ids) * chunks * sum(m * n for m, n in shapes.values()) * 4
+        chunk = cfg.chunk_tokens or ids.shape[1]
+        chunks = -(-ids.shape[1] // chunk)
+        grad_bytes = len(ids) * chunks * chunk * sum(m + n for m, n in shapes.values()) * 4
         mode = cfg.mode if cfg.mode != "auto" else ("stored" if grad_bytes <= cfg.memory_budget_gb * 2**30 else "streaming")
         scratch = out.parent / f".scratch-{out.name}"
         try:
             if mode == "stored":
-                stored = {n: zarr_io.create_array(scratch / "grads.zarr", n, (len(ids) * chunks, *shapes[n]), "float32", batch * chunks)
-                          for n in linears}
-                for i, grads in enumerate(gradient_batches(record=True)):
-                    for n, g in grads.items():
-                        zarr_io.write_rows(stored[n], i * batch * chunks, g)
+                rows = len(ids) * chunks
+                stored = {(n, k): zarr_io.create_array(scratch / "grads.zarr", f"{n}.{k}", (rows, chunk, shapes[n][0 if k == "d" else 1]),
+                                                       "float32", batch * chunks)
+                          for n in linears for k in ("d", "x")}
+                for i, factors in enumerate(gradient_batches(record=True)):
+                    for n, (d, x) in factors.items():
+                        zarr_io.write_rows(stored[n, "d"], i * batch * chunks, d)
+                        zarr_io.write_rows(stored[n, "x"], i * batch * chunks, x)
 
-                def source() -> Iterator[dict[str, torch.Tensor]]:
-                    for start in range(0, len(ids) * chunks, batch * chunks):
-                        yield {n: zarr_io.read_rows(stored[n], start, start + batch * chunks).to(runner.device) for n in linears}
+                def source() -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+                    for start in range(0, rows, batch * chunks):
+                        stop = start + batch * chunks
+                        yield {n: (zarr_io.read_rows(stored[n, "d"], start, stop).to(runner.device),
+                                   zarr_io.read_rows(stored[n, "x"], start, stop).to(runner.device)) for n in linears}
             else:
                 for _ in gradient_batches(record=True):
                     pass
 
-                def source() -> Iterator[dict[str, torch.Tensor]]:
+                def source() -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
                     return gradient_batches(record=False)
 
             warm = self._warm_start(ctx, index, inputs, linears, shapes)
             nkp = nkp_power_iteration(source, warm, cfg.max_sweeps, cfg.tol)
+            tensors: dict[str, torch.Tensor] = {}
+            info = {"mode": mode, "K": len(ids) * chunks, "tokens": tokens, "gradient_bytes": grad_bytes, "linears": {}}
+            for name, res in nkp.items():
+                a, b, clean = clean_factors(res.A, res.B, cfg.factor_floor_rel)
+                if a is not None:
+                    tensors[f"{name}.A"] = a
+                if b is not None:
+                    tensors[f"{name}.B"] = b
+                tensors[f"{name}.kfac_out"] = kfac[name] / tokens
+                info["linears"][name] = {"sweeps": res.sweeps, "rel_change": res.rel_change, "history": res.history, **clean}
+            if cfg.diagnostics:  # needs the gradients: before the scratch directory goes
+                self._diagnose(ctx, source, linears, shapes, tensors, info)
         finally:
             for h in handles:
                 h.remove()
             shutil.rmtree(scratch, ignore_errors=True)
-        tensors, info = {}, {"mode": mode, "K": len(ids) * chunks, "tokens": tokens, "linears": {}}
-        for name, res in nkp.items():
-            a, b, clean = clean_factors(res.A, res.B, cfg.factor_floor_rel)
-            if a is not None:
-                tensors[f"{name}.A"] = a
-            if b is not None:
-                tensors[f"{name}.B"] = b
-            tensors[f"{name}.kfac_out"] = kfac[name] / tokens
-            info["linears"][name] = {"sweeps": res.sweeps, "rel_change": res.rel_change, "history": res.history, **clean}
         safetensors_io.write_atomic(out / "factors.safetensors", {k: v.cpu().contiguous() for k, v in tensors.items()})
         return info
+
+    @staticmethod
+    def _diagnose(ctx, source, linears, shapes, tensors, info) -> None:
+        """Full-Fisher diagnostics for linears with m·n ≤ diagnostics_max_dim (see kron.diagnostics)."""
+        cfg = ctx.config.method
+        small = [n for n in linears if shapes[n][0] * shapes[n][1] <= cfg.diagnostics_max_dim
+                 and f"{n}.A" in tensors and f"{n}.B" in tensors]
+        if not small:
+            return
+        grads: dict[str, list[torch.Tensor]] = {n: [] for n in small}
+        for batch in source():
+            for n in small:
+                d, x = batch[n]
+                grads[n].append((d.transpose(1, 2) @ x).cpu())
+        for n in small:
+            m, k = shapes[n]
+            rank = rank_for_fraction(m, k, ctx.config.target.kept_fraction, ctx.config.allocation.align) or min(m, k)
+            weight = weight_matrix(linears[n]).detach().double().cpu()
+            info["linears"][n]["diagnostics"] = diagnostics(torch.cat(grads[n]), tensors[f"{n}.A"], tensors[f"{n}.B"],
+                                                            weight, rank, cfg.floor_rel)
 
     def _warm_start(self, ctx, index: int, inputs, linears, shapes) -> dict[str, torch.Tensor]:
         """K-FAC input factor ``E[x xᵀ]`` from ``capture`` (so 2–5 sweeps suffice), or identity."""
@@ -186,3 +218,11 @@ class FisherStage(Stage):
         stats = load_grams(inputs[PartitionRef("capture", layer_partition(index))])
         return {n: stats.gram[n] / stats.tokens[n] for n in linears}
 
+
+def _chunks(values: torch.Tensor, chunk: int) -> torch.Tensor:
+    """(b, T, c) → (b·⌈T/chunk⌉, chunk, c); the tail is zero-padded, which leaves ``Dᵀ X`` exact."""
+    b, t, c = values.shape
+    pad = -t % chunk
+    if pad:
+        values = torch.cat([values, values.new_zeros(b, pad, c)], dim=1)
+    return values.reshape(b * (t + pad) // chunk, chunk, c)

@@ -21,7 +21,7 @@ class SnapshotStage(Stage):
 
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
         spec = ctx.config.model
-        return {"model": spec.model_dump(mode="json", exclude={"device"}), "source": source_fingerprint(spec)}
+        return {"model": spec.model_dump(mode="json", exclude={"device", "shape_hint"}), "source": source_fingerprint(spec)}
 
     def run(self, ctx: Context, partition: str, out: Path, inputs: dict[PartitionRef, Path]) -> dict[str, Any]:
         model, tokenizer = load_model(ctx.config.model)
