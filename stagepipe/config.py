@@ -157,8 +157,21 @@ class SVDLLMMethod(_MethodBase):
     name: Literal["svdllm"]
 
 
-class GFWSVDMethod(_MethodBase):
-    name: Literal["gfwsvd"]
+class SVDLLMV2Method(_MethodBase):
+    """SVD-LLM V2's whitening (eigen, range-space safe); pair it with ``allocation.policy: svdllm_v2``."""
+
+    name: Literal["svdllm_v2"]
+
+
+class ASVDMethod(_MethodBase):
+    name: Literal["asvd"]
+    alpha: float = Field(0.5, gt=0, le=2)
+    scale: Literal["mean", "max"] = "mean"
+
+
+class _GradientMethod(_MethodBase):
+    """Options of the ``fisher`` stage, shared by every method that needs gradient statistics."""
+
     mode: Literal["auto", "stored", "streaming"] = "auto"
     memory_budget_gb: float = Field(4.0, gt=0, description="auto mode stores gradients below this")
     max_sweeps: int = Field(5, ge=1)
@@ -170,7 +183,41 @@ class GFWSVDMethod(_MethodBase):
     diagnostics_max_dim: int = Field(4096, ge=1)
 
 
-MethodConfig = Annotated[SVDMethod | SVDLLMMethod | GFWSVDMethod, Field(discriminator="name")]
+class FWSVDMethod(_GradientMethod):
+    """Diagonal Fisher from squared per-sequence gradients: input side (Hsu et al.) or both sides."""
+
+    name: Literal["fwsvd"]
+    sides: Literal["input", "both"] = "input"
+
+
+class KFACSVDMethod(_GradientMethod):
+    """Token-level K-FAC factors: left E[δδᵀ], right E[xxᵀ], optional shrinkage toward the trace."""
+
+    name: Literal["kfac_svd"]
+    shrinkage: float = Field(0.0, ge=0, lt=1)
+
+
+class GFWSVDMethod(_GradientMethod):
+    name: Literal["gfwsvd"]
+
+
+LeftMetric = Literal["identity", "fisher_nkp", "kfac_out", "fisher_diag"]
+RightMetric = Literal["identity", "gram", "fisher_nkp", "fisher_diag", "act_mean", "act_max"]
+
+
+class MixedMethod(_GradientMethod):
+    """Any left (output-side) metric with any right (input-side) metric."""
+
+    name: Literal["mixed"]
+    left: LeftMetric
+    right: RightMetric
+    alpha: float = Field(0.5, gt=0, le=2, description="exponent of act_mean / act_max")
+
+
+MethodConfig = Annotated[
+    SVDMethod | SVDLLMMethod | SVDLLMV2Method | ASVDMethod | FWSVDMethod | KFACSVDMethod | GFWSVDMethod | MixedMethod,
+    Field(discriminator="name"),
+]
 
 
 # --------------------------------------------------------------------------- target, allocation, runtime
@@ -192,8 +239,10 @@ class TargetConfig(Strict):
 
 
 class AllocationConfig(Strict):
-    policy: Literal["uniform", "global_greedy"] = "uniform"
+    policy: Literal["uniform", "global_greedy", "svdllm_v2", "last_k"] = "uniform"
     align: int = Field(8, ge=1)
+    last_k: int | None = Field(None, ge=1, description="last_k: blocks to compress (default: smallest feasible)")
+    min_kept: float = Field(0.1, gt=0, lt=1, description="last_k: smallest kept fraction of a compressed block")
 
 
 class RuntimeConfig(Strict):

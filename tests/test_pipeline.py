@@ -158,3 +158,23 @@ def test_gfwsvd_diagnostics_on_tiny_layers(write_pipeline, tmp_path: Path) -> No
     diag = {n: v["diagnostics"] for n, v in info["linears"].items() if "diagnostics" in v}
     assert diag and all(0 <= d["nkp_rel_error"] <= 1.0 + 1e-9 for d in diag.values())
     assert all(d["predicted_loss_increase"] >= 0 and d["full_fisher_loss_increase"] >= 0 for d in diag.values())
+
+
+@pytest.mark.parametrize("method,policy", [
+    ({"name": "svd"}, "last_k"),
+    ({"name": "svdllm_v2"}, "svdllm_v2"),
+    ({"name": "asvd", "alpha": 0.5, "scale": "max"}, "uniform"),
+    ({"name": "fwsvd", "sides": "both"}, "global_greedy"),
+    ({"name": "kfac_svd", "shrinkage": 0.1}, "uniform"),
+    ({"name": "gfwsvd", "max_sweeps": 2, "chunk_tokens": 16}, "global_greedy"),
+    ({"name": "mixed", "left": "fisher_nkp", "right": "gram", "max_sweeps": 2}, "uniform"),
+])
+def test_every_method_and_policy_runs_end_to_end(write_pipeline, tmp_path: Path, method: dict, policy: str) -> None:
+    pipeline = write_pipeline(f"m_{method['name']}", method=method, allocation={"policy": policy, "align": 4})
+    ws = tmp_path / "ws"
+    run_cli("run", str(pipeline), "-w", str(ws))
+    state = entries(pipeline, ws)
+    report = json.loads((state[PartitionRef("report", ALL)].state.output / "report.json").read_text())
+    assert report["method"] == method["name"] and report["policy"] == policy
+    assert all(v < float("inf") for v in report["perplexity"]["compressed"].values())
+    assert report["ratios"]["kept_over_target_matrices"] <= 0.8 + 1e-9 or policy == "svdllm_v2"

@@ -66,7 +66,7 @@ def test_node_removed_mid_decompose_run_completes(reference, tmp_path: Path, mon
             assert time.time() < deadline, "decompose@layer-001 never started"
             time.sleep(0.1)
         node_id = flag.read_text().split()[2]
-        victim = next(w for w in workers if w.unique_id == node_id)
+        victim = next(w for w in workers if w.node_id == node_id)
         cluster.remove_node(victim)
         thread.join(timeout=240)
         assert not thread.is_alive()

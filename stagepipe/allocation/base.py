@@ -26,3 +26,8 @@ class Policy(ABC):
     @abstractmethod
     def allocate(self, spectra: list[MatrixSpectrum], kept_fraction: float) -> dict[str, int | None]:
         """Rank per matrix (``None``: leave dense), each a multiple of ``align`` below break-even."""
+
+
+def layer_of(name: str) -> int:
+    """Decoder block index of a full module name (its first integer component)."""
+    return next(int(part) for part in name.split(".") if part.isdigit())

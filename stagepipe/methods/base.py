@@ -7,7 +7,6 @@ matrices are built from the statistics that ``capture`` and ``fisher`` stored.
 
 from __future__ import annotations
 
-from abc import ABC
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -16,10 +15,16 @@ import torch
 
 @dataclass
 class LayerStats:
-    """Statistics of one decoder block, keyed by linear name (relative to the block)."""
+    """Statistics of one decoder block, keyed by linear name (relative to the block).
+
+    ``fisher[name]`` may hold ``A``/``B`` (cleaned Kronecker factors), ``kfac_out`` (``E[δδᵀ]``,
+    token mean) and ``grad_sq`` (``(1/K) Σ_k G_k ⊙ G_k``, per-sequence gradients).
+    """
 
     gram: dict[str, torch.Tensor] = field(default_factory=dict)  # input Gram Σ x xᵀ (n×n), shared per input
-    tokens: dict[str, int] = field(default_factory=dict)  # tokens behind each Gram
+    abs_sum: dict[str, torch.Tensor] = field(default_factory=dict)  # Σ |x| per input channel
+    abs_max: dict[str, torch.Tensor] = field(default_factory=dict)  # max |x| per input channel
+    tokens: dict[str, int] = field(default_factory=dict)  # tokens behind each input statistic
     fisher: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # per-linear gradient statistics
     fisher_info: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -31,13 +36,43 @@ class MetricPair:
     notes: dict[str, Any] = field(default_factory=dict)  # fallbacks and provenance, for the manifest
 
 
-class Method(ABC):
+class Method:
+    """A pair of named metrics (``stagepipe.methods.metrics``): ``left`` acts on the output side,
+    ``right`` on the input side. The statistics ``capture`` and ``fisher`` must accumulate follow
+    from the pair: ``activation_stats`` ⊆ {gram, abs}, ``gradient_stats`` ⊆ {nkp, kfac_out, grad_sq}.
+    """
+
     name: ClassVar[str]
-    activation_stats: ClassVar[frozenset[str]] = frozenset()  # "gram"
-    needs_gradients: ClassVar[bool] = False
+    left: ClassVar[str] = "identity"
+    right: ClassVar[str] = "identity"
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
 
+    def pair(self) -> tuple[str, str]:
+        return self.left, self.right
+
+    @property
+    def activation_stats(self) -> frozenset[str]:
+        from stagepipe.methods.metrics import NEEDS
+
+        return frozenset().union(*(NEEDS[n][0] for n in self.pair()))
+
+    @property
+    def gradient_stats(self) -> frozenset[str]:
+        from stagepipe.methods.metrics import NEEDS
+
+        return frozenset().union(*(NEEDS[n][1] for n in self.pair()))
+
+    @property
+    def needs_gradients(self) -> bool:
+        return bool(self.gradient_stats)
+
     def metrics(self, linear: str, shape: tuple[int, int], stats: LayerStats) -> MetricPair:
-        return MetricPair(None, None)
+        from stagepipe.methods.metrics import LEFT, RIGHT
+
+        left_name, right_name = self.pair()
+        options = {"alpha": getattr(self.cfg, "alpha", 0.5)}
+        left, left_notes = LEFT[left_name](stats, linear, **options)
+        right, right_notes = RIGHT[right_name](stats, linear, **options)
+        return MetricPair(left, right, {"metrics": f"{left_name} × {right_name}", **left_notes, **right_notes})

@@ -1,16 +1,19 @@
-"""SVD-LLM: right metric ``X Xᵀ`` (input Gram), left identity.
+"""SVD-LLM and SVD-LLM V2: right metric ``E[x xᵀ]`` (input Gram), left identity.
 
-The truncation loss then equals ``‖(W − Ŵ) X‖_F²`` exactly (algorithms notes §2.4). Whitening is by
-eigen-decomposition with a relative floor rather than Cholesky + explicit inverse, so a
-rank-deficient Gram is handled and recorded instead of failing.
+The truncation loss equals ``‖(W − Ŵ) X‖_F²/N`` exactly (algorithms notes §2.4). Whitening is the
+eigen-decomposition with a relative floor (V2's range-space form) for both: a rank-deficient Gram
+is handled and recorded instead of failing a Cholesky. V2 differs in its allocation policy
+(``allocation.policy: svdllm_v2``).
 """
 
-from stagepipe.methods.base import LayerStats, Method, MetricPair
+from stagepipe.methods.base import Method
 
 
 class SVDLLM(Method):
     name = "svdllm"
-    activation_stats = frozenset({"gram"})
+    right = "gram"
 
-    def metrics(self, linear: str, shape: tuple[int, int], stats: LayerStats) -> MetricPair:
-        return MetricPair(None, stats.gram[linear])
+
+class SVDLLMV2(Method):
+    name = "svdllm_v2"
+    right = "gram"

@@ -13,7 +13,7 @@ from typing import Any
 from transformers import AutoConfig
 
 from stagepipe.accounting import ratio_report
-from stagepipe.allocation import POLICIES, MatrixSpectrum
+from stagepipe.allocation import MatrixSpectrum, make_policy
 from stagepipe.engine.stage import ALL, Context, PartitionRef, Stage, layer_index
 from stagepipe.io import manifest as manifest_io
 from stagepipe.io import safetensors_io
@@ -49,7 +49,7 @@ class AllocateStage(Stage):
             for name, item in sorted(info.items()):
                 m, n = item["shape"]
                 spectra.append(MatrixSpectrum(prefix + name, m, n, sigmas[f"{name}.sigma"]))
-        policy = POLICIES[ctx.config.allocation.policy](ctx.config.allocation.align)
+        policy = make_policy(ctx.config.allocation)
         ranks = policy.allocate(spectra, ctx.config.target.kept_fraction)
         n_params = manifest_io.read(snapshot).info["n_params"]
         report = ratio_report(block_linear_shapes(config), ranks, n_params, ctx.config.target.kept_fraction)

@@ -102,47 +102,55 @@ class CaptureStage(Stage):
         block = runner.load_block(index)
         linears = block_linears(block, ctx.config.target.modules)
         batch = ctx.config.runtime.batch_size
-        want_gram = "gram" in make_method(ctx.config.method).activation_stats
+        wanted = make_method(ctx.config.method).activation_stats
         hidden_out = zarr_io.create_array(out / HIDDEN, "hidden", (len(ids), ids.shape[1], runner.config.hidden_size),
                                           ctx.config.runtime.activation_dtype, batch)
         groups: dict[str, str] | None = None
-        grams: dict[str, torch.Tensor] = {}
+        stats: dict[str, torch.Tensor] = {}
         tokens = 0
         handles = []
         for start, hidden in block_inputs(runner, index, ids, inputs, batch):
             if groups is None:
                 groups = input_groups(block, linears, runner, hidden.to(device))
-                for name in sorted(set(groups.values())) if want_gram else []:
-                    n = linears[name].weight.shape[1 if isinstance(linears[name], torch.nn.Linear) else 0]
-                    grams[name] = torch.zeros(n, n, dtype=torch.float64, device=device)
-
-                    def accumulate(mod, args, name=name):
-                        x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
-                        grams[name].add_(x.T @ x)
-
-                    handles.append(linears[name].register_forward_pre_hook(accumulate))
+                for name in sorted(set(groups.values())):
+                    handles.append(linears[name].register_forward_pre_hook(
+                        lambda mod, args, name=name: _accumulate(stats, name, args[0], wanted)))
             with torch.no_grad():
                 output = runner.run_block(block, hidden)
             zarr_io.write_rows(hidden_out, start, output)
             tokens += output.shape[0] * output.shape[1]
         for h in handles:
             h.remove()
-        if want_gram:
-            zarr_io.write_atomic(out / "stats.zarr", {f"gram.{k}": v.cpu() for k, v in grams.items()},
-                                 attrs={"tokens": tokens})
+        if wanted:
+            zarr_io.write_atomic(out / "stats.zarr", {k: v.cpu() for k, v in stats.items()}, attrs={"tokens": tokens})
         (out / "groups.json").write_text(json.dumps(groups, indent=1, sort_keys=True))
         return {"tokens": tokens, "groups": groups, "distinct_inputs": len(set(groups.values()))}
 
 
-def load_grams(capture_dir: Path) -> LayerStats:
-    """Input Grams of one block, keyed by every linear (shared tensors for shared inputs)."""
+def _accumulate(stats: dict[str, torch.Tensor], group: str, x: torch.Tensor, wanted: frozenset[str]) -> None:
+    """Add one batch of a group's inputs: Gram in float64, per-channel Σ|x| and max|x|."""
+    flat = x.detach().reshape(-1, x.shape[-1])
+    if "gram" in wanted:
+        term = flat.to(torch.float64)
+        stats[f"gram.{group}"] = stats.get(f"gram.{group}", 0) + term.T @ term
+    if "abs" in wanted:
+        absolute = flat.abs().to(torch.float64)
+        stats[f"abs_sum.{group}"] = stats.get(f"abs_sum.{group}", 0) + absolute.sum(0)
+        batch_max = absolute.max(0).values
+        stats[f"abs_max.{group}"] = torch.maximum(stats[f"abs_max.{group}"], batch_max) if f"abs_max.{group}" in stats else batch_max
+
+
+def load_input_stats(capture_dir: Path) -> LayerStats:
+    """Input statistics of one block, keyed by every linear (shared tensors for shared inputs)."""
     groups = json.loads((capture_dir / "groups.json").read_text())
     stats = LayerStats()
     if not (capture_dir / "stats.zarr").exists():
         return stats
     tokens = int(zarr_io.attrs(capture_dir / "stats.zarr")["tokens"])
-    arrays = zarr_io.read(capture_dir / "stats.zarr")
+    arrays = {k: torch.from_numpy(v) for k, v in zarr_io.read(capture_dir / "stats.zarr").items()}
     for name, group in groups.items():
-        stats.gram[name] = torch.from_numpy(arrays[f"gram.{group}"])
         stats.tokens[name] = tokens
+        for kind, target in (("gram", stats.gram), ("abs_sum", stats.abs_sum), ("abs_max", stats.abs_max)):
+            if f"{kind}.{group}" in arrays:
+                target[name] = arrays[f"{kind}.{group}"]
     return stats

@@ -20,7 +20,7 @@ from stagepipe.methods import LayerStats, make_method
 from stagepipe.models.blocks import BlockRunner
 from stagepipe.models.layout import block_linears, weight_matrix
 from stagepipe.models.sources import DTYPES, resolve_device
-from stagepipe.stages.capture import load_grams
+from stagepipe.stages.capture import load_input_stats
 
 FACTORS = "factors.safetensors"
 
@@ -60,7 +60,7 @@ class DecomposeStage(Stage):
         runner = BlockRunner(inputs[PartitionRef("snapshot", ALL)] / "model", torch.device("cpu"), DTYPES[ctx.config.model.dtype])
         block = runner.load_block(index)
         linears = block_linears(block, ctx.config.target.modules)
-        stats = load_grams(inputs[PartitionRef("capture", partition)]) if method.activation_stats else LayerStats()
+        stats = load_input_stats(inputs[PartitionRef("capture", partition)]) if method.activation_stats else LayerStats()
         if method.needs_gradients:
             fisher_dir = inputs[PartitionRef("fisher", partition)]
             stats.fisher, stats.fisher_info = load_fisher(fisher_dir, manifest_io.read(fisher_dir).info)

@@ -30,7 +30,7 @@ from stagepipe.methods import make_method
 from stagepipe.models.blocks import BlockRunner
 from stagepipe.models.layout import block_linears, weight_matrix
 from stagepipe.models.sources import DTYPES, resolve_device
-from stagepipe.stages.capture import HIDDEN, block_inputs, calibration_ids, load_grams
+from stagepipe.stages.capture import HIDDEN, block_inputs, calibration_ids, load_input_stats
 from stagepipe.stages.tokenize import CALIBRATION
 
 HEAD = "head"
@@ -65,11 +65,17 @@ class FisherStage(Stage):
         method = make_method(ctx.config.method)
         if not method.needs_gradients:
             return {"needed": False}
-        # floor_rel is read by decompose only; everything else here shapes the gradient statistics
-        return {"method": ctx.config.method.model_dump(mode="json", exclude={"floor_rel"}),
-                "modules": ctx.config.target.modules,
-                "batch_size": ctx.config.runtime.batch_size, "align": ctx.config.allocation.align,
-                "kept_fraction": ctx.config.target.kept_fraction if ctx.config.method.diagnostics else None}
+        cfg = ctx.config.method
+        slice_: dict[str, Any] = {"stats": sorted(method.gradient_stats), "modules": ctx.config.target.modules,
+                                  "batch_size": ctx.config.runtime.batch_size}
+        if "nkp" in method.gradient_stats:  # the options below shape only the Kronecker factors
+            slice_["nkp"] = {k: getattr(cfg, k) for k in ("mode", "memory_budget_gb", "max_sweeps", "tol",
+                                                          "warm_start", "factor_floor_rel", "chunk_tokens")}
+            if cfg.diagnostics:
+                slice_["diagnostics"] = {"max_dim": cfg.diagnostics_max_dim, "floor_rel": cfg.floor_rel,
+                                         "kept_fraction": ctx.config.target.kept_fraction,
+                                         "align": ctx.config.allocation.align}
+        return slice_
 
     def skip_reason(self, ctx: Context, partition: str) -> str | None:
         if not make_method(ctx.config.method).needs_gradients:
@@ -115,13 +121,17 @@ class FisherStage(Stage):
             output.register_hook(lambda g: captured[name].__setitem__("d", g.detach()))
 
         handles = [m.register_forward_hook(lambda mod, a, o, n=n: forward_hook(mod, a, o, n)) for n, m in linears.items()]
-        kfac = {n: None for n in linears}
-        tokens = 0
+        needed = make_method(cfg).gradient_stats
+        shapes = {n: tuple(weight_matrix(m).shape) for n, m in linears.items()}
+        chunk = getattr(cfg, "chunk_tokens", None) or ids.shape[1]
+        chunks = -(-ids.shape[1] // chunk)
+        sums: dict[str, torch.Tensor] = {}  # kfac_out.<name>, grad_sq.<name>, float64
+        counts = {"tokens": 0, "windows": 0}
 
-        def gradient_batches(record: bool) -> Iterator[dict[str, torch.Tensor]]:
+        def gradient_batches(record: bool) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
             """Recompute the block forward+backward per batch; yield per-sequence gradient factors
-            ``(D, X)`` (``G_k = D_kᵀ X_k``), one per window or per ``chunk_tokens`` chunk."""
-            nonlocal tokens
+            ``(D, X)`` (``G_k = D_kᵀ X_k``), one per window or per ``chunk_tokens`` chunk. The
+            recording pass also accumulates K-FAC and squared per-sequence gradients."""
             for start, hidden in block_inputs(runner, index, ids, inputs, batch):
                 hidden = hidden.to(runner.device, runner.dtype).requires_grad_(True)
                 output = runner.run_block(block, hidden)
@@ -133,63 +143,71 @@ class FisherStage(Stage):
                 for name, got in captured.items():
                     x, d = got["x"].float(), got["d"].float()
                     if record:
-                        flat = d.reshape(-1, d.shape[-1])
-                        term = (flat.T @ flat).double()  # float32 per batch, float64 across batches
-                        kfac[name] = term if kfac[name] is None else kfac[name] + term
+                        _add(sums, f"kfac_out.{name}", _gram(d.reshape(-1, d.shape[-1])))
+                        if "grad_sq" in needed:
+                            _add(sums, f"grad_sq.{name}", ((d.transpose(1, 2) @ x) ** 2).double().sum(0))
                     result[name] = (_chunks(d, chunk), _chunks(x, chunk))
                 if record:
-                    tokens += x.shape[0] * x.shape[1]
+                    counts["tokens"] += x.shape[0] * x.shape[1]
+                    counts["windows"] += x.shape[0]
                 yield result
 
-        shapes = {n: tuple(weight_matrix(m).shape) for n, m in linears.items()}
-        chunk = cfg.chunk_tokens or ids.shape[1]
-        chunks = -(-ids.shape[1] // chunk)
-        grad_bytes = len(ids) * chunks * chunk * sum(m + n for m, n in shapes.values()) * 4
-        mode = cfg.mode if cfg.mode != "auto" else ("stored" if grad_bytes <= cfg.memory_budget_gb * 2**30 else "streaming")
+        info: dict[str, Any] = {"K": len(ids) * chunks, "linears": {n: {} for n in linears}}
+        tensors: dict[str, torch.Tensor] = {}
         scratch = out.parent / f".scratch-{out.name}"
         try:
-            if mode == "stored":
-                rows = len(ids) * chunks
-                stored = {(n, k): zarr_io.create_array(scratch / "grads.zarr", f"{n}.{k}", (rows, chunk, shapes[n][0 if k == "d" else 1]),
-                                                       "float32", batch * chunks)
-                          for n in linears for k in ("d", "x")}
-                for i, factors in enumerate(gradient_batches(record=True)):
-                    for n, (d, x) in factors.items():
-                        zarr_io.write_rows(stored[n, "d"], i * batch * chunks, d)
-                        zarr_io.write_rows(stored[n, "x"], i * batch * chunks, x)
-
-                def source() -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-                    for start in range(0, rows, batch * chunks):
-                        stop = start + batch * chunks
-                        yield {n: (zarr_io.read_rows(stored[n, "d"], start, stop).to(runner.device),
-                                   zarr_io.read_rows(stored[n, "x"], start, stop).to(runner.device)) for n in linears}
+            if "nkp" in needed:
+                source = self._gradient_source(cfg, gradient_batches, scratch, linears, shapes, len(ids), chunk, batch, info,
+                                              runner.device)
+                warm = self._warm_start(ctx, index, inputs, linears, shapes)
+                for name, res in nkp_power_iteration(source, warm, cfg.max_sweeps, cfg.tol).items():
+                    a, b, clean = clean_factors(res.A, res.B, cfg.factor_floor_rel)
+                    tensors.update({f"{name}.{k}": v for k, v in (("A", a), ("B", b)) if v is not None})
+                    info["linears"][name] = {"sweeps": res.sweeps, "rel_change": res.rel_change, "history": res.history, **clean}
+                if cfg.diagnostics:  # needs the gradients: before the scratch directory goes
+                    self._diagnose(ctx, source, linears, shapes, tensors, info)
             else:
                 for _ in gradient_batches(record=True):
                     pass
-
-                def source() -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-                    return gradient_batches(record=False)
-
-            warm = self._warm_start(ctx, index, inputs, linears, shapes)
-            nkp = nkp_power_iteration(source, warm, cfg.max_sweeps, cfg.tol)
-            tensors: dict[str, torch.Tensor] = {}
-            info = {"mode": mode, "K": len(ids) * chunks, "tokens": tokens, "gradient_bytes": grad_bytes, "linears": {}}
-            for name, res in nkp.items():
-                a, b, clean = clean_factors(res.A, res.B, cfg.factor_floor_rel)
-                if a is not None:
-                    tensors[f"{name}.A"] = a
-                if b is not None:
-                    tensors[f"{name}.B"] = b
-                tensors[f"{name}.kfac_out"] = kfac[name] / tokens
-                info["linears"][name] = {"sweeps": res.sweeps, "rel_change": res.rel_change, "history": res.history, **clean}
-            if cfg.diagnostics:  # needs the gradients: before the scratch directory goes
-                self._diagnose(ctx, source, linears, shapes, tensors, info)
         finally:
             for h in handles:
                 h.remove()
             shutil.rmtree(scratch, ignore_errors=True)
+        for key, value in sums.items():
+            kind, _, name = key.partition(".")
+            tensors[f"{name}.{kind}"] = value / (counts["tokens"] if kind == "kfac_out" else counts["windows"])
+        info.update(counts)
         safetensors_io.write_atomic(out / "factors.safetensors", {k: v.cpu().contiguous() for k, v in tensors.items()})
         return info
+
+    @staticmethod
+    def _gradient_source(cfg, gradient_batches, scratch: Path, linears, shapes, n_windows: int, chunk: int,
+                         batch: int, info: dict[str, Any], device: torch.device):
+        """Run the recording pass and return a re-iterable source of ``(D, X)`` batches: read back
+        from a scratch zarr (``stored``) or recomputed per pass (``streaming``)."""
+        chunks = -(-info["K"] // n_windows)
+        grad_bytes = n_windows * chunks * chunk * sum(m + n for m, n in shapes.values()) * 4
+        mode = cfg.mode if cfg.mode != "auto" else ("stored" if grad_bytes <= cfg.memory_budget_gb * 2**30 else "streaming")
+        info.update(mode=mode, gradient_bytes=grad_bytes)
+        if mode == "streaming":
+            for _ in gradient_batches(record=True):
+                pass
+            return lambda: gradient_batches(record=False)
+        rows, step = n_windows * chunks, batch * chunks
+        stored = {(n, k): zarr_io.create_array(scratch / "grads.zarr", f"{n}.{k}", (rows, chunk, shapes[n][0 if k == "d" else 1]),
+                                               "float32", step)
+                  for n in linears for k in ("d", "x")}
+        for i, factors in enumerate(gradient_batches(record=True)):
+            for n, (d, x) in factors.items():
+                zarr_io.write_rows(stored[n, "d"], i * step, d)
+                zarr_io.write_rows(stored[n, "x"], i * step, x)
+
+        def source() -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+            for start in range(0, rows, step):
+                yield {n: (zarr_io.read_rows(stored[n, "d"], start, start + step).to(device),
+                           zarr_io.read_rows(stored[n, "x"], start, start + step).to(device)) for n in linears}
+
+        return source
 
     @staticmethod
     def _diagnose(ctx, source, linears, shapes, tensors, info) -> None:
@@ -215,7 +233,7 @@ class FisherStage(Stage):
         """K-FAC input factor ``E[x xᵀ]`` from ``capture`` (so 2–5 sweeps suffice), or identity."""
         if ctx.config.method.warm_start == "identity":
             return {n: torch.eye(shapes[n][1], dtype=torch.float64) for n in linears}
-        stats = load_grams(inputs[PartitionRef("capture", layer_partition(index))])
+        stats = load_input_stats(inputs[PartitionRef("capture", layer_partition(index))])
         return {n: stats.gram[n] / stats.tokens[n] for n in linears}
 
 
@@ -226,3 +244,11 @@ def _chunks(values: torch.Tensor, chunk: int) -> torch.Tensor:
     if pad:
         values = torch.cat([values, values.new_zeros(b, pad, c)], dim=1)
     return values.reshape(b * (t + pad) // chunk, chunk, c)
+
+
+def _gram(flat: torch.Tensor) -> torch.Tensor:
+    return (flat.T @ flat).double()  # float32 per batch, float64 across batches
+
+
+def _add(sums: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
+    sums[key] = sums[key] + value if key in sums else value
