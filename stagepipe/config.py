@@ -142,6 +142,7 @@ class EvaluationConfig(Strict):
     max_windows: int | None = Field(None, ge=1)
     batch_size: int = Field(4, ge=1)
     dense_baseline: bool = True
+    lm_eval_tasks: list[str] = Field(default_factory=list, description="lm-eval-harness tasks, 0-shot, when available")
 
 
 # --------------------------------------------------------------------------- methods

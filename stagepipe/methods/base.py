@@ -68,6 +68,15 @@ class Method:
     def needs_gradients(self) -> bool:
         return bool(self.gradient_stats)
 
+    def key_options(self) -> dict[str, Any]:
+        """What decides this method's factors given its statistics (``decompose``'s key): the metric
+        pair and the options that shape it, not the method's name, so equal pairs share results."""
+        pair = self.pair()
+        options: dict[str, Any] = {"pair": list(pair), "floor_rel": self.cfg.floor_rel}
+        if any(name.startswith("act_") for name in pair):
+            options["alpha"] = self.cfg.alpha
+        return options
+
     def metrics(self, linear: str, shape: tuple[int, int], stats: LayerStats) -> MetricPair:
         from stagepipe.methods.metrics import LEFT, RIGHT
 

@@ -10,6 +10,9 @@ class KFACSVD(Method):
     left = "kfac_out"
     right = "gram"
 
+    def key_options(self) -> dict:
+        return {**super().key_options(), "shrinkage": self.cfg.shrinkage}
+
     def metrics(self, linear: str, shape: tuple[int, int], stats: LayerStats) -> MetricPair:
         pair = super().metrics(linear, shape, stats)
         amount = self.cfg.shrinkage

@@ -49,7 +49,7 @@ class DecomposeStage(Stage):
         return [PartitionRef("snapshot", ALL), PartitionRef("capture", partition), PartitionRef("fisher", partition)]
 
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
-        return {"method": ctx.config.method.model_dump(mode="json"), "modules": ctx.config.target.modules}
+        return {"method": make_method(ctx.config.method).key_options(), "modules": ctx.config.target.modules}
 
     def run(self, ctx: Context, partition: str, out: Path, inputs: dict[PartitionRef, Path]) -> dict[str, Any]:
         from stagepipe.io import manifest as manifest_io

@@ -50,7 +50,8 @@ class EvaluateStage(Stage):
 
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
         ev = ctx.config.evaluation
-        return {"datasets": [d.name for d in ev.datasets], "protocol": "non-overlapping windows, fp32, token-mean NLL"}
+        return {"datasets": [d.name for d in ev.datasets], "protocol": "non-overlapping windows, fp32, token-mean NLL",
+                "lm_eval_tasks": ev.lm_eval_tasks}
 
     def run(self, ctx: Context, partition: str, out: Path, inputs: dict[PartitionRef, Path]) -> dict[str, Any]:
         ref = PartitionRef("snapshot", ALL) if partition == "dense" else PartitionRef("assemble", ALL)
@@ -63,5 +64,26 @@ class EvaluateStage(Stage):
             result = perplexity(model, windows, ctx.config.evaluation.batch_size, device)
             results[dataset.name] = {**result.to_dict(), "seconds": time.time() - started}
         n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-        (out / RESULTS).write_text(json.dumps({"model": partition, "n_params": n_params, "datasets": results}, indent=1))
-        return {"n_params": n_params, "datasets": results}
+        tasks = lm_eval_tasks(model, inputs[ref] / MODEL_DIR, ctx.config.evaluation.lm_eval_tasks, device)
+        (out / RESULTS).write_text(json.dumps({"model": partition, "n_params": n_params, "datasets": results,
+                                               "lm_eval": tasks}, indent=1))
+        return {"n_params": n_params, "datasets": results, "lm_eval": tasks}
+
+
+def lm_eval_tasks(model: torch.nn.Module, directory: Path, tasks: list[str], device: torch.device) -> dict[str, Any]:
+    """0-shot lm-eval-harness results, or a clear reason why they were not computed (never faked)."""
+    if not tasks:
+        return {}
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+    except ImportError:
+        return {"skipped": "lm-eval-harness is not installed (pip install lm-eval)"}
+    from transformers import AutoTokenizer
+
+    try:
+        lm = HFLM(pretrained=model, tokenizer=AutoTokenizer.from_pretrained(directory), device=str(device))
+        output = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=0)
+    except Exception as exc:  # typically: task data not reachable offline
+        return {"skipped": f"lm-eval-harness could not run {tasks}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+    return {"results": output.get("results", {})}

