@@ -109,3 +109,28 @@ def test_chunk_padding_keeps_gradients_exact() -> None:
     dc, xc = _chunks(d, 4), _chunks(x, 4)  # 10 tokens → 3 chunks, the last padded with zeros
     per_chunk = (dc.transpose(1, 2) @ xc).view(2, 3, 5, 3).sum(1)
     assert torch.allclose(per_chunk, d.transpose(1, 2) @ x, atol=1e-5)
+
+
+def test_interrupted_power_iteration_resumes_from_the_last_sweep(tmp_path) -> None:
+    from stagepipe.stages.fisher import SweepCheckpoint
+
+    grads, _, _ = kron_gradients(5, 4, 200, seed=7)
+    warm = {"w": torch.eye(4, dtype=torch.float64)}
+    full = nkp_power_iteration(source_of(grads), warm, 6, 0.0)["w"]
+    passes = {"n": 0}
+
+    def crashing_source():
+        passes["n"] += 1
+        if passes["n"] == 7:  # during sweep 4
+            raise KeyboardInterrupt
+        return source_of(grads)()
+
+    checkpoint = SweepCheckpoint(tmp_path / ".sweeps-x")
+    with pytest.raises(KeyboardInterrupt):
+        nkp_power_iteration(crashing_source, warm, 6, 0.0, on_sweep=checkpoint.save)
+    resumed_cp = SweepCheckpoint(tmp_path / ".sweeps-x")
+    start = resumed_cp.load()
+    assert resumed_cp.loaded_sweep == 3
+    resumed = nkp_power_iteration(source_of(grads), warm, 6, 0.0, start=start)["w"]
+    assert resumed.sweeps == 6 and len(resumed.history) == 6
+    assert torch.allclose(resumed.A, full.A) and torch.allclose(resumed.B, full.B)

@@ -141,6 +141,7 @@ def test_gfwsvd_stored_equals_streaming(write_pipeline, tmp_path: Path) -> None:
         run_cli("run", str(pipeline), "-w", str(ws))
         out = entries(pipeline, ws)[PartitionRef("fisher", "layer-000")].state.output
         factors[mode] = safetensors_io.read(out / "factors.safetensors")
+        assert not list(ws.glob("stages/fisher/*/.sweeps-*")) and not list(ws.glob("stages/fisher/*/.scratch-*"))
     assert factors["stored"].keys() == factors["streaming"].keys()
     for key in factors["stored"]:
         assert torch.allclose(factors["stored"][key], factors["streaming"][key], rtol=1e-6, atol=1e-9), key

@@ -144,9 +144,13 @@ class Workspace:
         return aside
 
     def end(self, ref: PartitionRef, key: str, tmp: Path | None = None) -> None:
-        """Remove the running marker (and a temp directory left by a failure)."""
+        """Remove the running marker and, after a failure, the temp directory. Resume state a stage
+        keeps beside its partition (``.sweeps-<key16>``) survives failures and goes after a commit."""
         if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp is None:
+            for state in self.partition_dir(ref).glob(f".sweeps-{key[:KEY_LEN]}"):
+                shutil.rmtree(state, ignore_errors=True)
         self.marker(ref, key).unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ driver lock

@@ -24,8 +24,9 @@ import torch
 
 from stagepipe.accounting import rank_for_fraction
 from stagepipe.engine.stage import ALL, Context, PartitionRef, Stage, layer_index, layer_partition
+from stagepipe.engine.workspace import read_json, write_json
 from stagepipe.io import safetensors_io, zarr_io
-from stagepipe.kron import clean_factors, diagnostics, nkp_power_iteration
+from stagepipe.kron import NKPResult, clean_factors, diagnostics, nkp_power_iteration
 from stagepipe.methods import make_method
 from stagepipe.models.blocks import BlockRunner
 from stagepipe.models.layout import block_linears, weight_matrix
@@ -161,7 +162,11 @@ class FisherStage(Stage):
                 source = self._gradient_source(cfg, gradient_batches, scratch, linears, shapes, len(ids), chunk, batch, info,
                                               runner.device)
                 warm = self._warm_start(ctx, index, inputs, linears, shapes)
-                for name, res in nkp_power_iteration(source, warm, cfg.max_sweeps, cfg.tol).items():
+                checkpoint = SweepCheckpoint(out.parent / f".sweeps-{out.name.split('-')[1]}")
+                results = nkp_power_iteration(source, warm, cfg.max_sweeps, cfg.tol, on_sweep=checkpoint.save,
+                                              start=checkpoint.load())
+                info["resumed_from_sweep"] = checkpoint.loaded_sweep
+                for name, res in results.items():
                     a, b, clean = clean_factors(res.A, res.B, cfg.factor_floor_rel)
                     tensors.update({f"{name}.{k}": v for k, v in (("A", a), ("B", b)) if v is not None})
                     info["linears"][name] = {"sweeps": res.sweeps, "rel_change": res.rel_change, "history": res.history, **clean}
@@ -253,3 +258,29 @@ def _gram(flat: torch.Tensor) -> torch.Tensor:
 
 def _add(sums: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
     sums[key] = sums[key] + value if key in sums else value
+
+
+class SweepCheckpoint:
+    """The power iteration's state after every sweep, kept beside the partition (keyed like it), so
+    a crash loses at most one sweep; removed once the partition is committed."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.loaded_sweep = 0
+
+    def save(self, sweep: int, results: dict[str, NKPResult]) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tensors = {f"{n}.{k}": getattr(r, k) for n, r in results.items() for k in ("A", "B")}
+        meta = {n: {"sweeps": r.sweeps, "rel_change": r.rel_change, "history": r.history} for n, r in results.items()}
+        safetensors_io.write_atomic(self.directory / "state.safetensors", tensors)
+        write_json(self.directory / "state.json", {"sweep": sweep, "linears": meta})
+
+    def load(self) -> dict[str, NKPResult] | None:
+        meta = read_json(self.directory / "state.json")
+        if not meta or not (self.directory / "state.safetensors").is_file():
+            return None
+        tensors = safetensors_io.read(self.directory / "state.safetensors")
+        if any(f"{n}.A" not in tensors for n in meta["linears"]):
+            return None  # the two files are from different sweeps: start over
+        self.loaded_sweep = int(meta["sweep"])
+        return {n: NKPResult(A=tensors[f"{n}.A"], B=tensors[f"{n}.B"], **m) for n, m in meta["linears"].items()}
