@@ -173,6 +173,8 @@ class ASVDMethod(_MethodBase):
 class _GradientMethod(_MethodBase):
     """Options of the ``fisher`` stage, shared by every method that needs gradient statistics."""
 
+    fisher_labels: Literal["empirical", "model"] = Field(
+        "empirical", description="next tokens of the text (empirical Fisher) or sampled from the model (true Fisher)")
     mode: Literal["auto", "stored", "streaming"] = "auto"
     memory_budget_gb: float = Field(4.0, gt=0, description="auto mode stores gradients below this")
     max_sweeps: int = Field(5, ge=1)

@@ -168,6 +168,7 @@ def test_gfwsvd_diagnostics_on_tiny_layers(write_pipeline, tmp_path: Path) -> No
     ({"name": "fwsvd", "sides": "both"}, "global_greedy"),
     ({"name": "kfac_svd", "shrinkage": 0.1}, "uniform"),
     ({"name": "gfwsvd", "max_sweeps": 2, "chunk_tokens": 16}, "global_greedy"),
+    ({"name": "gfwsvd", "max_sweeps": 2, "fisher_labels": "model"}, "uniform"),
     ({"name": "mixed", "left": "fisher_nkp", "right": "gram", "max_sweeps": 2}, "uniform"),
 ])
 def test_every_method_and_policy_runs_end_to_end(write_pipeline, tmp_path: Path, method: dict, policy: str) -> None:

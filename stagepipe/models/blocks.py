@@ -141,10 +141,19 @@ class BlockRunner:
         norm = self.model.get_submodule(self.layout.final_norm_path)
         return self.model.get_output_embeddings()(norm(hidden.to(self.device, self.dtype)))
 
-    def window_losses(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """Mean next-token NLL of each window (float32), from the last block's output."""
+    def window_losses(self, hidden: torch.Tensor, input_ids: torch.Tensor,
+                      sample_from: torch.Generator | None = None) -> torch.Tensor:
+        """Mean next-token NLL of each window (float32), from the last block's output.
+
+        With ``sample_from`` the targets are drawn from the model's own predictive distribution
+        instead of the text's next tokens, so gradients of this loss give the true Fisher (the
+        expected Hessian of the NLL) rather than the empirical Fisher.
+        """
         logits = self.logits(hidden).float()
         targets = input_ids.to(self.device)[:, 1:]
+        if sample_from is not None:
+            probs = torch.softmax(logits[:, :-1].detach(), dim=-1).reshape(-1, logits.shape[-1]).cpu()
+            targets = torch.multinomial(probs, 1, generator=sample_from).view(targets.shape).to(self.device)
         nll = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
         )

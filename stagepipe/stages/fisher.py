@@ -70,7 +70,7 @@ class FisherStage(Stage):
         # K-FAC and squared per-sequence gradients are always recorded (cheap next to the backward
         # pass), so methods that differ only in which of them they read share one fisher run.
         slice_: dict[str, Any] = {"nkp": "nkp" in method.gradient_stats, "modules": ctx.config.target.modules,
-                                  "batch_size": ctx.config.runtime.batch_size}
+                                  "batch_size": ctx.config.runtime.batch_size, "labels": cfg.fisher_labels}
         if "nkp" in method.gradient_stats:  # the options below shape only the Kronecker factors
             slice_["nkp"] = {k: getattr(cfg, k) for k in ("mode", "memory_budget_gb", "max_sweeps", "tol",
                                                           "warm_start", "factor_floor_rel", "chunk_tokens")}
@@ -99,9 +99,12 @@ class FisherStage(Stage):
         last = zarr_io.open_array(inputs[PartitionRef("capture", layer_partition(runner.num_layers - 1))] / HIDDEN, "hidden")
         grads = zarr_io.create_array(out / GRAD, "grad", tuple(last.shape), "float32", batch)
         losses = []
+        sampler = None
+        if ctx.config.method.fisher_labels == "model":
+            sampler = torch.Generator().manual_seed(ctx.config.calibration.seed)
         for start in range(0, len(ids), batch):
             hidden = zarr_io.read_rows(last, start, start + batch).to(runner.device).float().requires_grad_(True)
-            loss = runner.window_losses(hidden, ids[start : start + batch])
+            loss = runner.window_losses(hidden, ids[start : start + batch], sample_from=sampler)
             (grad,) = torch.autograd.grad(loss.sum(), hidden)
             zarr_io.write_rows(grads, start, grad.float())
             losses.extend(loss.tolist())
