@@ -148,6 +148,7 @@ class EvaluationConfig(Strict):
 # --------------------------------------------------------------------------- methods
 class _MethodBase(Strict):
     floor_rel: float = Field(1e-6, gt=0, lt=1, description="relative eigenvalue floor of each metric")
+    refit: bool = Field(False, description="SVD-LLM least-squares refit of the up factors on propagated inputs")
 
 
 class SVDMethod(_MethodBase):

@@ -91,7 +91,8 @@ def test_full_rank_lowrank_model_matches_dense(arch: str) -> None:
 
 def test_gpt2_end_to_end(write_pipeline, tmp_path: Path) -> None:
     pipeline = write_pipeline("gpt", model={"source": "tiny", "arch": "gpt2", "num_layers": 2, "hidden": 32,
-                                            "intermediate": 64, "num_heads": 4})
+                                            "intermediate": 64, "num_heads": 4},
+                              method={"name": "svdllm", "refit": True})  # Conv1D through every stage
     out = run_cli("run", str(pipeline), "-w", str(tmp_path / "ws"))
     assert "perplexity compressed" in out
 
@@ -180,3 +181,37 @@ def test_every_method_and_policy_runs_end_to_end(write_pipeline, tmp_path: Path,
     assert report["method"] == method["name"] and report["policy"] == policy
     assert all(v < float("inf") for v in report["perplexity"]["compressed"].values())
     assert report["ratios"]["kept_over_target_matrices"] <= 0.8 + 1e-9 or policy == "svdllm_v2"
+
+
+def test_refit_minimises_output_error_on_calibration_inputs(write_pipeline, tmp_path: Path) -> None:
+    """Layer 0's q_proj sees the same inputs on the original and the compressed path, so its
+    refitted ``up`` must be the least-squares optimum of ‖up·down·x − W x‖ over the calibration
+    tokens: no worse than the plain truncation."""
+    from stagepipe.io import zarr_io
+    from stagepipe.models.blocks import BlockRunner
+    from stagepipe.stages.refit import UPDATES, truncated_factors
+
+    pipeline = write_pipeline("refit", method={"name": "svdllm", "refit": True}, target={"kept_fraction": 0.5})
+    ws = tmp_path / "ws"
+    run_cli("run", str(pipeline), "-w", str(ws))
+    state = entries(pipeline, ws)
+    runner = BlockRunner(state[PartitionRef("snapshot", ALL)].state.output / "model", torch.device("cpu"), torch.float32)
+    ids = torch.from_numpy(zarr_io.read(state[PartitionRef("tokenize", "calibration")].state.output / "tokens.zarr", "input_ids"))
+    block = runner.load_block(0)
+    name = "self_attn.q_proj"
+    inputs = []
+    handle = block.get_submodule(name).register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach()))
+    with torch.no_grad():
+        runner.run_block(block, runner.embed(ids))
+    handle.remove()
+    x = torch.cat([i.reshape(-1, i.shape[-1]) for i in inputs]).double()
+    w = block.get_submodule(name).weight.detach().double()
+    ranks = json.loads((state[PartitionRef("allocate", ALL)].state.output / "allocation.json").read_text())["ranks"]
+    up, down = truncated_factors(state[PartitionRef("decompose", "layer-000")].state.output,
+                                 {name: ranks[f"model.layers.0.{name}"]})[name]
+    refit_up = safetensors_io.read(state[PartitionRef("refit", "layer-000")].state.output / UPDATES)[f"{name}.up"].double()
+    h = x @ down.T
+    lstsq = torch.linalg.lstsq(h, x @ w.T).solution.T
+    assert torch.allclose(refit_up, lstsq, rtol=1e-4, atol=1e-5)
+    err = lambda u: float(torch.linalg.norm(h @ u.T - x @ w.T))  # noqa: E731
+    assert err(refit_up) <= err(up) + 1e-9

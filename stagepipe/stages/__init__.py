@@ -7,6 +7,7 @@ from stagepipe.stages.capture import CaptureStage
 from stagepipe.stages.decompose import DecomposeStage
 from stagepipe.stages.evaluate import EvaluateStage
 from stagepipe.stages.fisher import FisherStage
+from stagepipe.stages.refit import RefitStage
 from stagepipe.stages.report import ReportStage
 from stagepipe.stages.snapshot import SnapshotStage
 from stagepipe.stages.tokenize import TokenizeStage
@@ -15,6 +16,6 @@ STAGES: dict[str, Stage] = {
     stage.name: stage
     for stage in (
         SnapshotStage(), TokenizeStage(), CaptureStage(), FisherStage(), DecomposeStage(),
-        AllocateStage(), AssembleStage(), EvaluateStage(), ReportStage(),
+        AllocateStage(), RefitStage(), AssembleStage(), EvaluateStage(), ReportStage(),
     )
 }

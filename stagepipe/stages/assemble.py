@@ -26,6 +26,7 @@ from stagepipe.models.layout import layout_for
 from stagepipe.models.sources import weight_map
 from stagepipe.stages.allocate import ALLOCATION
 from stagepipe.stages.decompose import FACTORS
+from stagepipe.stages.refit import UPDATES
 
 MODEL_DIR = "model"
 
@@ -37,7 +38,8 @@ class AssembleStage(Stage):
 
     def dependencies(self, ctx: Context, partition: str) -> list[PartitionRef]:
         layers = ctx.layer_partitions() or []
-        return [PartitionRef("snapshot", ALL), PartitionRef("allocate", ALL)] + [PartitionRef("decompose", p) for p in layers]
+        return ([PartitionRef("snapshot", ALL), PartitionRef("allocate", ALL)] + [PartitionRef("decompose", p) for p in layers]
+                + [PartitionRef("refit", p) for p in layers])
 
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
         return {}
@@ -56,13 +58,14 @@ class AssembleStage(Stage):
         index: dict[str, str] = {}
         total = 0
         decomposed = {layer_index(r.partition): d for r, d in inputs.items() if r.stage == "decompose"}
+        refitted = {layer_index(r.partition): d for r, d in inputs.items() if r.stage == "refit"}
         files: dict[str, list[str]] = {}
         for key, file in wmap.items():
             files.setdefault(file, []).append(key)
         for i in range(int(config.num_hidden_layers)):
             prefix = layout.layer_prefix(i)
             layer_keys = [k for k in wmap if k.startswith(prefix)]
-            shard = self._layer_shard(snapshot, wmap, layer_keys, prefix, decomposed[i], factored)
+            shard = self._layer_shard(snapshot, wmap, layer_keys, prefix, decomposed[i], factored, refitted.get(i))
             name = f"layer-{i:03d}.safetensors"
             safetensors_io.write_atomic(target / name, shard)
             index.update(dict.fromkeys(shard, name))
@@ -85,7 +88,7 @@ class AssembleStage(Stage):
 
     @staticmethod
     def _layer_shard(snapshot: Path, wmap: dict[str, str], keys: list[str], prefix: str, decomposed: Path,
-                     factored: dict[str, int]) -> dict[str, torch.Tensor]:
+                     factored: dict[str, int], refitted: Path | None) -> dict[str, torch.Tensor]:
         tensors: dict[str, torch.Tensor] = {}
         for key in keys:
             tensors.update(safetensors_io.read(snapshot / wmap[key], [key]))
@@ -98,6 +101,8 @@ class AssembleStage(Stage):
             result = WeightedSVD(sigma=factors[f"{local}.sigma"], left=factors[f"{local}.left"].double(),
                                  right=factors[f"{local}.right"].double())
             up, down = result.factors(factored[full])
+            if refitted is not None and (refitted / UPDATES).is_file():
+                up = safetensors_io.read(refitted / UPDATES, [f"{local}.up"])[f"{local}.up"].double()
             tensors[f"{full}.up.weight"] = up.to(weight.dtype)
             tensors[f"{full}.down.weight"] = down.to(weight.dtype)
             if f"{full}.bias" in tensors:

@@ -27,7 +27,7 @@ HIDDEN = "hidden.zarr"
 
 def needs_capture(ctx: Context) -> bool:
     method = make_method(ctx.config.method)
-    return bool(method.activation_stats) or method.needs_gradients
+    return bool(method.activation_stats) or method.needs_gradients or ctx.config.method.refit
 
 
 def calibration_ids(inputs: dict[PartitionRef, Path]) -> torch.Tensor:
