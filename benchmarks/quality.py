@@ -23,18 +23,24 @@ from stagepipe.engine.runner import Runner
 from stagepipe.engine.stage import ALL, PartitionRef
 
 ROOT = Path(__file__).resolve().parent.parent
+#: options of methods other than the base file's (as in pipelines/smollm2_gfwsvd.yaml)
+METHOD_OPTIONS = {"gfwsvd": {"max_sweeps": 3}}
 
 
-def run_point(base: dict, method: str, kept: float, workspace: Path) -> dict:
-    method_block = base["method"] if base["method"]["name"] == method else {"name": method}
-    data = dict(base, name=f"grid_{method}_{kept}", method=method_block, target={**base["target"], "kept_fraction": kept})
+def run_point(base: dict, entry: str, kept: float, workspace: Path) -> dict:
+    """One grid point; ``entry`` is ``method`` or ``method:policy`` (default policy: the base file's)."""
+    method, _, policy = entry.partition(":")
+    method_block = base["method"] if base["method"]["name"] == method else {"name": method, **METHOD_OPTIONS.get(method, {})}
+    allocation = {**base.get("allocation", {}), **({"policy": policy} if policy else {})}
+    data = dict(base, name=f"grid_{method}_{kept}", method=method_block, allocation=allocation,
+                target={**base["target"], "kept_fraction": kept})
     config = parse_pipeline(data, f"grid {method}@{kept}", ROOT / "pipelines")
     runner = Runner(config, workspace)
     started = time.time()
     runner.run()
     entries = {e.ref: e for e in runner.evaluate()}
     report = json.loads((entries[PartitionRef("report", ALL)].state.output / "report.json").read_text())
-    return {"method": method, "kept_requested": kept, "ratios": report["ratios"], "perplexity": report["perplexity"],
+    return {"method": entry, "kept_requested": kept, "ratios": report["ratios"], "perplexity": report["perplexity"],
             "repairs": len(report["repairs"]), "fallbacks": len(report["fallbacks"]), "wall_s": time.time() - started,
             "stages": report["stages"]}
 
@@ -42,7 +48,8 @@ def run_point(base: dict, method: str, kept: float, workspace: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default=str(ROOT / "pipelines" / "smollm2_demo.yaml"))
-    parser.add_argument("--methods", nargs="+", default=["svd", "svdllm", "gfwsvd"])
+    parser.add_argument("--methods", nargs="+", metavar="METHOD[:POLICY]",
+                        default=["svd", "asvd", "svdllm", "svdllm_v2:svdllm_v2", "fwsvd", "kfac_svd", "gfwsvd"])
     parser.add_argument("--fractions", nargs="+", type=float, default=[0.9, 0.8, 0.6])
     parser.add_argument("--workspace", default=str(ROOT / "workspace" / "quality_grid"))
     parser.add_argument("--out", default=str(ROOT / "docs"))
