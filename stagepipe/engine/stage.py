@@ -61,10 +61,15 @@ class Context:
         """The model's HF config: from the snapshot once it exists, else from the source if reachable."""
         from transformers import AutoConfig
 
+        from stagepipe.engine.workspace import Workspace
         from stagepipe.models.sources import load_config
+        from stagepipe.stages import STAGES
 
-        for candidate in sorted((self.workspace / "stages" / "snapshot" / ALL).glob("*/model/config.json")):
-            return AutoConfig.from_pretrained(candidate.parent)
+        snapshot = STAGES["snapshot"]
+        key = compute_key(key_material(snapshot, self, ALL, {}, None))
+        config_json = Workspace(self.workspace).output_dir(PartitionRef("snapshot", ALL), key) / "model" / "config.json"
+        if config_json.is_file():  # this model's own snapshot, not another one in the same workspace
+            return AutoConfig.from_pretrained(config_json.parent)
         found = load_config(self.config.model)
         hint = self.config.model.shape_hint
         if found is None and hint is not None:
