@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-GradientSource = Callable[[], Iterator[dict[str, torch.Tensor]]]
+GradientBatch = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # G (b, m, n) or (D, X)
+GradientSource = Callable[[], Iterator[dict[str, GradientBatch]]]
 
 
 @dataclass
@@ -35,7 +36,7 @@ class NKPResult:
     history: list[float] = field(default_factory=list)
 
 
-def _products(value: torch.Tensor | tuple[torch.Tensor, torch.Tensor], y: torch.Tensor, side: str) -> torch.Tensor:
+def _products(value: GradientBatch, y: torch.Tensor, side: str) -> torch.Tensor:
     """Σ over the batch of ``G Y Gᵀ`` (side 'A') or ``Gᵀ Y G`` (side 'B'), float32 per term.
 
     ``value`` is either the gradients ``G`` (b, m, n) or their factors ``(D, X)`` with

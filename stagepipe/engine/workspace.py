@@ -34,6 +34,7 @@ from stagepipe.errors import WorkspaceBusyError
 from stagepipe.io import manifest as manifest_io
 
 KEY_LEN = 16
+RESUME_PREFIX = "sweeps"
 
 
 @dataclass(frozen=True)
@@ -149,8 +150,7 @@ class Workspace:
         if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp is None:
-            for state in self.partition_dir(ref).glob(f".sweeps-{key[:KEY_LEN]}"):
-                shutil.rmtree(state, ignore_errors=True)
+            shutil.rmtree(self.partition_dir(ref) / f".{RESUME_PREFIX}-{key[:KEY_LEN]}", ignore_errors=True)
         self.marker(ref, key).unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ driver lock
@@ -184,6 +184,13 @@ class DriverLock:
     def __exit__(self, *exc: object) -> None:
         self._owner.unlink(missing_ok=True)
         self._lock.release()
+
+
+def resume_dir(tmp: Path) -> Path:
+    """Where a partition keeps state that must survive a crash (``.sweeps-<key16>``), given the
+    temp directory it is writing (``.tmp-<key16>-<uuid>``); removed by ``Workspace.end`` after the commit."""
+    key16 = tmp.name.removeprefix(".tmp-")[:KEY_LEN]
+    return tmp.parent / f".{RESUME_PREFIX}-{key16}"
 
 
 def pid_alive(pid: int | None, create_time: float | None) -> bool:

@@ -34,14 +34,17 @@ def calibration_ids(inputs: dict[PartitionRef, Path]) -> torch.Tensor:
     return torch.from_numpy(zarr_io.read(inputs[PartitionRef("tokenize", CALIBRATION)] / "tokens.zarr", "input_ids"))
 
 
-def block_inputs(runner: BlockRunner, index: int, ids: torch.Tensor, inputs: dict[PartitionRef, Path], batch: int):
-    """Yield (start, hidden inputs of block ``index``) per batch of calibration windows."""
+def block_inputs(runner: BlockRunner, index: int, ids: torch.Tensor, inputs: dict[PartitionRef, Path], batch: int,
+                 stage: str = "capture"):
+    """Yield (start, hidden inputs of block ``index``) per batch of calibration windows: the
+    embeddings for block 0, else block ``index-1``'s outputs as written by ``stage`` (``capture``:
+    the original model; ``refit``: the compressed model's running inputs)."""
     runner.prepare(ids)
     if index == 0:
         for start in range(0, len(ids), batch):
             yield start, runner.embed(ids[start : start + batch])
         return
-    array = zarr_io.open_array(inputs[PartitionRef("capture", layer_partition(index - 1))] / HIDDEN, "hidden")
+    array = zarr_io.open_array(inputs[PartitionRef(stage, layer_partition(index - 1))] / HIDDEN, "hidden")
     for start in range(0, len(ids), batch):
         yield start, zarr_io.read_rows(array, start, start + batch)
 

@@ -24,7 +24,7 @@ import torch
 
 from stagepipe.accounting import rank_for_fraction
 from stagepipe.engine.stage import ALL, Context, PartitionRef, Stage, layer_index, layer_partition
-from stagepipe.engine.workspace import read_json, write_json
+from stagepipe.engine.workspace import read_json, resume_dir, write_json
 from stagepipe.io import safetensors_io, zarr_io
 from stagepipe.kron import NKPResult, clean_factors, diagnostics, nkp_power_iteration
 from stagepipe.methods import make_method
@@ -165,7 +165,7 @@ class FisherStage(Stage):
                 source = self._gradient_source(cfg, gradient_batches, scratch, linears, shapes, len(ids), chunk, batch, info,
                                               runner.device)
                 warm = self._warm_start(ctx, index, inputs, linears, shapes)
-                checkpoint = SweepCheckpoint(out.parent / f".sweeps-{out.name.split('-')[1]}")
+                checkpoint = SweepCheckpoint(resume_dir(out))
                 results = nkp_power_iteration(source, warm, cfg.max_sweeps, cfg.tol, on_sweep=checkpoint.save,
                                               start=checkpoint.load())
                 info["resumed_from_sweep"] = checkpoint.loaded_sweep

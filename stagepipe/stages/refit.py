@@ -95,7 +95,7 @@ class RefitStage(Stage):
             lambda m, a, n=n: seen.__setitem__(f"z:{n}", m.down(a[0].detach()))) for n in ranks]
         with torch.no_grad():
             batches = zip(block_inputs(runner, index, ids, inputs, batch),
-                          self._compressed_inputs(runner, index, ids, inputs, batch), strict=True)
+                          block_inputs(runner, index, ids, inputs, batch, stage="refit"), strict=True)
             for (_, hidden), (_, running) in batches:
                 runner.run_block(original, hidden)
                 runner.run_block(compressed, running)
@@ -119,7 +119,7 @@ class RefitStage(Stage):
         hidden_out = zarr_io.create_array(out / HIDDEN, "hidden", (len(ids), ids.shape[1], runner.config.hidden_size),
                                           ctx.config.runtime.activation_dtype, batch)
         with torch.no_grad():
-            for start, hidden in self._compressed_inputs(runner, index, ids, inputs, batch):
+            for start, hidden in block_inputs(runner, index, ids, inputs, batch, stage="refit"):
                 zarr_io.write_rows(hidden_out, start, runner.run_block(compressed, hidden))
         safetensors_io.write_atomic(out / UPDATES, updates)
         return {"linears": info}
@@ -137,13 +137,3 @@ class RefitStage(Stage):
             parent, _, child = name.rpartition(".")
             setattr(block.get_submodule(parent) if parent else block, child, new)
         return block
-
-    @staticmethod
-    def _compressed_inputs(runner: BlockRunner, index: int, ids, inputs, batch: int):
-        if index == 0:
-            yield from block_inputs(runner, 0, ids, inputs, batch)
-            return
-        runner.prepare(ids)
-        array = zarr_io.open_array(inputs[PartitionRef("refit", layer_partition(index - 1))] / HIDDEN, "hidden")
-        for start in range(0, len(ids), batch):
-            yield start, zarr_io.read_rows(array, start, start + batch)
