@@ -90,6 +90,8 @@ class Runner:
                 order.append(ref)
                 deps = stage.dependencies(self.ctx, partition)
                 blocked = [d for d in deps if d not in entries or entries[d].state.status != "done"]
+                if stage.name != "snapshot" and fingerprint is None:  # every key includes the model fingerprint
+                    blocked.insert(0, PartitionRef("snapshot", ALL))
                 if blocked:
                     entries[ref] = Entry(ref, PartitionState("waiting", f"needs {blocked[0]}"))
                     continue
