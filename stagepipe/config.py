@@ -171,6 +171,14 @@ class ASVDMethod(_MethodBase):
     scale: Literal["mean", "max"] = "mean"
 
 
+class ResSVDMethod(_MethodBase):
+    """ERC-SVD residual compensation: plain SVD at rank r₁ = round(split·r), then the SVD-LLM
+    whitened SVD of the residual at r₂ = r − r₁; one concatenated rank-r factor pair."""
+
+    name: Literal["ressvd"]
+    split: float = Field(0.5, ge=0, le=1, description="share of each matrix's rank given to the plain-SVD stage")
+
+
 class _GradientMethod(_MethodBase):
     """Options of the ``fisher`` stage, shared by every method that needs gradient statistics."""
 
@@ -219,7 +227,8 @@ class MixedMethod(_GradientMethod):
 
 
 MethodConfig = Annotated[
-    SVDMethod | SVDLLMMethod | SVDLLMV2Method | ASVDMethod | FWSVDMethod | KFACSVDMethod | GFWSVDMethod | MixedMethod,
+    SVDMethod | SVDLLMMethod | SVDLLMV2Method | ASVDMethod | ResSVDMethod | FWSVDMethod | KFACSVDMethod | GFWSVDMethod
+    | MixedMethod,
     Field(discriminator="name"),
 ]
 
@@ -243,10 +252,24 @@ class TargetConfig(Strict):
 
 
 class AllocationConfig(Strict):
-    policy: Literal["uniform", "global_greedy", "svdllm_v2", "last_k"] = "uniform"
+    policy: Literal["uniform", "global_greedy", "svdllm_v2", "last_k", "asvd_search"] = "uniform"
     align: int = Field(8, ge=1)
     last_k: int | None = Field(None, ge=1, description="last_k: blocks to compress (default: smallest feasible)")
     min_kept: float = Field(0.1, gt=0, lt=1, description="last_k: smallest kept fraction of a compressed block")
+    candidates: list[float] = Field(
+        [0.4, 0.5, 0.6, 0.7, 0.8, 0.9], min_length=1,
+        description="asvd_search: kept fractions tried per matrix (ASVD's param_ratio candidates)")
+    sensitivity_windows: int | None = Field(
+        None, ge=1, description="asvd_search: calibration windows per sensitivity perplexity (default all)")
+    sensitivity_memory_gb: float = Field(
+        2.0, gt=0, description="asvd_search: hidden states held at once (candidates propagated together)")
+
+    @field_validator("candidates")
+    @classmethod
+    def _fractions(cls, value: list[float]) -> list[float]:
+        if any(not 0 < c < 1 for c in value):
+            raise ValueError(f"every candidate must be a kept fraction in (0, 1), got {value}")
+        return sorted(set(value))
 
 
 class RuntimeConfig(Strict):

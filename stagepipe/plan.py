@@ -15,9 +15,9 @@ def print_plan(config: PipelineConfig, ctx: Context) -> None:
     from stagepipe.planning import estimate
 
     rows = estimate(config, ctx.model_config)
-    click.echo(f"\n{'stage':<10} {'disk':>10} {'RAM peak':>10} {'GPU peak':>10}  note")
+    click.echo(f"\n{'stage':<12} {'disk':>10} {'RAM peak':>10} {'GPU peak':>10}  note")
     for row in rows:
-        click.echo(f"{row.stage:<10} {_gb(row.disk):>10} {_gb(row.ram):>10} {_gb(row.gpu):>10}  {row.note}")
+        click.echo(f"{row.stage:<12} {_gb(row.disk):>10} {_gb(row.ram):>10} {_gb(row.gpu):>10}  {row.note}")
 
 
 def _gb(value: float) -> str:

@@ -59,7 +59,25 @@ def estimate(config: PipelineConfig, model_config) -> list[Estimate]:
     rows += [
         Estimate("decompose", layers * factor_bytes, block * w + embed * w + svd_ram, svd_ram if on_gpu else 0,
                  "float64 eigh + SVD of the largest matrix"),
+    ]
+    if config.allocation.policy == "asvd_search":
+        alloc = config.allocation
+        windows = min(alloc.sensitivity_windows or k, k)
+        state = windows * t * d * 4
+        configs = 1 + len(shapes) * len(alloc.candidates)
+        held = min(configs * state, max(state, alloc.sensitivity_memory_gb * 2**30))
+        ram = block * 4 + embed * 4 + held + batch_act
+        runs = configs * layers * (layers + 1) // 2
+        rows.append(Estimate("sensitivity", layers * 1e5, ram, ram - embed * 4 if on_gpu else 0,
+                             f"≤ {configs} perplexities per layer; ≤ {runs} block passes of {windows} windows in all"))
+    rows += [
         Estimate("allocate", 1e6, layers * sum(min(m, n) for m, n in shapes) * 8, 0),
+    ]
+    if method.name == "ressvd":
+        rank_bytes = sum((m + n) * m * n / (m + n) * config.target.kept_fraction * 4 for m, n in shapes)
+        rows.append(Estimate("residual", layers * rank_bytes, block * w + embed * w + svd_ram, svd_ram if on_gpu else 0,
+                             "two SVDs per matrix at the allocated rank"))
+    rows += [
         Estimate("assemble", params * w * config.target.kept_fraction, block * 4 * 3, 0),
         Estimate("evaluate", 1e5, params * 4 * 2, params * 4 if on_gpu else 0, "full model in fp32"),
     ]

@@ -64,3 +64,53 @@ def test_svdllm_v2_is_scale_invariant_and_favours_lossy_matrices() -> None:
     steep = MatrixSpectrum("model.layers.1.mlp.x", 64, 64, torch.logspace(0, -6, 64, dtype=torch.float64))
     ranks = policy.allocate([flat, steep], 0.5)
     assert ranks["model.layers.0.mlp.x"] > ranks["model.layers.1.mlp.x"]
+
+
+def sensitivity_table(specs, candidates=(0.4, 0.5, 0.6, 0.7, 0.8, 0.9), align=8):
+    """A made-up table: harm grows as ρ falls, more for some matrices than for others."""
+    from stagepipe.accounting import rank_for_fraction
+    from stagepipe.allocation import Candidate
+
+    table = []
+    for i, s in enumerate(specs):
+        for rho in candidates:
+            rank = rank_for_fraction(s.m, s.n, rho, align)
+            if rank is not None:
+                table.append(Candidate(s.name, rho, rank, 10.0 + (1 + i % 5) * (1 - rho) ** 2 + 0.001 * i))
+    return table
+
+
+def test_asvd_search_meets_target_with_the_fewest_harmful_truncations() -> None:
+    from stagepipe.allocation import ASVDSearch
+
+    specs = spectra()
+    table = sensitivity_table(specs)
+    for target in (0.5, 0.6, 0.75, 0.9):
+        policy = ASVDSearch(8, table)
+        ranks = policy.allocate(specs, target)
+        achieved = kept(ranks, specs)
+        assert achieved <= target + 1e-12
+        # brute force over every threshold: the search returns the largest feasible one
+        feasible = [t for t in range(len(table) + 1) if kept(policy.ranks_at(t, specs), specs) <= target]
+        assert policy.threshold == max(feasible)
+        # one more harmful pair left out would miss the target: within one (matrix, ρ) step of it
+        assert kept(policy.ranks_at(policy.threshold + 1, specs), specs) > target
+        # every truncation used is no more harmful than any allowed-but-unused harsher option is ranked
+        allowed = policy.pairs[policy.threshold:]
+        assert all(ranks[c.matrix] is not None and ranks[c.matrix] <= c.rank for c in allowed)
+
+
+def test_asvd_search_spares_the_sensitive_matrix_and_refuses_an_unreachable_target() -> None:
+    import pytest
+
+    from stagepipe.allocation import ASVDSearch, Candidate
+    from stagepipe.errors import StagepipeError
+
+    a = MatrixSpectrum("model.layers.0.a", 64, 64, torch.ones(64, dtype=torch.float64))
+    b = MatrixSpectrum("model.layers.0.b", 64, 64, torch.ones(64, dtype=torch.float64))
+    table = [Candidate(a.name, 0.5, 16, 50.0), Candidate(a.name, 0.9, 24, 20.0),
+             Candidate(b.name, 0.5, 16, 11.0), Candidate(b.name, 0.9, 24, 10.5)]
+    ranks = ASVDSearch(8, table).allocate([a, b], 0.75)
+    assert ranks == {a.name: None, b.name: 16}  # the sensitive matrix stays dense; b carries the cut
+    with pytest.raises(StagepipeError, match="out of reach"):
+        ASVDSearch(8, table).allocate([a, b], 0.3)

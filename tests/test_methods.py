@@ -11,6 +11,7 @@ from stagepipe.config import (
     GFWSVDMethod,
     KFACSVDMethod,
     MixedMethod,
+    ResSVDMethod,
     SVDLLMMethod,
     SVDLLMV2Method,
     SVDMethod,
@@ -52,6 +53,7 @@ OBJECTIVES = {
                    lambda d: float((fsq.sum(1)[:, None] * fsq.sum(0)[None, :] * d**2).sum())),
     "kfac_svd": (KFACSVDMethod(name="kfac_svd"), lambda d: float(torch.trace(d.T @ (D @ D.T / TOKENS) @ d @ (X @ X.T / TOKENS)))),
     "gfwsvd": (GFWSVDMethod(name="gfwsvd"), lambda d: float(d.T.reshape(-1) @ torch.kron(B, A) @ d.T.reshape(-1))),
+    "ressvd": (ResSVDMethod(name="ressvd"), lambda d: frob(d @ X) / TOKENS),  # its one-shot (decompose) spectrum
     "mixed": (MixedMethod(name="mixed", left="fisher_nkp", right="gram"),
               lambda d: float(torch.trace(d.T @ A @ d @ (X @ X.T / TOKENS)))),
 }
@@ -100,3 +102,43 @@ def test_methods_declare_the_statistics_they_need() -> None:
     assert make_method(FWSVDMethod(name="fwsvd")).gradient_stats == {"grad_sq"}
     assert make_method(GFWSVDMethod(name="gfwsvd")).gradient_stats == {"nkp", "kfac_out"}
     assert make_method(MixedMethod(name="mixed", left="kfac_out", right="act_max")).activation_stats == {"abs"}
+
+
+def _best_rank(matrix: torch.Tensor, rank: int) -> torch.Tensor:
+    """Eckart–Young: the best rank-r approximation in the Frobenius norm, by a plain SVD."""
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return (u[:, :rank] * s[:rank]) @ vh[:rank]
+
+
+@pytest.mark.parametrize("split", [0.0, 0.25, 0.5, 1.0])
+def test_ressvd_is_plain_svd_then_whitened_svd_of_the_residual(split: float) -> None:
+    from stagepipe.methods.ressvd import residual_factors, stage_ranks
+
+    cfg = ResSVDMethod(name="ressvd", split=split)
+    pair = make_method(cfg).metrics("w", (M, N), stats())
+    right = factor_metric(pair.right, 1e-12)
+    up, down, _ = residual_factors(W, right, min(M, N), split)
+    assert torch.allclose(up @ down, W, atol=1e-9)  # full rank reproduces W, whatever the split
+    for rank in (1, 2, 3, 4):
+        r1, r2 = stage_ranks(rank, split)
+        up, down, info = residual_factors(W, right, rank, split)
+        assert up.shape == (M, rank) and down.shape == (rank, N) and (info["r1"], info["r2"]) == (r1, r2)
+        first = _best_rank(W, r1)  # stage 1, written independently
+        residual = W - first
+        # stage 2: the activation-norm optimum of the residual, explicitly: SVD_r2(R X) X⁺ (X has full row rank)
+        second = torch.linalg.lstsq(X.T, _best_rank(residual @ X, r2).T).solution.T
+        assert torch.allclose(up @ down, first + second, atol=1e-8)
+        assert info["activation_loss"] == pytest.approx(frob((W - up @ down) @ X) / TOKENS, rel=1e-8)
+        # Eckart–Young: under ‖·X‖ one-shot SVD-LLM is never beaten
+        assert info["activation_loss"] >= frob((W - torch.linalg.lstsq(X.T, _best_rank(W @ X, rank).T).solution.T) @ X) / TOKENS - 1e-9
+
+
+def test_ressvd_extreme_splits_are_svdllm_and_svd() -> None:
+    from stagepipe.methods.ressvd import residual_factors
+
+    right = factor_metric(X @ X.T / TOKENS, 1e-12)
+    svdllm = weighted_svd(W, None, right).reconstruct(3)
+    up, down, _ = residual_factors(W, right, 3, 0.0)
+    assert torch.allclose(up @ down, svdllm, atol=1e-9)
+    up, down, _ = residual_factors(W, right, 3, 1.0)
+    assert torch.allclose(up @ down, _best_rank(W, 3), atol=1e-9)

@@ -34,6 +34,8 @@ def test_end_to_end_then_noop(write_pipeline, tmp_path: Path) -> None:
     pipeline, ws = write_pipeline(), tmp_path / "ws"
     out = run_cli("run", str(pipeline), "-w", str(ws))
     assert "perplexity compressed" in out
+    started = [line.split()[1] for line in out.splitlines() if line.startswith("run ")]
+    assert len(started) == len(set(started))  # no partition runs twice (every key waits for the snapshot)
     state = entries(pipeline, ws)
     assert all(e.state.status == "done" for e in state.values())
     report = json.loads((state[PartitionRef("report", ALL)].state.output / "report.json").read_text())
@@ -171,6 +173,8 @@ def test_gfwsvd_diagnostics_on_tiny_layers(write_pipeline, tmp_path: Path) -> No
     ({"name": "gfwsvd", "max_sweeps": 2, "chunk_tokens": 16}, "global_greedy"),
     ({"name": "gfwsvd", "max_sweeps": 2, "fisher_labels": "model"}, "uniform"),
     ({"name": "mixed", "left": "fisher_nkp", "right": "gram", "max_sweeps": 2}, "uniform"),
+    ({"name": "ressvd", "split": 0.5}, "last_k"),
+    ({"name": "asvd"}, "asvd_search"),
 ])
 def test_every_method_and_policy_runs_end_to_end(write_pipeline, tmp_path: Path, method: dict, policy: str) -> None:
     pipeline = write_pipeline(f"m_{method['name']}", method=method, allocation={"policy": policy, "align": 4})
@@ -189,7 +193,8 @@ def test_refit_minimises_output_error_on_calibration_inputs(write_pipeline, tmp_
     tokens: no worse than the plain truncation."""
     from stagepipe.io import zarr_io
     from stagepipe.models.blocks import BlockRunner
-    from stagepipe.stages.refit import UPDATES, truncated_factors
+    from stagepipe.stages.refit import UPDATES
+    from stagepipe.stages.residual import allocated_factors
 
     pipeline = write_pipeline("refit", method={"name": "svdllm", "refit": True}, target={"kept_fraction": 0.5})
     ws = tmp_path / "ws"
@@ -207,7 +212,7 @@ def test_refit_minimises_output_error_on_calibration_inputs(write_pipeline, tmp_
     x = torch.cat([i.reshape(-1, i.shape[-1]) for i in inputs]).double()
     w = block.get_submodule(name).weight.detach().double()
     ranks = json.loads((state[PartitionRef("allocate", ALL)].state.output / "allocation.json").read_text())["ranks"]
-    up, down = truncated_factors(state[PartitionRef("decompose", "layer-000")].state.output,
+    up, down = allocated_factors(state[PartitionRef("decompose", "layer-000")].state.output, None,
                                  {name: ranks[f"model.layers.0.{name}"]})[name]
     refit_up = safetensors_io.read(state[PartitionRef("refit", "layer-000")].state.output / UPDATES)[f"{name}.up"].double()
     h = x @ down.T

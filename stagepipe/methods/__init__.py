@@ -8,10 +8,11 @@ from stagepipe.methods.fwsvd import FWSVD
 from stagepipe.methods.gfwsvd import GFWSVD
 from stagepipe.methods.kfac_svd import KFACSVD
 from stagepipe.methods.mixed import Mixed
+from stagepipe.methods.ressvd import ResSVD
 from stagepipe.methods.svd import SVD
 from stagepipe.methods.svdllm import SVDLLM, SVDLLMV2
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (SVD, SVDLLM, SVDLLMV2, ASVD, FWSVD, KFACSVD, GFWSVD, Mixed)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (SVD, SVDLLM, SVDLLMV2, ASVD, ResSVD, FWSVD, KFACSVD, GFWSVD, Mixed)}
 
 
 def make_method(cfg: Any) -> Method:

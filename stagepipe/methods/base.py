@@ -45,6 +45,8 @@ class Method:
     name: ClassVar[str]
     left: ClassVar[str] = "identity"
     right: ClassVar[str] = "identity"
+    #: factors depend on the allocated rank (ResSVD): the ``residual`` stage computes them after ``allocate``
+    post_allocation: ClassVar[bool] = False
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg

@@ -54,6 +54,12 @@ def weight_matrix(module: nn.Module) -> torch.Tensor:
     raise TypeError(f"{type(module).__name__} is not a linear layer")
 
 
+def set_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:
+    """Overwrite a linear's weight from an (out, in) matrix (transposed back for ``Conv1D``)."""
+    target = weight_matrix(module)
+    target.data.copy_(w.to(target.dtype))
+
+
 def block_linears(layer: nn.Module, patterns: list[str] | None) -> dict[str, nn.Module]:
     """Linears inside one decoder block, by name relative to the block, filtered by regexes."""
     compiled = [re.compile(p) for p in patterns] if patterns else None

@@ -9,13 +9,15 @@ from stagepipe.stages.evaluate import EvaluateStage
 from stagepipe.stages.fisher import FisherStage
 from stagepipe.stages.refit import RefitStage
 from stagepipe.stages.report import ReportStage
+from stagepipe.stages.residual import ResidualStage
+from stagepipe.stages.sensitivity import SensitivityStage
 from stagepipe.stages.snapshot import SnapshotStage
 from stagepipe.stages.tokenize import TokenizeStage
 
 STAGES: dict[str, Stage] = {
     stage.name: stage
     for stage in (
-        SnapshotStage(), TokenizeStage(), CaptureStage(), FisherStage(), DecomposeStage(),
-        AllocateStage(), RefitStage(), AssembleStage(), EvaluateStage(), ReportStage(),
+        SnapshotStage(), TokenizeStage(), CaptureStage(), FisherStage(), DecomposeStage(), SensitivityStage(),
+        AllocateStage(), ResidualStage(), RefitStage(), AssembleStage(), EvaluateStage(), ReportStage(),
     )
 }

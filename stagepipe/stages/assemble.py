@@ -20,13 +20,12 @@ from transformers import AutoConfig
 from stagepipe.engine.stage import ALL, Context, PartitionRef, Stage, layer_index
 from stagepipe.errors import StagepipeError
 from stagepipe.io import safetensors_io
-from stagepipe.linalg import WeightedSVD
 from stagepipe.models import modeling_lowrank
 from stagepipe.models.layout import layout_for
 from stagepipe.models.sources import weight_map
 from stagepipe.stages.allocate import ALLOCATION
-from stagepipe.stages.decompose import FACTORS
 from stagepipe.stages.refit import UPDATES
+from stagepipe.stages.residual import allocated_factors
 
 MODEL_DIR = "model"
 
@@ -39,7 +38,7 @@ class AssembleStage(Stage):
     def dependencies(self, ctx: Context, partition: str) -> list[PartitionRef]:
         layers = ctx.layer_partitions() or []
         return ([PartitionRef("snapshot", ALL), PartitionRef("allocate", ALL)] + [PartitionRef("decompose", p) for p in layers]
-                + [PartitionRef("refit", p) for p in layers])
+                + [PartitionRef("residual", p) for p in layers] + [PartitionRef("refit", p) for p in layers])
 
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
         return {}
@@ -58,6 +57,7 @@ class AssembleStage(Stage):
         index: dict[str, str] = {}
         total = 0
         decomposed = {layer_index(r.partition): d for r, d in inputs.items() if r.stage == "decompose"}
+        residual = {layer_index(r.partition): d for r, d in inputs.items() if r.stage == "residual"}
         refitted = {layer_index(r.partition): d for r, d in inputs.items() if r.stage == "refit"}
         files: dict[str, list[str]] = {}
         for key, file in wmap.items():
@@ -65,7 +65,8 @@ class AssembleStage(Stage):
         for i in range(int(config.num_hidden_layers)):
             prefix = layout.layer_prefix(i)
             layer_keys = [k for k in wmap if k.startswith(prefix)]
-            shard = self._layer_shard(snapshot, wmap, layer_keys, prefix, decomposed[i], factored, refitted.get(i))
+            shard = self._layer_shard(snapshot, wmap, layer_keys, prefix, (decomposed[i], residual.get(i), refitted.get(i)),
+                                      factored)
             name = f"layer-{i:03d}.safetensors"
             safetensors_io.write_atomic(target / name, shard)
             index.update(dict.fromkeys(shard, name))
@@ -87,22 +88,22 @@ class AssembleStage(Stage):
         return {"n_factored": len(factored), "bytes": total}
 
     @staticmethod
-    def _layer_shard(snapshot: Path, wmap: dict[str, str], keys: list[str], prefix: str, decomposed: Path,
-                     factored: dict[str, int], refitted: Path | None) -> dict[str, torch.Tensor]:
+    def _layer_shard(snapshot: Path, wmap: dict[str, str], keys: list[str], prefix: str,
+                     sources: tuple[Path, Path | None, Path | None], factored: dict[str, int]) -> dict[str, torch.Tensor]:
+        """Block tensors with each factored linear replaced by its (refitted) factors."""
+        decomposed, residual, refitted = sources
         tensors: dict[str, torch.Tensor] = {}
         for key in keys:
             tensors.update(safetensors_io.read(snapshot / wmap[key], [key]))
-        names = {full[len(prefix):]: full for full in factored if full.startswith(prefix)}
-        if not names:
+        ranks = {full[len(prefix):]: r for full, r in factored.items() if full.startswith(prefix)}
+        if not ranks:
             return tensors
-        factors = safetensors_io.read(decomposed / FACTORS, [f"{n}.{k}" for n in names for k in ("left", "right", "sigma")])
-        for local, full in names.items():
+        factors = allocated_factors(decomposed, residual, ranks)
+        updates = safetensors_io.read(refitted / UPDATES) if refitted is not None and (refitted / UPDATES).is_file() else {}
+        for local, (up, down) in factors.items():
+            full = prefix + local
             weight = tensors.pop(f"{full}.weight")
-            result = WeightedSVD(sigma=factors[f"{local}.sigma"], left=factors[f"{local}.left"].double(),
-                                 right=factors[f"{local}.right"].double())
-            up, down = result.factors(factored[full])
-            if refitted is not None and (refitted / UPDATES).is_file():
-                up = safetensors_io.read(refitted / UPDATES, [f"{local}.up"])[f"{local}.up"].double()
+            up = updates[f"{local}.up"].double() if updates else up
             tensors[f"{full}.up.weight"] = up.to(weight.dtype)
             tensors[f"{full}.down.weight"] = down.to(weight.dtype)
             if f"{full}.bias" in tensors:

@@ -27,7 +27,8 @@ HIDDEN = "hidden.zarr"
 
 def needs_capture(ctx: Context) -> bool:
     method = make_method(ctx.config.method)
-    return bool(method.activation_stats) or method.needs_gradients or ctx.config.method.refit
+    searching = ctx.config.allocation.policy == "asvd_search"  # sensitivity starts from stored block inputs
+    return bool(method.activation_stats) or method.needs_gradients or ctx.config.method.refit or searching
 
 
 def calibration_ids(inputs: dict[PartitionRef, Path]) -> torch.Tensor:

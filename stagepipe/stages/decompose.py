@@ -15,7 +15,7 @@ import torch
 
 from stagepipe.engine.stage import ALL, Context, PartitionRef, Stage, layer_index
 from stagepipe.io import safetensors_io
-from stagepipe.linalg import factor_metric, weighted_svd
+from stagepipe.linalg import WeightedSVD, factor_metric, weighted_svd
 from stagepipe.methods import LayerStats, make_method
 from stagepipe.models.blocks import BlockRunner
 from stagepipe.models.layout import block_linears, weight_matrix
@@ -35,6 +35,14 @@ def load_fisher(fisher_dir: Path, manifest_info: dict[str, Any] | None = None) -
         name, _, kind = key.rpartition(".")
         fisher.setdefault(name, {})[kind] = value
     return fisher, (manifest_info or {}).get("linears", {})
+
+
+def decomposed_spectra(decomposed: Path, names: list[str]) -> dict[str, WeightedSVD]:
+    """The full weighted SVD of each named linear, as ``decompose`` stored it (float64)."""
+    raw = safetensors_io.read(decomposed / FACTORS, [f"{n}.{k}" for n in names for k in ("left", "right", "sigma")])
+    return {n: WeightedSVD(sigma=raw[f"{n}.sigma"].double(), left=raw[f"{n}.left"].double(),
+                           right=raw[f"{n}.right"].double()) for n in names}
+
 
 
 class DecomposeStage(Stage):

@@ -13,7 +13,6 @@ block's outputs are the next block's inputs.
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,28 +20,16 @@ import torch
 
 from stagepipe.engine.stage import ALL, Context, PartitionRef, Stage, layer_index, layer_partition
 from stagepipe.io import safetensors_io, zarr_io
-from stagepipe.linalg import WeightedSVD
 from stagepipe.models.blocks import BlockRunner
 from stagepipe.models.layout import block_linears, weight_matrix
 from stagepipe.models.modeling_lowrank import LowRankLinear, linear_shape
 from stagepipe.models.sources import DTYPES, resolve_device
-from stagepipe.stages.allocate import ALLOCATION
+from stagepipe.stages.allocate import layer_ranks
 from stagepipe.stages.capture import HIDDEN, block_inputs, calibration_ids
-from stagepipe.stages.decompose import FACTORS
+from stagepipe.stages.residual import allocated_factors
 from stagepipe.stages.tokenize import CALIBRATION
 
 UPDATES = "refit.safetensors"
-
-
-def truncated_factors(decomposed: Path, ranks: dict[str, int]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """(up, down) per block-relative linear name, truncated to its allocated rank."""
-    keys = [f"{n}.{k}" for n in ranks for k in ("left", "right", "sigma")]
-    raw = safetensors_io.read(decomposed / FACTORS, keys)
-    out = {}
-    for name, rank in ranks.items():
-        result = WeightedSVD(sigma=raw[f"{name}.sigma"], left=raw[f"{name}.left"].double(), right=raw[f"{name}.right"].double())
-        out[name] = result.factors(rank)
-    return out
 
 
 class RefitStage(Stage):
@@ -56,7 +43,7 @@ class RefitStage(Stage):
     def dependencies(self, ctx: Context, partition: str) -> list[PartitionRef]:
         index = layer_index(partition)
         deps = [PartitionRef("snapshot", ALL), PartitionRef("tokenize", CALIBRATION), PartitionRef("allocate", ALL),
-                PartitionRef("decompose", partition)]
+                PartitionRef("decompose", partition), PartitionRef("residual", partition)]
         if index > 0:
             deps += [PartitionRef("capture", layer_partition(index - 1)), PartitionRef("refit", layer_partition(index - 1))]
         return deps
@@ -77,12 +64,11 @@ class RefitStage(Stage):
         ids = calibration_ids(inputs)
         batch = ctx.config.runtime.batch_size
         prefix = runner.layout.layer_prefix(index)
-        allocation = json.loads((inputs[PartitionRef("allocate", ALL)] / ALLOCATION).read_text())["ranks"]
-        ranks = {full[len(prefix):]: r for full, r in allocation.items() if full.startswith(prefix) and r is not None}
+        ranks = layer_ranks(inputs[PartitionRef("allocate", ALL)], prefix)
         original = runner.load_block(index)
         linears = block_linears(original, ctx.config.target.modules)
         weights = {n: weight_matrix(linears[n]).detach().clone() for n in ranks}
-        factors = truncated_factors(inputs[PartitionRef("decompose", partition)], ranks)
+        factors = allocated_factors(inputs[PartitionRef("decompose", partition)], inputs[PartitionRef("residual", partition)], ranks)
 
         # Per batch: the original block on the original inputs gives targets W x; the truncated
         # block on the compressed model's running inputs gives H = down · z. Sums in float64.

@@ -1,7 +1,9 @@
 """``report``: one JSON with everything a reader needs, and PNG plots.
 
 Perplexities (dense and compressed), achieved kept fractions, per-stage wall time and peak memory
-(from the manifests), every metric repair (eigenvalue floors) and every fallback, per matrix.
+(from the manifests), every metric repair (eigenvalue floors) and every fallback, per matrix; for
+ResSVD each matrix's rank split and its activation loss relative to the one-shot optimum, for
+``asvd_search`` the search's threshold.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ from stagepipe.stages.allocate import ALLOCATION
 from stagepipe.stages.decompose import FACTORS
 
 REPORT = "report.json"
-UPSTREAM = ("snapshot", "tokenize", "capture", "fisher", "decompose", "allocate", "assemble", "evaluate")
+UPSTREAM = ("snapshot", "tokenize", "capture", "fisher", "decompose", "sensitivity", "allocate", "residual", "refit",
+            "assemble", "evaluate")
 
 
 def collect(ctx: Context, inputs: dict[PartitionRef, Path]) -> dict[str, Any]:
     manifests = {ref: manifest_io.read(path) for ref, path in inputs.items()}
     stages: dict[str, dict[str, float]] = defaultdict(lambda: {"wall_s": 0.0, "peak_rss_mb": 0.0, "partitions": 0})
-    repairs, fallbacks = [], []
+    repairs, fallbacks, residual = [], [], {}
     for ref, manifest in sorted(manifests.items()):
         entry = stages[ref.stage]
         entry["wall_s"] += manifest.wall_s
@@ -40,12 +43,15 @@ def collect(ctx: Context, inputs: dict[PartitionRef, Path]) -> dict[str, Any]:
                 for key in ("left_fallback", "right_fallback"):
                     if key in item:
                         fallbacks.append({"matrix": f"{ref.partition}.{name}", "side": key.split("_")[0], "to": item[key]})
+        if ref.stage == "residual":
+            residual.update({f"{ref.partition}.{name}": {k: item[k] for k in ("r1", "r2", "loss_over_one_shot")}
+                             for name, item in manifest.info.get("linears", {}).items()})
     evaluations = {ref.partition: manifests[ref].info for ref in manifests if ref.stage == "evaluate"}
     allocation = manifests[PartitionRef("allocate", ALL)].info
     return {
         "pipeline": ctx.config.name, "method": ctx.config.method.name, "policy": ctx.config.allocation.policy,
         "model": ctx.config.model.model_dump(mode="json"), "ratios": allocation["ratios"],
-        "dense_targets": allocation["dense_targets"],
+        "dense_targets": allocation["dense_targets"], "search": allocation.get("search"), "residual": residual,
         "perplexity": {p: {d: r["ppl"] for d, r in info["datasets"].items()} for p, info in evaluations.items()},
         "evaluation": evaluations, "stages": dict(stages), "repairs": repairs, "fallbacks": fallbacks,
         "calibration": manifests[PartitionRef("tokenize", "calibration")].info,

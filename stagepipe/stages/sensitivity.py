@@ -1,0 +1,154 @@
+"""``sensitivity`` (per layer, independent; only for ``allocation.policy: asvd_search``): ASVD's
+per-matrix sensitivity table — calibration perplexity with *only* that matrix truncated, for every
+candidate kept fraction (algorithms notes §2.3).
+
+Candidate ranks are exactly the ranks the policy would assign (``rank_for_fraction`` with the
+allocation's alignment); candidates whose aligned rank coincides are evaluated once, and a matrix
+with no rank below break-even gets no entries (it stays dense). The truncation is the configured
+method's own (its weighted SVD, or ResSVD's two-stage factors), so the table ranks the
+approximations that will actually be used.
+
+Blocks before layer i are unchanged, so the stage starts from block i's stored inputs
+(``capture@layer-(i−1)``, or the embeddings) and runs blocks i..N−1 and the head, one block in
+memory at a time: all candidates of the layer are propagated together through each block, in
+groups that fit ``allocation.sensitivity_memory_gb``. Perplexities are fp32 token means over the
+windows; a non-finite window makes that entry ``inf``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stagepipe.accounting import rank_for_fraction
+from stagepipe.engine.stage import ALL, Context, PartitionRef, Stage, layer_index, layer_partition
+from stagepipe.linalg import factor_metric
+from stagepipe.methods import make_method
+from stagepipe.methods.ressvd import residual_factors
+from stagepipe.models.blocks import BlockRunner
+from stagepipe.models.layout import block_linears, set_weight_matrix, weight_matrix
+from stagepipe.models.sources import resolve_device
+from stagepipe.stages.capture import block_inputs, calibration_ids, load_input_stats
+from stagepipe.stages.decompose import decomposed_spectra
+from stagepipe.stages.tokenize import CALIBRATION
+
+TABLE = "sensitivity.json"
+BASE = ""  # the configuration with nothing truncated
+
+
+def searching(ctx: Context) -> bool:
+    return ctx.config.allocation.policy == "asvd_search"
+
+
+class SensitivityStage(Stage):
+    name = "sensitivity"
+    version = 1
+    description = "calibration perplexity with one matrix truncated per candidate ratio (asvd_search)"
+
+    def partitions(self, ctx: Context) -> list[str] | None:
+        return ctx.layer_partitions()
+
+    def dependencies(self, ctx: Context, partition: str) -> list[PartitionRef]:
+        if not searching(ctx):
+            return []
+        index = layer_index(partition)
+        deps = [PartitionRef("snapshot", ALL), PartitionRef("tokenize", CALIBRATION), PartitionRef("decompose", partition)]
+        if index > 0:
+            deps.append(PartitionRef("capture", layer_partition(index - 1)))
+        if make_method(ctx.config.method).post_allocation:
+            deps.append(PartitionRef("capture", partition))  # ResSVD's stage-2 metric
+        return deps
+
+    def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
+        if not searching(ctx):
+            return {"asvd_search": False}
+        alloc, method = ctx.config.allocation, ctx.config.method
+        return {"asvd_search": True, "candidates": alloc.candidates, "align": alloc.align, "windows": alloc.sensitivity_windows,
+                "modules": ctx.config.target.modules, "split": getattr(method, "split", None)}
+
+    def skip_reason(self, ctx: Context, partition: str) -> str | None:
+        return None if searching(ctx) else "allocation.policy is not asvd_search"
+
+    def run(self, ctx: Context, partition: str, out: Path, inputs: dict[PartitionRef, Path]) -> dict[str, Any]:
+        alloc = ctx.config.allocation
+        index = layer_index(partition)
+        runner = BlockRunner(inputs[PartitionRef("snapshot", ALL)] / "model", resolve_device(ctx.config.model.device),
+                             torch.float32)
+        ids = calibration_ids(inputs)[: alloc.sensitivity_windows]
+        batch = ctx.config.runtime.batch_size
+        start = torch.cat([h.to(runner.device, torch.float32) for _, h in block_inputs(runner, index, ids, inputs, batch)])
+        prefix = runner.layout.layer_prefix(index)
+        linears = block_linears(runner.load_block(index), ctx.config.target.modules)
+        weights = {n: weight_matrix(m).detach().to(torch.float64).clone() for n, m in linears.items()}
+        shapes = {n: tuple(w.shape) for n, w in weights.items()}
+        kept_by_rank: dict[tuple[str, int], list[float]] = {}
+        for name, (m, n) in shapes.items():
+            for kept in alloc.candidates:
+                rank = rank_for_fraction(m, n, kept, alloc.align)
+                if rank is not None:
+                    kept_by_rank.setdefault((name, rank), []).append(kept)
+        configs: list[tuple[str, int]] = [(BASE, 0), *kept_by_rank]
+        approximate = self._approximations(ctx, inputs, partition, weights)
+        per_state = start.numel() * start.element_size()
+        group = max(1, int(alloc.sensitivity_memory_gb * 2**30 // per_state))
+        ppl: dict[tuple[str, int], float] = {}
+        for first in range(0, len(configs), group):
+            chunk = configs[first : first + group]
+            ppl.update(zip(chunk, self._perplexities(runner, index, ids, start, chunk, approximate, batch, linears, weights), strict=True))
+        table: dict[str, list[dict[str, Any]]] = {}
+        for (name, rank), kepts in kept_by_rank.items():
+            table.setdefault(prefix + name, []).extend({"kept": k, "rank": rank, "ppl": ppl[(name, rank)]} for k in kepts)
+        (out / TABLE).write_text(json.dumps({"base_ppl": ppl[(BASE, 0)], "matrices": table}, indent=1, sort_keys=True))
+        return {"base_ppl": ppl[(BASE, 0)], "evaluations": len(configs), "windows": len(ids),
+                "most_sensitive": max(((v, k) for k, v in ppl.items() if k[0]), default=(None, None))[1]}
+
+    @staticmethod
+    def _approximations(ctx: Context, inputs: dict[PartitionRef, Path], partition: str, weights: dict[str, torch.Tensor]):
+        """``approximate(name, rank)``: the dense m×n matrix the method's rank-r factors stand for."""
+        method = make_method(ctx.config.method)
+        spectra = decomposed_spectra(inputs[PartitionRef("decompose", partition)], list(weights))
+        if not method.post_allocation:
+            return lambda name, rank: spectra[name].reconstruct(rank)
+        stats = load_input_stats(inputs[PartitionRef("capture", partition)])
+        cfg = ctx.config.method
+
+        def two_stage(name: str, rank: int) -> torch.Tensor:
+            w = weights[name]
+            right = factor_metric(method.metrics(name, tuple(w.shape), stats).right, cfg.floor_rel, name)
+            up, down, _ = residual_factors(w, right, rank, cfg.split)
+            return up @ down
+
+        return two_stage
+
+    @staticmethod
+    def _perplexities(runner: BlockRunner, index: int, ids: torch.Tensor, start: torch.Tensor,
+                      configs: list[tuple[str, int]], approximate, batch: int, linears: dict[str, torch.nn.Module],
+                      weights: dict[str, torch.Tensor]) -> list[float]:
+        """Calibration perplexity of each configuration, propagating all of them block by block."""
+        def forward(block: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+            return torch.cat([runner.run_block(block, hidden[s : s + batch]) for s in range(0, len(hidden), batch)])
+
+        states = []
+        with torch.no_grad():
+            block = runner.load_block(index)  # ``linears`` are this block's modules
+            for name, rank in configs:
+                if name == BASE:
+                    states.append(forward(block, start))
+                    continue
+                set_weight_matrix(linears[name], approximate(name, rank))
+                states.append(forward(block, start))
+                set_weight_matrix(linears[name], weights[name])
+            for j in range(index + 1, runner.num_layers):
+                block = runner.load_block(j)
+                states = [forward(block, hidden) for hidden in states]
+            result = []
+            for hidden in states:
+                nll = torch.cat([runner.window_losses(hidden[s : s + batch], ids[s : s + batch])
+                                 for s in range(0, len(hidden), batch)])
+                mean = float(nll.double().mean())
+                result.append(math.exp(mean) if math.isfinite(mean) and mean < 700 else math.inf)
+        return result
