@@ -26,9 +26,9 @@ from stagepipe.engine.stage import ALL, PartitionRef
 ROOT = Path(__file__).resolve().parent.parent
 #: options of methods other than the base file's (as in pipelines/smollm2_gfwsvd.yaml)
 METHOD_OPTIONS = {"gfwsvd": {"max_sweeps": 3}}
-#: options of policies other than the base file's: the sensitivity search on 4 calibration windows
+#: options of policies other than the base file's: the sensitivity search on 4 calibration windows and 3 candidates
 #: (its cost grows with windows × candidates × layers²/2; see docs/methods.md)
-POLICY_OPTIONS = {"asvd_search": {"sensitivity_windows": 4}}
+POLICY_OPTIONS = {"asvd_search": {"sensitivity_windows": 4, "candidates": [0.5, 0.7, 0.9]}}
 
 
 def run_point(base: dict, entry: str, kept: float, workspace: Path) -> dict:

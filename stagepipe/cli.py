@@ -108,7 +108,7 @@ def _print_status(runner, verbose: bool, todo_only: bool = False) -> None:
         for entry in items:
             counts[entry.state.status] = counts.get(entry.state.status, 0) + 1
         summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-        click.echo(f"{stage:<10} {summary}")
+        click.echo(f"{stage:<12} {summary}")
         if verbose:
             for entry in items:
                 if todo_only and entry.state.status == "done":
@@ -118,7 +118,7 @@ def _print_status(runner, verbose: bool, todo_only: bool = False) -> None:
     known = {e.ref.stage for e in entries}
     for name in runner.stages:
         if name not in known:
-            click.echo(f"{name:<10} partitions unknown until the model snapshot exists")
+            click.echo(f"{name:<12} partitions unknown until the model snapshot exists")
 
 
 def _print_summary(runner) -> None:

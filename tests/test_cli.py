@@ -54,3 +54,12 @@ def test_failure_reports_partition_host_and_resume_command(write_pipeline, tmp_p
     result = CliRunner().invoke(main, ["run", str(path), "-w", str(tmp_path / "ws")])
     assert result.exit_code == 1
     assert "decompose@layer-000 failed on" in result.output and f"resume with: stagepipe run {path}" in result.output
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "pipelines").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_bundled_pipeline_is_valid(path: Path) -> None:
+    from stagepipe.config import load_pipeline
+    from stagepipe.methods import METHODS
+
+    config = load_pipeline(path)
+    assert config.method.name in METHODS

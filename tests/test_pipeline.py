@@ -42,7 +42,7 @@ def test_end_to_end_then_noop(write_pipeline, tmp_path: Path) -> None:
     assert all(v < float("inf") for v in report["perplexity"]["compressed"].values())
     assert report["ratios"]["kept_over_target_matrices"] <= 0.8
     assert "nothing to do" in run_cli("run", str(pipeline), "-w", str(ws))
-    assert "capture    2 done" in run_cli("status", str(pipeline), "-w", str(ws))
+    assert "capture      2 done" in run_cli("status", str(pipeline), "-w", str(ws))
 
 
 def test_eval_change_keeps_decompose_method_change_redoes_it(write_pipeline, tmp_path: Path) -> None:
