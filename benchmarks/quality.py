@@ -83,6 +83,7 @@ def main() -> None:
         f"calibration from the train articles, perplexity on `{dataset}` (held-out articles), fp32, "
         "non-overlapping windows, every window counted. Kept fraction = parameters kept over the "
         "target matrices after rank rounding (also over all block linears and the whole model).", "",
+        f"Options beyond the base file: methods {json.dumps(METHOD_OPTIONS)}, policies {json.dumps(POLICY_OPTIONS)}.", "",
         f"Dense baseline perplexity: **{dense:.3f}**", "",
         "| method | kept (requested) | kept (targets) | kept (block linears) | kept (model) | PPL | repairs | fallbacks |",
         "|---|---|---|---|---|---|---|---|",
