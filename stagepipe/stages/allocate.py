@@ -30,7 +30,6 @@ def layer_ranks(allocate_dir: Path, prefix: str) -> dict[str, int]:
     return {full[len(prefix):]: r for full, r in ranks.items() if full.startswith(prefix) and r is not None}
 
 
-
 class AllocateStage(Stage):
     name = "allocate"
     version = 1
