@@ -17,7 +17,7 @@ def make_policy(cfg, sensitivity: list[Candidate] | None = None) -> Policy:
     if cfg.policy == "last_k":
         return LastK(cfg.align, cfg.last_k, cfg.min_kept)
     if cfg.policy == "asvd_search":
-        if not sensitivity:
+        if sensitivity is None:
             raise ValueError("asvd_search needs the sensitivity table")
         return ASVDSearch(cfg.align, sensitivity)
     return POLICIES[cfg.policy](cfg.align)

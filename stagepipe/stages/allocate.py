@@ -24,10 +24,14 @@ from stagepipe.stages.sensitivity import TABLE, searching
 ALLOCATION = "allocation.json"
 
 
-def layer_ranks(allocate_dir: Path, prefix: str) -> dict[str, int]:
-    """Allocated ranks of one block's factored linears, keyed relative to the block."""
-    ranks = json.loads((allocate_dir / ALLOCATION).read_text())["ranks"]
+def block_ranks(ranks: dict[str, int | None], prefix: str) -> dict[str, int]:
+    """The factored linears of one block (full names under ``prefix``), keyed relative to the block."""
     return {full[len(prefix):]: r for full, r in ranks.items() if full.startswith(prefix) and r is not None}
+
+
+def layer_ranks(allocate_dir: Path, prefix: str) -> dict[str, int]:
+    """Allocated ranks of one block's factored linears, read from ``allocate``'s output."""
+    return block_ranks(json.loads((allocate_dir / ALLOCATION).read_text())["ranks"], prefix)
 
 
 class AllocateStage(Stage):

@@ -23,7 +23,7 @@ from stagepipe.io import safetensors_io
 from stagepipe.models import modeling_lowrank
 from stagepipe.models.layout import layout_for
 from stagepipe.models.sources import weight_map
-from stagepipe.stages.allocate import ALLOCATION
+from stagepipe.stages.allocate import ALLOCATION, block_ranks
 from stagepipe.stages.refit import UPDATES
 from stagepipe.stages.residual import allocated_factors
 
@@ -95,7 +95,7 @@ class AssembleStage(Stage):
         tensors: dict[str, torch.Tensor] = {}
         for key in keys:
             tensors.update(safetensors_io.read(snapshot / wmap[key], [key]))
-        ranks = {full[len(prefix):]: r for full, r in factored.items() if full.startswith(prefix)}
+        ranks = block_ranks(factored, prefix)
         if not ranks:
             return tensors
         factors = allocated_factors(decomposed, residual, ranks)

@@ -44,7 +44,6 @@ def decomposed_spectra(decomposed: Path, names: list[str]) -> dict[str, Weighted
                            right=raw[f"{n}.right"].double()) for n in names}
 
 
-
 class DecomposeStage(Stage):
     name = "decompose"
     version = 1

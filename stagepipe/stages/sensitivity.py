@@ -115,11 +115,13 @@ class SensitivityStage(Stage):
             return lambda name, rank: spectra[name].reconstruct(rank)
         stats = load_input_stats(inputs[PartitionRef("capture", partition)])
         cfg = ctx.config.method
+        roots: dict[str, Any] = {}  # stage-2 metric root per matrix, factorised once for all its candidates
 
         def two_stage(name: str, rank: int) -> torch.Tensor:
             w = weights[name]
-            right = factor_metric(method.metrics(name, tuple(w.shape), stats).right, cfg.floor_rel, name)
-            up, down, _ = residual_factors(w, right, rank, cfg.split)
+            if name not in roots:
+                roots[name] = factor_metric(method.metrics(name, tuple(w.shape), stats).right, cfg.floor_rel, name)
+            up, down, _ = residual_factors(w, roots[name], rank, cfg.split)
             return up @ down
 
         return two_stage
