@@ -1,27 +1,42 @@
-"""``stagepipe`` command line: run, status, verify.
+"""``stagepipe`` command line: run, status, verify, methods.
 
-Heavy modules (torch, transformers) are imported inside the commands, so ``stagepipe --help`` and
-config errors are instant. Every user-facing error is one line on stderr with a non-zero exit
-code (2 for a bad pipeline file).
+Heavy modules (torch, transformers, and the config schema, which imports the method registry)
+are imported inside the commands, so ``stagepipe --help`` is instant. Every user-facing error is
+one line on stderr with a non-zero exit code: 2 for a bad pipeline file or a missing input, 1 for
+a failed stage or an operating-system error (read-only or full disk, permissions).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
-from stagepipe.config import PipelineConfig, load_pipeline
 from stagepipe.errors import StagepipeError
 
 log = logging.getLogger("stagepipe")
 
 
-def _workspace(config: PipelineConfig, workspace: str | None) -> Path:
+def _workspace(config: Any, workspace: str | None) -> Path:
     return Path(workspace) if workspace else Path("workspace") / config.name
+
+
+def _load(pipeline: str) -> Any:
+    from stagepipe.config import load_pipeline
+
+    return load_pipeline(pipeline)
+
+
+def _runner(config: Any, root: Path, pipeline: str) -> Any:
+    from stagepipe.stages import make_runner
+
+    return make_runner(config, root, pipeline)
 
 
 def _setup_logging(workspace: Path | None, verbose: bool) -> None:
@@ -44,6 +59,24 @@ def _fail(exc: StagepipeError) -> None:
     sys.exit(exc.exit_code)
 
 
+def one_line_errors(command: Callable[..., None]) -> Callable[..., None]:
+    """Report stagepipe errors and operating-system errors (read-only or full disk, permissions)
+    as one line with the path, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            command(*args, **kwargs)
+        except StagepipeError as exc:
+            _fail(exc)
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.echo(f"error: {where}{exc.strerror or exc}", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="stagepipe")
 def main() -> None:
@@ -63,43 +96,52 @@ workspace_option = click.option("--workspace", "-w", type=click.Path(file_okay=F
 @click.option("--executor", type=click.Choice(["local", "ray"]), default=None, help="override executor.kind")
 @click.option("--ray-address", default=None, help="Ray cluster address (auto or HOST:PORT)")
 @click.option("-v", "--verbose", is_flag=True)
+@one_line_errors
 def run(pipeline: str, workspace: str | None, dry_run: bool, force: tuple[str, ...], only: tuple[str, ...],
         executor: str | None, ray_address: str | None, verbose: bool) -> None:
     """Run every stage of PIPELINE that is not done yet."""
-    try:
-        config = load_pipeline(pipeline)
-        root = _workspace(config, workspace)
-        from stagepipe.engine.runner import Runner
+    config = _load(pipeline)
+    root = _workspace(config, workspace)
+    runner = _runner(config, root, pipeline)
+    if dry_run:
+        runner.run(force=set(force), only=set(only), dry_run=True)
+        _print_status(runner, verbose=True, todo_only=True)
+        _print_plan(config, runner)
+        return
+    from stagepipe.engine.executors import make_executor
 
-        runner = Runner(config, root, pipeline_path=pipeline)
-        if dry_run:
-            runner.run(force=set(force), only=set(only), dry_run=True)
-            _print_status(runner, verbose=True, todo_only=True)
-            from stagepipe.plan import print_plan
+    with runner.ws.lock():
+        _setup_logging(root, verbose)
+        (root / "pipeline.json").write_text(config.model_dump_json(indent=1))
+        started = time.time()
+        pool = make_executor(config.executor, executor, ray_address)
+        try:
+            results = runner.run(executor=pool, force=set(force), only=set(only))
+        finally:
+            pool.shutdown()
+        ran = len(results)
+        click.echo(f"{ran} partition(s) run in {time.time() - started:.1f}s; workspace {root}"
+                   if ran else f"nothing to do: every stage is done ({time.time() - started:.1f}s)")
+        _print_summary(runner)
 
-            print_plan(config, runner.ctx)
-            return
-        from stagepipe.engine.executors import make_executor
 
-        with runner.ws.lock():
-            _setup_logging(root, verbose)
-            (root / "pipeline.json").write_text(config.model_dump_json(indent=1))
-            started = time.time()
-            pool = make_executor(config.executor, executor, ray_address)
-            try:
-                results = runner.run(executor=pool, force=set(force), only=set(only))
-            finally:
-                pool.shutdown()
-            ran = len(results)
-            click.echo(f"{ran} partition(s) run in {time.time() - started:.1f}s; workspace {root}"
-                       if ran else f"nothing to do: every stage is done ({time.time() - started:.1f}s)")
-            _print_summary(runner)
-    except StagepipeError as exc:
-        _fail(exc)
+def _print_plan(config: Any, runner: Any) -> None:
+    if runner.ctx.model is None:
+        click.echo("plan: the model config is not reachable offline; estimates appear once `snapshot` has run "
+                   "(or give model.shape_hint)")
+        return
+    from stagepipe.stages.estimate import estimate
+
+    def size(value: float) -> str:
+        return f"{value / 2**30:.2f} GB" if value >= 2**27 else f"{value / 2**20:.1f} MB"
+
+    click.echo(f"\n{'stage':<12} {'disk':>10} {'RAM peak':>10} {'GPU peak':>10}  note")
+    for row in estimate(config, runner.ctx.model):
+        click.echo(f"{row.stage:<12} {size(row.disk):>10} {size(row.ram):>10} {size(row.gpu):>10}  {row.note}")
 
 
 def _print_status(runner, verbose: bool, todo_only: bool = False) -> None:
-    entries = runner.evaluate()
+    entries = runner.states()
     by_stage: dict[str, list] = {}
     for entry in entries:
         by_stage.setdefault(entry.ref.stage, []).append(entry)
@@ -124,7 +166,7 @@ def _print_status(runner, verbose: bool, todo_only: bool = False) -> None:
 def _print_summary(runner) -> None:
     from stagepipe.engine.stage import ALL, PartitionRef
 
-    entries = {e.ref: e for e in runner.evaluate()}
+    entries = {e.ref: e for e in runner.states()}
     report = entries.get(PartitionRef("report", ALL))
     if report is None or report.state.status != "done":
         return
@@ -142,40 +184,47 @@ def _print_summary(runner) -> None:
 @click.argument("pipeline", type=click.Path())
 @workspace_option
 @click.option("-v", "--verbose", is_flag=True, help="one line per partition")
+@one_line_errors
 def status(pipeline: str, workspace: str | None, verbose: bool) -> None:
     """Show every stage: done / stale (with the reason) / missing / incomplete / running."""
-    try:
-        config = load_pipeline(pipeline)
-        from stagepipe.engine.runner import Runner
-
-        _print_status(Runner(config, _workspace(config, workspace), pipeline), verbose)
-    except StagepipeError as exc:
-        _fail(exc)
+    config = _load(pipeline)
+    _print_status(_runner(config, _workspace(config, workspace), pipeline), verbose)
 
 
 @main.command()
 @click.argument("pipeline", type=click.Path())
 @workspace_option
+@one_line_errors
 def verify(pipeline: str, workspace: str | None) -> None:
     """Re-hash every finished output against its manifest; exit 1 if any differs."""
-    try:
-        config = load_pipeline(pipeline)
-        from stagepipe.engine.runner import Runner
+    config = _load(pipeline)
+    runner = _runner(config, _workspace(config, workspace), pipeline)
+    bad = 0
+    checked = 0
+    for entry in runner.states(deep=True):
+        if entry.state.status == "corrupt":
+            bad += 1
+            click.echo(f"CORRUPT {entry.ref}: {entry.state.reason}")
+        elif entry.state.status == "done":
+            checked += 1
+    click.echo(f"verified {checked} partition(s), {bad} corrupt")
+    if bad:
+        sys.exit(1)
 
-        runner = Runner(config, _workspace(config, workspace), pipeline)
-        bad = 0
-        checked = 0
-        for entry in runner.evaluate(deep=True):
-            if entry.state.status == "corrupt":
-                bad += 1
-                click.echo(f"CORRUPT {entry.ref}: {entry.state.reason}")
-            elif entry.state.status == "done":
-                checked += 1
-        click.echo(f"verified {checked} partition(s), {bad} corrupt")
-        if bad:
-            sys.exit(1)
-    except StagepipeError as exc:
-        _fail(exc)
+
+@main.command()
+@one_line_errors
+def methods() -> None:
+    """List the registered methods (method.name) and allocation policies (allocation.policy)."""
+    from stagepipe.allocation import POLICIES
+    from stagepipe.methods import METHODS
+
+    click.echo("methods (method.name):")
+    for name, cls in sorted(METHODS.items()):
+        click.echo(f"  {name:<14} {cls.summary()}")
+    click.echo("allocation policies (allocation.policy):")
+    for name, cls in sorted(POLICIES.items()):
+        click.echo(f"  {name:<14} {cls.summary()}")
 
 
 if __name__ == "__main__":

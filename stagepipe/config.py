@@ -2,23 +2,24 @@
 
 Every model forbids unknown keys, so a typo fails at load time with the file, the dotted key and
 what was expected, in one line (``ConfigError``; the CLI exits with code 2). Stages read *slices*
-of this config (see ``Stage.config_slice``); only those slices enter their cache keys.
+of this config (see ``Stage.config_slice``); only those slices enter their cache keys. The
+``method`` and ``allocation`` blocks are unions of the models that method and policy modules
+register (``stagepipe.methods``, ``stagepipe.allocation``): this file names none of them.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 
+from stagepipe.allocation import POLICIES
 from stagepipe.errors import ConfigError
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from stagepipe.methods import METHODS
+from stagepipe.schema import Strict
 
 
 # --------------------------------------------------------------------------- model sources
@@ -85,6 +86,8 @@ class TinyModel(_ModelBase):
 
 
 ModelConfig = Annotated[HubModel | LocalModel | GGUFModel | TinyModel, Field(discriminator="source")]
+#: validates a ``model`` block on its own (e.g. from JSON)
+ModelSpec: TypeAdapter[Any] = TypeAdapter(ModelConfig)
 
 
 # --------------------------------------------------------------------------- text sources
@@ -145,95 +148,19 @@ class EvaluationConfig(Strict):
     lm_eval_tasks: list[str] = Field(default_factory=list, description="lm-eval-harness tasks, 0-shot, when available")
 
 
-# --------------------------------------------------------------------------- methods
-class _MethodBase(Strict):
-    floor_rel: float = Field(1e-6, gt=0, lt=1, description="relative eigenvalue floor of each metric")
-    refit: bool = Field(False, description="SVD-LLM least-squares refit of the up factors on propagated inputs")
+# --------------------------------------------------------------------------- method, target, allocation
+def _union(classes: list[type[Strict]], tag: str) -> Any:
+    """A discriminated union of registered config models (one class stays itself)."""
+    members = tuple(classes)
+    return Annotated[Union[members], Field(discriminator=tag)] if len(members) > 1 else members[0]  # noqa: UP007
 
 
-class SVDMethod(_MethodBase):
-    name: Literal["svd"]
+#: every registered method's config, told apart by ``name`` (each method module owns its model)
+MethodConfig = _union([m.config for m in METHODS.values()], "name")
+#: every registered policy's config, told apart by ``policy`` (default ``uniform``)
+AllocationConfig = _union([p.config for p in POLICIES.values()], "policy")
 
 
-class SVDLLMMethod(_MethodBase):
-    name: Literal["svdllm"]
-
-
-class SVDLLMV2Method(_MethodBase):
-    """SVD-LLM V2's whitening (eigen, range-space safe); pair it with ``allocation.policy: svdllm_v2``."""
-
-    name: Literal["svdllm_v2"]
-
-
-class ASVDMethod(_MethodBase):
-    name: Literal["asvd"]
-    alpha: float = Field(0.5, gt=0, le=2)
-    scale: Literal["mean", "max"] = "mean"
-
-
-class ResSVDMethod(_MethodBase):
-    """ERC-SVD residual compensation: plain SVD at rank r₁ = round(split·r), then the SVD-LLM
-    whitened SVD of the residual at r₂ = r − r₁; one concatenated rank-r factor pair."""
-
-    name: Literal["ressvd"]
-    split: float = Field(0.5, ge=0, le=1, description="share of each matrix's rank given to the plain-SVD stage")
-
-
-class _GradientMethod(_MethodBase):
-    """Options of the ``fisher`` stage, shared by every method that needs gradient statistics."""
-
-    fisher_labels: Literal["empirical", "model"] = Field(
-        "empirical", description="next tokens of the text (empirical Fisher) or sampled from the model (true Fisher)")
-    mode: Literal["auto", "stored", "streaming"] = "auto"
-    memory_budget_gb: float = Field(4.0, gt=0, description="auto mode stores gradients below this")
-    max_sweeps: int = Field(5, ge=1)
-    tol: float = Field(1e-4, gt=0)
-    warm_start: Literal["kfac", "identity"] = "kfac"
-    factor_floor_rel: float = Field(1e-6, gt=0, lt=1)
-    chunk_tokens: int | None = Field(None, ge=1, description="per-chunk gradients (raises K)")
-    diagnostics: bool = False
-    diagnostics_max_dim: int = Field(4096, ge=1)
-
-
-class FWSVDMethod(_GradientMethod):
-    """Diagonal Fisher from squared per-sequence gradients: input side (Hsu et al.) or both sides."""
-
-    name: Literal["fwsvd"]
-    sides: Literal["input", "both"] = "input"
-
-
-class KFACSVDMethod(_GradientMethod):
-    """Token-level K-FAC factors: left E[δδᵀ], right E[xxᵀ], optional shrinkage toward the trace."""
-
-    name: Literal["kfac_svd"]
-    shrinkage: float = Field(0.0, ge=0, lt=1)
-
-
-class GFWSVDMethod(_GradientMethod):
-    name: Literal["gfwsvd"]
-
-
-LeftMetric = Literal["identity", "fisher_nkp", "kfac_out", "fisher_diag"]
-RightMetric = Literal["identity", "gram", "fisher_nkp", "fisher_diag", "act_mean", "act_max"]
-
-
-class MixedMethod(_GradientMethod):
-    """Any left (output-side) metric with any right (input-side) metric."""
-
-    name: Literal["mixed"]
-    left: LeftMetric
-    right: RightMetric
-    alpha: float = Field(0.5, gt=0, le=2, description="exponent of act_mean / act_max")
-
-
-MethodConfig = Annotated[
-    SVDMethod | SVDLLMMethod | SVDLLMV2Method | ASVDMethod | ResSVDMethod | FWSVDMethod | KFACSVDMethod | GFWSVDMethod
-    | MixedMethod,
-    Field(discriminator="name"),
-]
-
-
-# --------------------------------------------------------------------------- target, allocation, runtime
 class TargetConfig(Strict):
     kept_fraction: float = Field(gt=0, le=1)
     modules: list[str] | None = Field(
@@ -249,27 +176,6 @@ class TargetConfig(Strict):
             except re.error as exc:
                 raise ValueError(f"invalid regex {pattern!r}: {exc}") from exc
         return value
-
-
-class AllocationConfig(Strict):
-    policy: Literal["uniform", "global_greedy", "svdllm_v2", "last_k", "asvd_search"] = "uniform"
-    align: int = Field(8, ge=1)
-    last_k: int | None = Field(None, ge=1, description="last_k: blocks to compress (default: smallest feasible)")
-    min_kept: float = Field(0.1, gt=0, lt=1, description="last_k: smallest kept fraction of a compressed block")
-    candidates: list[float] = Field(
-        [0.4, 0.5, 0.6, 0.7, 0.8, 0.9], min_length=1,
-        description="asvd_search: kept fractions tried per matrix (ASVD's param_ratio candidates)")
-    sensitivity_windows: int | None = Field(
-        None, ge=1, description="asvd_search: calibration windows per sensitivity perplexity (default all)")
-    sensitivity_memory_gb: float = Field(
-        2.0, gt=0, description="asvd_search: hidden states held at once (candidates propagated together)")
-
-    @field_validator("candidates")
-    @classmethod
-    def _fractions(cls, value: list[float]) -> list[float]:
-        if any(not 0 < c < 1 for c in value):
-            raise ValueError(f"every candidate must be a kept fraction in (0, 1), got {value}")
-        return sorted(set(value))
 
 
 class RuntimeConfig(Strict):
@@ -293,10 +199,18 @@ class PipelineConfig(Strict):
     calibration: CalibrationConfig
     method: MethodConfig
     target: TargetConfig
-    allocation: AllocationConfig = AllocationConfig()
+    allocation: AllocationConfig = Field(default_factory=lambda: POLICIES["uniform"].config(policy="uniform"))
     evaluation: EvaluationConfig
     runtime: RuntimeConfig = RuntimeConfig()
     executor: ExecutorConfig = ExecutorConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_policy(cls, data: Any) -> Any:
+        """``allocation`` without a ``policy`` means ``uniform``."""
+        if isinstance(data, dict) and isinstance(data.get("allocation"), dict) and "policy" not in data["allocation"]:
+            data = {**data, "allocation": {"policy": "uniform", **data["allocation"]}}
+        return data
 
 
 # --------------------------------------------------------------------------- loading
@@ -316,7 +230,7 @@ def _user_loc(loc: tuple[Any, ...], data: Any) -> tuple[Any, ...]:
     """Drop the tags that discriminated unions insert into locations ("model.tiny.hidden")."""
     out: list[Any] = []
     for part in loc:
-        if isinstance(data, dict) and part not in data and part in (data.get("source"), data.get("name")):
+        if isinstance(data, dict) and part not in data and part in (data.get("source"), data.get("name"), data.get("policy")):
             continue
         out.append(part)
         data = data.get(part) if isinstance(data, dict) else (

@@ -28,6 +28,8 @@ def test_policies_meet_target_within_one_step() -> None:
     steps = {"uniform": per_matrix, "svdllm_v2": per_matrix, "last_k": per_matrix,
              "global_greedy": max(8 * (s.m + s.n) for s in specs) / total}
     for name, policy in POLICIES.items():
+        if policy.needs_sensitivity:
+            continue
         for target in (0.4, 0.6, 0.8):
             ranks = policy(8).allocate(specs, target)
             assert all(r is None or r % 8 == 0 for r in ranks.values()), name
@@ -81,7 +83,7 @@ def sensitivity_table(specs, candidates=(0.4, 0.5, 0.6, 0.7, 0.8, 0.9), align=8)
 
 
 def test_asvd_search_meets_target_with_the_fewest_harmful_truncations() -> None:
-    from stagepipe.allocation import ASVDSearch
+    from stagepipe.allocation.asvd_search import ASVDSearch
 
     specs = spectra()
     table = sensitivity_table(specs)
@@ -103,7 +105,7 @@ def test_asvd_search_meets_target_with_the_fewest_harmful_truncations() -> None:
 def test_asvd_search_spares_the_sensitive_matrix_and_refuses_an_unreachable_target() -> None:
     import pytest
 
-    from stagepipe.allocation import ASVDSearch, Candidate
+    from stagepipe.allocation.asvd_search import ASVDSearch, Candidate
     from stagepipe.errors import StagepipeError
 
     a = MatrixSpectrum("model.layers.0.a", 64, 64, torch.ones(64, dtype=torch.float64))

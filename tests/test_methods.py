@@ -5,19 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stagepipe.config import (
-    ASVDMethod,
-    FWSVDMethod,
-    GFWSVDMethod,
-    KFACSVDMethod,
-    MixedMethod,
-    ResSVDMethod,
-    SVDLLMMethod,
-    SVDLLMV2Method,
-    SVDMethod,
-)
 from stagepipe.linalg import factor_metric, weighted_loss, weighted_svd
-from stagepipe.methods import LayerStats, make_method
+from stagepipe.methods import METHODS, LayerStats, make_method
+
+SVDMethod, SVDLLMMethod, SVDLLMV2Method, ASVDMethod, ResSVDMethod, FWSVDMethod, KFACSVDMethod, GFWSVDMethod, MixedMethod = (
+    METHODS[name].config for name in ("svd", "svdllm", "svdllm_v2", "asvd", "ressvd", "fwsvd", "kfac_svd", "gfwsvd", "mixed"))
 
 M, N, TOKENS, K = 6, 5, 40, 12
 g = torch.Generator().manual_seed(0)

@@ -11,9 +11,9 @@ from click.testing import CliRunner
 
 from stagepipe.cli import main
 from stagepipe.config import load_pipeline
-from stagepipe.engine.runner import Runner
 from stagepipe.engine.stage import ALL, PartitionRef
 from stagepipe.io import safetensors_io
+from stagepipe.stages import make_runner
 
 
 def run_cli(*args: str) -> str:
@@ -23,7 +23,7 @@ def run_cli(*args: str) -> str:
 
 
 def entries(pipeline: Path, ws: Path) -> dict:
-    return {e.ref: e for e in Runner(load_pipeline(pipeline), ws).evaluate()}
+    return {e.ref: e for e in make_runner(load_pipeline(pipeline), ws).states()}
 
 
 def ran(output: str) -> set[str]:
@@ -51,9 +51,9 @@ def test_eval_change_keeps_decompose_method_change_redoes_it(write_pipeline, tmp
     changed_eval = write_pipeline(evaluation={"datasets": [{"name": "syn2", "text": {"source": "synthetic", "n_words": 1500, "seed": 5}}],
                                               "seq_len": 32})
     assert not any(r.startswith(("decompose", "capture", "allocate")) for r in ran(run_cli("run", str(changed_eval), "-w", str(ws))))
-    status = run_cli("status", str(write_pipeline(method={"name": "svd"})), "-w", str(ws), "-v")
-    assert "capture@layer-000          stale  (config changed: needed, stats)" in status
-    redone = ran(run_cli("run", str(write_pipeline(method={"name": "svd"})), "-w", str(ws)))
+    status = run_cli("status", str(write_pipeline(method={"name": "asvd"})), "-w", str(ws), "-v")
+    assert "capture@layer-000          stale  (config changed: stats)" in status
+    redone = ran(run_cli("run", str(write_pipeline(method={"name": "asvd"})), "-w", str(ws)))
     assert {"decompose@layer-000", "decompose@layer-001", "allocate@all"} <= redone
 
 
@@ -107,7 +107,7 @@ def test_layerwise_gradients_equal_full_model_per_sequence_gradients(write_pipel
     ws = tmp_path / "ws"
     run_cli("run", str(pipeline), "-w", str(ws), "--only", "snapshot", "--only", "tokenize", "--only", "capture")
     state = entries(pipeline, ws)
-    runner = Runner(load_pipeline(pipeline), ws)
+    runner = make_runner(load_pipeline(pipeline), ws)
     grads_seen: list[torch.Tensor] = []
     original = fisher.nkp_power_iteration
 
@@ -143,8 +143,8 @@ def test_gfwsvd_stored_equals_streaming(write_pipeline, tmp_path: Path) -> None:
         ws = tmp_path / mode
         run_cli("run", str(pipeline), "-w", str(ws))
         out = entries(pipeline, ws)[PartitionRef("fisher", "layer-000")].state.output
-        factors[mode] = safetensors_io.read(out / "factors.safetensors")
-        assert not list(ws.glob("stages/fisher/*/.sweeps-*")) and not list(ws.glob("stages/fisher/*/.scratch-*"))
+        factors[mode] = safetensors_io.read(out / "fisher.safetensors")
+        assert not list(ws.glob("stages/fisher/*/.resume-*")) and not list(ws.glob("stages/fisher/*/.scratch-*"))
     assert factors["stored"].keys() == factors["streaming"].keys()
     for key in factors["stored"]:
         assert torch.allclose(factors["stored"][key], factors["streaming"][key], rtol=1e-6, atol=1e-9), key
@@ -193,8 +193,7 @@ def test_refit_minimises_output_error_on_calibration_inputs(write_pipeline, tmp_
     tokens: no worse than the plain truncation."""
     from stagepipe.io import zarr_io
     from stagepipe.models.blocks import BlockRunner
-    from stagepipe.stages.refit import UPDATES
-    from stagepipe.stages.residual import allocated_factors
+    from stagepipe.stages.artifacts import allocated_factors, read_refit
 
     pipeline = write_pipeline("refit", method={"name": "svdllm", "refit": True}, target={"kept_fraction": 0.5})
     ws = tmp_path / "ws"
@@ -214,7 +213,7 @@ def test_refit_minimises_output_error_on_calibration_inputs(write_pipeline, tmp_
     ranks = json.loads((state[PartitionRef("allocate", ALL)].state.output / "allocation.json").read_text())["ranks"]
     up, down = allocated_factors(state[PartitionRef("decompose", "layer-000")].state.output, None,
                                  {name: ranks[f"model.layers.0.{name}"]})[name]
-    refit_up = safetensors_io.read(state[PartitionRef("refit", "layer-000")].state.output / UPDATES)[f"{name}.up"].double()
+    refit_up = read_refit(state[PartitionRef("refit", "layer-000")].state.output)[name]
     h = x @ down.T
     lstsq = torch.linalg.lstsq(h, x @ w.T).solution.T
     assert torch.allclose(refit_up, lstsq, rtol=1e-4, atol=1e-5)

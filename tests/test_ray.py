@@ -10,8 +10,8 @@ import pytest
 
 from stagepipe.config import load_pipeline
 from stagepipe.engine.executors import RayExecutor
-from stagepipe.engine.runner import Runner
 from stagepipe.io.hashing import sha256_file
+from stagepipe.stages import make_runner
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
@@ -26,7 +26,7 @@ def shards(ws: Path) -> dict[str, str]:
 def reference(write_pipeline, tmp_path: Path) -> tuple[Path, dict[str, str]]:
     pipeline = write_pipeline(executor={"kind": "ray", "num_cpus_per_task": 1, "num_gpus_per_task": 1})
     ws = tmp_path / "local"
-    Runner(load_pipeline(pipeline), ws).run()
+    make_runner(load_pipeline(pipeline), ws).run()
     return pipeline, shards(ws)
 
 
@@ -37,7 +37,7 @@ def test_ray_run_is_bit_identical_to_in_process(reference, tmp_path: Path) -> No
         config = load_pipeline(pipeline)
         executor = RayExecutor(config.executor)
         ws = tmp_path / "ray"
-        results = Runner(config, ws).run(executor=executor)
+        results = make_runner(config, ws).run(executor=executor)
         assert all(r.ok for r in results) and len({r.ref for r in results}) == len(results)
         assert shards(ws) == expected
     finally:
@@ -59,7 +59,7 @@ def test_node_removed_mid_decompose_run_completes(reference, tmp_path: Path, mon
         executor = RayExecutor(config.executor)
         ws = tmp_path / "cluster"
         results: list = []
-        thread = threading.Thread(target=lambda: results.extend(Runner(config, ws).run(executor=executor)))
+        thread = threading.Thread(target=lambda: results.extend(make_runner(config, ws).run(executor=executor)))
         thread.start()
         deadline = time.time() + 120
         while not flag.exists():

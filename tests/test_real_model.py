@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from stagepipe.config import load_pipeline
-from stagepipe.engine.runner import Runner
 from stagepipe.engine.stage import ALL, PartitionRef
+from stagepipe.stages import make_runner
 
 pytestmark = pytest.mark.slow
 needs = pytest.mark.skipif(
@@ -45,9 +45,9 @@ def test_real_model_two_layers_compressed_finite_and_reloadable(write_pipeline, 
                     "seq_len": 128, "max_windows": 4, "batch_size": 4, "lm_eval_tasks": ["arc_easy"]},
     )
     ws = tmp_path / "ws"
-    runner = Runner(load_pipeline(pipeline), ws)
+    runner = make_runner(load_pipeline(pipeline), ws)
     runner.run()
-    state = {e.ref: e for e in runner.evaluate()}
+    state = {e.ref: e for e in runner.states()}
     report = json.loads((state[PartitionRef("report", ALL)].state.output / "report.json").read_text())
     dense, compressed = report["perplexity"]["dense"]["news"], report["perplexity"]["compressed"]["news"]
     assert 1 < dense < 200 and dense <= compressed < float("inf")

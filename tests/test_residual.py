@@ -8,20 +8,20 @@ from pathlib import Path
 import torch
 
 from stagepipe.config import load_pipeline
-from stagepipe.engine.runner import Runner
 from stagepipe.engine.stage import ALL, PartitionRef
 from stagepipe.io import manifest as manifest_io
 from stagepipe.io import safetensors_io
 from stagepipe.linalg import factor_metric
 from stagepipe.methods.ressvd import residual_factors
-from stagepipe.stages.capture import load_input_stats
+from stagepipe.stages import make_runner
+from stagepipe.stages.artifacts import read_input_stats as load_input_stats
 
 
 def test_assembled_ressvd_factors_are_the_two_stage_factors(write_pipeline, tmp_path: Path) -> None:
     pipeline = write_pipeline("res", method={"name": "ressvd", "split": 0.25}, target={"kept_fraction": 0.6})
-    runner = Runner(load_pipeline(pipeline), tmp_path / "ws")
+    runner = make_runner(load_pipeline(pipeline), tmp_path / "ws")
     runner.run()
-    state = {e.ref: e.state.output for e in runner.evaluate()}
+    state = {e.ref: e.state.output for e in runner.states()}
     snapshot = state[PartitionRef("snapshot", ALL)] / "model"
     weights = safetensors_io.read(next(snapshot.glob("*.safetensors")))
     assembled = {}

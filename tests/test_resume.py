@@ -71,7 +71,7 @@ def test_truncated_shard_is_reported_and_exactly_that_partition_redone(write_pip
     pipeline, ws = write_pipeline(), tmp_path / "ws"
     runner = CliRunner()
     assert runner.invoke(main, ["run", str(pipeline), "-w", str(ws)]).exit_code == 0
-    shard = next((ws / "stages" / "decompose" / "layer-001").glob("*/factors.safetensors"))
+    shard = next((ws / "stages" / "decompose" / "layer-001").glob("*/svd.safetensors"))
     original = shard.read_bytes()
     shard.write_bytes(original[: len(original) // 2])
     result = runner.invoke(main, ["verify", str(pipeline), "-w", str(ws)])

@@ -11,12 +11,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from stagepipe.config import load_pipeline
-from stagepipe.engine.runner import Runner
 from stagepipe.engine.stage import ALL, PartitionRef
 from stagepipe.io import zarr_io
 from stagepipe.models.layout import set_weight_matrix
-from stagepipe.stages.decompose import decomposed_spectra
-from stagepipe.stages.sensitivity import TABLE
+from stagepipe.stages import make_runner
+from stagepipe.stages.artifacts import SENSITIVITY as TABLE
+from stagepipe.stages.artifacts import read_weighted_svd as decomposed_spectra
 
 
 def calibration_ppl(model: torch.nn.Module, ids: torch.Tensor) -> float:
@@ -33,9 +33,9 @@ def test_sensitivity_table_equals_whole_model_perplexity(write_pipeline, tmp_pat
                               allocation={"policy": "asvd_search", "align": 4, "candidates": [0.3, 0.6],
                                           "sensitivity_windows": 4, "sensitivity_memory_gb": 1e-4})  # several groups
     ws = tmp_path / "ws"
-    runner = Runner(load_pipeline(pipeline), ws)
+    runner = make_runner(load_pipeline(pipeline), ws)
     runner.run()
-    state = {e.ref: e.state.output for e in runner.evaluate()}
+    state = {e.ref: e.state.output for e in runner.states()}
     model = AutoModelForCausalLM.from_pretrained(state[PartitionRef("snapshot", ALL)] / "model", dtype=torch.float32).eval()
     ids = torch.from_numpy(zarr_io.read(state[PartitionRef("tokenize", "calibration")] / "tokens.zarr", "input_ids"))[:4]
     for layer in (0, 2):

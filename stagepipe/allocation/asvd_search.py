@@ -1,4 +1,4 @@
-"""ASVD's sensitivity-based truncation-rank search (algorithms notes §2.3), on achieved counts.
+"""ASVD's sensitivity-based truncation-rank search (docs/methods.md), on achieved counts.
 
 Input: the ``sensitivity`` table — for each matrix and candidate kept fraction ρ, the calibration
 perplexity with only that matrix truncated to ρ's aligned rank. All (matrix, ρ) pairs are sorted by
@@ -14,29 +14,55 @@ Unlike the official code, the kept fraction is counted from the aligned ranks by
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
 
 from stagepipe.accounting import factored_params
-from stagepipe.allocation.base import MatrixSpectrum, Policy
+from stagepipe.allocation.base import Candidate, MatrixSpectrum, Policy, PolicyConfig, register
 from stagepipe.errors import StagepipeError
 
 
-@dataclass(frozen=True)
-class Candidate:
-    matrix: str  # full module name
-    kept: float  # the candidate kept fraction ρ
-    rank: int  # its aligned rank
-    ppl: float  # calibration perplexity with only this matrix truncated
+class ASVDSearchConfig(PolicyConfig):
+    policy: Literal["asvd_search"]
+    candidates: list[float] = Field(
+        [0.4, 0.5, 0.6, 0.7, 0.8, 0.9], min_length=1,
+        description="kept fractions tried per matrix (ASVD's param_ratio candidates)")
+    sensitivity_windows: int | None = Field(
+        None, ge=1, description="calibration windows per sensitivity perplexity (default all)")
+    sensitivity_memory_gb: float = Field(
+        2.0, gt=0, description="hidden states held at once (candidates propagated together)")
+
+    @field_validator("candidates")
+    @classmethod
+    def _fractions(cls, value: list[float]) -> list[float]:
+        if any(not 0 < c < 1 for c in value):
+            raise ValueError(f"every candidate must be a kept fraction in (0, 1), got {value}")
+        return sorted(set(value))
 
 
+@register
 class ASVDSearch(Policy):
+    """ASVD's search: truncate the matrices whose calibration perplexity suffers least."""
+
     name = "asvd_search"
+    config = ASVDSearchConfig
+    needs_sensitivity = True
 
     def __init__(self, align: int, candidates: list[Candidate] | None = None) -> None:
         super().__init__(align)
         # most harmful first; equal perplexities: the smaller ρ first (harsher), then by name
         self.pairs = sorted(candidates or [], key=lambda c: (-c.ppl, c.kept, c.matrix))
         self.threshold: int | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Any, sensitivity: list[Candidate] | None = None) -> ASVDSearch:
+        if sensitivity is None:
+            raise StagepipeError("asvd_search needs the sensitivity stage's table")
+        return cls(cfg.align, sensitivity)
+
+    def details(self) -> dict[str, Any] | None:
+        return {"threshold": self.threshold, "pairs": len(self.pairs)}
 
     def ranks_at(self, threshold: int, spectra: list[MatrixSpectrum]) -> dict[str, int | None]:
         """Ranks when the pairs ``[threshold:]`` are allowed: each matrix's smallest allowed ρ."""

@@ -2,7 +2,7 @@
 
 With Fisher-weighted metrics (GFWSVD, K-FAC) σ̃² are predicted loss increases in the same units for
 every matrix, so spending the parameter budget where ``Σσ̃² gained / parameters spent`` is largest
-is principled (algorithms notes §2.10.8 item 6). Every matrix starts at rank ``align``; steps of
+is principled (docs/methods.md). Every matrix starts at rank ``align``; steps of
 ``align`` components are bought greedily; the last step of a matrix turns it dense (all its
 remaining σ̃² for the remaining ``mn − r(m+n)`` parameters). The budget is
 ``kept_fraction × Σ mn`` over the target matrices.
@@ -11,14 +11,23 @@ remaining σ̃² for the remaining ``mn − r(m+n)`` parameters). The budget is
 from __future__ import annotations
 
 import heapq
+from typing import Literal
 
 from stagepipe.accounting import factored_params, max_useful_rank
-from stagepipe.allocation.base import MatrixSpectrum, Policy
+from stagepipe.allocation.base import MatrixSpectrum, Policy, PolicyConfig, register
 from stagepipe.errors import StagepipeError
 
 
+class GlobalGreedyConfig(PolicyConfig):
+    policy: Literal["global_greedy"]
+
+
+@register
 class GlobalGreedy(Policy):
+    """Water-filling on dropped weighted σ² per parameter across all matrices."""
+
     name = "global_greedy"
+    config = GlobalGreedyConfig
 
     def allocate(self, spectra: list[MatrixSpectrum], kept_fraction: float) -> dict[str, int | None]:
         align = self.align

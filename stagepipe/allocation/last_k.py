@@ -5,17 +5,35 @@ so the overall kept fraction is the target. ``k`` is given or the smallest with 
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
+from pydantic import Field
+
 from stagepipe.accounting import rank_for_fraction
-from stagepipe.allocation.base import MatrixSpectrum, Policy, layer_of
+from stagepipe.allocation.base import Candidate, MatrixSpectrum, Policy, PolicyConfig, layer_of, register
 from stagepipe.errors import StagepipeError
 
 
+class LastKConfig(PolicyConfig):
+    policy: Literal["last_k"]
+    last_k: int | None = Field(None, ge=1, description="blocks to compress (default: smallest feasible)")
+    min_kept: float = Field(0.1, gt=0, lt=1, description="smallest kept fraction of a compressed block")
+
+
+@register
 class LastK(Policy):
+    """ERC-SVD: leave the first blocks dense, compress the last k harder."""
+
     name = "last_k"
+    config = LastKConfig
 
     def __init__(self, align: int, last_k: int | None = None, min_kept: float = 0.1) -> None:
         super().__init__(align)
         self.last_k, self.min_kept = last_k, min_kept
+
+    @classmethod
+    def from_config(cls, cfg: Any, sensitivity: list[Candidate] | None = None) -> LastK:
+        return cls(cfg.align, cfg.last_k, cfg.min_kept)
 
     def allocate(self, spectra: list[MatrixSpectrum], kept_fraction: float) -> dict[str, int | None]:
         layers = sorted({layer_of(s.name) for s in spectra})

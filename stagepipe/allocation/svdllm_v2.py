@@ -12,13 +12,22 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from typing import Literal
 
 from stagepipe.accounting import rank_for_fraction
-from stagepipe.allocation.base import MatrixSpectrum, Policy
+from stagepipe.allocation.base import MatrixSpectrum, Policy, PolicyConfig, register
 
 
+class SVDLLMV2Config(PolicyConfig):
+    policy: Literal["svdllm_v2"]
+
+
+@register
 class SVDLLMV2(Policy):
+    """SVD-LLM V2: within a matrix type, lossier matrices keep more (scale-safe score)."""
+
     name = "svdllm_v2"
+    config = SVDLLMV2Config
 
     def allocate(self, spectra: list[MatrixSpectrum], kept_fraction: float) -> dict[str, int | None]:
         groups: dict[str, list[MatrixSpectrum]] = defaultdict(list)

@@ -1,11 +1,21 @@
 """Uniform: every matrix keeps the same fraction, ``r = floor(ρ·mn/(m+n))`` aligned down."""
 
+from typing import Literal
+
 from stagepipe.accounting import rank_for_fraction
-from stagepipe.allocation.base import MatrixSpectrum, Policy
+from stagepipe.allocation.base import MatrixSpectrum, Policy, PolicyConfig, register
 
 
+class UniformConfig(PolicyConfig):
+    policy: Literal["uniform"]
+
+
+@register
 class Uniform(Policy):
+    """Every matrix keeps the same fraction of its parameters."""
+
     name = "uniform"
+    config = UniformConfig
 
     def allocate(self, spectra: list[MatrixSpectrum], kept_fraction: float) -> dict[str, int | None]:
         return {s.name: rank_for_fraction(s.m, s.n, kept_fraction, self.align) for s in spectra}

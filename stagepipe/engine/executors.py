@@ -11,7 +11,6 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Any
 
-from stagepipe.config import ExecutorConfig
 from stagepipe.engine.task import Task, TaskResult, execute
 from stagepipe.errors import StagepipeError
 
@@ -53,7 +52,10 @@ def _remote_execute(task: Task) -> dict[str, Any]:
 
 
 class RayExecutor(Executor):
-    def __init__(self, cfg: ExecutorConfig, address: str | None = None) -> None:
+    """``cfg``: the pipeline's ``executor`` block (address, num_cpus_per_task, num_gpus_per_task,
+    memory_gb_per_task, max_retries), duck-typed so the engine does not import the config schema."""
+
+    def __init__(self, cfg: Any, address: str | None = None) -> None:
         try:
             import ray
         except ImportError:
@@ -94,7 +96,7 @@ class RayExecutor(Executor):
             self._ray.shutdown()
 
 
-def make_executor(cfg: ExecutorConfig, kind: str | None = None, address: str | None = None) -> Executor:
+def make_executor(cfg: Any, kind: str | None = None, address: str | None = None) -> Executor:
     kind = kind or cfg.kind
     if kind == "local":
         return LocalExecutor()

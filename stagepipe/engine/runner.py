@@ -1,7 +1,7 @@
 """The driver: decide from manifests what is done, stale or missing, and run what is needed.
 
-Partitions are evaluated in topological order; a partition's key needs its upstream manifests, so
-a partition whose upstream is not done is ``waiting``. ``run`` repeatedly submits every runnable
+Partitions are examined in topological order; a partition's key needs its upstream outputs'
+content digests, so a partition whose upstream is not done is ``waiting``. ``run`` repeatedly submits every runnable
 partition to the executor (several at once under Ray), waits for any to finish, and re-reads the
 states, until nothing is left or a task failed. A failure ends the run with the partition, the host,
 the error and the exact command to resume.
@@ -18,9 +18,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from stagepipe.config import PipelineConfig
 from stagepipe.engine.executors import Executor, LocalExecutor
-from stagepipe.engine.stage import ALL, Context, PartitionRef, compute_key, key_material
+from stagepipe.engine.stage import Context, PartitionRef, Pipeline, compute_key, key_material
 from stagepipe.engine.task import Task, TaskResult
 from stagepipe.engine.workspace import PartitionState, Workspace
 from stagepipe.errors import StageFailedError, StagepipeError
@@ -59,29 +58,33 @@ def stale_reason(old: dict[str, Any], new: dict[str, Any]) -> str:
                  if old.get("upstream", {}).get(k) != new.get("upstream", {}).get(k))
     if ups:
         return "upstream changed: " + ", ".join(ups[:3]) + (" …" if len(ups) > 3 else "")
-    if old.get("model_fingerprint") != new.get("model_fingerprint"):
-        return "model changed"
     return "key changed"
 
 
 class Runner:
-    def __init__(self, config: PipelineConfig, workspace: Path, pipeline_path: str = "PIPELINE.yaml") -> None:
-        from stagepipe.stages import STAGES
+    """Drives one pipeline in one workspace. ``threads`` caps torch threads inside each task."""
 
-        self.config = config
+    def __init__(self, pipeline: Pipeline, workspace: Path, pipeline_path: str = "PIPELINE.yaml",
+                 threads: int | None = None) -> None:
+        self.pipeline = pipeline
+        self.config = pipeline.config
         self.ws = Workspace(Path(workspace))
-        self.ctx = Context(config, self.ws.root)
-        self.stages = STAGES
+        self.ctx = Context(pipeline.config, self.ws.root)
         self.pipeline_path = pipeline_path
+        self.threads = threads
 
-    # ------------------------------------------------------------------ evaluation
-    def evaluate(self, deep: bool = False) -> list[Entry]:
+    @property
+    def stages(self) -> list[str]:
+        return self.pipeline.names
+
+    # ------------------------------------------------------------------ states
+    def states(self, deep: bool = False) -> list[Entry]:
         """Every known partition with its state, in execution order."""
         entries: dict[PartitionRef, Entry] = {}
+        finished: dict[PartitionRef, Path] = {}
         order: list[PartitionRef] = []
-        self.ctx.__dict__.pop("model_config", None)  # re-read: the snapshot may have appeared
-        fingerprint: str | None = None
-        for stage in self.stages.values():
+        for stage in self.pipeline.stages:
+            self.ctx.model = self.pipeline.discover(self.config, finished)
             partitions = stage.partitions(self.ctx)
             if partitions is None:
                 continue
@@ -90,25 +93,21 @@ class Runner:
                 order.append(ref)
                 deps = stage.dependencies(self.ctx, partition)
                 blocked = [d for d in deps if d not in entries or entries[d].state.status != "done"]
-                if stage.name != "snapshot" and fingerprint is None:  # every key includes the model fingerprint
-                    blocked.insert(0, PartitionRef("snapshot", ALL))
                 if blocked:
                     entries[ref] = Entry(ref, PartitionState("waiting", f"needs {blocked[0]}"))
                     continue
-                upstream = {d: entries[d].state.manifest.digest() for d in deps}
-                material = key_material(stage, self.ctx, partition, upstream,
-                                        None if stage.name == "snapshot" else fingerprint)
+                upstream = {d: entries[d].state.manifest.content_digest() for d in deps}
+                material = key_material(stage, self.ctx, partition, upstream)
                 key = compute_key(material)
                 state = self.ws.state(ref, key, deep=deep)
                 if state.status == "missing":
                     previous = self.ws.previous_manifest(ref)
                     if previous is not None:
                         state = PartitionState("stale", stale_reason(previous.key_material, material))
+                if state.status == "done":
+                    finished[ref] = state.output
                 inputs = {str(d): str(entries[d].state.output) for d in deps}
                 entries[ref] = Entry(ref, state, key, material, inputs)
-            if stage.name == "snapshot":
-                snap = entries.get(PartitionRef("snapshot", ALL))
-                fingerprint = snap.state.manifest.digest() if snap and snap.state.status == "done" else None
         return [entries[r] for r in order]
 
     # ------------------------------------------------------------------ running
@@ -124,7 +123,6 @@ class Runner:
             return []
         executor = executor or LocalExecutor()
         run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        config_json = self.config.model_dump_json()
         forced_done: set[PartitionRef] = set()
         submitted: set[PartitionRef] = set()
         results: list[TaskResult] = []
@@ -132,7 +130,7 @@ class Runner:
         bar = tqdm(desc="partitions", unit="part", disable=None, leave=False)
         try:
             while True:
-                entries = self.evaluate()
+                entries = self.states()
                 bar.total = len(entries)
                 bar.n = sum(e.state.status == "done" for e in entries)
                 bar.set_postfix(running=executor.pending, failed=len(failures))
@@ -144,9 +142,10 @@ class Runner:
                                      f": {reason}" if reason and entry.state.status != "done" else "")
                             submitted.add(entry.ref)
                             executor.submit(Task(
-                                workspace=str(self.ws.root), config_json=config_json, stage=entry.ref.stage,
-                                partition=entry.ref.partition, key=entry.key, key_material=entry.material,
-                                inputs=entry.inputs, run_id=run_id, replace=self._matches(entry.ref, force),
+                                workspace=str(self.ws.root), config=self.config, model=self.ctx.model,
+                                stage=self.pipeline.stage(entry.ref.stage), partition=entry.ref.partition,
+                                key=entry.key, key_material=entry.material, inputs=entry.inputs, run_id=run_id,
+                                replace=self._matches(entry.ref, force), threads=self.threads,
                             ))
                 if executor.pending == 0:
                     break
@@ -171,7 +170,7 @@ class Runner:
                 f"resume with: stagepipe run {self.pipeline_path} --workspace {self.ws.root}"
             )
         if only:
-            waiting = [e.ref for e in self.evaluate() if self._matches(e.ref, only) and e.state.status == "waiting"]
+            waiting = [e.ref for e in self.states() if self._matches(e.ref, only) and e.state.status == "waiting"]
             if waiting:
                 raise StagepipeError(f"{waiting[0]} cannot run: its upstream is not done; run without --only first")
         return results
@@ -192,7 +191,9 @@ class Runner:
         for selector in selectors:
             ref = PartitionRef.parse(selector)
             if ref.stage not in self.stages:
-                raise StagepipeError(f"unknown stage {ref.stage!r} in {selector!r}; stages: {', '.join(self.stages)}")
-            known = self.stages[ref.stage].partitions(self.ctx)
+                raise StagepipeError(f"unknown stage {ref.stage!r} in {selector!r}; this pipeline's stages: "
+                                     f"{', '.join(self.stages)}")
+            self.states()  # the model facts, so per-layer partitions can be named
+            known = self.pipeline.stage(ref.stage).partitions(self.ctx)
             if "@" in selector and known is not None and ref.partition not in known:
                 raise StagepipeError(f"unknown partition {selector!r}; {ref.stage} has {', '.join(known[:4])} …")

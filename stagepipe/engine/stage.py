@@ -1,24 +1,26 @@
-"""The ``Stage`` contract and the per-partition cache key.
+"""The ``Stage`` contract, the ``Pipeline`` the engine runs, and the per-partition cache key.
 
-A stage declares an explicit integer ``version`` (bumped by hand when its output changes), its
-partitions (``all``, or one per decoder layer), the partitions it depends on, and the slice of the
-pipeline config it reads. Its key is::
+The engine knows no stage by name. A pipeline hands it the stages it needs (in execution order),
+the config (opaque here: stages read their own slices of it) and a ``discover`` function that
+learns the model's facts (its shape) from the outputs finished so far, so per-layer partitions
+appear as soon as they can be named. A partition's key is::
 
-    sha256(canonical_json({stage, version, partition, config slice, upstream manifest digests,
-                           model fingerprint}))
+    sha256(canonical_json({stage, version, partition, config slice,
+                           content digests of the upstream outputs it reads}))
 
-so changing an evaluation setting never invalidates ``decompose``, and changing the method does.
+A content digest covers an output's files and its results, never its run metadata (host, pid,
+timings), so a redo with identical outputs leaves every downstream key unchanged ("early cutoff",
+as in Bazel and Shake), and an in-process run and a Ray run of one pipeline share every key.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from functools import cached_property
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from stagepipe.config import PipelineConfig
 from stagepipe.io.hashing import sha256_json
 
 ALL = "all"
@@ -38,53 +40,37 @@ class PartitionRef:
         return cls(stage, partition or ALL)
 
 
-def layer_partition(index: int) -> str:
-    return f"layer-{index:03d}"
-
-
-def layer_index(partition: str) -> int:
-    return int(partition.split("-")[1])
-
-
 class Context:
-    """What every stage may read: the config, the workspace and the model's shape.
+    """What every stage may read: the config, the workspace root and the discovered model facts.
 
-    Built identically in the driver and in remote workers from (config, workspace path).
+    Built identically in the driver and in remote workers (the task carries all three).
     """
 
-    def __init__(self, config: PipelineConfig, workspace: Path) -> None:
+    def __init__(self, config: Any, workspace: Path, model: Any | None = None) -> None:
         self.config = config
         self.workspace = Path(workspace)
+        self.model = model
 
-    @cached_property
-    def model_config(self) -> Any | None:
-        """The model's HF config: from the snapshot once it exists, else from the source if reachable."""
-        from transformers import AutoConfig
 
-        from stagepipe.engine.workspace import Workspace
-        from stagepipe.models.sources import load_config
-        from stagepipe.stages import STAGES
+@dataclass
+class Work:
+    """One partition's working directories, handed to ``Stage.run`` by the engine.
 
-        snapshot = STAGES["snapshot"]
-        key = compute_key(key_material(snapshot, self, ALL, {}, None))
-        config_json = Workspace(self.workspace).output_dir(PartitionRef("snapshot", ALL), key) / "model" / "config.json"
-        if config_json.is_file():  # this model's own snapshot, not another one in the same workspace
-            return AutoConfig.from_pretrained(config_json.parent)
-        found = load_config(self.config.model)
-        hint = self.config.model.shape_hint
-        if found is None and hint is not None:
-            from transformers import PretrainedConfig
+    ``out`` becomes the output by one rename; ``scratch`` is removed when the task ends (success or
+    failure); ``resume`` survives a crash (checkpoints inside a long partition) and is removed after
+    the commit. ``telemetry`` holds run facts for the manifest that are not results (a resumed
+    sweep, a wall time): they never enter a content digest.
+    """
 
-            return PretrainedConfig(**hint.model_dump())
-        return found
+    partition: str
+    out: Path
+    inputs: Mapping[PartitionRef, Path]
+    scratch: Path
+    resume: Path
+    telemetry: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def num_layers(self) -> int | None:
-        return None if self.model_config is None else int(self.model_config.num_hidden_layers)
-
-    def layer_partitions(self) -> list[str] | None:
-        n = self.num_layers
-        return None if n is None else [layer_partition(i) for i in range(n)]
+    def input(self, stage: str, partition: str = ALL) -> Path:
+        return self.inputs[PartitionRef(stage, partition)]
 
 
 class Stage(ABC):
@@ -95,7 +81,7 @@ class Stage(ABC):
     description: ClassVar[str] = ""
 
     def partitions(self, ctx: Context) -> list[str] | None:
-        """Partition names in execution order; ``None`` while unknown (model shape not known yet)."""
+        """Partition names in execution order; ``None`` while unknown (model facts not known yet)."""
         return [ALL]
 
     def dependencies(self, ctx: Context, partition: str) -> list[PartitionRef]:
@@ -105,24 +91,38 @@ class Stage(ABC):
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
         """The config values this partition reads: exactly what enters its key."""
 
-    def skip_reason(self, ctx: Context, partition: str) -> str | None:
-        """Why this partition is an explicit no-op for the configured method (``None`` = real work)."""
-        return None
-
     @abstractmethod
-    def run(self, ctx: Context, partition: str, out: Path, inputs: dict[PartitionRef, Path]) -> dict[str, Any]:
-        """Write outputs into ``out`` (a fresh temp directory) and return info for the manifest."""
+    def run(self, ctx: Context, work: Work) -> dict[str, Any]:
+        """Write outputs into ``work.out`` and return results for the manifest (part of the digest)."""
 
 
-def key_material(stage: Stage, ctx: Context, partition: str, upstream: dict[PartitionRef, str],
-                 model_fingerprint: str | None) -> dict[str, Any]:
+#: ``discover(config, finished outputs) -> model facts or None``
+Discover = Callable[[Any, Mapping[PartitionRef, Path]], Any]
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """What the engine runs: a config, the stages this config needs (in order) and ``discover``."""
+
+    config: Any
+    stages: tuple[Stage, ...]
+    discover: Discover
+
+    def stage(self, name: str) -> Stage:
+        return next(s for s in self.stages if s.name == name)
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.stages]
+
+
+def key_material(stage: Stage, ctx: Context, partition: str, upstream: Mapping[PartitionRef, str]) -> dict[str, Any]:
     return {
         "stage": stage.name,
         "version": stage.version,
         "partition": partition,
         "config": stage.config_slice(ctx, partition),
         "upstream": {str(ref): digest for ref, digest in sorted(upstream.items())},
-        "model_fingerprint": model_fingerprint,
     }
 
 

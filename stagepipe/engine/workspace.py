@@ -10,6 +10,9 @@
         <key16>/                       a finished output: files + manifest.json (written last)
         .running-<key16>.json          written before work starts, removed after the commit
         .tmp-<key16>-<uuid>/           work in progress; renamed to <key16>/ in one step
+        .scratch-<key16>-<uuid>/       a task's scratch space (e.g. stored gradients); removed when it ends
+        .resume-<key16>/               checkpoints inside one long partition (e.g. GFWSVD sweeps):
+                                       survive a crash, removed after the commit
         .aside-<key16>-<time>/         a corrupt or forced-over output, moved out of the way
 
 Outputs are addressed by key, so flipping a config value back finds the earlier result again.
@@ -17,7 +20,6 @@ Outputs are addressed by key, so flipping a config value back finds the earlier 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -31,10 +33,10 @@ from filelock import FileLock, Timeout
 
 from stagepipe.engine.stage import PartitionRef
 from stagepipe.errors import WorkspaceBusyError
+from stagepipe.io import json_io
 from stagepipe.io import manifest as manifest_io
 
 KEY_LEN = 16
-RESUME_PREFIX = "sweeps"
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,14 @@ class Workspace:
     def marker(self, ref: PartitionRef, key: str) -> Path:
         return self.partition_dir(ref) / f".running-{key[:KEY_LEN]}.json"
 
+    def resume_dir(self, ref: PartitionRef, key: str) -> Path:
+        """Where a partition keeps checkpoints that must survive a crash of the task."""
+        return self.partition_dir(ref) / f".resume-{key[:KEY_LEN]}"
+
+    def scratch_dir(self, tmp: Path) -> Path:
+        """The scratch directory that goes with a temp output directory (same key and uuid)."""
+        return tmp.with_name(".scratch-" + tmp.name.removeprefix(".tmp-"))
+
     # ------------------------------------------------------------------ state
     def state(self, ref: PartitionRef, key: str, deep: bool = False) -> PartitionState:
         """Is the output for ``key`` done? Untrusted outputs are reported, never used."""
@@ -77,7 +87,7 @@ class Workspace:
                 return PartitionState("corrupt", "; ".join(problems[:3]), out, manifest)
             return PartitionState("done", "", out, manifest)
         if marker.is_file():
-            owner = read_json(marker)
+            owner = json_io.read(marker)
             if owner and owner.get("host") == socket.gethostname() and not pid_alive(owner.get("pid"), owner.get("create_time")):
                 when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.get("started_at", 0)))
                 return PartitionState("incomplete", f"crashed: pid {owner.get('pid')} on {owner.get('host')} started {when}")
@@ -108,14 +118,15 @@ class Workspace:
         directory = self.partition_dir(ref)
         directory.mkdir(parents=True, exist_ok=True)
         proc = psutil.Process()
-        write_json(self.marker(ref, key), {
+        json_io.write_atomic(self.marker(ref, key), {
             "host": socket.gethostname(), "pid": os.getpid(), "create_time": proc.create_time(),
             "started_at": time.time(), "run_id": run_id,
         })
-        for stale in directory.glob(f".tmp-{key[:KEY_LEN]}-*"):
+        for stale in (*directory.glob(f".tmp-{key[:KEY_LEN]}-*"), *directory.glob(f".scratch-{key[:KEY_LEN]}-*")):
             shutil.rmtree(stale, ignore_errors=True)
         tmp = directory / f".tmp-{key[:KEY_LEN]}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
+        self.scratch_dir(tmp).mkdir()
         return tmp
 
     def commit(self, ref: PartitionRef, key: str, tmp: Path, replace: bool = False) -> Path:
@@ -144,13 +155,14 @@ class Workspace:
         os.rename(final, aside)
         return aside
 
-    def end(self, ref: PartitionRef, key: str, tmp: Path | None = None) -> None:
-        """Remove the running marker and, after a failure, the temp directory. Resume state a stage
-        keeps beside its partition (``.sweeps-<key16>``) survives failures and goes after a commit."""
-        if tmp is not None and tmp.exists():
+    def end(self, ref: PartitionRef, key: str, tmp: Path, committed: bool) -> None:
+        """Remove the scratch directory and the running marker; after a failure also the temp
+        directory. The resume directory survives a failure and goes after a commit."""
+        shutil.rmtree(self.scratch_dir(tmp), ignore_errors=True)
+        if committed:
+            shutil.rmtree(self.resume_dir(ref, key), ignore_errors=True)
+        else:
             shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp is None:
-            shutil.rmtree(self.partition_dir(ref) / f".{RESUME_PREFIX}-{key[:KEY_LEN]}", ignore_errors=True)
         self.marker(ref, key).unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ driver lock
@@ -171,26 +183,19 @@ class DriverLock:
         try:
             self._lock.acquire(timeout=0)
         except Timeout:
-            owner = read_json(self._owner) or {}
+            owner = json_io.read(self._owner) or {}
             raise WorkspaceBusyError(
                 f"{self.root}: another stagepipe driver holds this workspace "
                 f"(pid {owner.get('pid', '?')} on {owner.get('host', '?')}, command: {owner.get('command', '?')}); "
                 "wait for it to finish or stop it first"
             ) from None
-        write_json(self._owner, {"pid": os.getpid(), "host": socket.gethostname(),
+        json_io.write_atomic(self._owner, {"pid": os.getpid(), "host": socket.gethostname(),
                                  "command": " ".join(psutil.Process().cmdline()), "since": time.time()})
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._owner.unlink(missing_ok=True)
         self._lock.release()
-
-
-def resume_dir(tmp: Path) -> Path:
-    """Where a partition keeps state that must survive a crash (``.sweeps-<key16>``), given the
-    temp directory it is writing (``.tmp-<key16>-<uuid>``); removed by ``Workspace.end`` after the commit."""
-    key16 = tmp.name.removeprefix(".tmp-")[:KEY_LEN]
-    return tmp.parent / f".{RESUME_PREFIX}-{key16}"
 
 
 def pid_alive(pid: int | None, create_time: float | None) -> bool:
@@ -203,19 +208,6 @@ def pid_alive(pid: int | None, create_time: float | None) -> bool:
         return create_time is None or abs(proc.create_time() - create_time) < 1.0
     except psutil.Error:
         return False
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:6]}")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 def fsync_dir(path: Path) -> None:

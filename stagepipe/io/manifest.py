@@ -3,6 +3,10 @@
 A partition's output directory is complete iff ``manifest.json`` parses, has the current
 ``schema_version`` and key, and every listed file has the recorded size (``verify(..., deep=True)``
 also re-hashes contents). Non-finite numbers survive the round trip (``Infinity``/``NaN``).
+
+A manifest holds two kinds of facts: the *content* (file hashes and ``info``, the stage's results)
+and the *run* (key material, host, pid, timings, ``telemetry``). Downstream keys hash the content
+alone (``content_digest``), so an identical redo changes nothing downstream.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from stagepipe.io.hashing import list_files, sha256_file, sha256_json
 
 MANIFEST_NAME = "manifest.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class ManifestError(Exception):
@@ -34,7 +38,7 @@ class FileRecord(BaseModel):
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="constants")
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[2] = SCHEMA_VERSION
     stage: str
     partition: str
     stage_version: int
@@ -42,7 +46,7 @@ class Manifest(BaseModel):
     key_material: dict[str, Any]
     files: list[FileRecord]
     info: dict[str, Any] = {}
-    skipped: str | None = None
+    telemetry: dict[str, Any] = {}
     run_id: str
     host: str
     pid: int
@@ -52,9 +56,10 @@ class Manifest(BaseModel):
     peak_rss_mb: float
     peak_gpu_mb: float | None = None
 
-    def digest(self) -> str:
-        """Content identity for downstream keys: the key and the file hashes, not the timings."""
-        return sha256_json({"key": self.key, "files": [f.model_dump() for f in self.files]})
+    def content_digest(self) -> str:
+        """Identity of what downstream stages read: file hashes and results, not how or when they
+        were made (key, host, timings, telemetry)."""
+        return sha256_json({"files": [f.model_dump() for f in self.files], "info": self.info})
 
 
 def record_files(root: Path) -> list[FileRecord]:

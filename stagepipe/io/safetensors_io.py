@@ -34,22 +34,7 @@ def read(path: Path, keys: Iterable[str] | None = None, device: str = "cpu") -> 
         return {name: handle.get_tensor(name) for name in names}
 
 
-def metadata(path: Path) -> dict[str, str]:
-    with safe_open(str(path), framework="pt") as handle:
-        return dict(handle.metadata() or {})
-
-
 def keys(path: Path) -> list[str]:
     with safe_open(str(path), framework="pt") as handle:
         return list(handle.keys())
 
-
-def verify(path: Path) -> list[str]:
-    """Problems with a file: unreadable header or tensors that cannot be read back."""
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            for name in handle.keys():
-                handle.get_slice(name).get_shape()
-    except Exception as exc:  # safetensors raises SafetensorError / OSError for damaged files
-        return [f"{path}: unreadable safetensors ({exc})"]
-    return []

@@ -119,16 +119,3 @@ def read(path: Path, name: str | None = None) -> dict[str, np.ndarray] | np.ndar
 def attrs(path: Path) -> dict[str, Any]:
     return dict(zarr.open_group(path, mode="r").attrs)
 
-
-def verify(path: Path) -> list[str]:
-    """Problems with a group: unreadable, or arrays with chunks never written."""
-    try:
-        group = zarr.open_group(path, mode="r")
-    except Exception as exc:  # zarr raises several types for a damaged store
-        return [f"{path}: unreadable zarr group ({exc})"]
-    problems = []
-    for key in group.array_keys():
-        array = group[key]
-        if array.nchunks_initialized < array.nchunks and array.size:
-            problems.append(f"{path}/{key}: {array.nchunks_initialized} of {array.nchunks} chunks written")
-    return problems

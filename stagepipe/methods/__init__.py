@@ -1,22 +1,31 @@
-"""Methods by ``method.name``: each a pair of named metrics (see ``metrics.py`` and docs/methods.md)."""
+"""Methods by ``method.name``: each a pair of metrics (see ``metrics.py`` and docs/methods.md).
 
-from typing import Any
+Every module of this package except ``base`` and ``metrics`` defines one method (or a family) and
+registers it with ``@register``; importing the package imports them all, so adding a method is
+adding one module.
+"""
 
-from stagepipe.methods.asvd import ASVD
-from stagepipe.methods.base import LayerStats, Method, MetricPair
-from stagepipe.methods.fwsvd import FWSVD
-from stagepipe.methods.gfwsvd import GFWSVD
-from stagepipe.methods.kfac_svd import KFACSVD
-from stagepipe.methods.mixed import Mixed
-from stagepipe.methods.ressvd import ResSVD
-from stagepipe.methods.svd import SVD
-from stagepipe.methods.svdllm import SVDLLM, SVDLLMV2
+import importlib
+import pkgutil
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (SVD, SVDLLM, SVDLLMV2, ASVD, ResSVD, FWSVD, KFACSVD, GFWSVD, Mixed)}
+from stagepipe.methods.base import (
+    METHODS,
+    GradientOptions,
+    LayerStats,
+    Method,
+    MethodConfig,
+    MetricPair,
+    register,
+)
+
+_SUPPORT = {"base", "metrics"}
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name not in _SUPPORT:
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 
-def make_method(cfg: Any) -> Method:
+def make_method(cfg: MethodConfig) -> Method:
     return METHODS[cfg.name](cfg)
 
 
-__all__ = ["METHODS", "LayerStats", "Method", "MetricPair", "make_method"]
+__all__ = ["METHODS", "GradientOptions", "LayerStats", "Method", "MethodConfig", "MetricPair", "make_method", "register"]

@@ -3,14 +3,46 @@ matrices are built from the statistics that ``capture`` and ``fisher`` stored.
 
 ``decompose`` factorises both metrics (float64, relative eigenvalue floor) and calls the one core
 ``weighted_svd``; a method never touches the SVD itself.
+
+A method is one module: its config model (a subclass of ``MethodConfig`` whose ``name`` is a
+``Literal``) and its ``Method`` subclass decorated with ``@register``. The pipeline schema and
+the CLI's list are built from ``METHODS``; stages ask the method object what it needs
+(``activation_stats``, ``gradient_stats``, ``post_allocation``), never its name.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
+from pydantic import Field
+
+from stagepipe.schema import Strict
+
+
+class MethodConfig(Strict):
+    """Options every method has."""
+
+    name: str
+    floor_rel: float = Field(1e-6, gt=0, lt=1, description="relative eigenvalue floor of each metric")
+    refit: bool = Field(False, description="SVD-LLM least-squares refit of the up factors on propagated inputs")
+
+
+class GradientOptions(MethodConfig):
+    """Options of the ``fisher`` stage, shared by every method that needs gradient statistics."""
+
+    fisher_labels: Literal["empirical", "model"] = Field(
+        "empirical", description="next tokens of the text (empirical Fisher) or sampled from the model (true Fisher)")
+    mode: Literal["auto", "stored", "streaming"] = "auto"
+    memory_budget_gb: float = Field(4.0, gt=0, description="auto mode stores gradients below this")
+    max_sweeps: int = Field(5, ge=1)
+    tol: float = Field(1e-4, gt=0)
+    warm_start: Literal["kfac", "identity"] = "kfac"
+    factor_floor_rel: float = Field(1e-6, gt=0, lt=1)
+    chunk_tokens: int | None = Field(None, ge=1, description="per-chunk gradients (raises K)")
+    diagnostics: bool = False
+    diagnostics_max_dim: int = Field(4096, ge=1)
 
 
 @dataclass
@@ -43,13 +75,18 @@ class Method:
     """
 
     name: ClassVar[str]
+    config: ClassVar[type[MethodConfig]]
     left: ClassVar[str] = "identity"
     right: ClassVar[str] = "identity"
     #: factors depend on the allocated rank (ResSVD): the ``residual`` stage computes them after ``allocate``
     post_allocation: ClassVar[bool] = False
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: MethodConfig) -> None:
         self.cfg = cfg
+
+    @classmethod
+    def summary(cls) -> str:
+        return (cls.__doc__ or "").strip().splitlines()[0]
 
     def pair(self) -> tuple[str, str]:
         return self.left, self.right
@@ -79,6 +116,14 @@ class Method:
             options["alpha"] = self.cfg.alpha
         return options
 
+    def rank_options(self) -> dict[str, Any]:
+        """Options that shape a ``post_allocation`` method's rank-dependent factors (their stages' keys)."""
+        return {}
+
+    def factors(self, w: torch.Tensor, right: Any, rank: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """(up, down, info) at ``rank``: only ``post_allocation`` methods compute factors themselves."""
+        raise NotImplementedError(f"{self.name} factors come from decompose's weighted SVD")
+
     def metrics(self, linear: str, shape: tuple[int, int], stats: LayerStats) -> MetricPair:
         from stagepipe.methods.metrics import LEFT, RIGHT
 
@@ -87,3 +132,17 @@ class Method:
         left, left_notes = LEFT[left_name](stats, linear, **options)
         right, right_notes = RIGHT[right_name](stats, linear, **options)
         return MetricPair(left, right, {"metrics": f"{left_name} × {right_name}", **left_notes, **right_notes})
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: add a method to ``METHODS`` under its config's ``name`` literal."""
+    declared = cls.config.model_fields["name"].annotation.__args__[0]
+    if declared != cls.name:
+        raise TypeError(f"{cls.__name__}: config name {declared!r} != method name {cls.name!r}")
+    if cls.name in METHODS and METHODS[cls.name] is not cls:
+        raise TypeError(f"method {cls.name!r} registered twice ({METHODS[cls.name].__module__}, {cls.__module__})")
+    METHODS[cls.name] = cls
+    return cls

@@ -1,4 +1,4 @@
-"""ResSVD / ERC-SVD residual compensation (Bai et al., algorithms notes §2.6 (a)).
+"""ResSVD / ERC-SVD residual compensation (Bai et al.; docs/methods.md).
 
 For an allocated rank ``r`` split as ``r₁ = round(split·r)`` and ``r₂ = r − r₁``:
 
@@ -20,18 +20,38 @@ identity × ``gram``), which is what the spectrum-based allocation policies see.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
+from pydantic import Field
 
 from stagepipe.linalg import MetricRoot, weighted_loss, weighted_svd
-from stagepipe.methods.base import Method
+from stagepipe.methods.base import Method, MethodConfig, register
 
 
+class ResSVDConfig(MethodConfig):
+    """ERC-SVD residual compensation: plain SVD at rank r₁ = round(split·r), then the SVD-LLM
+    whitened SVD of the residual at r₂ = r − r₁; one concatenated rank-r factor pair."""
+
+    name: Literal["ressvd"]
+    split: float = Field(0.5, ge=0, le=1, description="share of each matrix's rank given to the plain-SVD stage")
+
+
+@register
 class ResSVD(Method):
+    """ResSVD (ERC-SVD): plain SVD, then the whitened SVD of the residual, at the allocated rank."""
+
     name = "ressvd"
+    config = ResSVDConfig
     right = "gram"
     post_allocation: ClassVar[bool] = True
+
+    def rank_options(self) -> dict[str, Any]:
+        return {"split": self.cfg.split}
+
+    def factors(self, w: torch.Tensor, right: MetricRoot | None, rank: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """(up, down, info) of the two-stage approximation at ``rank``."""
+        return residual_factors(w, right, rank, self.cfg.split)
 
 
 def stage_ranks(rank: int, split: float) -> tuple[int, int]:

@@ -70,10 +70,6 @@ def block_linears(layer: nn.Module, patterns: list[str] | None) -> dict[str, nn.
     return found
 
 
-def num_layers(config) -> int:
-    return int(config.num_hidden_layers)
-
-
 def block_linear_shapes(config) -> dict[str, tuple[int, int]]:
     """(m, n) of every linear inside every decoder block, by full name, from a meta-device model."""
     from transformers import AutoModelForCausalLM

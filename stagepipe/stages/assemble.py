@@ -17,55 +17,57 @@ from typing import Any
 import torch
 from transformers import AutoConfig
 
-from stagepipe.engine.stage import ALL, Context, PartitionRef, Stage, layer_index
+from stagepipe.engine.stage import Context, PartitionRef, Stage, Work
 from stagepipe.errors import StagepipeError
 from stagepipe.io import safetensors_io
 from stagepipe.models import modeling_lowrank
 from stagepipe.models.layout import layout_for
 from stagepipe.models.sources import weight_map
-from stagepipe.stages.allocate import ALLOCATION, block_ranks
-from stagepipe.stages.refit import UPDATES
-from stagepipe.stages.residual import allocated_factors
-
-MODEL_DIR = "model"
+from stagepipe.stages import artifacts
+from stagepipe.stages.artifacts import layer_index
+from stagepipe.stages.requirements import needs
 
 
 class AssembleStage(Stage):
     name = "assemble"
-    version = 1
+    version = 2
     description = "write the low-rank model as a from_pretrained-loadable directory"
 
     def dependencies(self, ctx: Context, partition: str) -> list[PartitionRef]:
-        layers = ctx.layer_partitions() or []
-        return ([PartitionRef("snapshot", ALL), PartitionRef("allocate", ALL)] + [PartitionRef("decompose", p) for p in layers]
-                + [PartitionRef("residual", p) for p in layers] + [PartitionRef("refit", p) for p in layers])
+        layers = artifacts.model_layers(ctx) or []
+        need = needs(ctx.config)
+        deps = [artifacts.ref("snapshot"), artifacts.ref("allocate")] + [artifacts.ref("decompose", p) for p in layers]
+        if need.residual:
+            deps += [artifacts.ref("residual", p) for p in layers]
+        if need.refit:
+            deps += [artifacts.ref("refit", p) for p in layers]
+        return deps
 
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
         return {}
 
-    def run(self, ctx: Context, partition: str, out: Path, inputs: dict[PartitionRef, Path]) -> dict[str, Any]:
-        snapshot = inputs[PartitionRef("snapshot", ALL)] / "model"
+    def run(self, ctx: Context, work: Work) -> dict[str, Any]:
+        snapshot = artifacts.model_dir(work.input("snapshot"))
         config = AutoConfig.from_pretrained(snapshot)
         if config.model_type not in modeling_lowrank.LOWRANK_CLASSES:
             raise StagepipeError(f"no low-rank class for architecture {config.model_type!r}")
         layout = layout_for(config.model_type)
-        ranks: dict[str, int | None] = json.loads((inputs[PartitionRef("allocate", ALL)] / ALLOCATION).read_text())["ranks"]
+        ranks = artifacts.read_ranks(work.input("allocate"))
         factored = {n: r for n, r in ranks.items() if r is not None}
         wmap = weight_map(snapshot)
-        target = out / MODEL_DIR
+        target = artifacts.model_dir(work.out)
         target.mkdir()
         index: dict[str, str] = {}
         total = 0
-        decomposed = {layer_index(r.partition): d for r, d in inputs.items() if r.stage == "decompose"}
-        residual = {layer_index(r.partition): d for r, d in inputs.items() if r.stage == "residual"}
-        refitted = {layer_index(r.partition): d for r, d in inputs.items() if r.stage == "refit"}
+        by_layer = {stage: {layer_index(r.partition): d for r, d in work.inputs.items() if r.stage == stage}
+                    for stage in ("decompose", "residual", "refit")}
         files: dict[str, list[str]] = {}
         for key, file in wmap.items():
             files.setdefault(file, []).append(key)
         for i in range(int(config.num_hidden_layers)):
             prefix = layout.layer_prefix(i)
             layer_keys = [k for k in wmap if k.startswith(prefix)]
-            shard = self._layer_shard(snapshot, wmap, layer_keys, prefix, (decomposed[i], residual.get(i), refitted.get(i)),
+            shard = self._layer_shard(snapshot, wmap, layer_keys, prefix, (by_layer["decompose"][i], by_layer["residual"].get(i), by_layer["refit"].get(i)),
                                       factored)
             name = f"layer-{i:03d}.safetensors"
             safetensors_io.write_atomic(target / name, shard)
@@ -95,15 +97,15 @@ class AssembleStage(Stage):
         tensors: dict[str, torch.Tensor] = {}
         for key in keys:
             tensors.update(safetensors_io.read(snapshot / wmap[key], [key]))
-        ranks = block_ranks(factored, prefix)
+        ranks = artifacts.block_ranks(factored, prefix)
         if not ranks:
             return tensors
-        factors = allocated_factors(decomposed, residual, ranks)
-        updates = safetensors_io.read(refitted / UPDATES) if refitted is not None and (refitted / UPDATES).is_file() else {}
+        factors = artifacts.allocated_factors(decomposed, residual, ranks)
+        updates = artifacts.read_refit(refitted) if refitted is not None else {}
         for local, (up, down) in factors.items():
             full = prefix + local
             weight = tensors.pop(f"{full}.weight")
-            up = updates[f"{local}.up"].double() if updates else up
+            up = updates[local] if updates else up
             tensors[f"{full}.up.weight"] = up.to(weight.dtype)
             tensors[f"{full}.down.weight"] = down.to(weight.dtype)
             if f"{full}.bias" in tensors:

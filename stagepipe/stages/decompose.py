@@ -8,88 +8,68 @@ an SVD. Each layer checks that its full-rank factors reproduce ``W``.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from stagepipe.engine.stage import ALL, Context, PartitionRef, Stage, layer_index
-from stagepipe.io import safetensors_io
-from stagepipe.linalg import WeightedSVD, factor_metric, weighted_svd
-from stagepipe.methods import LayerStats, make_method
+from stagepipe.engine.stage import Context, PartitionRef, Stage, Work
+from stagepipe.linalg import factor_metric, weighted_svd
+from stagepipe.methods import LayerStats
 from stagepipe.models.blocks import BlockRunner
 from stagepipe.models.layout import block_linears, weight_matrix
 from stagepipe.models.sources import DTYPES, resolve_device
-from stagepipe.stages.capture import load_input_stats
-
-FACTORS = "factors.safetensors"
-
-
-def load_fisher(fisher_dir: Path, manifest_info: dict[str, Any] | None = None) -> tuple[dict, dict]:
-    path = fisher_dir / "factors.safetensors"
-    if not path.is_file():
-        return {}, {}
-    tensors = safetensors_io.read(path)
-    fisher: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        name, _, kind = key.rpartition(".")
-        fisher.setdefault(name, {})[kind] = value
-    return fisher, (manifest_info or {}).get("linears", {})
-
-
-def decomposed_spectra(decomposed: Path, names: list[str]) -> dict[str, WeightedSVD]:
-    """The full weighted SVD of each named linear, as ``decompose`` stored it (float64)."""
-    raw = safetensors_io.read(decomposed / FACTORS, [f"{n}.{k}" for n in names for k in ("left", "right", "sigma")])
-    return {n: WeightedSVD(sigma=raw[f"{n}.sigma"].double(), left=raw[f"{n}.left"].double(),
-                           right=raw[f"{n}.right"].double()) for n in names}
+from stagepipe.stages import artifacts
+from stagepipe.stages.artifacts import layer_index
+from stagepipe.stages.requirements import needs
 
 
 class DecomposeStage(Stage):
     name = "decompose"
-    version = 1
+    version = 2
     description = "full weighted SVD per target linear (factors + spectrum)"
 
     def partitions(self, ctx: Context) -> list[str] | None:
-        return ctx.layer_partitions()
+        return artifacts.model_layers(ctx)
 
     def dependencies(self, ctx: Context, partition: str) -> list[PartitionRef]:
-        return [PartitionRef("snapshot", ALL), PartitionRef("capture", partition), PartitionRef("fisher", partition)]
+        need = needs(ctx.config)
+        deps = [artifacts.ref("snapshot")]
+        if need.method.activation_stats:
+            deps.append(artifacts.ref("capture", partition))
+        if need.fisher:
+            deps.append(artifacts.ref("fisher", partition))
+        return deps
 
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
-        return {"method": make_method(ctx.config.method).key_options(), "modules": ctx.config.target.modules}
+        return {"method": needs(ctx.config).method.key_options(), "modules": ctx.config.target.modules}
 
-    def run(self, ctx: Context, partition: str, out: Path, inputs: dict[PartitionRef, Path]) -> dict[str, Any]:
-        from stagepipe.io import manifest as manifest_io
-
-        index = layer_index(partition)
-        method = make_method(ctx.config.method)
+    def run(self, ctx: Context, work: Work) -> dict[str, Any]:
+        method = needs(ctx.config).method
+        index = layer_index(work.partition)
         device = resolve_device(ctx.config.model.device)
-        runner = BlockRunner(inputs[PartitionRef("snapshot", ALL)] / "model", torch.device("cpu"), DTYPES[ctx.config.model.dtype])
+        runner = BlockRunner(artifacts.model_dir(work.input("snapshot")), torch.device("cpu"), DTYPES[ctx.config.model.dtype])
         block = runner.load_block(index)
         linears = block_linears(block, ctx.config.target.modules)
-        stats = load_input_stats(inputs[PartitionRef("capture", partition)]) if method.activation_stats else LayerStats()
+        stats = artifacts.read_input_stats(work.input("capture", work.partition)) if method.activation_stats else LayerStats()
         if method.needs_gradients:
-            fisher_dir = inputs[PartitionRef("fisher", partition)]
-            stats.fisher, stats.fisher_info = load_fisher(fisher_dir, manifest_io.read(fisher_dir).info)
+            stats.fisher, stats.fisher_info = artifacts.read_fisher(work.input("fisher", work.partition))
         floor = ctx.config.method.floor_rel
-        tensors: dict[str, torch.Tensor] = {}
+        results = {}
         report: dict[str, Any] = {}
         for name, module in linears.items():
             w = weight_matrix(module).detach().to(device, torch.float64)
             pair = method.metrics(name, tuple(w.shape), stats)
-            left = factor_metric(None if pair.left is None else pair.left.to(device), floor, f"{partition}.{name}.left")
-            right = factor_metric(None if pair.right is None else pair.right.to(device), floor, f"{partition}.{name}.right")
+            where = f"{work.partition}.{name}"
+            left = factor_metric(None if pair.left is None else pair.left.to(device), floor, f"{where}.left")
+            right = factor_metric(None if pair.right is None else pair.right.to(device), floor, f"{where}.right")
             result = weighted_svd(w, left, right)
             full = result.reconstruct(len(result.sigma))
-            rel_err = float(torch.linalg.norm(full - w) / torch.linalg.norm(w))
-            tensors[f"{name}.left"] = result.left.float().cpu()
-            tensors[f"{name}.right"] = result.right.float().cpu()
-            tensors[f"{name}.sigma"] = result.sigma.cpu()
+            results[name] = result
             report[name] = {
-                "shape": list(w.shape), "full_rank_rel_err": rel_err,
+                "shape": list(w.shape), "full_rank_rel_err": float(torch.linalg.norm(full - w) / torch.linalg.norm(w)),
                 "left": left.repair if left else {"kind": "identity"},
                 "right": right.repair if right else {"kind": "identity"},
                 **pair.notes,
             }
-        safetensors_io.write_atomic(out / FACTORS, tensors)
+        artifacts.write_weighted_svd(work.out, results)
         return {"linears": report, "method": method.name}

@@ -1,5 +1,8 @@
 """``evaluate``: perplexity of the dense snapshot (``dense``) and of the assembled model
-(``compressed``) on every configured test set, under one protocol (``stagepipe.evaluation``).
+(``compressed``) on every configured test set, under one protocol (``stagepipe.perplexity``).
+
+Results hold only what the models compute; wall time goes to the manifest's telemetry, so two
+runs with identical perplexities have identical outputs (and the report keeps its key).
 
 The compressed model is loaded exactly as a user would, ``from_pretrained(dir,
 trust_remote_code=True)``, and the run fails unless there are zero missing and unexpected keys.
@@ -15,15 +18,12 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM
 
-from stagepipe.engine.stage import ALL, Context, PartitionRef, Stage
+from stagepipe.engine.stage import Context, PartitionRef, Stage, Work
 from stagepipe.errors import StagepipeError
-from stagepipe.evaluation import perplexity
-from stagepipe.io import zarr_io
 from stagepipe.models.sources import resolve_device
-from stagepipe.stages.assemble import MODEL_DIR
-from stagepipe.stages.tokenize import eval_partition
-
-RESULTS = "results.json"
+from stagepipe.perplexity import perplexity
+from stagepipe.stages import artifacts
+from stagepipe.stages.artifacts import COMPRESSED, DENSE, eval_partition
 
 
 def load_checked(directory: Path) -> torch.nn.Module:
@@ -37,36 +37,35 @@ def load_checked(directory: Path) -> torch.nn.Module:
 
 class EvaluateStage(Stage):
     name = "evaluate"
-    version = 1
+    version = 2
     description = "fp32 perplexity of the dense and the compressed model"
 
     def partitions(self, ctx: Context) -> list[str]:
-        return (["dense"] if ctx.config.evaluation.dense_baseline else []) + ["compressed"]
+        return ([DENSE] if ctx.config.evaluation.dense_baseline else []) + [COMPRESSED]
 
     def dependencies(self, ctx: Context, partition: str) -> list[PartitionRef]:
-        tokens = [PartitionRef("tokenize", eval_partition(d.name)) for d in ctx.config.evaluation.datasets]
-        model = PartitionRef("snapshot", ALL) if partition == "dense" else PartitionRef("assemble", ALL)
-        return [model, *tokens]
+        tokens = [artifacts.ref("tokenize", eval_partition(d.name)) for d in ctx.config.evaluation.datasets]
+        return [artifacts.ref("snapshot" if partition == DENSE else "assemble"), *tokens]
 
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
         ev = ctx.config.evaluation
         return {"datasets": [d.name for d in ev.datasets], "protocol": "non-overlapping windows, fp32, token-mean NLL",
                 "lm_eval_tasks": ev.lm_eval_tasks}
 
-    def run(self, ctx: Context, partition: str, out: Path, inputs: dict[PartitionRef, Path]) -> dict[str, Any]:
-        ref = PartitionRef("snapshot", ALL) if partition == "dense" else PartitionRef("assemble", ALL)
-        model = load_checked(inputs[ref] / MODEL_DIR)
+    def run(self, ctx: Context, work: Work) -> dict[str, Any]:
+        directory = artifacts.model_dir(work.input("snapshot" if work.partition == DENSE else "assemble"))
+        model = load_checked(directory)
         device = resolve_device(ctx.config.model.device)
         results = {}
         for dataset in ctx.config.evaluation.datasets:
-            windows = torch.from_numpy(zarr_io.read(inputs[PartitionRef("tokenize", eval_partition(dataset.name))] / "tokens.zarr", "input_ids"))
+            windows = artifacts.read_windows(work.input("tokenize", eval_partition(dataset.name)))
             started = time.time()
-            result = perplexity(model, windows, ctx.config.evaluation.batch_size, device)
-            results[dataset.name] = {**result.to_dict(), "seconds": time.time() - started}
+            results[dataset.name] = perplexity(model, windows, ctx.config.evaluation.batch_size, device).to_dict()
+            work.telemetry[f"seconds.{dataset.name}"] = time.time() - started
         n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-        tasks = lm_eval_tasks(model, inputs[ref] / MODEL_DIR, ctx.config.evaluation.lm_eval_tasks, device)
-        (out / RESULTS).write_text(json.dumps({"model": partition, "n_params": n_params, "datasets": results,
-                                               "lm_eval": tasks}, indent=1))
+        tasks = lm_eval_tasks(model, directory, ctx.config.evaluation.lm_eval_tasks, device)
+        (work.out / artifacts.RESULTS).write_text(json.dumps({"model": work.partition, "n_params": n_params,
+                                                             "datasets": results, "lm_eval": tasks}, indent=1))
         return {"n_params": n_params, "datasets": results, "lm_eval": tasks}
 
 

@@ -4,74 +4,74 @@ Partition ``head`` takes the last block's outputs (from ``capture``), applies th
 LM head, and back-propagates each window's mean next-token NLL to the last block's output.
 Partition ``layer-i`` (run from the last block down) recomputes block i on its cached inputs with
 autograd, back-propagates the incoming output gradient, stores the gradient w.r.t. its input for
-block i-1, and reads each target linear's inputs ``X_k`` and output gradients ``D_k`` per window.
+block i-1, and reads each target linear's inputs ``X_k`` and output gradients ``D_k`` per window
+(``GradientCollector``).
 
 Per-sequence weight gradients ``G_k = D_kᵀ X_k`` are never averaged across sequences (optionally
-one per ``chunk_tokens`` chunk). From them: token-level K-FAC output factor ``Σ δ δᵀ`` (fallback)
-and the GFWSVD Kronecker factors (``stagepipe.kron``), either from gradients stored in a scratch
-zarr (``stored``) or recomputed per pass (``streaming``); ``auto`` stores below the memory budget.
-For methods that need no gradients every partition is an explicit no-op.
+one per ``chunk_tokens`` chunk). From them: the token-level K-FAC output factor ``Σ δ δᵀ``, the
+squared per-sequence gradients, and — for methods whose metric pair needs them — the GFWSVD
+Kronecker factors (``stagepipe.kron``), either from gradients stored in the task's scratch
+directory (``stored``) or recomputed per pass (``streaming``); ``auto`` stores below the memory
+budget. The power iteration is checkpointed in the task's resume directory after every sweep.
 """
 
 from __future__ import annotations
 
-import shutil
-from collections.abc import Iterator
+import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from stagepipe.accounting import rank_for_fraction
-from stagepipe.engine.stage import ALL, Context, PartitionRef, Stage, layer_index, layer_partition
-from stagepipe.engine.workspace import read_json, resume_dir, write_json
+from stagepipe.engine.stage import Context, PartitionRef, Stage, Work
+from stagepipe.faults import kill_point
 from stagepipe.io import safetensors_io, zarr_io
 from stagepipe.kron import NKPResult, clean_factors, diagnostics, nkp_power_iteration
-from stagepipe.methods import make_method
 from stagepipe.models.blocks import BlockRunner
 from stagepipe.models.layout import block_linears, weight_matrix
 from stagepipe.models.sources import DTYPES, resolve_device
-from stagepipe.stages.capture import HIDDEN, block_inputs, calibration_ids, load_input_stats
-from stagepipe.stages.tokenize import CALIBRATION
+from stagepipe.stages import artifacts
+from stagepipe.stages.artifacts import CALIBRATION, HEAD, layer_index, layer_partition
+from stagepipe.stages.requirements import needs
 
-HEAD = "head"
-GRAD = "grad.zarr"  # gradient of the loss w.r.t. this partition's *input* hidden states
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # linear → (D, X) per window or chunk
 
 
-def _grad_in_ref(ctx: Context, index: int) -> PartitionRef:
-    last = ctx.num_layers - 1
-    return PartitionRef("fisher", HEAD if index == last else layer_partition(index + 1))
+def _grad_in(ctx: Context, index: int) -> PartitionRef:
+    """Where block ``index``'s output gradient comes from: the head, or block ``index+1``."""
+    last = int(ctx.model.num_hidden_layers) - 1
+    return artifacts.ref("fisher", HEAD if index == last else layer_partition(index + 1))
 
 
 class FisherStage(Stage):
     name = "fisher"
-    version = 3
+    version = 4
     description = "layer-wise backward: per-sequence gradients → K-FAC / Kronecker factors"
 
     def partitions(self, ctx: Context) -> list[str] | None:
-        layers = ctx.layer_partitions()
+        layers = artifacts.model_layers(ctx)
         return None if layers is None else [HEAD, *reversed(layers)]
 
     def dependencies(self, ctx: Context, partition: str) -> list[PartitionRef]:
-        deps = [PartitionRef("snapshot", ALL), PartitionRef("tokenize", CALIBRATION)]
+        deps = [artifacts.ref("snapshot"), artifacts.ref("tokenize", CALIBRATION)]
         if partition == HEAD:
-            return deps + [PartitionRef("capture", layer_partition(ctx.num_layers - 1))]
+            return deps + [artifacts.ref("capture", int(ctx.model.num_hidden_layers) - 1)]
         index = layer_index(partition)
-        deps += [_grad_in_ref(ctx, index), PartitionRef("capture", partition)]
+        deps += [_grad_in(ctx, index), artifacts.ref("capture", partition)]
         if index > 0:
-            deps.append(PartitionRef("capture", layer_partition(index - 1)))
+            deps.append(artifacts.ref("capture", index - 1))
         return deps
 
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
-        method = make_method(ctx.config.method)
-        if not method.needs_gradients:
-            return {"needed": False}
         cfg = ctx.config.method
+        nkp = "nkp" in needs(ctx.config).method.gradient_stats
         # K-FAC and squared per-sequence gradients are always recorded (cheap next to the backward
         # pass), so methods that differ only in which of them they read share one fisher run.
-        slice_: dict[str, Any] = {"nkp": "nkp" in method.gradient_stats, "modules": ctx.config.target.modules,
+        slice_: dict[str, Any] = {"nkp": nkp, "modules": ctx.config.target.modules,
                                   "batch_size": ctx.config.runtime.batch_size, "labels": cfg.fisher_labels}
-        if "nkp" in method.gradient_stats:  # the options below shape only the Kronecker factors
+        if nkp:  # the options below shape only the Kronecker factors
             slice_["nkp"] = {k: getattr(cfg, k) for k in ("mode", "memory_budget_gb", "max_sweeps", "tol",
                                                           "warm_start", "factor_floor_rel", "chunk_tokens")}
             if cfg.diagnostics:
@@ -80,95 +80,52 @@ class FisherStage(Stage):
                                          "align": ctx.config.allocation.align}
         return slice_
 
-    def skip_reason(self, ctx: Context, partition: str) -> str | None:
-        if not make_method(ctx.config.method).needs_gradients:
-            return f"method {ctx.config.method.name} uses no gradient statistics"
-        return None
-
-    def run(self, ctx: Context, partition: str, out: Path, inputs: dict[PartitionRef, Path]) -> dict[str, Any]:
+    def run(self, ctx: Context, work: Work) -> dict[str, Any]:
         device = resolve_device(ctx.config.model.device)
-        runner = BlockRunner(inputs[PartitionRef("snapshot", ALL)] / "model", device, DTYPES[ctx.config.model.dtype])
-        ids = calibration_ids(inputs)
-        if partition == HEAD:
-            return self._run_head(ctx, runner, ids, out, inputs)
-        return self._run_block(ctx, runner, layer_index(partition), ids, out, inputs)
+        runner = BlockRunner(artifacts.model_dir(work.input("snapshot")), device, DTYPES[ctx.config.model.dtype])
+        ids = artifacts.read_windows(work.input("tokenize", CALIBRATION))
+        if work.partition == HEAD:
+            return self._run_head(ctx, runner, ids, work)
+        return self._run_block(ctx, runner, layer_index(work.partition), ids, work)
 
     # ------------------------------------------------------------------ head
-    def _run_head(self, ctx, runner: BlockRunner, ids, out: Path, inputs) -> dict[str, Any]:
+    def _run_head(self, ctx: Context, runner: BlockRunner, ids: torch.Tensor, work: Work) -> dict[str, Any]:
         batch = ctx.config.runtime.batch_size
-        last = zarr_io.open_array(inputs[PartitionRef("capture", layer_partition(runner.num_layers - 1))] / HIDDEN, "hidden")
-        grads = zarr_io.create_array(out / GRAD, "grad", tuple(last.shape), "float32", batch)
+        last = artifacts.open_hidden(work.input("capture", layer_partition(runner.num_layers - 1)))
+        grads = artifacts.create_grad(work.out, tuple(last.shape), batch)
         losses = []
         sampler = None
         if ctx.config.method.fisher_labels == "model":
             sampler = torch.Generator().manual_seed(ctx.config.calibration.seed)
         for start in range(0, len(ids), batch):
-            hidden = zarr_io.read_rows(last, start, start + batch).to(runner.device).float().requires_grad_(True)
+            hidden = artifacts.read_rows(last, start, start + batch).to(runner.device).float().requires_grad_(True)
             loss = runner.window_losses(hidden, ids[start : start + batch], sample_from=sampler)
             (grad,) = torch.autograd.grad(loss.sum(), hidden)
-            zarr_io.write_rows(grads, start, grad.float())
+            artifacts.write_rows(grads, start, grad.float())
             losses.extend(loss.tolist())
         return {"mean_window_loss": sum(losses) / len(losses), "n_windows": len(losses)}
 
     # ------------------------------------------------------------------ one block
-    def _run_block(self, ctx, runner: BlockRunner, index: int, ids, out: Path, inputs) -> dict[str, Any]:
+    def _run_block(self, ctx: Context, runner: BlockRunner, index: int, ids: torch.Tensor, work: Work) -> dict[str, Any]:
         cfg = ctx.config.method
-        batch = ctx.config.runtime.batch_size
         block = runner.load_block(index)
         linears = block_linears(block, ctx.config.target.modules)
-        grad_out = zarr_io.open_array(inputs[_grad_in_ref(ctx, index)] / GRAD, "grad")
-        grad_in = None
-        if index > 0:
-            grad_in = zarr_io.create_array(out / GRAD, "grad", tuple(grad_out.shape), "float32", batch)
-        captured: dict[str, dict[str, torch.Tensor]] = {n: {} for n in linears}
-
-        def forward_hook(mod, args, output, name):
-            captured[name]["x"] = args[0].detach()
-            output.register_hook(lambda g: captured[name].__setitem__("d", g.detach()))
-
-        handles = [m.register_forward_hook(lambda mod, a, o, n=n: forward_hook(mod, a, o, n)) for n, m in linears.items()]
-        needed = make_method(cfg).gradient_stats
         shapes = {n: tuple(weight_matrix(m).shape) for n, m in linears.items()}
-        chunk = getattr(cfg, "chunk_tokens", None) or ids.shape[1]
-        chunks = -(-ids.shape[1] // chunk)
-        sums: dict[str, torch.Tensor] = {}  # kfac_out.<name>, grad_sq.<name>, float64
-        counts = {"tokens": 0, "windows": 0}
-
-        def gradient_batches(record: bool) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-            """Recompute the block forward+backward per batch; yield per-sequence gradient factors
-            ``(D, X)`` (``G_k = D_kᵀ X_k``), one per window or per ``chunk_tokens`` chunk. The
-            recording pass also accumulates K-FAC and squared per-sequence gradients."""
-            for start, hidden in block_inputs(runner, index, ids, inputs, batch):
-                hidden = hidden.to(runner.device, runner.dtype).requires_grad_(True)
-                output = runner.run_block(block, hidden)
-                upstream = zarr_io.read_rows(grad_out, start, start + batch).to(output.device, output.dtype)
-                output.backward(upstream)
-                if record and grad_in is not None:
-                    zarr_io.write_rows(grad_in, start, hidden.grad.float())
-                result = {}
-                for name, got in captured.items():
-                    x, d = got["x"].float(), got["d"].float()
-                    if record:
-                        _add(sums, f"kfac_out.{name}", _gram(d.reshape(-1, d.shape[-1])))
-                        _add(sums, f"grad_sq.{name}", ((d.transpose(1, 2) @ x) ** 2).double().sum(0))
-                    result[name] = (_chunks(d, chunk), _chunks(x, chunk))
-                if record:
-                    counts["tokens"] += x.shape[0] * x.shape[1]
-                    counts["windows"] += x.shape[0]
-                yield result
-
-        info: dict[str, Any] = {"K": len(ids) * chunks, "linears": {n: {} for n in linears}}
+        collector = GradientCollector(runner, block, index, linears, ids, ctx.config.runtime.batch_size,
+                                      getattr(cfg, "chunk_tokens", None) or ids.shape[1],
+                                      previous=work.input("capture", layer_partition(index - 1)) if index > 0 else None,
+                                      grad_out=work.inputs[_grad_in(ctx, index)],
+                                      grad_in_dir=work.out if index > 0 else None)
+        info: dict[str, Any] = {"K": collector.n_gradients, "linears": {n: {} for n in linears}}
         tensors: dict[str, torch.Tensor] = {}
-        scratch = out.parent / f".scratch-{out.name}"
         try:
-            if "nkp" in needed:
-                source = self._gradient_source(cfg, gradient_batches, scratch, linears, shapes, len(ids), chunk, batch, info,
-                                              runner.device)
-                warm = self._warm_start(ctx, index, inputs, linears, shapes)
-                checkpoint = SweepCheckpoint(resume_dir(out))
+            if "nkp" in needs(ctx.config).method.gradient_stats:
+                source = collector.source(cfg.mode, cfg.memory_budget_gb, work.scratch, shapes, info)
+                warm = self._warm_start(ctx, work, linears, shapes)
+                checkpoint = SweepCheckpoint(work.resume)
                 results = nkp_power_iteration(source, warm, cfg.max_sweeps, cfg.tol, on_sweep=checkpoint.save,
                                               start=checkpoint.load())
-                info["resumed_from_sweep"] = checkpoint.loaded_sweep
+                work.telemetry["resumed_from_sweep"] = checkpoint.loaded_sweep
                 for name, res in results.items():
                     a, b, clean = clean_factors(res.A, res.B, cfg.factor_floor_rel)
                     tensors.update({f"{name}.{k}": v for k, v in (("A", a), ("B", b)) if v is not None})
@@ -176,50 +133,16 @@ class FisherStage(Stage):
                 if cfg.diagnostics:  # needs the gradients: before the scratch directory goes
                     self._diagnose(ctx, source, linears, shapes, tensors, info)
             else:
-                for _ in gradient_batches(record=True):
-                    pass
+                collector.record()
         finally:
-            for h in handles:
-                h.remove()
-            shutil.rmtree(scratch, ignore_errors=True)
-        for key, value in sums.items():
-            kind, _, name = key.partition(".")
-            tensors[f"{name}.{kind}"] = value / (counts["tokens"] if kind == "kfac_out" else counts["windows"])
-        info.update(counts)
-        safetensors_io.write_atomic(out / "factors.safetensors", {k: v.cpu().contiguous() for k, v in tensors.items()})
+            collector.close()
+        tensors.update(collector.statistics())
+        info.update(collector.counts)
+        artifacts.write_fisher(work.out, tensors)
         return info
 
     @staticmethod
-    def _gradient_source(cfg, gradient_batches, scratch: Path, linears, shapes, n_windows: int, chunk: int,
-                         batch: int, info: dict[str, Any], device: torch.device):
-        """Run the recording pass and return a re-iterable source of ``(D, X)`` batches: read back
-        from a scratch zarr (``stored``) or recomputed per pass (``streaming``)."""
-        chunks = -(-info["K"] // n_windows)
-        grad_bytes = n_windows * chunks * chunk * sum(m + n for m, n in shapes.values()) * 4
-        mode = cfg.mode if cfg.mode != "auto" else ("stored" if grad_bytes <= cfg.memory_budget_gb * 2**30 else "streaming")
-        info.update(mode=mode, gradient_bytes=grad_bytes)
-        if mode == "streaming":
-            for _ in gradient_batches(record=True):
-                pass
-            return lambda: gradient_batches(record=False)
-        rows, step = n_windows * chunks, batch * chunks
-        stored = {(n, k): zarr_io.create_array(scratch / "grads.zarr", f"{n}.{k}", (rows, chunk, shapes[n][0 if k == "d" else 1]),
-                                               "float32", step)
-                  for n in linears for k in ("d", "x")}
-        for i, factors in enumerate(gradient_batches(record=True)):
-            for n, (d, x) in factors.items():
-                zarr_io.write_rows(stored[n, "d"], i * step, d)
-                zarr_io.write_rows(stored[n, "x"], i * step, x)
-
-        def source() -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-            for start in range(0, rows, step):
-                yield {n: (zarr_io.read_rows(stored[n, "d"], start, start + step).to(device),
-                           zarr_io.read_rows(stored[n, "x"], start, start + step).to(device)) for n in linears}
-
-        return source
-
-    @staticmethod
-    def _diagnose(ctx, source, linears, shapes, tensors, info) -> None:
+    def _diagnose(ctx: Context, source, linears, shapes, tensors, info) -> None:
         """Full-Fisher diagnostics for linears with m·n ≤ diagnostics_max_dim (see kron.diagnostics)."""
         cfg = ctx.config.method
         small = [n for n in linears if shapes[n][0] * shapes[n][1] <= cfg.diagnostics_max_dim
@@ -238,12 +161,109 @@ class FisherStage(Stage):
             info["linears"][n]["diagnostics"] = diagnostics(torch.cat(grads[n]), tensors[f"{n}.A"], tensors[f"{n}.B"],
                                                             weight, rank, cfg.floor_rel)
 
-    def _warm_start(self, ctx, index: int, inputs, linears, shapes) -> dict[str, torch.Tensor]:
+    @staticmethod
+    def _warm_start(ctx: Context, work: Work, linears, shapes) -> dict[str, torch.Tensor]:
         """K-FAC input factor ``E[x xᵀ]`` from ``capture`` (so 2–5 sweeps suffice), or identity."""
         if ctx.config.method.warm_start == "identity":
             return {n: torch.eye(shapes[n][1], dtype=torch.float64) for n in linears}
-        stats = load_input_stats(inputs[PartitionRef("capture", layer_partition(index))])
+        stats = artifacts.read_input_stats(work.input("capture", work.partition))
         return {n: stats.gram[n] / stats.tokens[n] for n in linears}
+
+
+class GradientCollector:
+    """Per-sequence gradient factors of one block's linears, recomputed batch by batch.
+
+    Each pass runs the block forward on its cached inputs and backward from the stored output
+    gradient; hooks read every linear's input ``X`` and output gradient ``D``. ``batches(record=True)``
+    also accumulates the K-FAC output factor and the squared per-sequence gradients and writes the
+    gradient w.r.t. the block's input (block i−1's output gradient).
+    """
+
+    def __init__(self, runner: BlockRunner, block: torch.nn.Module, index: int, linears: dict[str, torch.nn.Module],
+                 ids: torch.Tensor, batch: int, chunk: int, previous: Path | None, grad_out: Path,
+                 grad_in_dir: Path | None) -> None:
+        self.runner, self.block, self.index, self.linears = runner, block, index, linears
+        self.ids, self.batch, self.chunk = ids, batch, chunk
+        self.previous = previous
+        self.grad_out = artifacts.open_grad(grad_out)
+        self.grad_in = None if grad_in_dir is None else artifacts.create_grad(grad_in_dir, tuple(self.grad_out.shape), batch)
+        self.n_chunks = -(-ids.shape[1] // chunk)
+        self.n_gradients = len(ids) * self.n_chunks
+        self.sums: dict[str, torch.Tensor] = {}  # kfac_out.<name>, grad_sq.<name>, float64
+        self.counts = {"tokens": 0, "windows": 0}
+        self._captured: dict[str, dict[str, torch.Tensor]] = {n: {} for n in linears}
+        self._handles = [m.register_forward_hook(lambda mod, a, o, n=n: self._hook(n, a, o)) for n, m in linears.items()]
+
+    def _hook(self, name: str, args: tuple, output: torch.Tensor) -> None:
+        self._captured[name]["x"] = args[0].detach()
+        output.register_hook(lambda g: self._captured[name].__setitem__("d", g.detach()))
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def batches(self, record: bool) -> Iterator[Factors]:
+        """Per batch of windows: ``{linear: (D, X)}`` split into ``chunk``-token pieces (``G_k = D_kᵀ X_k``)."""
+        runner = self.runner
+        for start, hidden in artifacts.block_inputs(runner, self.index, self.ids, self.previous, self.batch):
+            hidden = hidden.to(runner.device, runner.dtype).requires_grad_(True)
+            output = runner.run_block(self.block, hidden)
+            upstream = artifacts.read_rows(self.grad_out, start, start + self.batch).to(output.device, output.dtype)
+            output.backward(upstream)
+            if record and self.grad_in is not None:
+                artifacts.write_rows(self.grad_in, start, hidden.grad.float())
+            result = {}
+            for name, got in self._captured.items():
+                x, d = got["x"].float(), got["d"].float()
+                if record:
+                    _add(self.sums, f"kfac_out.{name}", _gram(d.reshape(-1, d.shape[-1])))
+                    _add(self.sums, f"grad_sq.{name}", ((d.transpose(1, 2) @ x) ** 2).double().sum(0))
+                result[name] = (_chunks(d, self.chunk), _chunks(x, self.chunk))
+            if record:
+                self.counts["tokens"] += x.shape[0] * x.shape[1]
+                self.counts["windows"] += x.shape[0]
+            yield result
+
+    def record(self) -> None:
+        """One recording pass (statistics and input gradients), discarding the factors."""
+        for _ in self.batches(record=True):
+            pass
+
+    def statistics(self) -> dict[str, torch.Tensor]:
+        """``<linear>.kfac_out`` (token mean of ``δ δᵀ``) and ``<linear>.grad_sq`` (window mean of ``G ⊙ G``)."""
+        out = {}
+        for key, value in self.sums.items():
+            kind, _, name = key.partition(".")
+            out[f"{name}.{kind}"] = value / (self.counts["tokens"] if kind == "kfac_out" else self.counts["windows"])
+        return out
+
+    def source(self, mode: str, budget_gb: float, scratch: Path, shapes: dict[str, tuple[int, int]],
+               info: dict[str, Any]) -> Callable[[], Iterator[Factors]]:
+        """Run the recording pass and return a re-iterable source of ``(D, X)`` batches: read back
+        from a zarr in ``scratch`` (``stored``) or recomputed per pass (``streaming``)."""
+        grad_bytes = self.n_gradients * self.chunk * sum(m + n for m, n in shapes.values()) * 4
+        if mode == "auto":
+            mode = "stored" if grad_bytes <= budget_gb * 2**30 else "streaming"
+        info.update(mode=mode, gradient_bytes=grad_bytes)
+        if mode == "streaming":
+            self.record()
+            return lambda: self.batches(record=False)
+        rows, step = self.n_gradients, self.batch * self.n_chunks
+        stored = {(n, k): zarr_io.create_array(scratch / "grads.zarr", f"{n}.{k}",
+                                               (rows, self.chunk, shapes[n][0 if k == "d" else 1]), "float32", step)
+                  for n in self.linears for k in ("d", "x")}
+        for i, factors in enumerate(self.batches(record=True)):
+            for n, (d, x) in factors.items():
+                zarr_io.write_rows(stored[n, "d"], i * step, d)
+                zarr_io.write_rows(stored[n, "x"], i * step, x)
+        device = self.runner.device
+
+        def read_back() -> Iterator[Factors]:
+            for start in range(0, rows, step):
+                yield {n: (zarr_io.read_rows(stored[n, "d"], start, start + step).to(device),
+                           zarr_io.read_rows(stored[n, "x"], start, start + step).to(device)) for n in self.linears}
+
+        return read_back
 
 
 def _chunks(values: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -264,8 +284,16 @@ def _add(sums: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
 
 
 class SweepCheckpoint:
-    """The power iteration's state after every sweep, kept beside the partition (keyed like it), so
-    a crash loses at most one sweep; removed once the partition is committed."""
+    """The power iteration's state after every sweep, in the partition's resume directory, so a
+    crash loses at most one sweep.
+
+    Tensors and metadata are one file (the metadata rides along as a ``uint8`` tensor), written
+    by temp file + rename: a kill at any moment leaves the previous sweep's state or this one's,
+    never a mix of the two.
+    """
+
+    FILE = "state.safetensors"
+    META = "__meta__"
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -274,16 +302,17 @@ class SweepCheckpoint:
     def save(self, sweep: int, results: dict[str, NKPResult]) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         tensors = {f"{n}.{k}": getattr(r, k) for n, r in results.items() for k in ("A", "B")}
-        meta = {n: {"sweeps": r.sweeps, "rel_change": r.rel_change, "history": r.history} for n, r in results.items()}
-        safetensors_io.write_atomic(self.directory / "state.safetensors", tensors)
-        write_json(self.directory / "state.json", {"sweep": sweep, "linears": meta})
+        meta = {"sweep": sweep, "linears": {n: {"sweeps": r.sweeps, "rel_change": r.rel_change, "history": r.history}
+                                            for n, r in results.items()}}
+        tensors[self.META] = torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8)
+        safetensors_io.write_atomic(self.directory / self.FILE, tensors)
+        kill_point("sweep-saved")
 
     def load(self) -> dict[str, NKPResult] | None:
-        meta = read_json(self.directory / "state.json")
-        if not meta or not (self.directory / "state.safetensors").is_file():
+        path = self.directory / self.FILE
+        if not path.is_file():
             return None
-        tensors = safetensors_io.read(self.directory / "state.safetensors")
-        if any(f"{n}.A" not in tensors for n in meta["linears"]):
-            return None  # the two files are from different sweeps: start over
+        tensors = safetensors_io.read(path)
+        meta = json.loads(bytes(tensors.pop(self.META).tolist()).decode())
         self.loaded_sweep = int(meta["sweep"])
         return {n: NKPResult(A=tensors[f"{n}.A"], B=tensors[f"{n}.B"], **m) for n, m in meta["linears"].items()}

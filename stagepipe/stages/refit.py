@@ -13,62 +13,58 @@ block's outputs are the next block's inputs.
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from stagepipe.engine.stage import ALL, Context, PartitionRef, Stage, layer_index, layer_partition
-from stagepipe.io import safetensors_io, zarr_io
+from stagepipe.engine.stage import Context, PartitionRef, Stage, Work
 from stagepipe.models.blocks import BlockRunner
 from stagepipe.models.layout import block_linears, weight_matrix
 from stagepipe.models.modeling_lowrank import LowRankLinear, linear_shape
 from stagepipe.models.sources import DTYPES, resolve_device
-from stagepipe.stages.allocate import layer_ranks
-from stagepipe.stages.capture import HIDDEN, block_inputs, calibration_ids
-from stagepipe.stages.residual import allocated_factors
-from stagepipe.stages.tokenize import CALIBRATION
-
-UPDATES = "refit.safetensors"
+from stagepipe.stages import artifacts
+from stagepipe.stages.artifacts import CALIBRATION, layer_index, layer_partition
+from stagepipe.stages.requirements import needs
 
 
 class RefitStage(Stage):
     name = "refit"
-    version = 1
+    version = 2
     description = "least-squares refit of the up factors on sequentially propagated inputs"
 
     def partitions(self, ctx: Context) -> list[str] | None:
-        return ctx.layer_partitions()
+        return artifacts.model_layers(ctx)
 
     def dependencies(self, ctx: Context, partition: str) -> list[PartitionRef]:
         index = layer_index(partition)
-        deps = [PartitionRef("snapshot", ALL), PartitionRef("tokenize", CALIBRATION), PartitionRef("allocate", ALL),
-                PartitionRef("decompose", partition), PartitionRef("residual", partition)]
+        deps = [artifacts.ref("snapshot"), artifacts.ref("tokenize", CALIBRATION), artifacts.ref("allocate"),
+                artifacts.ref("decompose", partition)]
+        if needs(ctx.config).residual:
+            deps.append(artifacts.ref("residual", partition))
         if index > 0:
-            deps += [PartitionRef("capture", layer_partition(index - 1)), PartitionRef("refit", layer_partition(index - 1))]
+            deps += [artifacts.ref("capture", index - 1), artifacts.ref("refit", index - 1)]
         return deps
 
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
-        if not ctx.config.method.refit:
-            return {"refit": False}
-        return {"refit": True, "batch_size": ctx.config.runtime.batch_size, "modules": ctx.config.target.modules,
+        return {"batch_size": ctx.config.runtime.batch_size, "modules": ctx.config.target.modules,
                 "activation_dtype": ctx.config.runtime.activation_dtype}
 
-    def skip_reason(self, ctx: Context, partition: str) -> str | None:
-        return None if ctx.config.method.refit else "method.refit is off"
-
-    def run(self, ctx: Context, partition: str, out: Path, inputs: dict[PartitionRef, Path]) -> dict[str, Any]:
-        index = layer_index(partition)
+    def run(self, ctx: Context, work: Work) -> dict[str, Any]:
+        index = layer_index(work.partition)
         device = resolve_device(ctx.config.model.device)
-        runner = BlockRunner(inputs[PartitionRef("snapshot", ALL)] / "model", device, DTYPES[ctx.config.model.dtype])
-        ids = calibration_ids(inputs)
+        runner = BlockRunner(artifacts.model_dir(work.input("snapshot")), device, DTYPES[ctx.config.model.dtype])
+        ids = artifacts.read_windows(work.input("tokenize", CALIBRATION))
         batch = ctx.config.runtime.batch_size
         prefix = runner.layout.layer_prefix(index)
-        ranks = layer_ranks(inputs[PartitionRef("allocate", ALL)], prefix)
+        ranks = artifacts.block_ranks(artifacts.read_ranks(work.input("allocate")), prefix)
         original = runner.load_block(index)
         linears = block_linears(original, ctx.config.target.modules)
         weights = {n: weight_matrix(linears[n]).detach().clone() for n in ranks}
-        factors = allocated_factors(inputs[PartitionRef("decompose", partition)], inputs[PartitionRef("residual", partition)], ranks)
+        residual = work.inputs.get(artifacts.ref("residual", work.partition))
+        factors = artifacts.allocated_factors(work.input("decompose", work.partition), residual, ranks)
+        # block i's inputs on the original path (capture) and on the compressed path (refit)
+        original_in = work.input("capture", layer_partition(index - 1)) if index > 0 else None
+        running_in = work.input("refit", layer_partition(index - 1)) if index > 0 else None
 
         # Per batch: the original block on the original inputs gives targets W x; the truncated
         # block on the compressed model's running inputs gives H = down · z. Sums in float64.
@@ -80,8 +76,8 @@ class RefitStage(Stage):
         hooks += [compressed.get_submodule(n).register_forward_pre_hook(
             lambda m, a, n=n: seen.__setitem__(f"z:{n}", m.down(a[0].detach()))) for n in ranks]
         with torch.no_grad():
-            batches = zip(block_inputs(runner, index, ids, inputs, batch),
-                          block_inputs(runner, index, ids, inputs, batch, stage="refit"), strict=True)
+            batches = zip(artifacts.block_inputs(runner, index, ids, original_in, batch),
+                          artifacts.block_inputs(runner, index, ids, running_in, batch), strict=True)
             for (_, hidden), (_, running) in batches:
                 runner.run_block(original, hidden)
                 runner.run_block(compressed, running)
@@ -102,12 +98,12 @@ class RefitStage(Stage):
                           "gram_cond": float(torch.linalg.cond(gram[name]))}
 
         # outputs of the refitted block: the next block's compressed-path inputs
-        hidden_out = zarr_io.create_array(out / HIDDEN, "hidden", (len(ids), ids.shape[1], runner.config.hidden_size),
-                                          ctx.config.runtime.activation_dtype, batch)
+        hidden_out = artifacts.create_hidden(work.out, (len(ids), ids.shape[1], runner.config.hidden_size),
+                                             ctx.config.runtime.activation_dtype, batch)
         with torch.no_grad():
-            for start, hidden in block_inputs(runner, index, ids, inputs, batch, stage="refit"):
-                zarr_io.write_rows(hidden_out, start, runner.run_block(compressed, hidden))
-        safetensors_io.write_atomic(out / UPDATES, updates)
+            for start, hidden in artifacts.block_inputs(runner, index, ids, running_in, batch):
+                artifacts.write_rows(hidden_out, start, runner.run_block(compressed, hidden))
+        artifacts.write_factors(work.out, artifacts.REFIT, updates)
         return {"linears": info}
 
     @staticmethod

@@ -10,22 +10,17 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from stagepipe.engine.stage import ALL, Context, PartitionRef, Stage
-from stagepipe.io import manifest as manifest_io
-from stagepipe.io import safetensors_io
-from stagepipe.stages.allocate import ALLOCATION
-from stagepipe.stages.decompose import FACTORS
-
-REPORT = "report.json"
-UPSTREAM = ("snapshot", "tokenize", "capture", "fisher", "decompose", "sensitivity", "allocate", "residual", "refit",
-            "assemble", "evaluate")
+from stagepipe.engine.stage import Context, PartitionRef, Stage, Work
+from stagepipe.stages import artifacts
+from stagepipe.stages.artifacts import CALIBRATION
 
 
-def collect(ctx: Context, inputs: dict[PartitionRef, Path]) -> dict[str, Any]:
-    manifests = {ref: manifest_io.read(path) for ref, path in inputs.items()}
+def collect(ctx: Context, inputs: Mapping[PartitionRef, Path]) -> dict[str, Any]:
+    manifests = {ref: artifacts.read_manifest(path) for ref, path in inputs.items()}
     stages: dict[str, dict[str, float]] = defaultdict(lambda: {"wall_s": 0.0, "peak_rss_mb": 0.0, "partitions": 0})
     repairs, fallbacks, residual = [], [], {}
     for ref, manifest in sorted(manifests.items()):
@@ -47,25 +42,25 @@ def collect(ctx: Context, inputs: dict[PartitionRef, Path]) -> dict[str, Any]:
             residual.update({f"{ref.partition}.{name}": {k: item[k] for k in ("r1", "r2", "loss_over_one_shot")}
                              for name, item in manifest.info.get("linears", {}).items()})
     evaluations = {ref.partition: manifests[ref].info for ref in manifests if ref.stage == "evaluate"}
-    allocation = manifests[PartitionRef("allocate", ALL)].info
+    allocation = manifests[artifacts.ref("allocate")].info
     return {
         "pipeline": ctx.config.name, "method": ctx.config.method.name, "policy": ctx.config.allocation.policy,
         "model": ctx.config.model.model_dump(mode="json"), "ratios": allocation["ratios"],
         "dense_targets": allocation["dense_targets"], "search": allocation.get("search"), "residual": residual,
         "perplexity": {p: {d: r["ppl"] for d, r in info["datasets"].items()} for p, info in evaluations.items()},
         "evaluation": evaluations, "stages": dict(stages), "repairs": repairs, "fallbacks": fallbacks,
-        "calibration": manifests[PartitionRef("tokenize", "calibration")].info,
+        "calibration": manifests[artifacts.ref("tokenize", CALIBRATION)].info,
     }
 
 
-def plot(report: dict[str, Any], inputs: dict[PartitionRef, Path], out: Path) -> list[str]:
+def plot(report: dict[str, Any], inputs: Mapping[PartitionRef, Path], out: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     made = []
-    ranks = json.loads((inputs[PartitionRef("allocate", ALL)] / ALLOCATION).read_text())["ranks"]
+    ranks = artifacts.read_ranks(inputs[artifacts.ref("allocate")])
     by_type: dict[str, list[tuple[int, int]]] = defaultdict(list)
     for name, rank in ranks.items():
         parts = name.split(".")
@@ -80,11 +75,9 @@ def plot(report: dict[str, Any], inputs: dict[PartitionRef, Path], out: Path) ->
     for ref, path in sorted(inputs.items()):
         if ref.stage != "decompose":
             continue
-        sig = safetensors_io.read(path / FACTORS)
-        for key, value in sig.items():
-            if key.endswith(".sigma"):
-                energy = (value.double() ** 2).cumsum(0) / (value.double() ** 2).sum()
-                ax2.plot(energy.numpy(), alpha=0.3, color="C0" if "mlp" in key else "C1")
+        for key, (_, _, value) in artifacts.read_spectra(path).items():
+            energy = (value.double() ** 2).cumsum(0) / (value.double() ** 2).sum()
+            ax2.plot(energy.numpy(), alpha=0.3, color="C0" if "mlp" in key else "C1")
     ax2.set(title="cumulative weighted σ² (blue mlp, orange attention)", xlabel="rank", ylabel="fraction kept")
     fig.tight_layout()
     fig.savefig(out / "ranks_spectra.png", dpi=100)
@@ -107,23 +100,23 @@ def plot(report: dict[str, Any], inputs: dict[PartitionRef, Path], out: Path) ->
 
 
 class ReportStage(Stage):
+    """Reads every partition of the stages it is built with (the rest of the pipeline)."""
+
     name = "report"
-    version = 1
+    version = 2
     description = "report.json + PNG plots"
 
-    def dependencies(self, ctx: Context, partition: str) -> list[PartitionRef]:
-        from stagepipe.stages import STAGES
+    def __init__(self, upstream: Sequence[Stage] = ()) -> None:
+        self.upstream = tuple(upstream)
 
-        deps = []
-        for name in UPSTREAM:
-            deps += [PartitionRef(name, p) for p in STAGES[name].partitions(ctx) or []]
-        return deps
+    def dependencies(self, ctx: Context, partition: str) -> list[PartitionRef]:
+        return [PartitionRef(stage.name, p) for stage in self.upstream for p in stage.partitions(ctx) or []]
 
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
         return {"name": ctx.config.name}
 
-    def run(self, ctx: Context, partition: str, out: Path, inputs: dict[PartitionRef, Path]) -> dict[str, Any]:
-        report = collect(ctx, inputs)
-        report["plots"] = plot(report, inputs, out)
-        (out / REPORT).write_text(json.dumps(report, indent=1, sort_keys=True))
+    def run(self, ctx: Context, work: Work) -> dict[str, Any]:
+        report = collect(ctx, work.inputs)
+        report["plots"] = plot(report, work.inputs, work.out)
+        (work.out / artifacts.REPORT).write_text(json.dumps(report, indent=1, sort_keys=True))
         return {"perplexity": report["perplexity"], "ratios": report["ratios"]}

@@ -1,11 +1,11 @@
-"""``sensitivity`` (per layer, independent; only for ``allocation.policy: asvd_search``): ASVD's
-per-matrix sensitivity table — calibration perplexity with *only* that matrix truncated, for every
-candidate kept fraction (algorithms notes §2.3).
+"""``sensitivity`` (per layer, independent; only for policies that read it, e.g. ``asvd_search``):
+ASVD's per-matrix sensitivity table — calibration perplexity with *only* that matrix truncated,
+for every candidate kept fraction (docs/methods.md).
 
 Candidate ranks are exactly the ranks the policy would assign (``rank_for_fraction`` with the
 allocation's alignment); candidates whose aligned rank coincides are evaluated once, and a matrix
 with no rank below break-even gets no entries (it stays dense). The truncation is the configured
-method's own (its weighted SVD, or ResSVD's two-stage factors), so the table ranks the
+method's own (its weighted SVD, or a post-allocation method's own factors such as ResSVD's), so the table ranks the
 approximations that will actually be used.
 
 Blocks before layer i are unchanged, so the stage starts from block i's stored inputs
@@ -17,70 +17,56 @@ windows; a non-finite window makes that entry ``inf``.
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from stagepipe.accounting import rank_for_fraction
-from stagepipe.engine.stage import ALL, Context, PartitionRef, Stage, layer_index, layer_partition
+from stagepipe.engine.stage import Context, PartitionRef, Stage, Work
 from stagepipe.linalg import factor_metric
-from stagepipe.methods import make_method
-from stagepipe.methods.ressvd import residual_factors
 from stagepipe.models.blocks import BlockRunner
 from stagepipe.models.layout import block_linears, set_weight_matrix, weight_matrix
 from stagepipe.models.sources import resolve_device
-from stagepipe.stages.capture import block_inputs, calibration_ids, load_input_stats
-from stagepipe.stages.decompose import decomposed_spectra
-from stagepipe.stages.tokenize import CALIBRATION
+from stagepipe.stages import artifacts
+from stagepipe.stages.artifacts import CALIBRATION, layer_index, layer_partition
+from stagepipe.stages.requirements import needs
 
-TABLE = "sensitivity.json"
 BASE = ""  # the configuration with nothing truncated
-
-
-def searching(ctx: Context) -> bool:
-    return ctx.config.allocation.policy == "asvd_search"
 
 
 class SensitivityStage(Stage):
     name = "sensitivity"
-    version = 1
+    version = 2
     description = "calibration perplexity with one matrix truncated per candidate ratio (asvd_search)"
 
     def partitions(self, ctx: Context) -> list[str] | None:
-        return ctx.layer_partitions()
+        return artifacts.model_layers(ctx)
 
     def dependencies(self, ctx: Context, partition: str) -> list[PartitionRef]:
-        if not searching(ctx):
-            return []
         index = layer_index(partition)
-        deps = [PartitionRef("snapshot", ALL), PartitionRef("tokenize", CALIBRATION), PartitionRef("decompose", partition)]
+        deps = [artifacts.ref("snapshot"), artifacts.ref("tokenize", CALIBRATION), artifacts.ref("decompose", partition)]
         if index > 0:
-            deps.append(PartitionRef("capture", layer_partition(index - 1)))
-        if make_method(ctx.config.method).post_allocation:
-            deps.append(PartitionRef("capture", partition))  # ResSVD's stage-2 metric
+            deps.append(artifacts.ref("capture", index - 1))
+        if needs(ctx.config).method.post_allocation:
+            deps.append(artifacts.ref("capture", partition))  # the method's own input statistics
         return deps
 
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
-        if not searching(ctx):
-            return {"asvd_search": False}
-        alloc, method = ctx.config.allocation, ctx.config.method
-        return {"asvd_search": True, "candidates": alloc.candidates, "align": alloc.align, "windows": alloc.sensitivity_windows,
-                "modules": ctx.config.target.modules, "split": getattr(method, "split", None)}
-
-    def skip_reason(self, ctx: Context, partition: str) -> str | None:
-        return None if searching(ctx) else "allocation.policy is not asvd_search"
-
-    def run(self, ctx: Context, partition: str, out: Path, inputs: dict[PartitionRef, Path]) -> dict[str, Any]:
         alloc = ctx.config.allocation
-        index = layer_index(partition)
-        runner = BlockRunner(inputs[PartitionRef("snapshot", ALL)] / "model", resolve_device(ctx.config.model.device),
+        return {"candidates": alloc.candidates, "align": alloc.align, "windows": alloc.sensitivity_windows,
+                "modules": ctx.config.target.modules, "method": needs(ctx.config).method.rank_options()}
+
+    def run(self, ctx: Context, work: Work) -> dict[str, Any]:
+        alloc = ctx.config.allocation
+        index = layer_index(work.partition)
+        runner = BlockRunner(artifacts.model_dir(work.input("snapshot")), resolve_device(ctx.config.model.device),
                              torch.float32)
-        ids = calibration_ids(inputs)[: alloc.sensitivity_windows]
+        ids = artifacts.read_windows(work.input("tokenize", CALIBRATION))[: alloc.sensitivity_windows]
         batch = ctx.config.runtime.batch_size
-        start = torch.cat([h.to(runner.device, torch.float32) for _, h in block_inputs(runner, index, ids, inputs, batch)])
+        previous = work.input("capture", layer_partition(index - 1)) if index > 0 else None
+        start = torch.cat([h.to(runner.device, torch.float32)
+                           for _, h in artifacts.block_inputs(runner, index, ids, previous, batch)])
         prefix = runner.layout.layer_prefix(index)
         linears = block_linears(runner.load_block(index), ctx.config.target.modules)
         weights = {n: weight_matrix(m).detach().to(torch.float64).clone() for n, m in linears.items()}
@@ -92,7 +78,7 @@ class SensitivityStage(Stage):
                 if rank is not None:
                     kept_by_rank.setdefault((name, rank), []).append(kept)
         configs: list[tuple[str, int]] = [(BASE, 0), *kept_by_rank]
-        approximate = self._approximations(ctx, inputs, partition, weights)
+        approximate = self._approximations(ctx, work, weights)
         per_state = start.numel() * start.element_size()
         group = max(1, int(alloc.sensitivity_memory_gb * 2**30 // per_state))
         ppl: dict[tuple[str, int], float] = {}
@@ -102,29 +88,28 @@ class SensitivityStage(Stage):
         table: dict[str, list[dict[str, Any]]] = {}
         for (name, rank), kepts in kept_by_rank.items():
             table.setdefault(prefix + name, []).extend({"kept": k, "rank": rank, "ppl": ppl[(name, rank)]} for k in kepts)
-        (out / TABLE).write_text(json.dumps({"base_ppl": ppl[(BASE, 0)], "matrices": table}, indent=1, sort_keys=True))
+        artifacts.write_sensitivity(work.out, ppl[(BASE, 0)], table)
         return {"base_ppl": ppl[(BASE, 0)], "evaluations": len(configs), "windows": len(ids),
                 "most_sensitive": max(((v, k) for k, v in ppl.items() if k[0]), default=(None, None))[1]}
 
     @staticmethod
-    def _approximations(ctx: Context, inputs: dict[PartitionRef, Path], partition: str, weights: dict[str, torch.Tensor]):
+    def _approximations(ctx: Context, work: Work, weights: dict[str, torch.Tensor]):
         """``approximate(name, rank)``: the dense m×n matrix the method's rank-r factors stand for."""
-        method = make_method(ctx.config.method)
-        spectra = decomposed_spectra(inputs[PartitionRef("decompose", partition)], list(weights))
+        method = needs(ctx.config).method
+        spectra = artifacts.read_weighted_svd(work.input("decompose", work.partition), list(weights))
         if not method.post_allocation:
             return lambda name, rank: spectra[name].reconstruct(rank)
-        stats = load_input_stats(inputs[PartitionRef("capture", partition)])
-        cfg = ctx.config.method
-        roots: dict[str, Any] = {}  # stage-2 metric root per matrix, factorised once for all its candidates
+        stats = artifacts.read_input_stats(work.input("capture", work.partition))
+        roots: dict[str, Any] = {}  # input-side metric root per matrix, factorised once for all its candidates
 
-        def two_stage(name: str, rank: int) -> torch.Tensor:
+        def own_factors(name: str, rank: int) -> torch.Tensor:
             w = weights[name]
             if name not in roots:
-                roots[name] = factor_metric(method.metrics(name, tuple(w.shape), stats).right, cfg.floor_rel, name)
-            up, down, _ = residual_factors(w, roots[name], rank, cfg.split)
+                roots[name] = factor_metric(method.metrics(name, tuple(w.shape), stats).right, ctx.config.method.floor_rel, name)
+            up, down, _ = method.factors(w, roots[name], rank)
             return up @ down
 
-        return two_stage
+        return own_factors
 
     @staticmethod
     def _perplexities(runner: BlockRunner, index: int, ids: torch.Tensor, start: torch.Tensor,

@@ -1,17 +1,18 @@
 """``snapshot``: load the model from its source once and save it as a local HF directory.
 
 Every later stage reads weights from here (one block at a time), so a GGUF model is dequantised
-once and a hub model is downloaded once. The manifest records the source fingerprint, the
-architecture and the parameter count used by all ratio accounting.
+once and a hub model is downloaded once. The results record the architecture and the parameter
+count used by all ratio accounting; every stage that reads the model depends on this one, so
+its content digest is the model fingerprint in their keys.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from stagepipe.engine.stage import Context, PartitionRef, Stage
+from stagepipe.engine.stage import Context, Stage, Work
 from stagepipe.models.sources import load_model, source_fingerprint
+from stagepipe.stages import artifacts
 
 
 class SnapshotStage(Stage):
@@ -23,9 +24,9 @@ class SnapshotStage(Stage):
         spec = ctx.config.model
         return {"model": spec.model_dump(mode="json", exclude={"device", "shape_hint"}), "source": source_fingerprint(spec)}
 
-    def run(self, ctx: Context, partition: str, out: Path, inputs: dict[PartitionRef, Path]) -> dict[str, Any]:
+    def run(self, ctx: Context, work: Work) -> dict[str, Any]:
         model, tokenizer = load_model(ctx.config.model)
-        target = out / "model"
+        target = artifacts.model_dir(work.out)
         model.save_pretrained(target, max_shard_size="2GB")
         tokenizer.save_pretrained(target)
         unique = {id(p): p.numel() for p in model.parameters()}

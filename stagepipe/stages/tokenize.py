@@ -16,19 +16,14 @@ import numpy as np
 from transformers import AutoTokenizer
 
 from stagepipe.data.text import load_text, text_identity
-from stagepipe.engine.stage import ALL, Context, PartitionRef, Stage
+from stagepipe.engine.stage import Context, PartitionRef, Stage, Work
 from stagepipe.errors import StagepipeError
-from stagepipe.io import zarr_io
-
-CALIBRATION = "calibration"
-
-
-def eval_partition(name: str) -> str:
-    return f"eval-{name}"
+from stagepipe.stages import artifacts
+from stagepipe.stages.artifacts import CALIBRATION, eval_partition
 
 
 def _token_ids(snapshot: Path, text: str) -> np.ndarray:
-    tokenizer = AutoTokenizer.from_pretrained(snapshot / "model")
+    tokenizer = AutoTokenizer.from_pretrained(artifacts.model_dir(snapshot))
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     return np.asarray(ids, dtype=np.int64)
 
@@ -42,7 +37,7 @@ class TokenizeStage(Stage):
         return [CALIBRATION] + [eval_partition(d.name) for d in ctx.config.evaluation.datasets]
 
     def dependencies(self, ctx: Context, partition: str) -> list[PartitionRef]:
-        return [PartitionRef("snapshot", ALL)]
+        return [artifacts.ref("snapshot")]
 
     def _dataset(self, ctx: Context, partition: str):
         return next(d for d in ctx.config.evaluation.datasets if eval_partition(d.name) == partition)
@@ -55,8 +50,9 @@ class TokenizeStage(Stage):
         return {"text": text_identity(self._dataset(ctx, partition).text), "seq_len": ev.seq_len,
                 "max_windows": ev.max_windows}
 
-    def run(self, ctx: Context, partition: str, out: Path, inputs: dict[PartitionRef, Path]) -> dict[str, Any]:
-        snapshot = inputs[PartitionRef("snapshot", ALL)]
+    def run(self, ctx: Context, work: Work) -> dict[str, Any]:
+        snapshot = work.input("snapshot")
+        partition = work.partition
         if partition == CALIBRATION:
             cal = ctx.config.calibration
             text, provenance = load_text(cal.text)
@@ -66,7 +62,7 @@ class TokenizeStage(Stage):
             rng = np.random.Generator(np.random.PCG64(cal.seed))
             offsets = rng.integers(0, len(ids) - cal.seq_len, size=cal.n_samples)
             windows = np.stack([ids[o : o + cal.seq_len] for o in offsets])
-            zarr_io.write_atomic(out / "tokens.zarr", {"input_ids": windows, "offsets": offsets})
+            artifacts.write_windows(work.out, windows, offsets)
             return {"n_windows": len(windows), "seq_len": cal.seq_len, "text_tokens": int(len(ids)), **provenance}
         ev = ctx.config.evaluation
         text, provenance = load_text(self._dataset(ctx, partition).text)
@@ -77,5 +73,5 @@ class TokenizeStage(Stage):
         if n == 0:
             raise StagepipeError(f"evaluation dataset {partition}: {len(ids)} tokens, fewer than seq_len {ev.seq_len}")
         windows = ids[: n * ev.seq_len].reshape(n, ev.seq_len)
-        zarr_io.write_atomic(out / "tokens.zarr", {"input_ids": windows})
+        artifacts.write_windows(work.out, windows)
         return {"n_windows": n, "seq_len": ev.seq_len, "text_tokens": int(len(ids)), **provenance}

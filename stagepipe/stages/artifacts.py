@@ -1,0 +1,290 @@
+"""Every on-disk output of the stages: partition names, file names, readers and writers.
+
+A stage imports this module, never a sibling stage: what ``refit`` reads is the list of functions
+it calls here. Layout of one finished partition ``stages/<stage>/<partition>/<key16>/``:
+
+==============  ======================  ====================================================
+stage           partition(s)            files
+==============  ======================  ====================================================
+snapshot        all                     ``model/`` (HF directory: config, safetensors, tokenizer)
+tokenize        calibration, eval-<d>   ``tokens.zarr`` (``input_ids`` n×T; ``offsets`` for calibration)
+capture         layer-NNN               ``hidden.zarr`` (block outputs n×T×d), ``groups.json``
+                                        (linear → first linear with the same input), ``stats.zarr``
+                                        (``gram.<g>``, ``abs_sum.<g>``, ``abs_max.<g>``; attr ``tokens``)
+fisher          head, layer-NNN         ``grad.zarr`` (∂loss/∂block input, n×T×d; not for layer 0),
+                                        ``fisher.safetensors`` (``<linear>.A|B|kfac_out|grad_sq``)
+decompose       layer-NNN               ``svd.safetensors`` (``<linear>.left|right|sigma``: full-rank
+                                        un-whitened factors and the weighted spectrum)
+sensitivity     layer-NNN               ``sensitivity.json`` (per matrix: kept, rank, ppl)
+allocate        all                     ``allocation.json`` (ranks, dropped energy, ratios)
+residual        layer-NNN               ``residual.safetensors`` (``<linear>.up|down`` at the rank)
+refit           layer-NNN               ``refit.safetensors`` (``<linear>.up``), ``hidden.zarr``
+                                        (the compressed model's block outputs)
+assemble        all                     ``model/`` (the low-rank HF directory)
+evaluate        dense, compressed       ``results.json``
+report          all                     ``report.json``, ``*.png``
+==============  ======================  ====================================================
+
+Each directory also holds ``manifest.json`` (written last); its ``info`` is part of the content
+that downstream keys hash, and ``read_results`` is how a stage reads another stage's ``info``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stagepipe.engine.stage import ALL, PartitionRef
+from stagepipe.io import manifest as manifest_io
+from stagepipe.io import safetensors_io, zarr_io
+from stagepipe.linalg import WeightedSVD
+from stagepipe.methods import LayerStats
+from stagepipe.models.blocks import BlockRunner
+
+# --------------------------------------------------------------------------- partitions
+CALIBRATION = "calibration"
+HEAD = "head"
+DENSE, COMPRESSED = "dense", "compressed"
+
+
+def layer_partition(index: int) -> str:
+    return f"layer-{index:03d}"
+
+
+def layer_index(partition: str) -> int:
+    return int(partition.split("-")[1])
+
+
+def layer_partitions(num_layers: int) -> list[str]:
+    return [layer_partition(i) for i in range(num_layers)]
+
+
+def model_layers(ctx: Any) -> list[str] | None:
+    """One partition per decoder layer, or ``None`` while the model's facts are unknown."""
+    return None if ctx.model is None else layer_partitions(int(ctx.model.num_hidden_layers))
+
+
+def eval_partition(name: str) -> str:
+    return f"eval-{name}"
+
+
+def ref(stage: str, partition: str | int = ALL) -> PartitionRef:
+    """A partition of a stage; an ``int`` names a decoder layer."""
+    return PartitionRef(stage, layer_partition(partition) if isinstance(partition, int) else partition)
+
+
+def read_results(directory: Path) -> dict[str, Any]:
+    """The results (``info``) a stage returned for one finished partition."""
+    return manifest_io.read(directory).info
+
+
+def read_manifest(directory: Path) -> manifest_io.Manifest:
+    """A finished partition's whole manifest: results and run facts (timings, peak memory)."""
+    return manifest_io.read(directory)
+
+
+# --------------------------------------------------------------------------- snapshot / assemble
+MODEL_DIR = "model"
+
+
+def model_dir(output: Path) -> Path:
+    """The HF model directory inside a ``snapshot`` or ``assemble`` output."""
+    return output / MODEL_DIR
+
+
+# --------------------------------------------------------------------------- tokenize
+TOKENS = "tokens.zarr"
+
+
+def write_windows(out: Path, windows: Any, offsets: Any | None = None) -> None:
+    arrays = {"input_ids": windows} if offsets is None else {"input_ids": windows, "offsets": offsets}
+    zarr_io.write_atomic(out / TOKENS, arrays)
+
+
+def read_windows(tokenize_output: Path) -> torch.Tensor:
+    """Token windows (n × T, int64) of a ``tokenize`` partition."""
+    return torch.from_numpy(zarr_io.read(tokenize_output / TOKENS, "input_ids"))
+
+
+# --------------------------------------------------------------------------- capture / refit hidden states
+HIDDEN = "hidden.zarr"
+STATS = "stats.zarr"
+GROUPS = "groups.json"
+
+
+def create_hidden(out: Path, shape: tuple[int, ...], dtype: str, batch: int) -> Any:
+    """The array of one block's outputs (the next block's inputs), written batch by batch."""
+    return zarr_io.create_array(out / HIDDEN, "hidden", shape, dtype, batch)
+
+
+def block_inputs(runner: BlockRunner, index: int, ids: torch.Tensor, previous: Path | None,
+                 batch: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (start, hidden inputs of block ``index``) per batch of windows: the embeddings for
+    block 0, else the outputs of block ``index-1`` stored in ``previous`` (a ``capture`` output for
+    the original model, a ``refit`` output for the compressed model's running inputs)."""
+    runner.prepare(ids)
+    if index == 0:
+        for start in range(0, len(ids), batch):
+            yield start, runner.embed(ids[start : start + batch])
+        return
+    array = zarr_io.open_array(previous / HIDDEN, "hidden")
+    for start in range(0, len(ids), batch):
+        yield start, zarr_io.read_rows(array, start, start + batch)
+
+
+def open_hidden(output: Path) -> Any:
+    return zarr_io.open_array(output / HIDDEN, "hidden")
+
+
+def write_input_stats(out: Path, stats: Mapping[str, torch.Tensor], tokens: int, groups: Mapping[str, str]) -> None:
+    if stats:
+        zarr_io.write_atomic(out / STATS, {k: v.cpu() for k, v in stats.items()}, attrs={"tokens": tokens})
+    (out / GROUPS).write_text(json.dumps(groups, indent=1, sort_keys=True))
+
+
+def read_input_stats(capture_output: Path) -> LayerStats:
+    """Input statistics of one block, keyed by every linear (shared tensors for shared inputs)."""
+    groups = json.loads((capture_output / GROUPS).read_text())
+    stats = LayerStats()
+    if not (capture_output / STATS).exists():
+        return stats
+    tokens = int(zarr_io.attrs(capture_output / STATS)["tokens"])
+    arrays = {k: torch.from_numpy(v) for k, v in zarr_io.read(capture_output / STATS).items()}
+    for name, group in groups.items():
+        stats.tokens[name] = tokens
+        for kind, target in (("gram", stats.gram), ("abs_sum", stats.abs_sum), ("abs_max", stats.abs_max)):
+            if f"{kind}.{group}" in arrays:
+                target[name] = arrays[f"{kind}.{group}"]
+    return stats
+
+
+# --------------------------------------------------------------------------- fisher
+GRAD = "grad.zarr"  # gradient of the loss w.r.t. the partition's *input* hidden states
+FISHER = "fisher.safetensors"
+
+
+def create_grad(out: Path, shape: tuple[int, ...], batch: int) -> Any:
+    return zarr_io.create_array(out / GRAD, "grad", shape, "float32", batch)
+
+
+def open_grad(output: Path) -> Any:
+    return zarr_io.open_array(output / GRAD, "grad")
+
+
+def write_fisher(out: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    safetensors_io.write_atomic(out / FISHER, {k: v.cpu().contiguous() for k, v in tensors.items()})
+
+
+def read_fisher(fisher_output: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """(statistics per linear ``{A, B, kfac_out, grad_sq}``, per-linear info such as unusable sides)."""
+    tensors = safetensors_io.read(fisher_output / FISHER)
+    fisher: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        name, _, kind = key.rpartition(".")
+        fisher.setdefault(name, {})[kind] = value
+    return fisher, read_results(fisher_output).get("linears", {})
+
+
+# --------------------------------------------------------------------------- decompose
+WEIGHTED_SVD = "svd.safetensors"
+
+
+def write_weighted_svd(out: Path, results: Mapping[str, WeightedSVD]) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    for name, result in results.items():
+        tensors[f"{name}.left"] = result.left.float().cpu()
+        tensors[f"{name}.right"] = result.right.float().cpu()
+        tensors[f"{name}.sigma"] = result.sigma.cpu()
+    safetensors_io.write_atomic(out / WEIGHTED_SVD, tensors)
+
+
+def read_weighted_svd(decompose_output: Path, names: list[str]) -> dict[str, WeightedSVD]:
+    """The full weighted SVD of each named linear, as ``decompose`` stored it (float64)."""
+    raw = safetensors_io.read(decompose_output / WEIGHTED_SVD, [f"{n}.{k}" for n in names for k in ("left", "right", "sigma")])
+    return {n: WeightedSVD(sigma=raw[f"{n}.sigma"].double(), left=raw[f"{n}.left"].double(),
+                           right=raw[f"{n}.right"].double()) for n in names}
+
+
+def read_spectra(decompose_output: Path) -> dict[str, tuple[int, int, torch.Tensor]]:
+    """(m, n, weighted σ) of every linear of one layer, in name order."""
+    linears = read_results(decompose_output)["linears"]
+    sigmas = safetensors_io.read(decompose_output / WEIGHTED_SVD, [f"{n}.sigma" for n in linears])
+    return {name: (*linears[name]["shape"], sigmas[f"{name}.sigma"]) for name in sorted(linears)}
+
+
+# --------------------------------------------------------------------------- sensitivity
+SENSITIVITY = "sensitivity.json"
+
+
+def write_sensitivity(out: Path, base_ppl: float, table: Mapping[str, list[dict[str, Any]]]) -> None:
+    (out / SENSITIVITY).write_text(json.dumps({"base_ppl": base_ppl, "matrices": table}, indent=1, sort_keys=True))
+
+
+def read_sensitivity(sensitivity_output: Path) -> dict[str, list[dict[str, Any]]]:
+    """Per full matrix name: ``[{kept, rank, ppl}, …]``."""
+    return json.loads((sensitivity_output / SENSITIVITY).read_text())["matrices"]
+
+
+# --------------------------------------------------------------------------- allocate
+ALLOCATION = "allocation.json"
+
+
+def write_allocation(out: Path, ranks: Mapping[str, int | None], dropped: Mapping[str, float],
+                     ratios: dict[str, Any], details: dict[str, Any] | None) -> None:
+    (out / ALLOCATION).write_text(json.dumps({"ranks": ranks, "dropped_energy": dropped, "ratios": ratios,
+                                              "search": details}, indent=1, sort_keys=True))
+
+
+def read_ranks(allocate_output: Path) -> dict[str, int | None]:
+    """Rank per target matrix (full names; ``None`` = left dense)."""
+    return json.loads((allocate_output / ALLOCATION).read_text())["ranks"]
+
+
+def block_ranks(ranks: Mapping[str, int | None], prefix: str) -> dict[str, int]:
+    """The factored linears of one block (full names under ``prefix``), keyed relative to the block."""
+    return {full[len(prefix):]: r for full, r in ranks.items() if full.startswith(prefix) and r is not None}
+
+
+# --------------------------------------------------------------------------- residual / refit: final factors
+RESIDUAL = "residual.safetensors"
+REFIT = "refit.safetensors"
+
+
+def write_factors(out: Path, file: str, tensors: Mapping[str, torch.Tensor]) -> None:
+    """``<linear>.up`` / ``<linear>.down`` tensors of ``residual`` (``RESIDUAL``) or ``refit`` (``REFIT``)."""
+    safetensors_io.write_atomic(out / file, tensors)
+
+
+def allocated_factors(decomposed: Path, residual: Path | None,
+                      ranks: Mapping[str, int]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(up, down) per block-relative linear at its allocated rank: ``residual``'s factors where that
+    stage ran, else ``decompose``'s weighted SVD truncated to the rank. The one reader of final
+    factors before ``refit``."""
+    if residual is not None:
+        raw = safetensors_io.read(residual / RESIDUAL, [f"{n}.{k}" for n in ranks for k in ("up", "down")])
+        return {n: (raw[f"{n}.up"].double(), raw[f"{n}.down"].double()) for n in ranks}
+    spectra = read_weighted_svd(decomposed, list(ranks))
+    return {n: spectra[n].factors(r) for n, r in ranks.items()}
+
+
+def read_refit(refit_output: Path) -> dict[str, torch.Tensor]:
+    """Refitted ``up`` factors per block-relative linear."""
+    return {key.removesuffix(".up"): value.double() for key, value in safetensors_io.read(refit_output / REFIT).items()}
+
+
+# --------------------------------------------------------------------------- evaluate / report
+RESULTS = "results.json"
+REPORT = "report.json"
+
+
+def write_rows(array: Any, start: int, value: torch.Tensor) -> None:
+    """Write one batch of rows (hidden states or gradients) into an array made here."""
+    zarr_io.write_rows(array, start, value)
+
+
+def read_rows(array: Any, start: int, stop: int) -> torch.Tensor:
+    return zarr_io.read_rows(array, start, stop)

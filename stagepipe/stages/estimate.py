@@ -1,0 +1,120 @@
+"""Predicted disk, RAM and GPU memory per stage, from the model's shapes (``run --dry-run``).
+
+One row per stage that ``run`` would execute (``requirements.needs``, the same list the engine
+gets), so the plan cannot drift from the DAG. Order-of-magnitude planning, not a promise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from stagepipe.stages.requirements import needs
+
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class Estimate:
+    stage: str
+    disk: float
+    ram: float
+    gpu: float
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """What the estimates need to know about the model and the run."""
+
+    d: int
+    ff: int
+    layers: int
+    embed: int
+    linears: list[tuple[int, int]]  # (m, n) of one block's linears
+
+    @classmethod
+    def of(cls, model_config: Any) -> Shapes:
+        d = int(model_config.hidden_size)
+        ff = int(getattr(model_config, "intermediate_size", None) or getattr(model_config, "n_inner", None) or 4 * d)
+        heads = int(model_config.num_attention_heads)
+        kv = int(getattr(model_config, "num_key_value_heads", heads) or heads)
+        kv_dim = d // heads * kv
+        tied = getattr(model_config, "tie_word_embeddings", False)
+        return cls(d=d, ff=ff, layers=int(model_config.num_hidden_layers),
+                   embed=int(model_config.vocab_size) * d * (1 if tied else 2),
+                   linears=[(d, d), (kv_dim, d), (kv_dim, d), (d, d), (ff, d), (ff, d), (d, ff)])
+
+    @property
+    def block(self) -> int:
+        return sum(m * n for m, n in self.linears)
+
+    @property
+    def params(self) -> int:
+        return self.layers * self.block + self.embed
+
+
+def estimate(config: Any, model_config: Any) -> list[Estimate]:
+    """One ``Estimate`` per stage of ``needs(config).stage_names()``, in that order."""
+    s = Shapes.of(model_config)
+    need = needs(config)
+    w, act = BYTES[config.model.dtype], BYTES[config.runtime.activation_dtype]
+    k, t, b = config.calibration.n_samples, config.calibration.seq_len, config.runtime.batch_size
+    on_gpu = config.model.device != "cpu"
+    gpu = (lambda value: value) if on_gpu else (lambda value: 0)
+    hidden = k * t * s.d * act
+    grams = (s.d * s.d * 3 + s.ff * s.ff) * 8  # distinct inputs: attn-in, o-in, mlp-in, down-in
+    batch_act = b * t * (3 * s.d + 2 * s.ff) * 4
+    model_ram = s.block * w + s.embed * w
+    svd_ram = 8 * 8 * max(s.ff, s.d) ** 2
+    rows: dict[str, Estimate] = {
+        "snapshot": Estimate("snapshot", s.params * w, s.params * w * 2, 0, f"{s.params / 1e9:.2f} B parameters"),
+        "tokenize": Estimate("tokenize", k * t * 8, k * t * 8, 0),
+        "capture": Estimate("capture", s.layers * (hidden + grams), model_ram + batch_act + grams,
+                            gpu(s.block * w + batch_act + grams), f"{s.layers} × block inputs {hidden / 2**20:.0f} MB"),
+        "decompose": Estimate("decompose", s.layers * sum((m + n) * min(m, n) * 4 + min(m, n) * 8 for m, n in s.linears),
+                              model_ram + svd_ram, gpu(svd_ram), "float64 eigh + SVD of the largest matrix"),
+        "allocate": Estimate("allocate", 1e6, s.layers * sum(min(m, n) for m, n in s.linears) * 8, 0),
+        "assemble": Estimate("assemble", s.params * w * config.target.kept_fraction, s.block * 4 * 3, 0),
+        "evaluate": Estimate("evaluate", 1e5, s.params * 4 * 2, gpu(s.params * 4), "full model in fp32"),
+        "report": Estimate("report", 1e6, 2e8, 0, "report.json + plots"),
+    }
+    if need.fisher:
+        rows["fisher"] = _fisher(config, s, need, hidden, batch_act, model_ram, w, gpu)
+    if need.sensitivity:
+        alloc = config.allocation
+        windows = min(alloc.sensitivity_windows or k, k)
+        state = windows * t * s.d * 4
+        configs = 1 + len(s.linears) * len(alloc.candidates)
+        held = min(configs * state, max(state, alloc.sensitivity_memory_gb * 2**30))
+        ram = s.block * 4 + s.embed * 4 + held + batch_act
+        runs = configs * s.layers * (s.layers + 1) // 2
+        rows["sensitivity"] = Estimate("sensitivity", s.layers * 1e5, ram, gpu(ram - s.embed * 4),
+                                       f"≤ {configs} perplexities per layer; ≤ {runs} block passes of {windows} windows in all")
+    if need.residual:
+        rank_bytes = sum(m * n * config.target.kept_fraction * 4 for m, n in s.linears)
+        rows["residual"] = Estimate("residual", s.layers * rank_bytes, model_ram + svd_ram, gpu(svd_ram),
+                                    "two SVDs per matrix at the allocated rank")
+    if need.refit:
+        rows["refit"] = Estimate("refit", s.layers * hidden, model_ram * 2 + batch_act * 2, gpu(s.block * w * 2 + batch_act * 2),
+                                 "original + truncated block per layer; compressed-path block inputs")
+    return [rows[name] for name in need.stage_names()]
+
+
+def _fisher(config: Any, s: Shapes, need: Any, hidden: float, batch_act: float, model_ram: float, w: int, gpu) -> Estimate:
+    """Gradient statistics: K-FAC and squared gradients always; Kronecker factors for NKP metrics."""
+    method = config.method
+    k, t = config.calibration.n_samples, config.calibration.seq_len
+    kfac = sum(m * m + m * n for m, n in s.linears) * 8  # E[δδᵀ] and E[G⊙G], float64
+    disk = s.layers * (hidden + kfac)
+    ram = model_ram + 4 * batch_act + kfac * 2
+    if "nkp" not in need.method.gradient_stats:
+        return Estimate("fisher", disk, ram, gpu(s.block * w + 4 * batch_act + kfac * 2),
+                        "one backward pass per layer: K-FAC output factor + squared gradients")
+    factors = sum(m * m + n * n for m, n in s.linears) * 8
+    chunk = method.chunk_tokens or t
+    stored = k * -(-t // chunk) * chunk * sum(m + n for m, n in s.linears) * 4  # (D, X) per window, as the stage sizes it
+    mode = method.mode if method.mode != "auto" else ("stored" if stored <= method.memory_budget_gb * 2**30 else "streaming")
+    ram += factors * 3 + (stored if mode == "stored" else 0)
+    return Estimate("fisher", disk + s.layers * factors, ram, gpu(s.block * w + 4 * batch_act + factors * 3),
+                    f"{mode} gradients; {2 * method.max_sweeps} passes max per layer")

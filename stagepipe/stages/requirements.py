@@ -1,0 +1,42 @@
+"""Which stages a pipeline needs, asked of its method and policy objects (never of their names).
+
+The engine runs exactly ``Needs.stage_names()``; the dry-run estimate lists exactly the same
+names; a stage's dependencies name only stages that are part of the pipeline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from stagepipe.allocation import POLICIES
+from stagepipe.methods import Method, make_method
+
+#: every stage, in execution order
+ORDER = ("snapshot", "tokenize", "capture", "fisher", "decompose", "sensitivity", "allocate", "residual", "refit",
+         "assemble", "evaluate", "report")
+
+
+@dataclass(frozen=True)
+class Needs:
+    method: Method
+    capture: bool  # block-by-block forward: input statistics and/or stored block inputs
+    fisher: bool  # gradient statistics
+    sensitivity: bool  # the policy reads a per-matrix sensitivity table
+    residual: bool  # the method's factors depend on the allocated rank
+    refit: bool  # least-squares refit on propagated inputs
+
+    def stage_names(self) -> list[str]:
+        optional = {"capture": self.capture, "fisher": self.fisher, "sensitivity": self.sensitivity,
+                    "residual": self.residual, "refit": self.refit}
+        return [name for name in ORDER if optional.get(name, True)]
+
+
+def needs(config: Any) -> Needs:
+    method = make_method(config.method)
+    policy = POLICIES[config.allocation.policy]
+    refit = bool(config.method.refit)
+    # sensitivity starts from stored block inputs; refit reads the original model's block inputs
+    capture = bool(method.activation_stats) or method.needs_gradients or refit or policy.needs_sensitivity
+    return Needs(method=method, capture=capture, fisher=method.needs_gradients, sensitivity=policy.needs_sensitivity,
+                 residual=method.post_allocation, refit=refit)
