@@ -18,8 +18,8 @@ import torch
 import yaml
 
 from stagepipe.config import parse_pipeline
-from stagepipe.engine.runner import Runner
 from stagepipe.engine.stage import ALL, PartitionRef
+from stagepipe.stages import make_runner
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,11 +27,11 @@ ROOT = Path(__file__).resolve().parent.parent
 def measure(base: dict, samples: int, workspace: Path) -> dict:
     data = dict(base, name=f"cost_{samples}", calibration={**base["calibration"], "n_samples": samples})
     config = parse_pipeline(data, f"cost n_samples={samples}", ROOT / "pipelines")
-    runner = Runner(config, workspace)
+    runner = make_runner(config, workspace)
     started = time.time()
-    runner.run(force={"capture", "fisher", "decompose", "allocate", "assemble", "evaluate", "report", "snapshot", "tokenize"})
+    runner.run(force=set(runner.stages))
     wall = time.time() - started
-    report = json.loads((next(e for e in runner.evaluate() if e.ref == PartitionRef("report", ALL)).state.output / "report.json").read_text())
+    report = json.loads((next(e for e in runner.states() if e.ref == PartitionRef("report", ALL)).state.output / "report.json").read_text())
     return {"n_samples": samples, "seq_len": config.calibration.seq_len, "tokens": samples * config.calibration.seq_len,
             "total_wall_s": wall, "stages": report["stages"], "method": config.method.name}
 

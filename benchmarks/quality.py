@@ -20,8 +20,8 @@ from pathlib import Path
 import yaml
 
 from stagepipe.config import parse_pipeline
-from stagepipe.engine.runner import Runner
 from stagepipe.engine.stage import ALL, PartitionRef
+from stagepipe.stages import make_runner
 
 ROOT = Path(__file__).resolve().parent.parent
 #: options of methods other than the base file's (as in pipelines/smollm2_gfwsvd.yaml)
@@ -39,10 +39,10 @@ def run_point(base: dict, entry: str, kept: float, workspace: Path) -> dict:
     data = dict(base, name=f"grid_{method}_{kept}", method=method_block, allocation=allocation,
                 target={**base["target"], "kept_fraction": kept})
     config = parse_pipeline(data, f"grid {method}@{kept}", ROOT / "pipelines")
-    runner = Runner(config, workspace)
+    runner = make_runner(config, workspace)
     started = time.time()
     runner.run()
-    entries = {e.ref: e for e in runner.evaluate()}
+    entries = {e.ref: e for e in runner.states()}
     report = json.loads((entries[PartitionRef("report", ALL)].state.output / "report.json").read_text())
     return {"method": entry, "kept_requested": kept, "ratios": report["ratios"], "perplexity": report["perplexity"],
             "repairs": len(report["repairs"]), "fallbacks": len(report["fallbacks"]), "wall_s": time.time() - started,

@@ -42,7 +42,7 @@ def factored_params(m: int, n: int, rank: int | None) -> int:
 
 
 class RatioReport(BaseModel):
-    """Achieved kept fractions under the three accountings (algorithms notes §6.7)."""
+    """Achieved kept fractions under the three accountings."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

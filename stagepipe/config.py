@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 
-from stagepipe.allocation import POLICIES
+from stagepipe.allocation import DEFAULT_POLICY, POLICIES
 from stagepipe.errors import ConfigError
 from stagepipe.methods import METHODS
 from stagepipe.schema import Strict
@@ -157,7 +157,7 @@ def _union(classes: list[type[Strict]], tag: str) -> Any:
 
 #: every registered method's config, told apart by ``name`` (each method module owns its model)
 MethodConfig = _union([m.config for m in METHODS.values()], "name")
-#: every registered policy's config, told apart by ``policy`` (default ``uniform``)
+#: every registered policy's config, told apart by ``policy`` (default ``DEFAULT_POLICY``)
 AllocationConfig = _union([p.config for p in POLICIES.values()], "policy")
 
 
@@ -199,7 +199,7 @@ class PipelineConfig(Strict):
     calibration: CalibrationConfig
     method: MethodConfig
     target: TargetConfig
-    allocation: AllocationConfig = Field(default_factory=lambda: POLICIES["uniform"].config(policy="uniform"))
+    allocation: AllocationConfig = Field(default_factory=lambda: POLICIES[DEFAULT_POLICY].config(policy=DEFAULT_POLICY))
     evaluation: EvaluationConfig
     runtime: RuntimeConfig = RuntimeConfig()
     executor: ExecutorConfig = ExecutorConfig()
@@ -207,9 +207,9 @@ class PipelineConfig(Strict):
     @model_validator(mode="before")
     @classmethod
     def _default_policy(cls, data: Any) -> Any:
-        """``allocation`` without a ``policy`` means ``uniform``."""
+        """``allocation`` without a ``policy`` means the default policy."""
         if isinstance(data, dict) and isinstance(data.get("allocation"), dict) and "policy" not in data["allocation"]:
-            data = {**data, "allocation": {"policy": "uniform", **data["allocation"]}}
+            data = {**data, "allocation": {"policy": DEFAULT_POLICY, **data["allocation"]}}
         return data
 
 

@@ -4,7 +4,7 @@ The empirical Fisher of a linear (m×n) from K per-sequence weight gradients ``G
 ``F = (1/K) Σ vec(G_k) vec(G_k)ᵀ`` (column-major vec). Its nearest Kronecker product
 ``F ≈ B ⊗ A`` (A: m×m output side, B: n×n input side) is the top singular pair of the rearranged
 operator ``R = (1/K) Σ G_k ⊗ G_k``, found by alternating power iteration with matrix-free products
-(algorithms notes §2.10.2)::
+(docs/methods.md)::
 
     A ← (1/K) Σ G_k B G_kᵀ ;  A ← A / ‖A‖_F
     B ← (1/K) Σ G_kᵀ A G_k          (then F ≈ B ⊗ A with ‖A‖_F = 1)
@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from stagepipe.linalg import factor_metric, psd_floor, weighted_svd
 
 GradientBatch = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # G (b, m, n) or (D, X)
 GradientSource = Callable[[], Iterator[dict[str, GradientBatch]]]
@@ -114,22 +116,6 @@ def nkp_power_iteration(source: GradientSource, warm_b: dict[str, torch.Tensor],
     return results
 
 
-def _psd_floor(matrix: torch.Tensor, floor_rel: float) -> tuple[torch.Tensor, dict[str, Any]]:
-    eigenvalues, basis = torch.linalg.eigh(matrix)
-    lam_max = float(eigenvalues.max())
-    lam_min = float(eigenvalues.min())
-    floor = floor_rel * lam_max
-    floored = eigenvalues < floor
-    repaired = eigenvalues.clamp(min=floor)
-    info = {
-        "eig_max": lam_max, "eig_min": lam_min, "n_negative": int((eigenvalues < 0).sum()),
-        "floored_fraction": float(floored.double().mean()),
-        "cond_before": lam_max / lam_min if lam_min > 0 else float("inf"),
-        "cond_after": lam_max / float(repaired.min()),
-    }
-    return (basis * repaired) @ basis.T, info
-
-
 def clean_factors(a: torch.Tensor, b: torch.Tensor, floor_rel: float) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, Any]]:
     """Symmetrise, fix the joint sign (tr A > 0), normalise tr A = m (scale moved into B) and project
     each factor onto the PSD cone with a relative eigenvalue floor.
@@ -152,11 +138,11 @@ def clean_factors(a: torch.Tensor, b: torch.Tensor, floor_rel: float) -> tuple[t
     if trace_a > 0:
         scale = trace_a / a.shape[0]
         a, b = a / scale, b * scale
-        out_a, info["A"] = _psd_floor(a, floor_rel)
+        out_a, info["A"] = psd_floor(a, floor_rel, "A")
     else:
         info["A_unusable"] = f"trace {trace_a:.3e} after sign fix"
     if float(torch.trace(b)) > 0 and float(torch.linalg.eigvalsh(b).max()) > 0:
-        out_b, info["B"] = _psd_floor(b, floor_rel)
+        out_b, info["B"] = psd_floor(b, floor_rel, "B")
     else:
         info["B_unusable"] = f"trace {float(torch.trace(b)):.3e}: no positive mass"
     return out_a, out_b, info
@@ -176,8 +162,6 @@ def diagnostics(grads: torch.Tensor, a: torch.Tensor, b: torch.Tensor, weight: t
     GFWSVD truncation ``Δ``: the Kronecker-predicted loss increase ``½ Σ dropped σ̃²`` against the
     full-Fisher quadratic ``½ vec(Δ)ᵀ F vec(Δ)``, plus the same full-Fisher quadratic for plain SVD.
     """
-    from stagepipe.linalg import factor_metric, weighted_svd
-
     fisher = full_fisher(grads)
     kron = torch.kron(b.double(), a.double())
     result = weighted_svd(weight, factor_metric(a, floor_rel), factor_metric(b, floor_rel))

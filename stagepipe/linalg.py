@@ -3,7 +3,7 @@
 For a weight ``W`` (m×n, out×in), a left metric ``A`` (m×m, output side) and a right metric ``B``
 (n×n, input side) with square roots ``A = P Pᵀ`` and ``B = Q Qᵀ``, the rank-r minimiser of
 ``‖Pᵀ (W − Ŵ) Q‖_F²`` is ``Ŵ_r = P^{-T} U_r Σ_r V_rᵀ Q^{-1}`` where ``Pᵀ W Q = U Σ Vᵀ``; its loss is
-the sum of the dropped σ². The output-side root enters *transposed* (algorithms notes §1.2).
+the sum of the dropped σ². The output-side root enters *transposed* (docs/methods.md).
 
 Metrics are factorised in float64 by a symmetric eigen-decomposition with a *relative* eigenvalue
 floor (``λ ← max(λ, floor_rel·λ_max)``), which handles PSD-singular metrics such as a rank-deficient
@@ -82,7 +82,8 @@ def identity_root(dim: int) -> MetricRoot:
     return MetricRoot(dim=dim, kind="identity", repair={"kind": "identity"})
 
 
-def _floor(eigenvalues: Tensor, floor_rel: float, name: str) -> tuple[Tensor, dict[str, Any]]:
+def floor_eigenvalues(eigenvalues: Tensor, floor_rel: float, name: str) -> tuple[Tensor, dict[str, Any]]:
+    """``λ ← max(λ, floor_rel·λ_max)``, with the repair described for the manifest."""
     if not torch.isfinite(eigenvalues).all():
         raise MetricError(f"{name}: metric has non-finite entries")
     lam_max = float(eigenvalues.max())
@@ -114,7 +115,7 @@ def factor_metric(metric: Tensor | None, floor_rel: float, name: str = "metric")
         return None
     m = metric.detach().to(dtype=torch.float64)
     if m.ndim == 1:
-        repaired, repair = _floor(m, floor_rel, name)
+        repaired, repair = floor_eigenvalues(m, floor_rel, name)
         return MetricRoot(dim=m.numel(), kind="diagonal", scale=repaired.sqrt(), repair={"kind": "diagonal", **repair})
     if m.ndim != 2 or m.shape[0] != m.shape[1]:
         raise MetricError(f"{name}: expected a square matrix or a vector, got shape {tuple(m.shape)}")
@@ -122,9 +123,17 @@ def factor_metric(metric: Tensor | None, floor_rel: float, name: str = "metric")
         raise MetricError(f"{name}: metric has non-finite entries")
     sym = 0.5 * (m + m.T)
     eigenvalues, basis = torch.linalg.eigh(sym)
-    repaired, repair = _floor(eigenvalues, floor_rel, name)
+    repaired, repair = floor_eigenvalues(eigenvalues, floor_rel, name)
     return MetricRoot(dim=m.shape[0], kind="dense", scale=repaired.sqrt(), basis=basis,
                       repair={"kind": "dense", **repair})
+
+
+def psd_floor(matrix: Tensor, floor_rel: float, name: str = "matrix") -> tuple[Tensor, dict[str, Any]]:
+    """The symmetric ``matrix`` projected onto the PSD cone with a relative eigenvalue floor
+    (``U diag(max(λ, floor)) Uᵀ``), and the repair."""
+    eigenvalues, basis = torch.linalg.eigh(matrix)
+    repaired, repair = floor_eigenvalues(eigenvalues, floor_rel, name)
+    return (basis * repaired) @ basis.T, repair
 
 
 @dataclass(frozen=True)

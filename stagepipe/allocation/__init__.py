@@ -8,7 +8,15 @@ import importlib
 import pkgutil
 from typing import Any
 
-from stagepipe.allocation.base import POLICIES, Candidate, MatrixSpectrum, Policy, PolicyConfig, register
+from stagepipe.allocation.base import (
+    DEFAULT_POLICY,
+    POLICIES,
+    Candidate,
+    MatrixSpectrum,
+    Policy,
+    PolicyConfig,
+    register,
+)
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name != "base":
@@ -21,4 +29,4 @@ def make_policy(cfg: Any, sensitivity: list[Candidate] | None = None) -> Policy:
     return POLICIES[cfg.policy].from_config(cfg, sensitivity)
 
 
-__all__ = ["POLICIES", "Candidate", "MatrixSpectrum", "Policy", "PolicyConfig", "make_policy", "register"]
+__all__ = ["DEFAULT_POLICY", "POLICIES", "Candidate", "MatrixSpectrum", "Policy", "PolicyConfig", "make_policy", "register"]

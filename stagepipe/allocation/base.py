@@ -75,6 +75,8 @@ def layer_of(name: str) -> int:
 
 
 POLICIES: dict[str, type[Policy]] = {}
+#: the policy of a pipeline whose ``allocation`` block names none
+DEFAULT_POLICY = "uniform"
 
 
 def register(cls: type[Policy]) -> type[Policy]:

@@ -2,7 +2,7 @@
 
 zarr 3.1 has no bfloat16: such arrays are stored as their ``uint16`` bit pattern with the attribute
 ``logical_dtype = "bfloat16"`` and viewed back on read. Arrays are uncompressed by default: float
-statistics barely compress and compression halves write speed (ecosystem notes §4.1).
+statistics barely compress and compression halves write speed.
 """
 
 from __future__ import annotations
