@@ -63,3 +63,24 @@ def test_every_bundled_pipeline_is_valid(path: Path) -> None:
 
     config = load_pipeline(path)
     assert config.method.name in METHODS
+
+
+def test_operating_system_errors_are_one_line(write_pipeline, tmp_path: Path) -> None:
+    """A workspace that cannot be created (here: below a regular file; likewise a read-only
+    mount) is reported with its path in one line, not a traceback."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = CliRunner().invoke(main, ["run", str(write_pipeline()), "-w", str(blocker / "ws")])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert lines[0].startswith("error: ") and str(blocker) in lines[0]
+
+
+def test_methods_command_lists_the_registries() -> None:
+    from stagepipe.allocation import POLICIES
+    from stagepipe.methods import METHODS
+
+    result = CliRunner().invoke(main, ["methods"])
+    assert result.exit_code == 0
+    listed = {line.split()[0] for line in result.output.splitlines() if line.startswith("  ")}
+    assert listed == set(METHODS) | set(POLICIES)

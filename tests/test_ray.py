@@ -10,6 +10,7 @@ import pytest
 
 from stagepipe.config import load_pipeline
 from stagepipe.engine.executors import RayExecutor
+from stagepipe.io import manifest as manifest_io
 from stagepipe.io.hashing import sha256_file
 from stagepipe.stages import make_runner
 
@@ -22,16 +23,26 @@ def shards(ws: Path) -> dict[str, str]:
     return {p.name: sha256_file(p) for p in sorted(model.glob("*.safetensors"))}
 
 
+def keys_and_digests(ws: Path) -> dict[str, tuple[str, str]]:
+    """Every partition's key and content digest (report excluded: it records per-stage timings)."""
+    out = {}
+    for path in sorted(ws.glob("stages/*/*/*/manifest.json")):
+        manifest = manifest_io.read(path.parent)
+        if manifest.stage != "report":
+            out[f"{manifest.stage}@{manifest.partition}"] = (manifest.key, manifest.content_digest())
+    return out
+
+
 @pytest.fixture
-def reference(write_pipeline, tmp_path: Path) -> tuple[Path, dict[str, str]]:
+def reference(write_pipeline, tmp_path: Path) -> tuple[Path, dict[str, str], dict[str, tuple[str, str]]]:
     pipeline = write_pipeline(executor={"kind": "ray", "num_cpus_per_task": 1, "num_gpus_per_task": 1})
     ws = tmp_path / "local"
     make_runner(load_pipeline(pipeline), ws).run()
-    return pipeline, shards(ws)
+    return pipeline, shards(ws), keys_and_digests(ws)
 
 
 def test_ray_run_is_bit_identical_to_in_process(reference, tmp_path: Path) -> None:
-    pipeline, expected = reference
+    pipeline, expected, keys = reference
     ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
     try:
         config = load_pipeline(pipeline)
@@ -40,6 +51,7 @@ def test_ray_run_is_bit_identical_to_in_process(reference, tmp_path: Path) -> No
         results = make_runner(config, ws).run(executor=executor)
         assert all(r.ok for r in results) and len({r.ref for r in results}) == len(results)
         assert shards(ws) == expected
+        assert keys_and_digests(ws) == keys  # same keys everywhere: run metadata never enters a key
     finally:
         ray.shutdown()
 
@@ -47,7 +59,7 @@ def test_ray_run_is_bit_identical_to_in_process(reference, tmp_path: Path) -> No
 def test_node_removed_mid_decompose_run_completes(reference, tmp_path: Path, monkeypatch) -> None:
     from ray.cluster_utils import Cluster
 
-    pipeline, expected = reference
+    pipeline, expected, keys = reference
     flag = tmp_path / "hung"
     monkeypatch.setenv("STAGEPIPE_TEST_HANG_IN", "decompose@layer-001")
     monkeypatch.setenv("STAGEPIPE_TEST_HANG_ONCE", str(flag))
@@ -70,10 +82,11 @@ def test_node_removed_mid_decompose_run_completes(reference, tmp_path: Path, mon
         cluster.remove_node(victim)
         thread.join(timeout=240)
         assert not thread.is_alive()
-        assert any(r.ref == "decompose@layer-001" and r.ok for r in results)
-        assert {r.host for r in results if r.ok}  # every partition reported where it ran
+        retried = [r for r in results if r.ref == "decompose@layer-001" and r.ok]
+        assert retried and retried[0].node not in ("-", node_id)  # the retry ran on a surviving node
+        assert all(r.node != "-" for r in results)  # every partition reports the Ray node it ran on
         assert not list(ws.glob("stages/*/*/.tmp-*"))
-        assert shards(ws) == expected
+        assert shards(ws) == expected and keys_and_digests(ws) == keys
     finally:
         ray.shutdown()
         cluster.shutdown()

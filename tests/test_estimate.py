@@ -1,0 +1,61 @@
+"""The dry-run estimate: one row per stage that ``run`` executes, for every method and policy."""
+
+from __future__ import annotations
+
+import pytest
+
+from stagepipe.allocation import POLICIES
+from stagepipe.config import parse_pipeline
+from stagepipe.methods import METHODS
+from stagepipe.stages import build_pipeline
+from stagepipe.stages.estimate import estimate
+from tests.conftest import TINY, merge
+
+MODEL = {"num_hidden_layers": 30, "hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,
+         "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True}
+REQUIRED = {"mixed": {"left": "kfac_out", "right": "gram"}}
+
+
+def config(method: str, policy: str = "uniform", **method_options):
+    data = merge(TINY, {"method": {"name": method, **REQUIRED.get(method, {}), **method_options},
+                        "allocation": {"policy": policy, "align": 4}})
+    return parse_pipeline(data, "test", ".")
+
+
+class Shape:
+    def __init__(self, **fields) -> None:
+        self.__dict__.update(fields)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_plan_rows_are_exactly_the_pipeline_stages(method: str, policy: str) -> None:
+    cfg = config(method, policy)
+    rows = estimate(cfg, Shape(**MODEL))
+    assert [r.stage for r in rows] == build_pipeline(cfg).names
+    assert all(r.disk >= 0 and r.ram >= 0 for r in rows)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_gradient_methods_plan_a_real_fisher_stage(method: str) -> None:
+    cfg = config(method)
+    rows = {r.stage: r for r in estimate(cfg, Shape(**MODEL))}
+    needs_gradients = bool(METHODS[method](cfg.method).gradient_stats)
+    assert ("fisher" in rows) == needs_gradients
+    if needs_gradients:  # fwsvd and kfac_svd were once planned as "no-op, 0 RAM"
+        assert rows["fisher"].disk > 0 and rows["fisher"].ram > 0
+
+
+def test_optional_stages_follow_the_options() -> None:
+    assert "refit" in build_pipeline(config("svdllm", refit=True)).names
+    assert "refit" not in build_pipeline(config("svdllm")).names
+    assert "capture" not in build_pipeline(config("svd")).names
+    assert "capture" in build_pipeline(config("svd", "asvd_search")).names  # the search starts from block inputs
+    assert "residual" in build_pipeline(config("ressvd")).names
+
+
+def test_gradient_storage_mode_is_predicted_as_the_stage_decides() -> None:
+    small = {r.stage: r for r in estimate(config("gfwsvd", memory_budget_gb=100.0), Shape(**MODEL))}
+    large = {r.stage: r for r in estimate(config("gfwsvd", memory_budget_gb=1e-6), Shape(**MODEL))}
+    assert small["fisher"].note.startswith("stored") and large["fisher"].note.startswith("streaming")
+    assert small["fisher"].ram > large["fisher"].ram

@@ -1,0 +1,107 @@
+"""Models: layouts (Conv1D transposed), block-by-block execution, sources, the low-rank classes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from stagepipe.config import TinyModel
+from stagepipe.models.blocks import BlockRunner
+from stagepipe.models.layout import (
+    block_linear_shapes,
+    block_linears,
+    layout_for,
+    set_weight_matrix,
+    weight_matrix,
+)
+from stagepipe.models.sources import source_fingerprint
+from stagepipe.models.tiny import build_tiny
+
+
+def tiny(arch: str = "llama", **kw):
+    return build_tiny(TinyModel(source="tiny", arch=arch, num_layers=2, hidden=32, intermediate=48, **kw))
+
+
+def test_conv1d_weight_is_seen_as_out_by_in_and_written_back_transposed() -> None:
+    model, _ = tiny("gpt2")
+    conv = model.transformer.h[0].mlp.c_fc  # Conv1D stores (in, out) = (32, 48)
+    assert tuple(conv.weight.shape) == (32, 48) and tuple(weight_matrix(conv).shape) == (48, 32)
+    x = torch.randn(5, 32)
+    assert torch.allclose(conv(x), x @ weight_matrix(conv).T + conv.bias, atol=1e-6)
+    replacement = torch.randn(48, 32)
+    set_weight_matrix(conv, replacement)
+    assert torch.allclose(conv(x), x @ replacement.T + conv.bias, atol=1e-5)
+
+
+def test_block_linears_filters_by_regex_and_shapes_cover_every_block() -> None:
+    model, _ = tiny()
+    block = model.model.layers[0]
+    assert set(block_linears(block, None)) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                               "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+    assert set(block_linears(block, [r"mlp\."])) == {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+    shapes = block_linear_shapes(model.config)
+    assert len(shapes) == 14 and shapes["model.layers.1.mlp.down_proj"] == (32, 48)
+    assert shapes["model.layers.0.self_attn.k_proj"] == (16, 32)  # GQA: 2 kv heads of 8
+    assert layout_for("gpt2").layer_prefix(3) == "transformer.h.3."
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_blocks_run_one_at_a_time_reproduce_the_whole_model(arch: str, tmp_path: Path) -> None:
+    model, tokenizer = tiny(arch)
+    model.save_pretrained(tmp_path)
+    runner = BlockRunner(tmp_path, torch.device("cpu"), torch.float32)
+    ids = torch.randint(0, 200, (3, 16))
+    with torch.no_grad():
+        hidden = runner.embed(ids)
+        for i in range(runner.num_layers):
+            hidden = runner.run_block(runner.load_block(i), hidden)
+        ours = runner.logits(hidden)
+        reference = model(ids).logits
+    assert torch.allclose(ours, reference, atol=1e-5)
+    losses = runner.window_losses(hidden, ids)
+    expected = torch.nn.functional.cross_entropy(reference[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none").mean(1)
+    assert torch.allclose(losses, expected, atol=1e-5)
+
+
+def test_source_fingerprint_follows_the_content() -> None:
+    a = TinyModel(source="tiny", seed=0)
+    assert source_fingerprint(a) == source_fingerprint(TinyModel(source="tiny", seed=0, device="cpu"))
+    assert source_fingerprint(a) != source_fingerprint(TinyModel(source="tiny", seed=1))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_full_rank_lowrank_model_matches_dense(arch: str) -> None:
+    """Full-rank factors from a weighted SVD (non-trivial metrics) reproduce the dense logits."""
+    from stagepipe.config import TinyModel
+    from stagepipe.linalg import factor_metric, weighted_svd
+    from stagepipe.models import modeling_lowrank as ml
+    from stagepipe.models.layout import block_linear_shapes, weight_matrix
+    from stagepipe.models.tiny import build_tiny
+
+    dense, _ = build_tiny(TinyModel(source="tiny", arch=arch, num_layers=2, hidden=32, intermediate=48))
+    shapes = block_linear_shapes(dense.config)
+    ranks = {name: min(m, n) for name, (m, n) in shapes.items()}
+    config_cls, model_cls = (getattr(ml, c) for c in ml.LOWRANK_CLASSES[arch])
+    fields = {k: v for k, v in dense.config.to_dict().items() if k not in {"model_type", "architectures"}}
+    lowrank = model_cls(config_cls(lowrank_ranks=ranks, **fields)).eval()
+    state = {k: v for k, v in dense.state_dict().items()}
+    for name, (m, n) in shapes.items():
+        w = weight_matrix(dense.get_submodule(name)).detach().double()
+        g = torch.Generator().manual_seed(m * n)
+        x = torch.randn(n, 3 * n, generator=g, dtype=torch.float64)
+        result = weighted_svd(w, factor_metric(torch.rand(m, generator=g, dtype=torch.float64) + 0.1, 1e-9),
+                              factor_metric(x @ x.T, 1e-9))
+        up, down = result.factors(min(m, n))
+        state.pop(f"{name}.weight")
+        state[f"{name}.up.weight"], state[f"{name}.down.weight"] = up.float(), down.float()
+        if f"{name}.bias" in state:
+            state[f"{name}.up.bias"] = state.pop(f"{name}.bias")
+    missing, unexpected = lowrank.load_state_dict(state, strict=False)
+    assert not unexpected and all("lm_head" in k for k in missing)
+    ids = torch.randint(0, 250, (2, 24))
+    with torch.no_grad():
+        assert (lowrank(ids).logits - dense(ids).logits).abs().max() < 1e-4
+
+
