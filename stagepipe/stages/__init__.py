@@ -43,6 +43,18 @@ def build_pipeline(config: Any) -> Pipeline:
     return Pipeline(config=config, stages=(*stages, ReportStage(upstream=stages)), discover=discover)
 
 
+def check_inputs(config: Any) -> None:
+    """Fail before any stage runs, with an ``InputError`` naming the key, if the model source or a
+    text file cannot be used (a key is computed only once its upstream is done, which is too late)."""
+    from stagepipe.data.text import text_identity
+    from stagepipe.models.sources import source_fingerprint
+
+    source_fingerprint(config.model)
+    text_identity(config.calibration.text, "calibration.text")
+    for index, dataset in enumerate(config.evaluation.datasets):
+        text_identity(dataset.text, f"evaluation.datasets[{index}].text")
+
+
 def make_runner(config: Any, workspace: Path, pipeline_path: str = "PIPELINE.yaml") -> Runner:
     """A driver for ``config`` in ``workspace`` (what the CLI runs)."""
     return Runner(build_pipeline(config), workspace, pipeline_path=pipeline_path, threads=config.runtime.threads)
@@ -78,4 +90,4 @@ def _config_from_source(spec_json: str) -> Any | None:
     return found
 
 
-__all__ = ["build_pipeline", "discover", "make_runner"]
+__all__ = ["build_pipeline", "check_inputs", "discover", "make_runner"]

@@ -45,9 +45,12 @@ class TokenizeStage(Stage):
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
         if partition == CALIBRATION:
             cal = ctx.config.calibration
-            return {"text": text_identity(cal.text), "n_samples": cal.n_samples, "seq_len": cal.seq_len, "seed": cal.seed}
+            return {"text": text_identity(cal.text, "calibration.text"), "n_samples": cal.n_samples, "seq_len": cal.seq_len,
+                    "seed": cal.seed}
         ev = ctx.config.evaluation
-        return {"text": text_identity(self._dataset(ctx, partition).text), "seq_len": ev.seq_len,
+        dataset = self._dataset(ctx, partition)
+        index = ev.datasets.index(dataset)
+        return {"text": text_identity(dataset.text, f"evaluation.datasets[{index}].text"), "seq_len": ev.seq_len,
                 "max_windows": ev.max_windows}
 
     def run(self, ctx: Context, work: Work) -> dict[str, Any]:
