@@ -20,13 +20,18 @@ def kill_point(name: str, ref: object | None = None) -> None:
     ``STAGEPIPE_TEST_KILL_AT=<point>[@<stage@part>]`` kills this process with SIGKILL the first
     time execution reaches that point (optionally only in that partition: ``ref``, else ``current``). Points are named where
     they are placed (``after-run``, ``before-rename``, ``sweep-saved``…); ``STAGEPIPE_TEST_KILL_SKIP=N``
-    lets the first N arrivals pass, so a test can kill at the N-th chunk write of an array.
+    lets the first N arrivals pass, so a test can kill at the N-th chunk write of an array;
+    ``STAGEPIPE_TEST_TRACE=<file>`` appends every arrival (point and partition) to the file.
     """
+    here = str(ref) if ref is not None else current
+    trace = os.environ.get("STAGEPIPE_TEST_TRACE")
+    if trace:  # the kill-point tests record every arrival of an uninterrupted run, then draw from them
+        with open(trace, "a") as handle:
+            handle.write(f"{name}\t{here}\n")
     wanted = os.environ.get("STAGEPIPE_TEST_KILL_AT")
     if not wanted:
         return
     point, _, where = wanted.partition("@")
-    here = str(ref) if ref is not None else current
     if point != name or (where and where != here):
         return
     skip = int(os.environ.get("STAGEPIPE_TEST_KILL_SKIP", "0"))

@@ -122,6 +122,8 @@ class Runner:
         if dry_run:
             return []
         executor = executor or LocalExecutor()
+        for path in self.ws.clean_dead_runs():
+            log.debug("removed %s (left by a task that is over)", path)
         run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         forced_done: set[PartitionRef] = set()
         submitted: set[PartitionRef] = set()

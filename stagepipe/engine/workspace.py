@@ -165,6 +165,31 @@ class Workspace:
             shutil.rmtree(tmp, ignore_errors=True)
         self.marker(ref, key).unlink(missing_ok=True)
 
+    def clean_dead_runs(self) -> list[Path]:
+        """Remove what crashed tasks left behind: temp and scratch directories and running markers
+        of tasks that are provably over (no marker, or a marker of a dead process on this host), and
+        resume directories of partitions that are committed. Finished outputs are never touched.
+        Call it with the driver lock held."""
+        removed: list[Path] = []
+        for directory in sorted((self.root / "stages").glob("*/*")):
+            for path in sorted(directory.glob(".*")):
+                kind, _, rest = path.name[1:].partition("-")
+                key16 = rest[:KEY_LEN]
+                marker = directory / f".running-{key16}.json"
+                over = not marker.exists() or self._owner_dead(marker)
+                committed = (directory / key16).is_dir()
+                if (kind in ("tmp", "scratch") and over) or (kind == "resume" and committed) or (
+                        kind == "running" and over and path == marker and committed):
+                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+                    removed.append(path)
+        return removed
+
+    @staticmethod
+    def _owner_dead(marker: Path) -> bool:
+        owner = json_io.read(marker)
+        return bool(owner) and owner.get("host") == socket.gethostname() and not pid_alive(
+            owner.get("pid"), owner.get("create_time"))
+
     # ------------------------------------------------------------------ driver lock
     def lock(self) -> DriverLock:
         return DriverLock(self.root)

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from stagepipe.faults import kill_point
 from stagepipe.io.hashing import list_files, sha256_file, sha256_json
 
 MANIFEST_NAME = "manifest.json"
@@ -79,6 +80,7 @@ def write_atomic(directory: Path, manifest: Manifest) -> Path:
         handle.write(manifest.model_dump_json(indent=1))
         handle.flush()
         os.fsync(handle.fileno())
+    kill_point("manifest-written")  # the manifest's temp file is complete, not yet in place
     os.replace(tmp, path)
     return path
 

@@ -11,6 +11,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from stagepipe.faults import kill_point
+
 
 def write_atomic(path: Path, tensors: Mapping[str, torch.Tensor]) -> Path:
     """Save contiguous CPU copies via a temp file and rename, with metadata ``{"format": "pt"}`` only.
@@ -23,6 +25,7 @@ def write_atomic(path: Path, tensors: Mapping[str, torch.Tensor]) -> Path:
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     clean = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
     save_file(clean, str(tmp), metadata={"format": "pt"})
+    kill_point("safetensors-written")  # the temp file is complete, the final name does not exist yet
     os.replace(tmp, path)
     return path
 

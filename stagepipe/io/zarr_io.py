@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import zarr
 
+from stagepipe.faults import kill_point
+
 LOGICAL_DTYPE = "logical_dtype"
 
 
@@ -42,6 +44,7 @@ def write_atomic(path: Path, arrays: Mapping[str, np.ndarray | torch.Tensor], at
                                    compressors=None, fill_value=0)
         array[...] = data
         array.attrs.update(extra)
+    kill_point("zarr-group-written")  # the whole group sits in its temp directory, not yet renamed
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)
@@ -72,6 +75,7 @@ def write_rows(array: zarr.Array, start: int, value: torch.Tensor | np.ndarray) 
             value = value.float()
         value = value.numpy()
     array[start : start + len(value)] = value.astype(array.dtype, copy=False)
+    kill_point("zarr-rows-written")  # some chunks of the array are written, the rest are not
 
 
 def _chunk_exists(array: zarr.Array, key: str) -> bool:
