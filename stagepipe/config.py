@@ -82,6 +82,7 @@ class TinyModel(_ModelBase):
     num_heads: int = Field(4, ge=1)
     num_kv_heads: int = Field(2, ge=1)
     max_positions: int = Field(512, ge=16)
+    init_std: float = Field(0.02, gt=0, description="std of the random weights (HF's initializer_range)")
     seed: int = 0
 
 

@@ -13,11 +13,22 @@ def test_reference_ranks_from_the_notes() -> None:
     assert rank_for_fraction(11008, 4096, 0.8, 1) == 2388
 
 
-def test_rank_is_aligned_and_below_break_even() -> None:
-    for m, n in [(64, 32), (576, 576), (192, 576), (1536, 576)]:
-        for kept in (0.3, 0.6, 0.9, 1.0):
-            r = rank_for_fraction(m, n, kept, 8)
-            assert r % 8 == 0 and r * (m + n) < m * n <= break_even_rank(m, n) * (m + n) + 1e-9
+def _scan(m: int, n: int, kept: float, align: int) -> int | None:
+    """The rule by brute force: the largest multiple of ``align`` whose factors store at most
+    ``kept·mn`` and strictly fewer than ``mn`` weights; at least ``align``; none if even that saves nothing."""
+    useful = [r for r in range(align, min(m, n) + 1, align) if r * (m + n) < m * n]
+    if not useful:
+        return None
+    fitting = [r for r in useful if r * (m + n) <= kept * m * n]
+    return max(fitting) if fitting else align
+
+
+@pytest.mark.parametrize("align", [1, 8, 32])
+def test_rank_for_fraction_equals_a_brute_force_scan(align: int) -> None:
+    for m, n in [(64, 32), (576, 576), (192, 576), (1536, 576), (40, 24)]:
+        for kept in (0.05, 0.3, 0.6, 0.9, 0.999, 1.0):
+            assert rank_for_fraction(m, n, kept, align) == _scan(m, n, kept, align), (m, n, kept, align)
+    assert break_even_rank(576, 1536) == pytest.approx(576 * 1536 / 2112)
 
 
 def test_matrix_without_saving_stays_dense() -> None:

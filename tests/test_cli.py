@@ -27,11 +27,18 @@ def test_config_errors_are_one_line_exit_2(write_pipeline, updates, expected) ->
     assert len(lines) == 1 and lines[0].startswith(f"error: {path}: ") and expected in lines[0], result.output
 
 
-def test_unknown_top_level_key_and_bad_yaml(tmp_path: Path) -> None:
+def test_unknown_top_level_key_and_bad_yaml(write_pipeline, tmp_path: Path) -> None:
+    typo = write_pipeline(evalution={"seq_len": 8})  # misspelt top-level block
+    result = CliRunner().invoke(main, ["status", str(typo)])
+    assert result.exit_code == 2 and result.output.strip() == (
+        f"error: {typo}: evalution: unknown key (check the spelling; see docs/user-guide.md for the schema)")
+    other_policy = write_pipeline(allocation={"policy": "uniform", "candidates": [0.5]})  # asvd_search's key
+    result = CliRunner().invoke(main, ["status", str(other_policy)])
+    assert result.exit_code == 2 and "allocation.candidates: unknown key" in result.output
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\n  model: [\n")
     result = CliRunner().invoke(main, ["status", str(bad)])
-    assert result.exit_code == 2 and "not valid YAML" in result.output
+    assert result.exit_code == 2 and f"error: {bad}: line 2: not valid YAML" in result.output
 
 
 def test_help_does_not_import_torch() -> None:

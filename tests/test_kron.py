@@ -125,12 +125,13 @@ def test_interrupted_power_iteration_resumes_from_the_last_sweep(tmp_path) -> No
             raise KeyboardInterrupt
         return source_of(grads)()
 
-    checkpoint = SweepCheckpoint(tmp_path / ".sweeps-x")
+    checkpoint = SweepCheckpoint(tmp_path / ".resume-x")
     with pytest.raises(KeyboardInterrupt):
         nkp_power_iteration(crashing_source, warm, 6, 0.0, on_sweep=checkpoint.save)
-    resumed_cp = SweepCheckpoint(tmp_path / ".sweeps-x")
+    assert [p.name for p in (tmp_path / ".resume-x").iterdir()] == ["state.safetensors"]  # one file: one atomic unit
+    resumed_cp = SweepCheckpoint(tmp_path / ".resume-x")
     start = resumed_cp.load()
     assert resumed_cp.loaded_sweep == 3
     resumed = nkp_power_iteration(source_of(grads), warm, 6, 0.0, start=start)["w"]
-    assert resumed.sweeps == 6 and len(resumed.history) == 6
-    assert torch.allclose(resumed.A, full.A) and torch.allclose(resumed.B, full.B)
+    assert resumed.sweeps == 6 and resumed.history == full.history
+    assert torch.equal(resumed.A, full.A) and torch.equal(resumed.B, full.B)  # exact resume, not allclose

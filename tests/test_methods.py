@@ -74,10 +74,17 @@ def test_method_closed_form_is_the_weighted_least_squares_optimum(key: str) -> N
             assert weighted_loss(W - (up + du) @ (down + dv), left, right) >= weighted_loss(delta, left, right) - 1e-9
 
 
-def test_kfac_shrinkage_is_recorded() -> None:
+def test_kfac_shrinkage_moves_both_metrics_toward_their_mean_eigenvalue_and_is_recorded() -> None:
+    plain = make_method(KFACSVDMethod(name="kfac_svd")).metrics("w", (M, N), stats())
     pair = make_method(KFACSVDMethod(name="kfac_svd", shrinkage=0.3)).metrics("w", (M, N), stats())
-    assert pair.notes["shrinkage"] == 0.3
-    assert torch.allclose(torch.trace(pair.right), torch.trace(X @ X.T / TOKENS))
+    assert pair.notes["shrinkage"] == 0.3 and "shrinkage" not in plain.notes
+    for shrunk, metric, dim in ((pair.left, D @ D.T / TOKENS, M), (pair.right, X @ X.T / TOKENS, N)):
+        expected = 0.7 * metric + 0.3 * torch.trace(metric) / dim * torch.eye(dim, dtype=torch.float64)
+        assert torch.allclose(shrunk, expected, atol=1e-12)
+        assert not torch.allclose(shrunk, metric, atol=1e-3)
+        # the spread of the spectrum shrinks by exactly 1 − λ
+        spread = lambda x: float(torch.linalg.eigvalsh(x).max() - torch.linalg.eigvalsh(x).min())  # noqa: E731
+        assert spread(shrunk) == pytest.approx(0.7 * spread(metric), rel=1e-9)
 
 
 def test_gfwsvd_unusable_side_falls_back_and_says_so() -> None:

@@ -58,12 +58,41 @@ def test_eval_change_keeps_decompose_method_change_redoes_it(write_pipeline, tmp
     assert {"decompose@layer-000", "decompose@layer-001", "allocate@all"} <= redone
 
 
-def test_gpt2_end_to_end(write_pipeline, tmp_path: Path) -> None:
-    pipeline = write_pipeline("gpt", model={"source": "tiny", "arch": "gpt2", "num_layers": 2, "hidden": 32,
-                                            "intermediate": 64, "num_heads": 4},
-                              method={"name": "svdllm", "refit": True})  # Conv1D through every stage
+GPT2 = {"source": "tiny", "arch": "gpt2", "num_layers": 2, "hidden": 32, "intermediate": 64, "num_heads": 4}
+
+
+def test_gpt2_factors_are_the_svdllm_optimum_of_the_conv1d_weight(write_pipeline, tmp_path: Path) -> None:
+    """GPT-2 stores Conv1D weights as (in, out). The assembled, reloaded factors must be the SVD-LLM
+    optimum of W = weightᵀ, computed here from the raw HF tensor and the captured Gram without
+    stagepipe's layout code; a transposition anywhere (square ``attn.c_proj`` included) fails."""
+    from transformers import AutoModelForCausalLM
+
+    from stagepipe.stages import artifacts
+
+    pipeline = write_pipeline("gpt", model=GPT2, method={"name": "svdllm"})
+    ws = tmp_path / "ws"
+    assert "perplexity compressed" in run_cli("run", str(pipeline), "-w", str(ws))
+    state = {ref: e.state.output for ref, e in entries(pipeline, ws).items()}
+    dense = AutoModelForCausalLM.from_pretrained(artifacts.model_dir(state[PartitionRef("snapshot", ALL)]))
+    low = AutoModelForCausalLM.from_pretrained(artifacts.model_dir(state[PartitionRef("assemble", ALL)]),
+                                               trust_remote_code=True)
+    stats = artifacts.read_input_stats(state[PartitionRef("capture", "layer-000")])
+    for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+        w = dense.transformer.h[0].get_submodule(name).weight.detach().double().T  # (out, in), by hand
+        factored = low.transformer.h[0].get_submodule(name)
+        up, down = factored.up.weight.detach().double(), factored.down.weight.detach().double()
+        rank = up.shape[1]
+        chol = torch.linalg.cholesky(stats.gram[name])
+        u, sigma, vh = torch.linalg.svd(w @ chol)
+        best = torch.linalg.solve_triangular(chol.T, ((u[:, :rank] * sigma[:rank]) @ vh[:rank]).T, upper=True).T
+        assert up.shape[0] == w.shape[0] and down.shape[1] == w.shape[1]
+        assert torch.allclose(up @ down, best, rtol=1e-4, atol=1e-5 * float(best.abs().max())), name
+
+
+def test_gpt2_refit_runs_through_every_stage(write_pipeline, tmp_path: Path) -> None:
+    pipeline = write_pipeline("gptrefit", model=GPT2, method={"name": "svdllm", "refit": True})
     out = run_cli("run", str(pipeline), "-w", str(tmp_path / "ws"))
-    assert "perplexity compressed" in out
+    assert "refit@layer-001" in ran(out) and "perplexity compressed" in out
 
 
 def test_layerwise_gradients_equal_full_model_per_sequence_gradients(write_pipeline, tmp_path: Path) -> None:

@@ -36,13 +36,14 @@ def build_tiny(spec: TinyModel) -> tuple[torch.nn.Module, PreTrainedTokenizerFas
             num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
             num_key_value_heads=spec.num_kv_heads, max_position_embeddings=spec.max_positions,
             tie_word_embeddings=False, bos_token_id=vocab - 2, eos_token_id=vocab - 1,
+            initializer_range=spec.init_std,
         )
         model = LlamaForCausalLM(config)
     else:
         config = GPT2Config(
             vocab_size=vocab, n_embd=spec.hidden, n_inner=spec.intermediate, n_layer=spec.num_layers,
             n_head=spec.num_heads, n_positions=spec.max_positions, bos_token_id=vocab - 2,
-            eos_token_id=vocab - 1,
+            eos_token_id=vocab - 1, initializer_range=spec.init_std,
         )
         model = GPT2LMHeadModel(config)
     return model.eval(), tokenizer
