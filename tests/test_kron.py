@@ -135,3 +135,26 @@ def test_interrupted_power_iteration_resumes_from_the_last_sweep(tmp_path) -> No
     resumed = nkp_power_iteration(source_of(grads), warm, 6, 0.0, start=start)["w"]
     assert resumed.sweeps == 6 and resumed.history == full.history
     assert torch.equal(resumed.A, full.A) and torch.equal(resumed.B, full.B)  # exact resume, not allclose
+
+
+def test_diagnostics_are_exact_on_an_exactly_kronecker_fisher() -> None:
+    """With G_k = √K · L_A E_k L_Bᵀ over all K = m·n unit matrices, F = B ⊗ A exactly: the NKP error is
+    0 and the Kronecker-predicted loss increase equals the full-Fisher quadratic. With B replaced by I
+    the error is ‖B − I‖/‖B‖ (‖X ⊗ Y‖ = ‖X‖‖Y‖) and the prediction no longer matches."""
+    from stagepipe.kron import diagnostics
+
+    m, n = 4, 3
+    a, b = spd(m, 11), spd(n, 12)
+    la, lb = torch.linalg.cholesky(a), torch.linalg.cholesky(b)
+    units = torch.eye(m * n, dtype=torch.float64).reshape(m * n, n, m).transpose(1, 2)  # E_k, column-major order
+    grads = (m * n) ** 0.5 * la @ units @ lb.T
+    assert torch.allclose(full_fisher(grads), torch.kron(b, a), atol=1e-12)
+    w = torch.randn(m, n, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    exact = diagnostics(grads, a, b, w, 2, 1e-12)
+    assert exact["nkp_rel_error"] < 1e-12
+    assert exact["predicted_loss_increase"] == pytest.approx(exact["full_fisher_loss_increase"], rel=1e-9)
+    assert exact["full_fisher_loss_increase"] < exact["full_fisher_loss_increase_plain_svd"]
+    wrong = diagnostics(grads, a, torch.eye(n, dtype=torch.float64), w, 2, 1e-12)
+    eye = torch.eye(n, dtype=torch.float64)
+    assert wrong["nkp_rel_error"] == pytest.approx(float(torch.linalg.norm(b - eye) / torch.linalg.norm(b)), rel=1e-9)
+    assert abs(wrong["predicted_loss_increase"] - wrong["full_fisher_loss_increase"]) > 1e-3 * wrong["full_fisher_loss_increase"]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 
 from stagepipe.cli import main
@@ -146,34 +147,155 @@ def test_gfwsvd_stored_equals_streaming(write_pipeline, tmp_path: Path) -> None:
         assert torch.allclose(factors["stored"][key], factors["streaming"][key], rtol=1e-6, atol=1e-9), key
 
 
-def test_gfwsvd_diagnostics_on_tiny_layers(write_pipeline, tmp_path: Path) -> None:
+def test_gfwsvd_diagnostics_cover_exactly_the_small_linears(write_pipeline, tmp_path: Path) -> None:
+    """Full-Fisher diagnostics run for the linears with m·n ≤ diagnostics_max_dim and no others
+    (the values themselves are tested against an exactly Kronecker Fisher in test_kron.py)."""
+    from stagepipe.models.layout import block_linear_shapes
+    from stagepipe.stages import artifacts
+
     pipeline = write_pipeline("diag", model={"source": "tiny", "arch": "llama", "num_layers": 1, "hidden": 16,
                                              "intermediate": 24, "num_heads": 2, "num_kv_heads": 1},
-                              method={"name": "gfwsvd", "mode": "stored", "diagnostics": True, "diagnostics_max_dim": 400})
+                              method={"name": "gfwsvd", "mode": "stored", "diagnostics": True, "diagnostics_max_dim": 300})
     ws = tmp_path / "ws"
     run_cli("run", str(pipeline), "-w", str(ws))
-    from stagepipe.io import manifest as manifest_io
+    state = entries(pipeline, ws)
+    info = artifacts.read_results(state[PartitionRef("fisher", "layer-000")].state.output)
+    diagnosed = {n for n, v in info["linears"].items() if "diagnostics" in v}
+    runner = make_runner(load_pipeline(pipeline), ws)
+    runner.states()
+    shapes = {k.removeprefix("model.layers.0."): v for k, v in block_linear_shapes(runner.ctx.model).items()}
+    assert diagnosed == {n for n, (m, k) in shapes.items() if m * k <= 300} == {
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"}
+    for name in diagnosed:
+        d = info["linears"][name]["diagnostics"]
+        assert 0 < d["nkp_rel_error"] < 1 and d["rank"] > 0 and d["full_fisher_loss_increase"] > 0
 
-    info = manifest_io.read(entries(pipeline, ws)[PartitionRef("fisher", "layer-000")].state.output).info
-    diag = {n: v["diagnostics"] for n, v in info["linears"].items() if "diagnostics" in v}
-    assert diag and all(0 <= d["nkp_rel_error"] <= 1.0 + 1e-9 for d in diag.values())
-    assert all(d["predicted_loss_increase"] >= 0 and d["full_fisher_loss_increase"] >= 0 for d in diag.values())
+
+def _results(state: dict, stage: str, partition: str = ALL) -> dict:
+    from stagepipe.stages import artifacts
+
+    return artifacts.read_results(state[PartitionRef(stage, partition)].state.output)
 
 
-@pytest.mark.parametrize("method,policy", [
-    ({"name": "svd"}, "last_k"),
-    ({"name": "svdllm_v2"}, "svdllm_v2"),
-    ({"name": "asvd", "alpha": 0.5, "scale": "max"}, "uniform"),
-    ({"name": "fwsvd", "sides": "both"}, "global_greedy"),
-    ({"name": "kfac_svd", "shrinkage": 0.1}, "uniform"),
-    ({"name": "gfwsvd", "max_sweeps": 2, "chunk_tokens": 16}, "global_greedy"),
-    ({"name": "gfwsvd", "max_sweeps": 2, "fisher_labels": "model"}, "uniform"),
-    ({"name": "mixed", "left": "fisher_nkp", "right": "gram", "max_sweeps": 2}, "uniform"),
-    ({"name": "ressvd", "split": 0.5}, "last_k"),
-    ({"name": "asvd"}, "asvd_search"),
-])
-def test_every_method_and_policy_runs_end_to_end(write_pipeline, tmp_path: Path, method: dict, policy: str) -> None:
-    pipeline = write_pipeline(f"m_{method['name']}", method=method, allocation={"policy": policy, "align": 4})
+def _ranks(state: dict) -> dict:
+    from stagepipe.stages import artifacts
+
+    return artifacts.read_ranks(state[PartitionRef("allocate", ALL)].state.output)
+
+
+def _uniform(state: dict, kept: float = 0.8, align: int = 4) -> dict:
+    from stagepipe.accounting import rank_for_fraction
+
+    shapes = {n: v["shape"] for p in ("layer-000", "layer-001") for n, v in _results(state, "decompose", p)["linears"].items()}
+    return {f"model.layers.{i}.{n}": rank_for_fraction(*shapes[n], kept, align) for i in (0, 1) for n in shapes}
+
+
+def _metrics(state: dict) -> set[str]:
+    return {v["metrics"] for v in _results(state, "decompose", "layer-000")["linears"].values()}
+
+
+def _check_last_k(state: dict) -> None:
+    ranks = _ranks(state)
+    assert all(r is None for n, r in ranks.items() if ".layers.0." in n)  # the first block stays dense
+    assert all(r is not None for n, r in ranks.items() if ".layers.1." in n)
+
+
+def _check_labels_from_the_model(state: dict, pipeline: Path, tmp_path: Path) -> None:
+    """Sampled labels give other gradients than the text's own (same pipeline, empirical labels)."""
+    from stagepipe.stages import artifacts
+
+    empirical = pipeline.with_name("empirical.yaml")
+    data = yaml.safe_load(pipeline.read_text())
+    data["method"]["fisher_labels"] = "empirical"
+    empirical.write_text(yaml.safe_dump(data))
+    ws = tmp_path / "empirical"
+    run_cli("run", str(empirical), "-w", str(ws), "--only", "snapshot", "--only", "tokenize", "--only", "capture",
+            "--only", "fisher")
+    theirs, _ = artifacts.read_fisher(entries(empirical, ws)[PartitionRef("fisher", "layer-001")].state.output)
+    ours, _ = artifacts.read_fisher(state[PartitionRef("fisher", "layer-001")].state.output)
+    assert not torch.allclose(ours["mlp.down_proj"]["kfac_out"], theirs["mlp.down_proj"]["kfac_out"], rtol=1e-2)
+
+
+def _check_metrics(expected: str):
+    def check(state: dict, *_) -> None:
+        assert _metrics(state) == {expected}
+    return check
+
+
+def _check_ranks_differ_from_uniform(state: dict, pipeline: Path, *_) -> None:
+    align = yaml.safe_load(pipeline.read_text())["allocation"]["align"]
+    assert _ranks(state) != _uniform(state, align=align)
+
+
+def _check_v2(state: dict, *_) -> None:
+    """The stored ranks are V2's allocation of the stored spectra, whose group losses differ (two
+    random layers are too alike for V2's flat score to move a rank, so the policy's own effect is
+    shown on heterogeneous spectra in test_allocation.py)."""
+    from stagepipe.allocation import POLICIES, MatrixSpectrum
+    from stagepipe.stages import artifacts
+
+    spectra = [MatrixSpectrum(f"model.layers.{i}.{n}", m, k, sigma) for i in (0, 1)
+               for n, (m, k, sigma) in artifacts.read_spectra(state[PartitionRef("decompose", f"layer-00{i}")].state.output).items()]
+    assert _ranks(state) == POLICIES["svdllm_v2"](1).allocate(spectra, 0.8)
+    dropped = _results(state, "allocate")  # per-matrix losses at the uniform rank are not all equal
+    assert len({round(float((s.sigma[12:] ** 2).sum()), 6) for s in spectra if s.name.endswith("q_proj")}) == 2
+    assert dropped["policy"] == "svdllm_v2"
+
+
+def _check_svd_last_k(state: dict, *_) -> None:
+    _check_last_k(state)
+    assert _metrics(state) == {"identity × identity"}
+
+
+def _check_fwsvd_greedy(state: dict, pipeline: Path, *_) -> None:
+    assert _metrics(state) == {"fisher_diag × fisher_diag"}
+    _check_ranks_differ_from_uniform(state, pipeline)
+
+
+def _check_shrinkage(state: dict, *_) -> None:
+    assert all(v["shrinkage"] == 0.1 for v in _results(state, "decompose", "layer-000")["linears"].values())
+
+
+def _check_chunks(state: dict, *_) -> None:
+    info = _results(state, "fisher", "layer-000")
+    assert info["K"] == 6 * 2  # 6 windows of 32 tokens in chunks of 16
+    assert all(v["sweeps"] <= 2 for v in info["linears"].values())
+
+
+def _check_ressvd(state: dict, *_) -> None:
+    _check_last_k(state)
+    for v in _results(state, "residual", "layer-001")["linears"].values():
+        assert v["r1"] == int(0.5 * v["rank"] + 0.5) and v["r1"] + v["r2"] == v["rank"]
+
+
+def _check_search(state: dict, pipeline: Path, *_) -> None:
+    assert _results(state, "allocate")["search"]["threshold"] is not None
+    _check_ranks_differ_from_uniform(state, pipeline)
+
+
+#: per case: method, allocation, and what shows that the options under test changed the outcome
+CASES = {
+    "svd-last_k": ({"name": "svd"}, {"policy": "last_k"}, _check_svd_last_k),
+    "svdllm_v2-svdllm_v2": ({"name": "svdllm_v2"}, {"policy": "svdllm_v2", "align": 1}, _check_v2),
+    "asvd_max": ({"name": "asvd", "alpha": 0.5, "scale": "max"}, {"policy": "uniform"}, _check_metrics("identity × act_max")),
+    "fwsvd_both-greedy": ({"name": "fwsvd", "sides": "both"}, {"policy": "global_greedy"}, _check_fwsvd_greedy),
+    "kfac_shrinkage": ({"name": "kfac_svd", "shrinkage": 0.1}, {"policy": "uniform"}, _check_shrinkage),
+    "gfwsvd_chunks-greedy": ({"name": "gfwsvd", "max_sweeps": 2, "chunk_tokens": 16}, {"policy": "global_greedy"},
+                             _check_chunks),
+    "gfwsvd_model_labels": ({"name": "gfwsvd", "max_sweeps": 2, "fisher_labels": "model"}, {"policy": "uniform"},
+                            _check_labels_from_the_model),
+    "mixed": ({"name": "mixed", "left": "fisher_nkp", "right": "gram", "max_sweeps": 2}, {"policy": "uniform"},
+              _check_metrics("fisher_nkp × gram")),
+    "ressvd-last_k": ({"name": "ressvd", "split": 0.5}, {"policy": "last_k"}, _check_ressvd),
+    "asvd-search": ({"name": "asvd"}, {"policy": "asvd_search"}, _check_search),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_method_and_policy_runs_and_its_options_take_effect(write_pipeline, tmp_path: Path, case: str) -> None:
+    method, allocation, check = CASES[case]
+    policy = allocation["policy"]
+    pipeline = write_pipeline(f"m_{method['name']}", method=method, allocation={"align": 4, **allocation})
     ws = tmp_path / "ws"
     executed = {ref.split("@")[0] for ref in ran(run_cli("run", str(pipeline), "-w", str(ws)))}
     runner = make_runner(load_pipeline(pipeline), ws)
@@ -185,6 +307,7 @@ def test_every_method_and_policy_runs_end_to_end(write_pipeline, tmp_path: Path,
     assert report["method"] == method["name"] and report["policy"] == policy
     assert all(v < float("inf") for v in report["perplexity"]["compressed"].values())
     assert report["ratios"]["kept_over_target_matrices"] <= 0.8 + 1e-9 or policy == "svdllm_v2"
+    check(state, pipeline, tmp_path)
 
 
 def test_refit_minimises_output_error_on_calibration_inputs(write_pipeline, tmp_path: Path) -> None:
