@@ -91,3 +91,34 @@ def test_node_removed_mid_decompose_run_completes(reference, tmp_path: Path, mon
         ray.shutdown()
         cluster.shutdown()
 
+
+
+def report_without_timings(ws: Path) -> dict:
+    import json
+
+    data = json.loads(next(ws.glob("stages/report/all/*/report.json")).read_text())
+    data.pop("stages")
+    return data
+
+
+@pytest.mark.parametrize("method", [
+    {"name": "kfac_svd"},
+    {"name": "gfwsvd", "mode": "streaming", "max_sweeps": 2},
+], ids=lambda m: m["name"])
+def test_ray_tasks_with_two_cpus_equal_default_threads_in_process(write_pipeline, tmp_path: Path, method: dict) -> None:
+    """Beyond one thread and SVD-LLM: gradient methods (GFWSVD streaming its gradients), torch's
+    default threads in process vs Ray tasks of 2 CPUs: every key, every content digest, the report."""
+    pipeline = write_pipeline(f"ray_{method['name']}", method=method, runtime={"batch_size": 2, "threads": None},
+                              executor={"kind": "ray", "num_cpus_per_task": 2})
+    config = load_pipeline(pipeline)
+    local = tmp_path / "local"
+    make_runner(config, local).run()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        distributed = tmp_path / "ray"
+        results = make_runner(config, distributed).run(executor=RayExecutor(config.executor))
+        assert results and all(r.ok and r.node != "-" for r in results)
+    finally:
+        ray.shutdown()
+    assert keys_and_digests(distributed) == keys_and_digests(local)
+    assert report_without_timings(distributed) == report_without_timings(local)
