@@ -55,12 +55,11 @@ def test_equals_the_hugging_face_loss_and_does_not_depend_on_batch_size() -> Non
 
 
 def test_evaluation_windows_do_not_overlap_and_max_windows_takes_the_first(write_pipeline, tmp_path) -> None:
-    from stagepipe.config import load_pipeline
-    from stagepipe.stages import artifacts, make_runner
-
     from transformers import AutoTokenizer
 
+    from stagepipe.config import load_pipeline
     from stagepipe.data.text import load_text
+    from stagepipe.stages import artifacts, make_runner
 
     def windows(max_windows):
         pipeline = write_pipeline(f"w{max_windows}", evaluation={"datasets": [{"name": "syn", "text": {

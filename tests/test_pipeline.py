@@ -14,8 +14,8 @@ from stagepipe.cli import main
 from stagepipe.config import load_pipeline
 from stagepipe.engine.stage import ALL, PartitionRef
 from stagepipe.io import safetensors_io
-from stagepipe.stages.estimate import estimate
 from stagepipe.stages import make_runner
+from stagepipe.stages.estimate import estimate
 
 
 def run_cli(*args: str) -> str:

@@ -110,9 +110,16 @@ def test_ray_tasks_with_two_cpus_equal_default_threads_in_process(write_pipeline
     default threads in process vs Ray tasks of 2 CPUs: every key, every content digest, the report."""
     pipeline = write_pipeline(f"ray_{method['name']}", method=method, runtime={"batch_size": 2, "threads": None},
                               executor={"kind": "ray", "num_cpus_per_task": 2})
+    import torch
+
     config = load_pipeline(pipeline)
     local = tmp_path / "local"
-    make_runner(config, local).run()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # torch's default on this 2-core machine, whatever earlier tests set
+    try:
+        make_runner(config, local).run()
+    finally:
+        torch.set_num_threads(before)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         distributed = tmp_path / "ray"

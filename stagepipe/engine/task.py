@@ -126,7 +126,9 @@ def ray_node_id() -> str:
 
 def execute(task: Task) -> TaskResult:
     """Run one partition to completion (or to a failure record). Safe to run twice."""
-    if task.threads and (torch := sys.modules.get("torch")) is not None:
+    torch = sys.modules.get("torch")
+    threads_before = torch.get_num_threads() if torch is not None else None
+    if task.threads and torch is not None:  # restored below: an in-process task leaves no trace
         torch.set_num_threads(task.threads)
     ctx = Context(task.config, Path(task.workspace), task.model)
     ws = Workspace(Path(task.workspace))
@@ -162,4 +164,6 @@ def execute(task: Task) -> TaskResult:
                           error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
     finally:
         faults.current = None
+        if threads_before is not None:
+            torch.set_num_threads(threads_before)
         ws.end(ref, task.key, tmp, committed)
