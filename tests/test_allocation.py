@@ -8,6 +8,7 @@ import torch
 
 from stagepipe.accounting import factored_params, max_useful_rank, rank_for_fraction
 from stagepipe.allocation import POLICIES, MatrixSpectrum
+from stagepipe.allocation.asvd_search import ASVDSearch
 
 
 def spectra() -> list[MatrixSpectrum]:
@@ -25,15 +26,48 @@ def kept(ranks, specs) -> float:
     return sum(factored_params(s.m, s.n, ranks[s.name]) for s in specs) / sum(s.m * s.n for s in specs)
 
 
-def test_uniform_keeps_exactly_the_aligned_floor_of_each_matrix() -> None:
+def _assert_budget_spent(ranks, specs, target, align=8) -> None:
+    """Never above the target, and one more aligned step of any factored matrix would exceed it."""
+    total = sum(s.m * s.n for s in specs)
+    spent = kept(ranks, specs) * total
+    assert spent <= target * total + 1e-9
+    for s in specs:
+        rank = ranks[s.name]
+        assert rank is None or (rank % align == 0 and align <= rank <= max_useful_rank(s.m, s.n, align))
+        if rank is not None and rank + align <= max_useful_rank(s.m, s.n, align):
+            assert spent + align * (s.m + s.n) > target * total, (s.name, rank, target)
+
+
+def test_every_policy_spends_the_budget() -> None:
+    specs = spectra()
+    table = sensitivity_table(specs)
+    for name, cls in POLICIES.items():
+        policy = ASVDSearch(8, table) if cls.needs_sensitivity else cls(8)
+        for target in (0.4, 0.6, 0.8):
+            _assert_budget_spent(policy.allocate(specs, target), specs, target)
+
+
+def test_uniform_starts_from_the_aligned_floor_and_buys_the_most_energy_per_parameter() -> None:
     specs = spectra()
     for target in (0.4, 0.6, 0.8):
+        floor = {s.name: (int(target * s.m * s.n / (s.m + s.n)) // 8) * 8 for s in specs}
+        assert POLICIES["uniform"](8).propose(specs, target) == floor
         ranks = POLICIES["uniform"](8).allocate(specs, target)
-        expected = {s.name: (int(target * s.m * s.n / (s.m + s.n)) // 8) * 8 for s in specs}
-        assert ranks == expected
-        assert kept(ranks, specs) <= target
-        miss = target - kept(ranks, specs)  # each matrix misses by less than one aligned step
-        assert miss < sum(8 * (s.m + s.n) for s in specs) / sum(s.m * s.n for s in specs)
+        bought = {n for n in ranks if ranks[n] != floor[n]}
+        assert bought and all(ranks[n] - floor[n] >= 8 for n in bought)
+        assert kept(ranks, specs) > kept(floor, specs)
+
+
+def test_spend_budget_takes_back_the_cheapest_steps_when_a_policy_overshoots() -> None:
+    from stagepipe.allocation.base import spend_budget
+
+    specs = spectra()
+    full = {s.name: max_useful_rank(s.m, s.n, 8) for s in specs}
+    ranks = spend_budget(full, specs, 0.6, 8)
+    _assert_budget_spent(ranks, specs, 0.6)
+    cut = {s.name: (full[s.name] - ranks[s.name]) // 8 for s in specs}
+    # the slow-decaying (lossy to cut) block 0 gives up fewer steps than the steep block 2
+    assert sum(v for n, v in cut.items() if ".layers.0." in n) < sum(v for n, v in cut.items() if ".layers.2." in n)
 
 
 def test_greedy_spends_the_budget_so_that_no_further_step_fits() -> None:
@@ -71,7 +105,9 @@ def test_last_k_compresses_only_the_last_blocks_to_the_target() -> None:
 
     part = sum(s.m * s.n for s in specs if s.name.startswith("model.layers.2."))
     inner = 1 - 0.2 * total / part  # (1 − ρ_l) · P_last = (1 − ρ) · P_all
-    assert all(r == (int(inner * s.m * s.n / (s.m + s.n)) // 8) * 8 for s in specs for r in [ranks[s.name]] if r)
+    proposed = POLICIES["last_k"](8).propose(specs, 0.8)
+    assert all(r == (int(inner * s.m * s.n / (s.m + s.n)) // 8) * 8 for s in specs for r in [proposed[s.name]] if r)
+    assert {n for n, r in ranks.items() if r is None} == {n for n, r in proposed.items() if r is None}  # dense stays dense
     given = LastK(8, last_k=3).allocate(specs, 0.8)
     assert given == POLICIES["uniform"](8).allocate(specs, 0.8)  # all blocks: uniform at the target
 

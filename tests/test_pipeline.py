@@ -183,11 +183,19 @@ def _ranks(state: dict) -> dict:
     return artifacts.read_ranks(state[PartitionRef("allocate", ALL)].state.output)
 
 
-def _uniform(state: dict, kept: float = 0.8, align: int = 4) -> dict:
-    from stagepipe.accounting import rank_for_fraction
+def _spectra(state: dict) -> list:
+    from stagepipe.allocation import MatrixSpectrum
+    from stagepipe.stages import artifacts
 
-    shapes = {n: v["shape"] for p in ("layer-000", "layer-001") for n, v in _results(state, "decompose", p)["linears"].items()}
-    return {f"model.layers.{i}.{n}": rank_for_fraction(*shapes[n], kept, align) for i in (0, 1) for n in shapes}
+    return [MatrixSpectrum(f"model.layers.{i}.{n}", m, k, sigma) for i in (0, 1)
+            for n, (m, k, sigma) in artifacts.read_spectra(state[PartitionRef("decompose", f"layer-00{i}")].state.output).items()]
+
+
+def _uniform(state: dict, kept: float = 0.8, align: int = 4) -> dict:
+    """What the uniform policy allocates from the same stored spectra."""
+    from stagepipe.allocation import POLICIES
+
+    return POLICIES["uniform"](align).allocate(_spectra(state), kept)
 
 
 def _metrics(state: dict) -> set[str]:
@@ -231,11 +239,9 @@ def _check_v2(state: dict, *_) -> None:
     """The stored ranks are V2's allocation of the stored spectra, whose group losses differ (two
     random layers are too alike for V2's flat score to move a rank, so the policy's own effect is
     shown on heterogeneous spectra in test_allocation.py)."""
-    from stagepipe.allocation import POLICIES, MatrixSpectrum
-    from stagepipe.stages import artifacts
+    from stagepipe.allocation import POLICIES
 
-    spectra = [MatrixSpectrum(f"model.layers.{i}.{n}", m, k, sigma) for i in (0, 1)
-               for n, (m, k, sigma) in artifacts.read_spectra(state[PartitionRef("decompose", f"layer-00{i}")].state.output).items()]
+    spectra = _spectra(state)
     assert _ranks(state) == POLICIES["svdllm_v2"](1).allocate(spectra, 0.8)
     dropped = _results(state, "allocate")  # per-matrix losses at the uniform rank are not all equal
     assert len({round(float((s.sigma[12:] ** 2).sum()), 6) for s in spectra if s.name.endswith("q_proj")}) == 2

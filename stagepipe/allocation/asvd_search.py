@@ -74,7 +74,7 @@ class ASVDSearch(Policy):
         ranks.update({name: pair.rank for name, pair in chosen.items()})
         return ranks
 
-    def allocate(self, spectra: list[MatrixSpectrum], kept_fraction: float) -> dict[str, int | None]:
+    def propose(self, spectra: list[MatrixSpectrum], kept_fraction: float) -> dict[str, int | None]:
         total = sum(s.m * s.n for s in spectra)
 
         def kept(threshold: int) -> float:

@@ -8,6 +8,7 @@ class what it needs (``needs_sensitivity``), never its name.
 
 from __future__ import annotations
 
+import heapq
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -15,6 +16,8 @@ from typing import Any, ClassVar
 import torch
 from pydantic import Field
 
+from stagepipe.accounting import factored_params, max_useful_rank
+from stagepipe.errors import StagepipeError
 from stagepipe.schema import Strict
 
 
@@ -65,8 +68,57 @@ class Policy(ABC):
         return None
 
     @abstractmethod
+    def propose(self, spectra: list[MatrixSpectrum], kept_fraction: float) -> dict[str, int | None]:
+        """The policy's own ranks (``None``: leave dense), multiples of ``align`` below break-even."""
+
     def allocate(self, spectra: list[MatrixSpectrum], kept_fraction: float) -> dict[str, int | None]:
-        """Rank per matrix (``None``: leave dense), each a multiple of ``align`` below break-even."""
+        """The policy's ranks, then the budget spent exactly (``spend_budget``): never above the
+        target, and no further aligned step of a factored matrix would fit."""
+        return spend_budget(self.propose(spectra, kept_fraction), spectra, kept_fraction, self.align)
+
+
+def spend_budget(ranks: dict[str, int | None], spectra: list[MatrixSpectrum], kept_fraction: float,
+                 align: int) -> dict[str, int | None]:
+    """Bring the kept parameters of ``ranks`` to the largest total ≤ ``kept_fraction`` that aligned
+    steps of the factored matrices can reach, greedily by weighted σ² per parameter.
+
+    Rounding every rank down to ``align`` leaves up to one step per matrix unspent (1.8 points of
+    parameters on SmolLM2 at 0.8, worth 8 % perplexity); a policy that overshoots (a capped share)
+    would break the target. Over budget, the steps that drop the least σ² per parameter are taken
+    back; under budget, the steps that keep the most σ² per parameter are bought while they fit.
+    Dense matrices stay dense; no rank leaves ``[align, max_useful_rank]``.
+    """
+    ranks = dict(ranks)
+    by_name = {s.name: s for s in spectra}
+    budget = kept_fraction * sum(s.m * s.n for s in spectra)
+    spent = sum(factored_params(s.m, s.n, ranks[s.name]) for s in spectra)
+
+    def energy(s: MatrixSpectrum, low: int, high: int) -> float:
+        return float((s.sigma[low:high].double() ** 2).sum()) / (align * (s.m + s.n))
+
+    while spent > budget + 1e-9:
+        shrinkable = [(energy(s, ranks[s.name] - align, ranks[s.name]), s.name) for s in spectra
+                      if ranks[s.name] is not None and ranks[s.name] - align >= align]
+        if not shrinkable:
+            raise StagepipeError(f"kept fraction {kept_fraction} is out of reach: every factored matrix is at rank "
+                                 f"{align} and {spent / budget * kept_fraction:.4f} is kept")
+        _, name = min(shrinkable)
+        ranks[name] -= align
+        spent -= align * (by_name[name].m + by_name[name].n)
+    heap = [(-energy(s, ranks[s.name], ranks[s.name] + align), s.name) for s in spectra
+            if ranks[s.name] is not None and ranks[s.name] + align <= max_useful_rank(s.m, s.n, align)]
+    heapq.heapify(heap)
+    while heap:
+        _, name = heapq.heappop(heap)
+        s = by_name[name]
+        cost = align * (s.m + s.n)
+        if spent + cost > budget + 1e-9:
+            continue  # this step does not fit; a cheaper one elsewhere may
+        ranks[name] += align
+        spent += cost
+        if ranks[name] + align <= max_useful_rank(s.m, s.n, align):
+            heapq.heappush(heap, (-energy(s, ranks[name], ranks[name] + align), name))
+    return ranks
 
 
 def layer_of(name: str) -> int:

@@ -29,7 +29,7 @@ class GlobalGreedy(Policy):
     name = "global_greedy"
     config = GlobalGreedyConfig
 
-    def allocate(self, spectra: list[MatrixSpectrum], kept_fraction: float) -> dict[str, int | None]:
+    def propose(self, spectra: list[MatrixSpectrum], kept_fraction: float) -> dict[str, int | None]:
         align = self.align
         budget = kept_fraction * sum(s.m * s.n for s in spectra)
         ranks: dict[str, int | None] = {}

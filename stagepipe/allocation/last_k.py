@@ -35,7 +35,7 @@ class LastK(Policy):
     def from_config(cls, cfg: Any, sensitivity: list[Candidate] | None = None) -> LastK:
         return cls(cfg.align, cfg.last_k, cfg.min_kept)
 
-    def allocate(self, spectra: list[MatrixSpectrum], kept_fraction: float) -> dict[str, int | None]:
+    def propose(self, spectra: list[MatrixSpectrum], kept_fraction: float) -> dict[str, int | None]:
         layers = sorted({layer_of(s.name) for s in spectra})
         total = sum(s.m * s.n for s in spectra)
         candidates = [self.last_k] if self.last_k else range(1, len(layers) + 1)

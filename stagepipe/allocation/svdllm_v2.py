@@ -29,7 +29,7 @@ class SVDLLMV2(Policy):
     name = "svdllm_v2"
     config = SVDLLMV2Config
 
-    def allocate(self, spectra: list[MatrixSpectrum], kept_fraction: float) -> dict[str, int | None]:
+    def propose(self, spectra: list[MatrixSpectrum], kept_fraction: float) -> dict[str, int | None]:
         groups: dict[str, list[MatrixSpectrum]] = defaultdict(list)
         for s in spectra:
             groups[s.name.rsplit(".", 1)[-1]].append(s)

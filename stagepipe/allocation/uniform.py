@@ -1,4 +1,6 @@
-"""Uniform: every matrix keeps the same fraction, ``r = floor(ρ·mn/(m+n))`` aligned down."""
+"""Uniform: every matrix keeps the same fraction, ``r = floor(ρ·mn/(m+n))`` aligned down; the
+budget that rounding leaves is then spent on the matrices whose next step keeps the most weighted
+σ² per parameter (``spend_budget``)."""
 
 from typing import Literal
 
@@ -17,5 +19,5 @@ class Uniform(Policy):
     name = "uniform"
     config = UniformConfig
 
-    def allocate(self, spectra: list[MatrixSpectrum], kept_fraction: float) -> dict[str, int | None]:
+    def propose(self, spectra: list[MatrixSpectrum], kept_fraction: float) -> dict[str, int | None]:
         return {s.name: rank_for_fraction(s.m, s.n, kept_fraction, self.align) for s in spectra}
