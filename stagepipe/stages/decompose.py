@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from stagepipe.engine.stage import Context, PartitionRef, Stage, Work
-from stagepipe.linalg import factor_metric, weighted_svd
+from stagepipe.linalg import MetricRoot, factor_metric, weighted_svd
 from stagepipe.methods import LayerStats
 from stagepipe.models.blocks import BlockRunner
 from stagepipe.models.layout import block_linears, weight_matrix
@@ -53,15 +53,14 @@ class DecomposeStage(Stage):
         stats = artifacts.read_input_stats(work.input("capture", work.partition)) if method.activation_stats else LayerStats()
         if method.needs_gradients:
             stats.fisher, stats.fisher_info = artifacts.read_fisher(work.input("fisher", work.partition))
-        floor = ctx.config.method.floor_rel
+        factor = MetricCache(ctx.config.method.floor_rel, device)
         results = {}
         report: dict[str, Any] = {}
         for name, module in linears.items():
             w = weight_matrix(module).detach().to(device, torch.float64)
             pair = method.metrics(name, tuple(w.shape), stats)
             where = f"{work.partition}.{name}"
-            left = factor_metric(None if pair.left is None else pair.left.to(device), floor, f"{where}.left")
-            right = factor_metric(None if pair.right is None else pair.right.to(device), floor, f"{where}.right")
+            left, right = factor(pair.left, f"{where}.left"), factor(pair.right, f"{where}.right")
             result = weighted_svd(w, left, right)
             full = result.reconstruct(len(result.sigma))
             results[name] = result
@@ -72,4 +71,26 @@ class DecomposeStage(Stage):
                 **pair.notes,
             }
         artifacts.write_weighted_svd(work.out, results)
+        work.telemetry["metric_factorisations"] = factor.computed
         return {"linears": report, "method": method.name}
+
+
+class MetricCache:
+    """Factorise each distinct metric of a layer once: linears fed the same input (q/k/v, gate/up)
+    share their input Gram, so its eigendecomposition is reused (bit-identical, found by value)."""
+
+    def __init__(self, floor_rel: float, device: torch.device) -> None:
+        self.floor_rel, self.device = floor_rel, device
+        self.seen: list[tuple[torch.Tensor, MetricRoot]] = []
+        self.computed = 0
+
+    def __call__(self, metric: torch.Tensor | None, name: str) -> MetricRoot | None:
+        if metric is None:
+            return None
+        for known, root in self.seen:
+            if known.shape == metric.shape and torch.equal(known, metric):
+                return root
+        root = factor_metric(metric.to(self.device), self.floor_rel, name)
+        self.seen.append((metric, root))
+        self.computed += 1
+        return root
