@@ -79,6 +79,8 @@ class MetricCache:
     """Factorise each distinct metric of a layer once: linears fed the same input (q/k/v, gate/up)
     share their input Gram, so its eigendecomposition is reused (bit-identical, found by value)."""
 
+    reuse = True  # benchmarks/decompose.py switches it off to measure what sharing saves
+
     def __init__(self, floor_rel: float, device: torch.device) -> None:
         self.floor_rel, self.device = floor_rel, device
         self.seen: list[tuple[torch.Tensor, MetricRoot]] = []
@@ -87,7 +89,7 @@ class MetricCache:
     def __call__(self, metric: torch.Tensor | None, name: str) -> MetricRoot | None:
         if metric is None:
             return None
-        for known, root in self.seen:
+        for known, root in self.seen if self.reuse else ():
             if known.shape == metric.shape and torch.equal(known, metric):
                 return root
         root = factor_metric(metric.to(self.device), self.floor_rel, name)
