@@ -41,7 +41,7 @@ def _assert_budget_spent(ranks, specs, target, align=8) -> None:
 def test_every_policy_spends_the_budget() -> None:
     specs = spectra()
     table = sensitivity_table(specs)
-    for name, cls in POLICIES.items():
+    for cls in POLICIES.values():
         policy = ASVDSearch(8, table) if cls.needs_sensitivity else cls(8)
         for target in (0.4, 0.6, 0.8):
             _assert_budget_spent(policy.allocate(specs, target), specs, target)

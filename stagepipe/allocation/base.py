@@ -18,7 +18,7 @@ from pydantic import Field
 
 from stagepipe.accounting import factored_params, max_useful_rank
 from stagepipe.errors import StagepipeError
-from stagepipe.schema import Strict
+from stagepipe.schema import Strict, registrar
 
 
 @dataclass(frozen=True)
@@ -131,12 +131,5 @@ POLICIES: dict[str, type[Policy]] = {}
 DEFAULT_POLICY = "uniform"
 
 
-def register(cls: type[Policy]) -> type[Policy]:
-    """Class decorator: add a policy to ``POLICIES`` under its config's ``policy`` literal."""
-    declared = cls.config.model_fields["policy"].annotation.__args__[0]
-    if declared != cls.name:
-        raise TypeError(f"{cls.__name__}: config policy {declared!r} != policy name {cls.name!r}")
-    if cls.name in POLICIES and POLICIES[cls.name] is not cls:
-        raise TypeError(f"policy {cls.name!r} registered twice")
-    POLICIES[cls.name] = cls
-    return cls
+#: class decorator: add a policy to ``POLICIES`` under its config's ``policy`` literal
+register = registrar(POLICIES, "policy")

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field
 
-from stagepipe.schema import Strict
+from stagepipe.schema import Strict, registrar
 
 
 class MethodConfig(Strict):
@@ -137,12 +137,5 @@ class Method:
 METHODS: dict[str, type[Method]] = {}
 
 
-def register(cls: type[Method]) -> type[Method]:
-    """Class decorator: add a method to ``METHODS`` under its config's ``name`` literal."""
-    declared = cls.config.model_fields["name"].annotation.__args__[0]
-    if declared != cls.name:
-        raise TypeError(f"{cls.__name__}: config name {declared!r} != method name {cls.name!r}")
-    if cls.name in METHODS and METHODS[cls.name] is not cls:
-        raise TypeError(f"method {cls.name!r} registered twice ({METHODS[cls.name].__module__}, {cls.__module__})")
-    METHODS[cls.name] = cls
-    return cls
+#: class decorator: add a method to ``METHODS`` under its config's ``name`` literal
+register = registrar(METHODS, "name")
