@@ -32,10 +32,11 @@ POLICY_OPTIONS = {"asvd_search": {"sensitivity_windows": 4, "candidates": [0.5, 
 
 
 def run_point(base: dict, entry: str, kept: float, workspace: Path) -> dict:
-    """One grid point; ``entry`` is ``method`` or ``method:policy`` (default policy: the base file's)."""
+    """One grid point; ``entry`` is ``method`` (allocation ``uniform``) or ``method:policy``."""
     method, _, policy = entry.partition(":")
     method_block = base["method"] if base["method"]["name"] == method else {"name": method, **METHOD_OPTIONS.get(method, {})}
-    allocation = {**base.get("allocation", {}), **({"policy": policy, **POLICY_OPTIONS.get(policy, {})} if policy else {})}
+    policy = policy or "uniform"  # not the base file's policy: a row's name says what it ran
+    allocation = {"align": base.get("allocation", {}).get("align", 8), "policy": policy, **POLICY_OPTIONS.get(policy, {})}
     data = dict(base, name=f"grid_{method}_{kept}", method=method_block, allocation=allocation,
                 target={**base["target"], "kept_fraction": kept})
     config = parse_pipeline(data, f"grid {method}@{kept}", ROOT / "pipelines")
