@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from stagepipe.linalg import factor_metric, psd_floor, weighted_svd
+from stagepipe.linalg import factor_metric, official_alpha, psd_floor, weighted_svd
 
 GradientBatch = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # G (b, m, n) or (D, X)
 GradientSource = Callable[[], Iterator[dict[str, GradientBatch]]]
@@ -116,14 +116,20 @@ def nkp_power_iteration(source: GradientSource, warm_b: dict[str, torch.Tensor],
     return results
 
 
-def clean_factors(a: torch.Tensor, b: torch.Tensor, floor_rel: float) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, Any]]:
-    """Symmetrise, fix the joint sign (tr A > 0), normalise tr A = m (scale moved into B) and project
-    each factor onto the PSD cone with a relative eigenvalue floor.
+def clean_factors(a: torch.Tensor, b: torch.Tensor, floor_rel: float,
+                  regularizer: str = "floor") -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, Any]]:
+    """Symmetrise, fix the joint sign (tr A > 0), normalise tr A = m (scale moved into B) and repair
+    each factor: ``floor`` projects it onto the PSD cone with a relative eigenvalue floor;
+    ``official_alpha`` applies the official code's shrink-until-Cholesky rule (``linalg.official_alpha``).
 
     Returns ``None`` for a side that is unusable (non-finite, or no positive mass after the sign
     fix), with the reason in the info; the caller falls back for that side and says so.
     """
-    info: dict[str, Any] = {"floor_rel": floor_rel}
+    info: dict[str, Any] = {"floor_rel": floor_rel, "regularizer": regularizer}
+
+    def repair(matrix: torch.Tensor, name: str) -> tuple[torch.Tensor, dict[str, Any]]:
+        return official_alpha(matrix, name) if regularizer == "official_alpha" else psd_floor(matrix, floor_rel, name)
+
     a = 0.5 * (a + a.T).to(torch.float64)
     b = 0.5 * (b + b.T).to(torch.float64)
     if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
@@ -138,11 +144,11 @@ def clean_factors(a: torch.Tensor, b: torch.Tensor, floor_rel: float) -> tuple[t
     if trace_a > 0:
         scale = trace_a / a.shape[0]
         a, b = a / scale, b * scale
-        out_a, info["A"] = psd_floor(a, floor_rel, "A")
+        out_a, info["A"] = repair(a, "A")
     else:
         info["A_unusable"] = f"trace {trace_a:.3e} after sign fix"
     if float(torch.trace(b)) > 0 and float(torch.linalg.eigvalsh(b).max()) > 0:
-        out_b, info["B"] = psd_floor(b, floor_rel, "B")
+        out_b, info["B"] = repair(b, "B")
     else:
         info["B_unusable"] = f"trace {float(torch.trace(b)):.3e}: no positive mass"
     return out_a, out_b, info

@@ -158,3 +158,24 @@ def test_diagnostics_are_exact_on_an_exactly_kronecker_fisher() -> None:
     eye = torch.eye(n, dtype=torch.float64)
     assert wrong["nkp_rel_error"] == pytest.approx(float(torch.linalg.norm(b - eye) / torch.linalg.norm(b)), rel=1e-9)
     assert abs(wrong["predicted_loss_increase"] - wrong["full_fisher_loss_increase"]) > 1e-3 * wrong["full_fisher_loss_increase"]
+
+
+def test_official_alpha_leaves_a_positive_definite_factor_alone_and_shrinks_an_indefinite_one() -> None:
+    from stagepipe.errors import MetricError
+    from stagepipe.linalg import official_alpha
+
+    spd_matrix = spd(5, 21)
+    same, info = official_alpha(spd_matrix)
+    assert torch.equal(same, spd_matrix) and info == {"kind": "official_alpha", "alpha": 0.0, "tries": 0}
+    indefinite = spd_matrix - 1.02 * float(torch.linalg.eigvalsh(spd_matrix).min()) * torch.eye(5, dtype=torch.float64)
+    repaired, info = official_alpha(indefinite)
+    mean = float(indefinite.diagonal().mean())
+    # brute force: the first α of 1e-4, 1e-3, … whose shrunk matrix is positive definite
+    shrunk = [(t, a, (1 - a) * indefinite + a * mean * torch.eye(5, dtype=torch.float64))
+              for t, a in enumerate((1e-4, 1e-3, 1e-2, 1e-1), start=1)]
+    tries, alpha, candidate = next(s for s in shrunk if bool(torch.linalg.eigvalsh(s[2]).min() > 0))
+    assert info["tries"] == tries and info["alpha"] == pytest.approx(alpha) and torch.allclose(repaired, candidate)
+    with pytest.raises(MetricError, match="not positive definite after 2"):
+        official_alpha(-spd_matrix, tries=2)  # never silently replaced
+    a, b, clean = clean_factors(spd(4, 1), spd(3, 2), 1e-6, "official_alpha")
+    assert clean["A"]["kind"] == clean["B"]["kind"] == "official_alpha" and a is not None and b is not None

@@ -268,6 +268,11 @@ def _check_chunks(state: dict, *_) -> None:
     assert all(v["sweeps"] <= 2 for v in info["linears"].values())
 
 
+def _check_official_alpha(state: dict, *_) -> None:
+    for item in _results(state, "fisher", "layer-000")["linears"].values():
+        assert item["regularizer"] == "official_alpha" and item["A"]["kind"] == item["B"]["kind"] == "official_alpha"
+
+
 def _check_ressvd(state: dict, *_) -> None:
     _check_last_k(state)
     for v in _results(state, "residual", "layer-001")["linears"].values():
@@ -292,6 +297,8 @@ CASES = {
                             _check_labels_from_the_model),
     "mixed": ({"name": "mixed", "left": "fisher_nkp", "right": "gram", "max_sweeps": 2}, {"policy": "uniform"},
               _check_metrics("fisher_nkp × gram")),
+    "gfwsvd_official_alpha": ({"name": "gfwsvd", "max_sweeps": 2, "regularizer": "official_alpha"}, {"policy": "uniform"},
+                              _check_official_alpha),
     "ressvd-last_k": ({"name": "ressvd", "split": 0.5}, {"policy": "last_k"}, _check_ressvd),
     "asvd-search": ({"name": "asvd"}, {"policy": "asvd_search"}, _check_search),
 }

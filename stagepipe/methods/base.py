@@ -40,6 +40,9 @@ class GradientOptions(MethodConfig):
     tol: float = Field(1e-4, gt=0)
     warm_start: Literal["kfac", "identity"] = "kfac"
     factor_floor_rel: float = Field(1e-6, gt=0, lt=1)
+    regularizer: Literal["floor", "official_alpha"] = Field(
+        "floor", description="repair of the Kronecker factors: relative eigenvalue floor, or the official "
+                             "code's shrink-toward-mean-diagonal until Cholesky passes (α from 1e-5, ×10 per try)")
     chunk_tokens: int | None = Field(None, ge=1, description="per-chunk gradients (raises K)")
     diagnostics: bool = False
     diagnostics_max_dim: int = Field(4096, ge=1)

@@ -73,7 +73,8 @@ class FisherStage(Stage):
                                   "batch_size": ctx.config.runtime.batch_size, "labels": cfg.fisher_labels}
         if nkp:  # the options below shape only the Kronecker factors
             slice_["nkp"] = {k: getattr(cfg, k) for k in ("mode", "memory_budget_gb", "max_sweeps", "tol",
-                                                          "warm_start", "factor_floor_rel", "chunk_tokens")}
+                                                          "warm_start", "factor_floor_rel", "chunk_tokens",
+                                                          "regularizer")}
             if cfg.diagnostics:
                 slice_["diagnostics"] = {"max_dim": cfg.diagnostics_max_dim, "floor_rel": cfg.floor_rel,
                                          "kept_fraction": ctx.config.target.kept_fraction,
@@ -127,7 +128,7 @@ class FisherStage(Stage):
                                               start=checkpoint.load())
                 work.telemetry["resumed_from_sweep"] = checkpoint.loaded_sweep
                 for name, res in results.items():
-                    a, b, clean = clean_factors(res.A, res.B, cfg.factor_floor_rel)
+                    a, b, clean = clean_factors(res.A, res.B, cfg.factor_floor_rel, cfg.regularizer)
                     tensors.update({f"{name}.{k}": v for k, v in (("A", a), ("B", b)) if v is not None})
                     info["linears"][name] = {"sweeps": res.sweeps, "rel_change": res.rel_change, "history": res.history, **clean}
                 if cfg.diagnostics:  # needs the gradients: before the scratch directory goes
