@@ -190,12 +190,14 @@ class Runner:
         return entry.state.status in TODO
 
     def _check_selectors(self, selectors: set[str]) -> None:
-        for selector in selectors:
-            ref = PartitionRef.parse(selector)
+        refs = {selector: PartitionRef.parse(selector) for selector in selectors}
+        for selector, ref in refs.items():
             if ref.stage not in self.stages:
                 raise StagepipeError(f"unknown stage {ref.stage!r} in {selector!r}; this pipeline's stages: "
                                      f"{', '.join(self.stages)}")
+        if refs:
             self.states()  # the model facts, so per-layer partitions can be named
+        for selector, ref in refs.items():
             known = self.pipeline.stage(ref.stage).partitions(self.ctx)
             if "@" in selector and known is not None and ref.partition not in known:
                 raise StagepipeError(f"unknown partition {selector!r}; {ref.stage} has {', '.join(known[:4])} …")

@@ -88,7 +88,7 @@ class Workspace:
             return PartitionState("done", "", out, manifest)
         if marker.is_file():
             owner = json_io.read(marker)
-            if owner and owner.get("host") == socket.gethostname() and not pid_alive(owner.get("pid"), owner.get("create_time")):
+            if self._owner_dead(owner):
                 when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.get("started_at", 0)))
                 return PartitionState("incomplete", f"crashed: pid {owner.get('pid')} on {owner.get('host')} started {when}")
             if owner:
@@ -176,17 +176,18 @@ class Workspace:
                 kind, _, rest = path.name[1:].partition("-")
                 key16 = rest[:KEY_LEN]
                 marker = directory / f".running-{key16}.json"
-                over = not marker.exists() or self._owner_dead(marker)
+                over = not marker.exists() or self._owner_dead(json_io.read(marker))
                 committed = (directory / key16).is_dir()
                 if (kind in ("tmp", "scratch") and over) or (kind == "resume" and committed) or (
-                        kind == "running" and over and path == marker and committed):
+                        kind == "running" and over and committed):
                     shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
                     removed.append(path)
         return removed
 
     @staticmethod
-    def _owner_dead(marker: Path) -> bool:
-        owner = json_io.read(marker)
+    def _owner_dead(owner: dict | None) -> bool:
+        """A running marker's owner is provably gone: a process of this host that no longer runs
+        (a marker of another host is never judged from here)."""
         return bool(owner) and owner.get("host") == socket.gethostname() and not pid_alive(
             owner.get("pid"), owner.get("create_time"))
 

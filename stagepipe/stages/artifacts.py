@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from stagepipe.engine.stage import ALL, PartitionRef
+from stagepipe.engine.stage import ALL, PartitionRef, Work
 from stagepipe.io import manifest as manifest_io
 from stagepipe.io import safetensors_io, zarr_io
 from stagepipe.linalg import WeightedSVD
@@ -121,17 +121,17 @@ def create_hidden(out: Path, shape: tuple[int, ...], dtype: str, batch: int) -> 
     return zarr_io.create_array(out / HIDDEN, "hidden", shape, dtype, batch)
 
 
-def block_inputs(runner: BlockRunner, index: int, ids: torch.Tensor, previous: Path | None,
-                 batch: int) -> Iterator[tuple[int, torch.Tensor]]:
+def block_inputs(runner: BlockRunner, index: int, ids: torch.Tensor, work: Work, batch: int,
+                 source: str = "capture") -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (start, hidden inputs of block ``index``) per batch of windows: the embeddings for
-    block 0, else the outputs of block ``index-1`` stored in ``previous`` (a ``capture`` output for
-    the original model, a ``refit`` output for the compressed model's running inputs)."""
+    block 0, else the outputs of block ``index-1`` as ``source`` stored them among the task's inputs
+    (``capture``: the original model; ``refit``: the compressed model's running inputs)."""
     runner.prepare(ids)
     if index == 0:
         for start in range(0, len(ids), batch):
             yield start, runner.embed(ids[start : start + batch])
         return
-    array = zarr_io.open_array(previous / HIDDEN, "hidden")
+    array = open_hidden(work.input(source, layer_partition(index - 1)))
     for start in range(0, len(ids), batch):
         yield start, zarr_io.read_rows(array, start, start + batch)
 

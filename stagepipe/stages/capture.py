@@ -73,12 +73,11 @@ class CaptureStage(Stage):
         wanted = needs(ctx.config).method.activation_stats
         hidden_out = artifacts.create_hidden(work.out, (len(ids), ids.shape[1], runner.config.hidden_size),
                                              ctx.config.runtime.activation_dtype, batch)
-        previous = work.input("capture", artifacts.layer_partition(index - 1)) if index > 0 else None
         groups: dict[str, str] | None = None
         stats: dict[str, torch.Tensor] = {}
         tokens = 0
         handles = []
-        for start, hidden in artifacts.block_inputs(runner, index, ids, previous, batch):
+        for start, hidden in artifacts.block_inputs(runner, index, ids, work, batch):
             if groups is None:
                 groups = input_groups(block, linears, runner, hidden.to(device))
                 for name in sorted(set(groups.values())):

@@ -114,7 +114,7 @@ class FisherStage(Stage):
         shapes = {n: tuple(weight_matrix(m).shape) for n, m in linears.items()}
         collector = GradientCollector(runner, block, index, linears, ids, ctx.config.runtime.batch_size,
                                       getattr(cfg, "chunk_tokens", None) or ids.shape[1],
-                                      previous=work.input("capture", layer_partition(index - 1)) if index > 0 else None,
+                                      work=work,
                                       grad_out=work.inputs[_grad_in(ctx, index)],
                                       grad_in_dir=work.out if index > 0 else None)
         info: dict[str, Any] = {"K": collector.n_gradients, "linears": {n: {} for n in linears}}
@@ -181,11 +181,11 @@ class GradientCollector:
     """
 
     def __init__(self, runner: BlockRunner, block: torch.nn.Module, index: int, linears: dict[str, torch.nn.Module],
-                 ids: torch.Tensor, batch: int, chunk: int, previous: Path | None, grad_out: Path,
+                 ids: torch.Tensor, batch: int, chunk: int, work: Work, grad_out: Path,
                  grad_in_dir: Path | None) -> None:
         self.runner, self.block, self.index, self.linears = runner, block, index, linears
         self.ids, self.batch, self.chunk = ids, batch, chunk
-        self.previous = previous
+        self.work = work
         self.grad_out = artifacts.open_grad(grad_out)
         self.grad_in = None if grad_in_dir is None else artifacts.create_grad(grad_in_dir, tuple(self.grad_out.shape), batch)
         self.n_chunks = -(-ids.shape[1] // chunk)
@@ -206,7 +206,7 @@ class GradientCollector:
     def batches(self, record: bool) -> Iterator[Factors]:
         """Per batch of windows: ``{linear: (D, X)}`` split into ``chunk``-token pieces (``G_k = D_kᵀ X_k``)."""
         runner = self.runner
-        for start, hidden in artifacts.block_inputs(runner, self.index, self.ids, self.previous, self.batch):
+        for start, hidden in artifacts.block_inputs(runner, self.index, self.ids, self.work, self.batch):
             hidden = hidden.to(runner.device, runner.dtype).requires_grad_(True)
             output = runner.run_block(self.block, hidden)
             upstream = artifacts.read_rows(self.grad_out, start, start + self.batch).to(output.device, output.dtype)

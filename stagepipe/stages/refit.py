@@ -23,7 +23,7 @@ from stagepipe.models.layout import block_linears, weight_matrix
 from stagepipe.models.modeling_lowrank import LowRankLinear, linear_shape
 from stagepipe.models.sources import DTYPES, resolve_device
 from stagepipe.stages import artifacts
-from stagepipe.stages.artifacts import CALIBRATION, layer_index, layer_partition
+from stagepipe.stages.artifacts import CALIBRATION, layer_index
 from stagepipe.stages.requirements import needs
 
 
@@ -62,9 +62,6 @@ class RefitStage(Stage):
         weights = {n: weight_matrix(linears[n]).detach().clone() for n in ranks}
         residual = work.inputs.get(artifacts.ref("residual", work.partition))
         factors = artifacts.allocated_factors(work.input("decompose", work.partition), residual, ranks)
-        # block i's inputs on the original path (capture) and on the compressed path (refit)
-        original_in = work.input("capture", layer_partition(index - 1)) if index > 0 else None
-        running_in = work.input("refit", layer_partition(index - 1)) if index > 0 else None
 
         # Per batch: the original block on the original inputs gives targets W x; the truncated
         # block on the compressed model's running inputs gives H = down · z. Sums in float64.
@@ -76,8 +73,8 @@ class RefitStage(Stage):
         hooks += [compressed.get_submodule(n).register_forward_pre_hook(
             lambda m, a, n=n: seen.__setitem__(f"z:{n}", m.down(a[0].detach()))) for n in ranks]
         with torch.no_grad():
-            batches = zip(artifacts.block_inputs(runner, index, ids, original_in, batch),
-                          artifacts.block_inputs(runner, index, ids, running_in, batch), strict=True)
+            batches = zip(artifacts.block_inputs(runner, index, ids, work, batch, source="capture"),
+                          artifacts.block_inputs(runner, index, ids, work, batch, source="refit"), strict=True)
             for (_, hidden), (_, running) in batches:
                 runner.run_block(original, hidden)
                 runner.run_block(compressed, running)
@@ -101,7 +98,7 @@ class RefitStage(Stage):
         hidden_out = artifacts.create_hidden(work.out, (len(ids), ids.shape[1], runner.config.hidden_size),
                                              ctx.config.runtime.activation_dtype, batch)
         with torch.no_grad():
-            for start, hidden in artifacts.block_inputs(runner, index, ids, running_in, batch):
+            for start, hidden in artifacts.block_inputs(runner, index, ids, work, batch, source="refit"):
                 artifacts.write_rows(hidden_out, start, runner.run_block(compressed, hidden))
         artifacts.write_factors(work.out, artifacts.REFIT, updates)
         return {"linears": info}

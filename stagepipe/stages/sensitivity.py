@@ -29,7 +29,7 @@ from stagepipe.models.blocks import BlockRunner
 from stagepipe.models.layout import block_linears, set_weight_matrix, weight_matrix
 from stagepipe.models.sources import resolve_device
 from stagepipe.stages import artifacts
-from stagepipe.stages.artifacts import CALIBRATION, layer_index, layer_partition
+from stagepipe.stages.artifacts import CALIBRATION, layer_index
 from stagepipe.stages.requirements import needs
 
 BASE = ""  # the configuration with nothing truncated
@@ -64,9 +64,8 @@ class SensitivityStage(Stage):
                              torch.float32)
         ids = artifacts.read_windows(work.input("tokenize", CALIBRATION))[: alloc.sensitivity_windows]
         batch = ctx.config.runtime.batch_size
-        previous = work.input("capture", layer_partition(index - 1)) if index > 0 else None
         start = torch.cat([h.to(runner.device, torch.float32)
-                           for _, h in artifacts.block_inputs(runner, index, ids, previous, batch)])
+                           for _, h in artifacts.block_inputs(runner, index, ids, work, batch)])
         prefix = runner.layout.layer_prefix(index)
         linears = block_linears(runner.load_block(index), ctx.config.target.modules)
         weights = {n: weight_matrix(m).detach().to(torch.float64).clone() for n, m in linears.items()}
