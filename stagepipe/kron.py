@@ -10,7 +10,9 @@ operator ``R = (1/K) Σ G_k ⊗ G_k``, found by alternating power iteration with
     B ← (1/K) Σ G_kᵀ A G_k          (then F ≈ B ⊗ A with ‖A‖_F = 1)
 
 Gradients arrive through a *source*: a callable returning an iterator over batches
-``{linear: G (b, m, n)}`` or ``{linear: (D (b, T, m), X (b, T, n))}`` with ``G_k = D_kᵀ X_k``. A stored source reads them back from zarr; a streaming source
+``{linear: G (b, m, n)}`` or ``{linear: (D (b, T, m), X (b, T, n))}`` with ``G_k = D_kᵀ X_k``.
+With ``T = 1`` (``chunk_tokens: 1``, the per-token Fisher ``F = (1/K) Σ_t (x_t x_tᵀ) ⊗ (d_t d_tᵀ)``)
+each gradient has rank one and the products become weighted Grams (``_token_products``). A stored source reads them back from zarr; a streaming source
 recomputes them by a forward+backward of the block, so the K gradients are never all held.
 Both feed this same code, so both modes give the same factors.
 """
@@ -49,6 +51,8 @@ def _products(value: GradientBatch, y: torch.Tensor, side: str) -> torch.Tensor:
         g = value.float()
         prod = g @ y @ g.transpose(1, 2) if side == "A" else g.transpose(1, 2) @ y @ g
         return prod.double().sum(0)
+    if value[0].shape[1] == 1:
+        return _token_products(value[0][:, 0], value[1][:, 0], y, side)
     d, x = value[0].float(), value[1].float()
     t, m, n = d.shape[1], d.shape[2], x.shape[2]
     explicit = t * m * n + m * n * n + m * m * n
@@ -62,6 +66,21 @@ def _products(value: GradientBatch, y: torch.Tensor, side: str) -> torch.Tensor:
         inner = d @ y @ d.transpose(1, 2)
         prod = x.transpose(1, 2) @ inner @ x
     return prod.double().sum(0)
+
+
+def _token_products(d: torch.Tensor, x: torch.Tensor, y: torch.Tensor, side: str) -> torch.Tensor:
+    """Per-token gradients ``G_t = d_t x_tᵀ`` (rank one): the weighted NKP products in float64,
+    ``Σ_t G_t Y G_tᵀ = Dᵀ diag(w) D`` with ``w_t = x_tᵀ Y x_t`` (side 'A') and
+    ``Σ_t G_tᵀ Y G_t = Xᵀ diag(u) X`` with ``u_t = d_tᵀ Y d_t`` (side 'B').
+
+    Costs O(K (m² + n²)) and memory O(K (m + n)); no (K, m, m) or (K, m, n) tensor is formed.
+    """
+    d, x, y = d.double(), x.double(), y.double()
+    if side == "A":
+        weights = ((x @ y) * x).sum(1)
+        return (d * weights[:, None]).T @ d
+    weights = ((d @ y) * d).sum(1)
+    return (x * weights[:, None]).T @ x
 
 
 def _apply(source: GradientSource, other: dict[str, torch.Tensor], side: str) -> tuple[dict[str, torch.Tensor], int]:

@@ -101,6 +101,33 @@ def test_factored_products_equal_explicit_gradients() -> None:
         assert torch.allclose(_products((d, x), y, side), _products(grads, y, side), rtol=1e-5, atol=1e-4)
 
 
+def test_per_token_weighted_nkp_equals_the_explicit_per_token_formula() -> None:
+    """``chunk_tokens: 1``: A = Dᵀ diag(w) D with w_t = x_tᵀ B x_t (and the mirror for B) equals
+    Σ_t G_t B G_tᵀ over explicit rank-one gradients G_t = d_t x_tᵀ, and the power iteration on the
+    weighted path finds the NKP of the explicit per-token Fisher (1/K) Σ_t vec(G_t) vec(G_t)ᵀ."""
+    from stagepipe.kron import _products
+    from stagepipe.stages.fisher import _chunks
+
+    g = torch.Generator().manual_seed(8)
+    d, x = torch.randn(3, 5, 6, generator=g), torch.randn(3, 5, 4, generator=g)  # 3 windows × 5 tokens
+    dt, xt = _chunks(d, 1), _chunks(x, 1)  # (15, 1, m), (15, 1, n)
+    explicit = dt.transpose(1, 2).double() @ xt.double()  # (15, m, n) rank-one G_t
+    for side, y in (("A", spd(4, 1)), ("B", spd(6, 2))):
+        expected = sum(gt @ y @ gt.T if side == "A" else gt.T @ y @ gt for gt in explicit)
+        assert torch.allclose(_products((dt, xt), y.float(), side), expected, rtol=1e-5, atol=1e-5)
+
+    source = lambda: iter([{"w": (dt[:8], xt[:8])}, {"w": (dt[8:], xt[8:])}])  # noqa: E731
+    res = nkp_power_iteration(source, {"w": torch.eye(4, dtype=torch.float64)}, 300, 1e-12)["w"]
+    rearranged = sum(torch.kron(gt, gt) for gt in explicit) / len(explicit)
+    u, s, _ = torch.linalg.svd(rearranged)
+    assert abs(cosine(u[:, 0].reshape(6, 6), res.A)) == pytest.approx(1.0, abs=1e-6)
+    assert float(torch.linalg.norm(res.B)) == pytest.approx(float(s[0]), rel=1e-5)
+    fisher = full_fisher(explicit)
+    per_token = sum(torch.kron(xt[i, 0, :, None].double() @ xt[i, 0, None].double(),
+                               dt[i, 0, :, None].double() @ dt[i, 0, None].double()) for i in range(15)) / 15
+    assert torch.allclose(fisher, per_token, atol=1e-10)  # the per-token Fisher is Σ (x xᵀ) ⊗ (d dᵀ)
+
+
 def test_chunk_padding_keeps_gradients_exact() -> None:
     from stagepipe.stages.fisher import _chunks
 
