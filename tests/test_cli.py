@@ -18,6 +18,15 @@ from stagepipe.engine.workspace import Workspace
     ({"method": {"name": "svdllm", "floor": 1e-3}}, "method.floor: unknown key"),
     ({"model": {"source": "local", "path": "does/not/exist"}}, "model.path: no such directory"),
     ({"method": {"name": "magic"}}, "method.name: unknown value 'magic'"),
+    ({"calibration": {"validation": {"text": {"source": "synthetic", "n_words": 3000, "seed": 0}}}},
+     "calibration.validation.text is the calibration text"),
+    ({"calibration": {"validation": {"text": {"source": "synthetic", "n_words": 2000, "seed": 1}}}},
+     "is evaluation dataset 'syn'; never tune on the test split"),
+    ({"calibration": {"text": {"source": "news_articles", "split": "train"},
+                      "validation": {"text": {"source": "news_articles", "split": "validation", "validation_articles": 50}}}},
+     "the same validation_articles and test_articles"),
+    ({"calibration": {"validation": {"text": {"source": "news_articles", "split": "validation"}}}},
+     "split 'validation' needs validation_articles > 0"),
 ])
 def test_config_errors_are_one_line_exit_2(write_pipeline, updates, expected) -> None:
     path = write_pipeline(**updates)

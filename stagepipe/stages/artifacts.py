@@ -47,6 +47,7 @@ from stagepipe.models.blocks import BlockRunner
 
 # --------------------------------------------------------------------------- partitions
 CALIBRATION = "calibration"
+VALIDATION = "validation"  # held-out windows for choosing hyperparameters (calibration.validation)
 HEAD = "head"
 DENSE, COMPRESSED = "dense", "compressed"
 

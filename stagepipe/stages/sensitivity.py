@@ -1,6 +1,8 @@
 """``sensitivity`` (per layer, independent; only for policies that read it, e.g. ``asvd_search``):
-ASVD's per-matrix sensitivity table — calibration perplexity with *only* that matrix truncated,
-for every candidate kept fraction (docs/methods.md).
+ASVD's per-matrix sensitivity table — perplexity with *only* that matrix truncated, for every
+candidate kept fraction (docs/methods.md), on the ``validation`` windows when the pipeline has
+``calibration.validation`` (held-out articles: the choice is not fitted to the statistics' own
+text), else on the first calibration windows as ASVD does; the manifest says which.
 
 Candidate ranks are exactly the ranks the policy would assign (``rank_for_fraction`` with the
 allocation's alignment); candidates whose aligned rank coincides are evaluated once, and a matrix
@@ -9,7 +11,8 @@ method's own (its weighted SVD, or a post-allocation method's own factors such a
 approximations that will actually be used.
 
 Blocks before layer i are unchanged, so the stage starts from block i's stored inputs
-(``capture@layer-(i−1)``, or the embeddings) and runs blocks i..N−1 and the head, one block in
+(``capture@layer-(i−1)``, or the embeddings; validation windows have no stored inputs, so the dense
+blocks 0..i−1 run on them first) and runs blocks i..N−1 and the head, one block in
 memory at a time: all candidates of the layer are propagated together through each block, in
 groups that fit ``allocation.sensitivity_memory_gb``. Perplexities are fp32 token means over the
 windows; a non-finite window makes that entry ``inf``.
@@ -29,24 +32,40 @@ from stagepipe.models.blocks import BlockRunner
 from stagepipe.models.layout import block_linears, set_weight_matrix, weight_matrix
 from stagepipe.models.sources import resolve_device
 from stagepipe.stages import artifacts
-from stagepipe.stages.artifacts import CALIBRATION, layer_index
+from stagepipe.stages.artifacts import CALIBRATION, VALIDATION, layer_index
 from stagepipe.stages.requirements import needs
 
 BASE = ""  # the configuration with nothing truncated
 
 
+def _windows(ctx: Context) -> str:
+    """Which tokenize partition the perplexities are measured on."""
+    return VALIDATION if ctx.config.calibration.validation else CALIBRATION
+
+
+def _dense_inputs(runner: BlockRunner, index: int, ids: torch.Tensor, batch: int) -> torch.Tensor:
+    """Block ``index``'s inputs for windows capture never saw: the dense blocks ``0..index−1``."""
+    with torch.no_grad():
+        runner.prepare(ids)
+        hidden = torch.cat([runner.embed(ids[s : s + batch]).float() for s in range(0, len(ids), batch)])
+        for j in range(index):
+            block = runner.load_block(j)
+            hidden = torch.cat([runner.run_block(block, hidden[s : s + batch]) for s in range(0, len(hidden), batch)])
+    return hidden
+
+
 class SensitivityStage(Stage):
     name = "sensitivity"
     version = 2
-    description = "calibration perplexity with one matrix truncated per candidate ratio (asvd_search)"
+    description = "perplexity with one matrix truncated per candidate ratio (asvd_search; validation windows if set)"
 
     def partitions(self, ctx: Context) -> list[str] | None:
         return artifacts.model_layers(ctx)
 
     def dependencies(self, ctx: Context, partition: str) -> list[PartitionRef]:
         index = layer_index(partition)
-        deps = [artifacts.ref("snapshot"), artifacts.ref("tokenize", CALIBRATION), artifacts.ref("decompose", partition)]
-        if index > 0:
+        deps = [artifacts.ref("snapshot"), artifacts.ref("tokenize", _windows(ctx)), artifacts.ref("decompose", partition)]
+        if index > 0 and _windows(ctx) == CALIBRATION:
             deps.append(artifacts.ref("capture", index - 1))
         if needs(ctx.config).method.post_allocation:
             deps.append(artifacts.ref("capture", partition))  # the method's own input statistics
@@ -62,10 +81,14 @@ class SensitivityStage(Stage):
         index = layer_index(work.partition)
         runner = BlockRunner(artifacts.model_dir(work.input("snapshot")), resolve_device(ctx.config.model.device),
                              torch.float32)
-        ids = artifacts.read_windows(work.input("tokenize", CALIBRATION))[: alloc.sensitivity_windows]
+        windows = _windows(ctx)
+        ids = artifacts.read_windows(work.input("tokenize", windows))[: alloc.sensitivity_windows]
         batch = ctx.config.runtime.batch_size
-        start = torch.cat([h.to(runner.device, torch.float32)
-                           for _, h in artifacts.block_inputs(runner, index, ids, work, batch)])
+        if windows == CALIBRATION:
+            start = torch.cat([h.to(runner.device, torch.float32)
+                               for _, h in artifacts.block_inputs(runner, index, ids, work, batch)])
+        else:
+            start = _dense_inputs(runner, index, ids, batch)
         prefix = runner.layout.layer_prefix(index)
         linears = block_linears(runner.load_block(index), ctx.config.target.modules)
         weights = {n: weight_matrix(m).detach().to(torch.float64).clone() for n, m in linears.items()}
@@ -88,7 +111,7 @@ class SensitivityStage(Stage):
         for (name, rank), kepts in kept_by_rank.items():
             table.setdefault(prefix + name, []).extend({"kept": k, "rank": rank, "ppl": ppl[(name, rank)]} for k in kepts)
         artifacts.write_sensitivity(work.out, ppl[(BASE, 0)], table)
-        return {"base_ppl": ppl[(BASE, 0)], "evaluations": len(configs), "windows": len(ids),
+        return {"base_ppl": ppl[(BASE, 0)], "evaluations": len(configs), "windows": len(ids), "windows_from": windows,
                 "most_sensitive": max(((v, k) for k, v in ppl.items() if k[0]), default=(None, None))[1]}
 
     @staticmethod
