@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from stagepipe.errors import MetricError
-from stagepipe.linalg import factor_metric, weighted_loss, weighted_svd
+from stagepipe.linalg import eigen_root, factor_metric, weighted_loss, weighted_svd
 
 torch.manual_seed(0)
 
@@ -90,6 +90,30 @@ def test_rank_deficient_gram_is_floored_and_recorded() -> None:
     w = torch.randn(4, 8, dtype=torch.float64)
     result = weighted_svd(w, None, right)
     assert torch.allclose(result.reconstruct(4), w, atol=1e-8)  # floored metric is still invertible
+
+
+@pytest.mark.parametrize("cond", [10.0, 1e4, 1e5])
+def test_cholesky_root_gives_the_eigen_roots_weighted_svd_when_the_floor_cannot_bite(cond: float) -> None:
+    """Any square root of the same metric gives the same truncation: the certified Cholesky root
+    (taken when M − floor·‖M‖_F·I is positive definite) against the eigen route, at every rank."""
+    w = torch.randn(9, 7, dtype=torch.float64)
+    a, b = spd(9, cond), spd(7, cond)
+    left, right = factor_metric(a, 1e-6), factor_metric(b, 1e-6)
+    assert left.kind == right.kind == "cholesky" and left.repair["n_floored"] == 0
+    assert torch.allclose(left.matrix(), a, atol=1e-12 * cond)
+    by_chol = weighted_svd(w, left, right)
+    by_eigen = weighted_svd(w, eigen_root(a, 1e-6), eigen_root(b, 1e-6))
+    assert torch.allclose(by_chol.sigma, by_eigen.sigma, rtol=1e-9)
+    for rank in range(1, 8):
+        assert torch.allclose(by_chol.reconstruct(rank), by_eigen.reconstruct(rank), atol=1e-8 * cond)
+    assert torch.allclose(by_chol.reconstruct(7), w, atol=1e-8 * cond)
+
+
+def test_a_metric_the_floor_touches_takes_the_eigen_route() -> None:
+    q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
+    barely = (q * torch.tensor([1e-7, 5e-7, 1e-3, 0.1, 0.5, 1.0], dtype=torch.float64)) @ q.T  # λ_min < 1e-6 λ_max
+    root = factor_metric(barely, 1e-6)
+    assert root.kind == "dense" and root.repair["n_floored"] == 2
 
 
 def test_unusable_metric_raises_instead_of_identity() -> None:

@@ -26,6 +26,8 @@ class MethodConfig(Strict):
 
     name: str
     floor_rel: float = Field(1e-6, gt=0, lt=1, description="relative eigenvalue floor of each metric")
+    svd_dtype: Literal["float64", "float32"] = Field(
+        "float64", description="precision of the SVD of the whitened matrix (metrics are always factorised in float64)")
     refit: bool = Field(False, description="SVD-LLM least-squares refit of the up factors on propagated inputs")
 
 
@@ -115,6 +117,8 @@ class Method:
         pair and the options that shape it, not the method's name, so equal pairs share results."""
         pair = self.pair()
         options: dict[str, Any] = {"pair": list(pair), "floor_rel": self.cfg.floor_rel}
+        if self.cfg.svd_dtype != "float64":  # keyed only when set: float64 outputs keep their keys
+            options["svd_dtype"] = self.cfg.svd_dtype
         if any(name.startswith("act_") for name in pair):
             options["alpha"] = self.cfg.alpha
         return options

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.initialization import no_init_weights
 
 from stagepipe.errors import StagepipeError
 from stagepipe.io import safetensors_io
@@ -56,7 +57,9 @@ class BlockRunner:
         self.layout: Layout = layout_for(self.config.model_type)
         self.num_layers = int(self.config.num_hidden_layers)
         self.weight_map = weight_map(self.snapshot_dir)
-        self.model = AutoModelForCausalLM.from_config(_single_block_config(self.config), dtype=dtype)
+        with no_init_weights():  # every parameter is loaded below or by ``load_block``: random init is waste
+            self.model = AutoModelForCausalLM.from_config(_single_block_config(self.config), dtype=dtype)
+        self.model.tie_weights()  # ``no_init_weights`` also skips the tying that initialisation does
         self.model.eval().requires_grad_(False)
         rest = {k: v for k, v in self._read(lambda k: not k.startswith(self.layout.layers_path + ".")).items()}
         missing, unexpected = self.model.load_state_dict(rest, strict=False)

@@ -61,7 +61,7 @@ class DecomposeStage(Stage):
             pair = method.metrics(name, tuple(w.shape), stats)
             where = f"{work.partition}.{name}"
             left, right = factor(pair.left, f"{where}.left"), factor(pair.right, f"{where}.right")
-            result = weighted_svd(w, left, right)
+            result = weighted_svd(w, left, right, getattr(torch, ctx.config.method.svd_dtype))
             full = result.reconstruct(len(result.sigma))
             results[name] = result
             report[name] = {
