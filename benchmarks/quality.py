@@ -36,7 +36,9 @@ def run_point(base: dict, entry: str, kept: float, workspace: Path) -> dict:
     method, _, policy = entry.partition(":")
     method_block = base["method"] if base["method"]["name"] == method else {"name": method, **METHOD_OPTIONS.get(method, {})}
     policy = policy or "uniform"  # not the base file's policy: a row's name says what it ran
-    allocation = {"align": base.get("allocation", {}).get("align", 8), "policy": policy, **POLICY_OPTIONS.get(policy, {})}
+    base_allocation = base.get("allocation", {})
+    allocation = dict(base_allocation) if base_allocation.get("policy") == policy else {
+        "align": base_allocation.get("align", 8), "policy": policy, **POLICY_OPTIONS.get(policy, {})}
     data = dict(base, name=f"grid_{method}_{kept}", method=method_block, allocation=allocation,
                 target={**base["target"], "kept_fraction": kept})
     config = parse_pipeline(data, f"grid {method}@{kept}", ROOT / "pipelines")
