@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from stagepipe.config import load_pipeline
-from stagepipe.engine.stage import Work
+from stagepipe.engine.stage import PartitionRef, Work
 from stagepipe.stages import decompose, make_runner
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,23 +35,18 @@ def main() -> None:
     args = parser.parse_args()
     runner = make_runner(load_pipeline(args.pipeline), Path(args.workspace))
     entries = {str(e.ref): e for e in runner.states()}
-    stage = runner.pipeline.stage("decompose")
     rows = []
     for layer in args.layers:
         entry = entries[f"decompose@layer-{layer:03d}"]
         if entry.key is None:
             raise SystemExit(f"decompose@layer-{layer:03d}: its inputs are not done in {args.workspace}")
-        inputs = {k: Path(v) for k, v in (entry.inputs or {}).items()}
         times: dict[bool, list[float]] = {True: [], False: []}
         for _ in range(args.repeats):
             for reuse in (False, True):
                 decompose.MetricCache.reuse = reuse
-                with tempfile.TemporaryDirectory() as tmp:
-                    work = Work(entry.ref.partition, Path(tmp), {_ref(k): v for k, v in inputs.items()},
-                                Path(tmp) / "s", Path(tmp) / "r")
-                    started = time.perf_counter()
-                    stage.run(runner.ctx, work)
-                    times[reuse].append(time.perf_counter() - started)
+                started = time.perf_counter()
+                run_unsaved(runner, entry)
+                times[reuse].append(time.perf_counter() - started)
         decompose.MetricCache.reuse = True
         before, after = statistics.median(times[False]), statistics.median(times[True])
         rows.append({"layer": layer, "each_metric_s": before, "shared_s": after, "ratio": after / before})
@@ -61,10 +56,13 @@ def main() -> None:
     Path(args.out).write_text(json.dumps({"env": env, "rows": rows}, indent=1))
 
 
-def _ref(text: str):
-    from stagepipe.engine.stage import PartitionRef
-
-    return PartitionRef.parse(text)
+def run_unsaved(runner, entry) -> None:
+    """Run ``entry``'s stage on its partition from its finished inputs into a temporary directory
+    (nothing is committed to the workspace): the stage's own work, without the engine's."""
+    stage = runner.pipeline.stage(entry.ref.stage)
+    inputs = {PartitionRef.parse(k): Path(v) for k, v in (entry.inputs or {}).items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        stage.run(runner.ctx, Work(entry.ref.partition, Path(tmp), inputs, Path(tmp) / "s", Path(tmp) / "r"))
 
 
 if __name__ == "__main__":

@@ -20,16 +20,15 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 import types
 from pathlib import Path
 
 import torch
 import yaml
+from decompose import run_unsaved  # benchmarks/decompose.py (this directory)
 
 from stagepipe.config import parse_pipeline
-from stagepipe.engine.stage import PartitionRef, Work
 from stagepipe.stages import artifacts, make_runner
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,15 +51,12 @@ def import_official(path: Path):
 
 def stagepipe_decompose(runner, layers: list[int]) -> float:
     entries = {str(e.ref): e for e in runner.states()}
-    stage = runner.pipeline.stage("decompose")
     started = time.perf_counter()
     for layer in layers:
         entry = entries[f"decompose@layer-{layer:03d}"]
         if entry.key is None:
             raise SystemExit(f"decompose@layer-{layer:03d}: its inputs are not done in the workspace")
-        inputs = {PartitionRef.parse(k): Path(v) for k, v in (entry.inputs or {}).items()}
-        with tempfile.TemporaryDirectory() as tmp:
-            stage.run(runner.ctx, Work(entry.ref.partition, Path(tmp), inputs, Path(tmp) / "s", Path(tmp) / "r"))
+        run_unsaved(runner, entry)
     return time.perf_counter() - started
 
 

@@ -19,7 +19,7 @@ from pydantic import Field, TypeAdapter, ValidationError, field_validator, model
 from stagepipe.allocation import DEFAULT_POLICY, POLICIES
 from stagepipe.errors import ConfigError
 from stagepipe.methods import METHODS
-from stagepipe.schema import Strict
+from stagepipe.schema import KEYED_WHEN_SET, Strict
 
 
 # --------------------------------------------------------------------------- model sources
@@ -125,7 +125,8 @@ class NewsArticles(Strict):
     source: Literal["news_articles"]
     split: Literal["train", "validation", "test"]
     test_articles: int = Field(200, ge=1)
-    validation_articles: int = Field(0, ge=0, description="articles held out of train for choosing hyperparameters")
+    validation_articles: int = Field(0, ge=0, description="articles held out of train for choosing hyperparameters",
+                                     json_schema_extra=KEYED_WHEN_SET)
 
     @model_validator(mode="after")
     def _validation_exists(self) -> NewsArticles:

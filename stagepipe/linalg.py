@@ -153,8 +153,8 @@ def eigen_root(sym: Tensor, floor_rel: float, name: str = "metric") -> MetricRoo
 def _cholesky_root(sym: Tensor, floor_rel: float) -> MetricRoot | None:
     """``P = chol(M)`` when ``M − floor_rel·‖M‖_F·I`` is positive definite (the floor cannot bite),
     else ``None`` (the eigen route decides and records the floor)."""
-    bound = float(torch.linalg.matrix_norm(sym))  # ‖M‖_F ≥ λ_max
-    if not (bound > 0 and torch.isfinite(sym).all()):
+    bound = float(torch.linalg.matrix_norm(sym))  # ‖M‖_F ≥ λ_max; ``factor_metric`` checked finiteness
+    if not bound > 0:
         return None
     shift = floor_rel * bound
     eye = torch.eye(sym.shape[0], dtype=sym.dtype, device=sym.device)

@@ -12,6 +12,21 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+#: ``json_schema_extra`` of a field added after outputs were keyed with its model: it enters a
+#: cache key (``key_dump``) only when set to something other than its default, so those outputs stay valid
+KEYED_WHEN_SET: dict[str, Any] = {"keyed_when_set": True}
+
+
+def key_dump(model: BaseModel) -> dict[str, Any]:
+    """``model_dump(mode="json")`` for a cache key: ``KEYED_WHEN_SET`` fields at their default left out."""
+    data = model.model_dump(mode="json")
+    for name, info in type(model).model_fields.items():
+        extra = info.json_schema_extra
+        if isinstance(extra, dict) and extra.get("keyed_when_set") and getattr(model, name) == info.default:
+            data.pop(name)
+    return data
+
+
 def registrar(registry: dict[str, Any], tag: str) -> Callable[[type], type]:
     """A class decorator that adds a plugin (a method, a policy) to ``registry`` under its ``name``,
     checking that its ``config`` model declares the same name as the ``Literal`` of field ``tag``."""

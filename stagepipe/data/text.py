@@ -23,6 +23,7 @@ from typing import Any
 
 from stagepipe.config import HubDataset, NewsArticles, SyntheticText, TextFile
 from stagepipe.errors import InputError, StagepipeError
+from stagepipe.schema import key_dump
 
 _WORDS = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at", "from", "his", "her", "it", "an", "were", "are", "which", "this", "be", "or", "has", "had", "not", "but", "they", "their", "one", "new", "after", "first", "two", "who", "been", "its", "also", "have", "more", "people", "time", "year", "city", "river", "music", "house", "world", "school", "water", "north", "light", "small", "early", "later", "game", "team", "music", "market", "village", "history", "between", "during", "under", "while", "century", "station", "family", "church", "island", "system", "number"]
 
@@ -88,17 +89,10 @@ def load_text(spec: Any) -> tuple[str, dict[str, Any]]:
     raise StagepipeError(f"unknown text source {spec!r}")
 
 
-#: text-source fields that enter cache keys only when they differ from their default
-_KEYED_WHEN_SET = ("validation_articles",)
-
-
 def text_identity(spec: Any, key: str = "text") -> dict[str, Any]:
     """What enters cache keys: the spec, with a local file's path replaced by its content hash.
     An unusable file is an ``InputError`` naming ``key`` (where the spec sits in the pipeline)."""
-    data = spec.model_dump(mode="json")
-    for name in _KEYED_WHEN_SET:  # fields added later: existing keys (and finished outputs) stay valid
-        if name in data and data[name] == type(spec).model_fields[name].default:
-            data.pop(name)
+    data = key_dump(spec)
     if isinstance(spec, TextFile):
         data.pop("path")
         try:

@@ -43,14 +43,18 @@ def _windows(ctx: Context) -> str:
     return VALIDATION if ctx.config.calibration.validation else CALIBRATION
 
 
+def _forward(runner: BlockRunner, block: torch.nn.Module, hidden: torch.Tensor, batch: int) -> torch.Tensor:
+    """``block``'s outputs for all rows of ``hidden``, ``batch`` windows at a time."""
+    return torch.cat([runner.run_block(block, hidden[s : s + batch]) for s in range(0, len(hidden), batch)])
+
+
 def _dense_inputs(runner: BlockRunner, index: int, ids: torch.Tensor, batch: int) -> torch.Tensor:
     """Block ``index``'s inputs for windows capture never saw: the dense blocks ``0..index−1``."""
     with torch.no_grad():
         runner.prepare(ids)
         hidden = torch.cat([runner.embed(ids[s : s + batch]).float() for s in range(0, len(ids), batch)])
         for j in range(index):
-            block = runner.load_block(j)
-            hidden = torch.cat([runner.run_block(block, hidden[s : s + batch]) for s in range(0, len(hidden), batch)])
+            hidden = _forward(runner, runner.load_block(j), hidden, batch)
     return hidden
 
 
@@ -63,9 +67,9 @@ class SensitivityStage(Stage):
         return artifacts.model_layers(ctx)
 
     def dependencies(self, ctx: Context, partition: str) -> list[PartitionRef]:
-        index = layer_index(partition)
-        deps = [artifacts.ref("snapshot"), artifacts.ref("tokenize", _windows(ctx)), artifacts.ref("decompose", partition)]
-        if index > 0 and _windows(ctx) == CALIBRATION:
+        index, windows = layer_index(partition), _windows(ctx)
+        deps = [artifacts.ref("snapshot"), artifacts.ref("tokenize", windows), artifacts.ref("decompose", partition)]
+        if index > 0 and windows == CALIBRATION:
             deps.append(artifacts.ref("capture", index - 1))
         if needs(ctx.config).method.post_allocation:
             deps.append(artifacts.ref("capture", partition))  # the method's own input statistics
@@ -137,23 +141,20 @@ class SensitivityStage(Stage):
     def _perplexities(runner: BlockRunner, index: int, ids: torch.Tensor, start: torch.Tensor,
                       configs: list[tuple[str, int]], approximate, batch: int, linears: dict[str, torch.nn.Module],
                       weights: dict[str, torch.Tensor]) -> list[float]:
-        """Calibration perplexity of each configuration, propagating all of them block by block."""
-        def forward(block: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-            return torch.cat([runner.run_block(block, hidden[s : s + batch]) for s in range(0, len(hidden), batch)])
-
+        """Perplexity of each configuration on ``ids``, propagating all of them block by block."""
         states = []
         with torch.no_grad():
             block = runner.load_block(index)  # ``linears`` are this block's modules
             for name, rank in configs:
                 if name == BASE:
-                    states.append(forward(block, start))
+                    states.append(_forward(runner, block, start, batch))
                     continue
                 set_weight_matrix(linears[name], approximate(name, rank))
-                states.append(forward(block, start))
+                states.append(_forward(runner, block, start, batch))
                 set_weight_matrix(linears[name], weights[name])
             for j in range(index + 1, runner.num_layers):
                 block = runner.load_block(j)
-                states = [forward(block, hidden) for hidden in states]
+                states = [_forward(runner, block, hidden, batch) for hidden in states]
             result = []
             for hidden in states:
                 nll = torch.cat([runner.window_losses(hidden[s : s + batch], ids[s : s + batch])
