@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -25,6 +26,18 @@ def sha256_file(path: Path) -> str:
         while block := handle.read(_CHUNK):
             digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_file_cached(path: Path) -> str:
+    """``sha256_file``, computed once per (path, size, mtime) in a process: the driver asks for
+    source fingerprints on every scheduling round."""
+    stat = path.stat()
+    return _sha256_once(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256_once(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(Path(path))
 
 
 def list_files(root: Path) -> list[Path]:

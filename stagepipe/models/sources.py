@@ -7,7 +7,6 @@ cache), a local HF directory, a GGUF file (directly or inside an installed Pytho
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
 from pathlib import Path
@@ -18,7 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from stagepipe.config import GGUFModel, LocalModel, TinyModel
 from stagepipe.errors import InputError, StagepipeError
-from stagepipe.io.hashing import sha256_file
+from stagepipe.io.hashing import sha256_file_cached
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -104,23 +103,15 @@ def source_fingerprint(spec: Any) -> dict[str, Any]:
         return {"tiny": spec.model_dump(exclude={"device"})}
     if isinstance(spec, GGUFModel):
         directory, file = gguf_location(spec)
-        path = directory / file
-        stat = path.stat()
-        return {"gguf_file": file, "sha256": _cached_sha256(str(path), stat.st_size, stat.st_mtime_ns)}
+        return {"gguf_file": file, "sha256": sha256_file_cached(directory / file)}
     if isinstance(spec, LocalModel):
         files = {}
         for path in sorted(spec.path.iterdir()):
             if path.is_file() and path.suffix in {".json", ".safetensors", ".bin", ".model", ".txt"}:
-                files[path.name] = sha256_file(path) if path.stat().st_size < (1 << 30) else path.stat().st_size
+                files[path.name] = sha256_file_cached(path) if path.stat().st_size < (1 << 30) else path.stat().st_size
         return {"local_files": files}
     return {"hub_id": spec.id, "revision": spec.revision}
 
-
-@functools.lru_cache(maxsize=64)
-def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
-    """A file's hash, computed once per (path, size, mtime) in a process: the driver asks for the
-    snapshot key on every scheduling round."""
-    return sha256_file(Path(path))
 
 
 def weight_map(snapshot_dir: Path) -> dict[str, str]:
