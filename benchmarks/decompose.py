@@ -20,7 +20,8 @@ import torch
 
 from stagepipe.config import load_pipeline
 from stagepipe.engine.stage import PartitionRef, Work
-from stagepipe.stages import decompose, make_runner
+from stagepipe.linalg import MetricCache
+from stagepipe.stages import make_runner
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,11 +44,11 @@ def main() -> None:
         times: dict[bool, list[float]] = {True: [], False: []}
         for _ in range(args.repeats):
             for reuse in (False, True):
-                decompose.MetricCache.reuse = reuse
+                MetricCache.reuse = reuse
                 started = time.perf_counter()
                 run_unsaved(runner, entry)
                 times[reuse].append(time.perf_counter() - started)
-        decompose.MetricCache.reuse = True
+        MetricCache.reuse = True
         before, after = statistics.median(times[False]), statistics.median(times[True])
         rows.append({"layer": layer, "each_metric_s": before, "shared_s": after, "ratio": after / before})
         print(f"layer {layer:3d}: factorise every metric {before:6.2f} s, each distinct once {after:6.2f} s, "

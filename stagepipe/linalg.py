@@ -168,6 +168,30 @@ def _cholesky_root(sym: Tensor, floor_rel: float) -> MetricRoot | None:
                               "eig_min_above": shift, "frobenius": bound})
 
 
+class MetricCache:
+    """Factorise each distinct metric of a layer once: linears fed the same input (q/k/v, gate/up)
+    share their input Gram, so its root is reused (bit-identical, found by value). Used by every
+    stage that factorises a layer's metrics (decompose, residual, sensitivity)."""
+
+    reuse = True  # benchmarks/decompose.py switches it off to measure what sharing saves
+
+    def __init__(self, floor_rel: float, device: torch.device) -> None:
+        self.floor_rel, self.device = floor_rel, device
+        self.seen: list[tuple[torch.Tensor, MetricRoot]] = []
+        self.computed = 0
+
+    def __call__(self, metric: torch.Tensor | None, name: str) -> MetricRoot | None:
+        if metric is None:
+            return None
+        for known, root in self.seen if self.reuse else ():
+            if known.shape == metric.shape and torch.equal(known, metric):
+                return root
+        root = factor_metric(metric.to(self.device), self.floor_rel, name)
+        self.seen.append((metric, root))
+        self.computed += 1
+        return root
+
+
 def psd_floor(matrix: Tensor, floor_rel: float, name: str = "matrix") -> tuple[Tensor, dict[str, Any]]:
     """The symmetric ``matrix`` projected onto the PSD cone with a relative eigenvalue floor
     (``U diag(max(λ, floor)) Uᵀ``), and the repair."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from stagepipe.errors import MetricError
-from stagepipe.linalg import eigen_root, factor_metric, weighted_loss, weighted_svd
+from stagepipe.linalg import MetricCache, eigen_root, factor_metric, weighted_loss, weighted_svd
 
 torch.manual_seed(0)
 
@@ -114,6 +114,16 @@ def test_a_metric_the_floor_touches_takes_the_eigen_route() -> None:
     barely = (q * torch.tensor([1e-7, 5e-7, 1e-3, 0.1, 0.5, 1.0], dtype=torch.float64)) @ q.T  # λ_min < 1e-6 λ_max
     root = factor_metric(barely, 1e-6)
     assert root.kind == "dense" and root.repair["n_floored"] == 2
+
+
+def test_metric_cache_factorises_each_distinct_metric_once() -> None:
+    gram = spd(5)
+    cache = MetricCache(1e-6, torch.device("cpu"))
+    first = cache(gram, "q.right")
+    assert cache(gram.clone(), "k.right") is first  # equal by value: q/k/v share their input Gram
+    other = cache(spd(5), "o.right")
+    assert other is not first and cache.computed == 2 and cache(None, "left") is None
+    assert torch.equal(first.matrix(), factor_metric(gram, 1e-6).matrix())
 
 
 def test_unusable_metric_raises_instead_of_identity() -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from stagepipe.engine.stage import Context, PartitionRef, Stage, Work
-from stagepipe.linalg import MetricRoot, factor_metric, weighted_svd
+from stagepipe.linalg import MetricCache, weighted_svd
 from stagepipe.methods import LayerStats
 from stagepipe.models.blocks import BlockRunner
 from stagepipe.models.layout import block_linears, weight_matrix
@@ -73,26 +73,3 @@ class DecomposeStage(Stage):
         artifacts.write_weighted_svd(work.out, results)
         work.telemetry["metric_factorisations"] = factor.computed
         return {"linears": report, "method": method.name}
-
-
-class MetricCache:
-    """Factorise each distinct metric of a layer once: linears fed the same input (q/k/v, gate/up)
-    share their input Gram, so its eigendecomposition is reused (bit-identical, found by value)."""
-
-    reuse = True  # benchmarks/decompose.py switches it off to measure what sharing saves
-
-    def __init__(self, floor_rel: float, device: torch.device) -> None:
-        self.floor_rel, self.device = floor_rel, device
-        self.seen: list[tuple[torch.Tensor, MetricRoot]] = []
-        self.computed = 0
-
-    def __call__(self, metric: torch.Tensor | None, name: str) -> MetricRoot | None:
-        if metric is None:
-            return None
-        for known, root in self.seen if self.reuse else ():
-            if known.shape == metric.shape and torch.equal(known, metric):
-                return root
-        root = factor_metric(metric.to(self.device), self.floor_rel, name)
-        self.seen.append((metric, root))
-        self.computed += 1
-        return root

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from stagepipe.engine.stage import Context, PartitionRef, Stage, Work
-from stagepipe.linalg import factor_metric
+from stagepipe.linalg import MetricCache
 from stagepipe.models.blocks import BlockRunner
 from stagepipe.models.layout import block_linears, weight_matrix
 from stagepipe.models.sources import DTYPES
@@ -50,10 +50,11 @@ class ResidualStage(Stage):
         one_shot = artifacts.read_weighted_svd(work.input("decompose", work.partition), list(ranks))
         tensors: dict[str, torch.Tensor] = {}
         report: dict[str, Any] = {}
+        factor = MetricCache(ctx.config.method.floor_rel, torch.device("cpu"))
         for name, rank in ranks.items():
             w = weight_matrix(linears[name]).detach().to(torch.float64)
             pair = method.metrics(name, tuple(w.shape), stats)
-            right = factor_metric(pair.right, ctx.config.method.floor_rel, f"{work.partition}.{name}.right")
+            right = factor(pair.right, f"{work.partition}.{name}.right")
             up, down, info = method.factors(w, right, rank)
             tensors[f"{name}.up"], tensors[f"{name}.down"] = up.float(), down.float()
             optimum = one_shot[name].dropped_energy(rank)

@@ -27,7 +27,7 @@ import torch
 
 from stagepipe.accounting import rank_for_fraction
 from stagepipe.engine.stage import Context, PartitionRef, Stage, Work
-from stagepipe.linalg import factor_metric
+from stagepipe.linalg import MetricCache
 from stagepipe.models.blocks import BlockRunner
 from stagepipe.models.layout import block_linears, set_weight_matrix, weight_matrix
 from stagepipe.models.sources import resolve_device
@@ -127,11 +127,12 @@ class SensitivityStage(Stage):
             return lambda name, rank: spectra[name].reconstruct(rank)
         stats = artifacts.read_input_stats(work.input("capture", work.partition))
         roots: dict[str, Any] = {}  # input-side metric root per matrix, factorised once for all its candidates
+        factor = MetricCache(ctx.config.method.floor_rel, torch.device("cpu"))  # and once per distinct metric
 
         def own_factors(name: str, rank: int) -> torch.Tensor:
             w = weights[name]
             if name not in roots:
-                roots[name] = factor_metric(method.metrics(name, tuple(w.shape), stats).right, ctx.config.method.floor_rel, name)
+                roots[name] = factor(method.metrics(name, tuple(w.shape), stats).right, name)
             up, down, _ = method.factors(w, roots[name], rank)
             return up @ down
 
