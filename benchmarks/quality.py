@@ -83,6 +83,17 @@ def main() -> None:
     render(rows, commits, args.base, out)
 
 
+def applied_options(rows: list[dict], base: str) -> str:
+    """The ``METHOD_OPTIONS``/``POLICY_OPTIONS`` that rows actually ran with: a row of the base
+    file's own method or policy uses the base file's block instead (``run_point``)."""
+    data = yaml.safe_load(Path(base).read_text())
+    base_method, base_policy = data["method"]["name"], data.get("allocation", {}).get("policy")
+    entries = [r["method"].partition(":") for r in rows]
+    methods = {m: METHOD_OPTIONS[m] for m, _, _ in entries if m != base_method and m in METHOD_OPTIONS}
+    policies = {p: POLICY_OPTIONS[p] for _, _, p in entries if p != base_policy and p in POLICY_OPTIONS}
+    return f"methods {json.dumps(methods)}, policies {json.dumps(policies)}"
+
+
 def render(rows: list[dict], commits: list[str], base: str, out: Path) -> None:
     """results.md (one row per grid point, with the commit that produced it) and the plot."""
     dataset = next(iter(rows[0]["perplexity"]["compressed"]))
@@ -95,7 +106,7 @@ def render(rows: list[dict], commits: list[str], base: str, out: Path) -> None:
         f"calibration from the train articles, perplexity on `{dataset}` (held-out articles), fp32, "
         "non-overlapping windows, every window counted. Kept fraction = parameters kept over the "
         "target matrices after rank rounding (also over all block linears and the whole model).", "",
-        f"Options beyond the base file: methods {json.dumps(METHOD_OPTIONS)}, policies {json.dumps(POLICY_OPTIONS)}.", "",
+        f"Options beyond the base file: {applied_options(rows, base)}.", "",
         f"Dense baseline perplexity: **{dense:.3f}**", "",
         "| method | kept (requested) | kept (targets) | kept (block linears) | kept (model) | PPL | repairs | fallbacks | commit |",
         "|---|---|---|---|---|---|---|---|---|",
