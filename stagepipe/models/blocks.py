@@ -60,16 +60,22 @@ class BlockRunner:
         with no_init_weights():  # every parameter is loaded below or by ``load_block``: random init is waste
             self.model = AutoModelForCausalLM.from_config(_single_block_config(self.config), dtype=dtype)
         self.model.tie_weights()  # ``no_init_weights`` also skips the tying that initialisation does
-        self.model.eval().requires_grad_(False)
+        self.model.eval().requires_grad_(False).to(device)
+        self._rest_loaded = False  # embeddings, final norm, head: read on first use (decompose never needs them)
+        self._block_args: tuple | None = None
+        self._block_kwargs: dict | None = None
+
+    def _load_rest(self) -> None:
+        """Read every tensor outside the decoder blocks (embeddings, final norm, head), once."""
+        if self._rest_loaded:
+            return
         rest = {k: v for k, v in self._read(lambda k: not k.startswith(self.layout.layers_path + ".")).items()}
         missing, unexpected = self.model.load_state_dict(rest, strict=False)
         slot = self.layout.layer_prefix(0)
         missing = [k for k in missing if not k.startswith(slot) and not self._is_tied(k)]
         if missing or unexpected:
             raise StagepipeError(f"snapshot {self.snapshot_dir}: missing {missing[:3]} unexpected {unexpected[:3]}")
-        self.model.to(device)
-        self._block_args: tuple | None = None
-        self._block_kwargs: dict | None = None
+        self._rest_loaded = True
 
     # ------------------------------------------------------------------ weights
     def _is_tied(self, key: str) -> bool:
@@ -105,6 +111,7 @@ class BlockRunner:
 
     # ------------------------------------------------------------------ execution
     def _capture_block_inputs(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, tuple, dict]:
+        self._load_rest()
         layers = self.model.get_submodule(self.layout.layers_path)
         block = layers[0]
         layers[0] = _Catcher()
@@ -141,6 +148,7 @@ class BlockRunner:
         return out[0] if isinstance(out, tuple) else out
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        self._load_rest()
         norm = self.model.get_submodule(self.layout.final_norm_path)
         return self.model.get_output_embeddings()(norm(hidden.to(self.device, self.dtype)))
 
