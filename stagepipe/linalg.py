@@ -84,6 +84,17 @@ class MetricRoot:
             return torch.linalg.solve_triangular(self.lower, x, upper=False, left=False)
         return (x / self.scale[None, :]) @ self.basis.T
 
+    def solve_right_transposed(self, x: Tensor) -> Tensor:
+        """``X Q^{-T}``: whiten a cross term ``W C`` against this input-side metric (AA-SVD's
+        ``W C Q^{-T}``, the whitened regression target ``W C M^{-1}`` times ``Q``)."""
+        if self.kind == "identity":
+            return x
+        if self.kind == "diagonal":
+            return x / self.scale[None, :]
+        if self.kind == "cholesky":
+            return torch.linalg.solve_triangular(self.lower.T, x, upper=True, left=False)
+        return (x @ self.basis) / self.scale[None, :]
+
     def matrix(self) -> Tensor:
         """The floored metric ``P Pᵀ`` itself (tests and diagnostics)."""
         if self.kind == "identity":
@@ -250,12 +261,40 @@ def weighted_svd(w: Tensor, left: MetricRoot | None, right: MetricRoot | None,
     whitened matrix in single precision (about 2× faster on CPU; its rounding, ~1e-7 of σ₁, is
     far below what truncation drops; ``benchmarks/official_whitening.py`` measures both)."""
     w64 = w.detach().to(dtype=torch.float64)
-    m, n = w64.shape
+    left, right = _sized(w64.shape, left, right)
+    return _svd_of_whitened(right.apply_right(left.apply_left(w64)), left, right, svd_dtype)
+
+
+def anchored_svd(w: Tensor, cross: Tensor, left: MetricRoot | None, right: MetricRoot,
+                 svd_dtype: torch.dtype = torch.float64) -> WeightedSVD:
+    """Reduced-rank regression (AA-SVD's anchored objective): the rank-r minimiser of
+    ``‖Pᵀ (W Y − Ŵ Ŷ)‖_F²`` for the dense inputs ``Y`` and shifted inputs ``Ŷ`` of a linear.
+
+    With ``C = Y Ŷᵀ`` (``cross``, n×n) and ``right`` a root ``Q`` of ``Ĝ = Ŷ Ŷᵀ``:
+    ``‖Pᵀ(WY − ŴŶ)‖² = ‖Pᵀ(WY − W*Ŷ)‖² + ‖Pᵀ(W* − Ŵ) Q‖²`` with the regression target
+    ``W* = W C Ĝ⁻¹`` (its rows solve the least-squares problems). So the answer is the weighted SVD
+    of ``W*`` under ``(P, Q)``, whose whitened matrix ``Pᵀ W* Q = Pᵀ W C Q^{-T}`` is formed by a
+    triangular solve, never an inverse. ``C = Ĝ`` (``Ŷ = Y``) gives ``weighted_svd(W, P, Q)``:
+    SVD-LLM with the identity on the left. A floored ``Ĝ`` regresses against the floored metric
+    (the repair is ``right.repair``)."""
+    w64 = w.detach().to(dtype=torch.float64)
+    left, right = _sized(w64.shape, left, right)
+    if cross.shape != (right.dim, right.dim):
+        raise MetricError(f"cross term of shape {tuple(cross.shape)} does not match input size {right.dim}")
+    target = right.solve_right_transposed(w64 @ cross.to(dtype=torch.float64, device=w64.device))
+    return _svd_of_whitened(left.apply_left(target), left, right, svd_dtype)
+
+
+def _sized(shape: torch.Size, left: MetricRoot | None, right: MetricRoot | None) -> tuple[MetricRoot, MetricRoot]:
+    m, n = shape
     left = left or identity_root(m)
     right = right or identity_root(n)
     if left.dim != m or right.dim != n:
         raise MetricError(f"metric sizes ({left.dim}, {right.dim}) do not match weight shape ({m}, {n})")
-    whitened = right.apply_right(left.apply_left(w64))
+    return left, right
+
+
+def _svd_of_whitened(whitened: Tensor, left: MetricRoot, right: MetricRoot, svd_dtype: torch.dtype) -> WeightedSVD:
     u, sigma, vh = (t.to(torch.float64) for t in torch.linalg.svd(whitened.to(svd_dtype), full_matrices=False))
     return WeightedSVD(sigma=sigma, left=left.solve_left(u), right=right.solve_right(vh))
 

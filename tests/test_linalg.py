@@ -139,3 +139,98 @@ def test_identity_metrics_equal_plain_svd() -> None:
     assert torch.allclose(result.sigma, torch.linalg.svdvals(w))
     for r, s in itertools.product(range(1, 4), [result]):
         assert s.dropped_energy(r) == pytest.approx(float((torch.linalg.svdvals(w)[r:] ** 2).sum()))
+
+
+# --------------------------------------------------------------------------- anchored (AA-SVD) reduced-rank regression
+def _anchored_problem(seed: int = 0, m: int = 5, n: int = 4, tokens: int = 40):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(m, n, generator=g, dtype=torch.float64)
+    y = torch.randn(n, tokens, generator=g, dtype=torch.float64)  # dense inputs, one column per token
+    shifted = y + 0.3 * torch.randn(n, tokens, generator=g, dtype=torch.float64)  # inputs after compression below
+    a = torch.randn(m, m, generator=g, dtype=torch.float64)
+    return w, y, shifted, a @ a.T + 0.1 * torch.eye(m, dtype=torch.float64)
+
+
+def _anchored_loss(w, y, shifted, approx, left_metric=None) -> float:
+    residual = w @ y - approx @ shifted
+    if left_metric is None:
+        return float((residual**2).sum())
+    return float(torch.trace(residual.T @ left_metric @ residual))
+
+
+def test_anchored_svd_full_rank_is_the_least_squares_regression() -> None:
+    from stagepipe.linalg import anchored_svd
+
+    w, y, shifted, _ = _anchored_problem()
+    result = anchored_svd(w, y @ shifted.T, None, factor_metric(shifted @ shifted.T, 1e-12))
+    lstsq = torch.linalg.lstsq(shifted.T, (w @ y).T).solution.T  # every row's least squares, explicitly
+    assert torch.allclose(result.reconstruct(len(result.sigma)), lstsq, atol=1e-10)
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["identity-left", "metric-left"])
+def test_anchored_svd_loss_is_regression_residual_plus_dropped_sigma(weighted: bool) -> None:
+    from stagepipe.linalg import anchored_svd
+
+    w, y, shifted, left_metric = _anchored_problem(1)
+    left = factor_metric(left_metric, 1e-12) if weighted else None
+    metric = left_metric if weighted else None
+    result = anchored_svd(w, y @ shifted.T, left, factor_metric(shifted @ shifted.T, 1e-12))
+    floor = _anchored_loss(w, y, shifted, result.reconstruct(4), metric)  # full rank: the regression residual
+    for rank in range(5):
+        loss = _anchored_loss(w, y, shifted, result.reconstruct(rank), metric)
+        assert loss == pytest.approx(floor + result.dropped_energy(rank), rel=1e-10, abs=1e-9)
+
+
+def test_anchored_svd_beats_every_rank_k_found_by_brute_force() -> None:
+    """Alternating least squares over rank-2 products from many starts never finds a lower
+    anchored loss than the closed form, and its best start reaches it."""
+    from stagepipe.linalg import anchored_svd
+
+    w, y, shifted, _ = _anchored_problem(2)
+    rank = 2
+    closed = _anchored_loss(w, y, shifted, anchored_svd(w, y @ shifted.T, None, factor_metric(shifted @ shifted.T, 1e-12))
+                            .reconstruct(rank))
+    target = w @ y
+    found = []
+    g = torch.Generator().manual_seed(3)
+    for _ in range(8):
+        up = torch.randn(w.shape[0], rank, generator=g, dtype=torch.float64)
+        for _ in range(300):
+            # down: min ‖T − up·down·Ŷ‖ (vec form); up: min ‖T − up·(down·Ŷ)‖ (row-wise least squares)
+            design = torch.kron(shifted.T.contiguous(), up)
+            down = torch.linalg.lstsq(design, target.T.reshape(-1, 1)).solution.reshape(w.shape[1], rank).T
+            up = torch.linalg.lstsq((down @ shifted).T, target.T).solution.T
+        found.append(_anchored_loss(w, y, shifted, up @ down))
+    assert min(found) >= closed - 1e-9 * closed
+    assert min(found) == pytest.approx(closed, rel=1e-8)
+
+
+def test_anchored_svd_on_unshifted_inputs_is_svdllm() -> None:
+    from stagepipe.linalg import anchored_svd
+
+    w, y, _, _ = _anchored_problem(4)
+    gram = y @ y.T
+    right = factor_metric(gram, 1e-12)
+    anchored, svdllm = anchored_svd(w, gram, None, right), weighted_svd(w, None, right)
+    assert torch.allclose(anchored.sigma, svdllm.sigma, rtol=1e-12)
+    for rank in range(1, 5):
+        up_a, down_a = anchored.factors(rank)
+        up_s, down_s = svdllm.factors(rank)
+        assert torch.allclose(up_a @ down_a, up_s @ down_s, atol=1e-12)
+        assert torch.allclose(up_a.abs(), up_s.abs(), atol=1e-10)  # the same factors up to signs
+
+
+def test_anchored_svd_is_the_same_for_every_root_of_the_shifted_gram() -> None:
+    """Cholesky, eigen (dense) and diagonal roots whiten the cross term alike (``X Q^{-T}``)."""
+    from stagepipe.linalg import anchored_svd
+
+    w, y, shifted, _ = _anchored_problem(5)
+    cross, gram = y @ shifted.T, shifted @ shifted.T
+    cholesky, dense = factor_metric(gram, 1e-12), eigen_root(gram, 1e-12)
+    assert (cholesky.kind, dense.kind) == ("cholesky", "dense")
+    a, b = anchored_svd(w, cross, None, cholesky), anchored_svd(w, cross, None, dense)
+    assert torch.allclose(a.reconstruct(2), b.reconstruct(2), atol=1e-10)
+    diagonal_gram = torch.diag(gram.diagonal())
+    c = anchored_svd(w, cross, None, factor_metric(gram.diagonal(), 1e-12))
+    d = anchored_svd(w, cross, None, eigen_root(diagonal_gram, 1e-12))
+    assert torch.allclose(c.reconstruct(2), d.reconstruct(2), atol=1e-10)

@@ -85,6 +85,9 @@ class Method:
     right: ClassVar[str] = "identity"
     #: factors depend on the allocated rank (ResSVD): the ``residual`` stage computes them after ``allocate``
     post_allocation: ClassVar[bool] = False
+    #: factors are computed layer by layer on the compressed model's propagated inputs (AA-SVD):
+    #: the ``anchor`` stage runs after ``allocate``
+    sequential: ClassVar[bool] = False
 
     def __init__(self, cfg: MethodConfig) -> None:
         self.cfg = cfg
@@ -125,6 +128,10 @@ class Method:
 
     def rank_options(self) -> dict[str, Any]:
         """Options that shape a ``post_allocation`` method's rank-dependent factors (their stages' keys)."""
+        return {}
+
+    def sequential_options(self) -> dict[str, Any]:
+        """Options that shape a ``sequential`` method's factors (the ``anchor`` stage's key)."""
         return {}
 
     def factors(self, w: torch.Tensor, right: Any, rank: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:

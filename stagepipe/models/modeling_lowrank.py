@@ -60,6 +60,23 @@ def swap_linears(model: nn.Module, ranks: dict[str, int]) -> None:
                                              dtype=old.weight.dtype, device=old.weight.device))
 
 
+def install_factors(block: nn.Module, name: str, up: torch.Tensor, down: torch.Tensor) -> LowRankLinear:
+    """Replace the linear ``name`` of ``block`` by a ``LowRankLinear`` holding ``up · down`` (and
+    the old bias), in the old weight's dtype and device; returns the new module."""
+    parent_name, _, child = name.rpartition(".")
+    parent = block.get_submodule(parent_name) if parent_name else block
+    old = getattr(parent, child)
+    in_features, out_features, has_bias = linear_shape(old)
+    new = LowRankLinear(in_features, out_features, up.shape[1], has_bias, dtype=old.weight.dtype, device=old.weight.device)
+    with torch.no_grad():
+        new.up.weight.copy_(up.to(old.weight.dtype))
+        new.down.weight.copy_(down.to(old.weight.dtype))
+        if has_bias:
+            new.up.bias.copy_(old.bias)
+    setattr(parent, child, new)
+    return new
+
+
 def _lowrank_pair(config_cls: type, model_cls: type, model_type: str) -> tuple[type, type]:
     class Config(config_cls):
         def __init__(self, lowrank_ranks: dict[str, int] | None = None, **kwargs) -> None:

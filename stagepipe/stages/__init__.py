@@ -16,6 +16,7 @@ from stagepipe.engine.runner import Runner
 from stagepipe.engine.stage import Pipeline, Stage
 from stagepipe.stages import artifacts
 from stagepipe.stages.allocate import AllocateStage
+from stagepipe.stages.anchor import AnchorStage
 from stagepipe.stages.assemble import AssembleStage
 from stagepipe.stages.capture import CaptureStage
 from stagepipe.stages.decompose import DecomposeStage
@@ -31,7 +32,7 @@ from stagepipe.stages.tokenize import TokenizeStage
 
 _STAGE_CLASSES: dict[str, type[Stage]] = {
     cls.name: cls for cls in (SnapshotStage, TokenizeStage, CaptureStage, FisherStage, DecomposeStage, SensitivityStage,
-                              AllocateStage, ResidualStage, RefitStage, AssembleStage, EvaluateStage, ReportStage)
+                              AllocateStage, ResidualStage, AnchorStage, RefitStage, AssembleStage, EvaluateStage, ReportStage)
 }
 assert tuple(_STAGE_CLASSES) == ORDER
 

@@ -18,6 +18,8 @@ decompose       layer-NNN               ``svd.safetensors`` (``<linear>.left|rig
 sensitivity     layer-NNN               ``sensitivity.json`` (per matrix: kept, rank, ppl)
 allocate        all                     ``allocation.json`` (ranks, dropped energy, ratios)
 residual        layer-NNN               ``residual.safetensors`` (``<linear>.up|down`` at the rank)
+anchor          layer-NNN               ``anchor.safetensors`` (``<linear>.up|down`` at the rank),
+                                        ``hidden.zarr`` (the compressed model's block outputs)
 refit           layer-NNN               ``refit.safetensors`` (``<linear>.up``), ``hidden.zarr``
                                         (the compressed model's block outputs)
 assemble        all                     ``model/`` (the low-rank HF directory)
@@ -250,8 +252,9 @@ def block_ranks(ranks: Mapping[str, int | None], prefix: str) -> dict[str, int]:
     return {full[len(prefix):]: r for full, r in ranks.items() if full.startswith(prefix) and r is not None}
 
 
-# --------------------------------------------------------------------------- residual / refit: final factors
+# --------------------------------------------------------------------------- residual / anchor / refit: final factors
 RESIDUAL = "residual.safetensors"
+ANCHOR = "anchor.safetensors"
 REFIT = "refit.safetensors"
 
 
@@ -272,9 +275,37 @@ def allocated_factors(decomposed: Path, residual: Path | None,
     return {n: spectra[n].factors(r) for n, r in ranks.items()}
 
 
+def read_anchored(anchor_output: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(up, down) per block-relative linear as the ``anchor`` stage fitted them (float64)."""
+    raw = safetensors_io.read(anchor_output / ANCHOR)
+    return {key.removesuffix(".up"): (raw[key].double(), raw[key.removesuffix(".up") + ".down"].double())
+            for key in raw if key.endswith(".up")}
+
+
 def read_refit(refit_output: Path) -> dict[str, torch.Tensor]:
     """Refitted ``up`` factors per block-relative linear."""
     return {key.removesuffix(".up"): value.double() for key, value in safetensors_io.read(refit_output / REFIT).items()}
+
+
+# --------------------------------------------------------------------------- checkpoints inside a partition
+_META = "__meta__"
+
+
+def write_checkpoint(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+    """Tensors and JSON metadata as one safetensors file (the metadata rides along as ``uint8``),
+    written by temp file + rename: a kill at any moment leaves the previous checkpoint or this one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8)
+    safetensors_io.write_atomic(path, {**tensors, _META: blob})
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """(tensors, metadata) of a checkpoint, or ``None`` when there is none yet."""
+    if not path.is_file():
+        return None
+    tensors = safetensors_io.read(path)
+    meta = json.loads(bytes(tensors.pop(_META).tolist()).decode())
+    return tensors, meta
 
 
 # --------------------------------------------------------------------------- evaluate / report

@@ -39,6 +39,8 @@ class AssembleStage(Stage):
         deps = [artifacts.ref("snapshot"), artifacts.ref("allocate")] + [artifacts.ref("decompose", p) for p in layers]
         if need.residual:
             deps += [artifacts.ref("residual", p) for p in layers]
+        if need.anchor:
+            deps += [artifacts.ref("anchor", p) for p in layers]
         if need.refit:
             deps += [artifacts.ref("refit", p) for p in layers]
         return deps
@@ -60,15 +62,15 @@ class AssembleStage(Stage):
         index: dict[str, str] = {}
         total = 0
         by_layer = {stage: {layer_index(r.partition): d for r, d in work.inputs.items() if r.stage == stage}
-                    for stage in ("decompose", "residual", "refit")}
+                    for stage in ("decompose", "residual", "anchor", "refit")}
         files: dict[str, list[str]] = {}
         for key, file in wmap.items():
             files.setdefault(file, []).append(key)
         for i in range(int(config.num_hidden_layers)):
             prefix = layout.layer_prefix(i)
             layer_keys = [k for k in wmap if k.startswith(prefix)]
-            shard = self._layer_shard(snapshot, wmap, layer_keys, prefix, (by_layer["decompose"][i], by_layer["residual"].get(i), by_layer["refit"].get(i)),
-                                      factored)
+            sources = (by_layer["decompose"][i], by_layer["residual"].get(i), by_layer["anchor"].get(i), by_layer["refit"].get(i))
+            shard = self._layer_shard(snapshot, wmap, layer_keys, prefix, sources, factored)
             name = f"layer-{i:03d}.safetensors"
             safetensors_io.write_atomic(target / name, shard)
             index.update(dict.fromkeys(shard, name))
@@ -91,16 +93,18 @@ class AssembleStage(Stage):
 
     @staticmethod
     def _layer_shard(snapshot: Path, wmap: dict[str, str], keys: list[str], prefix: str,
-                     sources: tuple[Path, Path | None, Path | None], factored: dict[str, int]) -> dict[str, torch.Tensor]:
-        """Block tensors with each factored linear replaced by its (refitted) factors."""
-        decomposed, residual, refitted = sources
+                     sources: tuple[Path, Path | None, Path | None, Path | None],
+                     factored: dict[str, int]) -> dict[str, torch.Tensor]:
+        """Block tensors with each factored linear replaced by its final factors: ``anchor``'s where
+        it ran, else ``decompose``'s (or ``residual``'s) at the rank, with ``refit``'s up factors."""
+        decomposed, residual, anchored, refitted = sources
         tensors: dict[str, torch.Tensor] = {}
         for key in keys:
             tensors.update(safetensors_io.read(snapshot / wmap[key], [key]))
         ranks = artifacts.block_ranks(factored, prefix)
         if not ranks:
             return tensors
-        factors = artifacts.allocated_factors(decomposed, residual, ranks)
+        factors = artifacts.read_anchored(anchored) if anchored is not None else artifacts.allocated_factors(decomposed, residual, ranks)
         updates = artifacts.read_refit(refitted) if refitted is not None else {}
         for local, (up, down) in factors.items():
             full = prefix + local

@@ -95,6 +95,8 @@ def estimate(config: Any, model_config: Any) -> list[Estimate]:
         rank_bytes = sum(m * n * config.target.kept_fraction * 4 for m, n in s.linears)
         rows["residual"] = Estimate("residual", s.layers * rank_bytes, model_ram + svd_ram, gpu(svd_ram),
                                     "two SVDs per matrix at the allocated rank")
+    if need.anchor:
+        rows["anchor"] = _anchor(config, s, hidden, batch_act, model_ram, w, gpu)
     if need.refit:
         rows["refit"] = Estimate("refit", s.layers * hidden, model_ram * 2 + batch_act * 2, gpu(s.block * w * 2 + batch_act * 2),
                                  "original + truncated block per layer; compressed-path block inputs")
@@ -118,3 +120,18 @@ def _fisher(config: Any, s: Shapes, need: Any, hidden: float, batch_act: float, 
     ram += factors * 3 + (stored if mode == "stored" else 0)
     return Estimate("fisher", disk + s.layers * factors, ram, gpu(s.block * w + 4 * batch_act + factors * 3),
                     f"{mode} gradients; {2 * method.max_sweeps} passes max per layer")
+
+
+def _anchor(config: Any, s: Shapes, hidden: float, batch_act: float, model_ram: float, w: int, gpu) -> Estimate:
+    """AA-SVD per layer: original + compressed block, one pass pair per input group, the closed
+    form's SVDs, and ``refine_epochs`` × (forward + backward + an error pass) of the block."""
+    tokens = config.calibration.n_samples * config.calibration.seq_len
+    forward = 2 * s.block * tokens  # FLOPs of one block pass over the calibration tokens (linears only)
+    # input moments: dense + compressed passes stopped at each group's input (q/k/v: ~0, o: ~0.2,
+    # MLP: ~0.25, down: ~0.75 of a block) ≈ 2.5 passes; block error + outputs: 2; an epoch: fwd+bwd+error ≈ 4
+    epochs = getattr(config.method, "refine_epochs", 0)
+    flops = s.layers * forward * (2.5 + 2 + 4 * epochs)
+    train = (s.block * 4 * 4 + batch_act * 4) if epochs else 0  # fp32 factors + Adam moments + activations
+    ram = model_ram + s.block * w + 2 * batch_act + train
+    return Estimate("anchor", s.layers * hidden, ram, gpu(2 * s.block * w + 2 * batch_act + train),
+                    f"{flops / 1e12:.1f} TFLOP of block linears ({epochs} refinement epochs); shifted block inputs")

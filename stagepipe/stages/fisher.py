@@ -17,7 +17,6 @@ budget. The power iteration is checkpointed in the task's resume directory after
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ import torch
 from stagepipe.accounting import rank_for_fraction
 from stagepipe.engine.stage import Context, PartitionRef, Stage, Work
 from stagepipe.faults import kill_point
-from stagepipe.io import safetensors_io, zarr_io
+from stagepipe.io import zarr_io
 from stagepipe.kron import NKPResult, clean_factors, diagnostics, nkp_power_iteration
 from stagepipe.models.blocks import BlockRunner
 from stagepipe.models.layout import block_linears, weight_matrix
@@ -288,32 +287,27 @@ class SweepCheckpoint:
     """The power iteration's state after every sweep, in the partition's resume directory, so a
     crash loses at most one sweep.
 
-    Tensors and metadata are one file (the metadata rides along as a ``uint8`` tensor), written
-    by temp file + rename: a kill at any moment leaves the previous sweep's state or this one's,
-    never a mix of the two.
+    One file (``artifacts.write_checkpoint``): a kill at any moment leaves the previous sweep's
+    state or this one's, never a mix of the two.
     """
 
     FILE = "state.safetensors"
-    META = "__meta__"
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.loaded_sweep = 0
 
     def save(self, sweep: int, results: dict[str, NKPResult]) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
         tensors = {f"{n}.{k}": getattr(r, k) for n, r in results.items() for k in ("A", "B")}
         meta = {"sweep": sweep, "linears": {n: {"sweeps": r.sweeps, "rel_change": r.rel_change, "history": r.history}
                                             for n, r in results.items()}}
-        tensors[self.META] = torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8)
-        safetensors_io.write_atomic(self.directory / self.FILE, tensors)
+        artifacts.write_checkpoint(self.directory / self.FILE, tensors, meta)
         kill_point("sweep-saved")
 
     def load(self) -> dict[str, NKPResult] | None:
-        path = self.directory / self.FILE
-        if not path.is_file():
+        found = artifacts.read_checkpoint(self.directory / self.FILE)
+        if found is None:
             return None
-        tensors = safetensors_io.read(path)
-        meta = json.loads(bytes(tensors.pop(self.META).tolist()).decode())
+        tensors, meta = found
         self.loaded_sweep = int(meta["sweep"])
         return {n: NKPResult(A=tensors[f"{n}.A"], B=tensors[f"{n}.B"], **m) for n, m in meta["linears"].items()}

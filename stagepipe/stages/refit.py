@@ -20,7 +20,7 @@ import torch
 from stagepipe.engine.stage import Context, PartitionRef, Stage, Work
 from stagepipe.models.blocks import BlockRunner
 from stagepipe.models.layout import block_linears, weight_matrix
-from stagepipe.models.modeling_lowrank import LowRankLinear, linear_shape
+from stagepipe.models.modeling_lowrank import install_factors
 from stagepipe.models.sources import DTYPES, resolve_device
 from stagepipe.stages import artifacts
 from stagepipe.stages.artifacts import CALIBRATION, layer_index
@@ -65,7 +65,9 @@ class RefitStage(Stage):
 
         # Per batch: the original block on the original inputs gives targets W x; the truncated
         # block on the compressed model's running inputs gives H = down · z. Sums in float64.
-        compressed = self._swap(copy.deepcopy(original), linears, factors, runner.dtype)
+        compressed = copy.deepcopy(original)
+        for name, (up, down) in factors.items():
+            install_factors(compressed, name, up, down)
         gram = {n: torch.zeros(r, r, dtype=torch.float64, device=device) for n, r in ranks.items()}
         cross = {n: torch.zeros(r, weights[n].shape[0], dtype=torch.float64, device=device) for n, r in ranks.items()}
         seen: dict[str, torch.Tensor] = {}
@@ -102,17 +104,3 @@ class RefitStage(Stage):
                 artifacts.write_rows(hidden_out, start, runner.run_block(compressed, hidden))
         artifacts.write_factors(work.out, artifacts.REFIT, updates)
         return {"linears": info}
-
-    @staticmethod
-    def _swap(block: torch.nn.Module, linears: dict[str, torch.nn.Module], factors, dtype: torch.dtype) -> torch.nn.Module:
-        for name, (up, down) in factors.items():
-            old = linears[name]
-            in_features, out_features, has_bias = linear_shape(old)
-            new = LowRankLinear(in_features, out_features, up.shape[1], has_bias, dtype=dtype, device=old.weight.device)
-            new.up.weight.data.copy_(up.to(dtype))
-            new.down.weight.data.copy_(down.to(dtype))
-            if has_bias:
-                new.up.bias.data.copy_(old.bias.data)
-            parent, _, child = name.rpartition(".")
-            setattr(block.get_submodule(parent) if parent else block, child, new)
-        return block

@@ -13,8 +13,8 @@ from stagepipe.allocation import POLICIES
 from stagepipe.methods import Method, make_method
 
 #: every stage, in execution order
-ORDER = ("snapshot", "tokenize", "capture", "fisher", "decompose", "sensitivity", "allocate", "residual", "refit",
-         "assemble", "evaluate", "report")
+ORDER = ("snapshot", "tokenize", "capture", "fisher", "decompose", "sensitivity", "allocate", "residual", "anchor",
+         "refit", "assemble", "evaluate", "report")
 
 
 @dataclass(frozen=True)
@@ -25,10 +25,11 @@ class Needs:
     sensitivity: bool  # the policy reads a per-matrix sensitivity table
     residual: bool  # the method's factors depend on the allocated rank
     refit: bool  # least-squares refit on propagated inputs
+    anchor: bool  # the method's factors are fitted layer by layer on propagated inputs (AA-SVD)
 
     def stage_names(self) -> list[str]:
         optional = {"capture": self.capture, "fisher": self.fisher, "sensitivity": self.sensitivity,
-                    "residual": self.residual, "refit": self.refit}
+                    "residual": self.residual, "anchor": self.anchor, "refit": self.refit}
         return [name for name in ORDER if optional.get(name, True)]
 
 
@@ -36,7 +37,8 @@ def needs(config: Any) -> Needs:
     method = make_method(config.method)
     policy = POLICIES[config.allocation.policy]
     refit = bool(config.method.refit)
-    # sensitivity starts from stored block inputs; refit reads the original model's block inputs
-    capture = bool(method.activation_stats) or method.needs_gradients or refit or policy.needs_sensitivity
+    # sensitivity starts from stored block inputs; refit and anchor read the original model's block inputs
+    anchor = method.sequential
+    capture = bool(method.activation_stats) or method.needs_gradients or refit or anchor or policy.needs_sensitivity
     return Needs(method=method, capture=capture, fisher=method.needs_gradients, sensitivity=policy.needs_sensitivity,
-                 residual=method.post_allocation, refit=refit)
+                 residual=method.post_allocation, refit=refit, anchor=anchor)

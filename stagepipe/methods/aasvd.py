@@ -1,0 +1,69 @@
+"""AA-SVD (Sinha & Fleuret, arXiv 2604.02119): the anchored, shift-aware layer objective and
+block-level refinement, one decoder layer at a time (docs/methods.md).
+
+For each linear with dense inputs ``Y`` (the original model's) and shifted inputs ``Ŷ`` (produced
+by the already-compressed layers below and, inside the block, the already-compressed linears
+before it), the factors solve ``min_{rank Ŵ ≤ r} ‖Pᵀ (W Y − Ŵ Ŷ)‖_F²`` in closed form
+(``linalg.anchored_svd``, reduced-rank regression). ``Ŷ = Y`` gives SVD-LLM (identity × gram) or,
+with ``output_metric: kfac_out``, K-FAC-SVD. ``anchor_weight`` α mixes the cross term
+``α·Y Ŷᵀ + (1−α)·Ŷ Ŷᵀ``: 1 is the paper's anchored objective, 0 re-whitens on the shifted inputs
+only (its "objective 3").
+
+Ranks come from the allocation policy on ``decompose``'s spectra of the base pair (the dense
+inputs' Gram, like SVD-LLM); the ``anchor`` stage then computes the factors in layer order.
+With ``refine_epochs > 0`` each block's factors are trained (Adam, fp32) to match the dense
+block's output on the shifted inputs, keeping the best epoch by calibration block-output error,
+so refinement never makes that error worse.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from stagepipe.methods.base import GradientOptions, Method, register
+
+
+class AASVDConfig(GradientOptions):
+    """Anchored reduced-rank regression on shifted inputs, optional block refinement."""
+
+    name: Literal["aasvd"]
+    output_metric: Literal["identity", "kfac_out"] = Field(
+        "identity", description="left (output-side) metric: identity, or the K-FAC output factor E[δδᵀ] (needs fisher)")
+    anchor_weight: float = Field(1.0, ge=0, le=1, description="α in the cross term α·YŶᵀ + (1−α)·ŶŶᵀ (1: anchored)")
+    refine_epochs: int = Field(0, ge=0, description="epochs of block-output refinement per layer (0: closed form only)")
+    refine_lr: float = Field(1e-4, gt=0, description="peak Adam learning rate of the refinement")
+    refine_warmup: float = Field(0.1, ge=0, lt=1, description="share of refinement steps with linear warm-up")
+    refine_clip: float = Field(1.0, gt=0, description="gradient-norm clip of the refinement")
+
+    @model_validator(mode="after")
+    def _no_refit(self) -> AASVDConfig:
+        if self.refit:
+            raise ValueError("method.refit: aasvd already fits every linear on the propagated inputs; remove refit")
+        return self
+
+
+@register
+class AASVD(Method):
+    """AA-SVD: anchored reduced-rank regression on shifted inputs, layer by layer (+ block refinement)."""
+
+    name = "aasvd"
+    config = AASVDConfig
+    right = "gram"
+    #: factors are computed layer by layer on propagated inputs after ``allocate`` (the ``anchor`` stage)
+    sequential: ClassVar[bool] = True
+
+    def pair(self) -> tuple[str, str]:
+        return self.cfg.output_metric, self.right
+
+    def sequential_options(self) -> dict[str, Any]:
+        """What shapes the ``anchor`` stage's factors beyond the ranks (its key)."""
+        cfg = self.cfg
+        options: dict[str, Any] = {"pair": list(self.pair()), "floor_rel": cfg.floor_rel, "anchor_weight": cfg.anchor_weight,
+                                   "refine_epochs": cfg.refine_epochs}
+        if cfg.refine_epochs:
+            options.update(refine_lr=cfg.refine_lr, refine_warmup=cfg.refine_warmup, refine_clip=cfg.refine_clip)
+        if cfg.svd_dtype != "float64":
+            options["svd_dtype"] = cfg.svd_dtype
+        return options

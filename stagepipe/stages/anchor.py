@@ -1,0 +1,254 @@
+"""``anchor`` (per layer, in order; ``sequential`` methods — AA-SVD): the anchored layer objective on
+shifted inputs, then optional block refinement.
+
+Block i sees two input streams over the calibration windows: the dense model's block inputs
+(``capture``) and the compressed model's (this stage's block i-1 output; the embeddings for block
+0). Inside the block the linears are fitted in forward order, one input group at a time (q/k/v,
+o, gate/up, down): for a group, the original block on the dense inputs gives the linears' dense
+inputs ``Y`` and the block being compressed — with the groups before it already factored — gives
+their shifted inputs ``Ŷ``. Float64 sums ``C = Σ y ŷᵀ`` and ``Ĝ = Σ ŷ ŷᵀ`` feed the closed form
+``linalg.anchored_svd`` at the allocated rank; the floor of ``Ĝ`` is recorded per linear.
+
+With ``refine_epochs > 0`` the block's factors (only them) are then trained with Adam on the
+mean squared error between the compressed block's output on the shifted inputs and the dense
+block's output on the dense inputs (``capture``'s stored block outputs), linear warm-up then
+cosine decay to a tenth of the peak rate, gradient-norm clipping. The calibration block-output
+error is measured before training and after every epoch and the best state is kept, so
+refinement never increases it. The optimiser, the parameters and the best state are checkpointed
+after every epoch in the partition's resume directory: a crash loses at most one epoch and a
+resumed run ends with the same factors (bit-identical on CPU).
+
+The refined block's outputs on the shifted inputs are the next block's shifted inputs: the chain
+over layers is inherent to the objective, as in ``refit``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from stagepipe.engine.stage import Context, PartitionRef, Stage, Work
+from stagepipe.faults import kill_point
+from stagepipe.linalg import MetricCache, anchored_svd
+from stagepipe.models.blocks import BlockRunner
+from stagepipe.models.layout import block_linears, weight_matrix
+from stagepipe.models.modeling_lowrank import install_factors
+from stagepipe.models.sources import DTYPES, resolve_device
+from stagepipe.stages import artifacts
+from stagepipe.stages.artifacts import CALIBRATION, layer_index, layer_partition
+from stagepipe.stages.requirements import needs
+
+
+class AnchorStage(Stage):
+    name = "anchor"
+    version = 1
+    description = "anchored reduced-rank regression on shifted inputs (+ block refinement), layer by layer"
+
+    def partitions(self, ctx: Context) -> list[str] | None:
+        return artifacts.model_layers(ctx)
+
+    def dependencies(self, ctx: Context, partition: str) -> list[PartitionRef]:
+        index = layer_index(partition)
+        deps = [artifacts.ref("snapshot"), artifacts.ref("tokenize", CALIBRATION), artifacts.ref("allocate"),
+                artifacts.ref("capture", partition)]
+        if needs(ctx.config).fisher:
+            deps.append(artifacts.ref("fisher", partition))
+        if index > 0:
+            deps += [artifacts.ref("capture", index - 1), artifacts.ref("anchor", index - 1)]
+        return deps
+
+    def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
+        return {"method": needs(ctx.config).method.sequential_options(), "batch_size": ctx.config.runtime.batch_size,
+                "modules": ctx.config.target.modules, "activation_dtype": ctx.config.runtime.activation_dtype}
+
+    def run(self, ctx: Context, work: Work) -> dict[str, Any]:
+        method = needs(ctx.config).method
+        cfg = ctx.config.method
+        index = layer_index(work.partition)
+        runner = BlockRunner(artifacts.model_dir(work.input("snapshot")), resolve_device(ctx.config.model.device),
+                             DTYPES[ctx.config.model.dtype])
+        streams = _Streams(runner, index, artifacts.read_windows(work.input("tokenize", CALIBRATION)), work,
+                           ctx.config.runtime.batch_size)
+        ranks = artifacts.block_ranks(artifacts.read_ranks(work.input("allocate")), runner.layout.layer_prefix(index))
+        original = runner.load_block(index)
+        linears = block_linears(original, ctx.config.target.modules)
+        groups = artifacts.read_results(work.input("capture", work.partition))["groups"]
+        stats = artifacts.read_input_stats(work.input("capture", work.partition))
+        if method.needs_gradients:
+            stats.fisher, stats.fisher_info = artifacts.read_fisher(work.input("fisher", work.partition))
+        compressed = copy.deepcopy(original)
+        factor = MetricCache(cfg.floor_rel, runner.device)
+        info: dict[str, Any] = {}
+        for group in dict.fromkeys(groups[name] for name in linears if name in ranks):
+            members = [name for name in linears if name in ranks and groups[name] == group]
+            cross, shifted_gram = streams.input_moments(original, compressed, group)
+            cross = cfg.anchor_weight * cross + (1 - cfg.anchor_weight) * shifted_gram
+            right = factor(shifted_gram, f"{work.partition}.{group}.shifted_gram")
+            for name in members:
+                w = weight_matrix(linears[name]).detach().to(runner.device, torch.float64)
+                left = factor(method.metrics(name, tuple(w.shape), stats).left, f"{work.partition}.{name}.left")
+                result = anchored_svd(w, cross, left, right, getattr(torch, cfg.svd_dtype))
+                up, down = result.factors(ranks[name])
+                install_factors(compressed, name, up, down)
+                info[name] = {"rank": ranks[name], "right": right.repair, "left": left.repair if left else {"kind": "identity"},
+                              "dropped_weighted_energy_rel": result.dropped_energy(ranks[name]) / max(float((result.sigma**2).sum()), 1e-300)}
+        block: dict[str, Any] = {"rel_err_closed_form": streams.block_error(compressed)}
+        if cfg.refine_epochs and ranks:
+            block.update(_Refinement(cfg, compressed, list(ranks), streams, work).run(block["rel_err_closed_form"]))
+        hidden_out = artifacts.create_hidden(work.out, streams.hidden_shape, ctx.config.runtime.activation_dtype,
+                                             streams.batch)
+        with torch.no_grad():
+            for start, shifted in streams.shifted():
+                artifacts.write_rows(hidden_out, start, runner.run_block(compressed, shifted))
+        factors = {}
+        for name in ranks:
+            module = compressed.get_submodule(name)
+            factors[f"{name}.up"] = module.up.weight.detach().float().cpu()
+            factors[f"{name}.down"] = module.down.weight.detach().float().cpu()
+        artifacts.write_factors(work.out, artifacts.ANCHOR, factors)
+        block["rel_err_final"] = block.get("rel_err_refined", block["rel_err_closed_form"])
+        return {"linears": info, "block": block}
+
+
+class _Reached(Exception):
+    """Raised by a forward pre-hook once the wanted linear's input is seen: stops the block pass."""
+
+
+class _Streams:
+    """The calibration windows of one block, batch by batch: dense inputs (``capture``), shifted
+    inputs (``anchor`` of the block below) and dense outputs (``capture`` of this block)."""
+
+    def __init__(self, runner: BlockRunner, index: int, ids: torch.Tensor, work: Work, batch: int) -> None:
+        self.runner, self.index, self.ids, self.work, self.batch = runner, index, ids, work, batch
+        self.hidden_shape = (len(ids), ids.shape[1], runner.config.hidden_size)
+        self.targets = artifacts.open_hidden(work.input("capture", layer_partition(index)))
+
+    def dense(self) -> Iterator[tuple[int, torch.Tensor]]:
+        return artifacts.block_inputs(self.runner, self.index, self.ids, self.work, self.batch, source="capture")
+
+    def shifted(self) -> Iterator[tuple[int, torch.Tensor]]:
+        return artifacts.block_inputs(self.runner, self.index, self.ids, self.work, self.batch, source="anchor")
+
+    def target(self, start: int) -> torch.Tensor:
+        return artifacts.read_rows(self.targets, start, start + self.batch).to(self.runner.device, torch.float32)
+
+    @torch.no_grad()
+    def input_moments(self, original: torch.nn.Module, compressed: torch.nn.Module,
+                      linear: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(C = E[y ŷᵀ], Ĝ = E[ŷ ŷᵀ]) of ``linear``'s dense inputs y and shifted inputs ŷ, float64."""
+        seen: dict[str, torch.Tensor] = {}
+
+        def keep(key: str):
+            def hook(module: torch.nn.Module, args: tuple) -> None:
+                seen[key] = args[0]
+                raise _Reached  # the rest of the block is not needed for this input group
+
+            return hook
+
+        hooks = [original.get_submodule(linear).register_forward_pre_hook(keep("y")),
+                 compressed.get_submodule(linear).register_forward_pre_hook(keep("s"))]
+        cross = gram = None
+        tokens = 0
+        try:
+            for (_, dense), (_, shifted) in zip(self.dense(), self.shifted(), strict=True):
+                for block, hidden in ((original, dense), (compressed, shifted)):
+                    with contextlib.suppress(_Reached):
+                        self.runner.run_block(block, hidden)
+                y = seen["y"].reshape(-1, seen["y"].shape[-1]).double()
+                s = seen["s"].reshape(-1, seen["s"].shape[-1]).double()
+                cross = y.T @ s if cross is None else cross + y.T @ s
+                gram = s.T @ s if gram is None else gram + s.T @ s
+                tokens += len(y)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return cross / tokens, gram / tokens
+
+    @torch.no_grad()
+    def block_error(self, compressed: torch.nn.Module) -> float:
+        """``Σ‖f̂(ŷ) − f(y)‖² / Σ‖f(y)‖²`` over the calibration windows (float64 sums)."""
+        error = norm = 0.0
+        for start, shifted in self.shifted():
+            out = self.runner.run_block(compressed, shifted).float()
+            target = self.target(start)
+            error += float(((out - target).double() ** 2).sum())
+            norm += float((target.double() ** 2).sum())
+        return error / norm
+
+
+class _Refinement:
+    """Adam on the block's factors against the dense block output, best epoch kept, checkpointed."""
+
+    FILE = "refine.safetensors"
+
+    def __init__(self, cfg: Any, block: torch.nn.Module, names: list[str], streams: _Streams, work: Work) -> None:
+        self.cfg, self.block, self.streams, self.work = cfg, block, streams, work
+        self.params = [getattr(block.get_submodule(n), part).weight for n in names for part in ("up", "down")]
+        self.steps_per_epoch = math.ceil(len(streams.ids) / streams.batch)
+        self.total = cfg.refine_epochs * self.steps_per_epoch
+
+    def rate(self, step: int) -> float:
+        """Linear warm-up to ``refine_lr``, then cosine decay to a tenth of it."""
+        warm = int(self.cfg.refine_warmup * self.total)
+        if step < warm:
+            return self.cfg.refine_lr * (step + 1) / warm
+        progress = (step - warm) / max(1, self.total - warm)
+        return self.cfg.refine_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    def run(self, start_error: float) -> dict[str, Any]:
+        for param in self.block.parameters():
+            param.requires_grad_(False)
+        for param in self.params:
+            param.requires_grad_(True)
+        optimizer = torch.optim.Adam(self.params, lr=self.cfg.refine_lr)
+        epoch, history, best = self._resume(optimizer, start_error)
+        while epoch < self.cfg.refine_epochs:
+            for step, (start, shifted) in enumerate(self.streams.shifted()):
+                for group in optimizer.param_groups:
+                    group["lr"] = self.rate(epoch * self.steps_per_epoch + step)
+                out = self.streams.runner.run_block(self.block, shifted).float()
+                loss = torch.nn.functional.mse_loss(out, self.streams.target(start))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.params, self.cfg.refine_clip)
+                optimizer.step()
+            epoch += 1
+            history.append(self.streams.block_error(self.block))
+            if history[-1] < history[best["epoch"]]:
+                best = {"epoch": epoch, "state": [p.detach().clone() for p in self.params]}
+            self._save(epoch, optimizer, history, best)
+        with torch.no_grad():
+            for param, kept in zip(self.params, best["state"], strict=True):
+                param.copy_(kept)
+        for param in self.params:
+            param.requires_grad_(False)
+        return {"rel_err_refined": history[best["epoch"]], "refine_history": history, "refine_best_epoch": best["epoch"]}
+
+    def _resume(self, optimizer: torch.optim.Optimizer, start_error: float) -> tuple[int, list[float], dict[str, Any]]:
+        found = artifacts.read_checkpoint(self.work.resume / self.FILE)
+        if found is None:
+            return 0, [start_error], {"epoch": 0, "state": [p.detach().clone() for p in self.params]}
+        tensors, meta = found
+        with torch.no_grad():
+            for i, param in enumerate(self.params):
+                param.copy_(tensors[f"param.{i}"])
+        state = {i: {key: tensors[f"adam.{i}.{key}"] for key in ("step", "exp_avg", "exp_avg_sq")}
+                 for i in range(len(self.params))}
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        self.work.telemetry["resumed_from_epoch"] = meta["epoch"]
+        best = {"epoch": meta["best_epoch"], "state": [tensors[f"best.{i}"] for i in range(len(self.params))]}
+        return meta["epoch"], meta["history"], best
+
+    def _save(self, epoch: int, optimizer: torch.optim.Optimizer, history: list[float], best: dict[str, Any]) -> None:
+        state = optimizer.state_dict()
+        tensors = {f"param.{i}": p.detach() for i, p in enumerate(self.params)}
+        tensors.update({f"best.{i}": t for i, t in enumerate(best["state"])})
+        tensors.update({f"adam.{i}.{key}": value for i, s in state["state"].items() for key, value in s.items()})
+        meta = {"epoch": epoch, "history": history, "best_epoch": best["epoch"], "param_groups": state["param_groups"]}
+        artifacts.write_checkpoint(self.work.resume / self.FILE, tensors, meta)
+        kill_point("refine-saved")
