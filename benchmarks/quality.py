@@ -7,6 +7,7 @@ and the commit), ``docs/results.json`` and ``docs/results_ppl.png``.
 
     python benchmarks/quality.py [--base pipelines/smollm2_demo.yaml] [--fractions 0.9 0.8 0.6]
     python benchmarks/quality.py --methods ressvd:last_k --merge   # add rows to the existing table
+    python benchmarks/quality.py --methods aasvd aasvd+refine --merge # named variants (VARIANTS)
 """
 
 from __future__ import annotations
@@ -26,6 +27,13 @@ from stagepipe.stages import make_runner
 ROOT = Path(__file__).resolve().parent.parent
 #: options of methods other than the base file's (as in pipelines/smollm2_gfwsvd.yaml)
 METHOD_OPTIONS = {"gfwsvd": {"max_sweeps": 3}}
+#: named variants of a method, used as ``VARIANT[:POLICY]`` rows (AA-SVD with block refinement, with
+#: the K-FAC output metric)
+VARIANTS = {
+    "aasvd+refine": {"name": "aasvd", "refine_epochs": 2, "refine_batch": 1},
+    "aasvd_kfac": {"name": "aasvd", "output_metric": "kfac_out"},
+    "aasvd_kfac+refine": {"name": "aasvd", "output_metric": "kfac_out", "refine_epochs": 2, "refine_batch": 1},
+}
 #: options of policies other than the base file's: the sensitivity search on 4 calibration windows and 3 candidates
 #: (its cost grows with windows × candidates × layers²/2; see docs/methods.md)
 POLICY_OPTIONS = {"asvd_search": {"sensitivity_windows": 4, "candidates": [0.5, 0.7, 0.9]}}
@@ -34,12 +42,17 @@ POLICY_OPTIONS = {"asvd_search": {"sensitivity_windows": 4, "candidates": [0.5, 
 def run_point(base: dict, entry: str, kept: float, workspace: Path) -> dict:
     """One grid point; ``entry`` is ``method`` (allocation ``uniform``) or ``method:policy``."""
     method, _, policy = entry.partition(":")
-    method_block = base["method"] if base["method"]["name"] == method else {"name": method, **METHOD_OPTIONS.get(method, {})}
+    if method in VARIANTS:
+        method_block = dict(VARIANTS[method])
+    elif base["method"]["name"] == method:
+        method_block = base["method"]
+    else:
+        method_block = {"name": method, **METHOD_OPTIONS.get(method, {})}
     policy = policy or "uniform"  # not the base file's policy: a row's name says what it ran
     base_allocation = base.get("allocation", {})
     allocation = dict(base_allocation) if base_allocation.get("policy") == policy else {
         "align": base_allocation.get("align", 8), "policy": policy, **POLICY_OPTIONS.get(policy, {})}
-    data = dict(base, name=f"grid_{method}_{kept}", method=method_block, allocation=allocation,
+    data = dict(base, name=f"grid_{method.replace('+', '_')}_{kept}", method=method_block, allocation=allocation,
                 target={**base["target"], "kept_fraction": kept})
     config = parse_pipeline(data, f"grid {method}@{kept}", ROOT / "pipelines")
     runner = make_runner(config, workspace)
@@ -90,6 +103,7 @@ def applied_options(rows: list[dict], base: str) -> str:
     base_method, base_policy = data["method"]["name"], data.get("allocation", {}).get("policy")
     entries = [r["method"].partition(":") for r in rows]
     methods = {m: METHOD_OPTIONS[m] for m, _, _ in entries if m != base_method and m in METHOD_OPTIONS}
+    methods.update({m: VARIANTS[m] for m, _, _ in entries if m in VARIANTS})
     policies = {p: POLICY_OPTIONS[p] for _, _, p in entries if p != base_policy and p in POLICY_OPTIONS}
     return f"methods {json.dumps(methods)}, policies {json.dumps(policies)}"
 

@@ -21,7 +21,7 @@ from stagepipe.io import manifest as manifest_io
 from stagepipe.stages import artifacts, make_runner
 from tests.conftest import TINY, merge
 
-AASVD = {"name": "aasvd", "refine_epochs": 3, "refine_lr": 1e-3}
+AASVD = {"name": "aasvd", "refine_epochs": 3, "refine_lr": 1e-3, "refine_batch": 1}
 
 
 def run_cli(*args: str) -> str:

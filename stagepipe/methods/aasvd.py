@@ -36,6 +36,8 @@ class AASVDConfig(GradientOptions):
     refine_lr: float = Field(1e-4, gt=0, description="peak Adam learning rate of the refinement")
     refine_warmup: float = Field(0.1, ge=0, lt=1, description="share of refinement steps with linear warm-up")
     refine_clip: float = Field(1.0, gt=0, description="gradient-norm clip of the refinement")
+    refine_batch: int | None = Field(None, ge=1, description="calibration windows per refinement step "
+                                                             "(default: runtime.batch_size)")
 
     @model_validator(mode="after")
     def _no_refit(self) -> AASVDConfig:
@@ -63,7 +65,8 @@ class AASVD(Method):
         options: dict[str, Any] = {"pair": list(self.pair()), "floor_rel": cfg.floor_rel, "anchor_weight": cfg.anchor_weight,
                                    "refine_epochs": cfg.refine_epochs}
         if cfg.refine_epochs:
-            options.update(refine_lr=cfg.refine_lr, refine_warmup=cfg.refine_warmup, refine_clip=cfg.refine_clip)
+            options.update(refine_lr=cfg.refine_lr, refine_warmup=cfg.refine_warmup, refine_clip=cfg.refine_clip,
+                           refine_batch=cfg.refine_batch)
         if cfg.svd_dtype != "float64":
             options["svd_dtype"] = cfg.svd_dtype
         return options

@@ -131,11 +131,12 @@ class _Streams:
     def dense(self) -> Iterator[tuple[int, torch.Tensor]]:
         return artifacts.block_inputs(self.runner, self.index, self.ids, self.work, self.batch, source="capture")
 
-    def shifted(self) -> Iterator[tuple[int, torch.Tensor]]:
-        return artifacts.block_inputs(self.runner, self.index, self.ids, self.work, self.batch, source="anchor")
+    def shifted(self, batch: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        return artifacts.block_inputs(self.runner, self.index, self.ids, self.work, batch or self.batch, source="anchor")
 
-    def target(self, start: int) -> torch.Tensor:
-        return artifacts.read_rows(self.targets, start, start + self.batch).to(self.runner.device, torch.float32)
+    def target(self, start: int, batch: int | None = None) -> torch.Tensor:
+        stop = start + (batch or self.batch)
+        return artifacts.read_rows(self.targets, start, stop).to(self.runner.device, torch.float32)
 
     @torch.no_grad()
     def input_moments(self, original: torch.nn.Module, compressed: torch.nn.Module,
@@ -189,7 +190,8 @@ class _Refinement:
     def __init__(self, cfg: Any, block: torch.nn.Module, names: list[str], streams: _Streams, work: Work) -> None:
         self.cfg, self.block, self.streams, self.work = cfg, block, streams, work
         self.params = [getattr(block.get_submodule(n), part).weight for n in names for part in ("up", "down")]
-        self.steps_per_epoch = math.ceil(len(streams.ids) / streams.batch)
+        self.batch = cfg.refine_batch or streams.batch
+        self.steps_per_epoch = math.ceil(len(streams.ids) / self.batch)
         self.total = cfg.refine_epochs * self.steps_per_epoch
 
     def rate(self, step: int) -> float:
@@ -208,11 +210,11 @@ class _Refinement:
         optimizer = torch.optim.Adam(self.params, lr=self.cfg.refine_lr)
         epoch, history, best = self._resume(optimizer, start_error)
         while epoch < self.cfg.refine_epochs:
-            for step, (start, shifted) in enumerate(self.streams.shifted()):
+            for step, (start, shifted) in enumerate(self.streams.shifted(self.batch)):
                 for group in optimizer.param_groups:
                     group["lr"] = self.rate(epoch * self.steps_per_epoch + step)
                 out = self.streams.runner.run_block(self.block, shifted).float()
-                loss = torch.nn.functional.mse_loss(out, self.streams.target(start))
+                loss = torch.nn.functional.mse_loss(out, self.streams.target(start, self.batch))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.params, self.cfg.refine_clip)
