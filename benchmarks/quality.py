@@ -41,6 +41,18 @@ POLICY_OPTIONS = {"asvd_search": {"sensitivity_windows": 4, "candidates": [0.5, 
 
 def run_point(base: dict, entry: str, kept: float, workspace: Path) -> dict:
     """One grid point; ``entry`` is ``method`` (allocation ``uniform``) or ``method:policy``."""
+    runner = make_runner(grid_config(base, entry, kept), workspace)
+    started = time.time()
+    runner.run()
+    entries = {e.ref: e for e in runner.states()}
+    report = json.loads((entries[PartitionRef("report", ALL)].state.output / "report.json").read_text())
+    return {"method": entry, "kept_requested": kept, "ratios": report["ratios"], "perplexity": report["perplexity"],
+            "repairs": len(report["repairs"]), "fallbacks": len(report["fallbacks"]), "wall_s": time.time() - started,
+            "stages": report["stages"]}
+
+
+def grid_config(base: dict, entry: str, kept: float):
+    """The pipeline config of one grid point (``METHOD[:POLICY]`` at ``kept``), from the base file's data."""
     method, _, policy = entry.partition(":")
     if method in VARIANTS:
         method_block = dict(VARIANTS[method])
@@ -54,15 +66,7 @@ def run_point(base: dict, entry: str, kept: float, workspace: Path) -> dict:
         "align": base_allocation.get("align", 8), "policy": policy, **POLICY_OPTIONS.get(policy, {})}
     data = dict(base, name=f"grid_{method.replace('+', '_')}_{kept}", method=method_block, allocation=allocation,
                 target={**base["target"], "kept_fraction": kept})
-    config = parse_pipeline(data, f"grid {method}@{kept}", ROOT / "pipelines")
-    runner = make_runner(config, workspace)
-    started = time.time()
-    runner.run()
-    entries = {e.ref: e for e in runner.states()}
-    report = json.loads((entries[PartitionRef("report", ALL)].state.output / "report.json").read_text())
-    return {"method": entry, "kept_requested": kept, "ratios": report["ratios"], "perplexity": report["perplexity"],
-            "repairs": len(report["repairs"]), "fallbacks": len(report["fallbacks"]), "wall_s": time.time() - started,
-            "stages": report["stages"]}
+    return parse_pipeline(data, f"grid {method}@{kept}", ROOT / "pipelines")
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""``stagepipe`` command line: run, status, verify, methods.
+"""``stagepipe`` command line: run, status, gc, verify, methods.
 
 Heavy modules (torch, transformers, and the config schema, which imports the method registry)
 are imported inside the commands, so ``stagepipe --help`` is instant. Every user-facing error is
@@ -137,15 +137,12 @@ def _print_plan(config: Any, runner: Any) -> None:
         return
     from stagepipe.stages.estimate import estimate
 
-    def size(value: float) -> str:
-        return f"{value / 2**30:.2f} GB" if value >= 2**27 else f"{value / 2**20:.1f} MB"
-
     click.echo(f"\n{'stage':<12} {'disk':>10} {'RAM peak':>10} {'GPU peak':>10}  note")
     for row in estimate(config, runner.ctx.model):
-        click.echo(f"{row.stage:<12} {size(row.disk):>10} {size(row.ram):>10} {size(row.gpu):>10}  {row.note}")
+        click.echo(f"{row.stage:<12} {_size(row.disk):>10} {_size(row.ram):>10} {_size(row.gpu):>10}  {row.note}")
 
 
-def _print_status(runner, verbose: bool, todo_only: bool = False) -> None:
+def _print_status(runner, verbose: bool, todo_only: bool = False) -> list:
     entries = runner.states()
     by_stage: dict[str, list] = {}
     for entry in entries:
@@ -166,6 +163,7 @@ def _print_status(runner, verbose: bool, todo_only: bool = False) -> None:
     for name in runner.stages:
         if name not in known:
             click.echo(f"{name:<12} partitions unknown until the model snapshot exists")
+    return entries
 
 
 def _print_summary(runner) -> None:
@@ -182,6 +180,8 @@ def _print_summary(runner) -> None:
                f"(block linears) / {ratios['kept_over_model']:.4f} (model)")
     for model, values in sorted(info["perplexity"].items()):
         click.echo(f"perplexity {model:<10} " + "  ".join(f"{d}={v:.3f}" for d, v in sorted(values.items())))
+    if "model_dir" in info:
+        click.echo(f"model: {runner.ws.root / info['model_dir']}")
     click.echo(f"report: {report.state.output / 'report.json'}")
 
 
@@ -191,9 +191,69 @@ def _print_summary(runner) -> None:
 @click.option("-v", "--verbose", is_flag=True, help="one line per partition")
 @one_line_errors
 def status(pipeline: str, workspace: str | None, verbose: bool) -> None:
-    """Show every stage: done / stale (with the reason) / missing / incomplete / running."""
+    """Show every stage: done / stale (with the reason) / missing / incomplete / running / corrupt,
+    and the workspace size; exit 1 when a partition is corrupt."""
+    from stagepipe.engine.gc import tree_size
+
     config = _load(pipeline)
-    _print_status(_runner(config, _workspace(config, workspace), pipeline), verbose)
+    root = _workspace(config, workspace)
+    entries = _print_status(_runner(config, root, pipeline), verbose)
+    click.echo(f"workspace {root}: {_size(tree_size(root / 'stages') if (root / 'stages').is_dir() else 0)}")
+    corrupt = [e.ref for e in entries if e.state.status == "corrupt"]
+    if corrupt:
+        click.echo(f"error: {len(corrupt)} corrupt partition(s), e.g. {corrupt[0]}; `stagepipe run` redoes them", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("pipelines", nargs=-1, required=True, type=click.Path())
+@workspace_option
+@click.option("--yes", is_flag=True, help="delete what is listed (default: only list it)")
+@one_line_errors
+def gc(pipelines: tuple[str, ...], workspace: str | None, yes: bool) -> None:
+    """List (or delete with --yes) every output of the workspace that none of PIPELINES' current
+    keys use, outputs moved aside, and what dead runs left behind."""
+    from stagepipe.engine import gc as garbage
+
+    configs = [_load(p) for p in pipelines]
+    roots = {_workspace(c, workspace).resolve() for c in configs}
+    if len(roots) > 1:
+        raise InputError(f"the pipelines use different workspaces ({', '.join(sorted(map(str, roots)))}); give -w")
+    root = roots.pop()
+    runners = [_runner(c, root, p) for c, p in zip(configs, pipelines, strict=True)]
+
+    def collect() -> list:
+        keep: dict = {}
+        keep_stages: set[str] = set()
+        for runner in runners:
+            entries = runner.states()
+            keep_stages |= set(runner.stages) - {e.ref.stage for e in entries}
+            for entry in entries:
+                if entry.key is None:
+                    keep[entry.ref] = None
+                elif keep.get(entry.ref, set()) is not None:
+                    keep.setdefault(entry.ref, set()).add(entry.key)
+        return garbage.find_garbage(runners[0].ws, keep, keep_stages)
+
+    def show(items: list) -> None:
+        for item in items:
+            click.echo(f"{_size(item.size):>10}  {item.path.relative_to(root)}  ({item.why})")
+
+    if not yes:
+        items = collect()
+        show(items)
+        click.echo(f"{len(items)} item(s), {_size(sum(i.size for i in items))} reclaimable in {root}; "
+                   "run with --yes to delete")
+        return
+    with runners[0].ws.lock():  # no run of this workspace is in flight while we delete
+        items = collect()
+        show(items)
+        freed = garbage.delete(items)
+    click.echo(f"deleted {len(items)} item(s), freed {_size(freed)} in {root}")
+
+
+def _size(value: float) -> str:
+    return f"{value / 2**30:.2f} GB" if value >= 2**27 else f"{value / 2**20:.1f} MB"
 
 
 @main.command()

@@ -76,6 +76,8 @@ def test_truncated_shard_is_reported_and_exactly_that_partition_redone(write_pip
     shard.write_bytes(original[: len(original) // 2])
     result = runner.invoke(main, ["verify", str(pipeline), "-w", str(ws)])
     assert result.exit_code == 1 and "CORRUPT decompose@layer-001" in result.output
+    status = runner.invoke(main, ["status", str(pipeline), "-w", str(ws)])
+    assert status.exit_code == 1 and "1 corrupt partition(s), e.g. decompose@layer-001" in status.output
     result = runner.invoke(main, ["run", str(pipeline), "-w", str(ws)])
     redone = {line.split()[1] for line in result.output.splitlines() if line.startswith("run ")}
     assert result.exit_code == 0 and redone == {"decompose@layer-001"}  # nothing upstream, nothing downstream

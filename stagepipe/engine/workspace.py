@@ -165,12 +165,11 @@ class Workspace:
             shutil.rmtree(tmp, ignore_errors=True)
         self.marker(ref, key).unlink(missing_ok=True)
 
-    def clean_dead_runs(self) -> list[Path]:
-        """Remove what crashed tasks left behind: temp and scratch directories and running markers
-        of tasks that are provably over (no marker, or a marker of a dead process on this host), and
-        resume directories of partitions that are committed. Finished outputs are never touched.
-        Call it with the driver lock held."""
-        removed: list[Path] = []
+    def dead_run_leftovers(self) -> list[Path]:
+        """What crashed tasks left behind: temp and scratch directories and running markers of
+        tasks that are provably over (no marker, or a marker of a dead process on this host), and
+        resume directories of partitions that are committed. Never a finished output."""
+        found: list[Path] = []
         for directory in sorted((self.root / "stages").glob("*/*")):
             for path in sorted(directory.glob(".*")):
                 kind, _, rest = path.name[1:].partition("-")
@@ -180,8 +179,14 @@ class Workspace:
                 committed = (directory / key16).is_dir()
                 if (kind in ("tmp", "scratch") and over) or (kind == "resume" and committed) or (
                         kind == "running" and over and committed):
-                    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-                    removed.append(path)
+                    found.append(path)
+        return found
+
+    def clean_dead_runs(self) -> list[Path]:
+        """Remove ``dead_run_leftovers``. Call it with the driver lock held."""
+        removed = self.dead_run_leftovers()
+        for path in removed:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         return removed
 
     @staticmethod

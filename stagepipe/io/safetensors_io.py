@@ -13,6 +13,9 @@ from safetensors.torch import save_file
 
 from stagepipe.faults import kill_point
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def write_atomic(path: Path, tensors: Mapping[str, torch.Tensor]) -> Path:
     """Save contiguous CPU copies via a temp file and rename, with metadata ``{"format": "pt"}`` only.
@@ -25,6 +28,7 @@ def write_atomic(path: Path, tensors: Mapping[str, torch.Tensor]) -> Path:
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     clean = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
     save_file(clean, str(tmp), metadata={"format": "pt"})
+    os.chmod(tmp, 0o666 & ~_UMASK)  # safetensors creates 0600: shipped model files are for other users too
     kill_point("safetensors-written")  # the temp file is complete, the final name does not exist yet
     os.replace(tmp, path)
     return path

@@ -9,6 +9,7 @@ ResSVD each matrix's rank split and its activation loss relative to the one-shot
 from __future__ import annotations
 
 import json
+import os
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -103,7 +104,7 @@ class ReportStage(Stage):
     """Reads every partition of the stages it is built with (the rest of the pipeline)."""
 
     name = "report"
-    version = 2
+    version = 3
     description = "report.json + PNG plots"
 
     def __init__(self, upstream: Sequence[Stage] = ()) -> None:
@@ -117,6 +118,8 @@ class ReportStage(Stage):
 
     def run(self, ctx: Context, work: Work) -> dict[str, Any]:
         report = collect(ctx, work.inputs)
+        # the compressed model directory, relative to the workspace (equal keys → equal reports anywhere)
+        report["model_dir"] = os.path.relpath(artifacts.model_dir(work.input("assemble")), ctx.workspace)
         report["plots"] = plot(report, work.inputs, work.out)
         (work.out / artifacts.REPORT).write_text(json.dumps(report, indent=1, sort_keys=True))
-        return {"perplexity": report["perplexity"], "ratios": report["ratios"]}
+        return {"perplexity": report["perplexity"], "ratios": report["ratios"], "model_dir": report["model_dir"]}
