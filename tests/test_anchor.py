@@ -131,3 +131,18 @@ def test_sigkill_inside_refinement_resumes_to_identical_factors(write_pipeline, 
         a = manifest_io.read(outputs(pipeline, ws)[PartitionRef("anchor", partition)])
         b = manifest_io.read(outputs(pipeline, reference)[PartitionRef("anchor", partition)])
         assert a.content_digest() == b.content_digest(), partition
+
+
+def test_refinement_of_a_bfloat16_block_steps_float32_masters(write_pipeline, tmp_path: Path) -> None:
+    """A bfloat16 model (the GPU setting) refines through float32 master copies: the run finishes,
+    keeps its best epoch, and the stored factors are the block's bfloat16 values."""
+    pipeline = write_pipeline("bf16", model={**TINY["model"], "dtype": "bfloat16"}, method=AASVD,
+                              target={"kept_fraction": 0.5})
+    ws = tmp_path / "ws"
+    run_cli("run", str(pipeline), "-w", str(ws))
+    state = outputs(pipeline, ws)
+    for partition in ("layer-000", "layer-001"):
+        block = manifest_io.read(state[PartitionRef("anchor", partition)]).info["block"]
+        assert block["rel_err_final"] == min(block["refine_history"]) <= block["rel_err_closed_form"]
+        for up, down in artifacts.read_anchored(state[PartitionRef("anchor", partition)]).values():
+            assert torch.equal(up.to(torch.bfloat16).double(), up) and torch.equal(down.to(torch.bfloat16).double(), down)

@@ -14,9 +14,10 @@ mean squared error between the compressed block's output on the shifted inputs a
 block's output on the dense inputs (``capture``'s stored block outputs), linear warm-up then
 cosine decay to a tenth of the peak rate, gradient-norm clipping. The calibration block-output
 error is measured before training and after every epoch and the best state is kept, so
-refinement never increases it. The optimiser, the parameters and the best state are checkpointed
-after every epoch in the partition's resume directory: a crash loses at most one epoch and a
-resumed run ends with the same factors (bit-identical on CPU).
+refinement never increases it. Adam steps float32 master copies (a bfloat16 block on a GPU gets
+its gradients cast up and the result rounded back). The optimiser, the masters and the best state
+are checkpointed after every epoch in the partition's resume directory: a crash loses at most one
+epoch and a resumed run ends with the same factors (bit-identical on CPU).
 
 The refined block's outputs on the shifted inputs are the next block's shifted inputs: the chain
 over layers is inherent to the objective, as in ``refit``.
@@ -183,13 +184,19 @@ class _Streams:
 
 
 class _Refinement:
-    """Adam on the block's factors against the dense block output, best epoch kept, checkpointed."""
+    """Adam on the block's factors against the dense block output, best epoch kept, checkpointed.
+
+    Adam updates float32 *master* copies of the factors: for a float32 block they are the block's
+    own parameters; for a bfloat16 block (GPU) the gradients are cast up, the step is taken in
+    float32 and the result rounded into the block, so small updates are not lost to bf16 rounding.
+    """
 
     FILE = "refine.safetensors"
 
     def __init__(self, cfg: Any, block: torch.nn.Module, names: list[str], streams: _Streams, work: Work) -> None:
         self.cfg, self.block, self.streams, self.work = cfg, block, streams, work
         self.params = [getattr(block.get_submodule(n), part).weight for n in names for part in ("up", "down")]
+        self.masters = [p if p.dtype == torch.float32 else p.detach().float().clone() for p in self.params]
         self.batch = cfg.refine_batch or streams.batch
         self.steps_per_epoch = math.ceil(len(streams.ids) / self.batch)
         self.total = cfg.refine_epochs * self.steps_per_epoch
@@ -207,7 +214,7 @@ class _Refinement:
             param.requires_grad_(False)
         for param in self.params:
             param.requires_grad_(True)
-        optimizer = torch.optim.Adam(self.params, lr=self.cfg.refine_lr)
+        optimizer = torch.optim.Adam(self.masters, lr=self.cfg.refine_lr)
         epoch, history, best = self._resume(optimizer, start_error)
         while epoch < self.cfg.refine_epochs:
             for step, (start, shifted) in enumerate(self.streams.shifted(self.batch)):
@@ -217,16 +224,18 @@ class _Refinement:
                 loss = torch.nn.functional.mse_loss(out, self.streams.target(start, self.batch))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.params, self.cfg.refine_clip)
+                for param, master in zip(self.params, self.masters, strict=True):
+                    if master is not param:
+                        master.grad, param.grad = param.grad.float(), None
+                torch.nn.utils.clip_grad_norm_(self.masters, self.cfg.refine_clip)
                 optimizer.step()
+                self._load(self.masters)
             epoch += 1
             history.append(self.streams.block_error(self.block))
             if history[-1] < history[best["epoch"]]:
-                best = {"epoch": epoch, "state": [p.detach().clone() for p in self.params]}
+                best = {"epoch": epoch, "state": [m.detach().clone() for m in self.masters]}
             self._save(epoch, optimizer, history, best)
-        with torch.no_grad():
-            for param, kept in zip(self.params, best["state"], strict=True):
-                param.copy_(kept)
+        self._load(best["state"])
         for param in self.params:
             param.requires_grad_(False)
         return {"rel_err_refined": history[best["epoch"]], "refine_history": history, "refine_best_epoch": best["epoch"]}
@@ -234,11 +243,12 @@ class _Refinement:
     def _resume(self, optimizer: torch.optim.Optimizer, start_error: float) -> tuple[int, list[float], dict[str, Any]]:
         found = artifacts.read_checkpoint(self.work.resume / self.FILE)
         if found is None:
-            return 0, [start_error], {"epoch": 0, "state": [p.detach().clone() for p in self.params]}
+            return 0, [start_error], {"epoch": 0, "state": [m.detach().clone() for m in self.masters]}
         tensors, meta = found
         with torch.no_grad():
-            for i, param in enumerate(self.params):
-                param.copy_(tensors[f"param.{i}"])
+            for i, master in enumerate(self.masters):
+                master.copy_(tensors[f"param.{i}"])
+        self._load(self.masters)
         state = {i: {key: tensors[f"adam.{i}.{key}"] for key in ("step", "exp_avg", "exp_avg_sq")}
                  for i in range(len(self.params))}
         optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
@@ -248,9 +258,16 @@ class _Refinement:
 
     def _save(self, epoch: int, optimizer: torch.optim.Optimizer, history: list[float], best: dict[str, Any]) -> None:
         state = optimizer.state_dict()
-        tensors = {f"param.{i}": p.detach() for i, p in enumerate(self.params)}
+        tensors = {f"param.{i}": m.detach() for i, m in enumerate(self.masters)}
         tensors.update({f"best.{i}": t for i, t in enumerate(best["state"])})
         tensors.update({f"adam.{i}.{key}": value for i, s in state["state"].items() for key, value in s.items()})
         meta = {"epoch": epoch, "history": history, "best_epoch": best["epoch"], "param_groups": state["param_groups"]}
         artifacts.write_checkpoint(self.work.resume / self.FILE, tensors, meta)
         kill_point("refine-saved")
+
+    def _load(self, values: list[torch.Tensor]) -> None:
+        """Copy float32 values (masters or the best state) into the block's factors."""
+        with torch.no_grad():
+            for param, value in zip(self.params, values, strict=True):
+                if value is not param:
+                    param.copy_(value)

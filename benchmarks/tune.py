@@ -1,0 +1,92 @@
+"""Choose one method option on the validation split, then report the test perplexity of the choice.
+
+The base pipeline must have ``calibration.validation`` (windows from held-out *train* articles,
+never the test articles). For each candidate value the grid point (``METHOD[:POLICY]`` at a kept
+fraction, as ``benchmarks/quality.py`` builds it) runs through the real pipeline; the assembled
+model's perplexity on the validation windows — same function and protocol as ``evaluate`` —
+picks the value. Only the chosen value's test perplexity is printed: the test split reports,
+it never chooses.
+
+    python benchmarks/tune.py --base pipelines/smollm2_gfwsvd_paper.yaml --entry kfac_svd:global_greedy \\
+        --option shrinkage --values 0 0.05 0.2 --kept 0.8 --workspace workspace/paper --out docs/gfwsvd_paper
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+from pathlib import Path
+
+import torch
+import yaml
+from quality import METHOD_OPTIONS, ROOT, VARIANTS, grid_config  # benchmarks/quality.py (this directory)
+from transformers import AutoModelForCausalLM
+
+from stagepipe.engine.stage import ALL, PartitionRef
+from stagepipe.perplexity import perplexity
+from stagepipe.stages import artifacts, make_runner
+from stagepipe.stages.artifacts import VALIDATION
+
+
+def validation_point(base: dict, entry: str, kept: float, option: str, value: float, workspace: Path) -> dict:
+    method = entry.partition(":")[0]
+    block = dict(VARIANTS.get(method) or (base["method"] if base["method"]["name"] == method else
+                                          {"name": method, **METHOD_OPTIONS.get(method, {})}))
+    block[option] = value
+    variant = f"tune_{method}"
+    VARIANTS[variant] = block
+    config = grid_config(base, entry.replace(method, variant, 1), kept)
+    runner = make_runner(config, workspace)
+    runner.run()
+    states = {e.ref: e.state.output for e in runner.states()}
+    if PartitionRef("tokenize", VALIDATION) not in states:
+        raise SystemExit(f"{base['name']}: the base pipeline has no calibration.validation split to tune on")
+    windows = artifacts.read_windows(states[PartitionRef("tokenize", VALIDATION)])
+    model = AutoModelForCausalLM.from_pretrained(artifacts.model_dir(states[PartitionRef("assemble", ALL)]),
+                                                 trust_remote_code=True, torch_dtype=torch.float32)
+    result = perplexity(model, windows, config.evaluation.batch_size, torch.device("cpu"))
+    report = json.loads((states[PartitionRef("report", ALL)] / "report.json").read_text())
+    return {"value": value, "validation": result.to_dict(), "test": report["perplexity"]["compressed"],
+            "kept": report["ratios"]["kept_over_target_matrices"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", required=True)
+    parser.add_argument("--entry", required=True, metavar="METHOD[:POLICY]")
+    parser.add_argument("--option", required=True, help="a method option, e.g. shrinkage")
+    parser.add_argument("--values", nargs="+", type=float, required=True)
+    parser.add_argument("--kept", type=float, default=0.8)
+    parser.add_argument("--workspace", required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    base = yaml.safe_load(Path(args.base).read_text())
+    points = [validation_point(base, args.entry, args.kept, args.option, v, Path(args.workspace)) for v in args.values]
+    chosen = min(points, key=lambda p: p["validation"]["ppl"])
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    lines = [f"# Tuning `{args.option}` of `{args.entry}` at kept {args.kept} on the validation split", "",
+             f"`python benchmarks/tune.py --base {Path(args.base).name} --entry {args.entry} --option {args.option} "
+             f"--values {' '.join(map(str, args.values))} --kept {args.kept}` at commit `{commit}`. Validation: "
+             f"{chosen['validation']['n_windows']} windows of {chosen['validation']['seq_len']} tokens from held-out train "
+             "articles; the test split is read only for the chosen value.", "",
+             "| value | kept (targets) | validation PPL |", "|---|---|---|"]
+    lines += [f"| {p['value']:g} | {p['kept']:.4f} | {p['validation']['ppl']:.3f}{' ← chosen' if p is chosen else ''} |"
+              for p in points]
+    lines += ["", f"Test perplexity of the chosen value ({chosen['value']:g}): "
+              + ", ".join(f"{d} **{v:.3f}**" for d, v in chosen["test"].items()), ""]
+    out = Path(args.out)
+    stem = f"tuning_{args.entry.replace(':', '_')}_{args.option}"
+    (out / f"{stem}.md").write_text("\n".join(lines))
+    # the other values' test numbers are not written anywhere: they would invite choosing on them
+    (out / f"{stem}.json").write_text(json.dumps({"commit": commit, "base": Path(args.base).name, "entry": args.entry,
+                                                   "option": args.option, "kept": args.kept, "chosen": chosen["value"],
+                                                   "test_of_chosen": chosen["test"],
+                                                   "validation": [{k: p[k] for k in ("value", "kept", "validation")}
+                                                                  for p in points]}, indent=1))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
