@@ -25,6 +25,8 @@ AASVD = {"name": "aasvd", "refine_epochs": 3, "refine_lr": 1e-3, "refine_batch":
 
 
 def run_cli(*args: str) -> str:
+    """The command's output; ``run`` gets ``-v`` so its per-partition run/done lines are in it."""
+    args = (*args, "-v") if args[0] == "run" else args
     result = CliRunner().invoke(main, list(args), catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return result.output

@@ -19,6 +19,8 @@ from stagepipe.stages.estimate import estimate
 
 
 def run_cli(*args: str) -> str:
+    """The command's output; ``run`` gets ``-v`` so its per-partition run/done lines are in it."""
+    args = (*args, "-v") if args[0] == "run" else args
     result = CliRunner().invoke(main, list(args), catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return result.output

@@ -55,7 +55,7 @@ def test_sigkill_mid_decompose_then_resume(write_pipeline, tmp_path: Path) -> No
     status = CliRunner().invoke(main, ["status", str(pipeline), "-w", str(ws), "-v"]).output
     assert "decompose@layer-001        incomplete  (crashed: pid" in status
 
-    resume = stagepipe("run", str(pipeline), "-w", str(ws))
+    resume = stagepipe("run", str(pipeline), "-w", str(ws), "-v")
     output, _ = resume.communicate(timeout=300)
     assert resume.returncode == 0, output
     redone = {line.split()[1] for line in output.splitlines() if line.startswith("run ")}
@@ -78,7 +78,7 @@ def test_truncated_shard_is_reported_and_exactly_that_partition_redone(write_pip
     assert result.exit_code == 1 and "CORRUPT decompose@layer-001" in result.output
     status = runner.invoke(main, ["status", str(pipeline), "-w", str(ws)])
     assert status.exit_code == 1 and "1 corrupt partition(s), e.g. decompose@layer-001" in status.output
-    result = runner.invoke(main, ["run", str(pipeline), "-w", str(ws)])
+    result = runner.invoke(main, ["run", str(pipeline), "-w", str(ws), "-v"])
     redone = {line.split()[1] for line in result.output.splitlines() if line.startswith("run ")}
     assert result.exit_code == 0 and redone == {"decompose@layer-001"}  # nothing upstream, nothing downstream
     assert shard.read_bytes() == original  # same key, same content: downstream stays valid
@@ -93,7 +93,7 @@ def test_identical_redo_cuts_off_early_and_report_key_is_stable(write_pipeline, 
     assert runner.invoke(main, ["run", str(pipeline), "-w", str(ws)]).exit_code == 0
     keys_before = {p: m.key for p, m in manifests(ws, "report").items()}
     for forced in ("decompose@layer-000", "evaluate"):
-        result = runner.invoke(main, ["run", str(pipeline), "-w", str(ws), "--force", forced])
+        result = runner.invoke(main, ["run", str(pipeline), "-w", str(ws), "-v", "--force", forced])
         redone = {line.split()[1] for line in result.output.splitlines() if line.startswith("run ")}
         assert result.exit_code == 0 and all(r.startswith(forced.split("@")[0]) for r in redone), redone
     assert {p: m.key for p, m in manifests(ws, "report").items()} == keys_before

@@ -129,18 +129,20 @@ class Runner:
         submitted: set[PartitionRef] = set()
         results: list[TaskResult] = []
         failures: list[TaskResult] = []
-        bar = tqdm(desc="partitions", unit="part", disable=None, leave=False)
+        # one bar over every partition, with an ETA; the per-partition run/done lines are DEBUG
+        # (shown with ``run -v``, always in the workspace's log file)
+        bar = tqdm(desc="partitions", unit="part", disable=None, leave=False, dynamic_ncols=True)
         try:
             while True:
                 entries = self.states()
                 bar.total = len(entries)
                 bar.n = sum(e.state.status == "done" for e in entries)
-                bar.set_postfix(running=executor.pending, failed=len(failures))
+                bar.set_postfix(running=executor.pending, failed=len(failures))  # refreshes: rate and ETA
                 if not failures:
                     for entry in entries:
                         if self._should_run(entry, force, only, forced_done, submitted):
                             reason = entry.state.reason or ("forced" if self._matches(entry.ref, force) else "")
-                            log.info("run  %-24s (%s%s)", entry.ref, entry.state.status if entry.state.status != "done" else "forced",
+                            log.debug("run  %-24s (%s%s)", entry.ref, entry.state.status if entry.state.status != "done" else "forced",
                                      f": {reason}" if reason and entry.state.status != "done" else "")
                             submitted.add(entry.ref)
                             executor.submit(Task(
@@ -158,7 +160,7 @@ class Runner:
                     if self._matches(ref, force):
                         forced_done.add(ref)
                     if result.ok:
-                        log.info("done %-24s %.2fs on %s", result.ref, result.wall_s, result.host)
+                        log.debug("done %-24s %.2fs on %s", result.ref, result.wall_s, result.host)
                     else:
                         log.error("FAIL %-24s on %s: %s", result.ref, result.host, result.error)
                         log.debug(result.traceback)
