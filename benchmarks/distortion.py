@@ -50,9 +50,9 @@ def distortion(config, workspace: Path, batch: int) -> list[float]:
     states = {e.ref: e for e in runner.states()}
     ids = artifacts.read_windows(states[PartitionRef("tokenize", CALIBRATION)].state.output)
     dense = AutoModelForCausalLM.from_pretrained(artifacts.model_dir(states[PartitionRef("snapshot", ALL)].state.output),
-                                                 torch_dtype=torch.float32)
+                                                 dtype=torch.float32)
     low = AutoModelForCausalLM.from_pretrained(artifacts.model_dir(states[PartitionRef("assemble", ALL)].state.output),
-                                               trust_remote_code=True, torch_dtype=torch.float32)
+                                               trust_remote_code=True, dtype=torch.float32)
     errors = norms = None
     for d, c in zip(block_outputs(dense, ids, batch), block_outputs(low, ids, batch), strict=True):
         err = [float(((a - b).double() ** 2).sum()) for a, b in zip(c, d, strict=True)]

@@ -44,7 +44,7 @@ def validation_point(base: dict, entry: str, kept: float, option: str, value: fl
         raise SystemExit(f"{base['name']}: the base pipeline has no calibration.validation split to tune on")
     windows = artifacts.read_windows(states[PartitionRef("tokenize", VALIDATION)])
     model = AutoModelForCausalLM.from_pretrained(artifacts.model_dir(states[PartitionRef("assemble", ALL)]),
-                                                 trust_remote_code=True, torch_dtype=torch.float32)
+                                                 trust_remote_code=True, dtype=torch.float32)
     result = perplexity(model, windows, config.evaluation.batch_size, torch.device("cpu"))
     report = json.loads((states[PartitionRef("report", ALL)] / "report.json").read_text())
     return {"value": value, "validation": result.to_dict(), "test": report["perplexity"]["compressed"],
