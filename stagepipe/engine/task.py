@@ -86,7 +86,7 @@ class ResourceMeter:
     def __enter__(self) -> ResourceMeter:
         if (cuda := self._cuda()) is not None:
             cuda.reset_peak_memory_stats()
-        self.peak_rss = self._proc.memory_info().rss
+        self.peak_rss = self.start_rss = self._proc.memory_info().rss
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
@@ -145,6 +145,7 @@ def execute(task: Task) -> TaskResult:
             info = task.stage.run(ctx, work) or {}
             _test_hooks(ref)
         kill_point("after-run", ref)
+        work.telemetry["rss_at_start_mb"] = meter.start_rss / 2**20  # what the process held before the task
         finished = time.time()
         manifest = manifest_io.Manifest(
             stage=ref.stage, partition=task.partition, stage_version=task.stage.version, key=task.key,
