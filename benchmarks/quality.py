@@ -51,20 +51,26 @@ def run_point(base: dict, entry: str, kept: float, workspace: Path) -> dict:
             "stages": report["stages"]}
 
 
-def grid_config(base: dict, entry: str, kept: float):
-    """The pipeline config of one grid point (``METHOD[:POLICY]`` at ``kept``), from the base file's data."""
-    method, _, policy = entry.partition(":")
+def method_block(base: dict, method: str) -> dict:
+    """The ``method:`` block of a row: a named variant, the base file's own block, or the method with
+    its ``METHOD_OPTIONS``."""
     if method in VARIANTS:
-        method_block = dict(VARIANTS[method])
-    elif base["method"]["name"] == method:
-        method_block = base["method"]
-    else:
-        method_block = {"name": method, **METHOD_OPTIONS.get(method, {})}
+        return dict(VARIANTS[method])
+    if base["method"]["name"] == method:
+        return dict(base["method"])
+    return {"name": method, **METHOD_OPTIONS.get(method, {})}
+
+
+def grid_config(base: dict, entry: str, kept: float, method_options: dict | None = None):
+    """The pipeline config of one grid point (``METHOD[:POLICY]`` at ``kept``), from the base file's
+    data; ``method_options`` are set on top of the row's method block."""
+    method, _, policy = entry.partition(":")
+    block = {**method_block(base, method), **(method_options or {})}
     policy = policy or "uniform"  # not the base file's policy: a row's name says what it ran
     base_allocation = base.get("allocation", {})
     allocation = dict(base_allocation) if base_allocation.get("policy") == policy else {
         "align": base_allocation.get("align", 8), "policy": policy, **POLICY_OPTIONS.get(policy, {})}
-    data = dict(base, name=f"grid_{method.replace('+', '_')}_{kept}", method=method_block, allocation=allocation,
+    data = dict(base, name=f"grid_{method.replace('+', '_')}_{kept}", method=block, allocation=allocation,
                 target={**base["target"], "kept_fraction": kept})
     return parse_pipeline(data, f"grid {method}@{kept}", ROOT / "pipelines")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from quality import METHOD_OPTIONS, ROOT, VARIANTS, grid_config  # benchmarks/quality.py (this directory)
+from quality import ROOT, grid_config  # benchmarks/quality.py (this directory)
 from transformers import AutoModelForCausalLM
 
 from stagepipe.engine.stage import ALL, PartitionRef
@@ -30,13 +30,7 @@ from stagepipe.stages.artifacts import VALIDATION
 
 
 def validation_point(base: dict, entry: str, kept: float, option: str, value: float, workspace: Path) -> dict:
-    method = entry.partition(":")[0]
-    block = dict(VARIANTS.get(method) or (base["method"] if base["method"]["name"] == method else
-                                          {"name": method, **METHOD_OPTIONS.get(method, {})}))
-    block[option] = value
-    variant = f"tune_{method}"
-    VARIANTS[variant] = block
-    config = grid_config(base, entry.replace(method, variant, 1), kept)
+    config = grid_config(base, entry, kept, {option: value})
     runner = make_runner(config, workspace)
     runner.run()
     states = {e.ref: e.state.output for e in runner.states()}

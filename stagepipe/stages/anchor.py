@@ -98,21 +98,24 @@ class AnchorStage(Stage):
                 install_factors(compressed, name, up, down)
                 info[name] = {"rank": ranks[name], "right": right.repair, "left": left.repair if left else {"kind": "identity"},
                               "dropped_weighted_energy_rel": result.dropped_energy(ranks[name]) / max(float((result.sigma**2).sum()), 1e-300)}
-        block: dict[str, Any] = {"rel_err_closed_form": streams.block_error(compressed)}
-        if cfg.refine_epochs and ranks:
-            block.update(_Refinement(cfg, compressed, list(ranks), streams, work).run(block["rel_err_closed_form"]))
+        # the final block's outputs on the shifted inputs are the next block's inputs: written by the
+        # same pass that measures the final block error
         hidden_out = artifacts.create_hidden(work.out, streams.hidden_shape, ctx.config.runtime.activation_dtype,
                                              streams.batch)
-        with torch.no_grad():
-            for start, shifted in streams.shifted():
-                artifacts.write_rows(hidden_out, start, runner.run_block(compressed, shifted))
+        if cfg.refine_epochs and ranks:
+            closed_form = streams.block_error(compressed)
+            block: dict[str, Any] = {"rel_err_closed_form": closed_form,
+                                     **_Refinement(cfg, compressed, list(ranks), streams, work).run(closed_form)}
+            block["rel_err_final"] = streams.block_error(compressed, write_to=hidden_out)  # the best epoch's
+        else:
+            error = streams.block_error(compressed, write_to=hidden_out)
+            block = {"rel_err_closed_form": error, "rel_err_final": error}
         factors = {}
         for name in ranks:
             module = compressed.get_submodule(name)
             factors[f"{name}.up"] = module.up.weight.detach().float().cpu()
             factors[f"{name}.down"] = module.down.weight.detach().float().cpu()
         artifacts.write_factors(work.out, artifacts.ANCHOR, factors)
-        block["rel_err_final"] = block.get("rel_err_refined", block["rel_err_closed_form"])
         return {"linears": info, "block": block}
 
 
@@ -172,11 +175,15 @@ class _Streams:
         return cross / tokens, gram / tokens
 
     @torch.no_grad()
-    def block_error(self, compressed: torch.nn.Module) -> float:
-        """``Σ‖f̂(ŷ) − f(y)‖² / Σ‖f(y)‖²`` over the calibration windows (float64 sums)."""
+    def block_error(self, compressed: torch.nn.Module, write_to: Any | None = None) -> float:
+        """``Σ‖f̂(ŷ) − f(y)‖² / Σ‖f(y)‖²`` over the calibration windows (float64 sums); with
+        ``write_to`` (a hidden-state array) the outputs ``f̂(ŷ)`` are written there too."""
         error = norm = 0.0
         for start, shifted in self.shifted():
-            out = self.runner.run_block(compressed, shifted).float()
+            output = self.runner.run_block(compressed, shifted)
+            if write_to is not None:
+                artifacts.write_rows(write_to, start, output)
+            out = output.float()
             target = self.target(start)
             error += float(((out - target).double() ** 2).sum())
             norm += float((target.double() ** 2).sum())
