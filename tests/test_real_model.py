@@ -46,7 +46,9 @@ def test_real_model_two_layers_compressed_finite_and_reloadable(write_pipeline, 
         calibration={"text": {"source": "news_articles", "split": "train"}, "n_samples": 4, "seq_len": 64},
         method={"name": "svdllm"},
         allocation={"policy": "last_k", "last_k": 2, "min_kept": 0.05, "align": 8},
-        target={"kept_fraction": 0.97},
+        # two linears per block keep the workspace small (CI disks can be nearly full): the statistics of
+        # q_proj and up_proj are 1/20 of a block's, and the end-to-end path is the same for any subset
+        target={"kept_fraction": 0.97, "modules": [r"self_attn\.q_proj", r"mlp\.up_proj"]},
         evaluation={"datasets": [{"name": "news", "text": {"source": "news_articles", "split": "test"}}],
                     "seq_len": 128, "max_windows": 4, "batch_size": 4, "lm_eval_tasks": ["arc_easy"]},
     )
