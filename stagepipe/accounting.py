@@ -68,9 +68,21 @@ def ratio_report(
     holds the target matrices, ``None`` meaning "target left dense"; ``model_params`` counts the
     whole model once (tied embeddings once).
     """
-    factored = [name for name, r in ranks.items() if r is not None]
-    dense_targets = sum(shapes[n][0] * shapes[n][1] for n in ranks)
-    kept_targets = sum(factored_params(*shapes[n], r) for n, r in ranks.items())
+    kept = {name: factored_params(*shapes[name], r) for name, r in ranks.items()}
+    return kept_report(shapes, kept, sum(r is not None for r in ranks.values()), model_params, requested)
+
+
+def kept_report(
+    shapes: Mapping[str, tuple[int, int]],
+    kept: Mapping[str, int],
+    n_compressed: int,
+    model_params: int,
+    requested: float,
+) -> RatioReport:
+    """``ratio_report`` from the weights each target matrix keeps, however it is compressed: two
+    factors (``factored_params``) or a smaller dense matrix (MoDeGPT: rows × columns kept)."""
+    dense_targets = sum(shapes[n][0] * shapes[n][1] for n in kept)
+    kept_targets = sum(kept.values())
     dense_blocks = sum(m * n for m, n in shapes.values())
     saved = dense_targets - kept_targets
     return RatioReport(
@@ -78,8 +90,8 @@ def ratio_report(
         kept_over_target_matrices=kept_targets / dense_targets if dense_targets else 1.0,
         kept_over_block_linears=(dense_blocks - saved) / dense_blocks if dense_blocks else 1.0,
         kept_over_model=(model_params - saved) / model_params,
-        n_factored=len(factored),
-        n_dense_targets=len(ranks) - len(factored),
+        n_factored=n_compressed,
+        n_dense_targets=len(kept) - n_compressed,
         dense_params_model=model_params,
         kept_params_model=model_params - saved,
     )

@@ -233,6 +233,18 @@ class PipelineConfig(Strict):
         return data
 
     @model_validator(mode="after")
+    def _structured_method_fits(self) -> PipelineConfig:
+        """A structured method (MoDeGPT) rewrites whole blocks and allocates per layer itself."""
+        if not getattr(METHODS[self.method.name], "structured", False):
+            return self
+        if self.allocation.policy != DEFAULT_POLICY:
+            raise ValueError(f"allocation.policy: {self.method.name} chooses per-layer fractions itself "
+                             f"(method.layer_allocation); use policy {DEFAULT_POLICY!r} (its align rounds intermediate sizes)")
+        if self.target.modules is not None:
+            raise ValueError(f"target.modules: {self.method.name} rewrites every linear of each block; remove modules")
+        return self
+
+    @model_validator(mode="after")
     def _validation_is_held_out(self) -> PipelineConfig:
         """Validation text must be read by no statistic and no test perplexity."""
         validation = self.calibration.validation

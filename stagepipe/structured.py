@@ -182,3 +182,74 @@ def compress_block(weights: dict[str, Tensor], attention_gram: Tensor, intermedi
                "self_attn.q_proj.weight": q, "self_attn.k_proj.weight": k, "self_attn.v_proj.weight": v,
                "self_attn.o_proj.weight": o, "self_attn.rope_index": rope_index}
     return tensors, {"mlp": mlp, "qk": qk, "vo": vo}
+
+
+@dataclass(frozen=True)
+class BlockGeometry:
+    """The dense sizes of one Llama-family block, and what a ``BlockDims`` leaves of them."""
+
+    hidden: int
+    intermediate: int
+    heads: Heads
+
+    def full(self) -> BlockDims:
+        return BlockDims(self.intermediate, self.heads.head_dim, self.heads.head_dim)
+
+    def shapes(self, dims: BlockDims) -> dict[str, tuple[int, int]]:
+        """(rows, columns) of every rewritten linear at ``dims`` (torch's out × in)."""
+        h, nq, nkv = self.hidden, self.heads.n_heads, self.heads.n_kv_heads
+        return {"self_attn.q_proj": (nq * dims.qk_dim, h), "self_attn.k_proj": (nkv * dims.qk_dim, h),
+                "self_attn.v_proj": (nkv * dims.vo_dim, h), "self_attn.o_proj": (h, nq * dims.vo_dim),
+                "mlp.gate_proj": (dims.intermediate_size, h), "mlp.up_proj": (dims.intermediate_size, h),
+                "mlp.down_proj": (h, dims.intermediate_size)}
+
+    def params(self, dims: BlockDims) -> int:
+        return sum(r * c for r, c in self.shapes(dims).values())
+
+
+def block_geometry(config: Any) -> BlockGeometry:
+    """``BlockGeometry`` of a Hugging Face Llama-family config."""
+    n_heads = int(config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // n_heads)
+    heads = Heads(n_heads, int(getattr(config, "num_key_value_heads", None) or n_heads), head_dim)
+    heads.check()
+    return BlockGeometry(int(config.hidden_size), int(config.intermediate_size), heads)
+
+
+def spend_structured_budget(geometry: BlockGeometry, fractions: list[float], kept: float, align: int) -> list[BlockDims]:
+    """Inner dimensions per block for per-layer kept ``fractions`` (each type shrunk alike: the
+    intermediate size to a multiple of ``align``, whole RoPE pairs, value dims), then the total
+    brought to the largest value ≤ ``kept`` of all blocks' weights that ``align``-steps of the
+    intermediate sizes reach: over budget, the block most above its share gives a step back;
+    under, the block most below its share takes one while it fits."""
+    full = geometry.full()
+    half = full.qk_dim // 2
+    dims = []
+    for f in fractions:
+        ff = min(full.intermediate_size, max(align, int(f * full.intermediate_size) // align * align))
+        dims.append(BlockDims(ff, 2 * min(half, max(1, round(f * half))), min(full.vo_dim, max(1, round(f * full.vo_dim)))))
+    per_block = geometry.params(full)
+    budget = kept * per_block * len(fractions)
+    step = 3 * geometry.hidden * align
+
+    def excess(i: int) -> float:
+        return geometry.params(dims[i]) / per_block - fractions[i]
+
+    def resized(i: int, delta: int) -> BlockDims:
+        d = dims[i]
+        return BlockDims(d.intermediate_size + delta, d.qk_dim, d.vo_dim)
+
+    spent = sum(geometry.params(d) for d in dims)
+    while spent > budget + 1e-9:
+        shrinkable = [i for i, d in enumerate(dims) if d.intermediate_size - align >= align]
+        if not shrinkable:
+            raise MetricError(f"kept fraction {kept} is out of reach with intermediate sizes of {align}")
+        i = max(shrinkable, key=excess)
+        dims[i], spent = resized(i, -align), spent - step
+    while spent + step <= budget + 1e-9:
+        growable = [i for i, d in enumerate(dims) if d.intermediate_size + align <= full.intermediate_size]
+        if not growable:
+            break
+        i = min(growable, key=excess)
+        dims[i], spent = resized(i, align), spent + step
+    return dims

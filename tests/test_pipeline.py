@@ -286,6 +286,28 @@ def _check_search(state: dict, pipeline: Path, *_) -> None:
     _check_ranks_differ_from_uniform(state, pipeline)
 
 
+def _check_modegpt(state: dict, *_) -> None:
+    from transformers import AutoModelForCausalLM
+
+    search = _results(state, "allocate")["search"]
+    assert len(search["influence"]) == 2 and all(0 < s < 2 for s in search["influence"])
+    assert search["layer_kept"] != [0.8, 0.8]  # block influence moved the fractions apart
+    ratios = _results(state, "allocate")["ratios"]
+    assert 0.8 - 3 * 32 * 4 / (4 * 32 * 32 + 3 * 32 * 64) <= ratios["kept_over_target_matrices"] <= 0.8  # spent
+    dims = _results(state, "assemble")["structured_layers"]
+    model, info = AutoModelForCausalLM.from_pretrained(state[PartitionRef("assemble", ALL)].state.output / "model",
+                                                       trust_remote_code=True, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    for i, d in enumerate(dims):
+        attention = model.model.layers[i].self_attn
+        assert model.model.layers[i].mlp.up_proj.out_features == d["intermediate_size"] < 64
+        assert attention.q_proj.out_features == 4 * d["qk_dim"] and attention.v_proj.out_features == 2 * d["vo_dim"]
+        layer = _results(state, "structure", f"layer-{i:03d}")
+        assert layer["mlp"]["dropped_output_energy"] >= 0 and 0 < layer["qk"]["kept_score_fraction"] <= 1
+    n_params = sum(p.numel() for p in model.parameters())
+    assert n_params == _results(state, "allocate")["ratios"]["kept_params_model"]  # one accounting, checked
+
+
 #: per case: method, allocation, and what shows that the options under test changed the outcome
 CASES = {
     "svd-last_k": ({"name": "svd"}, {"policy": "last_k"}, _check_svd_last_k),
@@ -303,6 +325,7 @@ CASES = {
                               _check_official_alpha),
     "ressvd-last_k": ({"name": "ressvd", "split": 0.5}, {"policy": "last_k"}, _check_ressvd),
     "asvd-search": ({"name": "asvd"}, {"policy": "asvd_search"}, _check_search),
+    "modegpt": ({"name": "modegpt", "temperature": 0.05}, {"policy": "uniform"}, _check_modegpt),
 }
 
 

@@ -229,3 +229,39 @@ def test_structured_model_with_smaller_dims_runs_and_cached_decoding_matches_a_f
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
     with torch.no_grad():
         torch.testing.assert_close(loaded.double()(ids).logits, small(ids).logits)
+
+
+def test_block_influence_fractions_average_to_the_target_respect_the_cap_and_favour_influential_blocks() -> None:
+    from stagepipe.methods.modegpt import MoDeGPT, MoDeGPTConfig
+
+    method = MoDeGPT(MoDeGPTConfig(name="modegpt", temperature=0.05, min_layer_kept=0.3))
+    influence = [0.9, 0.05, 0.1, 0.02, 0.3]
+    kept = method.layer_kept(influence, 0.6)
+    assert sum(kept) / 5 == pytest.approx(0.6, abs=1e-9)
+    assert min(kept) >= 0.3 - 1e-12 and max(kept) <= 1.0
+    order = sorted(range(5), key=lambda i: influence[i])
+    assert [kept[i] for i in order] == sorted(kept)  # more influence, more kept
+    uniform = MoDeGPT(MoDeGPTConfig(name="modegpt", layer_allocation="uniform"))
+    assert uniform.layer_kept(influence, 0.6) == [0.6] * 5
+
+
+def test_structured_budget_is_spent_to_within_one_step_and_never_exceeded() -> None:
+    from stagepipe.structured import BlockGeometry, spend_structured_budget
+
+    geometry = BlockGeometry(hidden=576, intermediate=1536, heads=Heads(9, 3, 64))
+    fractions = [0.5, 0.7, 0.9, 0.6]
+    dims = spend_structured_budget(geometry, fractions, 0.675, align=8)
+    total = sum(geometry.params(d) for d in dims)
+    budget = 0.675 * 4 * geometry.params(geometry.full())
+    assert budget - 3 * 576 * 8 < total <= budget
+    assert all(d.qk_dim % 2 == 0 and d.intermediate_size % 8 == 0 for d in dims)
+    assert [d.vo_dim for d in dims] == [round(f * 64) for f in fractions]
+
+
+def test_a_structured_method_with_another_policy_is_one_clear_error(write_pipeline) -> None:
+    from stagepipe.config import load_pipeline
+    from stagepipe.errors import ConfigError
+
+    pipeline = write_pipeline("m", method={"name": "modegpt"}, allocation={"policy": "global_greedy"})
+    with pytest.raises(ConfigError, match="allocation.policy.*modegpt"):
+        load_pipeline(pipeline)

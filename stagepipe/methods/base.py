@@ -88,6 +88,9 @@ class Method:
     #: factors are computed layer by layer on the compressed model's propagated inputs (AA-SVD):
     #: the ``anchor`` stage runs after ``allocate``
     sequential: ClassVar[bool] = False
+    #: the method writes smaller dense matrices instead of two factors (MoDeGPT): the ``structure``
+    #: stage replaces ``decompose`` and ``allocate`` asks ``layer_kept`` for per-layer fractions
+    structured: ClassVar[bool] = False
 
     def __init__(self, cfg: MethodConfig) -> None:
         self.cfg = cfg
@@ -133,6 +136,14 @@ class Method:
     def sequential_options(self) -> dict[str, Any]:
         """Options that shape a ``sequential`` method's factors (the ``anchor`` stage's key)."""
         return {}
+
+    def allocation_options(self) -> dict[str, Any]:
+        """Options of a ``structured`` method's per-layer allocation (``allocate``'s key)."""
+        return {}
+
+    def layer_kept(self, influence: list[float], kept: float) -> list[float]:
+        """A ``structured`` method's kept fraction per layer from each block's influence ``1 − cos``."""
+        raise NotImplementedError(f"{self.name} is not a structured method")
 
     def factors(self, w: torch.Tensor, right: Any, rank: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         """(up, down, info) at ``rank``: only ``post_allocation`` methods compute factors themselves."""

@@ -28,11 +28,12 @@ from stagepipe.stages.requirements import ORDER, needs
 from stagepipe.stages.residual import ResidualStage
 from stagepipe.stages.sensitivity import SensitivityStage
 from stagepipe.stages.snapshot import SnapshotStage
+from stagepipe.stages.structure import StructureStage
 from stagepipe.stages.tokenize import TokenizeStage
 
 _STAGE_CLASSES: dict[str, type[Stage]] = {
     cls.name: cls for cls in (SnapshotStage, TokenizeStage, CaptureStage, FisherStage, DecomposeStage, SensitivityStage,
-                              AllocateStage, ResidualStage, AnchorStage, RefitStage, AssembleStage, EvaluateStage, ReportStage)
+                              AllocateStage, StructureStage, ResidualStage, AnchorStage, RefitStage, AssembleStage, EvaluateStage, ReportStage)
 }
 assert tuple(_STAGE_CLASSES) == ORDER
 

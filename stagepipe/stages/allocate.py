@@ -10,13 +10,14 @@ from typing import Any
 
 from transformers import AutoConfig
 
-from stagepipe.accounting import ratio_report
+from stagepipe.accounting import kept_report, ratio_report
 from stagepipe.allocation import Candidate, MatrixSpectrum, make_policy
 from stagepipe.engine.stage import Context, PartitionRef, Stage, Work
 from stagepipe.models.layout import block_linear_shapes, layout_for
 from stagepipe.stages import artifacts
 from stagepipe.stages.artifacts import layer_index
 from stagepipe.stages.requirements import needs
+from stagepipe.structured import block_geometry, spend_structured_budget
 
 
 class AllocateStage(Stage):
@@ -26,17 +27,25 @@ class AllocateStage(Stage):
 
     def dependencies(self, ctx: Context, partition: str) -> list[PartitionRef]:
         layers = artifacts.model_layers(ctx) or []
+        if needs(ctx.config).structure:  # per-layer fractions from the block influence capture measured
+            return [artifacts.ref("snapshot")] + [artifacts.ref("capture", p) for p in layers]
         deps = [artifacts.ref("snapshot")] + [artifacts.ref("decompose", p) for p in layers]
         if needs(ctx.config).sensitivity:
             deps += [artifacts.ref("sensitivity", p) for p in layers]
         return deps
 
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
-        return {"kept_fraction": ctx.config.target.kept_fraction, "allocation": ctx.config.allocation.model_dump()}
+        slice_ = {"kept_fraction": ctx.config.target.kept_fraction, "allocation": ctx.config.allocation.model_dump()}
+        method = needs(ctx.config).method
+        if method.structured:
+            slice_["method"] = method.allocation_options()
+        return slice_
 
     def run(self, ctx: Context, work: Work) -> dict[str, Any]:
         snapshot = work.input("snapshot")
         config = AutoConfig.from_pretrained(artifacts.model_dir(snapshot))
+        if needs(ctx.config).structure:
+            return self._structured(ctx, work, config)
         layout = layout_for(config.model_type)
         spectra = []
         sensitivity: list[Candidate] | None = [] if needs(ctx.config).sensitivity else None
@@ -58,3 +67,28 @@ class AllocateStage(Stage):
         artifacts.write_allocation(work.out, ranks, dropped, report.model_dump(), details)
         return {"ratios": report.model_dump(), "policy": policy.name, "search": details,
                 "dense_targets": sorted(n for n, r in ranks.items() if r is None)}
+
+    @staticmethod
+    def _structured(ctx: Context, work: Work, config: Any) -> dict[str, Any]:
+        """Inner dimensions per block: the method's per-layer kept fractions, rounded (intermediate
+        sizes to ``align``, whole RoPE pairs, value dims), then the budget spent exactly."""
+        method = needs(ctx.config).method
+        captures = sorted((layer_index(r.partition), d) for r, d in work.inputs.items() if r.stage == "capture")
+        influence = [float(artifacts.read_results(d)["influence"]) for _, d in captures]
+        kept = ctx.config.target.kept_fraction
+        fractions = method.layer_kept(influence, kept)
+        shapes = block_linear_shapes(config)
+        geometry = block_geometry(config)
+        dims = spend_structured_budget(geometry, fractions, kept, ctx.config.allocation.align)
+        layout = layout_for(config.model_type)
+        kept_params = {}
+        for i, block_dims in enumerate(dims):
+            prefix = layout.layer_prefix(i)
+            kept_params.update({prefix + name: rows * cols for name, (rows, cols) in geometry.shapes(block_dims).items()})
+        n_params = artifacts.read_results(work.input("snapshot"))["n_params"]
+        report = kept_report(shapes, kept_params, sum(1 for n in kept_params if kept_params[n] < shapes[n][0] * shapes[n][1]),
+                             n_params, kept)
+        details = {"influence": influence, "layer_kept": fractions,
+                   "dims": [d.as_dict() for d in dims], **method.allocation_options()}
+        artifacts.write_structure_plan(work.out, [d.as_dict() for d in dims], report.model_dump(), details)
+        return {"ratios": report.model_dump(), "policy": method.cfg.layer_allocation, "search": details, "dense_targets": []}

@@ -242,6 +242,17 @@ def write_allocation(out: Path, ranks: Mapping[str, int | None], dropped: Mappin
                                               "search": details}, indent=1, sort_keys=True))
 
 
+def write_structure_plan(out: Path, dims: list[dict[str, int]], ratios: dict[str, Any], details: dict[str, Any]) -> None:
+    """A structured method's allocation: inner dimensions per block (no matrix is factored)."""
+    (out / ALLOCATION).write_text(json.dumps({"ranks": {}, "dropped_energy": {}, "dims": dims, "ratios": ratios,
+                                              "search": details}, indent=1, sort_keys=True))
+
+
+def read_structure_dims(allocate_output: Path) -> list[dict[str, int]]:
+    """Inner dimensions of every block (``intermediate_size``, ``qk_dim``, ``vo_dim``)."""
+    return json.loads((allocate_output / ALLOCATION).read_text())["dims"]
+
+
 def read_ranks(allocate_output: Path) -> dict[str, int | None]:
     """Rank per target matrix (full names; ``None`` = left dense)."""
     return json.loads((allocate_output / ALLOCATION).read_text())["ranks"]
@@ -256,6 +267,7 @@ def block_ranks(ranks: Mapping[str, int | None], prefix: str) -> dict[str, int]:
 RESIDUAL = "residual.safetensors"
 ANCHOR = "anchor.safetensors"
 REFIT = "refit.safetensors"
+STRUCTURE = "block.safetensors"  # a structured method's reduced block (``structure``)
 
 
 def write_factors(out: Path, file: str, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -280,6 +292,11 @@ def read_anchored(anchor_output: Path) -> dict[str, tuple[torch.Tensor, torch.Te
     raw = safetensors_io.read(anchor_output / ANCHOR)
     return {key.removesuffix(".up"): (raw[key].double(), raw[key.removesuffix(".up") + ".down"].double())
             for key in raw if key.endswith(".up")}
+
+
+def read_structure(structure_output: Path) -> dict[str, torch.Tensor]:
+    """The reduced block's tensors by name relative to the block (``structure``)."""
+    return safetensors_io.read(structure_output / STRUCTURE)
 
 
 def read_refit(refit_output: Path) -> dict[str, torch.Tensor]:

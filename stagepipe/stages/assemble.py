@@ -20,7 +20,7 @@ from transformers import AutoConfig
 from stagepipe.engine.stage import Context, PartitionRef, Stage, Work
 from stagepipe.errors import StagepipeError
 from stagepipe.io import safetensors_io
-from stagepipe.models import modeling_lowrank
+from stagepipe.models import modeling_lowrank, modeling_structured
 from stagepipe.models.layout import layout_for
 from stagepipe.models.sources import weight_map
 from stagepipe.stages import artifacts
@@ -36,6 +36,8 @@ class AssembleStage(Stage):
     def dependencies(self, ctx: Context, partition: str) -> list[PartitionRef]:
         layers = artifacts.model_layers(ctx) or []
         need = needs(ctx.config)
+        if need.structure:
+            return [artifacts.ref("snapshot"), artifacts.ref("allocate")] + [artifacts.ref("structure", p) for p in layers]
         deps = [artifacts.ref("snapshot"), artifacts.ref("allocate")] + [artifacts.ref("decompose", p) for p in layers]
         if need.residual:
             deps += [artifacts.ref("residual", p) for p in layers]
@@ -51,26 +53,33 @@ class AssembleStage(Stage):
     def run(self, ctx: Context, work: Work) -> dict[str, Any]:
         snapshot = artifacts.model_dir(work.input("snapshot"))
         config = AutoConfig.from_pretrained(snapshot)
-        if config.model_type not in modeling_lowrank.LOWRANK_CLASSES:
-            raise StagepipeError(f"no low-rank class for architecture {config.model_type!r}")
+        structured = needs(ctx.config).structure
+        family = modeling_structured.STRUCTURED_CLASSES if structured else modeling_lowrank.LOWRANK_CLASSES
+        if config.model_type not in family:
+            raise StagepipeError(f"no {'structured' if structured else 'low-rank'} class for architecture {config.model_type!r}")
         layout = layout_for(config.model_type)
         ranks = artifacts.read_ranks(work.input("allocate"))
         factored = {n: r for n, r in ranks.items() if r is not None}
+        dims = artifacts.read_structure_dims(work.input("allocate")) if structured else None
         wmap = weight_map(snapshot)
         target = artifacts.model_dir(work.out)
         target.mkdir()
         index: dict[str, str] = {}
         total = 0
         by_layer = {stage: {layer_index(r.partition): d for r, d in work.inputs.items() if r.stage == stage}
-                    for stage in ("decompose", "residual", "anchor", "refit")}
+                    for stage in ("decompose", "residual", "anchor", "refit", "structure")}
         files: dict[str, list[str]] = {}
         for key, file in wmap.items():
             files.setdefault(file, []).append(key)
         for i in range(int(config.num_hidden_layers)):
             prefix = layout.layer_prefix(i)
             layer_keys = [k for k in wmap if k.startswith(prefix)]
-            sources = (by_layer["decompose"][i], by_layer["residual"].get(i), by_layer["anchor"].get(i), by_layer["refit"].get(i))
-            shard = self._layer_shard(snapshot, wmap, layer_keys, prefix, sources, factored)
+            if structured:
+                shard = self._structured_shard(snapshot, wmap, layer_keys, prefix, by_layer["structure"][i])
+            else:
+                sources = (by_layer["decompose"][i], by_layer["residual"].get(i), by_layer["anchor"].get(i),
+                           by_layer["refit"].get(i))
+                shard = self._layer_shard(snapshot, wmap, layer_keys, prefix, sources, factored)
             name = f"layer-{i:03d}.safetensors"
             safetensors_io.write_atomic(target / name, shard)
             index.update(dict.fromkeys(shard, name))
@@ -84,12 +93,15 @@ class AssembleStage(Stage):
         total += sum(t.numel() * t.element_size() for t in rest.values())
         (target / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(index.items()))}, indent=1))
-        self._write_config(snapshot, target, config, factored)
+        if structured:
+            self._write_structured_config(snapshot, target, config, dims)
+        else:
+            self._write_config(snapshot, target, config, factored)
         for item in snapshot.iterdir():
             if item.name.startswith(("tokenizer", "special_tokens", "generation_config", "vocab", "merges")):
                 shutil.copy(item, target / item.name)
         self._check_keys(target, set(index))
-        return {"n_factored": len(factored), "bytes": total}
+        return {"n_factored": len(factored), "bytes": total, **({"structured_layers": dims} if structured else {})}
 
     @staticmethod
     def _layer_shard(snapshot: Path, wmap: dict[str, str], keys: list[str], prefix: str,
@@ -117,6 +129,32 @@ class AssembleStage(Stage):
         return tensors
 
     @staticmethod
+    def _structured_shard(snapshot: Path, wmap: dict[str, str], keys: list[str], prefix: str,
+                          structure: Path) -> dict[str, torch.Tensor]:
+        """Block tensors with the rewritten linears (and ``rope_index``) from ``structure``."""
+        reduced = artifacts.read_structure(structure)
+        tensors: dict[str, torch.Tensor] = {}
+        for key in keys:
+            if key[len(prefix):] not in reduced:
+                tensors.update(safetensors_io.read(snapshot / wmap[key], [key]))
+        tensors.update({prefix + local: t for local, t in reduced.items()})
+        return tensors
+
+    @staticmethod
+    def _write_structured_config(snapshot: Path, target: Path, config, dims: list[dict[str, int]]) -> None:
+        config_name, model_name = modeling_structured.STRUCTURED_CLASSES[config.model_type]
+        data = json.loads((snapshot / "config.json").read_text())
+        data.update({
+            "model_type": f"structured_{config.model_type}",
+            "architectures": [model_name],
+            "structured_layers": dims,
+            "auto_map": {"AutoConfig": f"modeling_structured.{config_name}",
+                         "AutoModelForCausalLM": f"modeling_structured.{model_name}"},
+        })
+        (target / "config.json").write_text(json.dumps(data, indent=1, sort_keys=True))
+        shutil.copy(Path(modeling_structured.__file__), target / "modeling_structured.py")
+
+    @staticmethod
     def _write_config(snapshot: Path, target: Path, config, factored: dict[str, int]) -> None:
         config_name, model_name = modeling_lowrank.LOWRANK_CLASSES[config.model_type]
         data = json.loads((snapshot / "config.json").read_text())
@@ -134,11 +172,14 @@ class AssembleStage(Stage):
     def _check_keys(target: Path, written: set[str]) -> None:
         """Zero missing / unexpected keys against the low-rank class, checked on the meta device."""
         data = json.loads((target / "config.json").read_text())
-        config_name, model_name = modeling_lowrank.LOWRANK_CLASSES[data["model_type"].removeprefix("lowrank_")]
+        family, _, base = data["model_type"].partition("_")
+        module = modeling_structured if family == "structured" else modeling_lowrank
+        classes = modeling_structured.STRUCTURED_CLASSES if family == "structured" else modeling_lowrank.LOWRANK_CLASSES
+        config_name, model_name = classes[base]
         fields = {k: v for k, v in data.items() if k not in {"auto_map", "architectures", "model_type"}}
-        config = getattr(modeling_lowrank, config_name)(**fields)
+        config = getattr(module, config_name)(**fields)
         with torch.device("meta"):
-            model = getattr(modeling_lowrank, model_name)(config)
+            model = getattr(module, model_name)(config)
         expected = set(model.state_dict())
         if getattr(config, "tie_word_embeddings", False):
             expected -= {k for k in expected if k.endswith("lm_head.weight")}

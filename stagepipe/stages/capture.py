@@ -76,6 +76,7 @@ class CaptureStage(Stage):
         groups: dict[str, str] | None = None
         stats: dict[str, torch.Tensor] = {}
         tokens = 0
+        cosine = torch.zeros((), dtype=torch.float64)
         handles = []
         for start, hidden in artifacts.block_inputs(runner, index, ids, work, batch):
             if groups is None:
@@ -86,11 +87,17 @@ class CaptureStage(Stage):
             with torch.no_grad():
                 output = runner.run_block(block, hidden)
             artifacts.write_rows(hidden_out, start, output)
+            if "influence" in wanted:  # block influence: how far the block turns its input (MoDeGPT)
+                cosine += torch.nn.functional.cosine_similarity(hidden.to(output.device).float(), output.float(),
+                                                                dim=-1).double().sum().cpu()
             tokens += output.shape[0] * output.shape[1]
         for h in handles:
             h.remove()
         artifacts.write_input_stats(work.out, stats if wanted else {}, tokens, groups)
-        return {"tokens": tokens, "groups": groups, "distinct_inputs": len(set(groups.values()))}
+        results = {"tokens": tokens, "groups": groups, "distinct_inputs": len(set(groups.values()))}
+        if "influence" in wanted:
+            results["influence"] = 1.0 - float(cosine) / tokens
+        return results
 
 
 def _accumulate(stats: dict[str, torch.Tensor], group: str, x: torch.Tensor, wanted: frozenset[str]) -> None:

@@ -95,6 +95,9 @@ def estimate(config: Any, model_config: Any) -> list[Estimate]:
         rank_bytes = sum(m * n * config.target.kept_fraction * 4 for m, n in s.linears)
         rows["residual"] = Estimate("residual", s.layers * rank_bytes, model_ram + svd_ram, gpu(svd_ram),
                                     "two SVDs per matrix at the allocated rank")
+    if need.structure:
+        rows["structure"] = Estimate("structure", s.block * w * config.target.kept_fraction * s.layers,
+                                     model_ram + grams * 3 + svd_ram, 0, "float64 eigh of the MLP Gram, SVD per KV group")
     if need.anchor:
         rows["anchor"] = _anchor(config, s, hidden, batch_act, model_ram, w, gpu)
     if need.refit:

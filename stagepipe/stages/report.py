@@ -39,6 +39,14 @@ def collect(ctx: Context, inputs: Mapping[PartitionRef, Path]) -> dict[str, Any]
                 for key in ("left_fallback", "right_fallback"):
                     if key in item:
                         fallbacks.append({"matrix": f"{ref.partition}.{name}", "side": key.split("_")[0], "to": item[key]})
+        if ref.stage == "structure":
+            vo_repair = manifest.info["vo"].get("metric_repair") or {}
+            if vo_repair.get("n_floored"):
+                repairs.append({"matrix": f"{ref.partition}.self_attn.v_proj·o_proj", "side": "right", **vo_repair})
+            mlp = manifest.info["mlp"]
+            if mlp["css_rank"] < mlp["kept_neurons"]:
+                repairs.append({"matrix": f"{ref.partition}.mlp.down_proj", "kind": "minimum-norm solve",
+                                "rank": mlp["css_rank"], "of": mlp["kept_neurons"]})
         if ref.stage == "residual":
             residual.update({f"{ref.partition}.{name}": {k: item[k] for k in ("r1", "r2", "loss_over_one_shot")}
                              for name, item in manifest.info.get("linears", {}).items()})
@@ -61,6 +69,27 @@ def plot(report: dict[str, Any], inputs: Mapping[PartitionRef, Path], out: Path)
     import matplotlib.pyplot as plt
 
     made = []
+    if report["search"] and "layer_kept" in report["search"]:
+        made.append(_plot_structure(report["search"], out, plt))
+    else:
+        made.append(_plot_ranks(inputs, out, plt))
+    ppl = report["perplexity"]
+    if ppl:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        names = sorted({d for v in ppl.values() for d in v})
+        for i, model in enumerate(sorted(ppl)):
+            ax.bar([j + 0.4 * i for j in range(len(names))], [ppl[model].get(d, 0) for d in names], width=0.4, label=model)
+        ax.set_xticks([j + 0.2 for j in range(len(names))], names)
+        ax.set(title=f"perplexity ({report['method']}, kept {report['ratios']['kept_over_target_matrices']:.3f})", ylabel="PPL")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "perplexity.png", dpi=100)
+        plt.close(fig)
+        made.append("perplexity.png")
+    return made
+
+
+def _plot_ranks(inputs: Mapping[PartitionRef, Path], out: Path, plt: Any) -> str:
     ranks = artifacts.read_ranks(inputs[artifacts.ref("allocate")])
     by_type: dict[str, list[tuple[int, int]]] = defaultdict(list)
     for name, rank in ranks.items():
@@ -83,21 +112,26 @@ def plot(report: dict[str, Any], inputs: Mapping[PartitionRef, Path], out: Path)
     fig.tight_layout()
     fig.savefig(out / "ranks_spectra.png", dpi=100)
     plt.close(fig)
-    made.append("ranks_spectra.png")
-    ppl = report["perplexity"]
-    if ppl:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        names = sorted({d for v in ppl.values() for d in v})
-        for i, model in enumerate(sorted(ppl)):
-            ax.bar([j + 0.4 * i for j in range(len(names))], [ppl[model].get(d, 0) for d in names], width=0.4, label=model)
-        ax.set_xticks([j + 0.2 for j in range(len(names))], names)
-        ax.set(title=f"perplexity ({report['method']}, kept {report['ratios']['kept_over_target_matrices']:.3f})", ylabel="PPL")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "perplexity.png", dpi=100)
-        plt.close(fig)
-        made.append("perplexity.png")
-    return made
+    return "ranks_spectra.png"
+
+
+def _plot_structure(search: dict[str, Any], out: Path, plt: Any) -> str:
+    """A structured method: kept fraction and block influence per layer, inner dims per layer."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+    layers = range(len(search["layer_kept"]))
+    ax1.plot(layers, search["layer_kept"], marker="o", label="kept fraction")
+    ax1.plot(layers, search["influence"], marker="x", label="block influence 1 − cos")
+    ax1.set(title="per-layer allocation", xlabel="layer")
+    ax1.legend(fontsize=7)
+    for key in ("intermediate_size", "qk_dim", "vo_dim"):
+        values = [d[key] for d in search["dims"]]
+        ax2.plot(layers, [v / max(values) for v in values], marker="o", label=f"{key} (max {max(values)})")
+    ax2.set(title="inner dimensions (relative to their largest)", xlabel="layer")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "structure.png", dpi=100)
+    plt.close(fig)
+    return "structure.png"
 
 
 class ReportStage(Stage):

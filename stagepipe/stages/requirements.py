@@ -13,8 +13,8 @@ from stagepipe.allocation import POLICIES
 from stagepipe.methods import Method, make_method
 
 #: every stage, in execution order
-ORDER = ("snapshot", "tokenize", "capture", "fisher", "decompose", "sensitivity", "allocate", "residual", "anchor",
-         "refit", "assemble", "evaluate", "report")
+ORDER = ("snapshot", "tokenize", "capture", "fisher", "decompose", "sensitivity", "allocate", "structure", "residual",
+         "anchor", "refit", "assemble", "evaluate", "report")
 
 
 @dataclass(frozen=True)
@@ -26,10 +26,13 @@ class Needs:
     residual: bool  # the method's factors depend on the allocated rank
     refit: bool  # least-squares refit on propagated inputs
     anchor: bool  # the method's factors are fitted layer by layer on propagated inputs (AA-SVD)
+    structure: bool = False  # smaller dense matrices instead of two factors (MoDeGPT): no decompose
+
 
     def stage_names(self) -> list[str]:
         optional = {"capture": self.capture, "fisher": self.fisher, "sensitivity": self.sensitivity,
-                    "residual": self.residual, "anchor": self.anchor, "refit": self.refit}
+                    "residual": self.residual, "anchor": self.anchor, "refit": self.refit,
+                    "decompose": not self.structure, "structure": self.structure}
         return [name for name in ORDER if optional.get(name, True)]
 
 
@@ -41,4 +44,5 @@ def needs(config: Any) -> Needs:
     anchor = method.sequential
     capture = bool(method.activation_stats) or method.needs_gradients or refit or anchor or policy.needs_sensitivity
     return Needs(method=method, capture=capture, fisher=method.needs_gradients, sensitivity=policy.needs_sensitivity,
-                 residual=method.post_allocation, refit=refit, anchor=anchor)
+                 residual=method.post_allocation, refit=refit, anchor=anchor,
+                 structure=method.structured)
