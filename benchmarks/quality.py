@@ -28,11 +28,12 @@ ROOT = Path(__file__).resolve().parent.parent
 #: options of methods other than the base file's (as in pipelines/smollm2_gfwsvd.yaml)
 METHOD_OPTIONS = {"gfwsvd": {"max_sweeps": 3}}
 #: named variants of a method, used as ``VARIANT[:POLICY]`` rows (AA-SVD with block refinement, with
-#: the K-FAC output metric)
+#: the K-FAC output metric; MoDeGPT with one kept fraction for every layer)
 VARIANTS = {
     "aasvd+refine": {"name": "aasvd", "refine_epochs": 2, "refine_batch": 1},
     "aasvd_kfac": {"name": "aasvd", "output_metric": "kfac_out"},
     "aasvd_kfac+refine": {"name": "aasvd", "output_metric": "kfac_out", "refine_epochs": 2, "refine_batch": 1},
+    "modegpt_uniform": {"name": "modegpt", "layer_allocation": "uniform"},
 }
 #: options of policies other than the base file's: the sensitivity search on 4 calibration windows and 3 candidates
 #: (its cost grows with windows × candidates × layers²/2; see docs/methods.md)
