@@ -7,7 +7,7 @@ models take turns round by round, so every ratio to the dense model compares run
 back on the same machine state; the table reports medians over rounds. Writes
 ``docs/inference.md``, ``docs/inference.json`` and ``docs/inference.png``.
 
-    python benchmarks/inference.py [--kept 0.8] [--lowrank svdllm] [--rounds 3] [--device cpu]
+    python benchmarks/inference.py [--kept 0.8 0.6] [--lowrank svdllm] [--rounds 5] [--threads 1] [--device cpu]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def model_dirs(base_file: Path, entries: list[str], kept: float, workspace: Path) -> dict[str, Path]:
+def model_dirs(base_file: Path, entries: list[str], fractions: list[float], workspace: Path) -> dict[str, Path]:
     """``dense`` (the snapshot) and one assembled model per grid entry, run through the pipeline."""
     import yaml
     from quality import grid_config
@@ -33,46 +33,65 @@ def model_dirs(base_file: Path, entries: list[str], kept: float, workspace: Path
 
     base = yaml.safe_load(base_file.read_text())
     dirs: dict[str, Path] = {}
-    for entry in entries:
-        runner = make_runner(grid_config(base, entry, kept), workspace)
-        runner.run()
-        states = {e.ref: e.state.output for e in runner.states()}
-        dirs.setdefault("dense", states[PartitionRef("snapshot", ALL)] / "model")
-        dirs[entry] = states[PartitionRef("assemble", ALL)] / "model"
+    for kept in fractions:
+        for entry in entries:
+            runner = make_runner(grid_config(base, entry, kept), workspace)
+            runner.run()
+            states = {e.ref: e.state.output for e in runner.states()}
+            dirs.setdefault("dense", states[PartitionRef("snapshot", ALL)] / "model")
+            dirs[f"{entry}@{kept}"] = states[PartitionRef("assemble", ALL)] / "model"
     return dirs
 
 
-def measure(model_dir: str, device: str, prompt: int, new_tokens: int, batch: int, threads: int) -> dict:
-    """One fresh process: load, warm up, time one prefill and one cached greedy decode."""
-    import resource
+def measure(model_dir: str, device: str, prompt: int, new_tokens: int, batch: int, threads: int, repeats: int) -> dict:
+    """One fresh process: load, warm up, then the median of ``repeats`` prefills and cached greedy
+    decodes; resident memory from psutil (``ru_maxrss`` would carry the parent's peak over exec)."""
+    import threading
     import time
 
+    import psutil
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(threads)
+    process = psutil.Process()
+    before = process.memory_info().rss
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32).to(device).eval()
+    loaded = process.memory_info().rss
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(10, model.config.vocab_size - 10, (batch, prompt), generator=generator).to(device)
+    peak = [loaded]
+    running = True
+
+    def sample() -> None:
+        while running:
+            peak[0] = max(peak[0], process.memory_info().rss)
+            time.sleep(0.01)
 
     def sync() -> None:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
+    def timed(call) -> float:
+        sync()
+        start = time.perf_counter()
+        call()
+        sync()
+        return time.perf_counter() - start
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     with torch.inference_mode():
         model(ids[:, :16])  # warm-up
         model.generate(ids[:, :16], max_new_tokens=4, min_new_tokens=4, do_sample=False)
-        sync()
-        start = time.perf_counter()
-        model(ids)
-        sync()
-        prefill = time.perf_counter() - start
-        start = time.perf_counter()
-        model.generate(ids[:, :16], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-        sync()
-        decode = time.perf_counter() - start
-    return {"weights_mb": weights / 2**20, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        prefill = statistics.median(timed(lambda: model(ids)) for _ in range(repeats))
+        decode = statistics.median(
+            timed(lambda: model.generate(ids[:, :16], max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False))
+            for _ in range(repeats))
+    running = False
+    sampler.join()
+    return {"weights_mb": weights / 2**20, "rss_model_mb": (loaded - before) / 2**20, "peak_rss_mb": peak[0] / 2**20,
             "prefill_tok_s": batch * prompt / prefill, "decode_tok_s": batch * new_tokens / decode,
             "ms_per_token": 1000 * decode / new_tokens, "params": sum(p.numel() for p in model.parameters()),
             "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None}
@@ -81,22 +100,24 @@ def measure(model_dir: str, device: str, prompt: int, new_tokens: int, batch: in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default=str(ROOT / "pipelines" / "smollm2_demo.yaml"))
-    parser.add_argument("--kept", type=float, default=0.8)
+    parser.add_argument("--kept", type=float, nargs="+", default=[0.8, 0.6])
     parser.add_argument("--lowrank", default="svdllm", help="grid entry of the two-factor model (its ranks, not its "
                                                             "metric, decide the speed)")
     parser.add_argument("--structured", default="modegpt")
     parser.add_argument("--workspace", default=str(ROOT / "workspace" / "quality_grid"))
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--prompt", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="1 on a shared 2-core machine: less noise")
+    parser.add_argument("--repeats", type=int, default=3, help="timed prefills and decodes per process (median)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=str(ROOT / "docs"))
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one model directory, print JSON
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one, args.device, args.prompt, args.new_tokens, args.batch, args.threads)))
+        print(json.dumps(measure(args.one, args.device, args.prompt, args.new_tokens, args.batch, args.threads,
+                                 args.repeats)))
         return
     dirs = model_dirs(Path(args.base), [args.lowrank, args.structured], args.kept, Path(args.workspace))
     runs: dict[str, list[dict]] = {name: [] for name in dirs}
@@ -104,14 +125,15 @@ def main() -> None:
         for name, directory in dirs.items():
             command = [sys.executable, __file__, "--one", str(directory), "--device", args.device, "--prompt",
                        str(args.prompt), "--new-tokens", str(args.new_tokens), "--batch", str(args.batch),
-                       "--threads", str(args.threads)]
+                       "--threads", str(args.threads), "--repeats", str(args.repeats)]
             out = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             runs[name].append(json.loads(out))
             print(f"round {round_ + 1}/{args.rounds} {name}: {runs[name][-1]}", flush=True)
     rows = {name: {key: statistics.median(r[key] for r in results) if results[0][key] is not None else None
                    for key in results[0]} for name, results in runs.items()}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    setup = {key: getattr(args, key) for key in ("kept", "rounds", "prompt", "new_tokens", "batch", "threads", "device")}
+    setup = {key: getattr(args, key) for key in ("kept", "rounds", "repeats", "prompt", "new_tokens", "batch", "threads",
+                                                 "device")}
     out = Path(args.out)
     (out / "inference.json").write_text(json.dumps({"commit": commit, "setup": setup, "rows": rows, "runs": runs}, indent=1))
     render(rows, setup, commit, out)
@@ -124,9 +146,10 @@ def render(rows: dict[str, dict], setup: dict, commit: str, out: Path) -> None:
         f"Generated by `python benchmarks/inference.py` at commit `{commit}`: SmolLM2-135M (fp32), "
         f"{setup['device']}, {setup['threads']} threads, batch {setup['batch']}; prefill = one forward over "
         f"{setup['prompt']} tokens, decode = greedy generation of {setup['new_tokens']} tokens with the KV cache after a "
-        f"16-token prompt. Medians over {setup['rounds']} rounds, models taking turns, each run a fresh process; "
-        f"ratios are to the dense model of the same rounds. Compressed models at kept {setup['kept']} of the block "
-        "linears (the grid's rows).", "",
+        f"16-token prompt. Medians of {setup['repeats']} timings per process and over {setup['rounds']} rounds, models "
+        "taking turns, each run a fresh process; "
+        f"ratios are to the dense model of the same rounds. Compressed models at kept {' / '.join(map(str, setup['kept']))} of the block "
+        "linears (`METHOD@KEPT`, the grid's rows).", "",
         "| model | parameters | weights MB | peak RSS MB | prefill tok/s | ×dense | decode tok/s | ×dense | ms/token |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -148,8 +171,8 @@ def render(rows: dict[str, dict], setup: dict, commit: str, out: Path) -> None:
         ax.bar([j + 0.4 * i for j in range(len(names))], [rows[n][key] / dense[key] for n in names], width=0.4,
                label=key.split("_")[0])
     ax.axhline(1.0, color="k", linestyle="--", linewidth=0.8)
-    ax.set_xticks([j + 0.2 for j in range(len(names))], names)
-    ax.set(ylabel="throughput / dense", title=f"SmolLM2-135M at kept {setup['kept']} ({setup['device']})")
+    ax.set_xticks([j + 0.2 for j in range(len(names))], names, fontsize=7)
+    ax.set(ylabel="throughput / dense", title=f"SmolLM2-135M ({setup['device']}, {setup['threads']} threads)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "inference.png", dpi=100)

@@ -51,7 +51,7 @@ class StructureStage(Stage):
                                  f"not {config.model_type!r}")
         index = layer_index(work.partition)
         block = runner.load_block(index)
-        weights = {k: v for k, v in block.state_dict().items()}
+        weights = dict(block.state_dict())
         missing = [n for n in BLOCK_LINEARS if f"{n}.weight" not in weights]
         if missing:
             raise StagepipeError(f"block {index} has no {missing[0]}: not a Llama-family block")
