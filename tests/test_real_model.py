@@ -63,8 +63,19 @@ def test_real_model_two_layers_compressed_finite_and_reloadable(write_pipeline, 
     factored_layers = {int(n.split(".")[2]) for n, r in ranks.items() if r is not None}
     assert factored_layers == {28, 29}
     assert "skipped" in report["evaluation"]["compressed"]["lm_eval"]  # offline: said, not faked
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from stagepipe.config import NewsArticles
+    from stagepipe.data.text import news_articles
+    from stagepipe.stages.tokenize import _cuts_exactly, text_chunks, token_ids
+
+    # the real tokenizer on real text: ~1 MB chunks (here 20 kB ones) give the ids of one call
+    tokenizer = AutoTokenizer.from_pretrained(state[PartitionRef("snapshot", ALL)].state.output / "model")
+    text = news_articles(NewsArticles(source="news_articles", split="train"))[0][:400_000]
+    whole = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert _cuts_exactly(tokenizer) and len(list(text_chunks(text, 20_000))) > 10
+    chunked = [i for chunk in text_chunks(text, 20_000) for i in tokenizer(chunk, add_special_tokens=False)["input_ids"]]
+    assert chunked == whole and token_ids(tokenizer, text).tolist() == whole
     model, info = AutoModelForCausalLM.from_pretrained(state[PartitionRef("assemble", ALL)].state.output / "model",
                                                        trust_remote_code=True, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))

@@ -11,6 +11,8 @@ The two kinds are separate partitions so that changing the evaluation never touc
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +25,52 @@ from stagepipe.errors import StagepipeError
 from stagepipe.stages import artifacts
 from stagepipe.stages.artifacts import CALIBRATION, VALIDATION, eval_partition
 
+#: a cut where the GPT-2 regex of a byte-level pre-tokenizer cuts anyway: before a newline that an
+#: ASCII letter follows. In the whole text that newline ends a whitespace run followed by a non-space,
+#: so ``\s+(?!\S)`` leaves it out of the run's piece and it becomes the piece "\n" (`` ?`` takes only a
+#: space); the run's rest, now at a chunk's end, is still one piece; no other pattern holds a "\n"
+_SAFE_BREAK = re.compile(r"(?=\n[A-Za-z])")
+#: characters per tokenizer call when the text can be cut exactly (about 130 MB of tokenizer memory)
+CHUNK_CHARS = 1 << 20
+
+
+def _cuts_exactly(tokenizer: Any) -> bool:
+    """Whether tokenising ``_SAFE_BREAK``-separated chunks gives the ids of the whole text: a plain
+    byte-level BPE (GPT-2 regex, no prefix space, no normaliser) whose added tokens hold no newline."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    spec = json.loads(backend.to_str())
+    pre = spec.get("pre_tokenizer") or {}
+    return (spec.get("normalizer") is None and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
+            and not pre.get("add_prefix_space", False)
+            and not any("\n" in token.get("content", "") for token in spec.get("added_tokens", [])))
+
+
+def text_chunks(text: str, size: int = CHUNK_CHARS):
+    """``text`` cut after safe newlines into pieces of about ``size`` characters (one piece if none)."""
+    start = 0
+    while len(text) - start > size:
+        match = _SAFE_BREAK.search(text, start + size)
+        if match is None:
+            break
+        yield text[start:match.start()]
+        start = match.start()
+    yield text[start:]
+
+
+def token_ids(tokenizer: Any, text: str) -> np.ndarray:
+    """The ids of ``text`` without special tokens. A whole text costs the fast tokenizer ~130 bytes
+    per character (1.6 GB for the 12 MB news train split), so where cutting provably changes no id
+    the text goes through in ~1 MB chunks; otherwise in one call."""
+    pieces = text_chunks(text) if _cuts_exactly(tokenizer) else [text]
+    parts = [np.asarray(tokenizer(piece, add_special_tokens=False, verbose=False)["input_ids"], dtype=np.int64)
+             for piece in pieces]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
 
 def _token_ids(snapshot: Path, text: str) -> np.ndarray:
-    tokenizer = AutoTokenizer.from_pretrained(artifacts.model_dir(snapshot))
-    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-    return np.asarray(ids, dtype=np.int64)
+    return token_ids(AutoTokenizer.from_pretrained(artifacts.model_dir(snapshot)), text)
 
 
 class TokenizeStage(Stage):
