@@ -32,6 +32,7 @@ class Shapes:
     layers: int
     embed: int
     linears: list[tuple[int, int]]  # (m, n) of one block's linears
+    vocab: int = 0
 
     @classmethod
     def of(cls, model_config: Any) -> Shapes:
@@ -42,7 +43,7 @@ class Shapes:
         kv_dim = d // heads * kv
         tied = getattr(model_config, "tie_word_embeddings", False)
         return cls(d=d, ff=ff, layers=int(model_config.num_hidden_layers),
-                   embed=int(model_config.vocab_size) * d * (1 if tied else 2),
+                   embed=int(model_config.vocab_size) * d * (1 if tied else 2), vocab=int(model_config.vocab_size),
                    linears=[(d, d), (kv_dim, d), (kv_dim, d), (d, d), (ff, d), (ff, d), (d, ff)])
 
     @property
@@ -66,18 +67,26 @@ def estimate(config: Any, model_config: Any) -> list[Estimate]:
     grams = (s.d * s.d * 3 + s.ff * s.ff) * 8  # distinct inputs: attn-in, o-in, mlp-in, down-in
     batch_act = b * t * (3 * s.d + 2 * s.ff) * 4
     model_ram = s.block * w + s.embed * w
+    # reading the embeddings/head into the one-block model holds them twice for a moment (the read
+    # tensors and the parameters they are copied into): every stage that runs the head or embeds pays it
+    rest_load = 2 * s.embed * w
     svd_ram = 8 * 8 * max(s.ff, s.d) ** 2
+    factors = sum((m + n) * min(m, n) for m, n in s.linears) * 8  # one block's full float64 factors
+    ev = config.evaluation
+    logits = ev.batch_size * ev.seq_len * s.vocab * 4  # fp32 logits of one evaluation batch (+ log-softmax)
     rows: dict[str, Estimate] = {
         "snapshot": Estimate("snapshot", s.params * w, s.params * w * 2, 0, f"{s.params / 1e9:.2f} B parameters"),
-        "tokenize": Estimate("tokenize", k * t * 8, k * t * 8, 0),
-        "capture": Estimate("capture", s.layers * (hidden + grams), model_ram + batch_act + grams,
+        "tokenize": Estimate("tokenize", k * t * 8, 3e8, 0, "tokenizer + 1 MB chunks of text (plain byte-level BPE)"),
+        "capture": Estimate("capture", s.layers * (hidden + grams), rest_load + s.block * w + batch_act + grams,
                             gpu(s.block * w + batch_act + grams), f"{s.layers} × block inputs {hidden / 2**20:.0f} MB"),
         "decompose": Estimate("decompose", s.layers * sum((m + n) * min(m, n) * 4 + min(m, n) * 8 for m, n in s.linears),
-                              model_ram + svd_ram, gpu(svd_ram), "float64 eigh + SVD of the largest matrix"),
-        "allocate": Estimate("allocate", 1e6, s.layers * sum(min(m, n) for m, n in s.linears) * 8, 0),
-        "assemble": Estimate("assemble", s.params * w * config.target.kept_fraction, s.block * 4 * 3, 0),
-        "evaluate": Estimate("evaluate", 1e5, s.params * 4 * 2, gpu(s.params * 4), "full model in fp32"),
-        "report": Estimate("report", 1e6, 2e8, 0, "report.json + plots"),
+                              s.block * w + svd_ram + 3 * grams + 3 * factors, gpu(svd_ram),
+                              "float64 eigh + SVD of the largest matrix"),
+        "allocate": Estimate("allocate", 1e6, 1e7 + s.layers * sum(min(m, n) for m, n in s.linears) * 8, 0),
+        "assemble": Estimate("assemble", s.params * w * config.target.kept_fraction, rest_load + 2 * s.block * w, 0),
+        "evaluate": Estimate("evaluate", 1e5, s.params * 4 * 2 + 2 * logits, gpu(s.params * 4 + 2 * logits),
+                             "full model in fp32 (loaded: twice) + logits of one batch"),
+        "report": Estimate("report", 1e6, 3e7, 0, "report.json + plots"),
     }
     if need.fisher:
         rows["fisher"] = _fisher(config, s, need, hidden, batch_act, model_ram, w, gpu)
@@ -107,12 +116,15 @@ def estimate(config: Any, model_config: Any) -> list[Estimate]:
 
 
 def _fisher(config: Any, s: Shapes, need: Any, hidden: float, batch_act: float, model_ram: float, w: int, gpu) -> Estimate:
-    """Gradient statistics: K-FAC and squared gradients always; Kronecker factors for NKP metrics."""
+    """Gradient statistics: K-FAC and squared gradients always; Kronecker factors for NKP metrics.
+    The ``head`` partition (loss gradient w.r.t. the last block's output) holds the logits of one
+    batch and their gradient, and reads the embeddings/head twice for a moment."""
     method = config.method
     k, t = config.calibration.n_samples, config.calibration.seq_len
     kfac = sum(m * m + m * n for m, n in s.linears) * 8  # E[δδᵀ] and E[G⊙G], float64
     disk = s.layers * (hidden + kfac)
-    ram = model_ram + 4 * batch_act + kfac * 2
+    head = 2 * s.embed * w + 3 * config.runtime.batch_size * t * s.vocab * 4
+    ram = max(model_ram + 4 * batch_act + kfac * 2, head)
     if "nkp" not in need.method.gradient_stats:
         return Estimate("fisher", disk, ram, gpu(s.block * w + 4 * batch_act + kfac * 2),
                         "one backward pass per layer: K-FAC output factor + squared gradients")
