@@ -76,7 +76,7 @@ def estimate(config: Any, model_config: Any) -> list[Estimate]:
     logits = ev.batch_size * ev.seq_len * s.vocab * 4  # fp32 logits of one evaluation batch (+ log-softmax)
     rows: dict[str, Estimate] = {
         "snapshot": Estimate("snapshot", s.params * w, s.params * w * 2, 0, f"{s.params / 1e9:.2f} B parameters"),
-        "tokenize": Estimate("tokenize", k * t * 8, 3e8, 0, "tokenizer + 1 MB chunks of text (plain byte-level BPE)"),
+        "tokenize": Estimate("tokenize", k * t * 8, 3e8, 0, "byte-level BPE: 1 MB chunks; other tokenizers: ~130 B per text character"),
         "capture": Estimate("capture", s.layers * (hidden + grams), rest_load + s.block * w + batch_act + grams,
                             gpu(s.block * w + batch_act + grams), f"{s.layers} × block inputs {hidden / 2**20:.0f} MB"),
         "decompose": Estimate("decompose", s.layers * sum((m + n) * min(m, n) * 4 + min(m, n) * 8 for m, n in s.linears),
@@ -105,8 +105,12 @@ def estimate(config: Any, model_config: Any) -> list[Estimate]:
         rows["residual"] = Estimate("residual", s.layers * rank_bytes, model_ram + svd_ram, gpu(svd_ram),
                                     "two SVDs per matrix at the allocated rank")
     if need.structure:
+        # the block in the runner and its state dict, its weights in float64, the reduced block in float64
+        # and as stored, the Grams, and the eigen-decomposition of the MLP intermediate Gram (input,
+        # symmetrised copy, eigenvectors, workspace); no embeddings
         rows["structure"] = Estimate("structure", s.block * w * config.target.kept_fraction * s.layers,
-                                     model_ram + grams * 3 + svd_ram, 0, "float64 eigh of the MLP Gram, SVD per KV group")
+                                     grams + 2 * s.block * w + 3 * s.block * 8 + 4 * s.ff * s.ff * 8, 0,
+                                     "float64 eigh of the MLP Gram, SVD per KV group")
     if need.anchor:
         rows["anchor"] = _anchor(config, s, hidden, batch_act, model_ram, w, gpu)
     if need.refit:
@@ -124,16 +128,16 @@ def _fisher(config: Any, s: Shapes, need: Any, hidden: float, batch_act: float, 
     kfac = sum(m * m + m * n for m, n in s.linears) * 8  # E[δδᵀ] and E[G⊙G], float64
     disk = s.layers * (hidden + kfac)
     head = 2 * s.embed * w + 3 * config.runtime.batch_size * t * s.vocab * 4
-    ram = max(model_ram + 4 * batch_act + kfac * 2, head)
+    layer = model_ram + 4 * batch_act + kfac * 2
     if "nkp" not in need.method.gradient_stats:
-        return Estimate("fisher", disk, ram, gpu(s.block * w + 4 * batch_act + kfac * 2),
+        return Estimate("fisher", disk, max(layer, head), gpu(s.block * w + 4 * batch_act + kfac * 2),
                         "one backward pass per layer: K-FAC output factor + squared gradients")
     factors = sum(m * m + n * n for m, n in s.linears) * 8
     chunk = method.chunk_tokens or t
     stored = k * -(-t // chunk) * chunk * sum(m + n for m, n in s.linears) * 4  # (D, X) per window, as the stage sizes it
     mode = method.mode if method.mode != "auto" else ("stored" if stored <= method.memory_budget_gb * 2**30 else "streaming")
-    ram += factors * 3 + (stored if mode == "stored" else 0)
-    return Estimate("fisher", disk + s.layers * factors, ram, gpu(s.block * w + 4 * batch_act + factors * 3),
+    layer += factors * 3 + (stored if mode == "stored" else 0)  # a layer partition's Kronecker factors and gradients
+    return Estimate("fisher", disk + s.layers * factors, max(layer, head), gpu(s.block * w + 4 * batch_act + factors * 3),
                     f"{mode} gradients; {2 * method.max_sweeps} passes max per layer")
 
 
