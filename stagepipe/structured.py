@@ -71,18 +71,19 @@ def nystrom_mlp(w_gate: Tensor, w_up: Tensor, w_down: Tensor, gram: Tensor, keep
     d_ff = gram.shape[0]
     if not 0 < keep <= d_ff:
         raise MetricError(f"cannot keep {keep} of {d_ff} intermediate neurons")
-    c = _f64(gram)
+    c, w_d = _f64(gram), _f64(w_down)
     scores = ridge_leverage(c, ridge_rel)
     kept = torch.sort(torch.topk(scores, keep).indices).values
     c_ss, c_sa = c[kept][:, kept], c[kept]
+    target = c_sa @ w_d.T  # C[S,:] W_dᵀ = H_S (W_d H)ᵀ
     # rows of W_d' ᵀ solve C[S,S] X = C[S,:] W_dᵀ: the normal equations of min ‖W_d H − W_d' H_S‖
-    solution = torch.linalg.lstsq(c_ss.cpu(), (c_sa @ _f64(w_down).T).cpu(), rcond=1e-12, driver="gelsd")
+    solution = torch.linalg.lstsq(c_ss.cpu(), target.cpu(), rcond=1e-12, driver="gelsd")
     w_down_new = solution.solution.T.to(w_down.device)
-    residual = _f64(w_down) @ c @ _f64(w_down).T
-    explained = w_down_new @ c_sa @ _f64(w_down).T
+    # ‖W_d H‖² and, at the least-squares optimum, ‖W_d H − W_d' H_S‖² = ‖W_d H‖² − ⟨W_d' H_S, W_d H⟩
+    total = float(torch.trace(w_d @ c @ w_d.T))
     info = {"kept_neurons": keep, "of": d_ff, "css_rank": int(solution.rank),
-            "dropped_output_energy": float(torch.trace(residual - explained)),
-            "total_output_energy": float(torch.trace(residual))}
+            "dropped_output_energy": total - float(torch.trace(w_down_new @ target)),
+            "total_output_energy": total}
     return _f64(w_gate)[kept], _f64(w_up)[kept], w_down_new, info
 
 

@@ -90,5 +90,5 @@ class AllocateStage(Stage):
                              n_params, kept)
         details = {"influence": influence, "layer_kept": fractions,
                    "dims": [d.as_dict() for d in dims], **method.allocation_options()}
-        artifacts.write_structure_plan(work.out, [d.as_dict() for d in dims], report.model_dump(), details)
+        artifacts.write_allocation(work.out, {}, {}, report.model_dump(), details, dims=[d.as_dict() for d in dims])
         return {"ratios": report.model_dump(), "policy": method.cfg.layer_allocation, "search": details, "dense_targets": []}

@@ -237,15 +237,14 @@ ALLOCATION = "allocation.json"
 
 
 def write_allocation(out: Path, ranks: Mapping[str, int | None], dropped: Mapping[str, float],
-                     ratios: dict[str, Any], details: dict[str, Any] | None) -> None:
-    (out / ALLOCATION).write_text(json.dumps({"ranks": ranks, "dropped_energy": dropped, "ratios": ratios,
-                                              "search": details}, indent=1, sort_keys=True))
-
-
-def write_structure_plan(out: Path, dims: list[dict[str, int]], ratios: dict[str, Any], details: dict[str, Any]) -> None:
-    """A structured method's allocation: inner dimensions per block (no matrix is factored)."""
-    (out / ALLOCATION).write_text(json.dumps({"ranks": {}, "dropped_energy": {}, "dims": dims, "ratios": ratios,
-                                              "search": details}, indent=1, sort_keys=True))
+                     ratios: dict[str, Any], details: dict[str, Any] | None,
+                     dims: list[dict[str, int]] | None = None) -> None:
+    """Ranks per target matrix, or for a structured method (no matrix factored, ``ranks`` empty) the
+    inner dimensions per block (``dims``)."""
+    data = {"ranks": ranks, "dropped_energy": dropped, "ratios": ratios, "search": details}
+    if dims is not None:
+        data["dims"] = dims
+    (out / ALLOCATION).write_text(json.dumps(data, indent=1, sort_keys=True))
 
 
 def read_structure_dims(allocate_output: Path) -> list[dict[str, int]]:

@@ -27,6 +27,11 @@ from stagepipe.stages import artifacts
 from stagepipe.stages.artifacts import layer_index
 from stagepipe.stages.requirements import needs
 
+#: model family (the ``<family>_`` prefix of the written ``model_type``) → its self-contained modeling
+#: file and that file's ``{base model_type: (config class name, model class name)}``
+FAMILIES = {"lowrank": (modeling_lowrank, modeling_lowrank.LOWRANK_CLASSES),
+            "structured": (modeling_structured, modeling_structured.STRUCTURED_CLASSES)}
+
 
 class AssembleStage(Stage):
     name = "assemble"
@@ -54,9 +59,9 @@ class AssembleStage(Stage):
         snapshot = artifacts.model_dir(work.input("snapshot"))
         config = AutoConfig.from_pretrained(snapshot)
         structured = needs(ctx.config).structure
-        family = modeling_structured.STRUCTURED_CLASSES if structured else modeling_lowrank.LOWRANK_CLASSES
-        if config.model_type not in family:
-            raise StagepipeError(f"no {'structured' if structured else 'low-rank'} class for architecture {config.model_type!r}")
+        family = "structured" if structured else "lowrank"
+        if config.model_type not in FAMILIES[family][1]:
+            raise StagepipeError(f"no {family} class for architecture {config.model_type!r}")
         layout = layout_for(config.model_type)
         ranks = artifacts.read_ranks(work.input("allocate"))
         factored = {n: r for n, r in ranks.items() if r is not None}
@@ -93,10 +98,8 @@ class AssembleStage(Stage):
         total += sum(t.numel() * t.element_size() for t in rest.values())
         (target / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(index.items()))}, indent=1))
-        if structured:
-            self._write_structured_config(snapshot, target, config, dims)
-        else:
-            self._write_config(snapshot, target, config, factored)
+        extra = {"structured_layers": dims} if structured else {"lowrank_ranks": dict(sorted(factored.items()))}
+        self._write_config(snapshot, target, config.model_type, family, extra)
         for item in snapshot.iterdir():
             if item.name.startswith(("tokenizer", "special_tokens", "generation_config", "vocab", "merges")):
                 shutil.copy(item, target / item.name)
@@ -141,40 +144,28 @@ class AssembleStage(Stage):
         return tensors
 
     @staticmethod
-    def _write_structured_config(snapshot: Path, target: Path, config, dims: list[dict[str, int]]) -> None:
-        config_name, model_name = modeling_structured.STRUCTURED_CLASSES[config.model_type]
+    def _write_config(snapshot: Path, target: Path, model_type: str, family: str, extra: dict[str, Any]) -> None:
+        """The snapshot's ``config.json`` as ``<family>_<model_type>`` with the family's fields
+        (``extra``) and ``auto_map`` to its modeling file, copied beside it."""
+        module, classes = FAMILIES[family]
+        file = Path(module.__file__)
+        config_name, model_name = classes[model_type]
         data = json.loads((snapshot / "config.json").read_text())
         data.update({
-            "model_type": f"structured_{config.model_type}",
+            "model_type": f"{family}_{model_type}",
             "architectures": [model_name],
-            "structured_layers": dims,
-            "auto_map": {"AutoConfig": f"modeling_structured.{config_name}",
-                         "AutoModelForCausalLM": f"modeling_structured.{model_name}"},
+            **extra,
+            "auto_map": {"AutoConfig": f"{file.stem}.{config_name}", "AutoModelForCausalLM": f"{file.stem}.{model_name}"},
         })
         (target / "config.json").write_text(json.dumps(data, indent=1, sort_keys=True))
-        shutil.copy(Path(modeling_structured.__file__), target / "modeling_structured.py")
-
-    @staticmethod
-    def _write_config(snapshot: Path, target: Path, config, factored: dict[str, int]) -> None:
-        config_name, model_name = modeling_lowrank.LOWRANK_CLASSES[config.model_type]
-        data = json.loads((snapshot / "config.json").read_text())
-        data.update({
-            "model_type": f"lowrank_{config.model_type}",
-            "architectures": [model_name],
-            "lowrank_ranks": dict(sorted(factored.items())),
-            "auto_map": {"AutoConfig": f"modeling_lowrank.{config_name}",
-                         "AutoModelForCausalLM": f"modeling_lowrank.{model_name}"},
-        })
-        (target / "config.json").write_text(json.dumps(data, indent=1, sort_keys=True))
-        shutil.copy(Path(modeling_lowrank.__file__), target / "modeling_lowrank.py")
+        shutil.copy(file, target / file.name)
 
     @staticmethod
     def _check_keys(target: Path, written: set[str]) -> None:
-        """Zero missing / unexpected keys against the low-rank class, checked on the meta device."""
+        """Zero missing / unexpected keys against the written family's class, checked on the meta device."""
         data = json.loads((target / "config.json").read_text())
         family, _, base = data["model_type"].partition("_")
-        module = modeling_structured if family == "structured" else modeling_lowrank
-        classes = modeling_structured.STRUCTURED_CLASSES if family == "structured" else modeling_lowrank.LOWRANK_CLASSES
+        module, classes = FAMILIES[family]
         config_name, model_name = classes[base]
         fields = {k: v for k, v in data.items() if k not in {"auto_map", "architectures", "model_type"}}
         config = getattr(module, config_name)(**fields)
