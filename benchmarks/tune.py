@@ -9,6 +9,8 @@ it never chooses.
 
     python benchmarks/tune.py --base pipelines/smollm2_gfwsvd_paper.yaml --entry kfac_svd:global_greedy \\
         --option shrinkage --values 0 0.05 0.2 --kept 0.8 --workspace workspace/paper --out docs/gfwsvd_paper
+    python benchmarks/tune.py --base pipelines/methods/aasvd.yaml --entry aasvd_kfac+refine:global_greedy \
+        --option refine_metric --values euclidean kfac_out --kept 0.6 --workspace workspace/aasvd_tune --out docs/aasvd
 """
 
 from __future__ import annotations
@@ -29,7 +31,19 @@ from stagepipe.stages import artifacts, make_runner
 from stagepipe.stages.artifacts import VALIDATION
 
 
-def validation_point(base: dict, entry: str, kept: float, option: str, value: float, workspace: Path) -> dict:
+def option_value(text: str) -> float | str:
+    """A ``--values`` item: a number when it reads as one (``1e-4``), else a word (``kfac_out``)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _show(value: float | str) -> str:
+    return f"{value:g}" if isinstance(value, float) else value
+
+
+def validation_point(base: dict, entry: str, kept: float, option: str, value: float | str, workspace: Path) -> dict:
     config = grid_config(base, entry, kept, {option: value})
     runner = make_runner(config, workspace)
     runner.run()
@@ -50,7 +64,7 @@ def main() -> None:
     parser.add_argument("--base", required=True)
     parser.add_argument("--entry", required=True, metavar="METHOD[:POLICY]")
     parser.add_argument("--option", required=True, help="a method option, e.g. shrinkage")
-    parser.add_argument("--values", nargs="+", type=float, required=True)
+    parser.add_argument("--values", nargs="+", type=option_value, required=True, help="numbers or words")
     parser.add_argument("--kept", type=float, default=0.8)
     parser.add_argument("--workspace", required=True)
     parser.add_argument("--out", required=True)
@@ -62,13 +76,13 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     lines = [f"# Tuning `{args.option}` of `{args.entry}` at kept {args.kept} on the validation split", "",
              f"`python benchmarks/tune.py --base {Path(args.base).name} --entry {args.entry} --option {args.option} "
-             f"--values {' '.join(map(str, args.values))} --kept {args.kept}` at commit `{commit}`. Validation: "
+             f"--values {' '.join(map(_show, args.values))} --kept {args.kept}` at commit `{commit}`. Validation: "
              f"{chosen['validation']['n_windows']} windows of {chosen['validation']['seq_len']} tokens from held-out train "
              "articles; the test split is read only for the chosen value.", "",
              "| value | kept (targets) | validation PPL |", "|---|---|---|"]
-    lines += [f"| {p['value']:g} | {p['kept']:.4f} | {p['validation']['ppl']:.3f}{' ← chosen' if p is chosen else ''} |"
+    lines += [f"| {_show(p['value'])} | {p['kept']:.4f} | {p['validation']['ppl']:.3f}{' ← chosen' if p is chosen else ''} |"
               for p in points]
-    lines += ["", f"Test perplexity of the chosen value ({chosen['value']:g}): "
+    lines += ["", f"Test perplexity of the chosen value ({_show(chosen['value'])}): "
               + ", ".join(f"{d} **{v:.3f}**" for d, v in chosen["test"].items()), ""]
     out = Path(args.out)
     stem = f"tuning_{args.entry.replace(':', '_')}_{args.option}"

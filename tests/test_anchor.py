@@ -148,3 +148,44 @@ def test_refinement_of_a_bfloat16_block_steps_float32_masters(write_pipeline, tm
         assert block["rel_err_final"] == min(block["refine_history"]) <= block["rel_err_closed_form"]
         for up, down in artifacts.read_anchored(state[PartitionRef("anchor", partition)]).values():
             assert torch.equal(up.to(torch.bfloat16).double(), up) and torch.equal(down.to(torch.bfloat16).double(), down)
+
+
+def test_refinement_under_the_block_output_fisher(write_pipeline, tmp_path: Path) -> None:
+    """``refine_metric: kfac_out`` weights the block-output error by ``F = E[g gᵀ]`` of the gradient at
+    the block output, read as the K-FAC output factor of ``mlp.down_proj`` (its output gradient *is*
+    the block-output gradient: checked against the head's stored gradient of the last block); the
+    recorded errors are in that metric and refinement never increases them."""
+    method = {**AASVD, "refine_metric": "kfac_out"}
+    pipeline = write_pipeline("fisher_refine", method=method, target={"kept_fraction": 0.5})
+    ws = tmp_path / "ws"
+    run_cli("run", str(pipeline), "-w", str(ws))
+    state = outputs(pipeline, ws)
+    fisher, _ = artifacts.read_fisher(state[PartitionRef("fisher", "layer-001")])
+    grad = torch.from_numpy(artifacts.open_grad(state[PartitionRef("fisher", artifacts.HEAD)])[:]).double()
+    grad = grad.reshape(-1, grad.shape[-1])
+    expected = grad.T @ grad / len(grad)
+    assert float(torch.linalg.norm(fisher["mlp.down_proj"]["kfac_out"] - expected) / torch.linalg.norm(expected)) < 1e-5
+    for partition in ("layer-000", "layer-001"):
+        block = manifest_io.read(state[PartitionRef("anchor", partition)]).info["block"]
+        assert block["rel_err_final"] == min(block["refine_history"]) <= block["rel_err_closed_form"]
+
+
+def test_weighted_square_is_the_quadratic_form() -> None:
+    from stagepipe.stages.anchor import _weighted_square
+
+    x, a = torch.randn(3, 5, dtype=torch.float64), torch.randn(5, 5, dtype=torch.float64)
+    metric = a @ a.T
+    assert torch.equal(_weighted_square(x, None), x * x)
+    assert torch.allclose(_weighted_square(x, metric).sum(-1), torch.einsum("ti,ij,tj->t", x, metric, x))
+
+
+@pytest.mark.parametrize(("updates", "message"), [
+    ({"method": {"name": "aasvd", "refine_metric": "kfac_out"}}, "only the refinement uses it"),
+    ({"method": {**AASVD, "refine_metric": "kfac_out"}, "target": {"modules": ["self_attn"]}},
+     "reads the K-FAC output factor of 'mlp.down_proj'"),
+])
+def test_refine_metric_errors_are_one_line(write_pipeline, tmp_path: Path, updates, message) -> None:
+    pipeline = write_pipeline("bad_metric", **updates)
+    result = CliRunner().invoke(main, ["run", str(pipeline), "-w", str(tmp_path / "ws")])
+    assert result.exit_code != 0 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output

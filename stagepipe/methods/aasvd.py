@@ -13,7 +13,9 @@ Ranks come from the allocation policy on ``decompose``'s spectra of the base pai
 inputs' Gram, like SVD-LLM); the ``anchor`` stage then computes the factors in layer order.
 With ``refine_epochs > 0`` each block's factors are trained (Adam, fp32) to match the dense
 block's output on the shifted inputs, keeping the best epoch by calibration block-output error,
-so refinement never makes that error worse.
+so refinement never makes that error worse. ``refine_metric: kfac_out`` measures that error as
+``δᵀ F δ`` with ``F = E[g gᵀ]`` the K-FAC factor of the gradient at the block output (the
+second-order change of the loss) instead of ``‖δ‖²``.
 """
 
 from __future__ import annotations
@@ -38,11 +40,17 @@ class AASVDConfig(GradientOptions):
     refine_clip: float = Field(1.0, gt=0, description="gradient-norm clip of the refinement")
     refine_batch: int | None = Field(None, ge=1, description="calibration windows per refinement step "
                                                              "(default: runtime.batch_size)")
+    refine_metric: Literal["euclidean", "kfac_out"] = Field(
+        "euclidean", description="block-output error the refinement minimises: Euclidean (the paper), or weighted "
+                                 "by the K-FAC factor E[ggᵀ] of the block-output gradient (second-order loss change; "
+                                 "needs fisher)")
 
     @model_validator(mode="after")
     def _no_refit(self) -> AASVDConfig:
         if self.refit:
             raise ValueError("method.refit: aasvd already fits every linear on the propagated inputs; remove refit")
+        if self.refine_metric != "euclidean" and not self.refine_epochs:
+            raise ValueError("method.refine_metric: only the refinement uses it; set refine_epochs > 0 or remove it")
         return self
 
 
@@ -59,6 +67,12 @@ class AASVD(Method):
     def pair(self) -> tuple[str, str]:
         return self.cfg.output_metric, self.right
 
+    @property
+    def gradient_stats(self) -> frozenset[str]:
+        """The pair's statistics, plus ``kfac_out`` when the refinement is weighted by it."""
+        extra = {"kfac_out"} if self.cfg.refine_metric == "kfac_out" else set()
+        return super().gradient_stats | extra
+
     def sequential_options(self) -> dict[str, Any]:
         """What shapes the ``anchor`` stage's factors beyond the ranks (its key)."""
         cfg = self.cfg
@@ -67,6 +81,8 @@ class AASVD(Method):
         if cfg.refine_epochs:
             options.update(refine_lr=cfg.refine_lr, refine_warmup=cfg.refine_warmup, refine_clip=cfg.refine_clip,
                            refine_batch=cfg.refine_batch)
+            if cfg.refine_metric != "euclidean":  # keyed only when set: Euclidean refinements keep their keys
+                options["refine_metric"] = cfg.refine_metric
         if cfg.svd_dtype != "float64":
             options["svd_dtype"] = cfg.svd_dtype
         return options

@@ -19,16 +19,19 @@ from stagepipe.errors import StagepipeError
 class Layout:
     layers_path: str  # ModuleList of decoder blocks, relative to the CausalLM root
     final_norm_path: str
+    #: the block's last linear, whose output is added to the residual stream as the block's last
+    #: operation: its output gradient is the gradient at the block output
+    residual_out: str
 
     def layer_prefix(self, index: int) -> str:
         return f"{self.layers_path}.{index}."
 
 
 LAYOUTS = {
-    "llama": Layout("model.layers", "model.norm"),
-    "mistral": Layout("model.layers", "model.norm"),
-    "qwen2": Layout("model.layers", "model.norm"),
-    "gpt2": Layout("transformer.h", "transformer.ln_f"),
+    "llama": Layout("model.layers", "model.norm", "mlp.down_proj"),
+    "mistral": Layout("model.layers", "model.norm", "mlp.down_proj"),
+    "qwen2": Layout("model.layers", "model.norm", "mlp.down_proj"),
+    "gpt2": Layout("transformer.h", "transformer.ln_f", "mlp.c_proj"),
 }
 
 

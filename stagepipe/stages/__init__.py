@@ -55,6 +55,8 @@ def check_inputs(config: Any) -> None:
     text_identity(config.calibration.text, "calibration.text")
     for index, dataset in enumerate(config.evaluation.datasets):
         text_identity(dataset.text, f"evaluation.datasets[{index}].text")
+    if needs(config).anchor:
+        AnchorStage.check(config, _config_from_source(config.model.model_dump_json()))
 
 
 def make_runner(config: Any, workspace: Path, pipeline_path: str = "PIPELINE.yaml") -> Runner:

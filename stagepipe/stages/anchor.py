@@ -28,16 +28,18 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import re
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from stagepipe.engine.stage import Context, PartitionRef, Stage, Work
+from stagepipe.errors import ConfigError, MetricError
 from stagepipe.faults import kill_point
 from stagepipe.linalg import MetricCache, anchored_svd
 from stagepipe.models.blocks import BlockRunner
-from stagepipe.models.layout import block_linears, weight_matrix
+from stagepipe.models.layout import block_linears, layout_for, weight_matrix
 from stagepipe.models.modeling_lowrank import install_factors
 from stagepipe.models.sources import DTYPES, resolve_device
 from stagepipe.stages import artifacts
@@ -49,6 +51,17 @@ class AnchorStage(Stage):
     name = "anchor"
     version = 1
     description = "anchored reduced-rank regression on shifted inputs (+ block refinement), layer by layer"
+
+    @staticmethod
+    def check(config: Any, model: Any | None) -> None:
+        """Before anything runs: a refinement under the block-output Fisher needs the K-FAC factor
+        of the block's last residual write, so ``target.modules`` must include that linear."""
+        if getattr(config.method, "refine_metric", "euclidean") != "kfac_out" or not config.target.modules or model is None:
+            return
+        residual_out = layout_for(model.model_type).residual_out
+        if not any(re.search(pattern, residual_out) for pattern in config.target.modules):
+            raise ConfigError(f"method.refine_metric: kfac_out reads the K-FAC output factor of {residual_out!r} (the "
+                              "block's last residual write); add it to target.modules")
 
     def partitions(self, ctx: Context) -> list[str] | None:
         return artifacts.model_layers(ctx)
@@ -73,8 +86,6 @@ class AnchorStage(Stage):
         index = layer_index(work.partition)
         runner = BlockRunner(artifacts.model_dir(work.input("snapshot")), resolve_device(ctx.config.model.device),
                              DTYPES[ctx.config.model.dtype])
-        streams = _Streams(runner, index, artifacts.read_windows(work.input("tokenize", CALIBRATION)), work,
-                           ctx.config.runtime.batch_size)
         ranks = artifacts.block_ranks(artifacts.read_ranks(work.input("allocate")), runner.layout.layer_prefix(index))
         original = runner.load_block(index)
         linears = block_linears(original, ctx.config.target.modules)
@@ -82,6 +93,11 @@ class AnchorStage(Stage):
         stats = artifacts.read_input_stats(work.input("capture", work.partition))
         if method.needs_gradients:
             stats.fisher, stats.fisher_info = artifacts.read_fisher(work.input("fisher", work.partition))
+        metric = None
+        if cfg.refine_epochs and getattr(cfg, "refine_metric", "euclidean") == "kfac_out":
+            metric = _block_output_metric(stats, runner.layout.residual_out, work.partition, runner.device)
+        streams = _Streams(runner, index, artifacts.read_windows(work.input("tokenize", CALIBRATION)), work,
+                           ctx.config.runtime.batch_size, metric)
         compressed = copy.deepcopy(original)
         factor = MetricCache(cfg.floor_rel, runner.device)
         info: dict[str, Any] = {}
@@ -119,6 +135,22 @@ class AnchorStage(Stage):
         return {"linears": info, "block": block}
 
 
+def _block_output_metric(stats: Any, residual_out: str, partition: str, device: torch.device) -> torch.Tensor:
+    """``F·d/tr F`` (float32) with ``F = E[g gᵀ]`` the gradient at the block output: the K-FAC
+    output factor of the block's last residual write (its output gradient *is* the block-output
+    gradient). Scaled so that ``δᵀFδ/d`` is on the scale of the mean squared error."""
+    factor = stats.fisher.get(residual_out, {}).get("kfac_out")
+    if factor is None:
+        raise MetricError(f"{partition}: refine_metric kfac_out needs the K-FAC output factor of {residual_out!r} "
+                          "(the block's last residual write); add it to target.modules")
+    return (factor * (factor.shape[0] / float(torch.trace(factor)))).to(device, torch.float32)
+
+
+def _weighted_square(x: torch.Tensor, metric: torch.Tensor | None) -> torch.Tensor:
+    """``x ⊙ x`` or, under a metric ``M``, ``(x M) ⊙ x`` (summed over the last axis: ``xᵀ M x``)."""
+    return x * x if metric is None else (x @ metric) * x
+
+
 class _Reached(Exception):
     """Raised by a forward pre-hook once the wanted linear's input is seen: stops the block pass."""
 
@@ -127,8 +159,10 @@ class _Streams:
     """The calibration windows of one block, batch by batch: dense inputs (``capture``), shifted
     inputs (``anchor`` of the block below) and dense outputs (``capture`` of this block)."""
 
-    def __init__(self, runner: BlockRunner, index: int, ids: torch.Tensor, work: Work, batch: int) -> None:
+    def __init__(self, runner: BlockRunner, index: int, ids: torch.Tensor, work: Work, batch: int,
+                 metric: torch.Tensor | None = None) -> None:
         self.runner, self.index, self.ids, self.work, self.batch = runner, index, ids, work, batch
+        self.metric = metric  # of the block-output error (None: Euclidean)
         self.hidden_shape = (len(ids), ids.shape[1], runner.config.hidden_size)
         self.targets = artifacts.open_hidden(work.input("capture", layer_partition(index)))
 
@@ -176,17 +210,19 @@ class _Streams:
 
     @torch.no_grad()
     def block_error(self, compressed: torch.nn.Module, write_to: Any | None = None) -> float:
-        """``Σ‖f̂(ŷ) − f(y)‖² / Σ‖f(y)‖²`` over the calibration windows (float64 sums); with
-        ``write_to`` (a hidden-state array) the outputs ``f̂(ŷ)`` are written there too."""
+        """``Σ‖f̂(ŷ) − f(y)‖² / Σ‖f(y)‖²`` over the calibration windows (float64 sums; norms under
+        the refinement metric when there is one); with ``write_to`` (a hidden-state array) the outputs
+        ``f̂(ŷ)`` are written there too."""
         error = norm = 0.0
+        metric = None if self.metric is None else self.metric.double()
         for start, shifted in self.shifted():
             output = self.runner.run_block(compressed, shifted)
             if write_to is not None:
                 artifacts.write_rows(write_to, start, output)
             out = output.float()
             target = self.target(start)
-            error += float(((out - target).double() ** 2).sum())
-            norm += float((target.double() ** 2).sum())
+            error += float(_weighted_square((out - target).double(), metric).sum())
+            norm += float(_weighted_square(target.double(), metric).sum())
         return error / norm
 
 
@@ -228,7 +264,11 @@ class _Refinement:
                 for group in optimizer.param_groups:
                     group["lr"] = self.rate(epoch * self.steps_per_epoch + step)
                 out = self.streams.runner.run_block(self.block, shifted).float()
-                loss = torch.nn.functional.mse_loss(out, self.streams.target(start, self.batch))
+                target = self.streams.target(start, self.batch)
+                if self.streams.metric is None:
+                    loss = torch.nn.functional.mse_loss(out, target)
+                else:
+                    loss = _weighted_square(out - target, self.streams.metric).mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 for param, master in zip(self.params, self.masters, strict=True):
