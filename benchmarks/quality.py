@@ -144,6 +144,10 @@ def render(rows: list[dict], commits: list[str], base: str, out: Path) -> None:
                      f"{ratios['kept_over_block_linears']:.4f} | {ratios['kept_over_model']:.4f} | "
                      f"{r['perplexity']['compressed'][dataset]:.3f} | {r['repairs']} | {r['fallbacks']} | {r['commit']} |")
     lines += ["", "![perplexity vs kept fraction](results_ppl.png)", ""]
+    others = sorted(p.parent.name for p in out.glob("*/results.md"))
+    if others:  # tables made from another base file (another calibration): same protocol, not the same rows
+        lines += ["Tables from other base files (same test protocol and accounting, different calibration): "
+                  + ", ".join(f"[{name}]({name}/results.md)" for name in others) + ".", ""]
     (out / "results.md").write_text("\n".join(lines))
     plot(rows, dataset, dense, out / "results_ppl.png")
     print("\n".join(lines))
