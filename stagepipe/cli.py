@@ -135,11 +135,15 @@ def _print_plan(config: Any, runner: Any) -> None:
         click.echo("plan: the model config is not reachable offline; estimates appear once `snapshot` has run "
                    "(or give model.shape_hint)")
         return
-    from stagepipe.stages.estimate import estimate
+    from stagepipe.stages.estimate import estimate, peak_disk
 
     click.echo(f"\n{'stage':<12} {'disk':>10} {'RAM peak':>10} {'GPU peak':>10}  note")
-    for row in estimate(config, runner.ctx.model):
+    rows = estimate(config, runner.ctx.model)
+    for row in rows:
         click.echo(f"{row.stage:<12} {_size(row.disk):>10} {_size(row.ram):>10} {_size(row.gpu):>10}  {row.note}")
+    end, peak = peak_disk(rows)
+    click.echo(f"workspace: {_size(end)} at the end, {_size(peak)} at its peak (estimates; outputs of other keys "
+               "already in the workspace come on top: `stagepipe gc`)")
 
 
 def _print_status(runner, verbose: bool, todo_only: bool = False) -> list:
@@ -157,8 +161,8 @@ def _print_status(runner, verbose: bool, todo_only: bool = False) -> list:
             for entry in items:
                 if todo_only and entry.state.status == "done":
                     continue
-                reason = f"  ({entry.state.reason})" if entry.state.reason else ""
-                click.echo(f"  {str(entry.ref):<26} {entry.state.status}{reason}")
+                why = entry.state.reason or (f"released: {', '.join(entry.state.released)}" if entry.state.released else "")
+                click.echo(f"  {str(entry.ref):<26} {entry.state.status}{f'  ({why})' if why else ''}")
     known = {e.ref.stage for e in entries}
     for name in runner.stages:
         if name not in known:

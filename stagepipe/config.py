@@ -202,6 +202,8 @@ class RuntimeConfig(Strict):
     batch_size: int = Field(4, ge=1, description="calibration windows per forward in per-layer stages")
     activation_dtype: Literal["float32", "bfloat16"] = "float32"
     threads: int | None = Field(None, ge=1)
+    release_consumed: bool = Field(False, description="delete hand-over payloads (fisher's boundary gradients) once "
+                                                      "every partition that reads them is done; recomputed if needed again")
 
 
 class ExecutorConfig(Strict):

@@ -12,13 +12,14 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from stagepipe.engine.executors import Executor, LocalExecutor
+from stagepipe.engine.release import releasable, restore_order
 from stagepipe.engine.stage import Context, PartitionRef, Pipeline, compute_key, key_material
 from stagepipe.engine.task import Task, TaskResult
 from stagepipe.engine.workspace import PartitionState, Workspace
@@ -35,6 +36,7 @@ class Entry:
     key: str | None = None
     material: dict[str, Any] | None = None
     inputs: dict[str, str] | None = None
+    transient: dict[str, list[PartitionRef]] = field(default_factory=dict)  # payload → its readers
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -62,16 +64,18 @@ def stale_reason(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 
 class Runner:
-    """Drives one pipeline in one workspace. ``threads`` caps torch threads inside each task."""
+    """Drives one pipeline in one workspace. ``threads`` caps torch threads inside each task;
+    ``release`` deletes transient payloads once their readers are done (``engine.release``)."""
 
     def __init__(self, pipeline: Pipeline, workspace: Path, pipeline_path: str = "PIPELINE.yaml",
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, release: bool = False) -> None:
         self.pipeline = pipeline
         self.config = pipeline.config
         self.ws = Workspace(Path(workspace))
         self.ctx = Context(pipeline.config, self.ws.root)
         self.pipeline_path = pipeline_path
         self.threads = threads
+        self.release = release
 
     @property
     def stages(self) -> list[str]:
@@ -99,7 +103,8 @@ class Runner:
                 upstream = {d: entries[d].state.manifest.content_digest() for d in deps}
                 material = key_material(stage, self.ctx, partition, upstream)
                 key = compute_key(material)
-                state = self.ws.state(ref, key, deep=deep)
+                transient = stage.transient(self.ctx, partition)
+                state = self.ws.state(ref, key, deep=deep, transient=list(transient))
                 if state.status == "missing":
                     previous = self.ws.previous_manifest(ref)
                     if previous is not None:
@@ -107,7 +112,7 @@ class Runner:
                 if state.status == "done":
                     finished[ref] = state.output
                 inputs = {str(d): str(entries[d].state.output) for d in deps}
-                entries[ref] = Entry(ref, state, key, material, inputs)
+                entries[ref] = Entry(ref, state, key, material, inputs, transient)
         return [entries[r] for r in order]
 
     # ------------------------------------------------------------------ running
@@ -138,19 +143,29 @@ class Runner:
                 bar.total = len(entries)
                 bar.n = sum(e.state.status == "done" for e in entries)
                 bar.set_postfix(running=executor.pending, failed=len(failures))  # refreshes: rate and ETA
+                by_ref = {e.ref: e for e in entries}
+                wanted = [e for e in entries if self._should_run(e, force, only, forced_done, submitted)]
+                runnable, demanded = restore_order(wanted, by_ref)
                 if not failures:
-                    for entry in entries:
-                        if self._should_run(entry, force, only, forced_done, submitted):
-                            reason = entry.state.reason or ("forced" if self._matches(entry.ref, force) else "")
-                            log.debug("run  %-24s (%s%s)", entry.ref, entry.state.status if entry.state.status != "done" else "forced",
-                                     f": {reason}" if reason and entry.state.status != "done" else "")
-                            submitted.add(entry.ref)
-                            executor.submit(Task(
-                                workspace=str(self.ws.root), config=self.config, model=self.ctx.model,
-                                stage=self.pipeline.stage(entry.ref.stage), partition=entry.ref.partition,
-                                key=entry.key, key_material=entry.material, inputs=entry.inputs, run_id=run_id,
-                                replace=self._matches(entry.ref, force), threads=self.threads,
-                            ))
+                    for entry in runnable:
+                        if entry.ref in submitted:
+                            continue
+                        restoring = entry.state.status == "done" and not self._matches(entry.ref, force)
+                        reason = entry.state.reason or ("restores a released payload" if restoring else
+                                                        "forced" if self._matches(entry.ref, force) else "")
+                        log.debug("run  %-24s (%s%s)", entry.ref, entry.state.status if entry.state.status != "done" else "redo",
+                                  f": {reason}" if reason else "")
+                        submitted.add(entry.ref)
+                        executor.submit(Task(
+                            workspace=str(self.ws.root), config=self.config, model=self.ctx.model,
+                            stage=self.pipeline.stage(entry.ref.stage), partition=entry.ref.partition,
+                            key=entry.key, key_material=entry.material, inputs=entry.inputs, run_id=run_id,
+                            replace=self._matches(entry.ref, force) or restoring, threads=self.threads,
+                        ))
+                if self.release:
+                    for entry, path in releasable(entries, by_ref, demanded | submitted):
+                        log.debug("release %s of %s (its readers are done)", path, entry.ref)
+                        self.ws.release(entry.state.output, path)
                 if executor.pending == 0:
                     break
                 for result in executor.wait():

@@ -87,6 +87,15 @@ class Stage(ABC):
     def dependencies(self, ctx: Context, partition: str) -> list[PartitionRef]:
         return []
 
+    def transient(self, ctx: Context, partition: str) -> dict[str, list[PartitionRef]]:
+        """Hand-over payloads of this partition's output: relative path → the partitions that read it.
+
+        With release on, the engine deletes such a payload once all its readers are done. The
+        output stays done (manifest and content digest unchanged, so no key moves); if a reader has
+        to run again, the producer runs again first (same key, same bytes) to restore it.
+        """
+        return {}
+
     @abstractmethod
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
         """The config values this partition reads: exactly what enters its key."""

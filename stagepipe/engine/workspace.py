@@ -14,6 +14,7 @@
         .resume-<key16>/               checkpoints inside one long partition (e.g. GFWSVD sweeps):
                                        survive a crash, removed after the commit
         .aside-<key16>-<time>/         a corrupt or forced-over output, moved out of the way
+        <key16>/.released-<name>-<id>   a transient payload being deleted (runtime.release_consumed)
 
 Outputs are addressed by key, so flipping a config value back finds the earlier result again.
 """
@@ -25,6 +26,7 @@ import shutil
 import socket
 import time
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +49,8 @@ class PartitionState:
     reason: str = ""
     output: Path | None = None
     manifest: manifest_io.Manifest | None = None
+    #: transient payloads (``Stage.transient``) no longer on disk: the output is still done
+    released: tuple[str, ...] = ()
 
 
 class Workspace:
@@ -71,8 +75,9 @@ class Workspace:
         return tmp.with_name(".scratch-" + tmp.name.removeprefix(".tmp-"))
 
     # ------------------------------------------------------------------ state
-    def state(self, ref: PartitionRef, key: str, deep: bool = False) -> PartitionState:
-        """Is the output for ``key`` done? Untrusted outputs are reported, never used."""
+    def state(self, ref: PartitionRef, key: str, deep: bool = False, transient: Collection[str] = ()) -> PartitionState:
+        """Is the output for ``key`` done? Untrusted outputs are reported, never used. A
+        ``transient`` payload with missing or damaged files is *released*, not corrupt."""
         out = self.output_dir(ref, key)
         marker = self.marker(ref, key)
         if out.is_dir():
@@ -82,10 +87,11 @@ class Workspace:
                 return PartitionState("corrupt", str(exc), out)
             if manifest.key != key:
                 return PartitionState("corrupt", f"{out}: manifest key {manifest.key[:12]} != {key[:12]}", out)
-            problems = manifest_io.verify(out, manifest, deep=deep)
+            problems = manifest_io.verify(out, manifest, deep=deep, skip=transient)
             if problems:
                 return PartitionState("corrupt", "; ".join(problems[:3]), out, manifest)
-            return PartitionState("done", "", out, manifest)
+            released = tuple(p for p in transient if manifest_io.verify(out, manifest, deep=deep, only=p))
+            return PartitionState("done", "", out, manifest, released)
         if marker.is_file():
             owner = json_io.read(marker)
             if self._owner_dead(owner):
@@ -111,6 +117,17 @@ class Workspace:
             if best is None or manifest.finished_at > best.finished_at:
                 best = manifest
         return best
+
+    @staticmethod
+    def release(output: Path, path: str) -> None:
+        """Delete a transient payload of a done output: renamed first, so a crash mid-delete leaves
+        it plainly absent (released), never half-present under its own name."""
+        payload = output / path
+        if not payload.exists():
+            return
+        doomed = output / f".released-{payload.name}-{uuid.uuid4().hex[:6]}"
+        os.rename(payload, doomed)
+        shutil.rmtree(doomed) if doomed.is_dir() else doomed.unlink()
 
     # ------------------------------------------------------------------ commit protocol
     def begin(self, ref: PartitionRef, key: str, run_id: str) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Literal
 
@@ -102,10 +103,19 @@ def read(directory: Path) -> Manifest:
         raise ManifestError(f"{path}: invalid ({exc.errors()[0]['msg']})") from None
 
 
-def verify(directory: Path, manifest: Manifest, deep: bool = False) -> list[str]:
-    """Problems with the files a manifest lists: missing, wrong size, or (deep) wrong hash."""
+def under(path: str, prefix: str) -> bool:
+    """``path`` is ``prefix`` or inside the directory ``prefix`` (manifest paths use ``/``)."""
+    return path == prefix or path.startswith(prefix.rstrip("/") + "/")
+
+
+def verify(directory: Path, manifest: Manifest, deep: bool = False, skip: Collection[str] = (),
+           only: str | None = None) -> list[str]:
+    """Problems with the files a manifest lists: missing, wrong size, or (deep) wrong hash; files
+    under a ``skip`` prefix are not checked, and with ``only`` just the files under that prefix are."""
     problems = []
     for record in manifest.files:
+        if any(under(record.path, prefix) for prefix in skip) or (only is not None and not under(record.path, only)):
+            continue
         path = directory / record.path
         if not path.is_file():
             problems.append(f"{record.path}: missing")

@@ -21,6 +21,8 @@ class Estimate:
     ram: float
     gpu: float
     note: str = ""
+    #: bytes written and deleted again within the stage (released hand-over payloads), at their peak
+    transient: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,7 @@ def estimate(config: Any, model_config: Any) -> list[Estimate]:
         "report": Estimate("report", 1e6, 3e7, 0, "report.json + plots"),
     }
     if need.fisher:
-        rows["fisher"] = _fisher(config, s, need, hidden, batch_act, model_ram, w, gpu)
+        rows["fisher"] = _fisher(config, s, need, batch_act, model_ram, w, gpu)
     if need.sensitivity:
         alloc = config.allocation
         windows = min(alloc.sensitivity_windows or k, k)
@@ -119,26 +121,39 @@ def estimate(config: Any, model_config: Any) -> list[Estimate]:
     return [rows[name] for name in need.stage_names()]
 
 
-def _fisher(config: Any, s: Shapes, need: Any, hidden: float, batch_act: float, model_ram: float, w: int, gpu) -> Estimate:
+def peak_disk(rows: list[Estimate]) -> tuple[float, float]:
+    """(workspace bytes at the end, peak while running): every stage's outputs stay, and a stage's
+    released payloads add to what is on disk while it runs."""
+    total = peak = 0.0
+    for row in rows:
+        peak = max(peak, total + row.disk + row.transient)
+        total += row.disk
+    return total, peak
+
+
+def _fisher(config: Any, s: Shapes, need: Any, batch_act: float, model_ram: float, w: int, gpu) -> Estimate:
     """Gradient statistics: K-FAC and squared gradients always; Kronecker factors for NKP metrics.
     The ``head`` partition (loss gradient w.r.t. the last block's output) holds the logits of one
     batch and their gradient, and reads the embeddings/head twice for a moment."""
     method = config.method
     k, t = config.calibration.n_samples, config.calibration.seq_len
     kfac = sum(m * m + m * n for m, n in s.linears) * 8  # E[δδᵀ] and E[G⊙G], float64
-    disk = s.layers * (hidden + kfac)
+    # one float32 boundary gradient per partition; released ones: at most the one read and the one written
+    release, grad = config.runtime.release_consumed, k * t * s.d * 4
+    disk, transient = s.layers * kfac + (0 if release else s.layers * grad), 2 * grad if release else 0.0
+    kept = "2 boundary gradients at a time (released)" if release else f"{s.layers} boundary gradients kept"
     head = 2 * s.embed * w + 3 * config.runtime.batch_size * t * s.vocab * 4
     layer = model_ram + 4 * batch_act + kfac * 2
     if "nkp" not in need.method.gradient_stats:
         return Estimate("fisher", disk, max(layer, head), gpu(s.block * w + 4 * batch_act + kfac * 2),
-                        "one backward pass per layer: K-FAC output factor + squared gradients")
+                        f"one backward pass per layer: K-FAC output factor + squared gradients; {kept}", transient)
     factors = sum(m * m + n * n for m, n in s.linears) * 8
     chunk = method.chunk_tokens or t
     stored = k * -(-t // chunk) * chunk * sum(m + n for m, n in s.linears) * 4  # (D, X) per window, as the stage sizes it
     mode = method.mode if method.mode != "auto" else ("stored" if stored <= method.memory_budget_gb * 2**30 else "streaming")
     layer += factors * 3 + (stored if mode == "stored" else 0)  # a layer partition's Kronecker factors and gradients
     return Estimate("fisher", disk + s.layers * factors, max(layer, head), gpu(s.block * w + 4 * batch_act + factors * 3),
-                    f"{mode} gradients; {2 * method.max_sweeps} passes max per layer")
+                    f"{mode} gradients; {2 * method.max_sweeps} passes max per layer; {kept}", transient)
 
 
 def _anchor(config: Any, s: Shapes, hidden: float, batch_act: float, model_ram: float, w: int, gpu) -> Estimate:

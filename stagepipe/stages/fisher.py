@@ -63,6 +63,14 @@ class FisherStage(Stage):
             deps.append(artifacts.ref("capture", index - 1))
         return deps
 
+    def transient(self, ctx: Context, partition: str) -> dict[str, list[PartitionRef]]:
+        """The gradient at this partition's input (the head's: at the last block's output) is read
+        only by the fisher partition of the block below: a hand-over, released once that is done."""
+        if partition == HEAD:
+            return {artifacts.GRAD: [artifacts.ref("fisher", layer_partition(int(ctx.model.num_hidden_layers) - 1))]}
+        index = layer_index(partition)
+        return {artifacts.GRAD: [artifacts.ref("fisher", layer_partition(index - 1))]} if index > 0 else {}
+
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
         cfg = ctx.config.method
         nkp = "nkp" in needs(ctx.config).method.gradient_stats

@@ -1,0 +1,75 @@
+"""Transient payloads: delete a hand-over payload once its readers are done, restore it on demand.
+
+A stage may declare payloads of its output that only some later partitions read
+(``Stage.transient``: fisher's boundary gradient is read by the fisher partition of the layer
+below, and by nothing else). With release on, a payload goes as soon as every reader is done; the
+producer stays *done* — its manifest, content digest and therefore every downstream key are
+unchanged — and is marked released. Should a reader have to run again (a changed key, a corrupt
+output, ``--force``), the producer runs again first (same key, same inputs, same bytes), and if the
+producer itself reads a released payload, its producer before it: the chain is walked back to
+the first payload still on disk. Nothing here ever deletes a payload that a partition about to
+run, running, or waiting for a restore still reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Protocol
+
+from stagepipe.engine.stage import PartitionRef
+from stagepipe.engine.workspace import PartitionState
+
+
+class _Entry(Protocol):
+    ref: PartitionRef
+    state: PartitionState
+    inputs: dict[str, str] | None
+    transient: dict[str, list[PartitionRef]]
+
+
+def released_inputs(entry: _Entry, by_ref: Mapping[PartitionRef, _Entry]) -> list[_Entry]:
+    """The producers whose released payload ``entry`` reads."""
+    found = []
+    for text in entry.inputs or {}:
+        producer = by_ref.get(PartitionRef.parse(text))
+        if producer is not None and any(entry.ref in producer.transient.get(path, ()) for path in producer.state.released):
+            found.append(producer)
+    return found
+
+
+def restore_order(wanted: Iterable[_Entry], by_ref: Mapping[PartitionRef, _Entry]) -> tuple[list[_Entry], set[PartitionRef]]:
+    """(what can be submitted now, every partition that wants to run or must run to restore a payload).
+
+    A wanted partition that reads a released payload waits; its producer is submitted instead
+    (or, if the producer reads a released payload too, the producer's producer, and so on).
+    """
+    order = {ref: i for i, ref in enumerate(by_ref)}
+    submit: dict[PartitionRef, _Entry] = {}
+    demanded: set[PartitionRef] = set()
+    stack = list(wanted)
+    while stack:
+        entry = stack.pop()
+        if entry.ref in demanded:
+            continue
+        demanded.add(entry.ref)
+        producers = released_inputs(entry, by_ref)
+        if producers:
+            stack.extend(producers)
+        else:
+            submit[entry.ref] = entry
+    return sorted(submit.values(), key=lambda e: order.get(e.ref, 0)), demanded
+
+
+def releasable(entries: Iterable[_Entry], by_ref: Mapping[PartitionRef, _Entry],
+               demanded: set[PartitionRef]) -> list[tuple[_Entry, str]]:
+    """(done output, payload) pairs whose readers are all done and none of them is demanded."""
+    found = []
+    for entry in entries:
+        if entry.state.status != "done":
+            continue
+        for path, readers in entry.transient.items():
+            if path in entry.state.released or not readers:
+                continue
+            if all(r in by_ref and by_ref[r].state.status == "done" and r not in demanded for r in readers):
+                found.append((entry, path))
+    return found

@@ -1,0 +1,82 @@
+"""``runtime.release_consumed``: fisher's boundary gradients go once the layer below is done, the
+outputs stay done with unchanged digests, and a reader that must run again gets its payload back
+(the producer chain re-runs, bit-identical on CPU)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from stagepipe.config import load_pipeline
+from stagepipe.engine.stage import PartitionRef
+from stagepipe.stages import artifacts, make_runner
+
+KFAC = {"method": {"name": "kfac_svd"}, "model": {"source": "tiny", "arch": "llama", "num_layers": 3, "hidden": 32,
+                                                  "intermediate": 64, "num_heads": 4, "num_kv_heads": 2}}
+
+
+def _states(pipeline: Path, ws: Path) -> dict:
+    return {e.ref: e for e in make_runner(load_pipeline(pipeline), ws).states()}
+
+
+def _run(pipeline: Path, ws: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stagepipe.cli", "run", str(pipeline), "-w", str(ws), "-v"],
+                          capture_output=True, text=True, env={**os.environ, **env}, timeout=600)
+
+
+def _reruns(result: subprocess.CompletedProcess) -> list[str]:
+    """The partitions a ``run -v`` started (its ``run  <stage@partition> (why)`` lines)."""
+    return [line.split()[1] for line in result.stderr.splitlines() if line.split()[:1] == ["run"]]
+
+
+def _digests(states: dict) -> dict:
+    return {ref: e.state.manifest.content_digest() for ref, e in states.items() if e.state.status == "done"}
+
+
+def test_released_gradients_keep_outputs_done_and_come_back_when_needed(write_pipeline, tmp_path: Path) -> None:
+    keep = write_pipeline("keep", **KFAC)
+    release = write_pipeline("release", **KFAC, runtime={"release_consumed": True})
+    assert _run(keep, tmp_path / "keep").returncode == 0
+    ws = tmp_path / "release"
+    first = _run(release, ws)
+    assert first.returncode == 0, first.stderr
+    states = _states(release, ws)
+    fisher = [ref for ref in states if ref.stage == "fisher"]
+    assert {ref.partition for ref in fisher} == {"head", "layer-002", "layer-001", "layer-000"}
+    for ref in fisher:  # every hand-over gradient is gone; layer-000 never writes one
+        assert states[ref].state.status == "done"
+        assert not (states[ref].state.output / artifacts.GRAD).exists()
+        assert states[ref].state.released == ((artifacts.GRAD,) if ref.partition != "layer-000" else ())
+    # same digests as keeping everything (the report names its pipeline): release changes what is
+    # on disk, not the results
+    kept = _digests(_states(keep, tmp_path / "keep"))
+    assert {r: d for r, d in _digests(states).items() if r.stage != "report"} == {r: d for r, d in kept.items() if r.stage != "report"}
+    assert _reruns(_run(release, ws)) == []  # nothing to do
+
+    # the lowest fisher output is damaged: its reader chain is restored from the head down
+    (states[PartitionRef("fisher", "layer-000")].state.output / artifacts.FISHER).unlink()
+    again = _run(release, ws)
+    assert again.returncode == 0, again.stderr
+    reruns = _reruns(again)
+    assert {r for r in reruns if r.startswith("fisher@")} == {"fisher@head", "fisher@layer-002", "fisher@layer-001",
+                                                             "fisher@layer-000"}, again.stderr
+    assert not [r for r in reruns if not r.startswith("fisher@")], again.stderr  # early cutoff downstream
+    restored = _states(release, ws)
+    assert _digests(restored) == _digests(states)
+    assert all(restored[ref].state.released == states[ref].state.released for ref in fisher)
+
+
+def test_a_crash_inside_a_restore_redoes_only_that_partition(write_pipeline, tmp_path: Path) -> None:
+    release = write_pipeline("release", **KFAC, runtime={"release_consumed": True})
+    ws = tmp_path / "ws"
+    assert _run(release, ws).returncode == 0
+    states = _states(release, ws)
+    (states[PartitionRef("fisher", "layer-001")].state.output / artifacts.FISHER).unlink()
+    killed = _run(release, ws, STAGEPIPE_TEST_KILL_AT="manifest-written@fisher@layer-001")
+    assert killed.returncode == -9
+    resumed = _run(release, ws)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _reruns(resumed) == ["fisher@layer-001"], resumed.stderr
+    assert _digests(_states(release, ws)) == _digests(states)
