@@ -3,6 +3,7 @@ at two or more calibration sizes, so one sees how each stage scales with calibra
 
     python benchmarks/cost.py [--base pipelines/smollm2_demo.yaml] [--samples 16 32]
     python benchmarks/cost.py --compare --workspace workspace/cost_compare   # predicted vs measured
+    python benchmarks/cost.py --compare --release --workspace workspace/cost_release   # with runtime.release_consumed
 
 Prints a table and writes ``docs/cost.json`` and ``docs/cost.md``; ``--compare`` runs the base
 pipeline stage by stage (a fresh process each) in the workspace and sets ``run --dry-run``'s predicted disk and
@@ -17,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -27,7 +29,7 @@ from stagepipe.config import parse_pipeline
 from stagepipe.engine.gc import tree_size
 from stagepipe.engine.stage import ALL, PartitionRef
 from stagepipe.stages import make_runner
-from stagepipe.stages.estimate import estimate
+from stagepipe.stages.estimate import estimate, peak_disk
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,6 +46,35 @@ def measure(base: dict, samples: int, workspace: Path) -> dict:
             "total_wall_s": wall, "stages": report["stages"], "method": config.method.name}
 
 
+class DiskSampler:
+    """The largest size of a directory tree, sampled every ``interval`` seconds in a thread."""
+
+    def __init__(self, root: Path, interval: float = 1.0) -> None:
+        self.root, self.interval = root, interval
+        self.start = self.peak = self._size()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _size(self) -> int:
+        try:
+            return tree_size(self.root) if self.root.exists() else 0
+        except FileNotFoundError:  # a file went while walking (a temp directory renamed, a payload released)
+            return self.peak
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self._size())
+
+    def __enter__(self) -> DiskSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._size())
+
+
 def compare(base: dict, workspace: Path, out: Path) -> None:
     """Predicted (``--dry-run``'s estimate) vs measured disk and peak RSS per stage."""
     config = parse_pipeline(base, "cost --compare", ROOT / "pipelines")
@@ -51,9 +82,12 @@ def compare(base: dict, workspace: Path, out: Path) -> None:
     path = workspace / "pipeline.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(base, sort_keys=False))
-    for stage in runner.stages:  # one fresh process per stage: no memory left over from the stage before
-        subprocess.run([sys.executable, "-m", "stagepipe.cli", "run", str(path), "-w", str(workspace), "--only", stage],
-                       check=True, capture_output=True)
+    stages_dir = workspace / "stages"
+    sampler = DiskSampler(stages_dir)
+    with sampler:
+        for stage in runner.stages:  # one fresh process per stage: no memory left over from the stage before
+            subprocess.run([sys.executable, "-m", "stagepipe.cli", "run", str(path), "-w", str(workspace), "--only", stage],
+                           check=True, capture_output=True)
     disk: dict[str, float] = {}
     ram: dict[str, float] = {}
     for entry in runner.states():
@@ -61,8 +95,12 @@ def compare(base: dict, workspace: Path, out: Path) -> None:
         disk[stage] = disk.get(stage, 0) + tree_size(entry.state.output)
         start = manifest.telemetry.get("rss_at_start_mb", 0.0)
         ram[stage] = max(ram.get(stage, 0), (manifest.peak_rss_mb - start) * 2**20)
+    predicted = estimate(config, runner.ctx.model)
     rows = [{"stage": e.stage, "disk_predicted": e.disk, "disk_measured": disk[e.stage], "ram_predicted": e.ram,
-             "ram_measured": ram[e.stage]} for e in estimate(config, runner.ctx.model)]
+             "ram_measured": ram[e.stage]} for e in predicted]
+    end, peak = peak_disk(predicted)
+    workspace_row = {"end_predicted": end, "end_measured": tree_size(stages_dir) - sampler.start,
+                     "peak_predicted": peak, "peak_measured": sampler.peak - sampler.start}
     mb = 2**20
     lines = [f"# Predicted vs measured per stage ({config.name}: {config.method.name}, "
              f"{config.calibration.n_samples} × {config.calibration.seq_len} tokens)", "",
@@ -77,8 +115,14 @@ def compare(base: dict, workspace: Path, out: Path) -> None:
         lines.append(f"| {r['stage']} | {r['disk_predicted'] / mb:.1f} | {r['disk_measured'] / mb:.1f} | "
                      f"{r['disk_measured'] / max(r['disk_predicted'], 1):.2f} | {r['ram_predicted'] / mb:.0f} | "
                      f"{r['ram_measured'] / mb:.0f} | {r['ram_measured'] / max(r['ram_predicted'], 1):.2f} |")
+    w = workspace_row
+    lines += ["", f"Workspace growth (sampled every second while the stages ran; release_consumed "
+                  f"{config.runtime.release_consumed}): at the end {w['end_measured'] / mb:.1f} MB measured vs "
+                  f"{w['end_predicted'] / mb:.1f} MB predicted, peak {w['peak_measured'] / mb:.1f} MB measured vs "
+                  f"{w['peak_predicted'] / mb:.1f} MB predicted."]
     (out / "cost_prediction.md").write_text("\n".join(lines) + "\n")
-    (out / "cost_prediction.json").write_text(json.dumps({"pipeline": config.name, "rows": rows}, indent=1))
+    (out / "cost_prediction.json").write_text(json.dumps({"pipeline": config.name, "rows": rows, "workspace": workspace_row},
+                                                         indent=1))
     print("\n".join(lines))
 
 
@@ -89,8 +133,11 @@ def main() -> None:
     parser.add_argument("--workspace", default=str(ROOT / "workspace" / "cost"))
     parser.add_argument("--out", default=str(ROOT / "docs"))
     parser.add_argument("--compare", action="store_true", help="predicted vs measured disk and RAM per stage")
+    parser.add_argument("--release", action="store_true", help="with runtime.release_consumed: true")
     args = parser.parse_args()
     base = yaml.safe_load(Path(args.base).read_text())
+    if args.release:
+        base["runtime"] = {**base.get("runtime", {}), "release_consumed": True}
     if args.compare:
         return compare(base, Path(args.workspace), Path(args.out))
     runs = [measure(base, n, Path(args.workspace) / f"n{n}") for n in args.samples]
