@@ -64,3 +64,13 @@ def test_gradient_storage_mode_is_predicted_as_the_stage_decides() -> None:
     large = {r.stage: r for r in estimate(config("gfwsvd", memory_budget_gb=1e-6), Shape(**MODEL))}
     assert small["fisher"].note.startswith("stored") and large["fisher"].note.startswith("streaming")
     assert small["fisher"].ram > large["fisher"].ram
+
+
+def test_peak_disk_counts_released_payloads_while_a_reader_lives() -> None:
+    from stagepipe.stages.estimate import Estimate, peak_disk
+
+    rows = [Estimate("capture", 10, 0, 0, transient=100, until="fisher"), Estimate("decompose", 5, 0, 0),
+            Estimate("fisher", 20, 0, 0, transient=3), Estimate("assemble", 200, 0, 0)]
+    end, peak = peak_disk(rows)
+    assert end == 235
+    assert peak == max(10 + 100, 15 + 100, 35 + 100 + 3, 235)

@@ -1,6 +1,6 @@
 """``runtime.release_consumed``: fisher's boundary gradients go once the layer below is done, the
 outputs stay done with unchanged digests, and a reader that must run again gets its payload back
-(the producer chain re-runs, bit-identical on CPU)."""
+(the producer chain re-runs, bit-identical on CPU); capture's stored block outputs likewise."""
 
 from __future__ import annotations
 
@@ -62,7 +62,10 @@ def test_released_gradients_keep_outputs_done_and_come_back_when_needed(write_pi
     reruns = _reruns(again)
     assert {r for r in reruns if r.startswith("fisher@")} == {"fisher@head", "fisher@layer-002", "fisher@layer-001",
                                                              "fisher@layer-000"}, again.stderr
-    assert not [r for r in reruns if not r.startswith("fisher@")], again.stderr  # early cutoff downstream
+    # the block inputs fisher reads were released too (capture's hand-over): restored from layer 0;
+    # nothing downstream runs (early cutoff)
+    assert {r for r in reruns if not r.startswith("fisher@")} == {"capture@layer-000", "capture@layer-001",
+                                                                 "capture@layer-002"}, again.stderr
     restored = _states(release, ws)
     assert _digests(restored) == _digests(states)
     assert all(restored[ref].state.released == states[ref].state.released for ref in fisher)
@@ -80,3 +83,27 @@ def test_a_crash_inside_a_restore_redoes_only_that_partition(write_pipeline, tmp
     assert resumed.returncode == 0, resumed.stderr
     assert _reruns(resumed) == ["fisher@layer-001"], resumed.stderr
     assert _digests(_states(release, ws)) == _digests(states)
+
+
+def test_capture_outputs_come_back_for_a_changed_reader(write_pipeline, tmp_path: Path) -> None:
+    """AA-SVD reads capture's block outputs (dense inputs and targets): released after its run, they
+    are restored when a changed option re-runs anchor, and the result equals a run that kept them."""
+    tiny = {"method": {"name": "aasvd", "refine_epochs": 1, "refine_lr": 1e-3}, "target": {"kept_fraction": 0.5}}
+    release = write_pipeline("release", **tiny, runtime={"release_consumed": True})
+    ws = tmp_path / "ws"
+    assert _run(release, ws).returncode == 0
+    states = _states(release, ws)
+    for partition in ("layer-000", "layer-001"):
+        assert states[PartitionRef("capture", partition)].state.released == (artifacts.HIDDEN,)
+    assert states[PartitionRef("anchor", "layer-000")].state.released == (artifacts.HIDDEN,)
+    assert states[PartitionRef("anchor", "layer-001")].state.released == ()  # nothing reads the last one
+    changed = {**tiny, "method": {**tiny["method"], "refine_lr": 3e-4}}
+    release = write_pipeline("release", **changed, runtime={"release_consumed": True})
+    again = _run(release, ws)
+    assert again.returncode == 0, again.stderr
+    assert {"capture@layer-000", "capture@layer-001", "anchor@layer-000", "anchor@layer-001"} <= set(_reruns(again))
+    keep = write_pipeline("keep", **changed)
+    assert _run(keep, tmp_path / "keep").returncode == 0
+    kept = _digests(_states(keep, tmp_path / "keep"))
+    assert ({r: d for r, d in _digests(_states(release, ws)).items() if r.stage != "report"}
+            == {r: d for r, d in kept.items() if r.stage != "report"})

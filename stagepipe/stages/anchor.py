@@ -76,6 +76,12 @@ class AnchorStage(Stage):
             deps += [artifacts.ref("capture", index - 1), artifacts.ref("anchor", index - 1)]
         return deps
 
+    def transient(self, ctx: Context, partition: str) -> dict[str, list[PartitionRef]]:
+        """The stored block outputs are a hand-over to the partitions that read them."""
+        readers = artifacts.hidden_readers(self.name, layer_index(partition), int(ctx.model.num_hidden_layers),
+                                           needs(ctx.config).stage_names())
+        return {artifacts.HIDDEN: readers}
+
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
         return {"method": needs(ctx.config).method.sequential_options(), "batch_size": ctx.config.runtime.batch_size,
                 "modules": ctx.config.target.modules, "activation_dtype": ctx.config.runtime.activation_dtype}

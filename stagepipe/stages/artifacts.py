@@ -34,7 +34,7 @@ that downstream keys hash, and ``read_results`` is how a stage reads another sta
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +141,19 @@ def block_inputs(runner: BlockRunner, index: int, ids: torch.Tensor, work: Work,
 
 def open_hidden(output: Path) -> Any:
     return zarr_io.open_array(output / HIDDEN, "hidden")
+
+
+def hidden_readers(stage: str, index: int, num_layers: int, stages: Collection[str]) -> list[PartitionRef]:
+    """The partitions that read block ``index``'s outputs as ``stage`` stored them (``HIDDEN``), among
+    ``stages`` (those of the pipeline): through ``block_inputs`` the next block's capture, fisher,
+    refit, anchor and sensitivity; through ``open_hidden`` anchor's targets and fisher's head. Refit
+    and anchor store the compressed model's running inputs, read by their own next partition. A
+    transient ``HIDDEN`` is released once these are done and restored when one must run again."""
+    following = [] if index == num_layers - 1 else [ref(stage, index + 1)]
+    if stage == "capture":
+        following = [ref(s, index + 1) for s in ("capture", "fisher", "refit", "anchor", "sensitivity")] if following else []
+        following += [ref("anchor", index)] + ([ref("fisher", HEAD)] if index == num_layers - 1 else [])
+    return [r for r in following if r.stage in stages]
 
 
 def write_input_stats(out: Path, stats: Mapping[str, torch.Tensor], tokens: int, groups: Mapping[str, str]) -> None:

@@ -58,6 +58,12 @@ class CaptureStage(Stage):
             deps.append(artifacts.ref("capture", index - 1))
         return deps
 
+    def transient(self, ctx: Context, partition: str) -> dict[str, list[PartitionRef]]:
+        """The stored block outputs are a hand-over to the partitions that read them."""
+        readers = artifacts.hidden_readers(self.name, layer_index(partition), int(ctx.model.num_hidden_layers),
+                                           needs(ctx.config).stage_names())
+        return {artifacts.HIDDEN: readers}
+
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
         return {"stats": sorted(needs(ctx.config).method.activation_stats), "modules": ctx.config.target.modules,
                 "batch_size": ctx.config.runtime.batch_size, "activation_dtype": ctx.config.runtime.activation_dtype}

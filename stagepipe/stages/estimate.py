@@ -6,7 +6,7 @@ gets), so the plan cannot drift from the DAG. Order-of-magnitude planning, not a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from stagepipe.stages.requirements import needs
@@ -21,8 +21,10 @@ class Estimate:
     ram: float
     gpu: float
     note: str = ""
-    #: bytes written and deleted again within the stage (released hand-over payloads), at their peak
+    #: bytes of released hand-over payloads on disk at their peak, and the last stage that reads them
+    #: (``None``: this stage); ``disk`` is what stays at the end
     transient: float = 0.0
+    until: str | None = None
 
 
 @dataclass(frozen=True)
@@ -118,16 +120,36 @@ def estimate(config: Any, model_config: Any) -> list[Estimate]:
     if need.refit:
         rows["refit"] = Estimate("refit", s.layers * hidden, model_ram * 2 + batch_act * 2, gpu(s.block * w * 2 + batch_act * 2),
                                  "original + truncated block per layer; compressed-path block inputs")
-    return [rows[name] for name in need.stage_names()]
+    names = need.stage_names()
+    if config.runtime.release_consumed:
+        _release_hidden(rows, names, s.layers, hidden)
+    return [rows[name] for name in names]
+
+
+def _release_hidden(rows: dict[str, Estimate], names: list[str], layers: int, hidden: float) -> None:
+    """With ``release_consumed`` the stored block outputs are hand-overs (``artifacts.hidden_readers``):
+    capture's live until the last stage that reads them (all of them at once if a later stage
+    does, else two at a time); anchor's and refit's two at a time; the last layer's may stay."""
+    later = [n for n in ("fisher", "sensitivity", "anchor", "refit") if n in names]
+    until = max(later, key=names.index) if later else None
+    capture = rows["capture"]
+    rows["capture"] = replace(capture, disk=capture.disk - (layers - 1) * hidden,
+                              transient=(layers - 1) * hidden if until else hidden, until=until,
+                              note=capture.note + f" (released after {until or 'the next block'})")
+    for name in ("anchor", "refit"):
+        if name in rows:
+            rows[name] = replace(rows[name], disk=rows[name].disk - (layers - 1) * hidden, transient=hidden)
 
 
 def peak_disk(rows: list[Estimate]) -> tuple[float, float]:
-    """(workspace bytes at the end, peak while running): every stage's outputs stay, and a stage's
-    released payloads add to what is on disk while it runs."""
+    """(workspace bytes at the end, peak while running): every stage's outputs stay, and released
+    payloads are on disk from their stage through the last stage that reads them."""
+    order = {row.stage: i for i, row in enumerate(rows)}
     total = peak = 0.0
-    for row in rows:
-        peak = max(peak, total + row.disk + row.transient)
+    for i, row in enumerate(rows):
         total += row.disk
+        live = sum(r.transient for r in rows[: i + 1] if order.get(r.until or r.stage, 0) >= i)
+        peak = max(peak, total + live)
     return total, peak
 
 
