@@ -107,3 +107,19 @@ def test_capture_outputs_come_back_for_a_changed_reader(write_pipeline, tmp_path
     kept = _digests(_states(keep, tmp_path / "keep"))
     assert ({r: d for r, d in _digests(_states(release, ws)).items() if r.stage != "report"}
             == {r: d for r, d in kept.items() if r.stage != "report"})
+
+
+def test_a_half_deleted_payload_is_a_dead_run_leftover(tmp_path: Path) -> None:
+    from stagepipe.engine.workspace import Workspace
+
+    output = tmp_path / "stages" / "fisher" / "layer-001" / "0123456789abcdef"
+    (output / "grad.zarr").mkdir(parents=True)
+    (output / "grad.zarr" / "chunk").write_bytes(b"x")
+    (output / "manifest.json").write_text("{}")
+    ws = Workspace(tmp_path)
+    ws.release(output, "grad.zarr")
+    assert not (output / "grad.zarr").exists() and not list(output.glob(".released-*"))
+    (output / ".released-grad.zarr-abc123").mkdir()  # as a crash between rename and delete leaves it
+    assert ws.dead_run_leftovers() == [output / ".released-grad.zarr-abc123"]
+    ws.clean_dead_runs()
+    assert sorted(p.name for p in output.iterdir()) == ["manifest.json"]

@@ -126,7 +126,7 @@ class Workspace:
         if not payload.exists():
             return
         doomed = output / f".released-{payload.name}-{uuid.uuid4().hex[:6]}"
-        os.rename(payload, doomed)
+        os.rename(payload, doomed)  # a crash from here on leaves a leftover that clean_dead_runs removes
         shutil.rmtree(doomed) if doomed.is_dir() else doomed.unlink()
 
     # ------------------------------------------------------------------ commit protocol
@@ -185,7 +185,8 @@ class Workspace:
     def dead_run_leftovers(self) -> list[Path]:
         """What crashed tasks left behind: temp and scratch directories and running markers of
         tasks that are provably over (no marker, or a marker of a dead process on this host), and
-        resume directories of partitions that are committed. Never a finished output."""
+        resume directories of partitions that are committed, released payloads a crash left
+        half-deleted inside an output. Never a file a finished output's manifest needs."""
         found: list[Path] = []
         for directory in sorted((self.root / "stages").glob("*/*")):
             for path in sorted(directory.glob(".*")):
@@ -197,6 +198,7 @@ class Workspace:
                 if (kind in ("tmp", "scratch") and over) or (kind == "resume" and committed) or (
                         kind == "running" and over and committed):
                     found.append(path)
+            found += sorted(directory.glob("*/.released-*"))  # payloads a crash left half-deleted
         return found
 
     def clean_dead_runs(self) -> list[Path]:
