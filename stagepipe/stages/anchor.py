@@ -78,9 +78,7 @@ class AnchorStage(Stage):
 
     def transient(self, ctx: Context, partition: str) -> dict[str, list[PartitionRef]]:
         """The stored block outputs are a hand-over to the partitions that read them."""
-        readers = artifacts.hidden_readers(self.name, layer_index(partition), int(ctx.model.num_hidden_layers),
-                                           needs(ctx.config).stage_names())
-        return {artifacts.HIDDEN: readers}
+        return artifacts.hidden_handover(self.name, ctx, partition)
 
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
         return {"method": needs(ctx.config).method.sequential_options(), "batch_size": ctx.config.runtime.batch_size,
@@ -100,7 +98,7 @@ class AnchorStage(Stage):
         if method.needs_gradients:
             stats.fisher, stats.fisher_info = artifacts.read_fisher(work.input("fisher", work.partition))
         metric = None
-        if cfg.refine_epochs and getattr(cfg, "refine_metric", "euclidean") == "kfac_out":
+        if cfg.refine_epochs and cfg.refine_metric == "kfac_out":
             metric = _block_output_metric(stats, runner.layout.residual_out, work.partition, runner.device)
         streams = _Streams(runner, index, artifacts.read_windows(work.input("tokenize", CALIBRATION)), work,
                            ctx.config.runtime.batch_size, metric)

@@ -46,6 +46,7 @@ from stagepipe.io import safetensors_io, zarr_io
 from stagepipe.linalg import WeightedSVD
 from stagepipe.methods import LayerStats
 from stagepipe.models.blocks import BlockRunner
+from stagepipe.stages.requirements import needs
 
 # --------------------------------------------------------------------------- partitions
 CALIBRATION = "calibration"
@@ -154,6 +155,13 @@ def hidden_readers(stage: str, index: int, num_layers: int, stages: Collection[s
         following = [ref(s, index + 1) for s in ("capture", "fisher", "refit", "anchor", "sensitivity")] if following else []
         following += [ref("anchor", index)] + ([ref("fisher", HEAD)] if index == num_layers - 1 else [])
     return [r for r in following if r.stage in stages]
+
+
+def hidden_handover(stage: str, ctx: Any, partition: str) -> dict[str, list[PartitionRef]]:
+    """``Stage.transient`` of a stage that stores block outputs: ``HIDDEN``, handed over to its
+    ``hidden_readers`` among the stages this pipeline runs."""
+    readers = hidden_readers(stage, layer_index(partition), int(ctx.model.num_hidden_layers), needs(ctx.config).stage_names())
+    return {HIDDEN: readers}
 
 
 def write_input_stats(out: Path, stats: Mapping[str, torch.Tensor], tokens: int, groups: Mapping[str, str]) -> None:

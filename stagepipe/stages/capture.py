@@ -60,9 +60,7 @@ class CaptureStage(Stage):
 
     def transient(self, ctx: Context, partition: str) -> dict[str, list[PartitionRef]]:
         """The stored block outputs are a hand-over to the partitions that read them."""
-        readers = artifacts.hidden_readers(self.name, layer_index(partition), int(ctx.model.num_hidden_layers),
-                                           needs(ctx.config).stage_names())
-        return {artifacts.HIDDEN: readers}
+        return artifacts.hidden_handover(self.name, ctx, partition)
 
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
         return {"stats": sorted(needs(ctx.config).method.activation_stats), "modules": ctx.config.target.modules,

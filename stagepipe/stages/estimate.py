@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from stagepipe.stages.artifacts import hidden_readers
 from stagepipe.stages.requirements import needs
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -130,7 +131,7 @@ def _release_hidden(rows: dict[str, Estimate], names: list[str], layers: int, hi
     """With ``release_consumed`` the stored block outputs are hand-overs (``artifacts.hidden_readers``):
     capture's live until the last stage that reads them (all of them at once if a later stage
     does, else two at a time); anchor's and refit's two at a time; the last layer's may stay."""
-    later = [n for n in ("fisher", "sensitivity", "anchor", "refit") if n in names]
+    later = {r.stage for r in hidden_readers("capture", 0, layers, names)} - {"capture"}
     until = max(later, key=names.index) if later else None
     capture = rows["capture"]
     rows["capture"] = replace(capture, disk=capture.disk - (layers - 1) * hidden,
