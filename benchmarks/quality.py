@@ -37,6 +37,9 @@ VARIANTS = {
     "aasvd_kfac+refine": {"name": "aasvd", "output_metric": "kfac_out", "refine_epochs": 6, "refine_batch": 1,
                           "refine_lr": 3e-5},
     "modegpt_uniform": {"name": "modegpt", "layer_allocation": "uniform"},
+    # SoCo's learned scores on a base method's weighted SVD (options: pipelines/methods/soco.yaml's defaults)
+    "soco_svdllm": {"name": "soco", "base": "svdllm"},
+    "soco_kfac": {"name": "soco", "base": "kfac_svd"},
 }
 #: options of policies other than the base file's: the sensitivity search on 4 calibration windows and 3 candidates
 #: (its cost grows with windows × candidates × layers²/2; see docs/methods.md)

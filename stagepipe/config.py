@@ -247,6 +247,19 @@ class PipelineConfig(Strict):
         return self
 
     @model_validator(mode="after")
+    def _learned_method_fits(self) -> PipelineConfig:
+        """A learned method (SoCo) chooses every rank itself by training; no policy or alignment applies."""
+        if not getattr(METHODS[self.method.name], "learned", False):
+            return self
+        if self.allocation != POLICIES[DEFAULT_POLICY].config(policy=DEFAULT_POLICY):
+            raise ValueError(f"allocation: {self.method.name} learns its ranks (one component at a time, not aligned); "
+                             "remove the allocation block")
+        if self.method.refit:
+            raise ValueError(f"method.refit: not supported with {self.method.name} (the learned scores already "
+                             "compensate); remove refit")
+        return self
+
+    @model_validator(mode="after")
     def _validation_is_held_out(self) -> PipelineConfig:
         """Validation text must be read by no statistic and no test perplexity."""
         validation = self.calibration.validation

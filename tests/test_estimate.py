@@ -20,6 +20,8 @@ REQUIRED = {"mixed": {"left": "kfac_out", "right": "gram"}}
 def config(method: str, policy: str = "uniform", **method_options):
     data = merge(TINY, {"method": {"name": method, **REQUIRED.get(method, {}), **method_options},
                         "allocation": {"policy": policy, "align": 4}})
+    if METHODS[method].learned and policy == "uniform":  # a learned method takes no allocation block
+        del data["allocation"]
     return parse_pipeline(data, "test", ".")
 
 
@@ -33,6 +35,10 @@ class Shape:
 def test_plan_rows_are_exactly_the_pipeline_stages(method: str, policy: str) -> None:
     if METHODS[method].structured and policy != "uniform":  # MoDeGPT allocates per layer itself
         with pytest.raises(ConfigError, match="allocation.policy"):
+            config(method, policy)
+        return
+    if METHODS[method].learned and policy != "uniform":  # SoCo learns its ranks
+        with pytest.raises(ConfigError, match="allocation: soco learns its ranks"):
             config(method, policy)
         return
     cfg = config(method, policy)

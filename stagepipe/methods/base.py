@@ -91,6 +91,9 @@ class Method:
     #: the method writes smaller dense matrices instead of two factors (MoDeGPT): the ``structure``
     #: stage replaces ``decompose`` and ``allocate`` asks ``layer_kept`` for per-layer fractions
     structured: ClassVar[bool] = False
+    #: the method learns which components to keep on the whole model (SoCo): the ``train`` stage runs
+    #: after ``decompose`` and ``allocate`` takes its ranks from it
+    learned: ClassVar[bool] = False
 
     def __init__(self, cfg: MethodConfig) -> None:
         self.cfg = cfg
@@ -135,6 +138,10 @@ class Method:
 
     def sequential_options(self) -> dict[str, Any]:
         """Options that shape a ``sequential`` method's factors (the ``anchor`` stage's key)."""
+        return {}
+
+    def training_options(self) -> dict[str, Any]:
+        """Options that shape a ``learned`` method's training (the ``train`` stage's key)."""
         return {}
 
     def allocation_options(self) -> dict[str, Any]:

@@ -30,10 +30,11 @@ from stagepipe.stages.sensitivity import SensitivityStage
 from stagepipe.stages.snapshot import SnapshotStage
 from stagepipe.stages.structure import StructureStage
 from stagepipe.stages.tokenize import TokenizeStage
+from stagepipe.stages.train import TrainStage
 
 _STAGE_CLASSES: dict[str, type[Stage]] = {
     cls.name: cls for cls in (SnapshotStage, TokenizeStage, CaptureStage, FisherStage, DecomposeStage, SensitivityStage,
-                              AllocateStage, StructureStage, ResidualStage, AnchorStage, RefitStage, AssembleStage, EvaluateStage, ReportStage)
+                              TrainStage, AllocateStage, StructureStage, ResidualStage, AnchorStage, RefitStage, AssembleStage, EvaluateStage, ReportStage)
 }
 assert tuple(_STAGE_CLASSES) == ORDER
 

@@ -29,6 +29,8 @@ class AllocateStage(Stage):
         layers = artifacts.model_layers(ctx) or []
         if needs(ctx.config).structure:  # per-layer fractions from the block influence capture measured
             return [artifacts.ref("snapshot")] + [artifacts.ref("capture", p) for p in layers]
+        if needs(ctx.config).learned:  # the ranks the train stage learned
+            return [artifacts.ref("snapshot"), artifacts.ref("train")]
         deps = [artifacts.ref("snapshot")] + [artifacts.ref("decompose", p) for p in layers]
         if needs(ctx.config).sensitivity:
             deps += [artifacts.ref("sensitivity", p) for p in layers]
@@ -46,6 +48,8 @@ class AllocateStage(Stage):
         config = AutoConfig.from_pretrained(artifacts.model_dir(snapshot))
         if needs(ctx.config).structure:
             return self._structured(ctx, work, config)
+        if needs(ctx.config).learned:
+            return self._learned(ctx, work, config)
         layout = layout_for(config.model_type)
         spectra = []
         sensitivity: list[Candidate] | None = [] if needs(ctx.config).sensitivity else None
@@ -67,6 +71,16 @@ class AllocateStage(Stage):
         artifacts.write_allocation(work.out, ranks, dropped, report.model_dump(), details)
         return {"ratios": report.model_dump(), "policy": policy.name, "search": details,
                 "dense_targets": sorted(n for n, r in ranks.items() if r is None)}
+
+    @staticmethod
+    def _learned(ctx: Context, work: Work, config: Any) -> dict[str, Any]:
+        """A learned method's ranks as trained (no policy), accounted like every other."""
+        ranks = artifacts.read_learned_ranks(work.input("train"))
+        n_params = artifacts.read_results(work.input("snapshot"))["n_params"]
+        report = ratio_report(block_linear_shapes(config), ranks, n_params, ctx.config.target.kept_fraction)
+        details = {"learned_by": needs(ctx.config).method.name}
+        artifacts.write_allocation(work.out, ranks, {}, report.model_dump(), details)
+        return {"ratios": report.model_dump(), "policy": "learned", "search": details, "dense_targets": []}
 
     @staticmethod
     def _structured(ctx: Context, work: Work, config: Any) -> dict[str, Any]:

@@ -16,6 +16,8 @@ fisher          head, layer-NNN         ``grad.zarr`` (∂loss/∂block input, n
 decompose       layer-NNN               ``svd.safetensors`` (``<linear>.left|right|sigma``: full-rank
                                         un-whitened factors and the weighted spectrum)
 sensitivity     layer-NNN               ``sensitivity.json`` (per matrix: kept, rank, ppl)
+train           all                     ``learned/layer-NNN.safetensors`` (``<linear>.up|down`` of the
+                                        components a learned method kept), ``history.json``
 allocate        all                     ``allocation.json`` (ranks, dropped energy, ratios)
 residual        layer-NNN               ``residual.safetensors`` (``<linear>.up|down`` at the rank)
 anchor          layer-NNN               ``anchor.safetensors`` (``<linear>.up|down`` at the rank),
@@ -322,6 +324,38 @@ def read_structure(structure_output: Path) -> dict[str, torch.Tensor]:
 def read_refit(refit_output: Path) -> dict[str, torch.Tensor]:
     """Refitted ``up`` factors per block-relative linear."""
     return {key.removesuffix(".up"): value.double() for key, value in safetensors_io.read(refit_output / REFIT).items()}
+
+
+# --------------------------------------------------------------------------- train: a learned method's factors
+LEARNED = "learned"
+HISTORY = "history.json"
+
+
+def write_learned(out: Path, index: int, tensors: Mapping[str, torch.Tensor]) -> None:
+    """One layer's ``<linear>.up`` / ``<linear>.down`` as the ``train`` stage learned them."""
+    (out / LEARNED).mkdir(exist_ok=True)
+    safetensors_io.write_atomic(out / LEARNED / f"{layer_partition(index)}.safetensors", tensors)
+
+
+def read_learned(train_output: Path, index: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(up, down) per block-relative linear of layer ``index`` (float64)."""
+    raw = safetensors_io.read(train_output / LEARNED / f"{layer_partition(index)}.safetensors")
+    return {key.removesuffix(".up"): (raw[key].double(), raw[key.removesuffix(".up") + ".down"].double())
+            for key in raw if key.endswith(".up")}
+
+
+def read_learned_ranks(train_output: Path) -> dict[str, int]:
+    """The learned rank of every target matrix (full names)."""
+    return read_results(train_output)["ranks"]
+
+
+def write_history(out: Path, history: list[dict[str, Any]]) -> None:
+    (out / HISTORY).write_text(json.dumps(history))
+
+
+def read_history(train_output: Path) -> list[dict[str, Any]]:
+    """Per training step: phase, loss, soft and hard kept fraction, budget weight, learning rate."""
+    return json.loads((train_output / HISTORY).read_text())
 
 
 # --------------------------------------------------------------------------- checkpoints inside a partition

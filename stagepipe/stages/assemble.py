@@ -50,6 +50,8 @@ class AssembleStage(Stage):
             deps += [artifacts.ref("anchor", p) for p in layers]
         if need.refit:
             deps += [artifacts.ref("refit", p) for p in layers]
+        if need.learned:
+            deps.append(artifacts.ref("train"))
         return deps
 
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
@@ -73,6 +75,7 @@ class AssembleStage(Stage):
         total = 0
         by_layer = {stage: {layer_index(r.partition): d for r, d in work.inputs.items() if r.stage == stage}
                     for stage in ("decompose", "residual", "anchor", "refit", "structure")}
+        trained = work.inputs.get(artifacts.ref("train"))
         files: dict[str, list[str]] = {}
         for key, file in wmap.items():
             files.setdefault(file, []).append(key)
@@ -84,7 +87,8 @@ class AssembleStage(Stage):
             else:
                 sources = (by_layer["decompose"][i], by_layer["residual"].get(i), by_layer["anchor"].get(i),
                            by_layer["refit"].get(i))
-                shard = self._layer_shard(snapshot, wmap, layer_keys, prefix, sources, factored)
+                learned = artifacts.read_learned(trained, i) if trained is not None else None
+                shard = self._layer_shard(snapshot, wmap, layer_keys, prefix, sources, factored, learned)
             name = f"layer-{i:03d}.safetensors"
             safetensors_io.write_atomic(target / name, shard)
             index.update(dict.fromkeys(shard, name))
@@ -109,9 +113,11 @@ class AssembleStage(Stage):
     @staticmethod
     def _layer_shard(snapshot: Path, wmap: dict[str, str], keys: list[str], prefix: str,
                      sources: tuple[Path, Path | None, Path | None, Path | None],
-                     factored: dict[str, int]) -> dict[str, torch.Tensor]:
-        """Block tensors with each factored linear replaced by its final factors: ``anchor``'s where
-        it ran, else ``decompose``'s (or ``residual``'s) at the rank, with ``refit``'s up factors."""
+                     factored: dict[str, int],
+                     learned: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
+        """Block tensors with each factored linear replaced by its final factors: ``train``'s or
+        ``anchor``'s where they ran, else ``decompose``'s (or ``residual``'s) at the rank, with
+        ``refit``'s up factors."""
         decomposed, residual, anchored, refitted = sources
         tensors: dict[str, torch.Tensor] = {}
         for key in keys:
@@ -119,7 +125,12 @@ class AssembleStage(Stage):
         ranks = artifacts.block_ranks(factored, prefix)
         if not ranks:
             return tensors
-        factors = artifacts.read_anchored(anchored) if anchored is not None else artifacts.allocated_factors(decomposed, residual, ranks)
+        if learned is not None:
+            factors = learned
+        elif anchored is not None:
+            factors = artifacts.read_anchored(anchored)
+        else:
+            factors = artifacts.allocated_factors(decomposed, residual, ranks)
         updates = artifacts.read_refit(refitted) if refitted is not None else {}
         for local, (up, down) in factors.items():
             full = prefix + local

@@ -6,6 +6,7 @@ gets), so the plan cannot drift from the DAG. Order-of-magnitude planning, not a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -118,6 +119,8 @@ def estimate(config: Any, model_config: Any) -> list[Estimate]:
                                      "float64 eigh of the MLP Gram, SVD per KV group")
     if need.anchor:
         rows["anchor"] = _anchor(config, s, hidden, batch_act, model_ram, w, gpu)
+    if need.learned:
+        rows["train"] = _train(config, s, w, on_gpu)
     if need.refit:
         rows["refit"] = Estimate("refit", s.layers * hidden, model_ram * 2 + batch_act * 2, gpu(s.block * w * 2 + batch_act * 2),
                                  "original + truncated block per layer; compressed-path block inputs")
@@ -177,6 +180,44 @@ def _fisher(config: Any, s: Shapes, need: Any, batch_act: float, model_ram: floa
     layer += factors * 3 + (stored if mode == "stored" else 0)  # a layer partition's Kronecker factors and gradients
     return Estimate("fisher", disk + s.layers * factors, max(layer, head), gpu(s.block * w + 4 * batch_act + factors * 3),
                     f"{mode} gradients; {2 * method.max_sweeps} passes max per layer; {kept}", transient)
+
+
+#: assumed sustained throughputs for the wall-time estimates (not measured by the plan): one 80 GB
+#: A100/H100-class GPU in bf16, and the 2-core AVX-512 CPU this project is developed on in fp32
+#: (SmolLM2-135M forward + backward of 256 tokens took 1.46 s there: ≈140 GFLOP/s)
+GPU_FLOPS, CPU_FLOPS = 150e12, 100e9
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def _train(config: Any, s: Shapes, w: int, on_gpu: bool) -> Estimate:
+    """A learned method on the whole model: the model and every target's offered components
+    (factors in the model dtype), the dense weights kept for the KL teacher, the scores with
+    Adam's moments, one step's activations (every block's, or one block's plus the block inputs
+    with gradient checkpointing) and fp32 logits (teacher, student, their gradient)."""
+    cfg = config.method
+    k, t = config.calibration.n_samples, config.calibration.seq_len
+    offered = [math.ceil(cfg.candidates * min(m, n)) for m, n in s.linears]
+    factors = s.layers * sum(c * (m + n) for c, (m, n) in zip(offered, s.linears, strict=True))
+    scores = s.layers * sum(offered) * 4 * 4  # scores, gradient, two Adam moments (float32)
+    tokens = cfg.batch * t
+    block_act = tokens * (12 * s.d + 4 * s.ff + 2 * max(offered)) * w
+    acts = tokens * s.d * w * s.layers + block_act if cfg.gradient_checkpointing else block_act * s.layers
+    logits = 3 * tokens * s.vocab * 4
+    memory = s.params * w + factors * w + scores + acts + logits
+    steps = (cfg.explore_epochs + cfg.refine_epochs + cfg.sparsify_epochs + cfg.tune_epochs) * math.ceil(k / cfg.batch)
+    factored = s.layers * sum(c * (m + n) for c, (m, n) in zip(offered, s.linears, strict=True)) + s.embed
+    passes = 2 + (1 if cfg.gradient_checkpointing else 0)  # student forward, input-gradient backward, recompute
+    flops = steps * 2 * tokens * ((s.params if cfg.objective == "kl" else 0) + passes * factored)
+    note = (f"{steps} steps, {flops / 1e12:.0f} TFLOP: ≈{_duration(flops / GPU_FLOPS)} on one 80 GB GPU at "
+            f"{GPU_FLOPS / 1e12:.0f} TFLOP/s, ≈{_duration(flops / CPU_FLOPS)} on CPU at {CPU_FLOPS / 1e9:.0f} GFLOP/s (estimates)")
+    disk = config.target.kept_fraction * s.layers * s.block * 4 + 200 * steps  # final factors (float32) + history
+    load = s.params * w * 2 + 8 * max((m + n) * min(m, n) for m, n in s.linears)  # the model as read, one float64 SVD
+    return Estimate("train", disk, load if on_gpu else max(load, memory), memory if on_gpu else 0, note)
 
 
 def _anchor(config: Any, s: Shapes, hidden: float, batch_act: float, model_ram: float, w: int, gpu) -> Estimate:

@@ -13,7 +13,7 @@ from stagepipe.allocation import POLICIES
 from stagepipe.methods import Method, make_method
 
 #: every stage, in execution order
-ORDER = ("snapshot", "tokenize", "capture", "fisher", "decompose", "sensitivity", "allocate", "structure", "residual",
+ORDER = ("snapshot", "tokenize", "capture", "fisher", "decompose", "sensitivity", "train", "allocate", "structure", "residual",
          "anchor", "refit", "assemble", "evaluate", "report")
 
 
@@ -27,12 +27,13 @@ class Needs:
     refit: bool  # least-squares refit on propagated inputs
     anchor: bool  # the method's factors are fitted layer by layer on propagated inputs (AA-SVD)
     structure: bool = False  # smaller dense matrices instead of two factors (MoDeGPT): no decompose
+    learned: bool = False  # components chosen by training on the whole model (SoCo): ranks from ``train``
 
 
     def stage_names(self) -> list[str]:
         optional = {"capture": self.capture, "fisher": self.fisher, "sensitivity": self.sensitivity,
                     "residual": self.residual, "anchor": self.anchor, "refit": self.refit,
-                    "decompose": not self.structure, "structure": self.structure}
+                    "decompose": not self.structure, "structure": self.structure, "train": self.learned}
         return [name for name in ORDER if optional.get(name, True)]
 
 
@@ -45,4 +46,4 @@ def needs(config: Any) -> Needs:
     capture = bool(method.activation_stats) or method.needs_gradients or refit or anchor or policy.needs_sensitivity
     return Needs(method=method, capture=capture, fisher=method.needs_gradients, sensitivity=policy.needs_sensitivity,
                  residual=method.post_allocation, refit=refit, anchor=anchor,
-                 structure=method.structured)
+                 structure=method.structured, learned=method.learned)
