@@ -191,6 +191,8 @@ GPU_FLOPS, CPU_FLOPS = 150e12, 100e9
 def _duration(seconds: float) -> str:
     if seconds >= 3600:
         return f"{seconds / 3600:.1f} h"
+    if seconds < 1:
+        return "<1 s"
     return f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
@@ -217,7 +219,8 @@ def _train(config: Any, s: Shapes, w: int, on_gpu: bool) -> Estimate:
             f"{GPU_FLOPS / 1e12:.0f} TFLOP/s, ≈{_duration(flops / CPU_FLOPS)} on CPU at {CPU_FLOPS / 1e9:.0f} GFLOP/s (estimates)")
     disk = config.target.kept_fraction * s.layers * s.block * 4 + 200 * steps  # final factors (float32) + history
     load = s.params * w * 2 + 8 * max((m + n) * min(m, n) for m, n in s.linears)  # the model as read, one float64 SVD
-    return Estimate("train", disk, load if on_gpu else max(load, memory), memory if on_gpu else 0, note)
+    cuda = config.model.device == "cuda"  # "auto" may resolve to the CPU: plan host RAM for it
+    return Estimate("train", disk, load if cuda else max(load, memory), memory if on_gpu else 0, note)
 
 
 def _anchor(config: Any, s: Shapes, hidden: float, batch_act: float, model_ram: float, w: int, gpu) -> Estimate:

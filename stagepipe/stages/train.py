@@ -55,9 +55,8 @@ class TrainStage(Stage):
         from transformers import AutoModelForCausalLM
 
         cfg = ctx.config.method
-        device = resolve_device(ctx.config.model.device)
-        model = AutoModelForCausalLM.from_pretrained(artifacts.model_dir(work.input("snapshot")),
-                                                     dtype=DTYPES[ctx.config.model.dtype]).to(device)
+        device, dtype = resolve_device(ctx.config.model.device), DTYPES[ctx.config.model.dtype]
+        model = AutoModelForCausalLM.from_pretrained(artifacts.model_dir(work.input("snapshot")), dtype=dtype).to(device)
         model.eval()
         layout = layout_for(model.config.model_type)
         svds, order = {}, {}
@@ -68,9 +67,11 @@ class TrainStage(Stage):
             for name, svd in artifacts.read_weighted_svd(directory, names).items():
                 keep = math.ceil(cfg.candidates * len(svd.sigma))
                 full = layout.layer_prefix(layer_index(ref.partition)) + name
-                svds[full] = (svd.left[:, :keep], svd.sigma[:keep], svd.right[:keep])
+                # the model dtype right away: one layer's float64 factors at a time, not the model's
+                svds[full] = (svd.left[:, :keep].to(dtype), svd.sigma[:keep].float(), svd.right[:keep].to(dtype))
                 order[full] = (layer_index(ref.partition), name)
         modules = install(model, svds)
+        del svds
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.train()  # checkpointing is active in training mode only; the models have no dropout at 0
