@@ -248,15 +248,15 @@ class PipelineConfig(Strict):
 
     @model_validator(mode="after")
     def _learned_method_fits(self) -> PipelineConfig:
-        """A learned method (SoCo) chooses every rank itself by training; no policy or alignment applies."""
+        """A learned method (SoCo, Dobi-SVD) chooses every rank itself by training; no policy or alignment applies."""
         if not getattr(METHODS[self.method.name], "learned", False):
             return self
         if self.allocation != POLICIES[DEFAULT_POLICY].config(policy=DEFAULT_POLICY):
-            raise ValueError(f"allocation: {self.method.name} learns its ranks (one component at a time, not aligned); "
+            raise ValueError(f"allocation: {self.method.name} learns its ranks by training (no policy, no alignment); "
                              "remove the allocation block")
-        if self.method.refit:
-            raise ValueError(f"method.refit: not supported with {self.method.name} (the learned scores already "
-                             "compensate); remove refit")
+        if self.method.refit and METHODS[self.method.name].learned_factors:
+            raise ValueError(f"method.refit: not supported with {self.method.name} (its learned factors are final); "
+                             "remove refit")
         return self
 
     @model_validator(mode="after")

@@ -37,8 +37,8 @@ def test_plan_rows_are_exactly_the_pipeline_stages(method: str, policy: str) -> 
         with pytest.raises(ConfigError, match="allocation.policy"):
             config(method, policy)
         return
-    if METHODS[method].learned and policy != "uniform":  # SoCo learns its ranks
-        with pytest.raises(ConfigError, match="allocation: soco learns its ranks"):
+    if METHODS[method].learned and policy != "uniform":  # SoCo, Dobi-SVD learn their ranks
+        with pytest.raises(ConfigError, match=f"allocation: {method} learns its ranks"):
             config(method, policy)
         return
     cfg = config(method, policy)

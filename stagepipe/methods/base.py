@@ -91,9 +91,11 @@ class Method:
     #: the method writes smaller dense matrices instead of two factors (MoDeGPT): the ``structure``
     #: stage replaces ``decompose`` and ``allocate`` asks ``layer_kept`` for per-layer fractions
     structured: ClassVar[bool] = False
-    #: the method learns which components to keep on the whole model (SoCo): the ``train`` stage runs
-    #: after ``decompose`` and ``allocate`` takes its ranks from it
-    learned: ClassVar[bool] = False
+    #: the method learns its ranks on the whole model: the ``train`` stage runs after ``decompose``
+    #: with this kind of trainer ("scores": SoCo; "truncation": Dobi-SVD) and ``allocate`` takes its ranks
+    learned: ClassVar[str | None] = None
+    #: ``train`` also writes the final factors (SoCo); else ``assemble`` truncates decompose's at the learned ranks
+    learned_factors: ClassVar[bool] = False
 
     def __init__(self, cfg: MethodConfig) -> None:
         self.cfg = cfg

@@ -85,7 +85,8 @@ class SoCo(Method):
 
     name = "soco"
     config = SoCoConfig
-    learned: ClassVar[bool] = True
+    learned: ClassVar[str | None] = "scores"
+    learned_factors: ClassVar[bool] = True
 
     def __init__(self, cfg: SoCoConfig) -> None:
         super().__init__(cfg)

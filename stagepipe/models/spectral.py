@@ -71,8 +71,9 @@ def install(model: nn.Module, svds: Mapping[str, tuple[torch.Tensor, torch.Tenso
 
 
 @contextmanager
-def dense_mode(modules: Mapping[str, SpectralLinear]) -> Iterator[None]:
-    """Every ``SpectralLinear`` computes its original dense weight inside the block (the teacher)."""
+def dense_mode(modules: Mapping[str, nn.Module]) -> Iterator[None]:
+    """Every swapped module (``SpectralLinear``, ``TruncatedLinear``) computes its original dense
+    linear while inside the block: the KL teacher, from the same model object."""
     for module in modules.values():
         module.dense = True
     try:

@@ -50,7 +50,7 @@ class AssembleStage(Stage):
             deps += [artifacts.ref("anchor", p) for p in layers]
         if need.refit:
             deps += [artifacts.ref("refit", p) for p in layers]
-        if need.learned:
+        if need.learned_factors:
             deps.append(artifacts.ref("train"))
         return deps
 
@@ -75,7 +75,7 @@ class AssembleStage(Stage):
         total = 0
         by_layer = {stage: {layer_index(r.partition): d for r, d in work.inputs.items() if r.stage == stage}
                     for stage in ("decompose", "residual", "anchor", "refit", "structure")}
-        trained = work.inputs.get(artifacts.ref("train"))
+        trained = work.inputs.get(artifacts.ref("train")) if needs(ctx.config).learned_factors else None
         files: dict[str, list[str]] = {}
         for key, file in wmap.items():
             files.setdefault(file, []).append(key)

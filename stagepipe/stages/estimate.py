@@ -197,28 +197,35 @@ def _duration(seconds: float) -> str:
 
 
 def _train(config: Any, s: Shapes, w: int, on_gpu: bool) -> Estimate:
-    """A learned method on the whole model: the model and every target's offered components
-    (factors in the model dtype), the dense weights kept for the KL teacher, the scores with
-    Adam's moments, one step's activations (every block's, or one block's plus the block inputs
-    with gradient checkpointing) and fp32 logits (teacher, student, their gradient)."""
+    """A learned method on the whole model, one step = ``batch`` windows: the model, what the trainer
+    adds (SoCo: every target's offered components in the model dtype, scores with Adam's moments;
+    Dobi-SVD: one SVD of each window's activations per target, forward and backward), one step's
+    activations (every block's, or one block's plus the block inputs with gradient checkpointing)
+    and fp32 logits (teacher, student, their gradient). The dense weights stay for the KL teacher."""
     cfg = config.method
     k, t = config.calibration.n_samples, config.calibration.seq_len
-    offered = [math.ceil(cfg.candidates * min(m, n)) for m, n in s.linears]
-    factors = s.layers * sum(c * (m + n) for c, (m, n) in zip(offered, s.linears, strict=True))
-    scores = s.layers * sum(offered) * 4 * 4  # scores, gradient, two Adam moments (float32)
     tokens = cfg.batch * t
+    soco = needs(config).method.learned == "scores"
+    offered = [math.ceil(cfg.candidates * min(m, n)) if soco else 0 for m, n in s.linears]
+    factors = s.layers * sum(c * (m + n) for c, (m, n) in zip(offered, s.linears, strict=True))
+    extra = factors * w + s.layers * sum(offered) * 4 * 4  # SoCo: factors; scores, gradient, two Adam moments
     block_act = tokens * (12 * s.d + 4 * s.ff + 2 * max(offered)) * w
+    if not soco:  # Dobi-SVD: each target's activations, U, V and the backward's square matrices, float32
+        block_act += sum(cfg.batch * (3 * t * m + 3 * min(t, m) ** 2) * 4 for m, _ in s.linears)
     acts = tokens * s.d * w * s.layers + block_act if cfg.gradient_checkpointing else block_act * s.layers
     logits = 3 * tokens * s.vocab * 4
-    memory = s.params * w + factors * w + scores + acts + logits
-    steps = (cfg.explore_epochs + cfg.refine_epochs + cfg.sparsify_epochs + cfg.tune_epochs) * math.ceil(k / cfg.batch)
-    factored = s.layers * sum(c * (m + n) for c, (m, n) in zip(offered, s.linears, strict=True)) + s.embed
+    memory = s.params * w + extra + acts + logits
+    epochs = (cfg.explore_epochs + cfg.refine_epochs + cfg.sparsify_epochs + cfg.tune_epochs) if soco else cfg.epochs
+    steps = epochs * math.ceil(k / cfg.batch)
+    student = (factors + s.embed) if soco else s.params
     passes = 2 + (1 if cfg.gradient_checkpointing else 0)  # student forward, input-gradient backward, recompute
-    flops = steps * 2 * tokens * ((s.params if cfg.objective == "kl" else 0) + passes * factored)
+    svd = 0 if soco else s.layers * sum(cfg.batch * 14 * t * m * min(t, m) for m, _ in s.linears)  # fwd + bwd
+    flops = steps * (2 * tokens * ((s.params if cfg.objective == "kl" else 0) + passes * student) + passes * svd)
     note = (f"{steps} steps, {flops / 1e12:.0f} TFLOP: ≈{_duration(flops / GPU_FLOPS)} on one 80 GB GPU at "
             f"{GPU_FLOPS / 1e12:.0f} TFLOP/s, ≈{_duration(flops / CPU_FLOPS)} on CPU at {CPU_FLOPS / 1e9:.0f} GFLOP/s (estimates)")
-    disk = config.target.kept_fraction * s.layers * s.block * 4 + 200 * steps  # final factors (float32) + history
-    load = s.params * w * 2 + 8 * max((m + n) * min(m, n) for m, n in s.linears)  # the model as read, one float64 SVD
+    factor_disk = config.target.kept_fraction * s.layers * s.block * 4 if soco else 0  # Dobi-SVD writes ranks only
+    disk = factor_disk + 200 * steps  # + the history
+    load = s.params * w * 2 + (8 * max((m + n) * min(m, n) for m, n in s.linears) if soco else 0)
     cuda = config.model.device == "cuda"  # "auto" may resolve to the CPU: plan host RAM for it
     return Estimate("train", disk, load if cuda else max(load, memory), memory if on_gpu else 0, note)
 

@@ -27,7 +27,8 @@ class Needs:
     refit: bool  # least-squares refit on propagated inputs
     anchor: bool  # the method's factors are fitted layer by layer on propagated inputs (AA-SVD)
     structure: bool = False  # smaller dense matrices instead of two factors (MoDeGPT): no decompose
-    learned: bool = False  # components chosen by training on the whole model (SoCo): ranks from ``train``
+    learned: bool = False  # ranks learned on the whole model (SoCo, Dobi-SVD): from ``train``
+    learned_factors: bool = False  # ``train`` writes the final factors too (SoCo)
 
 
     def stage_names(self) -> list[str]:
@@ -46,4 +47,5 @@ def needs(config: Any) -> Needs:
     capture = bool(method.activation_stats) or method.needs_gradients or refit or anchor or policy.needs_sensitivity
     return Needs(method=method, capture=capture, fisher=method.needs_gradients, sensitivity=policy.needs_sensitivity,
                  residual=method.post_allocation, refit=refit, anchor=anchor,
-                 structure=method.structured, learned=method.learned)
+                 structure=method.structured, learned=method.learned is not None,
+                 learned_factors=method.learned_factors)
