@@ -24,6 +24,55 @@ TINY: dict[str, Any] = {
 }
 
 
+def learned_pipeline(tmp: Path, name: str, kept: float, method: dict[str, Any]) -> Path:
+    """The tiny pipeline with a learned method (SoCo, Dobi-SVD): no allocation block, it learns every rank."""
+    data = merge(TINY, {"name": name, "method": method, "target": {"kept_fraction": kept}})
+    del data["allocation"]
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def learned_run(tmp: Path, name: str, kept: float, method: dict[str, Any]) -> tuple[Path, Path]:
+    """(pipeline file, workspace) of a finished run of the tiny pipeline with a learned method."""
+    from click.testing import CliRunner
+
+    from stagepipe.cli import main
+
+    pipeline, ws = learned_pipeline(tmp, name, kept, method), tmp / "ws"
+    result = CliRunner().invoke(main, ["run", str(pipeline), "-w", str(ws)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return pipeline, ws
+
+
+def train_killed_and_resumed(pipeline: Path, tmp: Path, skip: int) -> tuple[Any, Any]:
+    """Run ``pipeline`` once uninterrupted and once SIGKILLed after checkpoint ``skip + 1`` of the
+    ``train`` stage and resumed (CLI subprocesses); the two ``train`` manifests (resumed, reference)."""
+    import subprocess
+    import sys
+
+    from stagepipe.config import load_pipeline
+    from stagepipe.engine.stage import ALL, PartitionRef
+    from stagepipe.io import manifest as manifest_io
+    from stagepipe.stages import make_runner
+
+    def stagepipe(ws: Path, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "stagepipe.cli", "run", str(pipeline), "-w", str(ws)],
+                              capture_output=True, text=True, env={**os.environ, **env}, timeout=600)
+
+    def train(ws: Path) -> Any:
+        states = {e.ref: e.state.output for e in make_runner(load_pipeline(pipeline), ws).states()}
+        return manifest_io.read(states[PartitionRef("train", ALL)])
+
+    reference, ws = tmp / "reference", tmp / "killed"
+    assert stagepipe(reference).returncode == 0
+    killed = stagepipe(ws, STAGEPIPE_TEST_KILL_AT="train-saved@train@all", STAGEPIPE_TEST_KILL_SKIP=str(skip))
+    assert killed.returncode == -9, killed.stdout + killed.stderr
+    resumed = stagepipe(ws)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    return train(ws), train(reference)
+
+
 def merge(base: dict[str, Any], updates: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in updates.items():

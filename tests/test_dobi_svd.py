@@ -6,36 +6,25 @@ SIGKILL mid-training resumes to identical ranks, HF reload)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
-from stagepipe.cli import main
 from stagepipe.config import load_pipeline
 from stagepipe.engine.stage import ALL, PartitionRef
-from stagepipe.io import manifest as manifest_io
 from stagepipe.linalg import MetricCache, weighted_svd
 from stagepipe.methods.dobi_svd import project_to_budget, round_to_budget
 from stagepipe.models.truncation import TruncatedLinear, stable_svd, truncation_mask
 from stagepipe.stages import artifacts, make_runner
-from tests.conftest import TINY, merge
+from tests.conftest import learned_pipeline, learned_run, train_killed_and_resumed
 
 DOBI = {"name": "dobi_svd", "epochs": 2, "lr": 0.05, "checkpoint_every": 2}
 
 
 def dobi_pipeline(tmp: Path, name: str, kept: float) -> Path:
-    data = merge(TINY, {"name": name, "method": DOBI, "target": {"kept_fraction": kept}})
-    del data["allocation"]  # the ranks are learned
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
+    return learned_pipeline(tmp, name, kept, DOBI)
 
 
 def outputs(pipeline: Path, ws: Path) -> dict[PartitionRef, Path]:
@@ -154,11 +143,7 @@ def test_keep_all_is_the_dense_linear() -> None:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, Path]:
-    tmp = tmp_path_factory.mktemp("dobi")
-    pipeline, ws = dobi_pipeline(tmp, "dobi", 0.6), tmp / "ws"
-    result = CliRunner().invoke(main, ["run", str(pipeline), "-w", str(ws)], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return pipeline, ws
+    return learned_run(tmp_path_factory.mktemp("dobi"), "dobi", 0.6, DOBI)
 
 
 def test_ranks_are_learned_and_spend_the_budget(trained) -> None:
@@ -183,18 +168,7 @@ def test_reloads_with_the_learned_ranks(trained) -> None:
 
 
 def test_sigkill_mid_training_resumes_to_identical_ranks(tmp_path: Path) -> None:
-    pipeline = dobi_pipeline(tmp_path, "kill_dobi", 0.6)
-
-    def stagepipe(ws: Path, **env: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "stagepipe.cli", "run", str(pipeline), "-w", str(ws)],
-                              capture_output=True, text=True, env={**os.environ, **env}, timeout=600)
-
-    reference, ws = tmp_path / "reference", tmp_path / "killed"
-    assert stagepipe(reference).returncode == 0
-    killed = stagepipe(ws, STAGEPIPE_TEST_KILL_AT="train-saved@train@all", STAGEPIPE_TEST_KILL_SKIP="2")
-    assert killed.returncode == -9, killed.stdout + killed.stderr  # after the 3rd checkpoint: step 6 of 12
-    resumed = stagepipe(ws)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    done = manifest_io.read(outputs(pipeline, ws)[PartitionRef("train", ALL)])
+    # killed after the 3rd checkpoint (every 2 steps): step 6 of 12
+    done, reference = train_killed_and_resumed(dobi_pipeline(tmp_path, "kill_dobi", 0.6), tmp_path, skip=2)
     assert done.telemetry["resumed_from_step"] == 6
-    assert done.content_digest() == manifest_io.read(outputs(pipeline, reference)[PartitionRef("train", ALL)]).content_digest()
+    assert done.content_digest() == reference.content_digest()

@@ -5,9 +5,6 @@ reaching the target, a SIGKILL mid-training resuming to bit-identical scores, an
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,24 +16,19 @@ from transformers import AutoModelForCausalLM
 from stagepipe.cli import main
 from stagepipe.config import load_pipeline
 from stagepipe.engine.stage import ALL, PartitionRef
-from stagepipe.io import manifest as manifest_io
 from stagepipe.methods.base import METHODS
 from stagepipe.methods.soco import Schedule, SoCoConfig, penalty_units, select, shrink_to_budget, soft_kept
 from stagepipe.models.sources import load_model
 from stagepipe.models.spectral import dense_mode, install
 from stagepipe.stages import artifacts, make_runner
-from tests.conftest import TINY, merge
+from tests.conftest import TINY, learned_pipeline, learned_run, merge, train_killed_and_resumed
 
 SOCO = {"name": "soco", "base": "svdllm", "explore_epochs": 2, "refine_epochs": 2, "sparsify_epochs": 1,
         "tune_epochs": 1, "lr": 0.1, "checkpoint_every": 2}
 
 
 def soco_pipeline(tmp: Path, name: str, kept: float, **method) -> Path:
-    data = merge(TINY, {"name": name, "method": {**SOCO, **method}, "target": {"kept_fraction": kept}})
-    del data["allocation"]  # SoCo learns every rank
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
+    return learned_pipeline(tmp, name, kept, {**SOCO, **method})
 
 
 def outputs(pipeline: Path, ws: Path) -> dict[PartitionRef, Path]:
@@ -45,11 +37,7 @@ def outputs(pipeline: Path, ws: Path) -> dict[PartitionRef, Path]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, Path]:
-    tmp = tmp_path_factory.mktemp("soco")
-    pipeline, ws = soco_pipeline(tmp, "soco", 0.6), tmp / "ws"
-    result = CliRunner().invoke(main, ["run", str(pipeline), "-w", str(ws)], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return pipeline, ws
+    return learned_run(tmp_path_factory.mktemp("soco"), "soco", 0.6, SOCO)
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -174,22 +162,10 @@ def test_reloads_with_the_learned_ranks_and_factors(trained) -> None:
 
 
 def test_sigkill_mid_training_resumes_to_identical_scores(tmp_path: Path) -> None:
-    pipeline = soco_pipeline(tmp_path, "kill_soco", 0.6)
-
-    def stagepipe(ws: Path, **env: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "stagepipe.cli", "run", str(pipeline), "-w", str(ws)],
-                              capture_output=True, text=True, env={**os.environ, **env}, timeout=600)
-
-    reference, ws = tmp_path / "reference", tmp_path / "killed"
-    assert stagepipe(reference).returncode == 0
-    killed = stagepipe(ws, STAGEPIPE_TEST_KILL_AT="train-saved@train@all", STAGEPIPE_TEST_KILL_SKIP="12")
-    assert killed.returncode == -9, killed.stdout + killed.stderr  # after the 13th checkpoint: step 26, mid-sparsify
-    resumed = stagepipe(ws)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    done = manifest_io.read(outputs(pipeline, ws)[PartitionRef("train", ALL)])
+    # killed after the 13th checkpoint (every 2 steps): step 26 of 36, mid-sparsify
+    done, reference = train_killed_and_resumed(soco_pipeline(tmp_path, "kill_soco", 0.6), tmp_path, skip=12)
     assert done.telemetry["resumed_from_step"] == 26
-    reference_train = manifest_io.read(outputs(pipeline, reference)[PartitionRef("train", ALL)])
-    assert done.content_digest() == reference_train.content_digest()
+    assert done.content_digest() == reference.content_digest()
 
 
 def test_an_allocation_block_is_refused_in_one_line(tmp_path: Path) -> None:
