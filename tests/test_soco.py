@@ -100,7 +100,9 @@ def test_base_must_be_a_plain_metric_pair_method() -> None:
     for bad in ("aasvd", "modegpt", "ressvd", "soco", "nope"):
         with pytest.raises(ValueError, match="unsupported base"):
             SoCoConfig(name="soco", base=bad)
+    assert METHODS["soco"](SoCoConfig(name="soco")).training_options()["prior_scope"] == "matrix"  # svdllm: output units
     soco = METHODS["soco"](SoCoConfig(name="soco", base="kfac_svd", shrinkage=0.1))
+    assert soco.training_options()["prior_scope"] == "global"  # K-FAC: loss units
     base = METHODS["kfac_svd"](METHODS["kfac_svd"].config(name="kfac_svd", shrinkage=0.1))
     assert soco.key_options() == base.key_options()  # decompose (and capture, fisher) shared with the base's rows
 

@@ -55,9 +55,10 @@ class SoCoConfig(GradientOptions):
     batch: int = Field(1, ge=1, description="calibration windows per step")
     prior: float = Field(2.0, ge=0, description="exponent of the weighted σ̃ in the penalty's per-component weight "
                                                  "c/σ̃^prior (2: the base method's global allocation order; 0: parameters only)")
-    prior_scope: Literal["global", "matrix"] = Field(
-        "global", description="where the σ̃^prior are compared: across all matrices (the base's spectra are in loss "
-                              "units: kfac_svd, fwsvd, gfwsvd) or only within each matrix (svdllm, asvd: output units)")
+    prior_scope: Literal["auto", "global", "matrix"] = Field(
+        "auto", description="where the σ̃^prior are compared: across all matrices (global; the base's spectra are in "
+                            "loss units: kfac_svd, fwsvd, gfwsvd) or only within each matrix (matrix; svdllm, asvd: "
+                            "output units); auto: matrix when the base's left metric is the identity, else global")
     candidates: float = Field(1.0, gt=0, le=1, description="share of each matrix's components offered to training "
                                                            "(top by weighted σ; 1: all)")
     checkpoint_every: int = Field(16, ge=1, description="steps between checkpoints (a crash loses at most this many)")
@@ -104,11 +105,18 @@ class SoCo(Method):
     def metrics(self, linear: str, shape: tuple[int, int], stats: LayerStats) -> MetricPair:
         return self.base.metrics(linear, shape, stats)
 
+    def prior_scope(self) -> str:
+        """``prior_scope`` with ``auto`` resolved: an identity left metric leaves σ̃ in each matrix's own
+        output units (SVD-LLM: its global_greedy row is the grid's worst), a Fisher one makes them loss units."""
+        if self.cfg.prior_scope != "auto":
+            return self.cfg.prior_scope
+        return "matrix" if self.base.pair()[0] == "identity" else "global"
+
     def training_options(self) -> dict[str, Any]:
-        """What shapes the learned scores beyond the factors (the ``train`` stage's key)."""
+        """What shapes the learned scores beyond the factors (the ``train`` stage's key; scope resolved)."""
         names = ("objective", "explore_epochs", "refine_epochs", "sparsify_epochs", "tune_epochs", "lr",
                  "prior", "prior_scope", "batch", "candidates", "seed")
-        return {name: getattr(self.cfg, name) for name in names}
+        return {name: self.prior_scope() if name == "prior_scope" else getattr(self.cfg, name) for name in names}
 
 
 # --------------------------------------------------------------------------- the schedule, as pure functions

@@ -17,7 +17,7 @@ import torch
 
 from stagepipe.accounting import max_useful_rank
 from stagepipe.methods.dobi_svd import project_to_budget, round_to_budget
-from stagepipe.methods.soco import Schedule, penalty_units, select, shrink_to_budget, soft_kept
+from stagepipe.methods.soco import Schedule, SoCo, penalty_units, select, shrink_to_budget, soft_kept
 from stagepipe.models.layout import weight_matrix
 from stagepipe.models.spectral import SpectralLinear, install
 from stagepipe.models.truncation import install_truncation
@@ -44,7 +44,7 @@ class SoCoTrainer:
         self.masks = [m.mask for m in ordered]
         shapes = [tuple(m.weight.shape) for m in ordered]
         self.costs = [a + b for a, b in shapes]
-        self.units = penalty_units([m.sigma for m in ordered], self.costs, cfg.prior, cfg.prior_scope)
+        self.units = penalty_units([m.sigma for m in ordered], self.costs, cfg.prior, SoCo(cfg).prior_scope())
         self.caps = [min(max(1, max_useful_rank(a, b, 1)), m.components) for (a, b), m in zip(shapes, ordered, strict=True)]
         self.dense = float(sum(a * b for a, b in shapes))
         self.schedule = Schedule.of(cfg, windows)
