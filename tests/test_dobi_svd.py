@@ -78,6 +78,15 @@ def test_mask_and_its_gradient() -> None:
     assert float(grad) == pytest.approx(float(fd), rel=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(12, 30), (30, 12)])
+def test_the_forward_svd_through_the_gram_is_the_svd(shape: tuple[int, int]) -> None:
+    a = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    u, s, v = stable_svd(a)
+    assert torch.allclose(s, torch.linalg.svdvals(a), rtol=1e-5, atol=0)
+    assert torch.allclose((u * s) @ v.T, a, atol=1e-5, rtol=0)
+    assert torch.allclose(u.T @ u, torch.eye(len(s)), atol=1e-5) and torch.allclose(v.T @ v, torch.eye(len(s)), atol=1e-5)
+
+
 def test_svd_backward_is_exact_on_a_separated_spectrum() -> None:
     a = _matrix([5, 4, 3, 2, 1, 0.5])
     weights = torch.randn(a.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
