@@ -170,7 +170,7 @@ class DobiTrainer:
 
     def after_step(self, step: int, loss: float) -> dict[str, Any]:
         self._project()
-        kept = float(sum(float(p) * w for p, w in zip(self.params, self.weights.tolist(), strict=True)))
+        kept = float(sum(p.item() * w for p, w in zip(self.params, self.weights.tolist(), strict=True)))
         return {"step": step, "loss": loss, "kept_soft": kept, "lr": self.rate(step)}
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -185,7 +185,7 @@ class DobiTrainer:
         """The learned ranks, rounded so that the budget is spent (no factors: ``assemble`` truncates
         ``decompose``'s SVD-LLM factors, the exact activation PCA, at these ranks)."""
         names = sorted(self.modules)
-        gammas = [float(self.modules[n].gamma) for n in names]
+        gammas = [self.modules[n].gamma.item() for n in names]
         ranks = round_to_budget(gammas, self.costs, self.caps, self.target * self.dense)
         last = history[-self.steps_per_epoch:]
         return {"ranks": dict(zip(names, ranks, strict=True)), "gammas": dict(zip(names, gammas, strict=True)),
