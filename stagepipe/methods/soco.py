@@ -50,7 +50,7 @@ class SoCoConfig(GradientOptions):
     explore_epochs: int = Field(1, ge=0)
     refine_epochs: int = Field(1, ge=0)
     sparsify_epochs: int = Field(1, ge=1, description="epochs over which the hard budget falls to the target")
-    tune_epochs: int = Field(1, ge=0, description="epochs with the pruned set fixed")
+    tune_epochs: int = Field(3, ge=0, description="epochs with the pruned set fixed (3 over 1 on the validation split)")
     lr: float = Field(0.02, gt=0, description="Adam learning rate of the scores (which start at 1)")
     batch: int = Field(1, ge=1, description="calibration windows per step")
     prior: float = Field(2.0, ge=0, description="exponent of the weighted σ̃ in the penalty's per-component weight "
