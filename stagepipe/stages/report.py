@@ -3,7 +3,8 @@
 Perplexities (dense and compressed), achieved kept fractions, per-stage wall time and peak memory
 (from the manifests), every metric repair (eigenvalue floors) and every fallback, per matrix; for
 ResSVD each matrix's rank split and its activation loss relative to the one-shot optimum, for
-``asvd_search`` the search's threshold.
+``asvd_search`` the search's threshold, for a learned method (SoCo, Dobi-SVD) the training's
+summary and a plot of its loss and kept fraction per step.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def collect(ctx: Context, inputs: Mapping[PartitionRef, Path]) -> dict[str, Any]
             residual.update({f"{ref.partition}.{name}": {k: item[k] for k in ("r1", "r2", "loss_over_one_shot")}
                              for name, item in manifest.info.get("linears", {}).items()})
     evaluations = {ref.partition: manifests[ref].info for ref in manifests if ref.stage == "evaluate"}
+    train = manifests.get(artifacts.ref("train"))
+    training = None if train is None else {key: value for key, value in train.info.items() if key not in ("ranks", "gammas")}
     allocation = manifests[artifacts.ref("allocate")].info
     return {
         "pipeline": ctx.config.name, "method": ctx.config.method.name, "policy": ctx.config.allocation.policy,
@@ -58,7 +61,7 @@ def collect(ctx: Context, inputs: Mapping[PartitionRef, Path]) -> dict[str, Any]
         "dense_targets": allocation["dense_targets"], "search": allocation.get("search"), "residual": residual,
         "perplexity": {p: {d: r["ppl"] for d, r in info["datasets"].items()} for p, info in evaluations.items()},
         "evaluation": evaluations, "stages": dict(stages), "repairs": repairs, "fallbacks": fallbacks,
-        "calibration": manifests[artifacts.ref("tokenize", CALIBRATION)].info,
+        "calibration": manifests[artifacts.ref("tokenize", CALIBRATION)].info, "training": training,
     }
 
 
@@ -73,6 +76,8 @@ def plot(report: dict[str, Any], inputs: Mapping[PartitionRef, Path], out: Path)
         made.append(_plot_structure(report["search"], out, plt))
     else:
         made.append(_plot_ranks(inputs, out, plt))
+    if artifacts.ref("train") in inputs:
+        made.append(_plot_training(artifacts.read_history(inputs[artifacts.ref("train")]), out, plt))
     ppl = report["perplexity"]
     if ppl:
         fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -115,6 +120,23 @@ def _plot_ranks(inputs: Mapping[PartitionRef, Path], out: Path, plt: Any) -> str
     return "ranks_spectra.png"
 
 
+def _plot_training(history: list[dict[str, Any]], out: Path, plt: Any) -> str:
+    """A learned method: its loss and soft (and hard) kept fraction per training step."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+    steps = [h["step"] for h in history]
+    ax1.plot(steps, [h["loss"] for h in history], lw=0.8)
+    ax1.set(title="training loss per step", xlabel="step", ylabel="loss")
+    ax2.plot(steps, [h["kept_soft"] for h in history], label="soft kept fraction")
+    if history and "kept_hard" in history[0]:
+        ax2.plot(steps, [h["kept_hard"] for h in history], label="components alive")
+    ax2.set(title="kept fraction of the target parameters", xlabel="step")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "training.png", dpi=100)
+    plt.close(fig)
+    return "training.png"
+
+
 def _plot_structure(search: dict[str, Any], out: Path, plt: Any) -> str:
     """A structured method: kept fraction and block influence per layer, inner dims per layer."""
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
@@ -138,7 +160,7 @@ class ReportStage(Stage):
     """Reads every partition of the stages it is built with (the rest of the pipeline)."""
 
     name = "report"
-    version = 3
+    version = 4
     description = "report.json + PNG plots"
 
     def __init__(self, upstream: Sequence[Stage] = ()) -> None:
