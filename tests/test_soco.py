@@ -148,6 +148,13 @@ def test_budget_pressure_reaches_the_target_and_allocate_reports_it(trained) -> 
     assert info["share_outside_sigma_order"] > 0  # pruned by learned score, not by σ order
 
 
+def test_debias_restarts_the_kept_scores_at_one(tmp_path: Path) -> None:
+    pipeline, ws = learned_run(tmp_path, "debias", 0.6, {**SOCO, "debias": True})
+    history = artifacts.read_history(outputs(pipeline, ws)[PartitionRef("train", ALL)])
+    last = [h for h in history if h["phase"] == "sparsify"][-1]
+    assert last["kept_soft"] == pytest.approx(last["kept_hard"], abs=1e-6)  # every kept score is 1
+
+
 def test_reloads_with_the_learned_ranks_and_factors(trained) -> None:
     pipeline, ws = trained
     found = outputs(pipeline, ws)

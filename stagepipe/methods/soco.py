@@ -61,6 +61,9 @@ class SoCoConfig(GradientOptions):
                             "output units); auto: matrix when the base's left metric is the identity, else global")
     candidates: float = Field(1.0, gt=0, le=1, description="share of each matrix's components offered to training "
                                                            "(top by weighted σ; 1: all)")
+    debias: bool = Field(False, description="reset the kept scores to 1 once the set is fixed (relaxed lasso: the tune "
+                                            "phase starts from the plain truncation of the learned set, free of the L1 "
+                                            "shrinkage)")
     checkpoint_every: int = Field(16, ge=1, description="steps between checkpoints (a crash loses at most this many)")
     gradient_checkpointing: bool = Field(False, description="recompute block activations in the backward pass (GPU memory)")
     seed: int = Field(0, description="window order")
@@ -116,7 +119,10 @@ class SoCo(Method):
         """What shapes the learned scores beyond the factors (the ``train`` stage's key; scope resolved)."""
         names = ("objective", "explore_epochs", "refine_epochs", "sparsify_epochs", "tune_epochs", "lr",
                  "prior", "prior_scope", "batch", "candidates", "seed")
-        return {name: self.prior_scope() if name == "prior_scope" else getattr(self.cfg, name) for name in names}
+        options = {name: self.prior_scope() if name == "prior_scope" else getattr(self.cfg, name) for name in names}
+        if self.cfg.debias:  # keyed only when set: earlier outputs keep their keys
+            options["debias"] = True
+        return options
 
 
 # --------------------------------------------------------------------------- the schedule, as pure functions

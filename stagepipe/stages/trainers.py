@@ -77,9 +77,13 @@ class SoCoTrainer:
             budget = self.schedule.hard_budget(step, self.start_cost, self.target * self.dense)
             for mask, new in zip(self.masks, select(self.params, self.masks, self.costs, self.units, self.caps, budget), strict=True):
                 mask.copy_(new)
+            debias = self.cfg.debias and step == self.schedule.bounds("sparsify")[1] - 1  # the set is now final
             with torch.no_grad():
                 for score, mask in zip(self.params, self.masks, strict=True):
-                    score.mul_(mask)
+                    if debias:  # relaxed lasso: the kept components restart from 1, free of the shrinkage
+                        score.copy_(mask)
+                    else:
+                        score.mul_(mask)
         with torch.no_grad():
             kept = float(soft_kept(self.params, self.masks, self.costs, self.dense))
         hard = sum(c * float(m.sum()) for c, m in zip(self.costs, self.masks, strict=True)) / self.dense
