@@ -85,6 +85,7 @@ def main() -> None:
     lines += ["", f"Test perplexity of the chosen value ({_show(chosen['value'])}): "
               + ", ".join(f"{d} **{v:.3f}**" for d, v in chosen["test"].items()), ""]
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     stem = f"tuning_{args.entry.replace(':', '_')}_{args.option}"
     (out / f"{stem}.md").write_text("\n".join(lines))
     # the other values' test numbers are not written anywhere: they would invite choosing on them
