@@ -23,8 +23,9 @@ from stagepipe.models.spectral import dense_mode, install
 from stagepipe.stages import artifacts, make_runner
 from tests.conftest import TINY, learned_pipeline, learned_run, merge, train_killed_and_resumed
 
+# prior 0: the penalty weighs parameters only, so which components survive is the learned scores' doing
 SOCO = {"name": "soco", "base": "svdllm", "explore_epochs": 2, "refine_epochs": 2, "sparsify_epochs": 1,
-        "tune_epochs": 1, "lr": 0.1, "checkpoint_every": 2}
+        "tune_epochs": 1, "lr": 0.1, "prior": 0, "checkpoint_every": 2}
 
 
 def soco_pipeline(tmp: Path, name: str, kept: float, **method) -> Path:
