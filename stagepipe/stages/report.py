@@ -114,10 +114,15 @@ def _plot_ranks(inputs: Mapping[PartitionRef, Path], out: Path, plt: Any) -> str
             energy = (value.double() ** 2).cumsum(0) / (value.double() ** 2).sum()
             ax2.plot(energy.numpy(), alpha=0.3, color="C0" if "mlp" in key else "C1")
     ax2.set(title="cumulative weighted σ² (blue mlp, orange attention)", xlabel="rank", ylabel="fraction kept")
+    return _saved(fig, out / "ranks_spectra.png", plt)
+
+
+def _saved(fig: Any, path: Path, plt: Any) -> str:
+    """Lay out, write (100 dpi) and close a figure; its file name."""
     fig.tight_layout()
-    fig.savefig(out / "ranks_spectra.png", dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
-    return "ranks_spectra.png"
+    return path.name
 
 
 def _plot_training(history: list[dict[str, Any]], out: Path, plt: Any) -> str:
@@ -131,10 +136,7 @@ def _plot_training(history: list[dict[str, Any]], out: Path, plt: Any) -> str:
         ax2.plot(steps, [h["kept_hard"] for h in history], label="components alive")
     ax2.set(title="kept fraction of the target parameters", xlabel="step")
     ax2.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "training.png", dpi=100)
-    plt.close(fig)
-    return "training.png"
+    return _saved(fig, out / "training.png", plt)
 
 
 def _plot_structure(search: dict[str, Any], out: Path, plt: Any) -> str:
@@ -150,10 +152,7 @@ def _plot_structure(search: dict[str, Any], out: Path, plt: Any) -> str:
         ax2.plot(layers, [v / max(values) for v in values], marker="o", label=f"{key} (max {max(values)})")
     ax2.set(title="inner dimensions (relative to their largest)", xlabel="layer")
     ax2.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "structure.png", dpi=100)
-    plt.close(fig)
-    return "structure.png"
+    return _saved(fig, out / "structure.png", plt)
 
 
 class ReportStage(Stage):
