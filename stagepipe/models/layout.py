@@ -7,6 +7,7 @@ weight as (in, out); ``weight_matrix`` transposes it so no formula downstream ha
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,21 @@ def set_weight_matrix(module: nn.Module, w: torch.Tensor) -> None:
     """Overwrite a linear's weight from an (out, in) matrix (transposed back for ``Conv1D``)."""
     target = weight_matrix(module)
     target.data.copy_(w.to(target.dtype))
+
+
+def swap_modules(model: nn.Module, names: Iterable[str], build: Callable[[str, nn.Module], nn.Module]) -> dict[str, nn.Module]:
+    """Freeze every parameter of ``model`` and replace each named module by ``build(name, old)``, on
+    the instance (no class is patched); the new modules by name. The learned methods' trainers use it."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    swapped = {}
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, child)
+        swapped[name] = build(name, old).to(weight_matrix(old).device)
+        setattr(parent, child, swapped[name])
+    return swapped
 
 
 def block_linears(layer: nn.Module, patterns: list[str] | None) -> dict[str, nn.Module]:

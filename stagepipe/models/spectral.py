@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from stagepipe.models.layout import weight_matrix
+from stagepipe.models.layout import swap_modules, weight_matrix
 
 
 class SpectralLinear(nn.Module):
@@ -58,16 +58,7 @@ class SpectralLinear(nn.Module):
 def install(model: nn.Module, svds: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> dict[str, SpectralLinear]:
     """Swap each named linear (full name → ``(left, σ, right)``) for a ``SpectralLinear``; every other
     parameter of the model is frozen."""
-    for param in model.parameters():
-        param.requires_grad_(False)
-    swapped = {}
-    for name, (left, sigma, right) in svds.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        module = SpectralLinear(getattr(parent, child), left, sigma, right).to(weight_matrix(getattr(parent, child)).device)
-        setattr(parent, child, module)
-        swapped[name] = module
-    return swapped
+    return swap_modules(model, svds, lambda name, old: SpectralLinear(old, *svds[name]))
 
 
 @contextmanager

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from stagepipe.models.layout import weight_matrix
+from stagepipe.models.layout import swap_modules, weight_matrix
 
 
 def truncation_mask(gamma: Tensor, k: int, beta: float) -> Tensor:
@@ -133,14 +133,4 @@ def install_truncation(model: nn.Module, names: list[str], fractions: Mapping[st
                        terms: int) -> dict[str, TruncatedLinear]:
     """Swap each named linear for a ``TruncatedLinear`` starting at ``fractions[name]``; every other
     parameter of the model is frozen."""
-    for param in model.parameters():
-        param.requires_grad_(False)
-    swapped = {}
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        old = getattr(parent, child)
-        module = TruncatedLinear(old, fractions[name], beta, gap, terms).to(weight_matrix(old).device)
-        setattr(parent, child, module)
-        swapped[name] = module
-    return swapped
+    return swap_modules(model, names, lambda name, old: TruncatedLinear(old, fractions[name], beta, gap, terms))

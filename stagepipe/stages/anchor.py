@@ -300,19 +300,17 @@ class _Refinement:
             for i, master in enumerate(self.masters):
                 master.copy_(tensors[f"param.{i}"])
         self._load(self.masters)
-        state = {i: {key: tensors[f"adam.{i}.{key}"] for key in ("step", "exp_avg", "exp_avg_sq")}
-                 for i in range(len(self.params))}
-        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        artifacts.load_optimizer(optimizer, tensors, meta["param_groups"], len(self.params))
         self.work.telemetry["resumed_from_epoch"] = meta["epoch"]
         best = {"epoch": meta["best_epoch"], "state": [tensors[f"best.{i}"] for i in range(len(self.params))]}
         return meta["epoch"], meta["history"], best
 
     def _save(self, epoch: int, optimizer: torch.optim.Optimizer, history: list[float], best: dict[str, Any]) -> None:
-        state = optimizer.state_dict()
+        adam, param_groups = artifacts.optimizer_tensors(optimizer)
         tensors = {f"param.{i}": m.detach() for i, m in enumerate(self.masters)}
         tensors.update({f"best.{i}": t for i, t in enumerate(best["state"])})
-        tensors.update({f"adam.{i}.{key}": value for i, s in state["state"].items() for key, value in s.items()})
-        meta = {"epoch": epoch, "history": history, "best_epoch": best["epoch"], "param_groups": state["param_groups"]}
+        tensors.update(adam)
+        meta = {"epoch": epoch, "history": history, "best_epoch": best["epoch"], "param_groups": param_groups}
         artifacts.write_checkpoint(self.work.resume / self.FILE, tensors, meta)
         kill_point("refine-saved")
 

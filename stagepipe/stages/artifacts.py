@@ -309,11 +309,15 @@ def allocated_factors(decomposed: Path, residual: Path | None,
     return {n: spectra[n].factors(r) for n, r in ranks.items()}
 
 
-def read_anchored(anchor_output: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """(up, down) per block-relative linear as the ``anchor`` stage fitted them (float64)."""
-    raw = safetensors_io.read(anchor_output / ANCHOR)
+def _factor_pairs(raw: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``<linear>.up`` / ``<linear>.down`` tensors as (up, down) per linear (float64)."""
     return {key.removesuffix(".up"): (raw[key].double(), raw[key.removesuffix(".up") + ".down"].double())
             for key in raw if key.endswith(".up")}
+
+
+def read_anchored(anchor_output: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(up, down) per block-relative linear as the ``anchor`` stage fitted them (float64)."""
+    return _factor_pairs(safetensors_io.read(anchor_output / ANCHOR))
 
 
 def read_structure(structure_output: Path) -> dict[str, torch.Tensor]:
@@ -339,9 +343,7 @@ def write_learned(out: Path, index: int, tensors: Mapping[str, torch.Tensor]) ->
 
 def read_learned(train_output: Path, index: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """(up, down) per block-relative linear of layer ``index`` (float64)."""
-    raw = safetensors_io.read(train_output / LEARNED / f"{layer_partition(index)}.safetensors")
-    return {key.removesuffix(".up"): (raw[key].double(), raw[key.removesuffix(".up") + ".down"].double())
-            for key in raw if key.endswith(".up")}
+    return _factor_pairs(safetensors_io.read(train_output / LEARNED / f"{layer_partition(index)}.safetensors"))
 
 
 def read_learned_ranks(train_output: Path) -> dict[str, int]:
@@ -368,6 +370,21 @@ def write_checkpoint(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapp
     path.parent.mkdir(parents=True, exist_ok=True)
     blob = torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8)
     safetensors_io.write_atomic(path, {**tensors, _META: blob})
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """Adam's moments as checkpoint tensors (``adam.<i>.<key>``) and its parameter groups (JSON)."""
+    state = optimizer.state_dict()
+    tensors = {f"adam.{i}.{key}": value.cpu() for i, s in state["state"].items() for key, value in s.items()}
+    return tensors, state["param_groups"]
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor],
+                   param_groups: list[dict[str, Any]], count: int) -> None:
+    """Restore what ``optimizer_tensors`` saved for ``count`` parameters (those that had a step)."""
+    state = {i: {key: tensors[f"adam.{i}.{key}"] for key in ("step", "exp_avg", "exp_avg_sq")}
+             for i in range(count) if f"adam.{i}.step" in tensors}
+    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:

@@ -84,12 +84,11 @@ class _Loop:
     def __init__(self, cfg: Any, model: torch.nn.Module, trainer: Any, windows: torch.Tensor, work: Work,
                  device: torch.device) -> None:
         self.cfg, self.model, self.trainer, self.windows, self.work, self.device = cfg, model, trainer, windows, work, device
-        self.steps_per_epoch = -(-len(windows) // cfg.batch)
         self.history: list[dict[str, Any]] = []
 
     def batch(self, step: int) -> torch.Tensor:
         """The windows of ``step``: a fixed permutation per epoch (seed, epoch), so a resumed run sees the same."""
-        epoch, position = divmod(step, self.steps_per_epoch)
+        epoch, position = divmod(step, self.trainer.steps_per_epoch)
         generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
         order = torch.randperm(len(self.windows), generator=generator)
         return self.windows[order[position * self.cfg.batch:(position + 1) * self.cfg.batch]].to(self.device)
@@ -133,19 +132,17 @@ class _Loop:
             return 0
         tensors, meta = found
         self.trainer.load(tensors, meta["trainer"])
-        state = {i: {key: tensors[f"adam.{i}.{key}"] for key in ("step", "exp_avg", "exp_avg_sq")}
-                 for i in range(len(self.trainer.params)) if f"adam.{i}.step" in tensors}
-        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        artifacts.load_optimizer(optimizer, tensors, meta["param_groups"], len(self.trainer.params))
         torch.set_rng_state(tensors["rng"])
         self.history = meta["history"]
         self.work.telemetry["resumed_from_step"] = meta["step"]
         return meta["step"]
 
     def _save(self, step: int, optimizer: torch.optim.Optimizer) -> None:
-        state = optimizer.state_dict()
         tensors, trainer_meta = self.trainer.state()
-        tensors.update({f"adam.{i}.{key}": value.cpu() for i, s in state["state"].items() for key, value in s.items()})
+        adam, param_groups = artifacts.optimizer_tensors(optimizer)
+        tensors.update(adam)
         tensors["rng"] = torch.get_rng_state()
-        meta = {"step": step, "trainer": trainer_meta, "history": self.history, "param_groups": state["param_groups"]}
+        meta = {"step": step, "trainer": trainer_meta, "history": self.history, "param_groups": param_groups}
         artifacts.write_checkpoint(self.work.resume / self.FILE, tensors, meta)
         kill_point("train-saved")

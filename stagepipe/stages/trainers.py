@@ -1,7 +1,7 @@
 """What the ``train`` stage trains, one class per ``Method.learned`` kind (not a stage).
 
 A trainer swaps the target linears of the model for trainable modules, names its parameters,
-its learning rate per step and its total steps, does what follows each Adam step (SoCo: the
+its learning rate per step, its steps per epoch and in all, does what follows each Adam step (SoCo: the
 budget's proximal step or pruning; Dobi-SVD: the projection onto the budget), saves and loads its
 own state for the checkpoint, and writes its outputs. ``train.py`` owns everything else: the
 windows, the loss, Adam, checkpoints, the progress bar.
@@ -31,11 +31,12 @@ class SoCoTrainer:
                  windows: int, dtype: torch.dtype) -> None:
         self.cfg, self.target = cfg, target
         svds = {}
-        for full, (_, name, directory) in targets.items():
-            svd = artifacts.read_weighted_svd(directory, [name])[name]
-            keep = math.ceil(cfg.candidates * len(svd.sigma))
-            # the model dtype right away: one matrix's float64 factors at a time, not the model's
-            svds[full] = (svd.left[:, :keep].to(dtype), svd.sigma[:keep].float(), svd.right[:keep].to(dtype))
+        for directory in dict.fromkeys(d for _, _, d in targets.values()):  # one read per layer, in order
+            names = {name: full for full, (_, name, d) in targets.items() if d == directory}
+            for name, svd in artifacts.read_weighted_svd(directory, list(names)).items():
+                keep = math.ceil(cfg.candidates * len(svd.sigma))
+                # the model dtype right away: one layer's float64 factors at a time, not the model's
+                svds[names[name]] = (svd.left[:, :keep].to(dtype), svd.sigma[:keep].float(), svd.right[:keep].to(dtype))
         self.modules: dict[str, SpectralLinear] = install(model, svds)
         del svds
         self.targets = targets
@@ -48,7 +49,7 @@ class SoCoTrainer:
         self.caps = [min(max(1, max_useful_rank(a, b, 1)), m.components) for (a, b), m in zip(shapes, ordered, strict=True)]
         self.dense = float(sum(a * b for a, b in shapes))
         self.schedule = Schedule.of(cfg, windows)
-        self.total = self.schedule.total
+        self.steps_per_epoch, self.total = self.schedule.steps_per_epoch, self.schedule.total
         self.start_soft: float | None = None
         self.start_cost: float | None = None
 
@@ -113,7 +114,7 @@ class SoCoTrainer:
                     tensors[f"{name}.up"], tensors[f"{name}.down"] = up.cpu(), down.cpu()
                     ranks[full] = int(up.shape[1])
             artifacts.write_learned(out, layer, tensors)
-        last = history[-self.schedule.steps_per_epoch:]
+        last = history[-self.steps_per_epoch:]
         return {"ranks": dict(sorted(ranks.items())), "steps": self.total,
                 "final_loss": sum(h["loss"] for h in last) / max(1, len(last)), "objective": self.cfg.objective,
                 "kept_soft_final": history[-1]["kept_soft"] if history else None, **_order_report(self.modules)}
