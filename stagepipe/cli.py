@@ -179,9 +179,15 @@ def _print_summary(runner) -> None:
         return
     info = report.state.manifest.info
     ratios = info["ratios"]
-    click.echo(f"kept fraction: requested {ratios['requested_kept_fraction']:.3f}, achieved "
-               f"{ratios['kept_over_target_matrices']:.4f} (targets) / {ratios['kept_over_block_linears']:.4f} "
-               f"(block linears) / {ratios['kept_over_model']:.4f} (model)")
+    achieved = (f"{ratios['kept_over_target_matrices']:.4f} (targets) / {ratios['kept_over_block_linears']:.4f} "
+                f"(block linears) / {ratios['kept_over_model']:.4f} (model)")
+    memory = ratios.get("memory")
+    if memory:  # the budget was memory: say so, and give the parameter fractions beside it
+        click.echo(f"kept memory ({memory['storage']}): requested {memory['requested_kept_memory']:.3f}, achieved "
+                   f"{memory['kept_memory_over_target_matrices']:.4f} of the dense 16-bit target matrices")
+        click.echo(f"kept parameters: {achieved}")
+    else:
+        click.echo(f"kept fraction: requested {ratios['requested_kept_fraction']:.3f}, achieved {achieved}")
     for model, values in sorted(info["perplexity"].items()):
         click.echo(f"perplexity {model:<10} " + "  ".join(f"{d}={v:.3f}" for d, v in sorted(values.items())))
     if "model_dir" in info:

@@ -6,16 +6,19 @@ SIGKILL mid-training resumes to identical ranks, HF reload)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from stagepipe.accounting import max_stored_rank, memory_report, rank_cost
 from stagepipe.config import load_pipeline
 from stagepipe.engine.stage import ALL, PartitionRef
 from stagepipe.linalg import MetricCache, weighted_svd
 from stagepipe.methods.dobi_svd import project_to_budget, round_to_budget
+from stagepipe.models.modeling_lowrank import RemappedLinear, remap_factors
 from stagepipe.models.truncation import TruncatedLinear, stable_svd, truncation_mask
 from stagepipe.stages import artifacts, make_runner
 from tests.conftest import learned_pipeline, learned_run, train_killed_and_resumed
@@ -181,3 +184,74 @@ def test_sigkill_mid_training_resumes_to_identical_ranks(tmp_path: Path) -> None
     done, reference = train_killed_and_resumed(dobi_pipeline(tmp_path, "kill_dobi", 0.6), tmp_path, skip=2)
     assert done.telemetry["resumed_from_step"] == 6
     assert done.content_digest() == reference.content_digest()
+
+
+# --------------------------------------------------------------------------- remapping (8-bit square part)
+def _factors(out_features: int, in_features: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(1)
+    return torch.randn(out_features, rank, dtype=torch.float64), torch.randn(rank, in_features, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("shape", [(24, 10), (10, 24), (16, 16)])
+def test_remapped_factors_decode_within_half_a_step_and_store_the_accounted_bytes(shape: tuple[int, int]) -> None:
+    out_features, in_features = shape
+    rank, square = 6, min(shape)
+    up, down = _factors(out_features, in_features, rank)
+    tensors = remap_factors(up, down)
+    module = RemappedLinear(in_features, out_features, rank, bias=True)
+    missing, unexpected = module.load_state_dict({**tensors, "bias": torch.zeros(out_features)}, strict=True)
+    dec_up, dec_down = module.factors(torch.float64)
+    # the square parts: at most half a code step (absmax / 254, with the fp16 scale's rounding)
+    step_up = up[:square].abs().amax(0) / 127
+    step_down = down[:, :square].abs().amax(1) / 127
+    assert ((dec_up[:square] - up[:square]).abs() <= step_up * 0.5 * 1.001 + 1e-12).all()
+    assert ((dec_down[:, :square] - down[:, :square]).abs() <= step_down[:, None] * 0.5 * 1.001 + 1e-12).all()
+    # the rest of the longer factor: fp16 rounding only
+    torch.testing.assert_close(dec_up[square:], up[square:].half().double(), rtol=0, atol=0)
+    torch.testing.assert_close(dec_down[:, square:], down[:, square:].half().double(), rtol=0, atol=0)
+    stored = sum(t.numel() * t.element_size() for t in tensors.values())
+    assert stored == 2 * rank * rank_cost(out_features, in_features, "remap8")
+    x = torch.randn(3, in_features, dtype=torch.float64)
+    module.double()
+    torch.testing.assert_close(module(x), x @ (dec_up @ dec_down).T)
+
+
+def test_memory_report_counts_remapped_words() -> None:
+    shapes = {"a": (24, 10), "b": (16, 16)}
+    report = memory_report(shapes, {"a": 4, "b": None}, "remap8", 0.8)
+    assert report.stored_bytes == 2 * (4 * 26 + 256) and report.dense_bytes_16bit == 2 * (240 + 256)
+    assert report.kept_memory_over_target_matrices == pytest.approx((4 * 26 + 256) / (240 + 256))
+    assert max_stored_rank(16, 16, "remap8") == 14 and max_stored_rank(16, 16, "16-bit") == 7  # 14·18 < 256
+
+
+@pytest.fixture(scope="module")
+def remapped(tmp_path_factory) -> tuple[Path, Path]:
+    return learned_run(tmp_path_factory.mktemp("dobi_remap"), "dobi_remap", 0.6, {**DOBI, "remap": True})
+
+
+def test_remap_spends_a_memory_budget_and_reports_both_fractions(remapped, trained) -> None:
+    pipeline, ws = remapped
+    found = outputs(pipeline, ws)
+    ratios = artifacts.read_results(found[PartitionRef("allocate", ALL)])["ratios"]
+    memory = ratios["memory"]
+    assert memory["storage"] == "remap8" and memory["requested_kept_memory"] == 0.6
+    assert 0.6 - 0.02 < memory["kept_memory_over_target_matrices"] <= 0.6
+    # the same memory holds more components than 16-bit factors: the parameter fraction is larger
+    plain = artifacts.read_results(outputs(*trained)[PartitionRef("allocate", ALL)])["ratios"]
+    assert ratios["kept_over_target_matrices"] > 1.2 * plain["kept_over_target_matrices"]
+    assert "memory" not in plain
+
+
+def test_remapped_model_reloads_in_8_bit_with_the_learned_ranks(remapped) -> None:
+    pipeline, ws = remapped
+    found = outputs(pipeline, ws)
+    ranks = artifacts.read_learned_ranks(found[PartitionRef("train", ALL)])
+    directory = artifacts.model_dir(found[PartitionRef("assemble", ALL)])
+    model, info = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, dtype=torch.float32,
+                                                       output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert model.config.lowrank_ranks == ranks and model.config.lowrank_remapped == sorted(ranks)
+    module = model.get_submodule(next(iter(ranks)))
+    assert type(module).__name__ == "RemappedLinear" and module.up_codes.dtype == torch.int8
+    evaluated = artifacts.read_results(found[PartitionRef("evaluate", "test")]) if PartitionRef("evaluate", "test") in found else None
+    assert evaluated is None or all(math.isfinite(v) for v in evaluated["perplexity"].values())

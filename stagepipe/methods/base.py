@@ -146,6 +146,11 @@ class Method:
         """Options that shape a ``learned`` method's training (the ``train`` stage's key)."""
         return {}
 
+    def storage(self) -> str:
+        """How ``assemble`` stores factored matrices (``accounting.STORAGES``); the budget is a
+        memory fraction when this is not ``16-bit``."""
+        return "16-bit"
+
     def allocation_options(self) -> dict[str, Any]:
         """Options of a ``structured`` method's per-layer allocation (``allocate``'s key)."""
         return {}

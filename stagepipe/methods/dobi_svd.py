@@ -16,8 +16,12 @@ factorisation (whitening by the same input Gram; tested against an explicit PCA)
 SVD-LLM's (``decompose`` is shared with ``svdllm``), ``capture``'s Gram is the incremental,
 exact accumulation, and ``assemble`` truncates its factors at the learned ranks.
 
-The "remap" storage of the paper (8-bit square part) is not implemented: ratios here are
-parameter ratios by the one accounting function.
+**Remapping** (``remap: true``, the paper's mixed-precision storage): the ``min(m,n)×k`` square
+part of both factors in 8 bits, the longer factor's rest in fp16 (``modeling_lowrank.RemappedLinear``),
+``k(max(m,n) + 2)`` 16-bit words instead of ``k(m+n)``. Then ``target.kept_fraction`` is a
+**memory** fraction of the dense 16-bit target matrices: training and rounding spend it under that
+size model (ranks up to nearly ``min(m,n)``), and the report prints it beside the parameter
+fraction, which can exceed 1. Evaluation runs the 8-bit model as stored.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ class DobiSVDConfig(MethodConfig):
     checkpoint_every: int = Field(8, ge=1)
     gradient_checkpointing: bool = False
     seed: int = 0
+    remap: bool = Field(False, description="store the square part of the factors in 8 bits (the paper's remapping); "
+                                           "target.kept_fraction is then a memory fraction of the dense 16-bit matrices")
 
 
 @register
@@ -59,7 +65,13 @@ class DobiSVD(Method):
 
     def training_options(self) -> dict[str, Any]:
         names = ("objective", "epochs", "lr", "beta", "svd_gap", "svd_terms", "batch", "seed")
-        return {name: getattr(self.cfg, name) for name in names}
+        options = {name: getattr(self.cfg, name) for name in names}
+        if self.cfg.remap:  # keyed only when set: runs without remapping keep their keys
+            options["storage"] = self.storage()
+        return options
+
+    def storage(self) -> str:
+        return "remap8" if self.cfg.remap else "16-bit"
 
 
 def project_to_budget(fractions: torch.Tensor, weights: torch.Tensor, low: torch.Tensor, high: torch.Tensor,

@@ -5,6 +5,10 @@ next to the compressed weights; ``config.json`` points at it through ``auto_map`
 subclasses the Hugging Face class of the base architecture and, in ``__init__``, swaps every linear
 named in ``config.lowrank_ranks`` for a ``LowRankLinear``: ``down`` (in → r, no bias) followed by
 ``up`` (r → out, with the original bias). Nothing in transformers is monkey-patched.
+
+Linears named in ``config.lowrank_remapped`` are ``RemappedLinear`` instead (Dobi-SVD's
+"remapping"): the square ``min(in, out)``-row part of both factors in int8, one fp16 scale per
+component and factor, the rest of the longer factor in fp16; ``remap_factors`` writes them.
 """
 
 from __future__ import annotations
@@ -40,6 +44,81 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
+#: symmetric 8-bit codes: x ≈ code · scale with code in [-127, 127] and scale = absmax / 127
+CODE_MAX = 127
+
+
+def _codes(block: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes of ``block`` and the fp16 scale of each slice along ``dim`` (absmax / 127; the
+    codes are rounded against the fp16 scale that is stored, so decoding uses what was encoded)."""
+    scale = (block.abs().amax(dim=dim) / CODE_MAX).to(torch.float16)
+    if not torch.isfinite(scale).all():
+        raise ValueError("a factor's scale does not fit fp16")
+    divisor = torch.where(scale > 0, scale.double(), torch.ones_like(scale, dtype=torch.float64)).unsqueeze(dim)
+    codes = torch.round(block.double() / divisor).clamp(-CODE_MAX, CODE_MAX).to(torch.int8)
+    return codes, scale
+
+
+def remap_factors(up: torch.Tensor, down: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A ``RemappedLinear``'s tensors (without bias) from ``up`` (out×r) and ``down`` (r×in): the
+    first ``min(in, out)`` rows of ``up`` and columns of ``down`` as int8 with per-component fp16
+    scales, the longer factor's remainder in fp16."""
+    out_features, in_features = up.shape[0], down.shape[1]
+    square = min(out_features, in_features)
+    up_codes, up_scale = _codes(up[:square], dim=0)
+    down_codes, down_scale = _codes(down[:, :square], dim=1)
+    tensors = {"up_codes": up_codes, "up_scale": up_scale, "down_codes": down_codes, "down_scale": down_scale}
+    if out_features > square:
+        tensors["up_rest"] = up[square:].to(torch.float16).contiguous()
+    if in_features > square:
+        tensors["down_rest"] = down[:, square:].to(torch.float16).contiguous()
+    if not all(torch.isfinite(t.float()).all() for t in tensors.values()):
+        raise ValueError("a factor does not fit fp16")
+    return tensors
+
+
+class RemappedLinear(nn.Module):
+    """``y = up(down(x))`` with each factor's square part stored in int8 (Dobi-SVD's remapping).
+
+    ``up = [up_codes · up_scale ; up_rest]`` (out×r), ``down = [down_codes · down_scale | down_rest]``
+    (r×in); the codes are buffers (int8 is not a trainable type), decoded in the input's dtype at
+    every call.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        square = min(in_features, out_features)
+        self.register_buffer("up_codes", torch.zeros(square, rank, dtype=torch.int8, device=device))
+        self.register_buffer("up_scale", torch.zeros(rank, dtype=torch.float16, device=device))
+        self.register_buffer("down_codes", torch.zeros(rank, square, dtype=torch.int8, device=device))
+        self.register_buffer("down_scale", torch.zeros(rank, dtype=torch.float16, device=device))
+        if out_features > square:
+            self.register_buffer("up_rest", torch.zeros(out_features - square, rank, dtype=torch.float16, device=device))
+        if in_features > square:
+            self.register_buffer("down_rest", torch.zeros(rank, in_features - square, dtype=torch.float16, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    def factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoded (up, down) in ``dtype``."""
+        up = self.up_codes.to(dtype) * self.up_scale.to(dtype)
+        down = self.down_codes.to(dtype) * self.down_scale.to(dtype)[:, None]
+        if hasattr(self, "up_rest"):
+            up = torch.cat([up, self.up_rest.to(dtype)], dim=0)
+        if hasattr(self, "down_rest"):
+            down = torch.cat([down, self.down_rest.to(dtype)], dim=1)
+        return up, down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        up, down = self.factors(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return nn.functional.linear(nn.functional.linear(x, down), up, bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, storage=remap8"
+
+
 def linear_shape(module: nn.Module) -> tuple[int, int, bool]:
     """(in_features, out_features, has_bias) of an ``nn.Linear`` or a GPT-2 ``Conv1D``."""
     if isinstance(module, nn.Linear):
@@ -49,15 +128,17 @@ def linear_shape(module: nn.Module) -> tuple[int, int, bool]:
     raise TypeError(f"cannot factor a {type(module).__name__}")
 
 
-def swap_linears(model: nn.Module, ranks: dict[str, int]) -> None:
-    """Replace each named linear by a ``LowRankLinear`` of the given rank."""
+def swap_linears(model: nn.Module, ranks: dict[str, int], remapped: frozenset[str] = frozenset()) -> None:
+    """Replace each named linear by a ``LowRankLinear`` of the given rank (a ``RemappedLinear``
+    for the names in ``remapped``)."""
     for name, rank in ranks.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         old = getattr(parent, child)
         in_features, out_features, bias = linear_shape(old)
-        setattr(parent, child, LowRankLinear(in_features, out_features, int(rank), bias,
-                                             dtype=old.weight.dtype, device=old.weight.device))
+        kind = RemappedLinear if name in remapped else LowRankLinear
+        setattr(parent, child, kind(in_features, out_features, int(rank), bias,
+                                    dtype=old.weight.dtype, device=old.weight.device))
 
 
 def install_factors(block: nn.Module, name: str, up: torch.Tensor, down: torch.Tensor) -> LowRankLinear:
@@ -79,8 +160,11 @@ def install_factors(block: nn.Module, name: str, up: torch.Tensor, down: torch.T
 
 def _lowrank_pair(config_cls: type, model_cls: type, model_type: str) -> tuple[type, type]:
     class Config(config_cls):
-        def __init__(self, lowrank_ranks: dict[str, int] | None = None, **kwargs) -> None:
+        def __init__(self, lowrank_ranks: dict[str, int] | None = None, lowrank_remapped: list[str] | None = None,
+                     **kwargs) -> None:
             self.lowrank_ranks = dict(lowrank_ranks or {})
+            if lowrank_remapped:  # absent from configs without remapping, so theirs stay as they were
+                self.lowrank_remapped = sorted(lowrank_remapped)
             super().__init__(**kwargs)
 
     Config.model_type = model_type
@@ -90,7 +174,7 @@ def _lowrank_pair(config_cls: type, model_cls: type, model_type: str) -> tuple[t
 
         def __init__(self, config: Config) -> None:
             super().__init__(config)
-            swap_linears(self, config.lowrank_ranks)
+            swap_linears(self, config.lowrank_ranks, frozenset(getattr(config, "lowrank_remapped", ())))
 
     return Config, Model
 

@@ -1,7 +1,9 @@
 """``allocate``: ranks for every target matrix from the weighted spectra and the target.
 
 Also the one place the achieved kept fractions are computed (after rank rounding), by
-``stagepipe.accounting.ratio_report``: over the target matrices, all block linears and the model.
+``stagepipe.accounting.ratio_report``: over the target matrices, all block linears and the model;
+with a storage other than 16-bit factors (Dobi-SVD's remapping) also the memory fraction
+(``accounting.memory_report``) under ``ratios.memory``.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from typing import Any
 
 from transformers import AutoConfig
 
-from stagepipe.accounting import kept_report, ratio_report
+from stagepipe.accounting import kept_report, memory_report, ratio_report
 from stagepipe.allocation import Candidate, MatrixSpectrum, make_policy
 from stagepipe.engine.stage import Context, PartitionRef, Stage, Work
 from stagepipe.models.layout import block_linear_shapes, layout_for
@@ -41,6 +43,8 @@ class AllocateStage(Stage):
         method = needs(ctx.config).method
         if method.structured:
             slice_["method"] = method.allocation_options()
+        if method.storage() != "16-bit":  # keyed only when set: 16-bit outputs keep their keys
+            slice_["storage"] = method.storage()
         return slice_
 
     def run(self, ctx: Context, work: Work) -> dict[str, Any]:
@@ -77,10 +81,15 @@ class AllocateStage(Stage):
         """A learned method's ranks as trained (no policy), accounted like every other."""
         ranks = artifacts.read_learned_ranks(work.input("train"))
         n_params = artifacts.read_results(work.input("snapshot"))["n_params"]
-        report = ratio_report(block_linear_shapes(config), ranks, n_params, ctx.config.target.kept_fraction)
+        shapes = block_linear_shapes(config)
+        kept = ctx.config.target.kept_fraction
+        ratios = ratio_report(shapes, ranks, n_params, kept).model_dump()
+        storage = needs(ctx.config).method.storage()
+        if storage != "16-bit":
+            ratios["memory"] = memory_report(shapes, ranks, storage, kept).model_dump()
         details = {"learned_by": needs(ctx.config).method.name}
-        artifacts.write_allocation(work.out, ranks, {}, report.model_dump(), details)
-        return {"ratios": report.model_dump(), "policy": "learned", "search": details, "dense_targets": []}
+        artifacts.write_allocation(work.out, ranks, {}, ratios, details)
+        return {"ratios": ratios, "policy": "learned", "search": details, "dense_targets": []}
 
     @staticmethod
     def _structured(ctx: Context, work: Work, config: Any) -> dict[str, Any]:

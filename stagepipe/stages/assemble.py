@@ -5,6 +5,10 @@ Writes one safetensors shard per decoder block (targets replaced by ``<name>.dow
 a shard for the rest, ``model.safetensors.index.json``, ``config.json`` with the ranks and
 ``auto_map`` to the bundled ``modeling_lowrank.py``, and the tokenizer. Before finishing it checks
 on a meta-device instance that the checkpoint has exactly the keys the class expects.
+
+With remapping (``Method.storage() == "remap8"``) a factored linear is written as
+``modeling_lowrank.remap_factors`` encodes it (int8 square parts, fp16 scales and rest, the
+original ``<name>.bias``) and listed in ``config.lowrank_remapped``.
 """
 
 from __future__ import annotations
@@ -55,12 +59,14 @@ class AssembleStage(Stage):
         return deps
 
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
-        return {}
+        storage = needs(ctx.config).method.storage()
+        return {"storage": storage} if storage != "16-bit" else {}  # 16-bit outputs keep their keys
 
     def run(self, ctx: Context, work: Work) -> dict[str, Any]:
         snapshot = artifacts.model_dir(work.input("snapshot"))
         config = AutoConfig.from_pretrained(snapshot)
         structured = needs(ctx.config).structure
+        remap = needs(ctx.config).method.storage() == "remap8"
         family = "structured" if structured else "lowrank"
         if config.model_type not in FAMILIES[family][1]:
             raise StagepipeError(f"no {family} class for architecture {config.model_type!r}")
@@ -88,7 +94,7 @@ class AssembleStage(Stage):
                 sources = (by_layer["decompose"][i], by_layer["residual"].get(i), by_layer["anchor"].get(i),
                            by_layer["refit"].get(i))
                 learned = artifacts.read_learned(trained, i) if trained is not None else None
-                shard = self._layer_shard(snapshot, wmap, layer_keys, prefix, sources, factored, learned)
+                shard = self._layer_shard(snapshot, wmap, layer_keys, prefix, sources, factored, learned, remap)
             name = f"layer-{i:03d}.safetensors"
             safetensors_io.write_atomic(target / name, shard)
             index.update(dict.fromkeys(shard, name))
@@ -103,6 +109,8 @@ class AssembleStage(Stage):
         (target / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(index.items()))}, indent=1))
         extra = {"structured_layers": dims} if structured else {"lowrank_ranks": dict(sorted(factored.items()))}
+        if remap:
+            extra["lowrank_remapped"] = sorted(factored)
         self._write_config(snapshot, target, config.model_type, family, extra)
         for item in snapshot.iterdir():
             if item.name.startswith(("tokenizer", "special_tokens", "generation_config", "vocab", "merges")):
@@ -114,10 +122,11 @@ class AssembleStage(Stage):
     def _layer_shard(snapshot: Path, wmap: dict[str, str], keys: list[str], prefix: str,
                      sources: tuple[Path, Path | None, Path | None, Path | None],
                      factored: dict[str, int],
-                     learned: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
+                     learned: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                     remap: bool = False) -> dict[str, torch.Tensor]:
         """Block tensors with each factored linear replaced by its final factors: ``train``'s or
         ``anchor``'s where they ran, else ``decompose``'s (or ``residual``'s) at the rank, with
-        ``refit``'s up factors."""
+        ``refit``'s up factors; remapped (8-bit square part) when ``remap``."""
         decomposed, residual, anchored, refitted = sources
         tensors: dict[str, torch.Tensor] = {}
         for key in keys:
@@ -136,6 +145,9 @@ class AssembleStage(Stage):
             full = prefix + local
             weight = tensors.pop(f"{full}.weight")
             up = updates[local] if updates else up
+            if remap:  # the bias keeps its name: RemappedLinear.bias
+                tensors.update({f"{full}.{key}": t for key, t in modeling_lowrank.remap_factors(up, down).items()})
+                continue
             tensors[f"{full}.up.weight"] = up.to(weight.dtype)
             tensors[f"{full}.down.weight"] = down.to(weight.dtype)
             if f"{full}.bias" in tensors:

@@ -85,7 +85,10 @@ def plot(report: dict[str, Any], inputs: Mapping[PartitionRef, Path], out: Path)
         for i, model in enumerate(sorted(ppl)):
             ax.bar([j + 0.4 * i for j in range(len(names))], [ppl[model].get(d, 0) for d in names], width=0.4, label=model)
         ax.set_xticks([j + 0.2 for j in range(len(names))], names)
-        ax.set(title=f"perplexity ({report['method']}, kept {report['ratios']['kept_over_target_matrices']:.3f})", ylabel="PPL")
+        memory = report["ratios"].get("memory")
+        kept = (f"memory {memory['kept_memory_over_target_matrices']:.3f}" if memory
+                else f"kept {report['ratios']['kept_over_target_matrices']:.3f}")
+        ax.set(title=f"perplexity ({report['method']}, {kept})", ylabel="PPL")
         ax.legend()
         fig.tight_layout()
         fig.savefig(out / "perplexity.png", dpi=100)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from stagepipe.accounting import max_useful_rank
+from stagepipe.accounting import max_stored_rank, max_useful_rank, rank_cost
 from stagepipe.methods.dobi_svd import project_to_budget, round_to_budget
 from stagepipe.methods.soco import Schedule, SoCo, penalty_units, select, shrink_to_budget, soft_kept
 from stagepipe.models.layout import weight_matrix
@@ -134,19 +134,22 @@ def _order_report(modules: dict[str, SpectralLinear]) -> dict[str, Any]:
 
 
 class DobiTrainer:
-    """One truncation position ``γ = g·k`` per target, projected onto the parameter budget after every step."""
+    """One truncation position ``γ = g·k`` per target, projected onto the budget after every step
+    (parameters, or 16-bit words with remapping: ``accounting.rank_cost``)."""
 
     def __init__(self, cfg: Any, model: torch.nn.Module, targets: dict[str, tuple[int, str, Path]], target: float,
                  windows: int, dtype: torch.dtype) -> None:
         self.cfg, self.target = cfg, target
+        storage = "remap8" if cfg.remap else "16-bit"
         names = sorted(targets)
         shapes = {n: tuple(weight_matrix(model.get_submodule(n)).shape) for n in names}
-        self.costs = [shapes[n][0] + shapes[n][1] for n in names]
+        self.costs = [rank_cost(*shapes[n], storage) for n in names]
         self.ks = [min(shapes[n]) for n in names]
-        self.caps = [max(1, max_useful_rank(*shapes[n], 1)) for n in names]
+        self.caps = [max(1, max_stored_rank(*shapes[n], storage)) for n in names]
         self.dense = float(sum(m * n for m, n in shapes.values()))
-        # start from the uniform allocation: rank τ·mn/(m+n), as a fraction of min(m, n)
-        uniform = {n: target * m * n_in / ((m + n_in) * min(m, n_in)) for n, (m, n_in) in shapes.items()}
+        # start from the uniform allocation: rank τ·mn/cost, as a fraction of min(m, n)
+        uniform = {n: target * m * n_in / (cost * min(m, n_in))
+                   for (n, (m, n_in)), cost in zip(shapes.items(), self.costs, strict=True)}
         self.modules = install_truncation(model, names, uniform, cfg.beta, cfg.svd_gap, cfg.svd_terms)
         self.params = [self.modules[n].fraction for n in names]
         self.weights = torch.tensor([c * k for c, k in zip(self.costs, self.ks, strict=True)], dtype=torch.float64) / self.dense
