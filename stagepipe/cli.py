@@ -113,6 +113,7 @@ def run(pipeline: str, workspace: str | None, dry_run: bool, force: tuple[str, .
         _print_status(runner, verbose=True, todo_only=True)
         _print_plan(config, runner)
         return
+    _warn_budget(config, runner)
     from stagepipe.engine.executors import make_executor
 
     with runner.ws.lock():
@@ -130,6 +131,23 @@ def run(pipeline: str, workspace: str | None, dry_run: bool, force: tuple[str, .
         _print_summary(runner)
 
 
+def _warn_budget(config: Any, runner: Any) -> None:
+    """One line on stderr when the plan cannot keep the run within ``runtime.disk_budget_gb``."""
+    budget = config.runtime.disk_budget_gb
+    if budget is None:
+        return
+    if runner.ctx.model is None:
+        runner.states()  # the model's facts, from the snapshot or the source
+    if runner.ctx.model is None:
+        return
+    from stagepipe.stages.estimate import estimate, peak_disk
+
+    peak = peak_disk(estimate(config, runner.ctx.model))[1]
+    if peak > budget * 2**30:
+        click.echo(f"warning: runtime.disk_budget_gb {budget:g} GB: the plan's smallest peak is {_size(peak)} "
+                   "(estimate; `stagepipe run --dry-run` shows it per stage)", err=True)
+
+
 def _print_plan(config: Any, runner: Any) -> None:
     if runner.ctx.model is None:
         click.echo("plan: the model config is not reachable offline; estimates appear once `snapshot` has run "
@@ -144,6 +162,11 @@ def _print_plan(config: Any, runner: Any) -> None:
     end, peak = peak_disk(rows)
     click.echo(f"workspace: {_size(end)} at the end, {_size(peak)} at its peak (estimates; outputs of other keys "
                "already in the workspace come on top: `stagepipe gc`)")
+    budget = config.runtime.disk_budget_gb
+    if budget is not None:
+        verdict = "fits" if peak <= budget * 2**30 else "does NOT fit: the smallest peak this plan can reach"
+        click.echo(f"disk budget {budget:g} GB: {verdict} ({_size(peak)}; {_size(peak_disk(estimate(config, runner.ctx.model, 1))[1])} "
+                   "keeping every block output)")
 
 
 def _print_status(runner, verbose: bool, todo_only: bool = False) -> list:

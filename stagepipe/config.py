@@ -204,6 +204,14 @@ class RuntimeConfig(Strict):
     threads: int | None = Field(None, ge=1)
     release_consumed: bool = Field(False, description="delete hand-over payloads (fisher's boundary gradients) once "
                                                       "every partition that reads them is done; recomputed if needed again")
+    disk_budget_gb: float | None = Field(None, gt=0, description="peak workspace this run may use: implies release_consumed, "
+                                                                 "and capture keeps block outputs only at every k-th layer "
+                                                                 "(k from the plan), recomputing the rest when a later stage reads them")
+
+    @property
+    def releases(self) -> bool:
+        """Whether hand-over payloads are released (asked for, or implied by a disk budget)."""
+        return self.release_consumed or self.disk_budget_gb is not None
 
 
 class ExecutorConfig(Strict):

@@ -9,11 +9,19 @@ output, ``--force``), the producer runs again first (same key, same inputs, same
 producer itself reads a released payload, its producer before it: the chain is walked back to
 the first payload still on disk. Nothing here ever deletes a payload that a partition about to
 run, running, or waiting for a restore still reads.
+
+**Early release (checkpointing).** A stage may also name, per payload, the readers that must be
+done before it may go *early* (``Stage.early_release``: capture's next block, under a disk budget,
+for the layers that are not checkpoints). Such a payload goes once those are done and no reader is
+demanded, even though readers of later stages are still to come: they restore it (the chain back to
+the nearest checkpoint runs again; the classic √L trade of compute for disk). A payload restored in
+this run stays until every reader of a stage that has started is done, so one restore serves a
+whole segment instead of being released and recomputed for each reader in turn.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Protocol
 
 from stagepipe.engine.stage import PartitionRef
@@ -25,6 +33,7 @@ class _Entry(Protocol):
     state: PartitionState
     inputs: dict[str, str] | None
     transient: dict[str, list[PartitionRef]]
+    early: dict[str, list[PartitionRef]]
 
 
 def released_inputs(entry: _Entry, by_ref: Mapping[PartitionRef, _Entry]) -> list[_Entry]:
@@ -61,15 +70,25 @@ def restore_order(wanted: Iterable[_Entry], by_ref: Mapping[PartitionRef, _Entry
 
 
 def releasable(entries: Iterable[_Entry], by_ref: Mapping[PartitionRef, _Entry],
-               demanded: set[PartitionRef]) -> list[tuple[_Entry, str]]:
-    """(done output, payload) pairs whose readers are all done and none of them is demanded."""
+               demanded: set[PartitionRef], restored: Collection[PartitionRef] = ()) -> list[tuple[_Entry, str]]:
+    """(done output, payload) pairs to delete now: no reader is demanded, and either every reader is
+    done or the payload may go early (its ``early`` readers are done; restored in this run: also
+    every reader of a started stage)."""
+    entries = list(entries)
+    started = {r.stage for r in demanded} | {e.ref.stage for e in entries if e.state.status == "done"}
+
+    def done(refs: Iterable[PartitionRef]) -> bool:
+        return all(r in by_ref and by_ref[r].state.status == "done" for r in refs)
+
     found = []
     for entry in entries:
         if entry.state.status != "done":
             continue
         for path, readers in entry.transient.items():
-            if path in entry.state.released or not readers:
+            if path in entry.state.released or not readers or any(r in demanded for r in readers):
                 continue
-            if all(r in by_ref and by_ref[r].state.status == "done" and r not in demanded for r in readers):
+            early = path in entry.early and done(entry.early[path]) and (
+                entry.ref not in restored or done(r for r in readers if r.stage in started))
+            if early or done(readers):
                 found.append((entry, path))
     return found

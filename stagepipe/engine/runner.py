@@ -37,6 +37,7 @@ class Entry:
     material: dict[str, Any] | None = None
     inputs: dict[str, str] | None = None
     transient: dict[str, list[PartitionRef]] = field(default_factory=dict)  # payload → its readers
+    early: dict[str, list[PartitionRef]] = field(default_factory=dict)  # payload → readers before an early release
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -104,6 +105,7 @@ class Runner:
                 material = key_material(stage, self.ctx, partition, upstream)
                 key = compute_key(material)
                 transient = stage.transient(self.ctx, partition)
+                early = stage.early_release(self.ctx, partition) if self.release else {}
                 state = self.ws.state(ref, key, deep=deep, transient=list(transient))
                 if state.status == "missing":
                     previous = self.ws.previous_manifest(ref)
@@ -112,7 +114,7 @@ class Runner:
                 if state.status == "done":
                     finished[ref] = state.output
                 inputs = {str(d): str(entries[d].state.output) for d in deps}
-                entries[ref] = Entry(ref, state, key, material, inputs, transient)
+                entries[ref] = Entry(ref, state, key, material, inputs, transient, early)
         return [entries[r] for r in order]
 
     # ------------------------------------------------------------------ running
@@ -132,6 +134,7 @@ class Runner:
         run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         forced_done: set[PartitionRef] = set()
         submitted: set[PartitionRef] = set()
+        restored: set[PartitionRef] = set()  # ran again in this run to restore a released payload
         results: list[TaskResult] = []
         failures: list[TaskResult] = []
         # one bar over every partition, with an ETA; the per-partition run/done lines are DEBUG
@@ -156,6 +159,8 @@ class Runner:
                         log.debug("run  %-24s (%s%s)", entry.ref, entry.state.status if entry.state.status != "done" else "redo",
                                   f": {reason}" if reason else "")
                         submitted.add(entry.ref)
+                        if restoring:
+                            restored.add(entry.ref)
                         executor.submit(Task(
                             workspace=str(self.ws.root), config=self.config, model=self.ctx.model,
                             stage=self.pipeline.stage(entry.ref.stage), partition=entry.ref.partition,
@@ -163,8 +168,8 @@ class Runner:
                             replace=self._matches(entry.ref, force) or restoring, threads=self.threads,
                         ))
                 if self.release:
-                    for entry, path in releasable(entries, by_ref, demanded | submitted):
-                        log.debug("release %s of %s (its readers are done)", path, entry.ref)
+                    for entry, path in releasable(entries, by_ref, demanded | submitted, restored):
+                        log.debug("release %s of %s", path, entry.ref)
                         self.ws.release(entry.state.output, path)
                 if executor.pending == 0:
                     break

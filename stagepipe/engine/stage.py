@@ -96,6 +96,12 @@ class Stage(ABC):
         """
         return {}
 
+    def early_release(self, ctx: Context, partition: str) -> dict[str, list[PartitionRef]]:
+        """Payloads (of ``transient``) that may go before all their readers are done: relative path
+        → the readers that must be done first. Later readers restore the payload by running this
+        partition again (``engine.release``). Empty: a payload goes only when every reader is done."""
+        return {}
+
     @abstractmethod
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
         """The config values this partition reads: exactly what enters its key."""

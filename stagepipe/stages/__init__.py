@@ -63,7 +63,7 @@ def check_inputs(config: Any) -> None:
 def make_runner(config: Any, workspace: Path, pipeline_path: str = "PIPELINE.yaml") -> Runner:
     """A driver for ``config`` in ``workspace`` (what the CLI runs)."""
     return Runner(build_pipeline(config), workspace, pipeline_path=pipeline_path, threads=config.runtime.threads,
-                  release=config.runtime.release_consumed)
+                  release=config.runtime.releases)
 
 
 def discover(config: Any, finished: Mapping[Any, Path]) -> Any | None:

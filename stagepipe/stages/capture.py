@@ -18,6 +18,7 @@ from stagepipe.models.layout import block_linears
 from stagepipe.models.sources import DTYPES, resolve_device
 from stagepipe.stages import artifacts
 from stagepipe.stages.artifacts import CALIBRATION, layer_index
+from stagepipe.stages.estimate import capture_interval, checkpoints
 from stagepipe.stages.requirements import needs
 
 
@@ -61,6 +62,19 @@ class CaptureStage(Stage):
     def transient(self, ctx: Context, partition: str) -> dict[str, list[PartitionRef]]:
         """The stored block outputs are a hand-over to the partitions that read them."""
         return artifacts.hidden_handover(self.name, ctx, partition)
+
+    def early_release(self, ctx: Context, partition: str) -> dict[str, list[PartitionRef]]:
+        """Under a disk budget, block outputs of layers that are not checkpoints go once the next
+        block's capture is done; a later stage that reads them restores them (``estimate.capture_interval``)."""
+        index, layers = layer_index(partition), int(ctx.model.num_hidden_layers)
+        if index == layers - 1 or ctx.config.runtime.disk_budget_gb is None:
+            return {}
+        memo = (id(ctx.config), id(ctx.model))
+        if getattr(self, "_interval", (None, 1))[0] != memo:
+            self._interval = (memo, capture_interval(ctx.config, ctx.model))
+        if index in checkpoints(layers, self._interval[1]):
+            return {}
+        return {artifacts.HIDDEN: [artifacts.ref(self.name, index + 1)]}
 
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
         return {"stats": sorted(needs(ctx.config).method.activation_stats), "modules": ctx.config.target.modules,

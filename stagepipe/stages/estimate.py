@@ -61,8 +61,9 @@ class Shapes:
         return self.layers * self.block + self.embed
 
 
-def estimate(config: Any, model_config: Any) -> list[Estimate]:
-    """One ``Estimate`` per stage of ``needs(config).stage_names()``, in that order."""
+def estimate(config: Any, model_config: Any, interval: int | None = None) -> list[Estimate]:
+    """One ``Estimate`` per stage of ``needs(config).stage_names()``, in that order; ``interval``:
+    capture's checkpoint interval (default: ``capture_interval``)."""
     s = Shapes.of(model_config)
     need = needs(config)
     w, act = BYTES[config.model.dtype], BYTES[config.runtime.activation_dtype]
@@ -125,21 +126,53 @@ def estimate(config: Any, model_config: Any) -> list[Estimate]:
         rows["refit"] = Estimate("refit", s.layers * hidden, model_ram * 2 + batch_act * 2, gpu(s.block * w * 2 + batch_act * 2),
                                  "original + truncated block per layer; compressed-path block inputs")
     names = need.stage_names()
-    if config.runtime.release_consumed:
-        _release_hidden(rows, names, s.layers, hidden)
+    if config.runtime.releases:
+        if interval is None:
+            interval = capture_interval(config, model_config)
+        _release_hidden(rows, names, s.layers, hidden, interval)
     return [rows[name] for name in names]
 
 
-def _release_hidden(rows: dict[str, Estimate], names: list[str], layers: int, hidden: float) -> None:
-    """With ``release_consumed`` the stored block outputs are hand-overs (``artifacts.hidden_readers``):
-    capture's live until the last stage that reads them (all of them at once if a later stage
-    does, else two at a time); anchor's and refit's two at a time; the last layer's may stay."""
+def later_readers(config: Any, layers: int) -> list[str]:
+    """Stages after ``capture`` that read its stored block outputs (``artifacts.hidden_readers``)."""
+    names = needs(config).stage_names()
+    return sorted({r.stage for r in hidden_readers("capture", 0, layers, names)} - {"capture"}, key=names.index)
+
+
+def checkpoints(layers: int, interval: int) -> list[int]:
+    """Layers whose stored block outputs stay (besides the last layer's): every ``interval``-th."""
+    return [i for i in range(layers - 1) if (i + 1) % interval == 0]
+
+
+def capture_interval(config: Any, model_config: Any) -> int:
+    """Every how many layers capture keeps its block outputs: 1 (all of them) without a disk budget
+    or when no later stage reads them, else the smallest interval whose predicted peak fits the
+    budget (the least recompute), or the one of the lowest peak when none fits."""
+    budget = config.runtime.disk_budget_gb
+    layers = int(model_config.num_hidden_layers)
+    if budget is None or not later_readers(config, layers):
+        return 1
+    peaks = {k: peak_disk(estimate(config, model_config, k))[1] for k in range(1, layers + 1)}
+    fitting = [k for k, peak in peaks.items() if peak <= budget * 2**30]
+    return fitting[0] if fitting else min(peaks, key=lambda k: (peaks[k], k))
+
+
+def _release_hidden(rows: dict[str, Estimate], names: list[str], layers: int, hidden: float, interval: int) -> None:
+    """With release on, the stored block outputs are hand-overs (``artifacts.hidden_readers``):
+    capture's live until the last stage that reads them (all at once if a later stage does and
+    ``interval`` is 1; else the checkpoints plus one restored segment of ``interval − 1``; two at a
+    time if no later stage reads them); anchor's and refit's two at a time; the last layer's stays."""
     later = {r.stage for r in hidden_readers("capture", 0, layers, names)} - {"capture"}
     until = max(later, key=names.index) if later else None
     capture = rows["capture"]
+    live = min(len(checkpoints(layers, interval)) + interval - 1, layers - 1)
+    note = f" (released after {until or 'the next block'})"
+    if until and interval > 1:
+        redo = (layers - 1 - len(checkpoints(layers, interval))) * len(later)
+        note = (f"; block outputs kept every {interval} layers ({len(checkpoints(layers, interval))} + the last), "
+                f"{redo} layer captures recomputed for {', '.join(sorted(later, key=names.index))}")
     rows["capture"] = replace(capture, disk=capture.disk - (layers - 1) * hidden,
-                              transient=(layers - 1) * hidden if until else hidden, until=until,
-                              note=capture.note + f" (released after {until or 'the next block'})")
+                              transient=live * hidden if until else hidden, until=until, note=capture.note + note)
     for name in ("anchor", "refit"):
         if name in rows:
             rows[name] = replace(rows[name], disk=rows[name].disk - (layers - 1) * hidden, transient=hidden)
@@ -165,7 +198,7 @@ def _fisher(config: Any, s: Shapes, need: Any, batch_act: float, model_ram: floa
     k, t = config.calibration.n_samples, config.calibration.seq_len
     kfac = sum(m * m + m * n for m, n in s.linears) * 8  # E[δδᵀ] and E[G⊙G], float64
     # one float32 boundary gradient per partition; released ones: at most the one read and the one written
-    release, grad = config.runtime.release_consumed, k * t * s.d * 4
+    release, grad = config.runtime.releases, k * t * s.d * 4
     disk, transient = s.layers * kfac + (0 if release else s.layers * grad), 2 * grad if release else 0.0
     kept = "2 boundary gradients at a time (released)" if release else f"{s.layers} boundary gradients kept"
     head = 2 * s.embed * w + 3 * config.runtime.batch_size * t * s.vocab * 4

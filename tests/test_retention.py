@@ -1,0 +1,118 @@
+"""``runtime.disk_budget_gb``: capture keeps its block outputs only at every k-th layer (k from the
+plan), later readers restore the others by running the segment again from the nearest checkpoint;
+the results are bit-identical to keeping everything, and a crash inside a recompute redoes only
+that partition."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stagepipe.config import load_pipeline
+from stagepipe.engine.release import releasable
+from stagepipe.engine.runner import Entry
+from stagepipe.engine.stage import PartitionRef
+from stagepipe.engine.workspace import PartitionState
+from stagepipe.stages import discover, make_runner
+from stagepipe.stages.estimate import capture_interval, checkpoints, estimate, peak_disk
+
+MODEL = {"source": "tiny", "arch": "llama", "num_layers": 6, "hidden": 32, "intermediate": 64, "num_heads": 4,
+         "num_kv_heads": 2}
+# enough calibration tokens that the stored block outputs, not the small fixed files, set the peak
+KFAC = {"method": {"name": "kfac_svd"}, "model": MODEL,
+        "calibration": {"n_samples": 32, "seq_len": 128, "text": {"n_words": 20000}}}
+
+
+def _states(pipeline: Path, ws: Path) -> dict:
+    return {e.ref: e for e in make_runner(load_pipeline(pipeline), ws).states()}
+
+
+def _run(pipeline: Path, ws: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stagepipe.cli", "run", str(pipeline), "-w", str(ws), "-v"],
+                          capture_output=True, text=True, env={**os.environ, **env}, timeout=600)
+
+
+def _started(result: subprocess.CompletedProcess) -> list[str]:
+    """Every partition a ``run -v`` started, in order, repeats included."""
+    return [line.split()[1] for line in result.stderr.splitlines() if line.split()[:1] == ["run"]]
+
+
+def _digests(states: dict) -> dict:
+    return {r: e.state.manifest.content_digest() for r, e in states.items() if e.state.status == "done" and r.stage != "report"}
+
+
+def _budget_for_interval_2(write_pipeline) -> float:
+    """A budget (GB) that the tiny plan meets with checkpoints every 2 layers but not keeping all."""
+    probe = load_pipeline(write_pipeline("probe", **KFAC, runtime={"disk_budget_gb": 1.0}))
+    model = discover(probe, {})
+    peaks = {k: peak_disk(estimate(probe, model, k))[1] for k in (1, 2)}
+    assert peaks[2] < peaks[1]
+    return peaks[2] / 2**30
+
+
+def test_the_plan_picks_the_least_recompute_that_fits(write_pipeline) -> None:
+    budget = _budget_for_interval_2(write_pipeline)
+    config = load_pipeline(write_pipeline("fit", **KFAC, runtime={"disk_budget_gb": budget}))
+    model = discover(config, {})
+    assert capture_interval(config, model) == 2
+    roomy = load_pipeline(write_pipeline("roomy", **KFAC, runtime={"disk_budget_gb": 100.0}))
+    assert capture_interval(roomy, model) == 1  # keeping everything fits: nothing is recomputed
+    assert checkpoints(6, 2) == [1, 3] and checkpoints(6, 1) == [0, 1, 2, 3, 4] and checkpoints(32, 8) == [7, 15, 23]
+
+
+def test_checkpointed_capture_gives_identical_results_and_recomputes_each_segment_once(write_pipeline, tmp_path: Path) -> None:
+    keep = write_pipeline("keep", **KFAC)
+    budget = write_pipeline("budget", **KFAC, runtime={"disk_budget_gb": _budget_for_interval_2(write_pipeline)})
+    assert _run(keep, tmp_path / "keep").returncode == 0
+    result = _run(budget, tmp_path / "budget")
+    assert result.returncode == 0, result.stderr
+    started = _started(result)
+    # layers 1 and 3 are checkpoints (and 5, the last): fisher restores the outputs of 4, 2 and 0,
+    # each once, by running that capture again from the checkpoint below
+    captures = [r for r in started if r.startswith("capture@")]
+    assert sorted(captures) == sorted([f"capture@layer-{i:03d}" for i in range(6)] + ["capture@layer-000",
+                                                                                      "capture@layer-002",
+                                                                                      "capture@layer-004"])
+    assert "restores a released payload" in result.stderr
+    assert _digests(_states(budget, tmp_path / "budget")) == _digests(_states(keep, tmp_path / "keep"))
+    assert _started(_run(budget, tmp_path / "budget")) == []  # done: nothing to restore
+
+
+def test_a_crash_inside_a_recompute_redoes_only_that_partition(write_pipeline, tmp_path: Path) -> None:
+    budget = write_pipeline("budget", **KFAC, runtime={"disk_budget_gb": _budget_for_interval_2(write_pipeline)})
+    reference = tmp_path / "reference"
+    assert _run(budget, reference).returncode == 0
+    ws = tmp_path / "ws"
+    # the first arrival (the first pass) passes; the second is capture@layer-002 restoring its output for fisher
+    killed = _run(budget, ws, STAGEPIPE_TEST_KILL_AT="manifest-written@capture@layer-002", STAGEPIPE_TEST_KILL_SKIP="1")
+    assert killed.returncode != 0
+    assert "restores a released payload" in killed.stderr
+    resumed = _run(budget, ws)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _digests(_states(budget, ws)) == _digests(_states(budget, reference))
+
+
+def _entry(name: str, part: int, status: str = "done", readers: tuple = (), early: tuple | None = None) -> Entry:
+    ref = PartitionRef(name, f"layer-{part:03d}")
+    early_map = {"h": list(early)} if early is not None else {}
+    return Entry(ref, PartitionState(status), transient={"h": list(readers)}, early=early_map)
+
+
+@pytest.mark.parametrize("restored", [False, True])
+def test_early_release_waits_for_its_chain_and_for_a_started_stage_after_a_restore(restored: bool) -> None:
+    nxt, later = PartitionRef("capture", "layer-002"), PartitionRef("fisher", "layer-002")
+    producer = _entry("capture", 1, readers=(nxt, later), early=(nxt,))
+    chain = _entry("capture", 2)
+    reader = _entry("fisher", 2, status="waiting")
+    head = Entry(PartitionRef("fisher", "head"), PartitionState("done"))
+    entries = [producer, chain, reader] + ([head] if restored else [])
+    by_ref = {e.ref: e for e in entries}
+    restored_set = {producer.ref} if restored else set()
+    found = releasable(entries, by_ref, set(), restored_set)
+    # first pass: goes once the next capture is done; a restored one stays for the started fisher stage
+    assert (found == [(producer, "h")]) is not restored
+    assert releasable(entries, by_ref, {later}, restored_set) == []  # a demanded reader always keeps it
