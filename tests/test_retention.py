@@ -1,7 +1,7 @@
 """``runtime.disk_budget_gb``: capture keeps its block outputs only at every k-th layer (k from the
 plan), later readers restore the others by running the segment again from the nearest checkpoint;
-the results are bit-identical to keeping everything, and a crash inside a recompute redoes only
-that partition."""
+each layer's statistics go once its decompose is done (run first); the results are bit-identical
+to keeping everything, and a crash inside a recompute redoes only that partition."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from stagepipe.engine.release import releasable
 from stagepipe.engine.runner import Entry
 from stagepipe.engine.stage import PartitionRef
 from stagepipe.engine.workspace import PartitionState
-from stagepipe.stages import discover, make_runner
+from stagepipe.stages import artifacts, discover, make_runner
 from stagepipe.stages.estimate import capture_interval, checkpoints, estimate, peak_disk
 
 MODEL = {"source": "tiny", "arch": "llama", "num_layers": 6, "hidden": 32, "intermediate": 64, "num_heads": 4,
@@ -78,7 +78,15 @@ def test_checkpointed_capture_gives_identical_results_and_recomputes_each_segmen
                                                                                       "capture@layer-002",
                                                                                       "capture@layer-004"])
     assert "restores a released payload" in result.stderr
-    assert _digests(_states(budget, tmp_path / "budget")) == _digests(_states(keep, tmp_path / "keep"))
+    # consumers first: a layer's decompose runs as soon as its statistics are there, and frees them
+    assert started.index("decompose@layer-005") < started.index("fisher@layer-004")
+    states = _states(budget, tmp_path / "budget")
+    for ref, entry in states.items():
+        if ref.stage == "capture":
+            assert artifacts.STATS in entry.state.released and artifacts.HIDDEN in entry.state.released
+        if ref.stage == "fisher" and ref.partition != "head":
+            assert artifacts.FISHER in entry.state.released
+    assert _digests(states) == _digests(_states(keep, tmp_path / "keep"))
     assert _started(_run(budget, tmp_path / "budget")) == []  # done: nothing to restore
 
 

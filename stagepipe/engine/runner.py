@@ -149,6 +149,8 @@ class Runner:
                 by_ref = {e.ref: e for e in entries}
                 wanted = [e for e in entries if self._should_run(e, force, only, forced_done, submitted)]
                 runnable, demanded = restore_order(wanted, by_ref)
+                if self.release:  # consumers first: a partition that hands nothing over frees what it read
+                    runnable.sort(key=lambda e: bool(e.transient))
                 if not failures:
                     for entry in runnable:
                         if entry.ref in submitted:

@@ -166,6 +166,22 @@ def hidden_handover(stage: str, ctx: Any, partition: str) -> dict[str, list[Part
     return {HIDDEN: readers}
 
 
+#: per-layer readers of capture's input statistics and of fisher's statistics (same layer)
+STATS_READERS = {"capture": ("fisher", "structure", "anchor", "sensitivity", "decompose", "residual"),
+                 "fisher": ("decompose", "anchor")}
+
+
+def statistics_handover(stage: str, ctx: Any, partition: str) -> dict[str, list[PartitionRef]]:
+    """Under ``runtime.disk_budget_gb`` a layer's statistics (capture's ``STATS``, fisher's
+    ``FISHER``) are hand-overs too: released once the same layer's readers among this pipeline's
+    stages are done (restored by running the producer again if one must run again)."""
+    if ctx.config.runtime.disk_budget_gb is None:
+        return {}
+    stages = needs(ctx.config).stage_names()
+    readers = [ref(s, partition) for s in STATS_READERS[stage] if s in stages]
+    return {STATS if stage == "capture" else FISHER: readers} if readers else {}
+
+
 def write_input_stats(out: Path, stats: Mapping[str, torch.Tensor], tokens: int, groups: Mapping[str, str]) -> None:
     if stats:
         zarr_io.write_atomic(out / STATS, {k: v.cpu() for k, v in stats.items()}, attrs={"tokens": tokens})

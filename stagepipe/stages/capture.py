@@ -60,8 +60,10 @@ class CaptureStage(Stage):
         return deps
 
     def transient(self, ctx: Context, partition: str) -> dict[str, list[PartitionRef]]:
-        """The stored block outputs are a hand-over to the partitions that read them."""
-        return artifacts.hidden_handover(self.name, ctx, partition)
+        """The stored block outputs are a hand-over to the partitions that read them; under a disk
+        budget the input statistics too (to this layer's decompose and the other readers)."""
+        return {**artifacts.hidden_handover(self.name, ctx, partition),
+                **artifacts.statistics_handover(self.name, ctx, partition)}
 
     def early_release(self, ctx: Context, partition: str) -> dict[str, list[PartitionRef]]:
         """Under a disk budget, block outputs of layers that are not checkpoints go once the next

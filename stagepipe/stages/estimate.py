@@ -27,6 +27,8 @@ class Estimate:
     #: (``None``: this stage); ``disk`` is what stays at the end
     transient: float = 0.0
     until: str | None = None
+    #: more released payloads: (bytes on disk at their peak, the last stage that reads them)
+    extra: tuple[tuple[float, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,25 @@ def estimate(config: Any, model_config: Any, interval: int | None = None) -> lis
         if interval is None:
             interval = capture_interval(config, model_config)
         _release_hidden(rows, names, s.layers, hidden, interval)
+    if config.runtime.disk_budget_gb is not None and "decompose" in rows:
+        _release_statistics(rows, names, s.layers, grams if "gram" in need.method.activation_stats else 0.0)
     return [rows[name] for name in names]
+
+
+def _release_statistics(rows: dict[str, Estimate], names: list[str], layers: int, grams: float) -> None:
+    """Under a disk budget a layer's statistics go once its decompose is done (``artifacts.statistics_handover``;
+    the driver runs consumers first): fisher's, two layers at a time; capture's Grams, all of them
+    while fisher walks down (it needs every block's inputs first), else two at a time."""
+    if "fisher" in rows:
+        fisher = rows["fisher"]
+        per_layer = fisher.disk / layers
+        rows["fisher"] = replace(fisher, disk=0.0, extra=((2 * per_layer, "decompose"),),
+                                 note=fisher.note + "; statistics released after decompose (2 layers at a time)")
+    if grams and "anchor" not in names and "structure" not in names:
+        capture = rows["capture"]
+        live = layers if "fisher" in rows else 2
+        rows["capture"] = replace(capture, disk=capture.disk - layers * grams, extra=((live * grams, "decompose"),),
+                                  note=capture.note + f"; Grams released after decompose ({live} at a time)")
 
 
 def later_readers(config: Any, layers: int) -> list[str]:
@@ -186,6 +206,7 @@ def peak_disk(rows: list[Estimate]) -> tuple[float, float]:
     for i, row in enumerate(rows):
         total += row.disk
         live = sum(r.transient for r in rows[: i + 1] if order.get(r.until or r.stage, 0) >= i)
+        live += sum(size for r in rows[: i + 1] for size, until in r.extra if order.get(until, 0) >= i)
         peak = max(peak, total + live)
     return total, peak
 

@@ -65,11 +65,13 @@ class FisherStage(Stage):
 
     def transient(self, ctx: Context, partition: str) -> dict[str, list[PartitionRef]]:
         """The gradient at this partition's input (the head's: at the last block's output) is read
-        only by the fisher partition of the block below: a hand-over, released once that is done."""
+        only by the fisher partition of the block below: a hand-over, released once that is done;
+        under a disk budget the layer's statistics too (``artifacts.statistics_handover``)."""
         if partition == HEAD:
             return {artifacts.GRAD: [artifacts.ref("fisher", layer_partition(int(ctx.model.num_hidden_layers) - 1))]}
         index = layer_index(partition)
-        return {artifacts.GRAD: [artifacts.ref("fisher", layer_partition(index - 1))]} if index > 0 else {}
+        payloads = artifacts.statistics_handover(self.name, ctx, partition)  # under a disk budget: decompose's input
+        return {**payloads, artifacts.GRAD: [artifacts.ref("fisher", layer_partition(index - 1))]} if index > 0 else payloads
 
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
         cfg = ctx.config.method
