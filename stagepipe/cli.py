@@ -153,12 +153,20 @@ def _print_plan(config: Any, runner: Any) -> None:
         click.echo("plan: the model config is not reachable offline; estimates appear once `snapshot` has run "
                    "(or give model.shape_hint)")
         return
-    from stagepipe.stages.estimate import estimate, peak_disk
+    from stagepipe.stages.estimate import capture_interval, estimate, peak_disk
+    from stagepipe.stages.timing import Work, duration, stage_work
 
-    click.echo(f"\n{'stage':<12} {'disk':>10} {'RAM peak':>10} {'GPU peak':>10}  note")
+    work = stage_work(config, runner.ctx.model, capture_interval(config, runner.ctx.model))
+    click.echo(f"\n{'stage':<12} {'disk':>10} {'RAM peak':>10} {'GPU peak':>10} {'GPU time':>9} {'CPU time':>9}  note")
     rows = estimate(config, runner.ctx.model)
     for row in rows:
-        click.echo(f"{row.stage:<12} {_size(row.disk):>10} {_size(row.ram):>10} {_size(row.gpu):>10}  {row.note}")
+        stage = work.get(row.stage, Work())
+        click.echo(f"{row.stage:<12} {_size(row.disk):>10} {_size(row.ram):>10} {_size(row.gpu):>10} "
+                   f"{duration(stage.seconds(True)):>9} {duration(stage.seconds(False)):>9}  {row.note}")
+    gpu_total, cpu_total = (sum(w.seconds(on_gpu) for w in work.values()) for on_gpu in (True, False))
+    click.echo(f"time: ≈{duration(gpu_total)} on one 80 GB GPU, ≈{duration(cpu_total)} on this CPU — estimates from FLOP "
+               "counts at assumed rates (stagepipe/stages/timing.py: bf16 150 TFLOP/s and float64 10 TFLOP/s on the GPU; "
+               "100 / 50 GFLOP/s on the CPU); I/O-bound stages show —")
     end, peak = peak_disk(rows)
     click.echo(f"workspace: {_size(end)} at the end, {_size(peak)} at its peak (estimates; outputs of other keys "
                "already in the workspace come on top: `stagepipe gc`)")

@@ -80,3 +80,33 @@ def test_peak_disk_counts_released_payloads_while_a_reader_lives() -> None:
     end, peak = peak_disk(rows)
     assert end == 235
     assert peak == max(10 + 100, 15 + 100, 35 + 100 + 3, 235)
+
+
+def test_wall_time_comes_from_flop_counts_and_recompute_costs_capture_time() -> None:
+    from stagepipe.stages.timing import CPU_FP64_FLOPS, Work, stage_work
+
+    cfg = config("kfac_svd")
+    model = Shape(**MODEL)
+    work = stage_work(cfg, model)
+    assert {"capture", "fisher", "decompose"} <= set(work) and all(w.flops + w.flops64 > 0 for w in work.values())
+    tokens = cfg.calibration.n_samples * cfg.calibration.seq_len
+    block = 2 * 576 * 576 + 2 * 192 * 576 + 3 * 1536 * 576
+    assert work["capture"].flops == 30 * 2 * block * tokens  # one forward of every block over the tokens
+    assert Work(0, CPU_FP64_FLOPS).seconds(on_gpu=False) == pytest.approx(1.0)
+    # checkpoints every 4 layers: fisher recomputes 30 − 1 − 7 layer captures
+    assert stage_work(cfg, model, 4)["capture"].flops == (30 + 22) * 2 * block * tokens
+
+
+def test_statistics_are_released_after_decompose_under_a_budget() -> None:
+    from stagepipe.stages.estimate import peak_disk
+
+    model = Shape(**MODEL)
+    def with_runtime(**runtime):
+        data = merge(TINY, {"method": {"name": "kfac_svd"}, "allocation": {"policy": "uniform", "align": 4},
+                            "runtime": runtime})
+        return parse_pipeline(data, "test", ".")
+
+    released, budget = with_runtime(release_consumed=True), with_runtime(disk_budget_gb=1e-3)
+    rows = {r.stage: r for r in estimate(budget, model, 1)}
+    assert rows["fisher"].disk == 0 and rows["fisher"].extra and rows["capture"].extra
+    assert peak_disk(estimate(budget, model, 1))[0] < peak_disk(estimate(released, model, 1))[0]

@@ -261,7 +261,7 @@ def _train(config: Any, s: Shapes, w: int, on_gpu: bool) -> Estimate:
     stay for the KL teacher. SoCo on SmolLM2: 2.24 GB planned, 3.18 GB peak RSS measured in a grid
     process that had run other stages before."""
     cfg = config.method
-    k, t = config.calibration.n_samples, config.calibration.seq_len
+    t = config.calibration.seq_len
     tokens = cfg.batch * t
     soco = needs(config).method.learned == "scores"
     offered = [math.ceil(cfg.candidates * min(m, n)) if soco else 0 for m, n in s.linears]
@@ -273,12 +273,8 @@ def _train(config: Any, s: Shapes, w: int, on_gpu: bool) -> Estimate:
     acts = tokens * s.d * w * s.layers + block_act if cfg.gradient_checkpointing else block_act * s.layers
     logits = 6 * tokens * s.vocab * 4  # student logits, their float copy and log-softmax, the teacher's, two gradients
     memory = INTERPRETER + s.params * w + extra + acts + logits
-    epochs = (cfg.explore_epochs + cfg.refine_epochs + cfg.sparsify_epochs + cfg.tune_epochs) if soco else cfg.epochs
-    steps = epochs * math.ceil(k / cfg.batch)
-    student = (factors + s.embed) if soco else s.params
-    passes = 2 + (1 if cfg.gradient_checkpointing else 0)  # student forward, input-gradient backward, recompute
-    svd = 0 if soco else s.layers * sum(cfg.batch * 14 * t * m * min(t, m) for m, _ in s.linears)  # fwd + bwd
-    flops = steps * (2 * tokens * ((s.params if cfg.objective == "kl" else 0) + passes * student) + passes * svd)
+    steps = _train_steps(config)
+    flops = train_flops(config, s)
     note = (f"{steps} steps, {flops / 1e12:.0f} TFLOP: ≈{_duration(flops / GPU_FLOPS)} on one 80 GB GPU at "
             f"{GPU_FLOPS / 1e12:.0f} TFLOP/s, ≈{_duration(flops / CPU_FLOPS)} on CPU at {CPU_FLOPS / 1e9:.0f} GFLOP/s (estimates)")
     factor_disk = config.target.kept_fraction * s.layers * s.block * 4 if soco else 0  # Dobi-SVD writes ranks only
@@ -288,15 +284,41 @@ def _train(config: Any, s: Shapes, w: int, on_gpu: bool) -> Estimate:
     return Estimate("train", disk, load if cuda else max(load, memory), memory if on_gpu else 0, note)
 
 
+def _train_steps(config: Any) -> int:
+    cfg = config.method
+    soco = needs(config).method.learned == "scores"
+    epochs = (cfg.explore_epochs + cfg.refine_epochs + cfg.sparsify_epochs + cfg.tune_epochs) if soco else cfg.epochs
+    return epochs * math.ceil(config.calibration.n_samples / cfg.batch)
+
+
+def train_flops(config: Any, s: Shapes) -> float:
+    """FLOPs of a learned method's training: per step the teacher's forward (KL), the student's
+    forward and input-gradient backward (+ a recompute with gradient checkpointing), and for
+    Dobi-SVD one SVD of each window's activations per target, forward and backward."""
+    cfg = config.method
+    t = config.calibration.seq_len
+    tokens = cfg.batch * t
+    soco = needs(config).method.learned == "scores"
+    offered = [math.ceil(cfg.candidates * min(m, n)) if soco else 0 for m, n in s.linears]
+    factors = s.layers * sum(c * (m + n) for c, (m, n) in zip(offered, s.linears, strict=True))
+    student = (factors + s.embed) if soco else s.params
+    passes = 2 + (1 if cfg.gradient_checkpointing else 0)  # student forward, input-gradient backward, recompute
+    svd = 0 if soco else s.layers * sum(cfg.batch * 14 * t * m * min(t, m) for m, _ in s.linears)  # fwd + bwd
+    return _train_steps(config) * (2 * tokens * ((s.params if cfg.objective == "kl" else 0) + passes * student) + passes * svd)
+
+
+def anchor_flops(config: Any, s: Shapes) -> float:
+    """FLOPs of AA-SVD's block passes: input moments (≈2.5 passes: dense and compressed, stopped at
+    each group's input), block error and outputs (2), and per refinement epoch fwd + bwd + error (≈4)."""
+    forward = 2 * s.block * config.calibration.n_samples * config.calibration.seq_len
+    return s.layers * forward * (2.5 + 2 + 4 * getattr(config.method, "refine_epochs", 0))
+
+
 def _anchor(config: Any, s: Shapes, hidden: float, batch_act: float, model_ram: float, w: int, gpu) -> Estimate:
     """AA-SVD per layer: original + compressed block, one pass pair per input group, the closed
     form's SVDs, and ``refine_epochs`` × (forward + backward + an error pass) of the block."""
-    tokens = config.calibration.n_samples * config.calibration.seq_len
-    forward = 2 * s.block * tokens  # FLOPs of one block pass over the calibration tokens (linears only)
-    # input moments: dense + compressed passes stopped at each group's input (q/k/v: ~0, o: ~0.2,
-    # MLP: ~0.25, down: ~0.75 of a block) ≈ 2.5 passes; block error + outputs: 2; an epoch: fwd+bwd+error ≈ 4
     epochs = getattr(config.method, "refine_epochs", 0)
-    flops = s.layers * forward * (2.5 + 2 + 4 * epochs)
+    flops = anchor_flops(config, s)
     train = (s.block * 4 * 4 + batch_act * 4) if epochs else 0  # fp32 factors + Adam moments + activations
     ram = model_ram + s.block * w + 2 * batch_act + train
     return Estimate("anchor", s.layers * hidden, ram, gpu(2 * s.block * w + 2 * batch_act + train),
