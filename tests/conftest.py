@@ -108,3 +108,25 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         names = ", ".join(sorted({r.nodeid for r in skipped})[:5])
         reporter.write_line(f"CI=true: {len(skipped)} skipped test(s) fail the run: {names}", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def cli_run(pipeline: Path, ws: Path, **env: str) -> Any:
+    """``stagepipe run PIPELINE -w WS -v`` in a subprocess (``env``: kill points and the like)."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "stagepipe.cli", "run", str(pipeline), "-w", str(ws), "-v"],
+                          capture_output=True, text=True, env={**os.environ, **env}, timeout=600)
+
+
+def started_partitions(result: Any) -> list[str]:
+    """Every partition a ``run -v`` started (its ``run  <stage@partition> (why)`` lines), in order."""
+    return [line.split()[1] for line in result.stderr.splitlines() if line.split()[:1] == ["run"]]
+
+
+def partition_states(pipeline: Path, ws: Path) -> dict:
+    """``{PartitionRef: runner entry}`` of a workspace for a pipeline file."""
+    from stagepipe.config import load_pipeline
+    from stagepipe.stages import make_runner
+
+    return {e.ref: e for e in make_runner(load_pipeline(pipeline), ws).states()}

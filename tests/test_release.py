@@ -4,31 +4,14 @@ outputs stay done with unchanged digests, and a reader that must run again gets 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-from stagepipe.config import load_pipeline
 from stagepipe.engine.stage import PartitionRef
-from stagepipe.stages import artifacts, make_runner
+from stagepipe.stages import artifacts
+from tests.conftest import cli_run, partition_states, started_partitions
 
 KFAC = {"method": {"name": "kfac_svd"}, "model": {"source": "tiny", "arch": "llama", "num_layers": 3, "hidden": 32,
                                                   "intermediate": 64, "num_heads": 4, "num_kv_heads": 2}}
-
-
-def _states(pipeline: Path, ws: Path) -> dict:
-    return {e.ref: e for e in make_runner(load_pipeline(pipeline), ws).states()}
-
-
-def _run(pipeline: Path, ws: Path, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stagepipe.cli", "run", str(pipeline), "-w", str(ws), "-v"],
-                          capture_output=True, text=True, env={**os.environ, **env}, timeout=600)
-
-
-def _reruns(result: subprocess.CompletedProcess) -> list[str]:
-    """The partitions a ``run -v`` started (its ``run  <stage@partition> (why)`` lines)."""
-    return [line.split()[1] for line in result.stderr.splitlines() if line.split()[:1] == ["run"]]
 
 
 def _digests(states: dict) -> dict:
@@ -38,11 +21,11 @@ def _digests(states: dict) -> dict:
 def test_released_gradients_keep_outputs_done_and_come_back_when_needed(write_pipeline, tmp_path: Path) -> None:
     keep = write_pipeline("keep", **KFAC)
     release = write_pipeline("release", **KFAC, runtime={"release_consumed": True})
-    assert _run(keep, tmp_path / "keep").returncode == 0
+    assert cli_run(keep, tmp_path / "keep").returncode == 0
     ws = tmp_path / "release"
-    first = _run(release, ws)
+    first = cli_run(release, ws)
     assert first.returncode == 0, first.stderr
-    states = _states(release, ws)
+    states = partition_states(release, ws)
     fisher = [ref for ref in states if ref.stage == "fisher"]
     assert {ref.partition for ref in fisher} == {"head", "layer-002", "layer-001", "layer-000"}
     for ref in fisher:  # every hand-over gradient is gone; layer-000 never writes one
@@ -51,22 +34,22 @@ def test_released_gradients_keep_outputs_done_and_come_back_when_needed(write_pi
         assert states[ref].state.released == ((artifacts.GRAD,) if ref.partition != "layer-000" else ())
     # same digests as keeping everything (the report names its pipeline): release changes what is
     # on disk, not the results
-    kept = _digests(_states(keep, tmp_path / "keep"))
+    kept = _digests(partition_states(keep, tmp_path / "keep"))
     assert {r: d for r, d in _digests(states).items() if r.stage != "report"} == {r: d for r, d in kept.items() if r.stage != "report"}
-    assert _reruns(_run(release, ws)) == []  # nothing to do
+    assert started_partitions(cli_run(release, ws)) == []  # nothing to do
 
     # the lowest fisher output is damaged: its reader chain is restored from the head down
     (states[PartitionRef("fisher", "layer-000")].state.output / artifacts.FISHER).unlink()
-    again = _run(release, ws)
+    again = cli_run(release, ws)
     assert again.returncode == 0, again.stderr
-    reruns = _reruns(again)
+    reruns = started_partitions(again)
     assert {r for r in reruns if r.startswith("fisher@")} == {"fisher@head", "fisher@layer-002", "fisher@layer-001",
                                                              "fisher@layer-000"}, again.stderr
     # the block inputs fisher reads were released too (capture's hand-over): restored from layer 0;
     # nothing downstream runs (early cutoff)
     assert {r for r in reruns if not r.startswith("fisher@")} == {"capture@layer-000", "capture@layer-001",
                                                                  "capture@layer-002"}, again.stderr
-    restored = _states(release, ws)
+    restored = partition_states(release, ws)
     assert _digests(restored) == _digests(states)
     assert all(restored[ref].state.released == states[ref].state.released for ref in fisher)
 
@@ -74,15 +57,15 @@ def test_released_gradients_keep_outputs_done_and_come_back_when_needed(write_pi
 def test_a_crash_inside_a_restore_redoes_only_that_partition(write_pipeline, tmp_path: Path) -> None:
     release = write_pipeline("release", **KFAC, runtime={"release_consumed": True})
     ws = tmp_path / "ws"
-    assert _run(release, ws).returncode == 0
-    states = _states(release, ws)
+    assert cli_run(release, ws).returncode == 0
+    states = partition_states(release, ws)
     (states[PartitionRef("fisher", "layer-001")].state.output / artifacts.FISHER).unlink()
-    killed = _run(release, ws, STAGEPIPE_TEST_KILL_AT="manifest-written@fisher@layer-001")
+    killed = cli_run(release, ws, STAGEPIPE_TEST_KILL_AT="manifest-written@fisher@layer-001")
     assert killed.returncode == -9
-    resumed = _run(release, ws)
+    resumed = cli_run(release, ws)
     assert resumed.returncode == 0, resumed.stderr
-    assert _reruns(resumed) == ["fisher@layer-001"], resumed.stderr
-    assert _digests(_states(release, ws)) == _digests(states)
+    assert started_partitions(resumed) == ["fisher@layer-001"], resumed.stderr
+    assert _digests(partition_states(release, ws)) == _digests(states)
 
 
 def test_capture_outputs_come_back_for_a_changed_reader(write_pipeline, tmp_path: Path) -> None:
@@ -91,21 +74,21 @@ def test_capture_outputs_come_back_for_a_changed_reader(write_pipeline, tmp_path
     tiny = {"method": {"name": "aasvd", "refine_epochs": 1, "refine_lr": 1e-3}, "target": {"kept_fraction": 0.5}}
     release = write_pipeline("release", **tiny, runtime={"release_consumed": True})
     ws = tmp_path / "ws"
-    assert _run(release, ws).returncode == 0
-    states = _states(release, ws)
+    assert cli_run(release, ws).returncode == 0
+    states = partition_states(release, ws)
     for partition in ("layer-000", "layer-001"):
         assert states[PartitionRef("capture", partition)].state.released == (artifacts.HIDDEN,)
     assert states[PartitionRef("anchor", "layer-000")].state.released == (artifacts.HIDDEN,)
     assert states[PartitionRef("anchor", "layer-001")].state.released == ()  # nothing reads the last one
     changed = {**tiny, "method": {**tiny["method"], "refine_lr": 3e-4}}
     release = write_pipeline("release", **changed, runtime={"release_consumed": True})
-    again = _run(release, ws)
+    again = cli_run(release, ws)
     assert again.returncode == 0, again.stderr
-    assert {"capture@layer-000", "capture@layer-001", "anchor@layer-000", "anchor@layer-001"} <= set(_reruns(again))
+    assert {"capture@layer-000", "capture@layer-001", "anchor@layer-000", "anchor@layer-001"} <= set(started_partitions(again))
     keep = write_pipeline("keep", **changed)
-    assert _run(keep, tmp_path / "keep").returncode == 0
-    kept = _digests(_states(keep, tmp_path / "keep"))
-    assert ({r: d for r, d in _digests(_states(release, ws)).items() if r.stage != "report"}
+    assert cli_run(keep, tmp_path / "keep").returncode == 0
+    kept = _digests(partition_states(keep, tmp_path / "keep"))
+    assert ({r: d for r, d in _digests(partition_states(release, ws)).items() if r.stage != "report"}
             == {r: d for r, d in kept.items() if r.stage != "report"})
 
 

@@ -5,9 +5,6 @@ to keeping everything, and a crash inside a recompute redoes only that partition
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,28 +14,15 @@ from stagepipe.engine.release import releasable
 from stagepipe.engine.runner import Entry
 from stagepipe.engine.stage import PartitionRef
 from stagepipe.engine.workspace import PartitionState
-from stagepipe.stages import artifacts, discover, make_runner
+from stagepipe.stages import artifacts, discover
 from stagepipe.stages.estimate import capture_interval, checkpoints, estimate, peak_disk
+from tests.conftest import cli_run, partition_states, started_partitions
 
 MODEL = {"source": "tiny", "arch": "llama", "num_layers": 6, "hidden": 32, "intermediate": 64, "num_heads": 4,
          "num_kv_heads": 2}
 # enough calibration tokens that the stored block outputs, not the small fixed files, set the peak
 KFAC = {"method": {"name": "kfac_svd"}, "model": MODEL,
         "calibration": {"n_samples": 32, "seq_len": 128, "text": {"n_words": 20000}}}
-
-
-def _states(pipeline: Path, ws: Path) -> dict:
-    return {e.ref: e for e in make_runner(load_pipeline(pipeline), ws).states()}
-
-
-def _run(pipeline: Path, ws: Path, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "stagepipe.cli", "run", str(pipeline), "-w", str(ws), "-v"],
-                          capture_output=True, text=True, env={**os.environ, **env}, timeout=600)
-
-
-def _started(result: subprocess.CompletedProcess) -> list[str]:
-    """Every partition a ``run -v`` started, in order, repeats included."""
-    return [line.split()[1] for line in result.stderr.splitlines() if line.split()[:1] == ["run"]]
 
 
 def _digests(states: dict) -> dict:
@@ -67,10 +51,10 @@ def test_the_plan_picks_the_least_recompute_that_fits(write_pipeline) -> None:
 def test_checkpointed_capture_gives_identical_results_and_recomputes_each_segment_once(write_pipeline, tmp_path: Path) -> None:
     keep = write_pipeline("keep", **KFAC)
     budget = write_pipeline("budget", **KFAC, runtime={"disk_budget_gb": _budget_for_interval_2(write_pipeline)})
-    assert _run(keep, tmp_path / "keep").returncode == 0
-    result = _run(budget, tmp_path / "budget")
+    assert cli_run(keep, tmp_path / "keep").returncode == 0
+    result = cli_run(budget, tmp_path / "budget")
     assert result.returncode == 0, result.stderr
-    started = _started(result)
+    started = started_partitions(result)
     # layers 1 and 3 are checkpoints (and 5, the last): fisher restores the outputs of 4, 2 and 0,
     # each once, by running that capture again from the checkpoint below
     captures = [r for r in started if r.startswith("capture@")]
@@ -80,28 +64,28 @@ def test_checkpointed_capture_gives_identical_results_and_recomputes_each_segmen
     assert "restores a released payload" in result.stderr
     # consumers first: a layer's decompose runs as soon as its statistics are there, and frees them
     assert started.index("decompose@layer-005") < started.index("fisher@layer-004")
-    states = _states(budget, tmp_path / "budget")
+    states = partition_states(budget, tmp_path / "budget")
     for ref, entry in states.items():
         if ref.stage == "capture":
             assert artifacts.STATS in entry.state.released and artifacts.HIDDEN in entry.state.released
         if ref.stage == "fisher" and ref.partition != "head":
             assert artifacts.FISHER in entry.state.released
-    assert _digests(states) == _digests(_states(keep, tmp_path / "keep"))
-    assert _started(_run(budget, tmp_path / "budget")) == []  # done: nothing to restore
+    assert _digests(states) == _digests(partition_states(keep, tmp_path / "keep"))
+    assert started_partitions(cli_run(budget, tmp_path / "budget")) == []  # done: nothing to restore
 
 
 def test_a_crash_inside_a_recompute_redoes_only_that_partition(write_pipeline, tmp_path: Path) -> None:
     budget = write_pipeline("budget", **KFAC, runtime={"disk_budget_gb": _budget_for_interval_2(write_pipeline)})
     reference = tmp_path / "reference"
-    assert _run(budget, reference).returncode == 0
+    assert cli_run(budget, reference).returncode == 0
     ws = tmp_path / "ws"
     # the first arrival (the first pass) passes; the second is capture@layer-002 restoring its output for fisher
-    killed = _run(budget, ws, STAGEPIPE_TEST_KILL_AT="manifest-written@capture@layer-002", STAGEPIPE_TEST_KILL_SKIP="1")
+    killed = cli_run(budget, ws, STAGEPIPE_TEST_KILL_AT="manifest-written@capture@layer-002", STAGEPIPE_TEST_KILL_SKIP="1")
     assert killed.returncode != 0
     assert "restores a released payload" in killed.stderr
-    resumed = _run(budget, ws)
+    resumed = cli_run(budget, ws)
     assert resumed.returncode == 0, resumed.stderr
-    assert _digests(_states(budget, ws)) == _digests(_states(budget, reference))
+    assert _digests(partition_states(budget, ws)) == _digests(partition_states(budget, reference))
 
 
 def _entry(name: str, part: int, status: str = "done", readers: tuple = (), early: tuple | None = None) -> Entry:

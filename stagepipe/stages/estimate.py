@@ -263,9 +263,7 @@ def _train(config: Any, s: Shapes, w: int, on_gpu: bool) -> Estimate:
     cfg = config.method
     t = config.calibration.seq_len
     tokens = cfg.batch * t
-    soco = needs(config).method.learned == "scores"
-    offered = [math.ceil(cfg.candidates * min(m, n)) if soco else 0 for m, n in s.linears]
-    factors = s.layers * sum(c * (m + n) for c, (m, n) in zip(offered, s.linears, strict=True))
+    soco, offered, factors = _offered(config, s)
     extra = factors * w + s.layers * sum(offered) * 4 * 4  # SoCo: factors; scores, gradient, two Adam moments
     block_act = tokens * (12 * s.d + 4 * s.ff + 2 * max(offered)) * w
     if not soco:  # Dobi-SVD: each target's activations, U, V and the backward's square matrices, float32
@@ -284,6 +282,13 @@ def _train(config: Any, s: Shapes, w: int, on_gpu: bool) -> Estimate:
     return Estimate("train", disk, load if cuda else max(load, memory), memory if on_gpu else 0, note)
 
 
+def _offered(config: Any, s: Shapes) -> tuple[bool, list[int], int]:
+    """(SoCo?, components offered per linear of a block, factor weights of all of them in the model)."""
+    soco = needs(config).method.learned == "scores"
+    offered = [math.ceil(config.method.candidates * min(m, n)) if soco else 0 for m, n in s.linears]
+    return soco, offered, s.layers * sum(c * (m + n) for c, (m, n) in zip(offered, s.linears, strict=True))
+
+
 def _train_steps(config: Any) -> int:
     cfg = config.method
     soco = needs(config).method.learned == "scores"
@@ -298,9 +303,7 @@ def train_flops(config: Any, s: Shapes) -> float:
     cfg = config.method
     t = config.calibration.seq_len
     tokens = cfg.batch * t
-    soco = needs(config).method.learned == "scores"
-    offered = [math.ceil(cfg.candidates * min(m, n)) if soco else 0 for m, n in s.linears]
-    factors = s.layers * sum(c * (m + n) for c, (m, n) in zip(offered, s.linears, strict=True))
+    soco, _, factors = _offered(config, s)
     student = (factors + s.embed) if soco else s.params
     passes = 2 + (1 if cfg.gradient_checkpointing else 0)  # student forward, input-gradient backward, recompute
     svd = 0 if soco else s.layers * sum(cfg.batch * 14 * t * m * min(t, m) for m, _ in s.linears)  # fwd + bwd
