@@ -140,7 +140,9 @@ def estimate(config: Any, model_config: Any, interval: int | None = None) -> lis
 def _release_statistics(rows: dict[str, Estimate], names: list[str], layers: int, grams: float) -> None:
     """Under a disk budget a layer's statistics go once its decompose is done (``artifacts.statistics_handover``;
     the driver runs consumers first): fisher's, two layers at a time; capture's Grams, all of them
-    while fisher walks down (it needs every block's inputs first), else two at a time."""
+    when fisher starts (it needs every block's inputs first), then consumed by the decompose that
+    follows each fisher layer — Grams left plus factors written never exceed the larger of the two,
+    so they are counted through fisher and decompose's outputs from then on — else two at a time."""
     if "fisher" in rows:
         fisher = rows["fisher"]
         per_layer = fisher.disk / layers
@@ -148,8 +150,8 @@ def _release_statistics(rows: dict[str, Estimate], names: list[str], layers: int
                                  note=fisher.note + "; statistics released after decompose (2 layers at a time)")
     if grams and "anchor" not in names and "structure" not in names:
         capture = rows["capture"]
-        live = layers if "fisher" in rows else 2
-        rows["capture"] = replace(capture, disk=capture.disk - layers * grams, extra=((live * grams, "decompose"),),
+        live, until = (layers, "fisher") if "fisher" in rows else (2, "decompose")
+        rows["capture"] = replace(capture, disk=capture.disk - layers * grams, extra=((live * grams, until),),
                                   note=capture.note + f"; Grams released after decompose ({live} at a time)")
 
 
