@@ -240,6 +240,12 @@ def test_remap_spends_a_memory_budget_and_reports_both_fractions(remapped, train
     plain = artifacts.read_results(outputs(*trained)[PartitionRef("allocate", ALL)])["ratios"]
     assert ratios["kept_over_target_matrices"] > 1.2 * plain["kept_over_target_matrices"]
     assert "memory" not in plain
+    from click.testing import CliRunner
+
+    from stagepipe.cli import main
+
+    summary = CliRunner().invoke(main, ["run", str(pipeline), "-w", str(ws)], catch_exceptions=False).output
+    assert "kept memory (remap8): requested 0.600" in summary and "kept parameters: " in summary
 
 
 def test_remapped_model_reloads_in_8_bit_with_the_learned_ranks(remapped) -> None:
