@@ -6,8 +6,10 @@ to keeping everything, and a crash inside a recompute redoes only that partition
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from stagepipe.config import load_pipeline
 from stagepipe.engine.release import releasable
@@ -16,7 +18,7 @@ from stagepipe.engine.stage import PartitionRef
 from stagepipe.engine.workspace import PartitionState
 from stagepipe.stages import artifacts, discover
 from stagepipe.stages.estimate import capture_interval, checkpoints, estimate, peak_disk
-from tests.conftest import cli_run, partition_states, started_partitions
+from tests.conftest import TINY, cli_run, merge, partition_states, started_partitions
 
 MODEL = {"source": "tiny", "arch": "llama", "num_layers": 6, "hidden": 32, "intermediate": 64, "num_heads": 4,
          "num_kv_heads": 2}
@@ -48,12 +50,30 @@ def test_the_plan_picks_the_least_recompute_that_fits(write_pipeline) -> None:
     assert checkpoints(6, 2) == [1, 3] and checkpoints(6, 1) == [0, 1, 2, 3, 4] and checkpoints(32, 8) == [7, 15, 23]
 
 
-def test_checkpointed_capture_gives_identical_results_and_recomputes_each_segment_once(write_pipeline, tmp_path: Path) -> None:
-    keep = write_pipeline("keep", **KFAC)
-    budget = write_pipeline("budget", **KFAC, runtime={"disk_budget_gb": _budget_for_interval_2(write_pipeline)})
-    assert cli_run(keep, tmp_path / "keep").returncode == 0
-    result = cli_run(budget, tmp_path / "budget")
+@pytest.fixture(scope="module")
+def budget_run(tmp_path_factory) -> tuple[Path, Path, Any]:
+    """(pipeline, workspace, ``run -v`` result) of the tiny K-FAC-SVD pipeline under a budget that
+    the plan meets with checkpoints every 2 layers."""
+    tmp = tmp_path_factory.mktemp("retention")
+
+    def write(name: str, **updates: Any) -> Path:
+        data = merge(TINY, {**KFAC, **updates})
+        data["name"] = name
+        path = tmp / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    pipeline = write("budget", runtime={"disk_budget_gb": _budget_for_interval_2(write)})
+    result = cli_run(pipeline, tmp / "budget")
     assert result.returncode == 0, result.stderr
+    return pipeline, tmp / "budget", result
+
+
+def test_checkpointed_capture_gives_identical_results_and_recomputes_each_segment_once(budget_run, write_pipeline,
+                                                                                      tmp_path: Path) -> None:
+    budget, ws, result = budget_run
+    keep = write_pipeline("keep", **KFAC)
+    assert cli_run(keep, tmp_path / "keep").returncode == 0
     started = started_partitions(result)
     # layers 1 and 3 are checkpoints (and 5, the last): fisher restores the outputs of 4, 2 and 0,
     # each once, by running that capture again from the checkpoint below
@@ -64,20 +84,19 @@ def test_checkpointed_capture_gives_identical_results_and_recomputes_each_segmen
     assert "restores a released payload" in result.stderr
     # consumers first: a layer's decompose runs as soon as its statistics are there, and frees them
     assert started.index("decompose@layer-005") < started.index("fisher@layer-004")
-    states = partition_states(budget, tmp_path / "budget")
+    states = partition_states(budget, ws)
     for ref, entry in states.items():
         if ref.stage == "capture":
             assert artifacts.STATS in entry.state.released and artifacts.HIDDEN in entry.state.released
         if ref.stage == "fisher" and ref.partition != "head":
             assert artifacts.FISHER in entry.state.released
     assert _digests(states) == _digests(partition_states(keep, tmp_path / "keep"))
-    assert started_partitions(cli_run(budget, tmp_path / "budget")) == []  # done: nothing to restore
+    assert not list((ws / "stages").glob("*/*/.aside-*"))  # a restore's same-key predecessor is not kept aside
+    assert started_partitions(cli_run(budget, ws)) == []  # done: nothing to restore
 
 
-def test_a_crash_inside_a_recompute_redoes_only_that_partition(write_pipeline, tmp_path: Path) -> None:
-    budget = write_pipeline("budget", **KFAC, runtime={"disk_budget_gb": _budget_for_interval_2(write_pipeline)})
-    reference = tmp_path / "reference"
-    assert cli_run(budget, reference).returncode == 0
+def test_a_crash_inside_a_recompute_redoes_only_that_partition(budget_run, tmp_path: Path) -> None:
+    budget, reference, _ = budget_run
     ws = tmp_path / "ws"
     # the first arrival (the first pass) passes; the second is capture@layer-002 restoring its output for fisher
     killed = cli_run(budget, ws, STAGEPIPE_TEST_KILL_AT="manifest-written@capture@layer-002", STAGEPIPE_TEST_KILL_SKIP="1")

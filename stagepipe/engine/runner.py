@@ -167,7 +167,7 @@ class Runner:
                             workspace=str(self.ws.root), config=self.config, model=self.ctx.model,
                             stage=self.pipeline.stage(entry.ref.stage), partition=entry.ref.partition,
                             key=entry.key, key_material=entry.material, inputs=entry.inputs, run_id=run_id,
-                            replace=self._matches(entry.ref, force) or restoring, threads=self.threads,
+                            replace=self._matches(entry.ref, force) or restoring, threads=self.threads, restore=restoring,
                         ))
                 if self.release:
                     for entry, path in releasable(entries, by_ref, demanded | submitted, restored):

@@ -41,6 +41,9 @@ class Task:
     run_id: str
     replace: bool = False
     threads: int | None = None
+    #: the partition runs again to restore a released payload: the output it replaces has the same
+    #: key and content, so it is deleted once the new one is in place instead of kept aside
+    restore: bool = False
 
     @property
     def ref(self) -> PartitionRef:
@@ -156,7 +159,7 @@ def execute(task: Task) -> TaskResult:
         )
         manifest_io.write_atomic(tmp, manifest)
         kill_point("before-rename", ref)
-        ws.commit(ref, task.key, tmp, replace=task.replace)
+        ws.commit(ref, task.key, tmp, replace=task.replace, discard_replaced=task.restore)
         committed = True
         kill_point("after-rename", ref)
         return TaskResult(ref=str(ref), ok=True, host=host, node=node, wall_s=finished - started)

@@ -146,21 +146,26 @@ class Workspace:
         self.scratch_dir(tmp).mkdir()
         return tmp
 
-    def commit(self, ref: PartitionRef, key: str, tmp: Path, replace: bool = False) -> Path:
+    def commit(self, ref: PartitionRef, key: str, tmp: Path, replace: bool = False,
+               discard_replaced: bool = False) -> Path:
         """Rename the finished temp directory into place.
 
         A valid output already there wins (a duplicated or retried task is harmless) unless
-        ``replace`` (``--force``): then the old output is moved aside, only now that the new one is
-        complete.
+        ``replace`` (``--force``, a restore): then the old output is moved aside, only now that the
+        new one is complete — and with ``discard_replaced`` (a restore: same key, same content, its
+        released payloads back) deleted once the new one is in place.
         """
         final = self.output_dir(ref, key)
+        aside = None
         if final.exists():
             if self.state(ref, key).status == "done" and not replace:
                 shutil.rmtree(tmp, ignore_errors=True)  # a duplicated task finished first: harmless
                 return final
-            self.move_aside(ref, key)
+            aside = self.move_aside(ref, key)
         os.rename(tmp, final)
         fsync_dir(final.parent)
+        if aside is not None and discard_replaced:  # a crash before this leaves it to `stagepipe gc`
+            shutil.rmtree(aside, ignore_errors=True)
         return final
 
     def move_aside(self, ref: PartitionRef, key: str) -> Path | None:
