@@ -151,6 +151,8 @@ class Runner:
                 runnable, demanded = restore_order(wanted, by_ref)
                 if self.release:  # consumers first: a partition that hands nothing over frees what it read
                     runnable.sort(key=lambda e: bool(e.transient))
+                    if isinstance(executor, LocalExecutor):  # it runs on submit: release between partitions
+                        runnable = runnable[:1]
                 if not failures:
                     for entry in runnable:
                         if entry.ref in submitted:
