@@ -156,9 +156,10 @@ def _print_plan(config: Any, runner: Any) -> None:
     from stagepipe.stages.estimate import capture_interval, estimate, peak_disk
     from stagepipe.stages.timing import Work, duration, stage_work
 
-    work = stage_work(config, runner.ctx.model, capture_interval(config, runner.ctx.model))
+    interval = capture_interval(config, runner.ctx.model)
+    work = stage_work(config, runner.ctx.model, interval)
     click.echo(f"\n{'stage':<12} {'disk':>10} {'RAM peak':>10} {'GPU peak':>10} {'GPU time':>9} {'CPU time':>9}  note")
-    rows = estimate(config, runner.ctx.model)
+    rows = estimate(config, runner.ctx.model, interval)
     for row in rows:
         stage = work.get(row.stage, Work())
         click.echo(f"{row.stage:<12} {_size(row.disk):>10} {_size(row.ram):>10} {_size(row.gpu):>10} "

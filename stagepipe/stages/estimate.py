@@ -131,7 +131,7 @@ def estimate(config: Any, model_config: Any, interval: int | None = None) -> lis
     if config.runtime.releases:
         if interval is None:
             interval = capture_interval(config, model_config)
-        _release_hidden(rows, names, s.layers, hidden, interval)
+        _release_hidden(rows, config, s.layers, hidden, interval)
     if config.runtime.disk_budget_gb is not None and "decompose" in rows:
         _release_statistics(rows, names, s.layers, grams if "gram" in need.method.activation_stats else 0.0)
     return [rows[name] for name in names]
@@ -166,6 +166,14 @@ def checkpoints(layers: int, interval: int) -> list[int]:
     return [i for i in range(layers - 1) if (i + 1) % interval == 0]
 
 
+def recomputed_captures(config: Any, layers: int, interval: int) -> int:
+    """Layer captures run again to restore released block outputs: every non-checkpoint layer's
+    (the last one's stays) once for each later stage that reads them."""
+    if interval == 1:
+        return 0
+    return (layers - 1 - len(checkpoints(layers, interval))) * len(later_readers(config, layers))
+
+
 def capture_interval(config: Any, model_config: Any) -> int:
     """Every how many layers capture keeps its block outputs: 1 (all of them) without a disk budget
     or when no later stage reads them, else the smallest interval whose predicted peak fits the
@@ -179,20 +187,20 @@ def capture_interval(config: Any, model_config: Any) -> int:
     return fitting[0] if fitting else min(peaks, key=lambda k: (peaks[k], k))
 
 
-def _release_hidden(rows: dict[str, Estimate], names: list[str], layers: int, hidden: float, interval: int) -> None:
+def _release_hidden(rows: dict[str, Estimate], config: Any, layers: int, hidden: float, interval: int) -> None:
     """With release on, the stored block outputs are hand-overs (``artifacts.hidden_readers``):
     capture's live until the last stage that reads them (all at once if a later stage does and
     ``interval`` is 1; else the checkpoints plus one restored segment of ``interval − 1``; two at a
     time if no later stage reads them); anchor's and refit's two at a time; the last layer's stays."""
-    later = {r.stage for r in hidden_readers("capture", 0, layers, names)} - {"capture"}
-    until = max(later, key=names.index) if later else None
+    later = later_readers(config, layers)
+    until = later[-1] if later else None
     capture = rows["capture"]
-    live = min(len(checkpoints(layers, interval)) + interval - 1, layers - 1)
+    kept = len(checkpoints(layers, interval))
+    live = min(kept + interval - 1, layers - 1)
     note = f" (released after {until or 'the next block'})"
     if until and interval > 1:
-        redo = (layers - 1 - len(checkpoints(layers, interval))) * len(later)
-        note = (f"; block outputs kept every {interval} layers ({len(checkpoints(layers, interval))} + the last), "
-                f"{redo} layer captures recomputed for {', '.join(sorted(later, key=names.index))}")
+        note = (f"; block outputs kept every {interval} layers ({kept} + the last), "
+                f"{recomputed_captures(config, layers, interval)} layer captures recomputed for {', '.join(later)}")
     rows["capture"] = replace(capture, disk=capture.disk - (layers - 1) * hidden,
                               transient=live * hidden if until else hidden, until=until, note=capture.note + note)
     for name in ("anchor", "refit"):

@@ -19,8 +19,7 @@ from stagepipe.stages.estimate import (
     Shapes,
     _duration,
     anchor_flops,
-    checkpoints,
-    later_readers,
+    recomputed_captures,
     train_flops,
 )
 from stagepipe.stages.requirements import needs
@@ -50,9 +49,7 @@ def stage_work(config: Any, model_config: Any, interval: int = 1) -> dict[str, W
     tokens = config.calibration.n_samples * config.calibration.seq_len
     block_pass = 2 * s.block * tokens  # one forward of one block over the calibration tokens (linears)
     grams = 2 * tokens * (3 * s.d**2 + s.ff**2) if "gram" in need.method.activation_stats else 0
-    recomputed = s.layers - 1 - len(checkpoints(s.layers, interval)) if interval > 1 else 0
-    recomputed *= len(later_readers(config, s.layers))
-    capture_layers = s.layers + recomputed
+    capture_layers = s.layers + recomputed_captures(config, s.layers, interval)
     work = {"capture": Work(capture_layers * block_pass, capture_layers * grams)}
     if need.fisher:
         work["fisher"] = _fisher_work(config, s, need, tokens, block_pass)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from stagepipe.accounting import max_stored_rank, max_useful_rank, rank_cost
-from stagepipe.methods.dobi_svd import project_to_budget, round_to_budget
+from stagepipe.methods.dobi_svd import DobiSVD, project_to_budget, round_to_budget
 from stagepipe.methods.soco import Schedule, SoCo, penalty_units, select, shrink_to_budget, soft_kept
 from stagepipe.models.layout import weight_matrix
 from stagepipe.models.spectral import SpectralLinear, install
@@ -140,7 +140,7 @@ class DobiTrainer:
     def __init__(self, cfg: Any, model: torch.nn.Module, targets: dict[str, tuple[int, str, Path]], target: float,
                  windows: int, dtype: torch.dtype) -> None:
         self.cfg, self.target = cfg, target
-        storage = "remap8" if cfg.remap else "16-bit"
+        storage = DobiSVD(cfg).storage()
         names = sorted(targets)
         shapes = {n: tuple(weight_matrix(model.get_submodule(n)).shape) for n in names}
         self.costs = [rank_cost(*shapes[n], storage) for n in names]
