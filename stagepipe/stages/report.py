@@ -90,10 +90,7 @@ def plot(report: dict[str, Any], inputs: Mapping[PartitionRef, Path], out: Path)
                 else f"kept {report['ratios']['kept_over_target_matrices']:.3f}")
         ax.set(title=f"perplexity ({report['method']}, {kept})", ylabel="PPL")
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "perplexity.png", dpi=100)
-        plt.close(fig)
-        made.append("perplexity.png")
+        made.append(_saved(fig, out / "perplexity.png", plt))
     return made
 
 
