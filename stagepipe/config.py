@@ -207,6 +207,10 @@ class RuntimeConfig(Strict):
     disk_budget_gb: float | None = Field(None, gt=0, description="peak workspace this run may use: implies release_consumed, "
                                                                  "and capture keeps block outputs only at every k-th layer "
                                                                  "(k from the plan), recomputing the rest when a later stage reads them")
+    shards: int = Field(1, ge=1, description="capture and fisher split the calibration windows into this many contiguous "
+                                             "shards of whole batches (one Ray task per shard and layer under --executor ray) "
+                                             "and sum their statistics in shard order in float64: the result depends on "
+                                             "this number, never on where the shards ran")
 
     @property
     def releases(self) -> bool:
@@ -241,6 +245,16 @@ class PipelineConfig(Strict):
         if isinstance(data, dict) and isinstance(data.get("allocation"), dict) and "policy" not in data["allocation"]:
             data = {**data, "allocation": {"policy": DEFAULT_POLICY, **data["allocation"]}}
         return data
+
+    @model_validator(mode="after")
+    def _shards_fit(self) -> PipelineConfig:
+        """Every shard holds at least one whole batch of calibration windows."""
+        batches = -(-self.calibration.n_samples // self.runtime.batch_size)
+        if self.runtime.shards > batches:
+            raise ValueError(f"runtime.shards: {self.runtime.shards} shards need at least as many batches; "
+                             f"calibration.n_samples {self.calibration.n_samples} in batches of runtime.batch_size "
+                             f"{self.runtime.batch_size} make {batches}")
+        return self
 
     @model_validator(mode="after")
     def _structured_method_fits(self) -> PipelineConfig:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -84,8 +85,9 @@ def _token_products(d: torch.Tensor, x: torch.Tensor, y: torch.Tensor, side: str
     return ((x * weights[:, None]).T @ x).double()
 
 
-def _apply(source: GradientSource, other: dict[str, torch.Tensor], side: str) -> tuple[dict[str, torch.Tensor], int]:
-    """One pass over the gradients: ``(1/K) Σ G Y Gᵀ`` (side 'A') or ``(1/K) Σ Gᵀ Y G`` (side 'B').
+def product_sums(source: GradientSource, other: dict[str, torch.Tensor], side: str) -> tuple[dict[str, torch.Tensor], int]:
+    """One pass over the gradients: ``Σ G Y Gᵀ`` (side 'A') or ``Σ Gᵀ Y G`` (side 'B') and the
+    number of gradients, not yet divided, so that shards of the gradients can be added first.
 
     ``Y`` is normalised (‖A‖_F = 1) or a scaled Gram, so float32 products are well within range;
     the K terms are accumulated in float64.
@@ -101,25 +103,40 @@ def _apply(source: GradientSource, other: dict[str, torch.Tensor], side: str) ->
             acc[name] = acc[name] + prod if name in acc else prod
             size = sample.shape[0]
         count += size
-    return {name: value / count for name, value in acc.items()}, count
+    return acc, count
 
 
-def nkp_power_iteration(source: GradientSource, warm_b: dict[str, torch.Tensor], max_sweeps: int, tol: float,
+#: ``sums(Y, side) -> (Σ products, K)``: one half-sweep over all the gradients (``product_sums``
+#: of one source, or the ordered sum of shards' ``product_sums``)
+ProductSums = Callable[[dict[str, torch.Tensor], str], tuple[dict[str, torch.Tensor], int]]
+
+
+def _apply(sums: ProductSums, other: dict[str, torch.Tensor], side: str) -> dict[str, torch.Tensor]:
+    """``(1/K) Σ G Y Gᵀ`` (side 'A') or ``(1/K) Σ Gᵀ Y G`` (side 'B')."""
+    acc, count = sums(other, side)
+    return {name: value / count for name, value in acc.items()}
+
+
+def nkp_power_iteration(source: GradientSource | None, warm_b: dict[str, torch.Tensor], max_sweeps: int, tol: float,
                         on_sweep: Callable[[int, dict[str, NKPResult]], None] | None = None,
-                        start: dict[str, NKPResult] | None = None) -> dict[str, NKPResult]:
+                        start: dict[str, NKPResult] | None = None, sums: ProductSums | None = None) -> dict[str, NKPResult]:
     """Alternating power iteration for every linear in ``warm_b`` at once.
 
-    A sweep is two passes over the gradients. Stops when the largest relative change of A (sign
-    aligned) drops below ``tol`` or after ``max_sweeps``. ``start`` resumes from a saved sweep.
+    A sweep is two passes over the gradients (``source``, or ``sums`` when the gradients are split
+    into shards). Stops when the largest relative change of A (sign aligned) drops below ``tol`` or
+    after ``max_sweeps``. ``start`` resumes from a saved sweep.
     """
+    if sums is None:
+        assert source is not None
+        sums = partial(product_sums, source)
     results = dict(start or {})
     b = {name: (results[name].B if name in results else warm_b[name]).to(torch.float64) for name in warm_b}
     prev_a = {name: results[name].A for name in results}
     first = max((r.sweeps for r in results.values()), default=0)
     for sweep in range(first + 1, max_sweeps + 1):
-        a, _ = _apply(source, b, "A")
+        a = _apply(sums, b, "A")
         a = {n: v / torch.linalg.norm(v) for n, v in a.items()}
-        b, _ = _apply(source, a, "B")
+        b = _apply(sums, a, "B")
         for name, value in a.items():
             change = float("inf")
             if name in prev_a:  # ‖A‖_F = 1, so this is already relative; align the joint sign first

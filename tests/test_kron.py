@@ -106,7 +106,7 @@ def test_per_token_weighted_nkp_equals_the_explicit_per_token_formula() -> None:
     Σ_t G_t B G_tᵀ over explicit rank-one gradients G_t = d_t x_tᵀ, and the power iteration on the
     weighted path finds the NKP of the explicit per-token Fisher (1/K) Σ_t vec(G_t) vec(G_t)ᵀ."""
     from stagepipe.kron import _products
-    from stagepipe.stages.fisher import _chunks
+    from stagepipe.stages.gradients import _chunks
 
     g = torch.Generator().manual_seed(8)
     d, x = torch.randn(3, 5, 6, generator=g), torch.randn(3, 5, 4, generator=g)  # 3 windows × 5 tokens
@@ -129,7 +129,7 @@ def test_per_token_weighted_nkp_equals_the_explicit_per_token_formula() -> None:
 
 
 def test_chunk_padding_keeps_gradients_exact() -> None:
-    from stagepipe.stages.fisher import _chunks
+    from stagepipe.stages.gradients import _chunks
 
     g = torch.Generator().manual_seed(6)
     d, x = torch.randn(2, 10, 5, generator=g), torch.randn(2, 10, 3, generator=g)

@@ -98,27 +98,26 @@ def test_gpt2_refit_runs_through_every_stage(write_pipeline, tmp_path: Path) -> 
     assert "refit@layer-001" in ran(out) and "perplexity compressed" in out
 
 
-def test_layerwise_gradients_equal_full_model_per_sequence_gradients(write_pipeline, tmp_path: Path) -> None:
+def test_layerwise_gradients_equal_full_model_per_sequence_gradients(write_pipeline, tmp_path: Path, monkeypatch) -> None:
     """G_k from the block-by-block backward equals autograd on the whole model, window by window."""
-    from stagepipe.stages import fisher
+    from stagepipe.stages import gradients
 
     pipeline = write_pipeline("g", method={"name": "gfwsvd", "mode": "stored", "max_sweeps": 1})
     ws = tmp_path / "ws"
     run_cli("run", str(pipeline), "-w", str(ws), "--only", "snapshot", "--only", "tokenize", "--only", "capture")
     state = entries(pipeline, ws)
     runner = make_runner(load_pipeline(pipeline), ws)
-    grads_seen: list[torch.Tensor] = []
-    original = fisher.nkp_power_iteration
+    seen: dict[tuple[int, int], list[torch.Tensor]] = {}
+    original = gradients.shard_source
 
-    def spy(source, warm, sweeps, tol, **kw):
-        grads_seen.extend(d.transpose(1, 2) @ x for d, x in (b["mlp.down_proj"] for b in source()))
-        return original(source, warm, sweeps, tol, **kw)
+    def spy(job):  # the gradients every half-sweep reads, once per shard
+        source = original(job)
+        seen.setdefault(job.rows, [d.transpose(1, 2) @ x for d, x in (b["mlp.down_proj"] for b in source())])
+        return source
 
-    fisher.nkp_power_iteration = spy
-    try:
-        runner.run(only={"fisher@head", "fisher@layer-001"})
-    finally:
-        fisher.nkp_power_iteration = original
+    monkeypatch.setattr(gradients, "shard_source", spy)
+    runner.run(only={"fisher@head", "fisher@layer-001"})
+    grads_seen = [g for rows in sorted(seen) for g in seen[rows]]
     from transformers import AutoModelForCausalLM
 
     from stagepipe.io import zarr_io

@@ -3,14 +3,18 @@
 - ``LocalExecutor`` (default): runs each task in this process as it is submitted; no Ray import.
 - ``RayExecutor``: one Ray task per partition with the configured CPUs/GPUs/memory; Ray retries
   system failures (a dead worker or node) ``max_retries`` times, and our atomic commit makes a
-  retried or duplicated task harmless. Ray is an optional extra (``pip install stagepipe[ray]``).
+  retried or duplicated task harmless. A partition that fans out (``Stage.fans_out``) runs its
+  jobs as Ray tasks with the same resources (``engine.fanout``). Ray is an optional extra (``pip install stagepipe[ray]``).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
+from stagepipe.engine.stage import Context
 from stagepipe.engine.task import Task, TaskResult, execute
 from stagepipe.errors import StagepipeError
 
@@ -69,11 +73,18 @@ class RayExecutor(Executor):
                                    "max_retries": cfg.max_retries, "retry_exceptions": False}
         if cfg.memory_gb_per_task:
             options["memory"] = int(cfg.memory_gb_per_task * 2**30)
+        self._options = options
         self._remote = ray.remote(_remote_execute).options(**options)
+        # a partition that fans out only waits and reduces: its jobs hold the GPUs, so it holds none
+        self._waiting = ray.remote(_remote_execute).options(**{**options, "num_gpus": 0})
         self._refs: dict[Any, Task] = {}
 
     def submit(self, task: Task) -> None:
-        self._refs[self._remote.remote(task)] = task
+        ctx = Context(task.config, Path(task.workspace), task.model)
+        if task.stage.fans_out(ctx, task.partition):
+            self._refs[self._waiting.remote(replace(task, fan_out=self._options))] = task
+        else:
+            self._refs[self._remote.remote(task)] = task
 
     def wait(self) -> list[TaskResult]:
         self._ray.wait(list(self._refs), num_returns=1)

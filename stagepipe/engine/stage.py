@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from stagepipe.engine.fanout import FanOut, SerialFanOut
 from stagepipe.io.hashing import sha256_json
 
 ALL = "all"
@@ -59,7 +60,8 @@ class Work:
     ``out`` becomes the output by one rename; ``scratch`` is removed when the task ends (success or
     failure); ``resume`` survives a crash (checkpoints inside a long partition) and is removed after
     the commit. ``telemetry`` holds run facts for the manifest that are not results (a resumed
-    sweep, a wall time): they never enter a content digest.
+    sweep, a wall time): they never enter a content digest. ``fan_out`` runs independent pieces of
+    the partition (``engine.fanout``): in this process, or as Ray tasks under the Ray executor.
     """
 
     partition: str
@@ -68,6 +70,7 @@ class Work:
     scratch: Path
     resume: Path
     telemetry: dict[str, Any] = field(default_factory=dict)
+    fan_out: FanOut = field(default_factory=SerialFanOut)
 
     def input(self, stage: str, partition: str = ALL) -> Path:
         return self.inputs[PartitionRef(stage, partition)]
@@ -101,6 +104,11 @@ class Stage(ABC):
         → the readers that must be done first. Later readers restore the payload by running this
         partition again (``engine.release``). Empty: a payload goes only when every reader is done."""
         return {}
+
+    def fans_out(self, ctx: Context, partition: str) -> bool:
+        """Whether this partition splits its work with ``Work.fan_out`` (the Ray executor then gives
+        the partition's own task no GPU: its jobs take them, and it only waits and reduces)."""
+        return False
 
     @abstractmethod
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from typing import Any
 import psutil
 
 from stagepipe import faults
+from stagepipe.engine.fanout import make_fan_out
 from stagepipe.engine.stage import Context, PartitionRef, Stage, Work
 from stagepipe.engine.workspace import Workspace
 from stagepipe.faults import kill_point
@@ -44,6 +45,8 @@ class Task:
     #: the partition runs again to restore a released payload: the output it replaces has the same
     #: key and content, so it is deleted once the new one is in place instead of kept aside
     restore: bool = False
+    #: Ray task options for the partition's fan-out jobs (``engine.fanout``); ``None``: in this process
+    fan_out: dict[str, Any] | None = None
 
     @property
     def ref(self) -> PartitionRef:
@@ -143,10 +146,13 @@ def execute(task: Task) -> TaskResult:
     faults.current = str(ref)
     try:
         inputs = {PartitionRef.parse(k): Path(v) for k, v in task.inputs.items()}
-        work = Work(task.partition, tmp, inputs, ws.scratch_dir(tmp), ws.resume_dir(ref, task.key))
+        work = Work(task.partition, tmp, inputs, ws.scratch_dir(tmp), ws.resume_dir(ref, task.key),
+                    fan_out=make_fan_out(task.fan_out, task.threads))
         with ResourceMeter() as meter:
             info = task.stage.run(ctx, work) or {}
             _test_hooks(ref)
+        if work.fan_out.runs:
+            work.telemetry["jobs"] = [run.to_dict() for run in work.fan_out.runs]
         kill_point("after-run", ref)
         work.telemetry["rss_at_start_mb"] = meter.start_rss / 2**20  # what the process held before the task
         finished = time.time()

@@ -84,8 +84,9 @@ def _chunk_exists(array: zarr.Array, key: str) -> bool:
     return bool(sync(array.store_path.store.exists(f"{array.store_path.path}/{key}")))
 
 
-def open_array(path: Path, name: str) -> zarr.Array:
-    return zarr.open_group(path, mode="r")[name]
+def open_array(path: Path, name: str, writable: bool = False) -> zarr.Array:
+    """An existing array; ``writable`` to write rows into one that another process created."""
+    return zarr.open_group(path, mode="r+" if writable else "r")[name]
 
 
 def read_rows(array: zarr.Array, start: int, stop: int) -> torch.Tensor:

@@ -132,18 +132,53 @@ def block_inputs(runner: BlockRunner, index: int, ids: torch.Tensor, work: Work,
     """Yield (start, hidden inputs of block ``index``) per batch of windows: the embeddings for
     block 0, else the outputs of block ``index-1`` as ``source`` stored them among the task's inputs
     (``capture``: the original model; ``refit``: the compressed model's running inputs)."""
+    below = None if index == 0 else work.input(source, layer_partition(index - 1))
+    return block_input_rows(runner, ids, below, batch)
+
+
+def block_input_rows(runner: BlockRunner, ids: torch.Tensor, below: Path | None, batch: int,
+                     offset: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
+    """``block_inputs`` for windows ``ids`` = rows ``offset:offset+len(ids)`` of the calibration
+    (one shard): the embeddings when ``below`` is ``None`` (block 0), else the stored outputs of
+    the block below (an output directory holding ``HIDDEN``). ``start`` is the row in the whole set."""
     runner.prepare(ids)
-    if index == 0:
+    if below is None:
         for start in range(0, len(ids), batch):
-            yield start, runner.embed(ids[start : start + batch])
+            yield offset + start, runner.embed(ids[start : start + batch])
         return
-    array = open_hidden(work.input(source, layer_partition(index - 1)))
-    for start in range(0, len(ids), batch):
-        yield start, zarr_io.read_rows(array, start, start + batch)
+    array = open_hidden(below)
+    for start in range(offset, offset + len(ids), batch):
+        yield start, zarr_io.read_rows(array, start, min(start + batch, offset + len(ids)))
 
 
-def open_hidden(output: Path) -> Any:
-    return zarr_io.open_array(output / HIDDEN, "hidden")
+def with_shards(config_slice: dict[str, Any], ctx: Any) -> dict[str, Any]:
+    """A sharded stage's config slice: ``runtime.shards`` enters the key only when it is > 1 (the
+    sums associate differently), so runs without shards keep their keys."""
+    shards = ctx.config.runtime.shards
+    return {**config_slice, "shards": shards} if shards > 1 else config_slice
+
+
+def shard_ranges(n_windows: int, batch: int, shards: int) -> list[tuple[int, int]]:
+    """``runtime.shards`` contiguous window ranges of whole batches, as even as batches allow.
+
+    Whole batches keep every batch (and so every float32 product) what it is without shards, and
+    make each shard's rows whole chunks of the per-layer arrays, so shards never write one chunk.
+    """
+    n_batches = -(-n_windows // batch)
+    if shards > n_batches:
+        raise ValueError(f"runtime.shards: {shards} shards need at least {shards} batches; {n_windows} windows "
+                         f"in batches of runtime.batch_size {batch} make {n_batches}")
+    base, extra = divmod(n_batches, shards)
+    ranges, start = [], 0
+    for shard in range(shards):
+        stop = min(n_windows, start + (base + (shard < extra)) * batch)
+        ranges.append((start, stop))
+        start = stop
+    return ranges
+
+
+def open_hidden(output: Path, writable: bool = False) -> Any:
+    return zarr_io.open_array(output / HIDDEN, "hidden", writable)
 
 
 def hidden_readers(stage: str, index: int, num_layers: int, stages: Collection[str]) -> list[PartitionRef]:
@@ -213,8 +248,8 @@ def create_grad(out: Path, shape: tuple[int, ...], batch: int) -> Any:
     return zarr_io.create_array(out / GRAD, "grad", shape, "float32", batch)
 
 
-def open_grad(output: Path) -> Any:
-    return zarr_io.open_array(output / GRAD, "grad")
+def open_grad(output: Path, writable: bool = False) -> Any:
+    return zarr_io.open_array(output / GRAD, "grad", writable)
 
 
 def write_fisher(out: Path, tensors: Mapping[str, torch.Tensor]) -> None:

@@ -8,6 +8,8 @@ architecture groups correctly. Inputs come from the *original* model (parallel s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,7 +19,7 @@ from stagepipe.models.blocks import BlockRunner
 from stagepipe.models.layout import block_linears
 from stagepipe.models.sources import DTYPES, resolve_device
 from stagepipe.stages import artifacts
-from stagepipe.stages.artifacts import CALIBRATION, layer_index
+from stagepipe.stages.artifacts import CALIBRATION, layer_index, layer_partition
 from stagepipe.stages.estimate import capture_interval, checkpoints
 from stagepipe.stages.requirements import needs
 
@@ -79,45 +81,113 @@ class CaptureStage(Stage):
         return {artifacts.HIDDEN: [artifacts.ref(self.name, index + 1)]}
 
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
-        return {"stats": sorted(needs(ctx.config).method.activation_stats), "modules": ctx.config.target.modules,
-                "batch_size": ctx.config.runtime.batch_size, "activation_dtype": ctx.config.runtime.activation_dtype}
+        slice_ = {"stats": sorted(needs(ctx.config).method.activation_stats), "modules": ctx.config.target.modules,
+                  "batch_size": ctx.config.runtime.batch_size, "activation_dtype": ctx.config.runtime.activation_dtype}
+        return artifacts.with_shards(slice_, ctx)
+
+    def fans_out(self, ctx: Context, partition: str) -> bool:
+        return ctx.config.runtime.shards > 1
 
     def run(self, ctx: Context, work: Work) -> dict[str, Any]:
+        """One job per shard of the windows (``runtime.shards``; one job without shards): each runs
+        the block on its rows and writes them into this partition's block outputs; the statistics
+        are summed here in shard order (float64), so where the jobs ran never changes a bit."""
         index = layer_index(work.partition)
-        device = resolve_device(ctx.config.model.device)
-        runner = BlockRunner(artifacts.model_dir(work.input("snapshot")), device, DTYPES[ctx.config.model.dtype])
-        ids = artifacts.read_windows(work.input("tokenize", CALIBRATION))
-        block = runner.load_block(index)
-        linears = block_linears(block, ctx.config.target.modules)
         batch = ctx.config.runtime.batch_size
-        wanted = needs(ctx.config).method.activation_stats
-        hidden_out = artifacts.create_hidden(work.out, (len(ids), ids.shape[1], runner.config.hidden_size),
-                                             ctx.config.runtime.activation_dtype, batch)
-        groups: dict[str, str] | None = None
-        stats: dict[str, torch.Tensor] = {}
-        tokens = 0
-        cosine = torch.zeros((), dtype=torch.float64)
-        handles = []
-        for start, hidden in artifacts.block_inputs(runner, index, ids, work, batch):
-            if groups is None:
-                groups = input_groups(block, linears, runner, hidden.to(device))
-                for name in sorted(set(groups.values())):
-                    handles.append(linears[name].register_forward_pre_hook(
-                        lambda mod, args, name=name: _accumulate(stats, name, args[0], wanted)))
-            with torch.no_grad():
-                output = runner.run_block(block, hidden)
-            artifacts.write_rows(hidden_out, start, output)
-            if "influence" in wanted:  # block influence: how far the block turns its input (MoDeGPT)
-                cosine += torch.nn.functional.cosine_similarity(hidden.to(output.device).float(), output.float(),
-                                                                dim=-1).double().sum().cpu()
-            tokens += output.shape[0] * output.shape[1]
-        for h in handles:
-            h.remove()
+        ids = artifacts.read_windows(work.input("tokenize", CALIBRATION))
+        snapshot = artifacts.model_dir(work.input("snapshot"))
+        hidden_size = int(ctx.model.hidden_size)
+        artifacts.create_hidden(work.out, (len(ids), ids.shape[1], hidden_size), ctx.config.runtime.activation_dtype, batch)
+        jobs = [CaptureJob(snapshot=snapshot, tokens=work.input("tokenize", CALIBRATION),
+                           below=None if index == 0 else work.input("capture", layer_partition(index - 1)), out=work.out, index=index,
+                           rows=rows, device=ctx.config.model.device, dtype=ctx.config.model.dtype,
+                           modules=ctx.config.target.modules, batch=batch,
+                           wanted=needs(ctx.config).method.activation_stats)
+                for rows in artifacts.shard_ranges(len(ids), batch, ctx.config.runtime.shards)]
+        parts = work.fan_out.map(capture_shard, jobs, [f"{self.name}@{work.partition}#shard-{i}" for i in range(len(jobs))])
+        groups = parts[0].groups
+        if any(part.groups != groups for part in parts):
+            raise RuntimeError(f"capture@{work.partition}: shards found different input groups")
+        stats = _reduce_stats([part.stats for part in parts])
+        tokens = sum(part.tokens for part in parts)
+        wanted = jobs[0].wanted
         artifacts.write_input_stats(work.out, stats if wanted else {}, tokens, groups)
         results = {"tokens": tokens, "groups": groups, "distinct_inputs": len(set(groups.values()))}
         if "influence" in wanted:
+            cosine = parts[0].cosine
+            for part in parts[1:]:
+                cosine = cosine + part.cosine
             results["influence"] = 1.0 - float(cosine) / tokens
         return results
+
+
+@dataclass(frozen=True)
+class CaptureJob:
+    """One shard of one layer's capture: everything a worker needs, as paths and plain values."""
+
+    snapshot: Path
+    tokens: Path
+    below: Path | None  # capture output of the block below (None: block 0 starts from the embeddings)
+    out: Path  # the partition's temp directory, where the block-output array already exists
+    index: int
+    rows: tuple[int, int]
+    device: str
+    dtype: str
+    modules: Any  # target.modules (None: every linear of the block)
+    batch: int
+    wanted: frozenset[str]
+
+
+@dataclass
+class CapturePart:
+    stats: dict[str, torch.Tensor]
+    tokens: int
+    cosine: torch.Tensor
+    groups: dict[str, str]
+
+
+def capture_shard(job: CaptureJob) -> CapturePart:
+    """Run block ``job.index`` on rows ``job.rows``: write its outputs there, return this shard's
+    statistics as float64 sums (not yet divided by the token count)."""
+    lo, hi = job.rows
+    runner = BlockRunner(job.snapshot, resolve_device(job.device), DTYPES[job.dtype])
+    ids = artifacts.read_windows(job.tokens)[lo:hi]
+    block = runner.load_block(job.index)
+    linears = block_linears(block, job.modules)
+    hidden_out = artifacts.open_hidden(job.out, writable=True)
+    groups: dict[str, str] | None = None
+    stats: dict[str, torch.Tensor] = {}
+    tokens = 0
+    cosine = torch.zeros((), dtype=torch.float64)
+    handles = []
+    try:
+        for start, hidden in artifacts.block_input_rows(runner, ids, job.below, job.batch, offset=lo):
+            if groups is None:
+                groups = input_groups(block, linears, runner, hidden.to(runner.device))
+                for name in sorted(set(groups.values())):
+                    handles.append(linears[name].register_forward_pre_hook(
+                        lambda mod, args, name=name: _accumulate(stats, name, args[0], job.wanted)))
+            with torch.no_grad():
+                output = runner.run_block(block, hidden)
+            artifacts.write_rows(hidden_out, start, output)
+            if "influence" in job.wanted:  # block influence: how far the block turns its input (MoDeGPT)
+                cosine += torch.nn.functional.cosine_similarity(hidden.to(output.device).float(), output.float(),
+                                                                dim=-1).double().sum().cpu()
+            tokens += output.shape[0] * output.shape[1]
+    finally:
+        for h in handles:
+            h.remove()
+    assert groups is not None  # every shard holds at least one batch (artifacts.shard_ranges)
+    return CapturePart({k: v.cpu() for k, v in stats.items()}, tokens, cosine, groups)
+
+
+def _reduce_stats(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Shard statistics in shard order: sums add (float64), ``abs_max`` takes the maximum."""
+    total = dict(parts[0])
+    for part in parts[1:]:
+        for key, value in part.items():
+            total[key] = torch.maximum(total[key], value) if key.startswith("abs_max.") else total[key] + value
+    return total
 
 
 def _accumulate(stats: dict[str, torch.Tensor], group: str, x: torch.Tensor, wanted: frozenset[str]) -> None:

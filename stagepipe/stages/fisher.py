@@ -5,7 +5,9 @@ LM head, and back-propagates each window's mean next-token NLL to the last block
 Partition ``layer-i`` (run from the last block down) recomputes block i on its cached inputs with
 autograd, back-propagates the incoming output gradient, stores the gradient w.r.t. its input for
 block i-1, and reads each target linear's inputs ``X_k`` and output gradients ``D_k`` per window
-(``GradientCollector``).
+(``stages.gradients``). Every partition runs as one job per shard of the windows
+(``runtime.shards``, through ``Work.fan_out``: in process or as Ray tasks); the shards' float64
+sums, including each half-sweep of the power iteration, are added here in shard order.
 
 Per-sequence weight gradients ``G_k = D_kᵀ X_k`` are never averaged across sequences (optionally
 one per ``chunk_tokens`` chunk). From them: the token-level K-FAC output factor ``Σ δ δᵀ``, the
@@ -18,6 +20,7 @@ budget. The power iteration is checkpointed in the task's resume directory after
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +29,14 @@ import torch
 from stagepipe.accounting import rank_for_fraction
 from stagepipe.engine.stage import Context, PartitionRef, Stage, Work
 from stagepipe.faults import kill_point
-from stagepipe.io import zarr_io
 from stagepipe.kron import NKPResult, clean_factors, diagnostics, nkp_power_iteration
 from stagepipe.models.blocks import BlockRunner
 from stagepipe.models.layout import block_linears, weight_matrix
-from stagepipe.models.sources import DTYPES, resolve_device
-from stagepipe.stages import artifacts
+from stagepipe.models.sources import DTYPES
+from stagepipe.stages import artifacts, gradients
 from stagepipe.stages.artifacts import CALIBRATION, HEAD, layer_index, layer_partition
+from stagepipe.stages.gradients import GradientJob, ordered_sum
 from stagepipe.stages.requirements import needs
-
-Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # linear → (D, X) per window or chunk
 
 
 def _grad_in(ctx: Context, index: int) -> PartitionRef:
@@ -88,66 +89,87 @@ class FisherStage(Stage):
                 slice_["diagnostics"] = {"max_dim": cfg.diagnostics_max_dim, "floor_rel": cfg.floor_rel,
                                          "kept_fraction": ctx.config.target.kept_fraction,
                                          "align": ctx.config.allocation.align}
-        return slice_
+        return artifacts.with_shards(slice_, ctx)
+
+    def fans_out(self, ctx: Context, partition: str) -> bool:
+        return ctx.config.runtime.shards > 1
 
     def run(self, ctx: Context, work: Work) -> dict[str, Any]:
-        device = resolve_device(ctx.config.model.device)
-        runner = BlockRunner(artifacts.model_dir(work.input("snapshot")), device, DTYPES[ctx.config.model.dtype])
+        """One job per shard of the windows (``stages.gradients``), reduced here in shard order."""
         ids = artifacts.read_windows(work.input("tokenize", CALIBRATION))
-        if work.partition == HEAD:
-            return self._run_head(ctx, runner, ids, work)
-        return self._run_block(ctx, runner, layer_index(work.partition), ids, work)
+        layers = int(ctx.model.num_hidden_layers)
+        index = layers if work.partition == HEAD else layer_index(work.partition)
+        base = GradientJob(snapshot=artifacts.model_dir(work.input("snapshot")), tokens=work.input("tokenize", CALIBRATION),
+                           index=index, rows=(0, 0), device=ctx.config.model.device, dtype=ctx.config.model.dtype,
+                           batch=ctx.config.runtime.batch_size)
+        ranges = artifacts.shard_ranges(len(ids), base.batch, ctx.config.runtime.shards)
+        labels = [f"{self.name}@{work.partition}#shard-{i}" for i in range(len(ranges))]
+        try:
+            if work.partition == HEAD:
+                return self._run_head(ctx, ids, base, ranges, labels, work)
+            return self._run_block(ctx, ids, base, ranges, labels, work)
+        finally:
+            gradients.release_collectors()
 
     # ------------------------------------------------------------------ head
-    def _run_head(self, ctx: Context, runner: BlockRunner, ids: torch.Tensor, work: Work) -> dict[str, Any]:
-        batch = ctx.config.runtime.batch_size
-        last = artifacts.open_hidden(work.input("capture", layer_partition(runner.num_layers - 1)))
-        grads = artifacts.create_grad(work.out, tuple(last.shape), batch)
-        losses = []
-        sampler = None
-        if ctx.config.method.fisher_labels == "model":
-            sampler = torch.Generator().manual_seed(ctx.config.calibration.seed)
-        for start in range(0, len(ids), batch):
-            hidden = artifacts.read_rows(last, start, start + batch).to(runner.device).float().requires_grad_(True)
-            loss = runner.window_losses(hidden, ids[start : start + batch], sample_from=sampler)
-            (grad,) = torch.autograd.grad(loss.sum(), hidden)
-            artifacts.write_rows(grads, start, grad.float())
-            losses.extend(loss.tolist())
+    def _run_head(self, ctx: Context, ids: torch.Tensor, base: GradientJob, ranges, labels, work: Work) -> dict[str, Any]:
+        hidden = work.input("capture", layer_partition(base.index - 1))
+        artifacts.create_grad(work.out, tuple(artifacts.open_hidden(hidden).shape), base.batch)
+        seed = ctx.config.calibration.seed if ctx.config.method.fisher_labels == "model" else None
+        # sampled labels: one generator per shard (its seed offset by the shard), so they depend on
+        # the number of shards (keyed), never on where a shard ran; one shard: the calibration seed
+        jobs = [replace(base, rows=rows, hidden=hidden, grad_in=work.out, index=-1,
+                        labels_seed=None if seed is None else seed + shard) for shard, rows in enumerate(ranges)]
+        losses = [loss for part in work.fan_out.map(gradients.head_shard, jobs, labels) for loss in part]
         return {"mean_window_loss": sum(losses) / len(losses), "n_windows": len(losses)}
 
     # ------------------------------------------------------------------ one block
-    def _run_block(self, ctx: Context, runner: BlockRunner, index: int, ids: torch.Tensor, work: Work) -> dict[str, Any]:
+    def _run_block(self, ctx: Context, ids: torch.Tensor, base: GradientJob, ranges, labels, work: Work) -> dict[str, Any]:
         cfg = ctx.config.method
-        block = runner.load_block(index)
-        linears = block_linears(block, ctx.config.target.modules)
+        index = base.index
+        runner = BlockRunner(base.snapshot, torch.device("cpu"), DTYPES[ctx.config.model.dtype])
+        linears = block_linears(runner.load_block(index), ctx.config.target.modules)
         shapes = {n: tuple(weight_matrix(m).shape) for n, m in linears.items()}
-        collector = GradientCollector(runner, block, index, linears, ids, ctx.config.runtime.batch_size,
-                                      getattr(cfg, "chunk_tokens", None) or ids.shape[1],
-                                      work=work,
-                                      grad_out=work.inputs[_grad_in(ctx, index)],
-                                      grad_in_dir=work.out if index > 0 else None)
-        info: dict[str, Any] = {"K": collector.n_gradients, "linears": {n: {} for n in linears}}
+        del runner
+        chunk = getattr(cfg, "chunk_tokens", None) or ids.shape[1]
+        n_gradients = len(ids) * -(-ids.shape[1] // chunk)
+        info: dict[str, Any] = {"K": n_gradients, "linears": {n: {} for n in linears}}
+        nkp = "nkp" in needs(ctx.config).method.gradient_stats
+        mode = None
+        if nkp:
+            grad_bytes = n_gradients * chunk * sum(m + n for m, n in shapes.values()) * 4
+            mode = cfg.mode if cfg.mode != "auto" else "stored" if grad_bytes <= cfg.memory_budget_gb * 2**30 else "streaming"
+            info.update(mode=mode, gradient_bytes=grad_bytes)
+        grad_out = work.inputs[_grad_in(ctx, index)]
+        if index > 0:
+            artifacts.create_grad(work.out, tuple(artifacts.open_grad(grad_out).shape), base.batch)
+        jobs = [replace(base, rows=rows, modules=ctx.config.target.modules, chunk=chunk,
+                        below=None if index == 0 else work.input("capture", layer_partition(index - 1)),
+                        grad_out=grad_out, grad_in=work.out if index > 0 else None, mode=mode,
+                        scratch=work.scratch / f"shard-{shard}") for shard, rows in enumerate(ranges)]
+        parts = work.fan_out.map(gradients.record_shard, jobs, labels)
         tensors: dict[str, torch.Tensor] = {}
-        try:
-            if "nkp" in needs(ctx.config).method.gradient_stats:
-                source = collector.source(cfg.mode, cfg.memory_budget_gb, work.scratch, shapes, info)
-                warm = self._warm_start(ctx, work, linears, shapes)
-                checkpoint = SweepCheckpoint(work.resume)
-                results = nkp_power_iteration(source, warm, cfg.max_sweeps, cfg.tol, on_sweep=checkpoint.save,
-                                              start=checkpoint.load())
-                work.telemetry["resumed_from_sweep"] = checkpoint.loaded_sweep
-                for name, res in results.items():
-                    a, b, clean = clean_factors(res.A, res.B, cfg.factor_floor_rel, cfg.regularizer)
-                    tensors.update({f"{name}.{k}": v for k, v in (("A", a), ("B", b)) if v is not None})
-                    info["linears"][name] = {"sweeps": res.sweeps, "rel_change": res.rel_change, "history": res.history, **clean}
-                if cfg.diagnostics:  # needs the gradients: before the scratch directory goes
-                    self._diagnose(ctx, source, linears, shapes, tensors, info)
-            else:
-                collector.record()
-        finally:
-            collector.close()
-        tensors.update(collector.statistics())
-        info.update(collector.counts)
+        if nkp:
+            def sums(other: dict[str, torch.Tensor], side: str) -> tuple[dict[str, torch.Tensor], int]:
+                found = work.fan_out.map(gradients.product_shard, [(job, other, side) for job in jobs], labels)
+                return ordered_sum([acc for acc, _ in found]), sum(count for _, count in found)
+
+            warm = self._warm_start(ctx, work, linears, shapes)
+            checkpoint = SweepCheckpoint(work.resume)
+            results = nkp_power_iteration(None, warm, cfg.max_sweeps, cfg.tol, on_sweep=checkpoint.save,
+                                          start=checkpoint.load(), sums=sums)
+            work.telemetry["resumed_from_sweep"] = checkpoint.loaded_sweep
+            for name, res in results.items():
+                a, b, clean = clean_factors(res.A, res.B, cfg.factor_floor_rel, cfg.regularizer)
+                tensors.update({f"{name}.{k}": v for k, v in (("A", a), ("B", b)) if v is not None})
+                info["linears"][name] = {"sweeps": res.sweeps, "rel_change": res.rel_change, "history": res.history, **clean}
+            if cfg.diagnostics:  # needs the gradients: before the scratch directory goes
+                self._diagnose(ctx, _chained([gradients.shard_source(job) for job in jobs]), linears, shapes, tensors, info)
+        tokens, windows = sum(p.tokens for p in parts), sum(p.windows for p in parts)
+        for key, value in ordered_sum([p.sums for p in parts]).items():
+            kind, _, name = key.partition(".")
+            tensors[f"{name}.{kind}"] = value / (tokens if kind == "kfac_out" else windows)
+        info.update(tokens=tokens, windows=windows)
         artifacts.write_fisher(work.out, tensors)
         return info
 
@@ -180,117 +202,9 @@ class FisherStage(Stage):
         return {n: stats.gram[n] / stats.tokens[n] for n in linears}
 
 
-class GradientCollector:
-    """Per-sequence gradient factors of one block's linears, recomputed batch by batch.
-
-    Each pass runs the block forward on its cached inputs and backward from the stored output
-    gradient; hooks read every linear's input ``X`` and output gradient ``D``. ``batches(record=True)``
-    also accumulates the K-FAC output factor and the squared per-sequence gradients and writes the
-    gradient w.r.t. the block's input (block i−1's output gradient).
-    """
-
-    def __init__(self, runner: BlockRunner, block: torch.nn.Module, index: int, linears: dict[str, torch.nn.Module],
-                 ids: torch.Tensor, batch: int, chunk: int, work: Work, grad_out: Path,
-                 grad_in_dir: Path | None) -> None:
-        self.runner, self.block, self.index, self.linears = runner, block, index, linears
-        self.ids, self.batch, self.chunk = ids, batch, chunk
-        self.work = work
-        self.grad_out = artifacts.open_grad(grad_out)
-        self.grad_in = None if grad_in_dir is None else artifacts.create_grad(grad_in_dir, tuple(self.grad_out.shape), batch)
-        self.n_chunks = -(-ids.shape[1] // chunk)
-        self.n_gradients = len(ids) * self.n_chunks
-        self.sums: dict[str, torch.Tensor] = {}  # kfac_out.<name>, grad_sq.<name>, float64
-        self.counts = {"tokens": 0, "windows": 0}
-        self._captured: dict[str, dict[str, torch.Tensor]] = {n: {} for n in linears}
-        self._handles = [m.register_forward_hook(lambda mod, a, o, n=n: self._hook(n, a, o)) for n, m in linears.items()]
-
-    def _hook(self, name: str, args: tuple, output: torch.Tensor) -> None:
-        self._captured[name]["x"] = args[0].detach()
-        output.register_hook(lambda g: self._captured[name].__setitem__("d", g.detach()))
-
-    def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-    def batches(self, record: bool) -> Iterator[Factors]:
-        """Per batch of windows: ``{linear: (D, X)}`` split into ``chunk``-token pieces (``G_k = D_kᵀ X_k``)."""
-        runner = self.runner
-        for start, hidden in artifacts.block_inputs(runner, self.index, self.ids, self.work, self.batch):
-            hidden = hidden.to(runner.device, runner.dtype).requires_grad_(True)
-            output = runner.run_block(self.block, hidden)
-            upstream = artifacts.read_rows(self.grad_out, start, start + self.batch).to(output.device, output.dtype)
-            output.backward(upstream)
-            if record and self.grad_in is not None:
-                artifacts.write_rows(self.grad_in, start, hidden.grad.float())
-            result = {}
-            for name, got in self._captured.items():
-                x, d = got["x"].float(), got["d"].float()
-                if record:
-                    _add(self.sums, f"kfac_out.{name}", _gram(d.reshape(-1, d.shape[-1])))
-                    _add(self.sums, f"grad_sq.{name}", ((d.transpose(1, 2) @ x) ** 2).double().sum(0))
-                result[name] = (_chunks(d, self.chunk), _chunks(x, self.chunk))
-            if record:
-                self.counts["tokens"] += x.shape[0] * x.shape[1]
-                self.counts["windows"] += x.shape[0]
-            yield result
-
-    def record(self) -> None:
-        """One recording pass (statistics and input gradients), discarding the factors."""
-        for _ in self.batches(record=True):
-            pass
-
-    def statistics(self) -> dict[str, torch.Tensor]:
-        """``<linear>.kfac_out`` (token mean of ``δ δᵀ``) and ``<linear>.grad_sq`` (window mean of ``G ⊙ G``)."""
-        out = {}
-        for key, value in self.sums.items():
-            kind, _, name = key.partition(".")
-            out[f"{name}.{kind}"] = value / (self.counts["tokens"] if kind == "kfac_out" else self.counts["windows"])
-        return out
-
-    def source(self, mode: str, budget_gb: float, scratch: Path, shapes: dict[str, tuple[int, int]],
-               info: dict[str, Any]) -> Callable[[], Iterator[Factors]]:
-        """Run the recording pass and return a re-iterable source of ``(D, X)`` batches: read back
-        from a zarr in ``scratch`` (``stored``) or recomputed per pass (``streaming``)."""
-        grad_bytes = self.n_gradients * self.chunk * sum(m + n for m, n in shapes.values()) * 4
-        if mode == "auto":
-            mode = "stored" if grad_bytes <= budget_gb * 2**30 else "streaming"
-        info.update(mode=mode, gradient_bytes=grad_bytes)
-        if mode == "streaming":
-            self.record()
-            return lambda: self.batches(record=False)
-        rows, step = self.n_gradients, self.batch * self.n_chunks
-        stored = {(n, k): zarr_io.create_array(scratch / "grads.zarr", f"{n}.{k}",
-                                               (rows, self.chunk, shapes[n][0 if k == "d" else 1]), "float32", step)
-                  for n in self.linears for k in ("d", "x")}
-        for i, factors in enumerate(self.batches(record=True)):
-            for n, (d, x) in factors.items():
-                zarr_io.write_rows(stored[n, "d"], i * step, d)
-                zarr_io.write_rows(stored[n, "x"], i * step, x)
-        device = self.runner.device
-
-        def read_back() -> Iterator[Factors]:
-            for start in range(0, rows, step):
-                yield {n: (zarr_io.read_rows(stored[n, "d"], start, start + step).to(device),
-                           zarr_io.read_rows(stored[n, "x"], start, start + step).to(device)) for n in self.linears}
-
-        return read_back
-
-
-def _chunks(values: torch.Tensor, chunk: int) -> torch.Tensor:
-    """(b, T, c) → (b·⌈T/chunk⌉, chunk, c); the tail is zero-padded, which leaves ``Dᵀ X`` exact."""
-    b, t, c = values.shape
-    pad = -t % chunk
-    if pad:
-        values = torch.cat([values, values.new_zeros(b, pad, c)], dim=1)
-    return values.reshape(b * (t + pad) // chunk, chunk, c)
-
-
-def _gram(flat: torch.Tensor) -> torch.Tensor:
-    return (flat.T @ flat).double()  # float32 per batch, float64 across batches
-
-
-def _add(sums: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
-    sums[key] = sums[key] + value if key in sums else value
+def _chained(sources: list[Callable[[], Iterator[Any]]]) -> Callable[[], Iterator[Any]]:
+    """The shards' gradient sources one after another, as one source (in shard order)."""
+    return lambda: (batch for source in sources for batch in source())
 
 
 class SweepCheckpoint:
