@@ -125,7 +125,7 @@ def test_ray_cluster_equals_in_process_and_survives_losing_a_node_mid_capture(wr
     Ray reruns that job elsewhere and every key and content digest equals the in-process run."""
     from ray.cluster_utils import Cluster
 
-    from stagepipe.engine.executors import RayExecutor
+    from stagepipe.engine.executors import KEEP_IDLE_WORKERS, RayExecutor
 
     pipeline = write_pipeline("sharded", method=GFWSVD, runtime={"shards": 2},
                               executor={"kind": "ray", "num_cpus_per_task": 1, "num_gpus_per_task": 1})
@@ -134,7 +134,7 @@ def test_ray_cluster_equals_in_process_and_survives_losing_a_node_mid_capture(wr
     flag = tmp_path / "hung"
     monkeypatch.setenv("STAGEPIPE_TEST_HANG_IN", "capture@layer-001#shard-1")
     monkeypatch.setenv("STAGEPIPE_TEST_HANG_ONCE", str(flag))
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0, "_system_config": KEEP_IDLE_WORKERS})
     workers = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
     ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
     try:

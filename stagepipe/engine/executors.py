@@ -51,6 +51,12 @@ class LocalExecutor(Executor):
         return len(self._done)
 
 
+#: Ray kills idle workers beyond one per CPU after 1 s; a partition that waits on its fan-out jobs
+#: holds a worker too, so its jobs' workers would be killed and re-spawned (≈2 s of imports each)
+#: between rounds of jobs. Keep them a minute (``ray start --system-config`` for a cluster).
+KEEP_IDLE_WORKERS = {"idle_worker_killing_time_threshold_ms": 60_000}
+
+
 def _remote_execute(task: Task) -> dict[str, Any]:
     return execute(task).to_dict()
 
@@ -67,7 +73,10 @@ class RayExecutor(Executor):
         self._ray = ray
         self._owns_ray = False
         if not ray.is_initialized():
-            ray.init(address=address or cfg.address, include_dashboard=False, log_to_driver=False)
+            address = address or cfg.address
+            # a Ray started here keeps idle workers (docs/distributed.md: fan-out jobs outnumber CPUs)
+            extra = {} if address else {"_system_config": KEEP_IDLE_WORKERS}
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, **extra)
             self._owns_ray = True
         options: dict[str, Any] = {"num_cpus": cfg.num_cpus_per_task, "num_gpus": cfg.num_gpus_per_task,
                                    "max_retries": cfg.max_retries, "retry_exceptions": False}

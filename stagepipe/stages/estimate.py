@@ -134,6 +134,11 @@ def estimate(config: Any, model_config: Any, interval: int | None = None) -> lis
         _release_hidden(rows, config, s.layers, hidden, interval)
     if config.runtime.disk_budget_gb is not None and "decompose" in rows:
         _release_statistics(rows, names, s.layers, grams if "gram" in need.method.activation_stats else 0.0)
+    if config.runtime.shards > 1:  # same bytes; the work of a layer splits over the shards' workers
+        for name in ("capture", "fisher"):
+            if name in rows:
+                rows[name] = replace(rows[name], note=rows[name].note + f"; {config.runtime.shards} shards per layer "
+                                                                        "(time ÷ shards on as many workers)")
     return [rows[name] for name in names]
 
 
