@@ -8,8 +8,8 @@ them and capture + fisher run under the Ray executor on a local Ray of that many
 one torch thread per job). ``--baseline`` adds the same two stages in process with one shard and
 one thread. Prints the wall times, each shard's summed job time per stage (so the scaling can be
 read: with two workers the stage's wall time approaches the slower shard's), and whether the
-outputs of every run with the same shard count have the same content digests. Writes
-``<out>/shards.json`` and ``<out>/shards.md``.
+outputs of every run with the same shard count have the same content digests. Each run's workspace
+is deleted once measured. Writes ``<out>/shards.json`` and ``<out>/shards.md``.
 """
 
 from __future__ import annotations
@@ -78,7 +78,9 @@ def run_case(config, prep: Path, ws: Path, workers: int | None) -> dict:
     finally:
         if workers is not None:
             ray.shutdown()
-    return {"workers": workers, "shards": config.runtime.shards, "wall_s": wall, **measured(ws)}
+    found = measured(ws)
+    shutil.rmtree(ws)  # ~6 GB per SmolLM2 GFWSVD run (Kronecker factors): only the measurements are kept
+    return {"workers": workers, "shards": config.runtime.shards, "wall_s": wall, **found}
 
 
 def table(rows: list[dict]) -> str:

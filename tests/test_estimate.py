@@ -110,3 +110,14 @@ def test_statistics_are_released_after_decompose_under_a_budget() -> None:
     rows = {r.stage: r for r in estimate(budget, model, 1)}
     assert rows["fisher"].disk == 0 and rows["fisher"].extra and rows["capture"].extra
     assert peak_disk(estimate(budget, model, 1))[0] < peak_disk(estimate(released, model, 1))[0]
+
+
+def test_shards_split_capture_and_fisher_time_not_their_bytes() -> None:
+    one = {r.stage: r for r in estimate(config("kfac_svd"), Shape(**MODEL))}
+    data = merge(TINY, {"method": {"name": "kfac_svd"}, "allocation": {"policy": "uniform", "align": 4},
+                        "runtime": {"shards": 3}})
+    three = {r.stage: r for r in estimate(parse_pipeline(data, "test", "."), Shape(**MODEL))}
+    for stage in ("capture", "fisher"):
+        assert three[stage].note.endswith("3 shards per layer (time ÷ shards on as many workers)")
+        assert (three[stage].disk, three[stage].ram) == (one[stage].disk, one[stage].ram)
+    assert "shards" not in three["decompose"].note

@@ -49,23 +49,25 @@ class FanOut(Protocol):
         """``[fn(job) for job in jobs]``, possibly in parallel elsewhere; results in job order."""
 
 
-def _node() -> str:
+def ray_node_id() -> str:
+    """The Ray node this process runs on, or ``-`` outside Ray (never imports Ray itself)."""
     ray = sys.modules.get("ray")
     if ray is None or not ray.is_initialized():
         return "-"
     return ray.get_runtime_context().get_node_id()
 
 
-def _hang_hook(label: str) -> None:
-    """Test hook: ``STAGEPIPE_TEST_HANG_IN=<label>`` hangs this job (once, with
-    ``STAGEPIPE_TEST_HANG_ONCE=<file>``, which records host, pid and Ray node), so a test can kill its node."""
+def hang_if_asked(label: str) -> None:
+    """Test hook: ``STAGEPIPE_TEST_HANG_IN=<label>`` (a partition ``stage@part`` or a job
+    ``stage@part#shard-i``) hangs there; with ``STAGEPIPE_TEST_HANG_ONCE=<file>`` only the first
+    attempt hangs (it writes the file with its host, pid and Ray node), so a retry can finish."""
     if os.environ.get("STAGEPIPE_TEST_HANG_IN") != label:
         return
     once = os.environ.get("STAGEPIPE_TEST_HANG_ONCE")
     if once is not None and os.path.exists(once):
         return
     if once is not None:
-        Path(once).write_text(f"{socket.gethostname()} {os.getpid()} {_node()}")
+        Path(once).write_text(f"{socket.gethostname()} {os.getpid()} {ray_node_id()}")
     print(f"STAGEPIPE_TEST: hanging in {label}", flush=True)
     time.sleep(3600)
 
@@ -79,12 +81,12 @@ def run_job(fn: Callable[[Any], Any], job: Any, label: str, threads: int | None 
     if before is not None:
         torch.set_num_threads(threads)
     try:
-        _hang_hook(label)
+        hang_if_asked(label)
         result = fn(job)
     finally:
         if before is not None:
             torch.set_num_threads(before)
-    return result, JobRun(label, socket.gethostname(), _node(), time.time() - started)
+    return result, JobRun(label, socket.gethostname(), ray_node_id(), time.time() - started)
 
 
 class SerialFanOut:

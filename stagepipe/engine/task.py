@@ -22,7 +22,7 @@ from typing import Any
 import psutil
 
 from stagepipe import faults
-from stagepipe.engine.fanout import make_fan_out
+from stagepipe.engine.fanout import hang_if_asked, make_fan_out, ray_node_id
 from stagepipe.engine.stage import Context, PartitionRef, Stage, Work
 from stagepipe.engine.workspace import Workspace
 from stagepipe.faults import kill_point
@@ -106,28 +106,11 @@ class ResourceMeter:
 
 
 def _test_hooks(ref: PartitionRef) -> None:
-    """Hang or fail on request (crash, retry and failure-report tests; off by default).
-
-    ``STAGEPIPE_TEST_HANG_IN=stage@part`` hangs there; with ``STAGEPIPE_TEST_HANG_ONCE=<file>`` only
-    the first attempt hangs (it writes the file with its host, pid and Ray node), so a retry can finish.
-    """
-    if os.environ.get("STAGEPIPE_TEST_HANG_IN") == str(ref):
-        once = os.environ.get("STAGEPIPE_TEST_HANG_ONCE")
-        if once is None or not os.path.exists(once):
-            if once is not None:
-                Path(once).write_text(f"{socket.gethostname()} {os.getpid()} {ray_node_id()}")
-            print(f"STAGEPIPE_TEST: hanging in {ref}", flush=True)
-            time.sleep(3600)
+    """Hang or fail on request (crash, retry and failure-report tests; off by default):
+    ``STAGEPIPE_TEST_HANG_IN`` (``fanout.hang_if_asked``) and ``STAGEPIPE_TEST_FAIL_IN=stage@part``."""
+    hang_if_asked(str(ref))
     if os.environ.get("STAGEPIPE_TEST_FAIL_IN") == str(ref):
         raise RuntimeError(f"injected failure in {ref}")
-
-
-def ray_node_id() -> str:
-    """The Ray node this process runs on, or ``-`` outside Ray (never imports Ray itself)."""
-    ray = sys.modules.get("ray")
-    if ray is None or not ray.is_initialized():
-        return "-"
-    return ray.get_runtime_context().get_node_id()
 
 
 def execute(task: Task) -> TaskResult:
