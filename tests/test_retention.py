@@ -127,3 +127,17 @@ def test_early_release_waits_for_its_chain_and_for_a_started_stage_after_a_resto
     # first pass: goes once the next capture is done; a restored one stays for the started fisher stage
     assert (found == [(producer, "h")]) is not restored
     assert releasable(entries, by_ref, {later}, restored_set) == []  # a demanded reader always keeps it
+
+
+def test_sharded_capture_and_fisher_restore_the_same_bytes_under_a_budget(write_pipeline, tmp_path: Path) -> None:
+    """``runtime.shards`` with checkpointed capture: a restore re-runs a sharded partition (its jobs)
+    and commits the bytes of the sharded run that keeps everything."""
+    budget = _budget_for_interval_2(write_pipeline)
+    keep = write_pipeline("keep_sharded", **KFAC, runtime={"shards": 2})
+    tight = write_pipeline("tight_sharded", **KFAC, runtime={"shards": 2, "disk_budget_gb": budget})
+    assert cli_run(keep, tmp_path / "keep").returncode == 0
+    result = cli_run(tight, tmp_path / "tight")
+    assert result.returncode == 0, result.stderr
+    captures = [r for r in started_partitions(result) if r.startswith("capture@")]
+    assert len(captures) == 6 + 3  # layers 0, 2 and 4 restored once each, as without shards
+    assert _digests(partition_states(tight, tmp_path / "tight")) == _digests(partition_states(keep, tmp_path / "keep"))
