@@ -40,7 +40,8 @@ def config_for(base: dict, shards: int, ray: bool):
 
 def measured(ws: Path) -> dict:
     """Per stage: summed partition wall time, and summed job time per shard; content digests."""
-    per_stage: dict[str, dict] = {s: {"partitions_s": 0.0, "shards_s": defaultdict(float), "jobs": 0} for s in STAGES}
+    per_stage: dict[str, dict] = {s: {"partitions_s": 0.0, "shards_s": defaultdict(float), "other_jobs_s": 0.0, "jobs": 0}
+                                  for s in STAGES}
     digests = {}
     for path in sorted(ws.glob("stages/*/*/*/manifest.json")):
         manifest = manifest_io.read(path.parent)
@@ -50,7 +51,11 @@ def measured(ws: Path) -> dict:
         row = per_stage[manifest.stage]
         row["partitions_s"] += manifest.wall_s
         for job in manifest.telemetry.get("jobs", []):
-            row["shards_s"][job["job"].rsplit("#", 1)[1]] += job["wall_s"]
+            kind = job["job"].rsplit("#", 1)[1]  # shard-<i>, or clean-<linear> (fisher's clean-up jobs under Ray)
+            if kind.startswith("shard-"):
+                row["shards_s"][kind] += job["wall_s"]
+            else:
+                row["other_jobs_s"] += job["wall_s"]
             row["jobs"] += 1
     for row in per_stage.values():
         row["shards_s"] = dict(sorted(row["shards_s"].items()))
@@ -89,6 +94,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         name = "in process, 1 thread" if r["workers"] is None else f"Ray, {r['workers']} worker(s) × 1 CPU"
         shard_s = {s: " / ".join(f"{v:.1f}" for v in r["stages"][s]["shards_s"].values()) or "—" for s in STAGES}
+        if r["stages"]["fisher"]["other_jobs_s"]:
+            shard_s["fisher"] += f" (+ clean-up jobs {r['stages']['fisher']['other_jobs_s']:.1f})"
         lines.append(f"| {name} | {r['shards']} | {r['wall_s']:.1f} | {r['stages']['capture']['partitions_s']:.1f} | "
                      f"{r['stages']['fisher']['partitions_s']:.1f} | {shard_s['capture']} | {shard_s['fisher']} |")
     return "\n".join(lines)

@@ -148,15 +148,18 @@ def test_gfwsvd_stored_equals_streaming(write_pipeline, tmp_path: Path) -> None:
         assert torch.allclose(factors["stored"][key], factors["streaming"][key], rtol=1e-6, atol=1e-9), key
 
 
-def test_gfwsvd_diagnostics_cover_exactly_the_small_linears(write_pipeline, tmp_path: Path) -> None:
+@pytest.mark.parametrize("shards", [1, 2])
+def test_gfwsvd_diagnostics_cover_exactly_the_small_linears(write_pipeline, tmp_path: Path, shards: int) -> None:
     """Full-Fisher diagnostics run for the linears with m·n ≤ diagnostics_max_dim and no others
-    (the values themselves are tested against an exactly Kronecker Fisher in test_kron.py)."""
+    (the values themselves are tested against an exactly Kronecker Fisher in test_kron.py); with
+    two shards they read every shard's gradients."""
     from stagepipe.models.layout import block_linear_shapes
     from stagepipe.stages import artifacts
 
     pipeline = write_pipeline("diag", model={"source": "tiny", "arch": "llama", "num_layers": 1, "hidden": 16,
                                              "intermediate": 24, "num_heads": 2, "num_kv_heads": 1},
-                              method={"name": "gfwsvd", "mode": "stored", "diagnostics": True, "diagnostics_max_dim": 300})
+                              method={"name": "gfwsvd", "mode": "stored", "diagnostics": True, "diagnostics_max_dim": 300},
+                              runtime={"shards": shards})
     ws = tmp_path / "ws"
     run_cli("run", str(pipeline), "-w", str(ws))
     state = entries(pipeline, ws)

@@ -44,6 +44,8 @@ class JobRun:
 
 class FanOut(Protocol):
     runs: list[JobRun]
+    #: jobs run in this process (their tensors may stay on its device); else they are shipped
+    in_process: bool
 
     def map(self, fn: Callable[[Any], Any], jobs: Sequence[Any], labels: Sequence[str]) -> list[Any]:
         """``[fn(job) for job in jobs]``, possibly in parallel elsewhere; results in job order."""
@@ -90,6 +92,8 @@ def run_job(fn: Callable[[Any], Any], job: Any, label: str, threads: int | None 
 
 
 class SerialFanOut:
+    in_process = True
+
     def __init__(self) -> None:
         self.runs: list[JobRun] = []
 
@@ -104,6 +108,8 @@ class SerialFanOut:
 
 class RayFanOut:
     """``options``: Ray task options (num_cpus, num_gpus, memory, max_retries) for every job."""
+
+    in_process = False
 
     def __init__(self, options: dict[str, Any], threads: int | None = None) -> None:
         import ray  # only ever built inside a Ray task, where Ray is imported and initialised

@@ -146,7 +146,8 @@ class FisherStage(Stage):
         jobs = [replace(base, rows=rows, modules=ctx.config.target.modules, chunk=chunk,
                         below=None if index == 0 else work.input("capture", layer_partition(index - 1)),
                         grad_out=grad_out, grad_in=work.out if index > 0 else None, mode=mode,
-                        scratch=work.scratch / f"shard-{shard}") for shard, rows in enumerate(ranges)]
+                        scratch=work.scratch / f"shard-{shard}", keep_device=work.fan_out.in_process)
+                for shard, rows in enumerate(ranges)]
         parts = work.fan_out.map(gradients.record_shard, jobs, labels)
         tensors: dict[str, torch.Tensor] = {}
         if nkp:
@@ -159,8 +160,8 @@ class FisherStage(Stage):
             results = nkp_power_iteration(None, warm, cfg.max_sweeps, cfg.tol, on_sweep=checkpoint.save,
                                           start=checkpoint.load(), sums=sums)
             work.telemetry["resumed_from_sweep"] = checkpoint.loaded_sweep
-            for name, res in results.items():
-                a, b, clean = clean_factors(res.A, res.B, cfg.factor_floor_rel, cfg.regularizer)
+            for name, (a, b, clean) in zip(results, self._clean(ctx, work, results), strict=True):
+                res = results[name]
                 tensors.update({f"{name}.{k}": v for k, v in (("A", a), ("B", b)) if v is not None})
                 info["linears"][name] = {"sweeps": res.sweeps, "rel_change": res.rel_change, "history": res.history, **clean}
             if cfg.diagnostics:  # needs the gradients: before the scratch directory goes
@@ -172,6 +173,16 @@ class FisherStage(Stage):
         info.update(tokens=tokens, windows=windows)
         artifacts.write_fisher(work.out, tensors)
         return info
+
+    def _clean(self, ctx: Context, work: Work, results: dict[str, NKPResult]) -> list[tuple[Any, Any, dict[str, Any]]]:
+        """``clean_factors`` of every linear: here, on the device the factors are on, or — when the
+        partition's jobs are shipped (Ray) — one job per linear, so the float64 clean-ups of a layer
+        run side by side on the workers (on their GPUs) instead of one after another in this task."""
+        cfg = ctx.config.method
+        if work.fan_out.in_process:
+            return [clean_factors(r.A, r.B, cfg.factor_floor_rel, cfg.regularizer) for r in results.values()]
+        jobs = [(ctx.config.model.device, r.A, r.B, cfg.factor_floor_rel, cfg.regularizer) for r in results.values()]
+        return work.fan_out.map(gradients.clean_job, jobs, [f"{self.name}@{work.partition}#clean-{n}" for n in results])
 
     @staticmethod
     def _diagnose(ctx: Context, source, linears, shapes, tensors, info) -> None:

@@ -10,7 +10,9 @@ rebuilds the block from the snapshot and reads its rows from the shared workspac
   ``grad.zarr``), K-FAC and squared-gradient *sums*, and for the Kronecker factors (``stored``)
   the shard's gradient factors in its own scratch directory;
 - ``product_shard``: one half-sweep of the NKP power iteration on this shard's gradients
-  (``kron.product_sums``: sums and a count, not yet divided).
+  (``kron.product_sums``: sums and a count, not yet divided);
+- ``clean_job``: when the partition's jobs are shipped, the Kronecker factors' clean-up, one job
+  per linear (float64 eigendecompositions: the layer's largest serial step otherwise).
 
 ``fisher`` adds the shards' sums in shard order in float64 and divides once, so a run's result
 depends on the number of shards, never on where they ran; one shard gives today's bits.
@@ -26,7 +28,7 @@ from typing import Any
 import torch
 
 from stagepipe.io import zarr_io
-from stagepipe.kron import product_sums
+from stagepipe.kron import clean_factors, product_sums
 from stagepipe.models.blocks import BlockRunner
 from stagepipe.models.layout import block_linears
 from stagepipe.models.sources import DTYPES, resolve_device
@@ -55,6 +57,7 @@ class GradientJob:
     mode: str | None = None  # Kronecker factors: "stored" / "streaming"; None: K-FAC only
     scratch: Path | None = None  # this shard's stored gradients
     labels_seed: int | None = None  # head with model-sampled labels: the generator's seed
+    keep_device: bool = False  # in process: sums stay on the device (shipped jobs return CPU tensors)
 
 
 def head_shard(job: GradientJob) -> list[float]:
@@ -98,7 +101,16 @@ def product_shard(args: tuple[GradientJob, dict[str, torch.Tensor], str]) -> tup
     """One half-sweep on one shard: ``Σ G Y Gᵀ`` (side 'A') or ``Σ Gᵀ Y G`` (side 'B') and the count."""
     job, other, side = args
     sums, count = product_sums(shard_source(job), other, side)
-    return {k: v.cpu() for k, v in sums.items()}, count
+    return {k: v if job.keep_device else v.cpu() for k, v in sums.items()}, count
+
+
+def clean_job(args: tuple[str, torch.Tensor, torch.Tensor, float, str]) -> tuple[Any, Any, dict[str, Any]]:
+    """``kron.clean_factors`` of one linear as a shipped job: on the job's device (a GPU when Ray
+    gave it one), results back on the CPU. In process the stage calls ``clean_factors`` directly."""
+    device, a, b, floor_rel, regularizer = args
+    target = resolve_device(device)
+    a, b, info = clean_factors(a.to(target), b.to(target), floor_rel, regularizer)
+    return None if a is None else a.cpu(), None if b is None else b.cpu(), info
 
 
 def shard_source(job: GradientJob) -> Callable[[], Iterator[Factors]]:
