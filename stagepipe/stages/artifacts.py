@@ -151,11 +151,31 @@ def block_input_rows(runner: BlockRunner, ids: torch.Tensor, below: Path | None,
         yield start, zarr_io.read_rows(array, start, min(start + batch, offset + len(ids)))
 
 
+def sharded(ctx: Any) -> bool:
+    """Whether capture and fisher split their windows (``runtime.shards`` > 1): their partitions
+    then fan out (``Stage.fans_out``) and the shard count enters their keys."""
+    return ctx.config.runtime.shards > 1
+
+
 def with_shards(config_slice: dict[str, Any], ctx: Any) -> dict[str, Any]:
     """A sharded stage's config slice: ``runtime.shards`` enters the key only when it is > 1 (the
     sums associate differently), so runs without shards keep their keys."""
-    shards = ctx.config.runtime.shards
-    return {**config_slice, "shards": shards} if shards > 1 else config_slice
+    return {**config_slice, "shards": ctx.config.runtime.shards} if sharded(ctx) else config_slice
+
+
+def shard_label(stage: str, partition: str, shard: int) -> str:
+    """A shard job's name (telemetry, test hooks): ``stage@partition#shard-i``."""
+    return f"{stage}@{partition}#shard-{shard}"
+
+
+def add_in_shard_order(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Shards' float64 sums added in shard order (one shard: its sums, untouched); capture's
+    per-channel maxima (``abs_max.*``) take the maximum instead."""
+    total = dict(parts[0])
+    for part in parts[1:]:
+        for key, value in part.items():
+            total[key] = torch.maximum(total[key], value) if key.startswith("abs_max.") else total[key] + value
+    return total
 
 
 def shard_ranges(n_windows: int, batch: int, shards: int) -> list[tuple[int, int]]:

@@ -86,7 +86,7 @@ class CaptureStage(Stage):
         return artifacts.with_shards(slice_, ctx)
 
     def fans_out(self, ctx: Context, partition: str) -> bool:
-        return ctx.config.runtime.shards > 1
+        return artifacts.sharded(ctx)
 
     def run(self, ctx: Context, work: Work) -> dict[str, Any]:
         """One job per shard of the windows (``runtime.shards``; one job without shards): each runs
@@ -94,29 +94,28 @@ class CaptureStage(Stage):
         are summed here in shard order (float64), so where the jobs ran never changes a bit."""
         index = layer_index(work.partition)
         batch = ctx.config.runtime.batch_size
-        ids = artifacts.read_windows(work.input("tokenize", CALIBRATION))
-        snapshot = artifacts.model_dir(work.input("snapshot"))
-        hidden_size = int(ctx.model.hidden_size)
-        artifacts.create_hidden(work.out, (len(ids), ids.shape[1], hidden_size), ctx.config.runtime.activation_dtype, batch)
-        jobs = [CaptureJob(snapshot=snapshot, tokens=work.input("tokenize", CALIBRATION),
-                           below=None if index == 0 else work.input("capture", layer_partition(index - 1)), out=work.out, index=index,
-                           rows=rows, device=ctx.config.model.device, dtype=ctx.config.model.dtype,
-                           modules=ctx.config.target.modules, batch=batch,
-                           wanted=needs(ctx.config).method.activation_stats)
-                for rows in artifacts.shard_ranges(len(ids), batch, ctx.config.runtime.shards)]
-        parts = work.fan_out.map(capture_shard, jobs, [f"{self.name}@{work.partition}#shard-{i}" for i in range(len(jobs))])
+        tokens_dir = work.input("tokenize", CALIBRATION)
+        ids = artifacts.read_windows(tokens_dir)
+        wanted = needs(ctx.config).method.activation_stats
+        artifacts.create_hidden(work.out, (len(ids), ids.shape[1], int(ctx.model.hidden_size)),
+                                ctx.config.runtime.activation_dtype, batch)
+        ranges = artifacts.shard_ranges(len(ids), batch, ctx.config.runtime.shards)
+        jobs = [CaptureJob(snapshot=artifacts.model_dir(work.input("snapshot")), tokens=tokens_dir,
+                           below=None if index == 0 else work.input("capture", layer_partition(index - 1)), out=work.out,
+                           index=index, rows=rows, device=ctx.config.model.device, dtype=ctx.config.model.dtype,
+                           modules=ctx.config.target.modules, batch=batch, wanted=wanted)
+                for rows in ranges]
+        parts = work.fan_out.map(capture_shard, jobs, [artifacts.shard_label(self.name, work.partition, i)
+                                                       for i in range(len(jobs))])
         groups = parts[0].groups
         if any(part.groups != groups for part in parts):
             raise RuntimeError(f"capture@{work.partition}: shards found different input groups")
-        stats = _reduce_stats([part.stats for part in parts])
+        stats = artifacts.add_in_shard_order([part.stats for part in parts])
         tokens = sum(part.tokens for part in parts)
-        wanted = jobs[0].wanted
         artifacts.write_input_stats(work.out, stats if wanted else {}, tokens, groups)
         results = {"tokens": tokens, "groups": groups, "distinct_inputs": len(set(groups.values()))}
-        if "influence" in wanted:
-            cosine = parts[0].cosine
-            for part in parts[1:]:
-                cosine = cosine + part.cosine
+        if "influence" in wanted:  # shard order, like the statistics
+            cosine = sum((part.cosine for part in parts[1:]), parts[0].cosine)
             results["influence"] = 1.0 - float(cosine) / tokens
         return results
 
@@ -180,14 +179,6 @@ def capture_shard(job: CaptureJob) -> CapturePart:
     assert groups is not None  # every shard holds at least one batch (artifacts.shard_ranges)
     return CapturePart({k: v.cpu() for k, v in stats.items()}, tokens, cosine, groups)
 
-
-def _reduce_stats(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Shard statistics in shard order: sums add (float64), ``abs_max`` takes the maximum."""
-    total = dict(parts[0])
-    for part in parts[1:]:
-        for key, value in part.items():
-            total[key] = torch.maximum(total[key], value) if key.startswith("abs_max.") else total[key] + value
-    return total
 
 
 def _accumulate(stats: dict[str, torch.Tensor], group: str, x: torch.Tensor, wanted: frozenset[str]) -> None:

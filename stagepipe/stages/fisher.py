@@ -34,8 +34,8 @@ from stagepipe.models.blocks import BlockRunner
 from stagepipe.models.layout import block_linears, weight_matrix
 from stagepipe.models.sources import DTYPES
 from stagepipe.stages import artifacts, gradients
-from stagepipe.stages.artifacts import CALIBRATION, HEAD, layer_index, layer_partition
-from stagepipe.stages.gradients import GradientJob, ordered_sum
+from stagepipe.stages.artifacts import CALIBRATION, HEAD, add_in_shard_order, layer_index, layer_partition
+from stagepipe.stages.gradients import GradientJob
 from stagepipe.stages.requirements import needs
 
 
@@ -92,18 +92,17 @@ class FisherStage(Stage):
         return artifacts.with_shards(slice_, ctx)
 
     def fans_out(self, ctx: Context, partition: str) -> bool:
-        return ctx.config.runtime.shards > 1
+        return artifacts.sharded(ctx)
 
     def run(self, ctx: Context, work: Work) -> dict[str, Any]:
         """One job per shard of the windows (``stages.gradients``), reduced here in shard order."""
         ids = artifacts.read_windows(work.input("tokenize", CALIBRATION))
-        layers = int(ctx.model.num_hidden_layers)
-        index = layers if work.partition == HEAD else layer_index(work.partition)
+        index = -1 if work.partition == HEAD else layer_index(work.partition)
         base = GradientJob(snapshot=artifacts.model_dir(work.input("snapshot")), tokens=work.input("tokenize", CALIBRATION),
                            index=index, rows=(0, 0), device=ctx.config.model.device, dtype=ctx.config.model.dtype,
                            batch=ctx.config.runtime.batch_size)
         ranges = artifacts.shard_ranges(len(ids), base.batch, ctx.config.runtime.shards)
-        labels = [f"{self.name}@{work.partition}#shard-{i}" for i in range(len(ranges))]
+        labels = [artifacts.shard_label(self.name, work.partition, i) for i in range(len(ranges))]
         try:
             if work.partition == HEAD:
                 return self._run_head(ctx, ids, base, ranges, labels, work)
@@ -113,12 +112,12 @@ class FisherStage(Stage):
 
     # ------------------------------------------------------------------ head
     def _run_head(self, ctx: Context, ids: torch.Tensor, base: GradientJob, ranges, labels, work: Work) -> dict[str, Any]:
-        hidden = work.input("capture", layer_partition(base.index - 1))
+        hidden = work.input("capture", layer_partition(int(ctx.model.num_hidden_layers) - 1))
         artifacts.create_grad(work.out, tuple(artifacts.open_hidden(hidden).shape), base.batch)
         seed = ctx.config.calibration.seed if ctx.config.method.fisher_labels == "model" else None
         # sampled labels: one generator per shard (its seed offset by the shard), so they depend on
         # the number of shards (keyed), never on where a shard ran; one shard: the calibration seed
-        jobs = [replace(base, rows=rows, hidden=hidden, grad_in=work.out, index=-1,
+        jobs = [replace(base, rows=rows, hidden=hidden, grad_in=work.out,
                         labels_seed=None if seed is None else seed + shard) for shard, rows in enumerate(ranges)]
         losses = [loss for part in work.fan_out.map(gradients.head_shard, jobs, labels) for loss in part]
         return {"mean_window_loss": sum(losses) / len(losses), "n_windows": len(losses)}
@@ -153,7 +152,7 @@ class FisherStage(Stage):
         if nkp:
             def sums(other: dict[str, torch.Tensor], side: str) -> tuple[dict[str, torch.Tensor], int]:
                 found = work.fan_out.map(gradients.product_shard, [(job, other, side) for job in jobs], labels)
-                return ordered_sum([acc for acc, _ in found]), sum(count for _, count in found)
+                return add_in_shard_order([acc for acc, _ in found]), sum(count for _, count in found)
 
             warm = self._warm_start(ctx, work, linears, shapes)
             checkpoint = SweepCheckpoint(work.resume)
@@ -167,7 +166,7 @@ class FisherStage(Stage):
             if cfg.diagnostics:  # needs the gradients: before the scratch directory goes
                 self._diagnose(ctx, _chained([gradients.shard_source(job) for job in jobs]), linears, shapes, tensors, info)
         tokens, windows = sum(p.tokens for p in parts), sum(p.windows for p in parts)
-        for key, value in ordered_sum([p.sums for p in parts]).items():
+        for key, value in add_in_shard_order([p.sums for p in parts]).items():
             kind, _, name = key.partition(".")
             tensors[f"{name}.{kind}"] = value / (tokens if kind == "kfac_out" else windows)
         info.update(tokens=tokens, windows=windows)

@@ -246,11 +246,3 @@ def _gram(flat: torch.Tensor) -> torch.Tensor:
 def _add(sums: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
     sums[key] = sums[key] + value if key in sums else value
 
-
-def ordered_sum(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Shards' float64 sums added in shard order (one shard: its sums, untouched)."""
-    total = dict(parts[0])
-    for part in parts[1:]:
-        for key, value in part.items():
-            total[key] = total[key] + value
-    return total
