@@ -94,9 +94,8 @@ class AnchorStage(Stage):
         original = runner.load_block(index)
         linears = block_linears(original, ctx.config.target.modules)
         groups = artifacts.read_results(work.input("capture", work.partition))["groups"]
-        stats = artifacts.read_input_stats(work.input("capture", work.partition))
-        if method.needs_gradients:
-            stats.fisher, stats.fisher_info = artifacts.read_fisher(work.input("fisher", work.partition))
+        stats = artifacts.read_layer_stats(work.input("capture", work.partition),
+                                           work.input("fisher", work.partition) if method.needs_gradients else None)
         metric = None
         if cfg.refine_epochs and cfg.refine_metric == "kfac_out":
             metric = _block_output_metric(stats, runner.layout.residual_out, work.partition, runner.device)

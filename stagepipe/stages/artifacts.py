@@ -178,6 +178,13 @@ def add_in_shard_order(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.
     return total
 
 
+def add_gram(sums: dict[str, torch.Tensor], key: str, x: torch.Tensor) -> None:
+    """Add one batch's ``Σ x xᵀ`` (float64, from the inputs as the block computed them) to ``sums[key]``:
+    the one way capture and fisher sum an input Gram, so either one's Grams are the same floats."""
+    term = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+    sums[key] = sums[key] + term.T @ term if key in sums else 0 + term.T @ term
+
+
 def shard_ranges(n_windows: int, batch: int, shards: int) -> list[tuple[int, int]]:
     """``runtime.shards`` contiguous window ranges of whole batches, as even as batches allow.
 
@@ -264,8 +271,11 @@ GRAD = "grad.zarr"  # gradient of the loss w.r.t. the partition's *input* hidden
 FISHER = "fisher.safetensors"
 
 
-def create_grad(out: Path, shape: tuple[int, ...], batch: int) -> Any:
-    return zarr_io.create_array(out / GRAD, "grad", shape, "float32", batch)
+def create_grad(out: Path, shape: tuple[int, ...], batch: int, dtype: str) -> Any:
+    """The gradient at a block boundary, stored in the dtype the block's backward runs in (the
+    model's): its reader casts it to that dtype anyway, so a 16-bit model's gradient loses nothing
+    in 16 bits and takes half the disk of float32."""
+    return zarr_io.create_array(out / GRAD, "grad", shape, dtype, batch)
 
 
 def open_grad(output: Path, writable: bool = False) -> Any:
@@ -277,13 +287,33 @@ def write_fisher(out: Path, tensors: Mapping[str, torch.Tensor]) -> None:
 
 
 def read_fisher(fisher_output: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
-    """(statistics per linear ``{A, B, kfac_out, grad_sq}``, per-linear info such as unusable sides)."""
-    tensors = safetensors_io.read(fisher_output / FISHER)
+    """(statistics per linear ``{A, B, kfac_out, grad_sq}``, per-linear info such as unusable sides);
+    input Grams that fisher recorded are ``read_layer_stats``'s."""
+    return _per_linear(safetensors_io.read(fisher_output / FISHER)), read_results(fisher_output).get("linears", {})
+
+
+def _per_linear(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     fisher: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         name, _, kind = key.rpartition(".")
-        fisher.setdefault(name, {})[kind] = value
-    return fisher, read_results(fisher_output).get("linears", {})
+        if kind != "gram":
+            fisher.setdefault(name, {})[kind] = value
+    return fisher
+
+
+def read_layer_stats(capture_output: Path | None, fisher_output: Path | None) -> LayerStats:
+    """One block's statistics for a method: capture's input statistics, fisher's gradient
+    statistics, and the input Grams from whichever of the two recorded them (``Needs.gram_in_fisher``:
+    fisher stores ``<first linear of an input group>.gram`` and the groups in its results)."""
+    stats = read_input_stats(capture_output) if capture_output is not None else LayerStats()
+    if fisher_output is None:
+        return stats
+    tensors, results = safetensors_io.read(fisher_output / FISHER), read_results(fisher_output)
+    stats.fisher, stats.fisher_info = _per_linear(tensors), results.get("linears", {})
+    for name, group in results.get("gram_groups", {}).items():
+        stats.gram[name] = tensors[f"{group}.gram"]
+        stats.tokens[name] = int(results["tokens"])
+    return stats
 
 
 # --------------------------------------------------------------------------- decompose

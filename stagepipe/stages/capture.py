@@ -64,8 +64,8 @@ class CaptureStage(Stage):
     def transient(self, ctx: Context, partition: str) -> dict[str, list[PartitionRef]]:
         """The stored block outputs are a hand-over to the partitions that read them; under a disk
         budget the input statistics too (to this layer's decompose and the other readers)."""
-        return {**artifacts.hidden_handover(self.name, ctx, partition),
-                **artifacts.statistics_handover(self.name, ctx, partition)}
+        statistics = artifacts.statistics_handover(self.name, ctx, partition) if needs(ctx.config).capture_stats else {}
+        return {**artifacts.hidden_handover(self.name, ctx, partition), **statistics}
 
     def early_release(self, ctx: Context, partition: str) -> dict[str, list[PartitionRef]]:
         """Under a disk budget, block outputs of layers that are not checkpoints go once the next
@@ -81,7 +81,7 @@ class CaptureStage(Stage):
         return {artifacts.HIDDEN: [artifacts.ref(self.name, index + 1)]}
 
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
-        slice_ = {"stats": sorted(needs(ctx.config).method.activation_stats), "modules": ctx.config.target.modules,
+        slice_ = {"stats": sorted(needs(ctx.config).capture_stats), "modules": ctx.config.target.modules,
                   "batch_size": ctx.config.runtime.batch_size, "activation_dtype": ctx.config.runtime.activation_dtype}
         return artifacts.with_shards(slice_, ctx)
 
@@ -96,7 +96,7 @@ class CaptureStage(Stage):
         batch = ctx.config.runtime.batch_size
         tokens_dir = work.input("tokenize", CALIBRATION)
         ids = artifacts.read_windows(tokens_dir)
-        wanted = needs(ctx.config).method.activation_stats
+        wanted = needs(ctx.config).capture_stats
         artifacts.create_hidden(work.out, (len(ids), ids.shape[1], int(ctx.model.hidden_size)),
                                 ctx.config.runtime.activation_dtype, batch)
         ranges = artifacts.shard_ranges(len(ids), batch, ctx.config.runtime.shards)
@@ -185,8 +185,7 @@ def _accumulate(stats: dict[str, torch.Tensor], group: str, x: torch.Tensor, wan
     """Add one batch of a group's inputs: Gram in float64, per-channel Σ|x| and max|x|."""
     flat = x.detach().reshape(-1, x.shape[-1])
     if "gram" in wanted:
-        term = flat.to(torch.float64)
-        stats[f"gram.{group}"] = stats.get(f"gram.{group}", 0) + term.T @ term
+        artifacts.add_gram(stats, f"gram.{group}", x)
     if "abs" in wanted:
         absolute = flat.abs().to(torch.float64)
         stats[f"abs_sum.{group}"] = stats.get(f"abs_sum.{group}", 0) + absolute.sum(0)

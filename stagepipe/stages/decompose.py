@@ -14,7 +14,6 @@ import torch
 
 from stagepipe.engine.stage import Context, PartitionRef, Stage, Work
 from stagepipe.linalg import MetricCache, weighted_svd
-from stagepipe.methods import LayerStats
 from stagepipe.models.blocks import BlockRunner
 from stagepipe.models.layout import block_linears, weight_matrix
 from stagepipe.models.sources import DTYPES, resolve_device
@@ -50,9 +49,8 @@ class DecomposeStage(Stage):
         runner = BlockRunner(artifacts.model_dir(work.input("snapshot")), torch.device("cpu"), DTYPES[ctx.config.model.dtype])
         block = runner.load_block(index)
         linears = block_linears(block, ctx.config.target.modules)
-        stats = artifacts.read_input_stats(work.input("capture", work.partition)) if method.activation_stats else LayerStats()
-        if method.needs_gradients:
-            stats.fisher, stats.fisher_info = artifacts.read_fisher(work.input("fisher", work.partition))
+        stats = artifacts.read_layer_stats(work.input("capture", work.partition) if method.activation_stats else None,
+                                           work.input("fisher", work.partition) if method.needs_gradients else None)
         factor = MetricCache(ctx.config.method.floor_rel, device)
         results = {}
         report: dict[str, Any] = {}

@@ -11,7 +11,9 @@ sums, including each half-sweep of the power iteration, are added here in shard 
 
 Per-sequence weight gradients ``G_k = D_kᵀ X_k`` are never averaged across sequences (optionally
 one per ``chunk_tokens`` chunk). From them: the token-level K-FAC output factor ``Σ δ δᵀ``, the
-squared per-sequence gradients, and — for methods whose metric pair needs them — the GFWSVD
+squared per-sequence gradients, the input Grams when only fisher and decompose read them
+(``Needs.gram_in_fisher``: capture's would wait on disk for the whole backward walk), and — for
+methods whose metric pair needs them — the GFWSVD
 Kronecker factors (``stagepipe.kron``), either from gradients stored in the task's scratch
 directory (``stored``) or recomputed per pass (``streaming``); ``auto`` stores below the memory
 budget. The power iteration is checkpointed in the task's resume directory after every sweep.
@@ -81,6 +83,8 @@ class FisherStage(Stage):
         # pass), so methods that differ only in which of them they read share one fisher run.
         slice_: dict[str, Any] = {"nkp": nkp, "modules": ctx.config.target.modules,
                                   "batch_size": ctx.config.runtime.batch_size, "labels": cfg.fisher_labels}
+        if needs(ctx.config).gram_in_fisher:
+            slice_["grams"] = True
         if nkp:  # the options below shape only the Kronecker factors
             slice_["nkp"] = {k: getattr(cfg, k) for k in ("mode", "memory_budget_gb", "max_sweeps", "tol",
                                                           "warm_start", "factor_floor_rel", "chunk_tokens",
@@ -113,7 +117,7 @@ class FisherStage(Stage):
     # ------------------------------------------------------------------ head
     def _run_head(self, ctx: Context, ids: torch.Tensor, base: GradientJob, ranges, labels, work: Work) -> dict[str, Any]:
         hidden = work.input("capture", layer_partition(int(ctx.model.num_hidden_layers) - 1))
-        artifacts.create_grad(work.out, tuple(artifacts.open_hidden(hidden).shape), base.batch)
+        artifacts.create_grad(work.out, tuple(artifacts.open_hidden(hidden).shape), base.batch, base.dtype)
         seed = ctx.config.calibration.seed if ctx.config.method.fisher_labels == "model" else None
         # sampled labels: one generator per shard (its seed offset by the shard), so they depend on
         # the number of shards (keyed), never on where a shard ran; one shard: the calibration seed
@@ -133,7 +137,9 @@ class FisherStage(Stage):
         chunk = getattr(cfg, "chunk_tokens", None) or ids.shape[1]
         n_gradients = len(ids) * -(-ids.shape[1] // chunk)
         info: dict[str, Any] = {"K": n_gradients, "linears": {n: {} for n in linears}}
-        nkp = "nkp" in needs(ctx.config).method.gradient_stats
+        need = needs(ctx.config)
+        nkp = "nkp" in need.method.gradient_stats
+        groups = artifacts.read_results(work.input("capture", work.partition))["groups"] if need.gram_in_fisher else {}
         mode = None
         if nkp:
             grad_bytes = n_gradients * chunk * sum(m + n for m, n in shapes.values()) * 4
@@ -141,20 +147,23 @@ class FisherStage(Stage):
             info.update(mode=mode, gradient_bytes=grad_bytes)
         grad_out = work.inputs[_grad_in(ctx, index)]
         if index > 0:
-            artifacts.create_grad(work.out, tuple(artifacts.open_grad(grad_out).shape), base.batch)
+            artifacts.create_grad(work.out, tuple(artifacts.open_grad(grad_out).shape), base.batch, base.dtype)
         jobs = [replace(base, rows=rows, modules=ctx.config.target.modules, chunk=chunk,
                         below=None if index == 0 else work.input("capture", layer_partition(index - 1)),
                         grad_out=grad_out, grad_in=work.out if index > 0 else None, mode=mode,
-                        scratch=work.scratch / f"shard-{shard}", keep_device=work.fan_out.in_process)
+                        scratch=work.scratch / f"shard-{shard}", keep_device=work.fan_out.in_process,
+                        grams=tuple(sorted(set(groups.values()))))
                 for shard, rows in enumerate(ranges)]
         parts = work.fan_out.map(gradients.record_shard, jobs, labels)
+        tokens, windows = sum(p.tokens for p in parts), sum(p.windows for p in parts)
+        totals = add_in_shard_order([p.sums for p in parts])
         tensors: dict[str, torch.Tensor] = {}
         if nkp:
             def sums(other: dict[str, torch.Tensor], side: str) -> tuple[dict[str, torch.Tensor], int]:
                 found = work.fan_out.map(gradients.product_shard, [(job, other, side) for job in jobs], labels)
                 return add_in_shard_order([acc for acc, _ in found]), sum(count for _, count in found)
 
-            warm = self._warm_start(ctx, work, linears, shapes)
+            warm = self._warm_start(ctx, work, linears, shapes, {n: totals[f"gram.{g}"] / tokens for n, g in groups.items()})
             checkpoint = SweepCheckpoint(work.resume)
             results = nkp_power_iteration(None, warm, cfg.max_sweeps, cfg.tol, on_sweep=checkpoint.save,
                                           start=checkpoint.load(), sums=sums)
@@ -165,11 +174,12 @@ class FisherStage(Stage):
                 info["linears"][name] = {"sweeps": res.sweeps, "rel_change": res.rel_change, "history": res.history, **clean}
             if cfg.diagnostics:  # needs the gradients: before the scratch directory goes
                 self._diagnose(ctx, _chained([gradients.shard_source(job) for job in jobs]), linears, shapes, tensors, info)
-        tokens, windows = sum(p.tokens for p in parts), sum(p.windows for p in parts)
-        for key, value in add_in_shard_order([p.sums for p in parts]).items():
+        for key, value in totals.items():  # Grams stay sums, as capture stores them (``read_layer_stats``)
             kind, _, name = key.partition(".")
-            tensors[f"{name}.{kind}"] = value / (tokens if kind == "kfac_out" else windows)
+            tensors[f"{name}.{kind}"] = value if kind == "gram" else value / (tokens if kind == "kfac_out" else windows)
         info.update(tokens=tokens, windows=windows)
+        if groups:
+            info["gram_groups"] = groups
         artifacts.write_fisher(work.out, tensors)
         return info
 
@@ -204,10 +214,13 @@ class FisherStage(Stage):
                                                             weight, rank, cfg.floor_rel)
 
     @staticmethod
-    def _warm_start(ctx: Context, work: Work, linears, shapes) -> dict[str, torch.Tensor]:
-        """K-FAC input factor ``E[x xᵀ]`` from ``capture`` (so 2–5 sweeps suffice), or identity."""
+    def _warm_start(ctx: Context, work: Work, linears, shapes, grams: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """K-FAC input factor ``E[x xᵀ]`` (so 2–5 sweeps suffice): from this partition's recording
+        pass (``grams``, when fisher records them) or from ``capture``; or identity."""
         if ctx.config.method.warm_start == "identity":
             return {n: torch.eye(shapes[n][1], dtype=torch.float64) for n in linears}
+        if grams:
+            return {n: grams[n] for n in linears}
         stats = artifacts.read_input_stats(work.input("capture", work.partition))
         return {n: stats.gram[n] / stats.tokens[n] for n in linears}
 

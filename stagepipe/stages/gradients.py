@@ -7,8 +7,9 @@ rebuilds the block from the snapshot and reads its rows from the shared workspac
 
 - ``head_shard``: the loss of each window and the gradient at the last block's output;
 - ``record_shard``: one recording pass: the gradient at the block's input (its rows of
-  ``grad.zarr``), K-FAC and squared-gradient *sums*, and for the Kronecker factors (``stored``)
-  the shard's gradient factors in its own scratch directory;
+  ``grad.zarr``), K-FAC and squared-gradient *sums* (and the input Grams when
+  ``Needs.gram_in_fisher``), and for the Kronecker factors (``stored``) the shard's gradient
+  factors in its own scratch directory;
 - ``product_shard``: one half-sweep of the NKP power iteration on this shard's gradients
   (``kron.product_sums``: sums and a count, not yet divided);
 - ``clean_job``: when the partition's jobs are shipped, the Kronecker factors' clean-up, one job
@@ -57,6 +58,7 @@ class GradientJob:
     mode: str | None = None  # Kronecker factors: "stored" / "streaming"; None: K-FAC only
     scratch: Path | None = None  # this shard's stored gradients
     labels_seed: int | None = None  # head with model-sampled labels: the generator's seed
+    grams: tuple[str, ...] = ()  # record the input Grams of these linears (one per input group)
     keep_device: bool = False  # in process: sums stay on the device (shipped jobs return CPU tensors)
 
 
@@ -81,7 +83,7 @@ def head_shard(job: GradientJob) -> list[float]:
 
 @dataclass
 class RecordPart:
-    sums: dict[str, torch.Tensor]  # kfac_out.<linear>, grad_sq.<linear>: float64 sums
+    sums: dict[str, torch.Tensor]  # kfac_out.<linear>, grad_sq.<linear>, gram.<linear>: float64 sums
     tokens: int
     windows: int
 
@@ -189,6 +191,8 @@ class GradientCollector:
             if record and self.grad_in is not None:
                 artifacts.write_rows(self.grad_in, start, hidden.grad.float())
             result = {}
+            for name in job.grams if record else ():  # from the inputs as the block computed them, like capture
+                artifacts.add_gram(self.sums, f"gram.{name}", self._captured[name]["x"])
             for name, got in self._captured.items():
                 x, d = got["x"].float(), got["d"].float()
                 if record:
