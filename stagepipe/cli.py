@@ -103,6 +103,8 @@ def run(pipeline: str, workspace: str | None, dry_run: bool, force: tuple[str, .
         executor: str | None, ray_address: str | None, verbose: bool) -> None:
     """Run every stage of PIPELINE that is not done yet."""
     config = _load(pipeline)
+    if executor:  # the disk plan depends on it too (a Ray executor overlaps fisher and decompose)
+        config = config.model_copy(update={"executor": config.executor.model_copy(update={"kind": executor})})
     root = _workspace(config, workspace)
     runner = _runner(config, root, pipeline)
     from stagepipe.stages import check_inputs

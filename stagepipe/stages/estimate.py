@@ -29,6 +29,8 @@ class Estimate:
     until: str | None = None
     #: more released payloads: (bytes on disk at their peak, the last stage that reads them)
     extra: tuple[tuple[float, str], ...] = ()
+    #: the workspace's peak while this stage runs, when the plan works it out stage by stage (0: not)
+    peak: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ def estimate(config: Any, model_config: Any, interval: int | None = None) -> lis
     gpu = (lambda value: value) if on_gpu else (lambda value: 0)
     hidden = k * t * s.d * act
     grams = (s.d * s.d * 3 + s.ff * s.ff) * 8  # distinct inputs: attn-in, o-in, mlp-in, down-in
+    captured_grams = grams if "gram" in need.capture_stats else 0.0  # else fisher's (``Needs.gram_in_fisher``)
     batch_act = b * t * (3 * s.d + 2 * s.ff) * 4
     model_ram = s.block * w + s.embed * w
     # reading the embeddings/head into the one-block model holds them twice for a moment (the read
@@ -86,8 +89,8 @@ def estimate(config: Any, model_config: Any, interval: int | None = None) -> lis
     rows: dict[str, Estimate] = {
         "snapshot": Estimate("snapshot", s.params * w, s.params * w * 2, 0, f"{s.params / 1e9:.2f} B parameters"),
         "tokenize": Estimate("tokenize", k * t * 8, 3e8, 0, "byte-level BPE: 1 MB chunks; other tokenizers: ~130 B per text character"),
-        "capture": Estimate("capture", s.layers * (hidden + grams), rest_load + s.block * w + batch_act + grams,
-                            gpu(s.block * w + batch_act + grams), f"{s.layers} × block inputs {hidden / 2**20:.0f} MB"),
+        "capture": Estimate("capture", s.layers * (hidden + captured_grams), rest_load + s.block * w + batch_act + captured_grams,
+                            gpu(s.block * w + batch_act + captured_grams), f"{s.layers} × block inputs {hidden / 2**20:.0f} MB"),
         "decompose": Estimate("decompose", s.layers * sum((m + n) * min(m, n) * 4 + min(m, n) * 8 for m, n in s.linears),
                               s.block * w + svd_ram + 3 * grams + 3 * factors, gpu(svd_ram),
                               "float64 eigh + SVD of the largest matrix"),
@@ -98,7 +101,7 @@ def estimate(config: Any, model_config: Any, interval: int | None = None) -> lis
         "report": Estimate("report", 1e6, 3e7, 0, "report.json + plots"),
     }
     if need.fisher:
-        rows["fisher"] = _fisher(config, s, need, batch_act, model_ram, w, gpu)
+        rows["fisher"] = _fisher(config, s, need, batch_act, model_ram, w, gpu, grams if need.gram_in_fisher else 0.0)
     if need.sensitivity:
         alloc = config.allocation
         windows = min(alloc.sensitivity_windows or k, k)
@@ -133,7 +136,9 @@ def estimate(config: Any, model_config: Any, interval: int | None = None) -> lis
             interval = capture_interval(config, model_config)
         _release_hidden(rows, config, s.layers, hidden, interval)
     if config.runtime.disk_budget_gb is not None and "decompose" in rows:
-        _release_statistics(rows, names, s.layers, grams if "gram" in need.method.activation_stats else 0.0)
+        _release_statistics(rows, names, s.layers, captured_grams, 1 if config.executor.kind == "local" else 2)
+    if config.runtime.releases and "fisher" in rows and "decompose" in rows:
+        rows["fisher"] = _backward_walk(rows, config, s, hidden, interval or 1, _stored_gradients(config, s)[1])
     if config.runtime.shards > 1:  # same bytes; the work of a layer splits over the shards' workers
         for name in ("capture", "fisher"):
             if name in rows:
@@ -142,17 +147,18 @@ def estimate(config: Any, model_config: Any, interval: int | None = None) -> lis
     return [rows[name] for name in names]
 
 
-def _release_statistics(rows: dict[str, Estimate], names: list[str], layers: int, grams: float) -> None:
-    """Under a disk budget a layer's statistics go once its decompose is done (``artifacts.statistics_handover``;
-    the driver runs consumers first): fisher's, two layers at a time; capture's Grams, all of them
+def _release_statistics(rows: dict[str, Estimate], names: list[str], layers: int, grams: float, live: int) -> None:
+    """Under a disk budget a layer's statistics go once its decompose is done (``artifacts.statistics_handover``):
+    fisher's, ``live`` layers at a time (in process the driver runs consumers first, so one; a Ray
+    executor may run the next fisher layer beside the decompose: two); capture's Grams, all of them
     when fisher starts (it needs every block's inputs first), then consumed by the decompose that
-    follows each fisher layer — Grams left plus factors written never exceed the larger of the two,
-    so they are counted through fisher and decompose's outputs from then on — else two at a time."""
+    follows each fisher layer (``_backward_walk``), else two at a time."""
     if "fisher" in rows:
         fisher = rows["fisher"]
         per_layer = fisher.disk / layers
-        rows["fisher"] = replace(fisher, disk=0.0, extra=((2 * per_layer, "decompose"),),
-                                 note=fisher.note + "; statistics released after decompose (2 layers at a time)")
+        rows["fisher"] = replace(fisher, disk=0.0, extra=((live * per_layer, "decompose"),),
+                                 note=fisher.note + f"; statistics released after decompose ({live} layer"
+                                                    f"{'s' if live > 1 else ''} at a time)")
     if grams and "anchor" not in names and "structure" not in names:
         capture = rows["capture"]
         live, until = (layers, "fisher") if "fisher" in rows else (2, "decompose")
@@ -215,26 +221,63 @@ def _release_hidden(rows: dict[str, Estimate], config: Any, layers: int, hidden:
 
 def peak_disk(rows: list[Estimate]) -> tuple[float, float]:
     """(workspace bytes at the end, peak while running): every stage's outputs stay, and released
-    payloads are on disk from their stage through the last stage that reads them."""
+    payloads are on disk from their stage through the last stage that reads them; a stage that
+    works out its own peak (``Estimate.peak``: fisher's walk down the blocks) counts that too."""
     order = {row.stage: i for i, row in enumerate(rows)}
     total = peak = 0.0
     for i, row in enumerate(rows):
         total += row.disk
         live = sum(r.transient for r in rows[: i + 1] if order.get(r.until or r.stage, 0) >= i)
         live += sum(size for r in rows[: i + 1] for size, until in r.extra if order.get(until, 0) >= i)
-        peak = max(peak, total + live)
+        peak = max(peak, total + live, row.peak)
     return total, peak
 
 
-def _fisher(config: Any, s: Shapes, need: Any, batch_act: float, model_ram: float, w: int, gpu) -> Estimate:
-    """Gradient statistics: K-FAC and squared gradients always; Kronecker factors for NKP metrics.
+def _backward_walk(rows: dict[str, Estimate], config: Any, s: Shapes, hidden: float, interval: int,
+                   scratch: float) -> Estimate:
+    """Fisher's peak, worked out layer by layer: it walks the blocks down while each layer's
+    ``decompose`` runs right after it (consumers first), so decompose's outputs grow while capture's
+    stored block outputs go. While fisher runs block j, the workspace holds what the stages before
+    fisher left, the checkpoints below j and the restored segment up to block j−1's outputs, the
+    boundary gradient it reads and the one it writes, its ``scratch`` (stored gradient factors), the
+    statistics that wait for a decompose (capture's released Grams of blocks ≤ j — kept ones are in
+    capture's outputs; fisher's of ``live`` layers, or of every layer from j up when none is
+    released) and decompose's outputs of the blocks above j. While decompose j runs right after,
+    the gradient fisher j read is gone and decompose j's outputs are there. A Ray executor may run
+    them side by side: both at once."""
+    names = needs(config).stage_names()
+    base = sum(rows[n].disk for n in names[: names.index("fisher")])
+    fisher, capture, layers = rows["fisher"], rows["capture"], s.layers
+    budget = config.runtime.disk_budget_gb is not None
+    grams = sum(size for size, until in capture.extra if until == "fisher") / layers
+    per_decompose = rows["decompose"].disk / layers
+    per_fisher = fisher.extra[0][0] if budget else fisher.disk / layers  # released: ``live`` layers' worth
+    grad = fisher.transient / 2  # with releases on: read one, write one
+    side_by_side = config.executor.kind != "local"
+    kept = checkpoints(layers, interval)
+    peak = 0.0
+    for j in range(layers - 1, -1, -1):
+        below = [c for c in kept if c <= j - 1]
+        restored = j - 1 - (below[-1] if below else -1)  # the segment from the checkpoint to block j−1's outputs
+        held = base + (len(below) + restored) * hidden + grams * (j + 1) + (per_fisher if budget else per_fisher * (layers - j))
+        written = grad if j > 0 else 0.0  # block 0 writes no input gradient
+        during_fisher = grad + written + scratch + per_decompose * (layers - 1 - j)
+        during_decompose = written + per_decompose * (layers - j)
+        peak = max(peak, held + (during_fisher + per_decompose + grad if side_by_side else max(during_fisher, during_decompose)))
+    return replace(fisher, peak=peak)
+
+
+def _fisher(config: Any, s: Shapes, need: Any, batch_act: float, model_ram: float, w: int, gpu,
+            grams: float) -> Estimate:
+    """Gradient statistics: K-FAC and squared gradients always; Kronecker factors for NKP metrics;
+    ``grams``: the input Grams of one block when fisher records them.
     The ``head`` partition (loss gradient w.r.t. the last block's output) holds the logits of one
     batch and their gradient, and reads the embeddings/head twice for a moment."""
     method = config.method
     k, t = config.calibration.n_samples, config.calibration.seq_len
-    kfac = sum(m * m + m * n for m, n in s.linears) * 8  # E[δδᵀ] and E[G⊙G], float64
-    # one float32 boundary gradient per partition; released ones: at most the one read and the one written
-    release, grad = config.runtime.releases, k * t * s.d * 4
+    kfac = sum(m * m + m * n for m, n in s.linears) * 8 + grams  # E[δδᵀ] and E[G⊙G], float64 (+ Grams)
+    # one boundary gradient per partition, in the model's dtype; released ones: at most the one read and the one written
+    release, grad = config.runtime.releases, k * t * s.d * w
     disk, transient = s.layers * kfac + (0 if release else s.layers * grad), 2 * grad if release else 0.0
     kept = "2 boundary gradients at a time (released)" if release else f"{s.layers} boundary gradients kept"
     head = 2 * s.embed * w + 3 * config.runtime.batch_size * t * s.vocab * 4
@@ -243,12 +286,23 @@ def _fisher(config: Any, s: Shapes, need: Any, batch_act: float, model_ram: floa
         return Estimate("fisher", disk, max(layer, head), gpu(s.block * w + 4 * batch_act + kfac * 2),
                         f"one backward pass per layer: K-FAC output factor + squared gradients; {kept}", transient)
     factors = sum(m * m + n * n for m, n in s.linears) * 8
-    chunk = method.chunk_tokens or t
-    stored = k * -(-t // chunk) * chunk * sum(m + n for m, n in s.linears) * 4  # (D, X) per window, as the stage sizes it
-    mode = method.mode if method.mode != "auto" else ("stored" if stored <= method.memory_budget_gb * 2**30 else "streaming")
+    mode, stored = _stored_gradients(config, s)
     layer += factors * 3 + (stored if mode == "stored" else 0)  # a layer partition's Kronecker factors and gradients
     return Estimate("fisher", disk + s.layers * factors, max(layer, head), gpu(s.block * w + 4 * batch_act + factors * 3),
                     f"{mode} gradients; {2 * method.max_sweeps} passes max per layer; {kept}", transient)
+
+
+def _stored_gradients(config: Any, s: Shapes) -> tuple[str | None, float]:
+    """(mode, bytes of one layer's stored gradient factors in fisher's scratch directory: 0 when
+    streaming) for the Kronecker factors; (None, 0) for methods without them."""
+    method = config.method
+    if "nkp" not in needs(config).method.gradient_stats:
+        return None, 0.0
+    k, t = config.calibration.n_samples, config.calibration.seq_len
+    chunk = method.chunk_tokens or t
+    stored = k * -(-t // chunk) * chunk * sum(m + n for m, n in s.linears) * 4  # (D, X) per window, as the stage sizes it
+    mode = method.mode if method.mode != "auto" else ("stored" if stored <= method.memory_budget_gb * 2**30 else "streaming")
+    return mode, stored if mode == "stored" else 0.0
 
 
 #: assumed sustained throughputs for the wall-time estimates (not measured by the plan): one 80 GB

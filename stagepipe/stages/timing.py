@@ -50,9 +50,10 @@ def stage_work(config: Any, model_config: Any, interval: int = 1) -> dict[str, W
     block_pass = 2 * s.block * tokens  # one forward of one block over the calibration tokens (linears)
     grams = 2 * tokens * (3 * s.d**2 + s.ff**2) if "gram" in need.method.activation_stats else 0
     capture_layers = s.layers + recomputed_captures(config, s.layers, interval)
-    work = {"capture": Work(capture_layers * block_pass, capture_layers * grams)}
-    if need.fisher:
-        work["fisher"] = _fisher_work(config, s, need, tokens, block_pass)
+    work = {"capture": Work(capture_layers * block_pass, capture_layers * grams * ("gram" in need.capture_stats))}
+    if need.fisher:  # the Grams in fisher's recording pass when it records them (``Needs.gram_in_fisher``)
+        fisher = _fisher_work(config, s, need, tokens, block_pass)
+        work["fisher"] = Work(fisher.flops, fisher.flops64 + s.layers * grams * need.gram_in_fisher)
     decompose64 = 0.0
     for m, n in s.linears:  # metric eigen-decompositions (≈9n³ each side), whitening products, one SVD
         decompose64 += 9 * (m**3 + n**3) + 4 * m * n * (m + n) + 14 * m * n * min(m, n)
