@@ -143,6 +143,7 @@ def compare(base: dict, workspace: Path, out: Path, whole: bool = False) -> None
                   f"{config.runtime.releases}, disk budget {config.runtime.disk_budget_gb} GB): at the end {w['end_measured'] / mb:.1f} MB measured vs "
                   f"{w['end_predicted'] / mb:.1f} MB predicted, peak {w['peak_measured'] / mb:.1f} MB measured vs "
                   f"{w['peak_predicted'] / mb:.1f} MB predicted."]
+    out.mkdir(parents=True, exist_ok=True)
     (out / "cost_prediction.md").write_text("\n".join(lines) + "\n")
     (out / "cost_prediction.json").write_text(json.dumps({"pipeline": config.name, "rows": rows, "workspace": workspace_row,
                                                           "total_wall_s": wall.get("all", sum(wall.values())),

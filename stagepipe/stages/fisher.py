@@ -13,10 +13,9 @@ Per-sequence weight gradients ``G_k = D_kᵀ X_k`` are never averaged across seq
 one per ``chunk_tokens`` chunk). From them: the token-level K-FAC output factor ``Σ δ δᵀ``, the
 squared per-sequence gradients, the input Grams when only fisher and decompose read them
 (``Needs.gram_in_fisher``: capture's would wait on disk for the whole backward walk), and — for
-methods whose metric pair needs them — the GFWSVD
-Kronecker factors (``stagepipe.kron``), either from gradients stored in the task's scratch
-directory (``stored``) or recomputed per pass (``streaming``); ``auto`` stores below the memory
-budget. The power iteration is checkpointed in the task's resume directory after every sweep.
+methods whose metric pair needs them — the GFWSVD Kronecker factors (``stagepipe.kron``), either
+from gradients stored in the task's scratch directory (``stored``) or recomputed per pass
+(``streaming``); ``auto`` stores below the memory budget. The power iteration is checkpointed in the task's resume directory after every sweep.
 """
 
 from __future__ import annotations
