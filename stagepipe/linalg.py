@@ -234,7 +234,8 @@ def official_alpha(matrix: Tensor, name: str = "matrix", start: float = 1e-5, fa
 
 @dataclass(frozen=True)
 class WeightedSVD:
-    """Full weighted spectrum and un-whitened factors: ``Ŵ_r = left[:, :r] diag(σ_r) right[:r]``."""
+    """Full weighted spectrum and un-whitened factors: ``Ŵ_r = left[:, :r] diag(σ_r) right[:r]``
+    (as ``decompose`` stores them, the factors stop at the method's ``stored_rank``)."""
 
     sigma: Tensor  # (k,) descending, k = min(m, n)
     left: Tensor  # (m, k) = P^{-T} U

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field
 
+from stagepipe.accounting import max_stored_rank
 from stagepipe.schema import Strict, registrar
 
 
@@ -150,6 +151,17 @@ class Method:
         """How ``assemble`` stores factored matrices (``accounting.STORAGES``); the budget is a
         memory fraction when this is not ``16-bit``."""
         return "16-bit"
+
+    def stored_rank(self, m: int, n: int) -> int:
+        """Components of an m×n matrix's weighted SVD that ``decompose`` stores factors for (its σ
+        are stored in full): the most any later stage reads. Every allocation and trainer stops
+        below the break-even rank of the method's storage (``accounting.max_stored_rank``), so the
+        factors' further columns — a third of a 7B block's factor bytes — would never be read."""
+        return max_stored_rank(m, n, self.storage())
+
+    def stored_options(self) -> dict[str, Any]:
+        """What decides ``stored_rank`` (part of ``decompose``'s key)."""
+        return {"storage": self.storage()}
 
     def allocation_options(self) -> dict[str, Any]:
         """Options of a ``structured`` method's per-layer allocation (``allocate``'s key)."""

@@ -102,8 +102,17 @@ class SoCo(Method):
         return self.base.pair()
 
     def key_options(self) -> dict[str, Any]:
-        """The base method's: its decompose (and capture, fisher) outputs are shared with its own rows."""
+        """The base method's: its capture and fisher outputs are shared with its own rows (and its
+        decompose outputs too when the two store as many components: ``stored_options``)."""
         return self.base.key_options()
+
+    def stored_rank(self, m: int, n: int) -> int:
+        """Training is offered the top ``candidates`` share of every matrix's components, which may
+        go past break-even (all of them by default)."""
+        return max(super().stored_rank(m, n), math.ceil(self.cfg.candidates * min(m, n)))
+
+    def stored_options(self) -> dict[str, Any]:
+        return {**super().stored_options(), "candidates": self.cfg.candidates}
 
     def metrics(self, linear: str, shape: tuple[int, int], stats: LayerStats) -> MetricPair:
         return self.base.metrics(linear, shape, stats)

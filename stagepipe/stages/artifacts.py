@@ -320,17 +320,20 @@ def read_layer_stats(capture_output: Path | None, fisher_output: Path | None) ->
 WEIGHTED_SVD = "svd.safetensors"
 
 
-def write_weighted_svd(out: Path, results: Mapping[str, WeightedSVD]) -> None:
+def write_weighted_svd(out: Path, results: Mapping[str, WeightedSVD], stored: Mapping[str, int]) -> None:
+    """Each linear's weighted σ in full and its factors' first ``stored[name]`` components (float32)."""
     tensors: dict[str, torch.Tensor] = {}
     for name, result in results.items():
-        tensors[f"{name}.left"] = result.left.float().cpu()
-        tensors[f"{name}.right"] = result.right.float().cpu()
+        rank = stored[name]
+        tensors[f"{name}.left"] = result.left[:, :rank].float().cpu().contiguous()
+        tensors[f"{name}.right"] = result.right[:rank].float().cpu().contiguous()
         tensors[f"{name}.sigma"] = result.sigma.cpu()
     safetensors_io.write_atomic(out / WEIGHTED_SVD, tensors)
 
 
 def read_weighted_svd(decompose_output: Path, names: list[str]) -> dict[str, WeightedSVD]:
-    """The full weighted SVD of each named linear, as ``decompose`` stored it (float64)."""
+    """The weighted SVD of each named linear as ``decompose`` stored it (float64): σ in full, the
+    factors up to the method's ``stored_rank``."""
     raw = safetensors_io.read(decompose_output / WEIGHTED_SVD, [f"{n}.{k}" for n in names for k in ("left", "right", "sigma")])
     return {n: WeightedSVD(sigma=raw[f"{n}.sigma"].double(), left=raw[f"{n}.left"].double(),
                            right=raw[f"{n}.right"].double()) for n in names}

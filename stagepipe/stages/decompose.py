@@ -1,9 +1,11 @@
 """``decompose`` (per layer, independent): the full weighted SVD of every target linear.
 
 Builds the method's metric pair from the stored statistics, factorises both metrics in float64
-with a relative eigenvalue floor (the repair is recorded per matrix), and stores the *full-rank*
-un-whitened factors and the weighted spectrum, so ``allocate`` can pick any rank without redoing
-an SVD. Each layer checks that its full-rank factors reproduce ``W``.
+with a relative eigenvalue floor (the repair is recorded per matrix), and stores the full weighted
+spectrum with the un-whitened factors up to the largest rank any later stage can ask for
+(``Method.stored_rank``: below break-even, or a learned method's candidates), so ``allocate`` can
+pick any rank without redoing an SVD. Each layer checks that its full-rank factors reproduce ``W``
+before they are cut.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from stagepipe.stages.requirements import needs
 
 class DecomposeStage(Stage):
     name = "decompose"
-    version = 2
-    description = "full weighted SVD per target linear (factors + spectrum)"
+    version = 3
+    description = "full weighted SVD per target linear (spectrum + the factors later stages can read)"
 
     def partitions(self, ctx: Context) -> list[str] | None:
         return artifacts.model_layers(ctx)
@@ -40,7 +42,8 @@ class DecomposeStage(Stage):
         return deps
 
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
-        return {"method": needs(ctx.config).method.key_options(), "modules": ctx.config.target.modules}
+        method = needs(ctx.config).method
+        return {"method": method.key_options(), "stored": method.stored_options(), "modules": ctx.config.target.modules}
 
     def run(self, ctx: Context, work: Work) -> dict[str, Any]:
         method = needs(ctx.config).method
@@ -68,6 +71,7 @@ class DecomposeStage(Stage):
                 "right": right.repair if right else {"kind": "identity"},
                 **pair.notes,
             }
-        artifacts.write_weighted_svd(work.out, results)
+        stored = {name: method.stored_rank(r.left.shape[0], r.right.shape[1]) for name, r in results.items()}
+        artifacts.write_weighted_svd(work.out, results, stored)
         work.telemetry["metric_factorisations"] = factor.computed
         return {"linears": report, "method": method.name}

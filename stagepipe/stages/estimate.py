@@ -91,7 +91,8 @@ def estimate(config: Any, model_config: Any, interval: int | None = None) -> lis
         "tokenize": Estimate("tokenize", k * t * 8, 3e8, 0, "byte-level BPE: 1 MB chunks; other tokenizers: ~130 B per text character"),
         "capture": Estimate("capture", s.layers * (hidden + captured_grams), rest_load + s.block * w + batch_act + captured_grams,
                             gpu(s.block * w + batch_act + captured_grams), f"{s.layers} × block inputs {hidden / 2**20:.0f} MB"),
-        "decompose": Estimate("decompose", s.layers * sum((m + n) * min(m, n) * 4 + min(m, n) * 8 for m, n in s.linears),
+        "decompose": Estimate("decompose", s.layers * sum((m + n) * need.method.stored_rank(m, n) * 4 + min(m, n) * 8
+                                                          for m, n in s.linears),
                               s.block * w + svd_ram + 3 * grams + 3 * factors, gpu(svd_ram),
                               "float64 eigh + SVD of the largest matrix"),
         "allocate": Estimate("allocate", 1e6, 1e7 + s.layers * sum(min(m, n) for m, n in s.linears) * 8, 0),
