@@ -139,7 +139,7 @@ def estimate(config: Any, model_config: Any, interval: int | None = None) -> lis
     if config.runtime.disk_budget_gb is not None and "decompose" in rows:
         _release_statistics(rows, names, s.layers, captured_grams, 1 if config.executor.kind == "local" else 2)
     if config.runtime.releases and "fisher" in rows and "decompose" in rows:
-        rows["fisher"] = _backward_walk(rows, config, s, hidden, interval or 1, _stored_gradients(config, s)[1])
+        rows["fisher"] = _backward_walk(rows, config, s, hidden, interval or 1, _fisher_scratch(config, s))
     if config.runtime.shards > 1:  # same bytes; the work of a layer splits over the shards' workers
         for name in ("capture", "fisher"):
             if name in rows:
@@ -240,7 +240,7 @@ def _backward_walk(rows: dict[str, Estimate], config: Any, s: Shapes, hidden: fl
     ``decompose`` runs right after it (consumers first), so decompose's outputs grow while capture's
     stored block outputs go. While fisher runs block j, the workspace holds what the stages before
     fisher left, the checkpoints below j and the restored segment up to block j−1's outputs, the
-    boundary gradient it reads and the one it writes, its ``scratch`` (stored gradient factors), the
+    boundary gradient it reads and the one it writes, its ``scratch`` (``_fisher_scratch``), the
     statistics that wait for a decompose (capture's released Grams of blocks ≤ j — kept ones are in
     capture's outputs; fisher's of ``live`` layers, or of every layer from j up when none is
     released) and decompose's outputs of the blocks above j. While decompose j runs right after,
@@ -291,6 +291,17 @@ def _fisher(config: Any, s: Shapes, need: Any, batch_act: float, model_ram: floa
     layer += factors * 3 + (stored if mode == "stored" else 0)  # a layer partition's Kronecker factors and gradients
     return Estimate("fisher", disk + s.layers * factors, max(layer, head), gpu(s.block * w + 4 * batch_act + factors * 3),
                     f"{mode} gradients; {2 * method.max_sweeps} passes max per layer; {kept}", transient)
+
+
+def _fisher_scratch(config: Any, s: Shapes) -> float:
+    """Disk a fisher layer partition holds beside its outputs while it runs, for the Kronecker
+    factors: the stored gradient factors (``stored`` mode's scratch) and the sweep checkpoint in
+    its resume directory (both factors of every linear, float64; kept until the partition commits,
+    so beside its finished statistics; while a sweep is written, the old one and the new one,
+    which is less)."""
+    if "nkp" not in needs(config).method.gradient_stats:
+        return 0.0
+    return _stored_gradients(config, s)[1] + sum(m * m + n * n for m, n in s.linears) * 8
 
 
 def _stored_gradients(config: Any, s: Shapes) -> tuple[str | None, float]:
