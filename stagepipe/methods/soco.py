@@ -102,8 +102,8 @@ class SoCo(Method):
         return self.base.pair()
 
     def key_options(self) -> dict[str, Any]:
-        """The base method's: its capture and fisher outputs are shared with its own rows (and its
-        decompose outputs too when the two store as many components: ``stored_options``)."""
+        """The base method's: its capture and fisher outputs are shared with its own rows (decompose
+        is SoCo's own: it stores every offered component, ``stored_options``)."""
         return self.base.key_options()
 
     def stored_rank(self, m: int, n: int) -> int:
