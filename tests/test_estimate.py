@@ -141,7 +141,7 @@ def test_the_7b_gfwsvd_plan_fits_80_gb_in_process() -> None:
     from stagepipe.stages.estimate import capture_interval, peak_disk
 
     data = yaml.safe_load(Path("pipelines/gfwsvd_llama7b.yaml").read_text())
-    data["runtime"]["disk_budget_gb"] = 80
+    assert data["runtime"]["disk_budget_gb"] == 80  # the pipeline's own budget
     local = parse_pipeline(data, "gfwsvd_llama7b", ".")
     model = Shape(**local.model.shape_hint.model_dump())
     interval = capture_interval(local, model)
