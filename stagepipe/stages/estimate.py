@@ -286,7 +286,7 @@ def _fisher(config: Any, s: Shapes, need: Any, batch_act: float, model_ram: floa
     if "nkp" not in need.method.gradient_stats:
         return Estimate("fisher", disk, max(layer, head), gpu(s.block * w + 4 * batch_act + kfac * 2),
                         f"one backward pass per layer: K-FAC output factor + squared gradients; {kept}", transient)
-    factors = sum(m * m + n * n for m, n in s.linears) * 8
+    factors = _kronecker_bytes(s)
     mode, stored = _stored_gradients(config, s)
     layer += factors * 3 + (stored if mode == "stored" else 0)  # a layer partition's Kronecker factors and gradients
     return Estimate("fisher", disk + s.layers * factors, max(layer, head), gpu(s.block * w + 4 * batch_act + factors * 3),
@@ -301,7 +301,12 @@ def _fisher_scratch(config: Any, s: Shapes) -> float:
     which is less)."""
     if "nkp" not in needs(config).method.gradient_stats:
         return 0.0
-    return _stored_gradients(config, s)[1] + sum(m * m + n * n for m, n in s.linears) * 8
+    return _stored_gradients(config, s)[1] + _kronecker_bytes(s)
+
+
+def _kronecker_bytes(s: Shapes) -> float:
+    """Both Kronecker factors of every linear of one block, float64 (fisher's output, its sweep checkpoint)."""
+    return sum(m * m + n * n for m, n in s.linears) * 8
 
 
 def _stored_gradients(config: Any, s: Shapes) -> tuple[str | None, float]:
