@@ -170,6 +170,34 @@ def test_refinement_under_the_block_output_fisher(write_pipeline, tmp_path: Path
         assert block["rel_err_final"] == min(block["refine_history"]) <= block["rel_err_closed_form"]
 
 
+def test_refined_norms_are_trained_stored_and_assembled(write_pipeline, tmp_path: Path) -> None:
+    """``refine_norms`` trains the block's norm weights beside its factors: they move, the best epoch
+    still never raises the block error, and the assembled model carries exactly the stored values."""
+    from transformers import AutoModelForCausalLM
+
+    from stagepipe.stages.anchor import norm_parameters
+
+    pipeline = write_pipeline("norms", method={**AASVD, "refine_norms": True}, target={"kept_fraction": 0.5})
+    ws = tmp_path / "ws"
+    run_cli("run", str(pipeline), "-w", str(ws))
+    state = outputs(pipeline, ws)
+    low = AutoModelForCausalLM.from_pretrained(artifacts.model_dir(state[PartitionRef("assemble", ALL)]),
+                                               trust_remote_code=True)
+    dense = AutoModelForCausalLM.from_pretrained(artifacts.model_dir(state[PartitionRef("snapshot", ALL)]))
+    moved: list[bool] = []
+    for i, partition in enumerate(("layer-000", "layer-001")):
+        block = manifest_io.read(state[PartitionRef("anchor", partition)]).info["block"]
+        assert block["rel_err_final"] == min(block["refine_history"]) <= block["rel_err_closed_form"]
+        norms = artifacts.read_anchored_params(state[PartitionRef("anchor", partition)])
+        expected = [name for name, _ in norm_parameters(dense.model.layers[i])]
+        assert sorted(norms) == sorted(expected) and expected  # input_layernorm, post_attention_layernorm
+        moved.append(any(not torch.equal(norms[n], dense.model.layers[i].get_parameter(n).detach()) for n in norms))
+        assert moved[-1] == bool(block["refine_best_epoch"])  # a kept epoch moved them; the closed form did not
+        for name, value in norms.items():
+            assert torch.equal(low.model.layers[i].get_parameter(name).detach(), value), name
+    assert any(moved)
+
+
 def test_weighted_square_is_the_quadratic_form() -> None:
     from stagepipe.stages.anchor import _weighted_square
 
@@ -181,6 +209,7 @@ def test_weighted_square_is_the_quadratic_form() -> None:
 
 @pytest.mark.parametrize(("updates", "message"), [
     ({"method": {"name": "aasvd", "refine_metric": "kfac_out"}}, "only the refinement uses it"),
+    ({"method": {"name": "aasvd", "refine_norms": True}}, "only the refinement trains norms"),
     ({"method": {**AASVD, "refine_metric": "kfac_out"}, "target": {"modules": ["self_attn"]}},
      "reads the K-FAC output factor of 'mlp.down_proj'"),
 ])

@@ -13,7 +13,7 @@ Ranks come from the allocation policy on ``decompose``'s spectra of the base pai
 inputs' Gram, like SVD-LLM); the ``anchor`` stage then computes the factors in layer order.
 With ``refine_epochs > 0`` each block's factors are trained (Adam, fp32) to match the dense
 block's output on the shifted inputs, keeping the best epoch by calibration block-output error,
-so refinement never makes that error worse. ``refine_metric: kfac_out`` measures that error as
+so refinement never makes that error worse; ``refine_norms`` trains the block's norm weights too. ``refine_metric: kfac_out`` measures that error as
 ``δᵀ F δ`` with ``F = E[g gᵀ]`` the K-FAC factor of the gradient at the block output (the
 second-order change of the loss) instead of ``‖δ‖²``.
 """
@@ -44,6 +44,9 @@ class AASVDConfig(GradientOptions):
         "euclidean", description="block-output error the refinement minimises: Euclidean (the paper), or weighted "
                                  "by the K-FAC factor E[ggᵀ] of the block-output gradient (second-order loss change; "
                                  "needs fisher)")
+    refine_norms: bool = Field(
+        False, description="also train the block's normalisation weights (the official code trains every block "
+                           "parameter, norms included); they are stored with the factors and assembled")
 
     @model_validator(mode="after")
     def _no_refit(self) -> AASVDConfig:
@@ -51,6 +54,8 @@ class AASVDConfig(GradientOptions):
             raise ValueError("method.refit: aasvd already fits every linear on the propagated inputs; remove refit")
         if self.refine_metric != "euclidean" and not self.refine_epochs:
             raise ValueError("method.refine_metric: only the refinement uses it; set refine_epochs > 0 or remove it")
+        if self.refine_norms and not self.refine_epochs:
+            raise ValueError("method.refine_norms: only the refinement trains norms; set refine_epochs > 0 or remove it")
         return self
 
 
@@ -83,6 +88,8 @@ class AASVD(Method):
                            refine_batch=cfg.refine_batch)
             if cfg.refine_metric != "euclidean":  # keyed only when set: Euclidean refinements keep their keys
                 options["refine_metric"] = cfg.refine_metric
+            if cfg.refine_norms:  # likewise
+                options["refine_norms"] = True
         if cfg.svd_dtype != "float64":
             options["svd_dtype"] = cfg.svd_dtype
         return options

@@ -9,7 +9,8 @@ inputs ``Y`` and the block being compressed — with the groups before it alread
 their shifted inputs ``Ŷ``. Float64 sums ``C = Σ y ŷᵀ`` and ``Ĝ = Σ ŷ ŷᵀ`` feed the closed form
 ``linalg.anchored_svd`` at the allocated rank; the floor of ``Ĝ`` is recorded per linear.
 
-With ``refine_epochs > 0`` the block's factors (only them) are then trained with Adam on the
+With ``refine_epochs > 0`` the block's factors (and with ``refine_norms`` its norm weights, stored
+beside the factors) are then trained with Adam on the
 mean squared error between the compressed block's output on the shifted inputs and the dense
 block's output on the dense inputs (``capture``'s stored block outputs), linear warm-up then
 cosine decay to a tenth of the peak rate, gradient-norm clipping. The calibration block-output
@@ -134,8 +135,17 @@ class AnchorStage(Stage):
             module = compressed.get_submodule(name)
             factors[f"{name}.up"] = module.up.weight.detach().float().cpu()
             factors[f"{name}.down"] = module.down.weight.detach().float().cpu()
+        if cfg.refine_epochs and cfg.refine_norms:
+            factors.update({name: param.detach().float().cpu() for name, param in norm_parameters(compressed)})
         artifacts.write_factors(work.out, artifacts.ANCHOR, factors)
         return {"linears": info, "block": block}
+
+
+def norm_parameters(block: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """The block's normalisation parameters (RMSNorm / LayerNorm weights and biases) by
+    block-relative name, in module order: what ``refine_norms`` trains beside the factors."""
+    return [(f"{module_name}.{name}", param) for module_name, module in block.named_modules()
+            if "norm" in type(module).__name__.lower() for name, param in module.named_parameters(recurse=False)]
 
 
 def _block_output_metric(stats: Any, residual_out: str, partition: str, device: torch.device) -> torch.Tensor:
@@ -242,6 +252,7 @@ class _Refinement:
     def __init__(self, cfg: Any, block: torch.nn.Module, names: list[str], streams: _Streams, work: Work) -> None:
         self.cfg, self.block, self.streams, self.work = cfg, block, streams, work
         self.params = [getattr(block.get_submodule(n), part).weight for n in names for part in ("up", "down")]
+        self.params += [param for _, param in norm_parameters(block)] if cfg.refine_norms else []
         self.masters = [p if p.dtype == torch.float32 else p.detach().float().clone() for p in self.params]
         self.batch = cfg.refine_batch or streams.batch
         self.steps_per_epoch = math.ceil(len(streams.ids) / self.batch)

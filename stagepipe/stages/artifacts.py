@@ -397,7 +397,8 @@ STRUCTURE = "block.safetensors"  # a structured method's reduced block (``struct
 
 
 def write_factors(out: Path, file: str, tensors: Mapping[str, torch.Tensor]) -> None:
-    """``<linear>.up`` / ``<linear>.down`` tensors of ``residual`` (``RESIDUAL``) or ``refit`` (``REFIT``)."""
+    """``<linear>.up`` / ``<linear>.down`` tensors of ``residual`` (``RESIDUAL``), ``refit`` (``REFIT``) or
+    ``anchor`` (``ANCHOR``; with the refined norm weights under their block-relative names)."""
     safetensors_io.write_atomic(out / file, tensors)
 
 
@@ -422,6 +423,12 @@ def _factor_pairs(raw: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tens
 def read_anchored(anchor_output: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """(up, down) per block-relative linear as the ``anchor`` stage fitted them (float64)."""
     return _factor_pairs(safetensors_io.read(anchor_output / ANCHOR))
+
+
+def read_anchored_params(anchor_output: Path) -> dict[str, torch.Tensor]:
+    """The block's other tensors the ``anchor`` refinement trained (``refine_norms``: the norm
+    weights), by block-relative name; empty when it trained only factors."""
+    return {k: t for k, t in safetensors_io.read(anchor_output / ANCHOR).items() if not k.endswith((".up", ".down"))}
 
 
 def read_structure(structure_output: Path) -> dict[str, torch.Tensor]:

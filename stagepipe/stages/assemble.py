@@ -125,8 +125,9 @@ class AssembleStage(Stage):
                      learned: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
                      remap: bool = False) -> dict[str, torch.Tensor]:
         """Block tensors with each factored linear replaced by its final factors: ``train``'s or
-        ``anchor``'s where they ran, else ``decompose``'s (or ``residual``'s) at the rank, with
-        ``refit``'s up factors; remapped (8-bit square part) when ``remap``."""
+        ``anchor``'s where they ran (with the norm weights its refinement trained), else
+        ``decompose``'s (or ``residual``'s) at the rank, with ``refit``'s up factors; remapped
+        (8-bit square part) when ``remap``."""
         decomposed, residual, anchored, refitted = sources
         tensors: dict[str, torch.Tensor] = {}
         for key in keys:
@@ -138,6 +139,8 @@ class AssembleStage(Stage):
             factors = learned
         elif anchored is not None:
             factors = artifacts.read_anchored(anchored)
+            for local, value in artifacts.read_anchored_params(anchored).items():  # refined norms
+                tensors[prefix + local] = value.to(tensors[prefix + local].dtype)
         else:
             factors = artifacts.allocated_factors(decomposed, residual, ranks)
         updates = artifacts.read_refit(refitted) if refitted is not None else {}
