@@ -11,11 +11,14 @@ it never chooses.
         --option shrinkage --values 0 0.05 0.2 --kept 0.8 --workspace workspace/paper --out docs/gfwsvd_paper
     python benchmarks/tune.py --base pipelines/methods/aasvd.yaml --entry aasvd_kfac+refine:global_greedy \
         --option refine_metric --values euclidean kfac_out --kept 0.6 --workspace workspace/aasvd_tune --out docs/aasvd
+    python benchmarks/tune.py --base pipelines/methods/aasvd.yaml --entry aasvd_kfac+refine:global_greedy \
+        --option calibration.n_samples --values 32 128 --kept 0.6 --workspace workspace/aasvd_tune --out docs/aasvd
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import subprocess
 from pathlib import Path
@@ -43,8 +46,23 @@ def _show(value: float | str) -> str:
     return f"{value:g}" if isinstance(value, float) else value
 
 
+def with_option(base: dict, option: str, value: float | str) -> tuple[dict, dict]:
+    """(base file, method options) with ``option`` set: a method option by its name (``refine_lr``),
+    any other pipeline key by its dotted path (``calibration.n_samples``)."""
+    if "." not in option:
+        return base, {option: value}
+    *path, key = option.split(".")
+    changed = copy.deepcopy(base)
+    node = changed
+    for part in path:
+        node = node.setdefault(part, {})
+    node[key] = int(value) if isinstance(value, float) and value.is_integer() else value
+    return changed, {}
+
+
 def validation_point(base: dict, entry: str, kept: float, option: str, value: float | str, workspace: Path) -> dict:
-    config = grid_config(base, entry, kept, {option: value})
+    base, method_options = with_option(base, option, value)
+    config = grid_config(base, entry, kept, method_options)
     runner = make_runner(config, workspace)
     runner.run()
     states = {e.ref: e.state.output for e in runner.states()}
@@ -63,7 +81,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", required=True)
     parser.add_argument("--entry", required=True, metavar="METHOD[:POLICY]")
-    parser.add_argument("--option", required=True, help="a method option, e.g. shrinkage")
+    parser.add_argument("--option", required=True,
+                        help="a method option (shrinkage), or any pipeline key by its dotted path (calibration.n_samples)")
     parser.add_argument("--values", nargs="+", type=option_value, required=True, help="numbers or words")
     parser.add_argument("--kept", type=float, default=0.8)
     parser.add_argument("--workspace", required=True)
