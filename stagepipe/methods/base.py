@@ -12,6 +12,7 @@ the CLI's list are built from ``METHODS``; stages ask the method object what it 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -49,6 +50,17 @@ class GradientOptions(MethodConfig):
     chunk_tokens: int | None = Field(None, ge=1, description="per-chunk gradients (raises K)")
     diagnostics: bool = False
     diagnostics_max_dim: int = Field(4096, ge=1)
+
+    def gradient_storage(self, windows: int, seq_len: int, shapes: Iterable[tuple[int, int]]) -> tuple[str, int]:
+        """(mode, bytes) of one layer's per-window gradient factors ``(D, X)`` for the Kronecker
+        sweeps: ``auto`` stores them in the partition's scratch directory when they fit
+        ``memory_budget_gb``, else recomputes them per pass (``streaming``). The one sizing that
+        ``fisher`` runs by and ``estimate`` plans with."""
+        chunk = self.chunk_tokens or seq_len
+        stored = windows * -(-seq_len // chunk) * chunk * sum(m + n for m, n in shapes) * 4
+        if self.mode != "auto":
+            return self.mode, stored
+        return ("stored" if stored <= self.memory_budget_gb * 2**30 else "streaming"), stored
 
 
 @dataclass

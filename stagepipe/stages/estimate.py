@@ -315,11 +315,8 @@ def _stored_gradients(config: Any, s: Shapes) -> tuple[str | None, float]:
     method = config.method
     if "nkp" not in needs(config).method.gradient_stats:
         return None, 0.0
-    k, t = config.calibration.n_samples, config.calibration.seq_len
-    chunk = method.chunk_tokens or t
-    stored = k * -(-t // chunk) * chunk * sum(m + n for m, n in s.linears) * 4  # (D, X) per window, as the stage sizes it
-    mode = method.mode if method.mode != "auto" else ("stored" if stored <= method.memory_budget_gb * 2**30 else "streaming")
-    return mode, stored if mode == "stored" else 0.0
+    mode, stored = method.gradient_storage(config.calibration.n_samples, config.calibration.seq_len, s.linears)
+    return mode, float(stored) if mode == "stored" else 0.0
 
 
 #: assumed sustained throughputs for the wall-time estimates (not measured by the plan): one 80 GB

@@ -141,8 +141,7 @@ class FisherStage(Stage):
         groups = artifacts.read_results(work.input("capture", work.partition))["groups"] if need.gram_in_fisher else {}
         mode = None
         if nkp:
-            grad_bytes = n_gradients * chunk * sum(m + n for m, n in shapes.values()) * 4
-            mode = cfg.mode if cfg.mode != "auto" else "stored" if grad_bytes <= cfg.memory_budget_gb * 2**30 else "streaming"
+            mode, grad_bytes = cfg.gradient_storage(len(ids), ids.shape[1], shapes.values())
             info.update(mode=mode, gradient_bytes=grad_bytes)
         grad_out = work.inputs[_grad_in(ctx, index)]
         if index > 0:
