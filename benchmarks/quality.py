@@ -98,6 +98,7 @@ def main() -> None:
     parser.add_argument("--render", action="store_true", help="only rewrite results.md and the plot from results.json")
     args = parser.parse_args()
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     if args.render:
         saved = json.loads((out / "results.json").read_text())
         return render(saved["rows"], sorted({r["commit"] for r in saved["rows"]}), saved["base"], out)
