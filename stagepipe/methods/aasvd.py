@@ -13,9 +13,9 @@ Ranks come from the allocation policy on ``decompose``'s spectra of the base pai
 inputs' Gram, like SVD-LLM); the ``anchor`` stage then computes the factors in layer order.
 With ``refine_epochs > 0`` each block's factors are trained (Adam, fp32) to match the dense
 block's output on the shifted inputs, keeping the best epoch by calibration block-output error,
-so refinement never makes that error worse; ``refine_norms`` trains the block's norm weights too. ``refine_metric: kfac_out`` measures that error as
-``δᵀ F δ`` with ``F = E[g gᵀ]`` the K-FAC factor of the gradient at the block output (the
-second-order change of the loss) instead of ``‖δ‖²``.
+so refinement never makes that error worse; ``refine_norms`` trains the block's norm weights too.
+``refine_metric: kfac_out`` measures that error as ``δᵀ F δ`` with ``F = E[g gᵀ]`` the K-FAC
+factor of the gradient at the block output (the second-order change of the loss) instead of ``‖δ‖²``.
 """
 
 from __future__ import annotations

@@ -9,11 +9,11 @@ inputs ``Y`` and the block being compressed — with the groups before it alread
 their shifted inputs ``Ŷ``. Float64 sums ``C = Σ y ŷᵀ`` and ``Ĝ = Σ ŷ ŷᵀ`` feed the closed form
 ``linalg.anchored_svd`` at the allocated rank; the floor of ``Ĝ`` is recorded per linear.
 
-With ``refine_epochs > 0`` the block's factors (and with ``refine_norms`` its norm weights, stored
-beside the factors) are then trained with Adam on the
-mean squared error between the compressed block's output on the shifted inputs and the dense
-block's output on the dense inputs (``capture``'s stored block outputs), linear warm-up then
-cosine decay to a tenth of the peak rate, gradient-norm clipping. The calibration block-output
+With ``refine_epochs > 0`` the block's factors (with ``refine_norms`` also its norm weights, stored
+beside the factors) are then trained with Adam on the mean squared error between the compressed
+block's output on the shifted inputs and the dense block's output on the dense inputs
+(``capture``'s stored block outputs), linear warm-up then cosine decay to a tenth of the peak
+rate, gradient-norm clipping. The calibration block-output
 error is measured before training and after every epoch and the best state is kept, so
 refinement never increases it. Adam steps float32 master copies (a bfloat16 block on a GPU gets
 its gradients cast up and the result rounded back). The optimiser, the masters and the best state
