@@ -135,7 +135,7 @@ class AnchorStage(Stage):
             module = compressed.get_submodule(name)
             factors[f"{name}.up"] = module.up.weight.detach().float().cpu()
             factors[f"{name}.down"] = module.down.weight.detach().float().cpu()
-        if cfg.refine_epochs and cfg.refine_norms:
+        if cfg.refine_norms:  # only with refine_epochs (the config says so)
             factors.update({name: param.detach().float().cpu() for name, param in norm_parameters(compressed)})
         artifacts.write_factors(work.out, artifacts.ANCHOR, factors)
         return {"linears": info, "block": block}

@@ -428,7 +428,8 @@ def read_anchored(anchor_output: Path) -> dict[str, tuple[torch.Tensor, torch.Te
 def read_anchored_params(anchor_output: Path) -> dict[str, torch.Tensor]:
     """The block's other tensors the ``anchor`` refinement trained (``refine_norms``: the norm
     weights), by block-relative name; empty when it trained only factors."""
-    return {k: t for k, t in safetensors_io.read(anchor_output / ANCHOR).items() if not k.endswith((".up", ".down"))}
+    path = anchor_output / ANCHOR
+    return safetensors_io.read(path, [k for k in safetensors_io.keys(path) if not k.endswith((".up", ".down"))])
 
 
 def read_structure(structure_output: Path) -> dict[str, torch.Tensor]:

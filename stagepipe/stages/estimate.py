@@ -288,7 +288,7 @@ def _fisher(config: Any, s: Shapes, need: Any, batch_act: float, model_ram: floa
                         f"one backward pass per layer: K-FAC output factor + squared gradients; {kept}", transient)
     factors = _kronecker_bytes(s)
     mode, stored = _stored_gradients(config, s)
-    layer += factors * 3 + (stored if mode == "stored" else 0)  # a layer partition's Kronecker factors and gradients
+    layer += factors * 3 + stored  # a layer partition's Kronecker factors and (stored mode) gradients
     return Estimate("fisher", disk + s.layers * factors, max(layer, head), gpu(s.block * w + 4 * batch_act + factors * 3),
                     f"{mode} gradients; {2 * method.max_sweeps} passes max per layer; {kept}", transient)
 
