@@ -25,13 +25,49 @@ def test_manifest_round_trip_keeps_inf_and_verify_finds_damage(tmp_path: Path) -
     manifest = make_manifest(tmp_path)
     manifest_io.write_atomic(tmp_path, manifest)
     back = manifest_io.read(tmp_path)
-    assert back == manifest and math.isinf(back.info["ppl"])
+    assert back == manifest.sealed() and math.isinf(back.info["ppl"])
     assert manifest_io.verify(tmp_path, back, deep=True) == []
-    (tmp_path / "a.bin").write_bytes(b"0123456780")  # same size, other content
-    assert manifest_io.verify(tmp_path, back) == []
+    (tmp_path / "a.bin").write_bytes(b"0123456780")  # same size, other content: a stamp cannot vouch for it
+    assert manifest_io.verify(tmp_path, back) == ["a.bin: content hash differs from manifest"]
     assert manifest_io.verify(tmp_path, back, deep=True) == ["a.bin: content hash differs from manifest"]
     (tmp_path / "a.bin").write_bytes(b"012")
     assert "size 3" in manifest_io.verify(tmp_path, back)[0]
+
+
+def test_stamps_spare_rehashing_unchanged_files_but_never_a_changed_one(tmp_path: Path, monkeypatch) -> None:
+    """A file whose size, mtime, ctime and inode match its stamp is not hashed again; any write
+    changes its ctime, so it is; a stamp taken in the file's own clock tick is not trusted."""
+    import os
+    import time
+
+    (tmp_path / "a.bin").write_bytes(b"0123456789")
+    manifest = make_manifest(tmp_path)
+    hashed: list[str] = []
+    real = manifest_io.sha256_file
+    monkeypatch.setattr(manifest_io, "sha256_file", lambda p: hashed.append(p.name) or real(p))
+    assert manifest_io.verify(tmp_path, manifest) == [] and hashed == ["a.bin"]
+    stamps = tmp_path / manifest_io.STAMPS_NAME
+    later = time.time_ns() + 5_000_000_000  # as if the stamp were written well after the file's last change
+    os.utime(stamps, ns=(later, later))
+    assert manifest_io.verify(tmp_path, manifest) == [] and hashed == ["a.bin"]  # vouched for: one stat
+    (tmp_path / "a.bin").write_bytes(b"0123456780")
+    assert manifest_io.verify(tmp_path, manifest) == ["a.bin: content hash differs from manifest"]
+    assert hashed == ["a.bin", "a.bin"]
+
+
+def test_an_edited_manifest_that_still_parses_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "a.bin").write_bytes(b"x")
+    manifest_io.write_atomic(tmp_path, make_manifest(tmp_path, info={"ppl": 12.5}))
+    path = tmp_path / "manifest.json"
+    path.write_text(path.read_text().replace("12.5", "11.5"))
+    with pytest.raises(manifest_io.ManifestError, match="differs from its own hash"):
+        manifest_io.read(tmp_path)
+
+
+def test_diagnostics_stay_out_of_the_content_digest(tmp_path: Path) -> None:
+    (tmp_path / "a.bin").write_bytes(b"x")
+    base = make_manifest(tmp_path, diagnostics={"err": 4.3359e-14})
+    assert make_manifest(tmp_path, diagnostics={"err": 4.3355e-14}).content_digest() == base.content_digest()
 
 
 def test_manifest_of_another_schema_or_garbage_is_not_trusted(tmp_path: Path) -> None:

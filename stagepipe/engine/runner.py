@@ -27,6 +27,9 @@ from stagepipe.errors import StageFailedError, StagepipeError
 
 log = logging.getLogger("stagepipe")
 TODO = {"missing", "stale", "incomplete", "corrupt"}
+#: how often one partition may find an input corrupt (changed after the driver checked it) before
+#: the run fails: each time the input is redone first
+MAX_INPUT_REDOS = 2
 
 
 @dataclass
@@ -137,6 +140,7 @@ class Runner:
         restored: set[PartitionRef] = set()  # ran again in this run to restore a released payload
         results: list[TaskResult] = []
         failures: list[TaskResult] = []
+        refused: dict[PartitionRef, int] = {}  # tasks that found an input corrupt: it is redone, then they run
         # one bar over every partition, with an ETA; the per-partition run/done lines are DEBUG
         # (shown with ``run -v``, always in the workspace's log file)
         bar = tqdm(desc="partitions", unit="part", disable=None, leave=False, dynamic_ncols=True)
@@ -185,6 +189,9 @@ class Runner:
                         forced_done.add(ref)
                     if result.ok:
                         log.debug("done %-24s %.2fs on %s", result.ref, result.wall_s, result.host)
+                    elif result.corrupt_input and refused.get(ref, 0) < MAX_INPUT_REDOS:
+                        refused[ref] = refused.get(ref, 0) + 1  # the next look finds it corrupt and redoes it
+                        log.warning("%s: %s; it is redone first", result.ref, result.error)
                     else:
                         log.error("FAIL %-24s on %s: %s", result.ref, result.host, result.error)
                         log.debug(result.traceback)

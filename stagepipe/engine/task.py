@@ -63,6 +63,8 @@ class TaskResult:
     error: str = ""
     traceback: str = ""
     info: dict[str, Any] = field(default_factory=dict)
+    #: the task refused to start because this input partition does not match its manifest
+    corrupt_input: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -129,6 +131,12 @@ def execute(task: Task) -> TaskResult:
     faults.current = str(ref)
     try:
         inputs = {PartitionRef.parse(k): Path(v) for k, v in task.inputs.items()}
+        for input_ref, directory in inputs.items():
+            problem = Workspace.check_input(directory)
+            if problem is not None:
+                return TaskResult(ref=str(ref), ok=False, host=host, node=node, wall_s=time.time() - started,
+                                  error=f"input {input_ref} does not match its manifest: {problem}",
+                                  corrupt_input=str(input_ref))
         work = Work(task.partition, tmp, inputs, ws.scratch_dir(tmp), ws.resume_dir(ref, task.key),
                     fan_out=make_fan_out(task.fan_out, task.threads))
         with ResourceMeter() as meter:
@@ -142,11 +150,12 @@ def execute(task: Task) -> TaskResult:
         manifest = manifest_io.Manifest(
             stage=ref.stage, partition=task.partition, stage_version=task.stage.version, key=task.key,
             key_material=task.key_material, files=manifest_io.record_files(tmp), info=info,
-            telemetry=work.telemetry, run_id=task.run_id, host=host, pid=os.getpid(), started_at=started,
+            diagnostics=work.diagnostics, telemetry=work.telemetry, run_id=task.run_id, host=host, pid=os.getpid(), started_at=started,
             finished_at=finished, wall_s=finished - started, peak_rss_mb=meter.peak_rss / 2**20,
             peak_gpu_mb=None if meter.peak_gpu is None else meter.peak_gpu / 2**20,
         )
         manifest_io.write_atomic(tmp, manifest)
+        manifest_io.stamp_all(tmp, manifest)  # hashed just now: the first reader need not hash again
         kill_point("before-rename", ref)
         ws.commit(ref, task.key, tmp, replace=task.replace, discard_replaced=task.restore)
         committed = True

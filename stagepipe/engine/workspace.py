@@ -76,8 +76,10 @@ class Workspace:
 
     # ------------------------------------------------------------------ state
     def state(self, ref: PartitionRef, key: str, deep: bool = False, transient: Collection[str] = ()) -> PartitionState:
-        """Is the output for ``key`` done? Untrusted outputs are reported, never used. A
-        ``transient`` payload with missing or damaged files is *released*, not corrupt."""
+        """Is the output for ``key`` done? Every file is checked against the manifest's hash (a
+        stamp spares re-hashing a file that has not changed since: ``manifest_io.verify``; ``deep``
+        re-hashes all). Untrusted outputs are reported, never used. A ``transient`` payload whose
+        files are all gone is *released*; one with a damaged or partly missing file is corrupt."""
         out = self.output_dir(ref, key)
         marker = self.marker(ref, key)
         if out.is_dir():
@@ -88,10 +90,19 @@ class Workspace:
             if manifest.key != key:
                 return PartitionState("corrupt", f"{out}: manifest key {manifest.key[:12]} != {key[:12]}", out)
             problems = manifest_io.verify(out, manifest, deep=deep, skip=transient)
+            released = []
+            for payload in transient:
+                files = [r.path for r in manifest.files if manifest_io.under(r.path, payload)]
+                gone = [f for f in files if not (out / f).is_file()]
+                if files and len(gone) == len(files):
+                    released.append(payload)
+                elif gone:
+                    problems.append(f"{gone[0]}: missing ({len(gone)} of the {len(files)} files of {payload})")
+                else:
+                    problems += manifest_io.verify(out, manifest, deep=deep, only=payload)
             if problems:
                 return PartitionState("corrupt", "; ".join(problems[:3]), out, manifest)
-            released = tuple(p for p in transient if manifest_io.verify(out, manifest, deep=deep, only=p))
-            return PartitionState("done", "", out, manifest, released)
+            return PartitionState("done", "", out, manifest, tuple(released))
         if marker.is_file():
             owner = json_io.read(marker)
             if self._owner_dead(owner):
@@ -100,6 +111,18 @@ class Workspace:
             if owner:
                 return PartitionState("running", f"pid {owner.get('pid')} on {owner.get('host')}")
         return PartitionState("missing", "")
+
+    @staticmethod
+    def check_input(output: Path) -> str | None:
+        """What a task checks of each input before it reads one byte: the manifest and the hash of
+        every file still there (stamps spare unchanged files; released payloads are absent, and the
+        driver restores those a task reads). ``None`` when it is sound, else the first problem."""
+        try:
+            manifest = manifest_io.read(output)
+        except manifest_io.ManifestError as exc:
+            return str(exc)
+        problems = manifest_io.verify(output, manifest, missing_ok=True)
+        return f"{output}/{problems[0]}" if problems else None
 
     def previous_manifest(self, ref: PartitionRef) -> manifest_io.Manifest | None:
         """The newest valid manifest of this partition under any key (to explain staleness)."""
