@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from stagepipe.linalg import factor_metric, official_alpha, psd_floor, weighted_svd
+from stagepipe.linalg import factor_metric, official_alpha, psd_floor, reproducible, weighted_svd
 
 GradientBatch = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # G (b, m, n) or (D, X)
 GradientSource = Callable[[], Iterator[dict[str, GradientBatch]]]
@@ -153,6 +153,7 @@ def nkp_power_iteration(source: GradientSource | None, warm_b: dict[str, torch.T
     return results
 
 
+@reproducible
 def clean_factors(a: torch.Tensor, b: torch.Tensor, floor_rel: float,
                   regularizer: str = "floor") -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, Any]]:
     """Symmetrise, fix the joint sign (tr A > 0), normalise tr A = m (scale moved into B) and repair

@@ -19,14 +19,47 @@ orthogonal factor), so the result is the eigen route's up to rounding; tested.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from stagepipe.errors import MetricError
 
 Tensor = torch.Tensor
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@contextlib.contextmanager
+def single_threaded() -> Iterator[None]:
+    """Run CPU linear algebra in one thread. LAPACK's eigen- and singular-value solvers,
+    Cholesky and triangular solves (MKL) return other last bits with another thread count (seen:
+    ``eigh`` of a 64×64 matrix, 1 vs 2 threads), so an output made in a process with all cores
+    and the same output made in a one-CPU Ray task would differ, and every downstream key with
+    them. Matrix products keep their bits across thread counts and are left alone elsewhere.
+    Costs ~1.5–2× on these solves on two cores (docs/reproducibility.md); GPUs are unaffected."""
+    before = torch.get_num_threads()
+    if before != 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if before != 1:
+            torch.set_num_threads(before)
+
+
+def reproducible(fn: F) -> F:
+    """``fn`` under ``single_threaded``: its factorisations give the same bits in any process."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with single_threaded():
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -134,6 +167,7 @@ def floor_eigenvalues(eigenvalues: Tensor, floor_rel: float, name: str) -> tuple
     return repaired, repair
 
 
+@reproducible
 def factor_metric(metric: Tensor | None, floor_rel: float, name: str = "metric") -> MetricRoot | None:
     """Square root of a metric given as ``None`` (identity), a vector (diagonal) or a matrix.
 
@@ -203,6 +237,7 @@ class MetricCache:
         return root
 
 
+@reproducible
 def psd_floor(matrix: Tensor, floor_rel: float, name: str = "matrix") -> tuple[Tensor, dict[str, Any]]:
     """The symmetric ``matrix`` projected onto the PSD cone with a relative eigenvalue floor
     (``U diag(max(λ, floor)) Uᵀ``), and the repair."""
@@ -211,6 +246,7 @@ def psd_floor(matrix: Tensor, floor_rel: float, name: str = "matrix") -> tuple[T
     return (basis * repaired) @ basis.T, repair
 
 
+@reproducible
 def official_alpha(matrix: Tensor, name: str = "matrix", start: float = 1e-5, factor: float = 10.0,
                    tries: int = 10) -> tuple[Tensor, dict[str, Any]]:
     """The official GFWSVD regulariser (``sayankotor/FisherKronecker``, LLaMA-2 scripts): a matrix
@@ -254,6 +290,7 @@ class WeightedSVD:
         return float((self.sigma[rank:] ** 2).sum())
 
 
+@reproducible
 def weighted_svd(w: Tensor, left: MetricRoot | None, right: MetricRoot | None,
                  svd_dtype: torch.dtype = torch.float64) -> WeightedSVD:
     """Two-sided weighted SVD of ``w`` (m×n); ``None`` metrics mean identity.
@@ -266,6 +303,7 @@ def weighted_svd(w: Tensor, left: MetricRoot | None, right: MetricRoot | None,
     return _svd_of_whitened(right.apply_right(left.apply_left(w64)), left, right, svd_dtype)
 
 
+@reproducible
 def anchored_svd(w: Tensor, cross: Tensor, left: MetricRoot | None, right: MetricRoot,
                  svd_dtype: torch.dtype = torch.float64) -> WeightedSVD:
     """Reduced-rank regression (AA-SVD's anchored objective): the rank-r minimiser of

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from stagepipe.errors import MetricError
-from stagepipe.linalg import factor_metric, weighted_svd
+from stagepipe.linalg import factor_metric, reproducible, weighted_svd
 
 Tensor = torch.Tensor
 
@@ -171,6 +171,7 @@ class BlockDims:
         return {"intermediate_size": self.intermediate_size, "qk_dim": self.qk_dim, "vo_dim": self.vo_dim}
 
 
+@reproducible
 def compress_block(weights: dict[str, Tensor], attention_gram: Tensor, intermediate_gram: Tensor, heads: Heads,
                    dims: BlockDims, ridge_rel: float, floor_rel: float) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """The reduced block: ``{"<linear>.weight": …, "self_attn.rope_index": …}`` (float64) and per-type info."""

@@ -35,6 +35,6 @@ def test_assembled_ressvd_factors_are_the_two_stage_factors(write_pipeline, tmp_
         up, down, _ = residual_factors(weights[f"{full}.weight"].double(), right, ranks[full], 0.25)
         ours = assembled[f"{full}.up.weight"].double() @ assembled[f"{full}.down.weight"].double()
         assert torch.allclose(ours, up @ down, atol=1e-5)
-    info = manifest_io.read(state[PartitionRef("residual", "layer-001")]).info["linears"]
+    info = manifest_io.read(state[PartitionRef("residual", "layer-001")]).diagnostics["linears"]
     assert all(item["loss_over_one_shot"] >= 1 - 1e-6 for item in info.values())  # Eckart–Young, measured
     assert all(item["r1"] + item["r2"] == item["rank"] for item in info.values())

@@ -145,7 +145,7 @@ def test_budget_pressure_reaches_the_target_and_allocate_reports_it(trained) -> 
     ratios = json.loads((found[PartitionRef("report", ALL)] / "report.json").read_text())["ratios"]
     assert ratios["kept_over_target_matrices"] == pytest.approx(history[-1]["kept_hard"])
     assert 0.6 - 0.02 < ratios["kept_over_target_matrices"] <= 0.6  # the budget is spent: within one component
-    info = artifacts.read_results(found[PartitionRef("train", ALL)])
+    info = artifacts.read_diagnostics(found[PartitionRef("train", ALL)])
     assert info["share_outside_sigma_order"] > 0  # pruned by learned score, not by σ order
 
 

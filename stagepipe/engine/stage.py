@@ -60,8 +60,11 @@ class Work:
     ``out`` becomes the output by one rename; ``scratch`` is removed when the task ends (success or
     failure); ``resume`` survives a crash (checkpoints inside a long partition) and is removed after
     the commit. ``telemetry`` holds run facts for the manifest that are not results (a resumed
-    sweep, a wall time): they never enter a content digest. ``fan_out`` runs independent pieces of
-    the partition (``engine.fanout``): in this process, or as Ray tasks under the Ray executor.
+    sweep, a wall time) and ``diagnostics`` measured numbers that no consumer computes with
+    (errors, condition numbers, losses, repair records): neither enters a content digest, so an
+    output whose files and results are identical keeps every downstream key, whatever thread
+    count or machine measured them. ``fan_out`` runs independent pieces of the partition
+    (``engine.fanout``): in this process, or as Ray tasks under the Ray executor.
     """
 
     partition: str
@@ -70,6 +73,7 @@ class Work:
     scratch: Path
     resume: Path
     telemetry: dict[str, Any] = field(default_factory=dict)
+    diagnostics: dict[str, Any] = field(default_factory=dict)
     fan_out: FanOut = field(default_factory=SerialFanOut)
 
     def input(self, stage: str, partition: str = ALL) -> Path:
@@ -116,7 +120,8 @@ class Stage(ABC):
 
     @abstractmethod
     def run(self, ctx: Context, work: Work) -> dict[str, Any]:
-        """Write outputs into ``work.out`` and return results for the manifest (part of the digest)."""
+        """Write outputs into ``work.out`` and return the results a consumer reads (part of the
+        content digest: they must be reproducible bit for bit); measurements go to ``work.diagnostics``."""
 
 
 #: ``discover(config, finished outputs) -> model facts or None``

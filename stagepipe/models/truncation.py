@@ -24,6 +24,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from stagepipe.linalg import single_threaded
 from stagepipe.models.layout import swap_modules, weight_matrix
 
 
@@ -56,7 +57,8 @@ def _svd_by_gram(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     a64 = a.double()
     wide = a.shape[0] <= a.shape[1]
     gram = a64 @ a64.T if wide else a64.T @ a64
-    lam, vectors = torch.linalg.eigh(gram)
+    with single_threaded():  # LAPACK: the same bits with any thread count
+        lam, vectors = torch.linalg.eigh(gram)
     lam, vectors = lam.flip(0).clamp(min=0), vectors.flip(1)
     s = lam.sqrt()
     inverse = torch.where(s > s[0] * 1e-12, 1.0 / s.clamp(min=torch.finfo(s.dtype).tiny), torch.zeros_like(s))

@@ -138,7 +138,8 @@ class AnchorStage(Stage):
         if cfg.refine_norms:  # only with refine_epochs (the config says so)
             factors.update({name: param.detach().float().cpu() for name, param in norm_parameters(compressed)})
         artifacts.write_factors(work.out, artifacts.ANCHOR, factors)
-        return {"linears": info, "block": block}
+        work.diagnostics.update(linears=info, block=block)  # repairs and block errors: measured, not read
+        return {"ranks": dict(ranks)}
 
 
 def norm_parameters(block: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:

@@ -88,6 +88,12 @@ def read_results(directory: Path) -> dict[str, Any]:
     return manifest_io.read(directory).info
 
 
+def read_diagnostics(directory: Path) -> dict[str, Any]:
+    """The diagnostics a stage measured for one finished partition (repairs, errors, losses): for
+    reports and tests; no stage computes with them, so they are outside the content digest."""
+    return manifest_io.read(directory).diagnostics
+
+
 def read_manifest(directory: Path) -> manifest_io.Manifest:
     """A finished partition's whole manifest: results and run facts (timings, peak memory)."""
     return manifest_io.read(directory)
@@ -287,9 +293,9 @@ def write_fisher(out: Path, tensors: Mapping[str, torch.Tensor]) -> None:
 
 
 def read_fisher(fisher_output: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
-    """(statistics per linear ``{A, B, kfac_out, grad_sq}``, per-linear info such as unusable sides);
-    input Grams that fisher recorded are ``read_layer_stats``'s."""
-    return _per_linear(safetensors_io.read(fisher_output / FISHER)), read_results(fisher_output).get("linears", {})
+    """(statistics per linear ``{A, B, kfac_out, grad_sq}``, per-linear diagnostics such as why a
+    side is unusable); input Grams that fisher recorded are ``read_layer_stats``'s."""
+    return _per_linear(safetensors_io.read(fisher_output / FISHER)), read_diagnostics(fisher_output).get("linears", {})
 
 
 def _per_linear(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -309,7 +315,8 @@ def read_layer_stats(capture_output: Path | None, fisher_output: Path | None) ->
     if fisher_output is None:
         return stats
     tensors, results = safetensors_io.read(fisher_output / FISHER), read_results(fisher_output)
-    stats.fisher, stats.fisher_info = _per_linear(tensors), results.get("linears", {})
+    # a missing Kronecker side is in the file; why it is missing (for the fallback's note) is a diagnostic
+    stats.fisher, stats.fisher_info = _per_linear(tensors), read_diagnostics(fisher_output).get("linears", {})
     for name, group in results.get("gram_groups", {}).items():
         stats.gram[name] = tensors[f"{group}.gram"]
         stats.tokens[name] = int(results["tokens"])

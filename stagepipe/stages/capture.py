@@ -8,6 +8,7 @@ architecture groups correctly. Inputs come from the *original* model (parallel s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,8 +116,7 @@ class CaptureStage(Stage):
         artifacts.write_input_stats(work.out, stats if wanted else {}, tokens, groups)
         results = {"tokens": tokens, "groups": groups, "distinct_inputs": len(set(groups.values()))}
         if "influence" in wanted:  # shard order, like the statistics
-            cosine = sum((part.cosine for part in parts[1:]), parts[0].cosine)
-            results["influence"] = 1.0 - float(cosine) / tokens
+            results["influence"] = 1.0 - sum(part.cosine for part in parts) / tokens
         return results
 
 
@@ -141,7 +141,7 @@ class CaptureJob:
 class CapturePart:
     stats: dict[str, torch.Tensor]
     tokens: int
-    cosine: torch.Tensor
+    cosine: float  # Σ over the shard's tokens of cos(block input, block output), exactly rounded
     groups: dict[str, str]
 
 
@@ -157,7 +157,7 @@ def capture_shard(job: CaptureJob) -> CapturePart:
     groups: dict[str, str] | None = None
     stats: dict[str, torch.Tensor] = {}
     tokens = 0
-    cosine = torch.zeros((), dtype=torch.float64)
+    cosines: list[float] = []
     handles = []
     try:
         for start, hidden in artifacts.block_input_rows(runner, ids, job.below, job.batch, offset=lo):
@@ -170,14 +170,16 @@ def capture_shard(job: CaptureJob) -> CapturePart:
                 output = runner.run_block(block, hidden)
             artifacts.write_rows(hidden_out, start, output)
             if "influence" in job.wanted:  # block influence: how far the block turns its input (MoDeGPT)
-                cosine += torch.nn.functional.cosine_similarity(hidden.to(output.device).float(), output.float(),
-                                                                dim=-1).double().sum().cpu()
+                cosines += torch.nn.functional.cosine_similarity(hidden.to(output.device).float(), output.float(),
+                                                                 dim=-1).flatten().tolist()
             tokens += output.shape[0] * output.shape[1]
     finally:
         for h in handles:
             h.remove()
     assert groups is not None  # every shard holds at least one batch (artifacts.shard_ranges)
-    return CapturePart({k: v.cpu() for k, v in stats.items()}, tokens, cosine, groups)
+    # one cosine per token (a reduction over the hidden size alone), added exactly: the same float
+    # whatever the thread count, which a parallel tensor sum is not (the influence is in the key)
+    return CapturePart({k: v.cpu() for k, v in stats.items()}, tokens, math.fsum(cosines), groups)
 
 
 

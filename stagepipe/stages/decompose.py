@@ -56,7 +56,8 @@ class DecomposeStage(Stage):
                                            work.input("fisher", work.partition) if method.needs_gradients else None)
         factor = MetricCache(ctx.config.method.floor_rel, device)
         results = {}
-        report: dict[str, Any] = {}
+        shapes: dict[str, Any] = {}
+        measured: dict[str, Any] = {}
         for name, module in linears.items():
             w = weight_matrix(module).detach().to(device, torch.float64)
             pair = method.metrics(name, tuple(w.shape), stats)
@@ -65,8 +66,9 @@ class DecomposeStage(Stage):
             result = weighted_svd(w, left, right, getattr(torch, ctx.config.method.svd_dtype))
             full = result.reconstruct(len(result.sigma))
             results[name] = result
-            report[name] = {
-                "shape": list(w.shape), "full_rank_rel_err": float(torch.linalg.norm(full - w) / torch.linalg.norm(w)),
+            shapes[name] = {"shape": list(w.shape)}
+            measured[name] = {
+                "full_rank_rel_err": float(torch.linalg.norm(full - w) / torch.linalg.norm(w)),
                 "left": left.repair if left else {"kind": "identity"},
                 "right": right.repair if right else {"kind": "identity"},
                 **pair.notes,
@@ -74,4 +76,5 @@ class DecomposeStage(Stage):
         stored = {name: method.stored_rank(r.left.shape[0], r.right.shape[1]) for name, r in results.items()}
         artifacts.write_weighted_svd(work.out, results, stored)
         work.telemetry["metric_factorisations"] = factor.computed
-        return {"linears": report, "method": method.name}
+        work.diagnostics["linears"] = measured  # repairs and checks: the report prints them, nothing computes with them
+        return {"linears": shapes, "method": method.name}

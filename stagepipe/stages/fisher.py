@@ -123,7 +123,8 @@ class FisherStage(Stage):
         jobs = [replace(base, rows=rows, hidden=hidden, grad_in=work.out,
                         labels_seed=None if seed is None else seed + shard) for shard, rows in enumerate(ranges)]
         losses = [loss for part in work.fan_out.map(gradients.head_shard, jobs, labels) for loss in part]
-        return {"mean_window_loss": sum(losses) / len(losses), "n_windows": len(losses)}
+        work.diagnostics["mean_window_loss"] = sum(losses) / len(losses)
+        return {"n_windows": len(losses)}
 
     # ------------------------------------------------------------------ one block
     def _run_block(self, ctx: Context, ids: torch.Tensor, base: GradientJob, ranges, labels, work: Work) -> dict[str, Any]:
@@ -135,7 +136,8 @@ class FisherStage(Stage):
         del runner
         chunk = getattr(cfg, "chunk_tokens", None) or ids.shape[1]
         n_gradients = len(ids) * -(-ids.shape[1] // chunk)
-        info: dict[str, Any] = {"K": n_gradients, "linears": {n: {} for n in linears}}
+        info: dict[str, Any] = {"K": n_gradients}
+        measured: dict[str, Any] = {n: {} for n in linears}  # per linear: sweeps, convergence, repairs
         need = needs(ctx.config)
         nkp = "nkp" in need.method.gradient_stats
         groups = artifacts.read_results(work.input("capture", work.partition))["groups"] if need.gram_in_fisher else {}
@@ -169,9 +171,10 @@ class FisherStage(Stage):
             for name, (a, b, clean) in zip(results, self._clean(ctx, work, results), strict=True):
                 res = results[name]
                 tensors.update({f"{name}.{k}": v for k, v in (("A", a), ("B", b)) if v is not None})
-                info["linears"][name] = {"sweeps": res.sweeps, "rel_change": res.rel_change, "history": res.history, **clean}
+                measured[name] = {"sweeps": res.sweeps, "rel_change": res.rel_change, "history": res.history, **clean}
             if cfg.diagnostics:  # needs the gradients: before the scratch directory goes
-                self._diagnose(ctx, _chained([gradients.shard_source(job) for job in jobs]), linears, shapes, tensors, info)
+                self._diagnose(ctx, _chained([gradients.shard_source(job) for job in jobs]), linears, shapes, tensors,
+                               measured)
         for key, value in totals.items():  # Grams stay sums, as capture stores them (``read_layer_stats``)
             kind, _, name = key.partition(".")
             tensors[f"{name}.{kind}"] = value if kind == "gram" else value / (tokens if kind == "kfac_out" else windows)
@@ -179,6 +182,7 @@ class FisherStage(Stage):
         if groups:
             info["gram_groups"] = groups
         artifacts.write_fisher(work.out, tensors)
+        work.diagnostics["linears"] = measured  # read back only for the notes of a fallback (``read_layer_stats``)
         return info
 
     def _clean(self, ctx: Context, work: Work, results: dict[str, NKPResult]) -> list[tuple[Any, Any, dict[str, Any]]]:
@@ -192,7 +196,7 @@ class FisherStage(Stage):
         return work.fan_out.map(gradients.clean_job, jobs, [f"{self.name}@{work.partition}#clean-{n}" for n in results])
 
     @staticmethod
-    def _diagnose(ctx: Context, source, linears, shapes, tensors, info) -> None:
+    def _diagnose(ctx: Context, source, linears, shapes, tensors, measured) -> None:
         """Full-Fisher diagnostics for linears with m·n ≤ diagnostics_max_dim (see kron.diagnostics)."""
         cfg = ctx.config.method
         small = [n for n in linears if shapes[n][0] * shapes[n][1] <= cfg.diagnostics_max_dim
@@ -208,7 +212,7 @@ class FisherStage(Stage):
             m, k = shapes[n]
             rank = rank_for_fraction(m, k, ctx.config.target.kept_fraction, ctx.config.allocation.align) or min(m, k)
             weight = weight_matrix(linears[n]).detach().double().cpu()
-            info["linears"][n]["diagnostics"] = diagnostics(torch.cat(grads[n]), tensors[f"{n}.A"], tensors[f"{n}.B"],
+            measured[n]["diagnostics"] = diagnostics(torch.cat(grads[n]), tensors[f"{n}.A"], tensors[f"{n}.B"],
                                                             weight, rank, cfg.floor_rel)
 
     @staticmethod

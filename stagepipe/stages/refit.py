@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from stagepipe.engine.stage import Context, PartitionRef, Stage, Work
+from stagepipe.linalg import single_threaded
 from stagepipe.models.blocks import BlockRunner
 from stagepipe.models.layout import block_linears, weight_matrix
 from stagepipe.models.modeling_lowrank import install_factors
@@ -94,7 +95,8 @@ class RefitStage(Stage):
         updates, info = {}, {}
         for name in ranks:
             before = factors[name][0]
-            up = torch.linalg.solve(gram[name], cross[name]).T  # (m, r), float64 normal equations
+            with single_threaded():  # LAPACK: the same bits with any thread count
+                up = torch.linalg.solve(gram[name], cross[name]).T  # (m, r), float64 normal equations
             updates[f"{name}.up"] = up.float().cpu()
             compressed.get_submodule(name).up.weight.data.copy_(up.to(runner.dtype))
             info[name] = {"rank": ranks[name], "relative_change": float(torch.linalg.norm(up.cpu() - before) / torch.linalg.norm(before)),
@@ -107,4 +109,5 @@ class RefitStage(Stage):
             for start, hidden in artifacts.block_inputs(runner, index, ids, work, batch, source="refit"):
                 artifacts.write_rows(hidden_out, start, runner.run_block(compressed, hidden))
         artifacts.write_factors(work.out, artifacts.REFIT, updates)
-        return {"linears": info}
+        work.diagnostics["linears"] = info  # how far each up factor moved, and its conditioning
+        return {"ranks": dict(ranks)}

@@ -32,28 +32,35 @@ def collect(ctx: Context, inputs: Mapping[PartitionRef, Path]) -> dict[str, Any]
         entry["partitions"] += 1
         if manifest.peak_gpu_mb is not None:
             entry["peak_gpu_mb"] = max(entry.get("peak_gpu_mb", 0.0), manifest.peak_gpu_mb)
-        if ref.stage == "decompose":
-            for name, item in manifest.info.get("linears", {}).items():
+        if ref.stage in ("decompose", "anchor"):  # anchor: the floor of each shifted-input Gram
+            for name, item in manifest.diagnostics.get("linears", {}).items():
                 for side in ("left", "right"):
                     if item[side].get("n_floored"):
                         repairs.append({"matrix": f"{ref.partition}.{name}", "side": side, **item[side]})
-                for key in ("left_fallback", "right_fallback"):
+                for key in ("left_fallback", "right_fallback") if ref.stage == "decompose" else ():
                     if key in item:
                         fallbacks.append({"matrix": f"{ref.partition}.{name}", "side": key.split("_")[0], "to": item[key]})
+        if ref.stage == "fisher":  # the Kronecker factors' own floor (or official α) before any metric is built
+            for name, item in manifest.diagnostics.get("linears", {}).items():
+                for side in ("A", "B"):
+                    repair = item.get(side) or {}
+                    if repair.get("n_floored") or repair.get("alpha"):
+                        repairs.append({"matrix": f"{ref.partition}.{name}", "side": f"kronecker {side}", **repair})
         if ref.stage == "structure":
-            vo_repair = manifest.info["vo"].get("metric_repair") or {}
+            vo_repair = manifest.diagnostics["vo"].get("metric_repair") or {}
             if vo_repair.get("n_floored"):
                 repairs.append({"matrix": f"{ref.partition}.self_attn.v_proj·o_proj", "side": "right", **vo_repair})
-            mlp = manifest.info["mlp"]
+            mlp = manifest.diagnostics["mlp"]
             if mlp["css_rank"] < mlp["kept_neurons"]:
                 repairs.append({"matrix": f"{ref.partition}.mlp.down_proj", "kind": "minimum-norm solve",
                                 "rank": mlp["css_rank"], "of": mlp["kept_neurons"]})
         if ref.stage == "residual":
             residual.update({f"{ref.partition}.{name}": {k: item[k] for k in ("r1", "r2", "loss_over_one_shot")}
-                             for name, item in manifest.info.get("linears", {}).items()})
+                             for name, item in manifest.diagnostics.get("linears", {}).items()})
     evaluations = {ref.partition: manifests[ref].info for ref in manifests if ref.stage == "evaluate"}
     train = manifests.get(artifacts.ref("train"))
-    training = None if train is None else {key: value for key, value in train.info.items() if key not in ("ranks", "gammas")}
+    training = None if train is None else {"steps": train.info["steps"],
+                                           **{k: v for k, v in train.diagnostics.items() if k != "gammas"}}
     allocation = manifests[artifacts.ref("allocate")].info
     return {
         "pipeline": ctx.config.name, "method": ctx.config.method.name, "policy": ctx.config.allocation.policy,

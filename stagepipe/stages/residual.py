@@ -61,4 +61,5 @@ class ResidualStage(Stage):
             report[name] = {"rank": rank, **info, "one_shot_loss": optimum,
                             "loss_over_one_shot": info["activation_loss"] / optimum if optimum > 0 else None}
         artifacts.write_factors(work.out, artifacts.RESIDUAL, tensors)
-        return {"linears": report, **method.rank_options()}
+        work.diagnostics["linears"] = report  # losses and splits for the report; assemble reads the factors
+        return {"ranks": {name: entry["rank"] for name, entry in report.items()}, **method.rank_options()}

@@ -114,9 +114,10 @@ class SensitivityStage(Stage):
         table: dict[str, list[dict[str, Any]]] = {}
         for (name, rank), kepts in kept_by_rank.items():
             table.setdefault(prefix + name, []).extend({"kept": k, "rank": rank, "ppl": ppl[(name, rank)]} for k in kepts)
-        artifacts.write_sensitivity(work.out, ppl[(BASE, 0)], table)
-        return {"base_ppl": ppl[(BASE, 0)], "evaluations": len(configs), "windows": len(ids), "windows_from": windows,
-                "most_sensitive": max(((v, k) for k, v in ppl.items() if k[0]), default=(None, None))[1]}
+        artifacts.write_sensitivity(work.out, ppl[(BASE, 0)], table)  # the table is what allocate reads
+        work.diagnostics.update(base_ppl=ppl[(BASE, 0)],
+                                most_sensitive=max(((v, k) for k, v in ppl.items() if k[0]), default=(None, None))[1])
+        return {"evaluations": len(configs), "windows": len(ids), "windows_from": windows}
 
     @staticmethod
     def _approximations(ctx: Context, work: Work, weights: dict[str, torch.Tensor]):

@@ -63,4 +63,5 @@ class StructureStage(Stage):
         dtype = weights["mlp.down_proj.weight"].dtype
         stored = {k: (v if k.endswith("rope_index") else v.to(dtype)).contiguous() for k, v in tensors.items()}
         artifacts.write_factors(work.out, artifacts.STRUCTURE, stored)
-        return {"dims": dims.as_dict(), **info}
+        work.diagnostics.update(info)  # what each part kept and cost, and any repair: the report prints them
+        return {"dims": dims.as_dict()}

@@ -71,9 +71,11 @@ class TrainStage(Stage):
             model.train()  # checkpointing is active in training mode only; the models have no dropout at 0
         loop = _Loop(cfg, model, trainer, windows, work, device)
         loop.run()
-        results = trainer.finish(work.out, loop.history)
+        summary = trainer.finish(work.out, loop.history)
         artifacts.write_history(work.out, loop.history)
-        return results
+        # the ranks are what allocate reads; losses, positions and shares are the report's
+        work.diagnostics.update({k: v for k, v in summary.items() if k not in ("ranks", "steps")})
+        return {"ranks": summary["ranks"], "steps": summary["steps"]}
 
 
 class _Loop:
