@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from stagepipe import faults
+
 
 @dataclass
 class JobRun:
@@ -82,10 +84,12 @@ def run_job(fn: Callable[[Any], Any], job: Any, label: str, threads: int | None 
     before = torch.get_num_threads() if torch is not None and threads else None
     if before is not None:
         torch.set_num_threads(threads)
+    where, faults.current = faults.current, label  # kill points inside the job name the job
     try:
         hang_if_asked(label)
         result = fn(job)
     finally:
+        faults.current = where
         if before is not None:
             torch.set_num_threads(before)
     return result, JobRun(label, socket.gethostname(), ray_node_id(), time.time() - started)
