@@ -98,15 +98,16 @@ def write_pipeline(tmp_path: Path):
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Under ``CI=true`` a skipped test fails the run: a missing package (Ray, the demo model) must
-    not turn a test suite green by skipping what it could not run."""
-    if os.environ.get("CI") != "true":
-        return
+    """A skipped or xfailed test fails the run, here as in CI: a missing package (Ray, the demo
+    model) must not turn the suite green by skipping what it could not run (``scripts/setup.sh``
+    installs everything the suite needs)."""
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    skipped = reporter.stats.get("skipped", []) if reporter is not None else []
+    if reporter is None:
+        return
+    skipped = [*reporter.stats.get("skipped", []), *reporter.stats.get("xfailed", []), *reporter.stats.get("xpassed", [])]
     if skipped:
         names = ", ".join(sorted({r.nodeid for r in skipped})[:5])
-        reporter.write_line(f"CI=true: {len(skipped)} skipped test(s) fail the run: {names}", red=True)
+        reporter.write_line(f"{len(skipped)} skipped or xfailed test(s) fail the run: {names}", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
@@ -130,3 +131,23 @@ def partition_states(pipeline: Path, ws: Path) -> dict:
     from stagepipe.stages import make_runner
 
     return {e.ref: e for e in make_runner(load_pipeline(pipeline), ws).states()}
+
+
+def finished_outputs(ws: Path) -> dict[str, Path]:
+    """stage@partition → its finished output directory (one key per partition in these runs)."""
+    from stagepipe.io import manifest as manifest_io
+
+    return {f"{m.stage}@{m.partition}": p.parent for p in sorted(ws.glob("stages/*/*/[!.]*/manifest.json"))
+            if (m := manifest_io.read(p.parent))}
+
+
+def keys_and_digests(ws: Path) -> dict[str, tuple[str, str]]:
+    """Key and content digest of every finished partition but the report (it records timings)."""
+    from stagepipe.io import manifest as manifest_io
+
+    out = {}
+    for ref, path in finished_outputs(ws).items():
+        manifest = manifest_io.read(path)
+        if manifest.stage != "report":
+            out[ref] = (manifest.key, manifest.content_digest())
+    return out

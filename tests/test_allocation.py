@@ -136,6 +136,22 @@ def test_svdllm_v2_is_scale_invariant_where_the_papers_score_is_not() -> None:
                if a.rsplit(".", 1)[1] == b.rsplit(".", 1)[1])
 
 
+def test_svdllm_v2_on_a_hand_worked_example() -> None:
+    """An independent reference, worked by hand. Two 20×20 ``q_proj`` (break-even rank 10), kept 0.5,
+    align 1: the uniform rank is 5, so 15 components are dropped. Matrix A has σ = 1 (loss
+    L_A = √15), B has σ = 2 (L_B = 2√15); the group mean is 1.5√15. Scores 1/ln(e + L/mean):
+    A: 1/ln(e + 2/3) = 1/ln 3.38495 = 0.82011, B: 1/ln(e + 4/3) = 1/ln 4.05161 = 0.71474, sum
+    1.53485. Removed shares |G|·R·score/Σ: A 2·0.5·0.82011/1.53485 = 0.53432, B 0.46568; kept
+    0.46568 → ⌊4.66⌋ = rank 4 for A, 0.53432 → ⌊5.34⌋ = 5 for B: the lossier matrix keeps more.
+    Spending the budget (400 parameters, 360 used): one more component of B (σ² = 4 per 40
+    parameters) beats one of A (σ² = 1): B goes to 6, and 400 are used."""
+    policy = POLICIES["svdllm_v2"](1)
+    a = MatrixSpectrum("model.layers.0.self_attn.q_proj", 20, 20, torch.ones(20, dtype=torch.float64))
+    b = MatrixSpectrum("model.layers.1.self_attn.q_proj", 20, 20, 2 * torch.ones(20, dtype=torch.float64))
+    assert policy.propose([a, b], 0.5) == {a.name: 4, b.name: 5}
+    assert policy.allocate([a, b], 0.5) == {a.name: 4, b.name: 6}
+
+
 def test_svdllm_v2_keeps_more_of_the_lossier_matrix() -> None:
     policy = POLICIES["svdllm_v2"](8)
     flat = MatrixSpectrum("model.layers.0.mlp.x", 64, 64, torch.ones(64, dtype=torch.float64))

@@ -72,15 +72,6 @@ def test_failure_reports_partition_host_and_resume_command(write_pipeline, tmp_p
     assert "decompose@layer-000 failed on" in result.output and f"resume with: stagepipe run {path}" in result.output
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "pipelines").rglob("*.yaml")), ids=lambda p: p.name)
-def test_every_bundled_pipeline_is_valid(path: Path) -> None:
-    from stagepipe.config import load_pipeline
-    from stagepipe.methods import METHODS
-
-    config = load_pipeline(path)
-    assert config.method.name in METHODS
-
-
 def test_operating_system_errors_are_one_line(write_pipeline, tmp_path: Path) -> None:
     """A workspace that cannot be created (here: below a regular file; likewise a read-only
     mount) is reported with its path in one line, not a traceback."""

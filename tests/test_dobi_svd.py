@@ -105,7 +105,9 @@ def test_svd_backward_stays_finite_on_a_degenerate_spectrum() -> None:
     weights = torch.randn(a.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     ours, native, fd = _gradients(a, weights)
     assert torch.isfinite(ours).all() and float(ours.abs().max()) < 3 * float(fd.abs().max())
-    assert float((native - fd).norm() / fd.norm()) > 10  # what the stabilisation is for
+    # what the stabilisation is for: autograd's gradient is off by orders of magnitude, or not even
+    # finite (1/0 where LAPACK returns the repeated σ bit-equal, which depends on the build)
+    assert not torch.isfinite(native).all() or float((native - fd).norm() / fd.norm()) > 10
     assert float((ours - fd).norm() / fd.norm()) < 0.35  # the bias of dropping the degenerate pair's coupling
 
 
@@ -170,6 +172,8 @@ def test_ranks_are_learned_and_spend_the_budget(trained) -> None:
 
 
 def test_reloads_with_the_learned_ranks(trained) -> None:
+    """The reloaded model's factors are SVD-LLM's (decompose's weighted SVD of the same pair: the
+    exact activation PCA that Dobi-SVD's update computes) truncated at each learned rank."""
     pipeline, ws = trained
     found = outputs(pipeline, ws)
     ranks = artifacts.read_learned_ranks(found[PartitionRef("train", ALL)])
@@ -177,6 +181,16 @@ def test_reloads_with_the_learned_ranks(trained) -> None:
                                                        trust_remote_code=True, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert model.config.lowrank_ranks == ranks
+    for layer in (0, 1):
+        prefix = f"model.layers.{layer}."
+        local = {full[len(prefix):]: rank for full, rank in ranks.items() if full.startswith(prefix)}
+        spectra = artifacts.read_weighted_svd(found[PartitionRef("decompose", f"layer-{layer:03d}")], list(local))
+        for name, rank in local.items():
+            module = model.get_submodule(prefix + name)
+            assert module.up.weight.shape[1] == rank
+            product = (module.up.weight @ module.down.weight).detach().double()
+            expected = spectra[name].reconstruct(rank)
+            assert float((product - expected).norm() / expected.norm()) < 1e-6, name
 
 
 def test_sigkill_mid_training_resumes_to_identical_ranks(tmp_path: Path) -> None:
@@ -259,5 +273,12 @@ def test_remapped_model_reloads_in_8_bit_with_the_learned_ranks(remapped) -> Non
     assert model.config.lowrank_ranks == ranks and model.config.lowrank_remapped == sorted(ranks)
     module = model.get_submodule(next(iter(ranks)))
     assert type(module).__name__ == "RemappedLinear" and module.up_codes.dtype == torch.int8
-    evaluated = artifacts.read_results(found[PartitionRef("evaluate", "test")]) if PartitionRef("evaluate", "test") in found else None
-    assert evaluated is None or all(math.isfinite(v) for v in evaluated["perplexity"].values())
+    # the stage's perplexity is this 8-bit model's: recomputed here on the same windows
+    from stagepipe.perplexity import perplexity
+
+    evaluated = artifacts.read_results(found[PartitionRef("evaluate", "compressed")])["datasets"]
+    windows = artifacts.read_windows(found[PartitionRef("tokenize", "eval-syn")])
+    ours = perplexity(model, windows, 4, torch.device("cpu")).to_dict()
+    assert math.isfinite(evaluated["syn"]["ppl"]) and evaluated["syn"]["ppl"] == pytest.approx(ours["ppl"], rel=1e-6)
+    dense = artifacts.read_results(found[PartitionRef("evaluate", "dense")])["datasets"]["syn"]["ppl"]
+    assert abs(evaluated["syn"]["ppl"] - dense) > 1e-3 * dense  # not the dense model's number

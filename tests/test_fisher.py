@@ -14,7 +14,7 @@ from stagepipe.io import safetensors_io
 from stagepipe.stages import artifacts, make_runner
 from stagepipe.stages.requirements import needs
 from tests.conftest import TINY, merge
-from tests.test_shards import outputs
+from tests.conftest import finished_outputs as outputs
 
 GFWSVD = {"name": "gfwsvd", "max_sweeps": 2}
 

@@ -163,7 +163,7 @@ def test_gfwsvd_diagnostics_cover_exactly_the_small_linears(write_pipeline, tmp_
     ws = tmp_path / "ws"
     run_cli("run", str(pipeline), "-w", str(ws))
     state = entries(pipeline, ws)
-    info = artifacts.read_results(state[PartitionRef("fisher", "layer-000")].state.output)
+    info = artifacts.read_diagnostics(state[PartitionRef("fisher", "layer-000")].state.output)
     diagnosed = {n for n, v in info["linears"].items() if "diagnostics" in v}
     runner = make_runner(load_pipeline(pipeline), ws)
     runner.states()
@@ -202,8 +202,66 @@ def _uniform(state: dict, kept: float = 0.8, align: int = 4) -> dict:
     return POLICIES["uniform"](align).allocate(_spectra(state), kept)
 
 
-def _metrics(state: dict) -> set[str]:
-    return {v["metrics"] for v in _results(state, "decompose", "layer-000")["linears"].values()}
+def _stats(state: dict, layer: int = 0):
+    """Block ``layer``'s statistics as the methods read them (capture's and fisher's)."""
+    from stagepipe.stages import artifacts
+
+    part = f"layer-{layer:03d}"
+    found = {stage: state[PartitionRef(stage, part)].state.output for stage in ("capture", "fisher")
+             if PartitionRef(stage, part) in state}
+    return artifacts.read_layer_stats(found.get("capture"), found.get("fisher"))
+
+
+def _weights(state: dict, layer: int = 0) -> dict[str, torch.Tensor]:
+    """Block ``layer``'s linear weights (out × in, float64), read with transformers alone."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(state[PartitionRef("snapshot", ALL)].state.output / "model")
+    block = model.model.layers[layer]
+    return {name: module.weight.detach().double() for name, module in block.named_modules()
+            if isinstance(module, torch.nn.Linear)}
+
+
+def _stored_sigma(state: dict, layer: int = 0) -> dict[str, torch.Tensor]:
+    from stagepipe.stages import artifacts
+
+    return {name: sigma.double() for name, (_, _, sigma) in
+            artifacts.read_spectra(state[PartitionRef("decompose", f"layer-{layer:03d}")].state.output).items()}
+
+
+def _root(metric: torch.Tensor, floor_rel: float = 1e-6) -> torch.Tensor:
+    """A square root ``P`` (``M = P Pᵀ``) of a metric with its eigenvalues floored at ``floor_rel·λ_max``
+    (the documented repair: the synthetic text's few distinct tokens leave block 0's Gram singular)."""
+    metric = metric.double()
+    if metric.ndim == 1:
+        return torch.diag(metric.clamp(min=floor_rel * float(metric.max())).sqrt())
+    eigenvalues, basis = torch.linalg.eigh(0.5 * (metric + metric.T))
+    return basis * eigenvalues.clamp(min=floor_rel * float(eigenvalues.max())).sqrt()
+
+
+def _check_spectra(left, right):
+    """The stored weighted σ of every linear of block 0 are the singular values of ``Pᵀ W Q`` for the
+    metrics ``left(stats, name)`` / ``right(stats, name)`` built here from the raw statistics (``None``:
+    identity): the option under test shaped the metric the SVD used."""
+    def check(state: dict, *_) -> None:
+        stats, weights, stored = _stats(state), _weights(state), _stored_sigma(state)
+        assert stored.keys() == weights.keys()
+        for name, w in weights.items():
+            a, b = left(stats, name), right(stats, name)
+            whitened = (w if a is None else _root(a).T @ w) if b is None else (w if a is None else _root(a).T @ w) @ _root(b)
+            expected = torch.linalg.svdvals(whitened)
+            torch.testing.assert_close(stored[name], expected, rtol=1e-7, atol=1e-12 * float(expected[0]), msg=name)
+    return check
+
+
+def _gram(stats, name):
+    return stats.gram[name] / stats.tokens[name]
+
+
+def _shrunk(metric: torch.Tensor, amount: float = 0.1) -> torch.Tensor:
+    """``(1−λ) M + λ (tr M / n) I``, written out here (K-FAC-SVD shrinks both of its factors)."""
+    m = metric.double()
+    return (1 - amount) * m + amount * torch.trace(m) / m.shape[0] * torch.eye(m.shape[0], dtype=torch.float64)
 
 
 def _check_last_k(state: dict) -> None:
@@ -228,12 +286,6 @@ def _check_labels_from_the_model(state: dict, pipeline: Path, tmp_path: Path) ->
     assert not torch.allclose(ours["mlp.down_proj"]["kfac_out"], theirs["mlp.down_proj"]["kfac_out"], rtol=1e-2)
 
 
-def _check_metrics(expected: str):
-    def check(state: dict, *_) -> None:
-        assert _metrics(state) == {expected}
-    return check
-
-
 def _check_ranks_differ_from_uniform(state: dict, pipeline: Path, *_) -> None:
     align = yaml.safe_load(pipeline.read_text())["allocation"]["align"]
     assert _ranks(state) != _uniform(state, align=align)
@@ -242,7 +294,7 @@ def _check_ranks_differ_from_uniform(state: dict, pipeline: Path, *_) -> None:
 def _check_v2(state: dict, *_) -> None:
     """The stored ranks are V2's allocation of the stored spectra, whose group losses differ (two
     random layers are too alike for V2's flat score to move a rank, so the policy's own effect is
-    shown on heterogeneous spectra in test_allocation.py)."""
+    shown on heterogeneous spectra, and against a hand-worked example, in test_allocation.py)."""
     from stagepipe.allocation import POLICIES
 
     spectra = _spectra(state)
@@ -254,32 +306,55 @@ def _check_v2(state: dict, *_) -> None:
 
 def _check_svd_last_k(state: dict, *_) -> None:
     _check_last_k(state)
-    assert _metrics(state) == {"identity × identity"}
+    _check_spectra(lambda stats, name: None, lambda stats, name: None)(state)  # plain SVD: σ of W itself
 
 
 def _check_fwsvd_greedy(state: dict, pipeline: Path, *_) -> None:
-    assert _metrics(state) == {"fisher_diag × fisher_diag"}
+    """Both sides weighted by the diagonal Fisher: row sums on the output side, column sums on the input."""
+    _check_spectra(lambda stats, name: stats.fisher[name]["grad_sq"].sum(1),
+                   lambda stats, name: stats.fisher[name]["grad_sq"].sum(0))(state)
     _check_ranks_differ_from_uniform(state, pipeline)
 
 
-def _check_shrinkage(state: dict, *_) -> None:
-    assert all(v["shrinkage"] == 0.1 for v in _results(state, "decompose", "layer-000")["linears"].values())
-
-
 def _check_chunks(state: dict, *_) -> None:
-    info = _results(state, "fisher", "layer-000")
-    assert info["K"] == 6 * 2  # 6 windows of 32 tokens in chunks of 16
-    assert all(v["sweeps"] <= 2 for v in info["linears"].values())
+    from stagepipe.stages import artifacts
+
+    assert _results(state, "fisher", "layer-000")["K"] == 6 * 2  # 6 windows of 32 tokens in chunks of 16
+    sweeps = artifacts.read_diagnostics(state[PartitionRef("fisher", "layer-000")].state.output)["linears"]
+    assert all(v["sweeps"] <= 2 for v in sweeps.values())
 
 
 def _check_official_alpha(state: dict, *_) -> None:
-    for item in _results(state, "fisher", "layer-000")["linears"].values():
-        assert item["regularizer"] == "official_alpha" and item["A"]["kind"] == item["B"]["kind"] == "official_alpha"
+    """On 2 windows of 16 tokens the 64-wide Kronecker factors have rank ≤ 32, so Cholesky fails and
+    the official rule must act: each stored factor is ``(1−α) M + α·mean(diag M)·I`` of a singular
+    ``M`` with α = 1e-5·10^k, k ≥ 1 tries (where the floor regulariser would floor eigenvalues instead)."""
+    from stagepipe.stages import artifacts
+
+    fisher, _ = artifacts.read_fisher(state[PartitionRef("fisher", "layer-000")].state.output)
+    repairs = artifacts.read_diagnostics(state[PartitionRef("fisher", "layer-000")].state.output)["linears"]
+    acted = 0
+    for name, sides in fisher.items():
+        for side in ("A", "B"):
+            stored, repair = sides[side].double(), repairs[name][side]
+            assert repair["kind"] == "official_alpha" and torch.linalg.cholesky_ex(stored).info == 0
+            if stored.shape[0] < 64:
+                continue
+            alpha = repair["alpha"]
+            assert alpha == pytest.approx(1e-5 * 10 ** repair["tries"]) and repair["tries"] >= 1, (name, side)
+            eye = torch.eye(stored.shape[0], dtype=torch.float64)
+            raw = (stored - alpha * stored.diagonal().mean() * eye) / (1 - alpha)  # the mean diagonal is α-invariant
+            eigenvalues = torch.linalg.eigvalsh(raw)
+            assert float(eigenvalues[:32].abs().max()) < 1e-8 * float(eigenvalues[-1]), (name, side)  # singular
+            acted += 1  # (that α is the first of the sequence to pass: test_kron's unit test of the rule)
+    assert acted == 3  # gate's and up's A (64 outputs), down's B (64 inputs)
 
 
 def _check_ressvd(state: dict, *_) -> None:
+    from stagepipe.stages import artifacts
+
     _check_last_k(state)
-    for v in _results(state, "residual", "layer-001")["linears"].values():
+    measured = artifacts.read_diagnostics(state[PartitionRef("residual", "layer-001")].state.output)["linears"]
+    for v in measured.values():
         assert v["r1"] == int(0.5 * v["rank"] + 0.5) and v["r1"] + v["r2"] == v["rank"]
 
 
@@ -290,6 +365,8 @@ def _check_search(state: dict, pipeline: Path, *_) -> None:
 
 def _check_modegpt(state: dict, *_) -> None:
     from transformers import AutoModelForCausalLM
+
+    from stagepipe.stages import artifacts
 
     search = _results(state, "allocate")["search"]
     assert len(search["influence"]) == 2 and all(0 < s < 2 for s in search["influence"])
@@ -304,27 +381,30 @@ def _check_modegpt(state: dict, *_) -> None:
         attention = model.model.layers[i].self_attn
         assert model.model.layers[i].mlp.up_proj.out_features == d["intermediate_size"] < 64
         assert attention.q_proj.out_features == 4 * d["qk_dim"] and attention.v_proj.out_features == 2 * d["vo_dim"]
-        layer = _results(state, "structure", f"layer-{i:03d}")
+        layer = artifacts.read_diagnostics(state[PartitionRef("structure", f"layer-{i:03d}")].state.output)
         assert layer["mlp"]["dropped_output_energy"] >= 0 and 0 < layer["qk"]["kept_score_fraction"] <= 1
     n_params = sum(p.numel() for p in model.parameters())
     assert n_params == _results(state, "allocate")["ratios"]["kept_params_model"]  # one accounting, checked
 
 
-#: per case: method, allocation, and what shows that the options under test changed the outcome
+#: per case: method, allocation, what shows that the options under test changed the outcome, and
+#: other updates to the tiny pipeline
 CASES = {
     "svd-last_k": ({"name": "svd"}, {"policy": "last_k"}, _check_svd_last_k),
     "svdllm_v2-svdllm_v2": ({"name": "svdllm_v2"}, {"policy": "svdllm_v2", "align": 1}, _check_v2),
-    "asvd_max": ({"name": "asvd", "alpha": 0.5, "scale": "max"}, {"policy": "uniform"}, _check_metrics("identity × act_max")),
+    "asvd_max": ({"name": "asvd", "alpha": 0.5, "scale": "max"}, {"policy": "uniform"},
+                 _check_spectra(lambda stats, name: None, lambda stats, name: stats.abs_max[name] ** (2 * 0.5))),
     "fwsvd_both-greedy": ({"name": "fwsvd", "sides": "both"}, {"policy": "global_greedy"}, _check_fwsvd_greedy),
-    "kfac_shrinkage": ({"name": "kfac_svd", "shrinkage": 0.1}, {"policy": "uniform"}, _check_shrinkage),
+    "kfac_shrinkage": ({"name": "kfac_svd", "shrinkage": 0.1}, {"policy": "uniform"}, _check_spectra(lambda stats, name: _shrunk(stats.fisher[name]["kfac_out"]),
+                                  lambda stats, name: _shrunk(_gram(stats, name)))),
     "gfwsvd_chunks-greedy": ({"name": "gfwsvd", "max_sweeps": 2, "chunk_tokens": 16}, {"policy": "global_greedy"},
                              _check_chunks),
     "gfwsvd_model_labels": ({"name": "gfwsvd", "max_sweeps": 2, "fisher_labels": "model"}, {"policy": "uniform"},
                             _check_labels_from_the_model),
     "mixed": ({"name": "mixed", "left": "fisher_nkp", "right": "gram", "max_sweeps": 2}, {"policy": "uniform"},
-              _check_metrics("fisher_nkp × gram")),
+              _check_spectra(lambda stats, name: stats.fisher[name]["A"], _gram)),
     "gfwsvd_official_alpha": ({"name": "gfwsvd", "max_sweeps": 2, "regularizer": "official_alpha"}, {"policy": "uniform"},
-                              _check_official_alpha),
+                              _check_official_alpha, {"calibration": {"n_samples": 2, "seq_len": 16}}),
     "ressvd-last_k": ({"name": "ressvd", "split": 0.5}, {"policy": "last_k"}, _check_ressvd),
     "asvd-search": ({"name": "asvd"}, {"policy": "asvd_search"}, _check_search),
     "modegpt": ({"name": "modegpt", "temperature": 0.05}, {"policy": "uniform"}, _check_modegpt),
@@ -333,9 +413,10 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_method_and_policy_runs_and_its_options_take_effect(write_pipeline, tmp_path: Path, case: str) -> None:
-    method, allocation, check = CASES[case]
+    method, allocation, check, *extra = CASES[case]
     policy = allocation["policy"]
-    pipeline = write_pipeline(f"m_{method['name']}", method=method, allocation={"align": 4, **allocation})
+    pipeline = write_pipeline(f"m_{method['name']}", method=method, allocation={"align": 4, **allocation},
+                              **(extra[0] if extra else {}))
     ws = tmp_path / "ws"
     executed = {ref.split("@")[0] for ref in ran(run_cli("run", str(pipeline), "-w", str(ws)))}
     runner = make_runner(load_pipeline(pipeline), ws)

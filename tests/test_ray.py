@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import ray
 
 from stagepipe.config import load_pipeline
 from stagepipe.engine.executors import RayExecutor
@@ -14,7 +15,6 @@ from stagepipe.io import manifest as manifest_io
 from stagepipe.io.hashing import sha256_file
 from stagepipe.stages import make_runner
 
-ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
 
 

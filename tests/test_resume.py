@@ -86,15 +86,22 @@ def test_truncated_shard_is_reported_and_exactly_that_partition_redone(write_pip
 
 
 def test_identical_redo_cuts_off_early_and_report_key_is_stable(write_pipeline, tmp_path: Path) -> None:
-    """A forced redo whose outputs are byte-identical leaves every downstream key unchanged, and
+    """``--force`` runs exactly the matching partitions again (new run ids, the old outputs kept
+    aside); their outputs are byte-identical, so every downstream key stays (early cutoff), and
     evaluate's results hold no timing, so a re-evaluation keeps the report's key."""
     pipeline, ws = write_pipeline(), tmp_path / "ws"
     runner = CliRunner()
     assert runner.invoke(main, ["run", str(pipeline), "-w", str(ws)]).exit_code == 0
     keys_before = {p: m.key for p, m in manifests(ws, "report").items()}
-    for forced in ("decompose@layer-000", "evaluate"):
+    for forced, expected in (("decompose@layer-000", {"decompose@layer-000"}),
+                             ("evaluate", {"evaluate@dense", "evaluate@compressed"})):
+        stage, _, partition = forced.partition("@")
+        before = {p: m.run_id for p, m in manifests(ws, stage).items() if not partition or p == partition}
         result = runner.invoke(main, ["run", str(pipeline), "-w", str(ws), "-v", "--force", forced])
         redone = {line.split()[1] for line in result.output.splitlines() if line.startswith("run ")}
-        assert result.exit_code == 0 and all(r.startswith(forced.split("@")[0]) for r in redone), redone
+        assert result.exit_code == 0 and redone == expected, redone
+        after = manifests(ws, stage)
+        assert all(after[p].run_id != run_id for p, run_id in before.items())  # they did run again
+        assert all(list((ws / "stages" / stage / p).glob(".aside-*")) for p in before)  # the old ones kept aside
     assert {p: m.key for p, m in manifests(ws, "report").items()} == keys_before
     assert "nothing to do" in runner.invoke(main, ["run", str(pipeline), "-w", str(ws)]).output

@@ -96,14 +96,20 @@ def test_checkpointed_capture_gives_identical_results_and_recomputes_each_segmen
 
 
 def test_a_crash_inside_a_recompute_redoes_only_that_partition(budget_run, tmp_path: Path) -> None:
-    budget, reference, _ = budget_run
+    """SIGKILL while capture@layer-002 runs again to restore its block outputs for fisher: the
+    resumed run starts with that restore and then runs exactly what the uninterrupted run ran after
+    it — nothing finished before the crash runs again — and ends with the same outputs."""
+    budget, reference, uninterrupted = budget_run
     ws = tmp_path / "ws"
     # the first arrival (the first pass) passes; the second is capture@layer-002 restoring its output for fisher
     killed = cli_run(budget, ws, STAGEPIPE_TEST_KILL_AT="manifest-written@capture@layer-002", STAGEPIPE_TEST_KILL_SKIP="1")
-    assert killed.returncode != 0
-    assert "restores a released payload" in killed.stderr
+    assert killed.returncode == -9, killed.stderr  # the kill fired, inside the restore
+    before = started_partitions(uninterrupted)
+    restore = [i for i, ref in enumerate(before) if ref == "capture@layer-002"][1]
+    assert started_partitions(killed) == before[: restore + 1]
     resumed = cli_run(budget, ws)
     assert resumed.returncode == 0, resumed.stderr
+    assert started_partitions(resumed) == before[restore:]  # the restore again, then the rest: nothing twice
     assert _digests(partition_states(budget, ws)) == _digests(partition_states(budget, reference))
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 import torch
 
 from stagepipe.config import load_pipeline
@@ -17,23 +18,12 @@ from stagepipe.errors import ConfigError
 from stagepipe.io import manifest as manifest_io
 from stagepipe.io import safetensors_io
 from stagepipe.stages import artifacts, make_runner
+from tests.conftest import finished_outputs as outputs
+from tests.conftest import keys_and_digests
 
 GFWSVD = {"name": "gfwsvd", "mode": "streaming", "max_sweeps": 3, "tol": 1e-300}  # all 3 sweeps
 
 
-def outputs(ws: Path) -> dict[str, Path]:
-    """stage@partition → its finished output directory (one key per partition in these runs)."""
-    return {f"{m.stage}@{m.partition}": p.parent for p in sorted(ws.glob("stages/*/*/*/manifest.json"))
-            if (m := manifest_io.read(p.parent))}
-
-
-def keys_and_digests(ws: Path) -> dict[str, tuple[str, str]]:
-    out = {}
-    for ref, path in outputs(ws).items():
-        manifest = manifest_io.read(path)
-        if manifest.stage != "report":
-            out[ref] = (manifest.key, manifest.content_digest())
-    return out
 
 
 def test_shards_are_whole_batches_covering_every_window_in_order() -> None:
@@ -109,9 +99,6 @@ def test_each_shard_is_one_job_with_its_own_timing(one_and_two_shards) -> None:
     assert [j["job"] for j in jobs] == ["capture@layer-001#shard-0", "capture@layer-001#shard-1"]
     sweeps = manifest_io.read(two["fisher@layer-000"]).telemetry["jobs"]
     assert len(sweeps) == 2 + 2 * 2 * 3  # the recording pass, then two half-sweeps × 3 sweeps, per shard
-
-
-ray = pytest.importorskip("ray")
 
 
 @pytest.mark.ray

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import socket
 from abc import ABC, abstractmethod
 from dataclasses import replace
 from pathlib import Path
@@ -74,6 +75,8 @@ class RayExecutor(Executor):
         self._owns_ray = False
         if not ray.is_initialized():
             address = address or cfg.address
+            if address:
+                _reachable(address)
             # a Ray started here keeps idle workers (docs/distributed.md: fan-out jobs outnumber CPUs)
             extra = {} if address else {"_system_config": KEEP_IDLE_WORKERS}
             ray.init(address=address, include_dashboard=False, log_to_driver=False, **extra)
@@ -114,6 +117,20 @@ class RayExecutor(Executor):
     def shutdown(self) -> None:
         if self._owns_ray:
             self._ray.shutdown()
+
+
+def _reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in one line when an explicit ``host:port`` has no listener: ``ray.init`` would wait on
+    it for minutes. ``auto`` (a local cluster) is left to Ray, which says so at once."""
+    if address == "auto" or ":" not in address:
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise StagepipeError(f"Ray address {address!r}: nothing answers there ({reason}); start a cluster "
+                             "(ray start --head) or pass --ray-address auto") from None
 
 
 def make_executor(cfg: Any, kind: str | None = None, address: str | None = None) -> Executor:

@@ -78,15 +78,23 @@ def load_model(spec: Any) -> tuple[torch.nn.Module, Any]:
 
 
 def load_config(spec: Any) -> Any | None:
-    """The model's config without loading weights, or ``None`` when it is not reachable offline."""
+    """The model's config without loading weights, or ``None`` when it is not reachable offline.
+    A hub model's config comes from the local cache first; with a ``shape_hint`` the network is
+    not tried at all (offline, the hub client's retries took 27 s of every ``--dry-run``)."""
     try:
         if isinstance(spec, TinyModel):
             return build_config_only(spec)
         if isinstance(spec, GGUFModel):
             directory, file = gguf_location(spec)
             return AutoConfig.from_pretrained(directory, gguf_file=file)
-        where = str(spec.path) if isinstance(spec, LocalModel) else spec.id
-        return AutoConfig.from_pretrained(where, revision=getattr(spec, "revision", None))
+        if isinstance(spec, LocalModel):
+            return AutoConfig.from_pretrained(str(spec.path))
+        try:
+            return AutoConfig.from_pretrained(spec.id, revision=spec.revision, local_files_only=True)
+        except OSError:
+            if spec.shape_hint is not None:
+                return None
+        return AutoConfig.from_pretrained(spec.id, revision=spec.revision)
     except (OSError, StagepipeError, ValueError):
         return None
 
