@@ -33,6 +33,10 @@ Tensor = torch.Tensor
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+#: ``benchmarks/reproducibility.py`` switches it off to measure what one thread costs
+PIN_THREADS = True
+
+
 @contextlib.contextmanager
 def single_threaded() -> Iterator[None]:
     """Run CPU linear algebra in one thread. LAPACK's eigen- and singular-value solvers,
@@ -40,14 +44,15 @@ def single_threaded() -> Iterator[None]:
     ``eigh`` of a 64×64 matrix, 1 vs 2 threads), so an output made in a process with all cores
     and the same output made in a one-CPU Ray task would differ, and every downstream key with
     them. Matrix products keep their bits across thread counts and are left alone elsewhere.
-    Costs ~1.5–2× on these solves on two cores (docs/reproducibility.md); GPUs are unaffected."""
+    What it costs on two cores: docs/reproducibility.md; GPUs are unaffected."""
     before = torch.get_num_threads()
-    if before != 1:
+    pin = PIN_THREADS and before != 1
+    if pin:
         torch.set_num_threads(1)
     try:
         yield
     finally:
-        if before != 1:
+        if pin:
             torch.set_num_threads(before)
 
 
