@@ -29,8 +29,8 @@ import yaml
 from stagepipe.config import parse_pipeline
 from stagepipe.engine.gc import tree_size
 from stagepipe.engine.stage import ALL, PartitionRef
+from stagepipe.stagekit.plan import peak_disk
 from stagepipe.stages import make_runner
-from stagepipe.stages.estimate import estimate, peak_disk
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -108,7 +108,7 @@ def compare(base: dict, workspace: Path, out: Path, whole: bool = False) -> None
         ram[stage] = max(ram.get(stage, 0), (manifest.peak_rss_mb - start) * 2**20)
         if whole:  # partitions' own wall times (a restore's second run is not in its manifest: see the total)
             wall[stage] = wall.get(stage, 0.0) + manifest.wall_s
-    predicted = estimate(config, runner.ctx.model)
+    predicted = list(runner.ctx.plan.rows)
     rows = [{"stage": e.stage, "disk_predicted": e.disk, "disk_measured": disk[e.stage], "ram_predicted": e.ram,
              "ram_measured": ram[e.stage], "wall_s": wall[e.stage], "note": e.note} for e in predicted]
     end, peak = peak_disk(predicted)

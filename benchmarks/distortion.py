@@ -24,8 +24,9 @@ from transformers import AutoModelForCausalLM
 
 from stagepipe.engine.stage import ALL, PartitionRef
 from stagepipe.models.layout import layout_for
-from stagepipe.stages import artifacts, make_runner
-from stagepipe.stages.artifacts import CALIBRATION
+from stagepipe.stagekit import artifacts
+from stagepipe.stagekit.artifacts import CALIBRATION
+from stagepipe.stages import make_runner
 
 
 def block_outputs(model: torch.nn.Module, ids: torch.Tensor, batch: int):

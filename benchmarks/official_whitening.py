@@ -29,7 +29,8 @@ import yaml
 from decompose import run_unsaved  # benchmarks/decompose.py (this directory)
 
 from stagepipe.config import parse_pipeline
-from stagepipe.stages import artifacts, make_runner
+from stagepipe.stagekit import artifacts
+from stagepipe.stages import make_runner
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -107,7 +108,7 @@ def main() -> None:
     official = import_official(Path(args.official))
     first = next(iter(runners.values()))
     first.states()  # discovers the model's facts
-    layers = list(range(int(first.ctx.model.num_hidden_layers)))
+    layers = list(range(int(first.ctx.facts.num_hidden_layers)))
     times: dict[str, list[float]] = {name: [] for name in [*runners, "official"]}
     for _ in range(args.repeats):
         for name, runner in runners.items():

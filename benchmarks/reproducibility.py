@@ -24,7 +24,8 @@ from stagepipe import linalg
 from stagepipe.config import load_pipeline
 from stagepipe.engine.stage import PartitionRef, Work
 from stagepipe.io.hashing import sha256_file
-from stagepipe.stages import artifacts, make_runner
+from stagepipe.stagekit import artifacts
+from stagepipe.stages import make_runner
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -30,8 +30,9 @@ from transformers import AutoModelForCausalLM
 
 from stagepipe.engine.stage import ALL, PartitionRef
 from stagepipe.perplexity import perplexity
-from stagepipe.stages import artifacts, make_runner
-from stagepipe.stages.artifacts import VALIDATION
+from stagepipe.stagekit import artifacts
+from stagepipe.stagekit.artifacts import VALIDATION
+from stagepipe.stages import make_runner
 
 
 def option_value(text: str) -> float | str:

@@ -1,4 +1,4 @@
-"""``stagepipe`` command line: run, status, gc, verify, methods.
+"""``stagepipe`` command line: run, status, gc, verify, dag, methods.
 
 Heavy modules (torch, transformers, and the config schema, which imports the method registry)
 are imported inside the commands, so ``stagepipe --help`` is instant. Every user-facing error is
@@ -133,51 +133,51 @@ def run(pipeline: str, workspace: str | None, dry_run: bool, force: tuple[str, .
         _print_summary(runner)
 
 
+def _plan(runner: Any) -> Any:
+    """The runner's plan with the model's facts (``None`` when they are not reachable yet)."""
+    if runner.ctx.facts is None:
+        runner.states()  # the model's facts, from the snapshot or the source
+    return runner.ctx.plan if runner.ctx.facts is not None else None
+
+
 def _warn_budget(config: Any, runner: Any) -> None:
     """One line on stderr when the plan cannot keep the run within ``runtime.disk_budget_gb``."""
     budget = config.runtime.disk_budget_gb
-    if budget is None:
+    plan = _plan(runner) if budget is not None else None
+    if plan is None:
         return
-    if runner.ctx.model is None:
-        runner.states()  # the model's facts, from the snapshot or the source
-    if runner.ctx.model is None:
-        return
-    from stagepipe.stages.estimate import estimate, peak_disk
-
-    peak = peak_disk(estimate(config, runner.ctx.model))[1]
+    peak = plan.end_and_peak()[1]
     if peak > budget * 2**30:
         click.echo(f"warning: runtime.disk_budget_gb {budget:g} GB: the plan's smallest peak is {_size(peak)} "
                    "(estimate; `stagepipe run --dry-run` shows it per stage)", err=True)
 
 
 def _print_plan(config: Any, runner: Any) -> None:
-    if runner.ctx.model is None:
+    plan = _plan(runner)
+    if plan is None:
         click.echo("plan: the model config is not reachable offline; estimates appear once `snapshot` has run "
                    "(or give model.shape_hint)")
         return
-    from stagepipe.stages.estimate import capture_interval, estimate, peak_disk
-    from stagepipe.stages.timing import Work, duration, stage_work
+    from stagepipe.stagekit.cost import duration
+    from stagepipe.stagekit.plan import BUDGET_MARGIN, estimate, peak_disk
 
-    interval = capture_interval(config, runner.ctx.model)
-    work = stage_work(config, runner.ctx.model, interval)
     click.echo(f"\n{'stage':<12} {'disk':>10} {'RAM peak':>10} {'GPU peak':>10} {'GPU time':>9} {'CPU time':>9}  note")
-    rows = estimate(config, runner.ctx.model, interval)
-    for row in rows:
-        stage = work.get(row.stage, Work())
+    for row in plan.rows:
         click.echo(f"{row.stage:<12} {_size(row.disk):>10} {_size(row.ram):>10} {_size(row.gpu):>10} "
-                   f"{duration(stage.seconds(True)):>9} {duration(stage.seconds(False)):>9}  {row.note}")
-    gpu_total, cpu_total = (sum(w.seconds(on_gpu) for w in work.values()) for on_gpu in (True, False))
+                   f"{duration(row.seconds(True)):>9} {duration(row.seconds(False)):>9}  {row.note}")
+    gpu_total, cpu_total = (sum(row.seconds(on_gpu) for row in plan.rows) for on_gpu in (True, False))
     click.echo(f"time: ≈{duration(gpu_total)} on one 80 GB GPU, ≈{duration(cpu_total)} on this CPU — estimates from FLOP "
-               "counts at assumed rates (stagepipe/stages/timing.py: bf16 150 TFLOP/s and float64 10 TFLOP/s on the GPU; "
+               "counts at assumed rates (stagepipe/stagekit/cost.py: bf16 150 TFLOP/s and float64 10 TFLOP/s on the GPU; "
                "100 / 50 GFLOP/s on the CPU); I/O-bound stages show —")
-    end, peak = peak_disk(rows)
+    end, peak = plan.end_and_peak()
     click.echo(f"workspace: {_size(end)} at the end, {_size(peak)} at its peak (estimates; outputs of other keys "
                "already in the workspace come on top: `stagepipe gc`)")
     budget = config.runtime.disk_budget_gb
     if budget is not None:
         verdict = "fits" if peak <= budget * 2**30 else "does NOT fit: the smallest peak this plan can reach"
-        click.echo(f"disk budget {budget:g} GB: {verdict} ({_size(peak)}; {_size(peak_disk(estimate(config, runner.ctx.model, 1))[1])} "
-                   "keeping every block output)")
+        click.echo(f"disk budget {budget:g} GB: {verdict} ({_size(peak)}; {_size(peak_disk(estimate(plan, 1))[1])} "
+                   f"keeping every block output); a target, not a limit: the measured peak ran {BUDGET_MARGIN:.0%} "
+                   f"over the plan's (docs/cost_budget), so leave {_size(peak * BUDGET_MARGIN)} of room")
 
 
 def _print_status(runner, verbose: bool, todo_only: bool = False) -> list:
@@ -319,6 +319,21 @@ def verify(pipeline: str, workspace: str | None) -> None:
     click.echo(f"verified {checked} partition(s), {bad} corrupt")
     if bad:
         sys.exit(1)
+
+
+@main.command()
+@click.argument("pipeline", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["text", "dot"]), default="text",
+              help="text: one line per stage; dot: Graphviz")
+@one_line_errors
+def dag(pipeline: str, fmt: str) -> None:
+    """Print the DAG of PIPELINE as the code derives it: the stages it runs, in order, each with
+    the stages (and payloads) it reads; ``*`` marks a stage that joins by its own choice."""
+    import stagepipe.stages  # noqa: F401 - every stage registers itself
+    from stagepipe.stagekit.dag import describe, to_dot
+
+    config = _load(pipeline)
+    click.echo(to_dot(config) if fmt == "dot" else describe(config))
 
 
 @main.command()

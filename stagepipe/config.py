@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import Field, TypeAdapter, ValidationError, create_model, field_validator, model_validator
 
 from stagepipe.allocation import DEFAULT_POLICY, POLICIES
 from stagepipe.errors import ConfigError
@@ -257,28 +257,9 @@ class PipelineConfig(Strict):
         return self
 
     @model_validator(mode="after")
-    def _structured_method_fits(self) -> PipelineConfig:
-        """A structured method (MoDeGPT) rewrites whole blocks and allocates per layer itself."""
-        if not getattr(METHODS[self.method.name], "structured", False):
-            return self
-        if self.allocation.policy != DEFAULT_POLICY:
-            raise ValueError(f"allocation.policy: {self.method.name} chooses per-layer fractions itself "
-                             f"(method.layer_allocation); use policy {DEFAULT_POLICY!r} (its align rounds intermediate sizes)")
-        if self.target.modules is not None:
-            raise ValueError(f"target.modules: {self.method.name} rewrites every linear of each block; remove modules")
-        return self
-
-    @model_validator(mode="after")
-    def _learned_method_fits(self) -> PipelineConfig:
-        """A learned method (SoCo, Dobi-SVD) chooses every rank itself by training; no policy or alignment applies."""
-        if not getattr(METHODS[self.method.name], "learned", False):
-            return self
-        if self.allocation != POLICIES[DEFAULT_POLICY].config(policy=DEFAULT_POLICY):
-            raise ValueError(f"allocation: {self.method.name} learns its ranks by training (no policy, no alignment); "
-                             "remove the allocation block")
-        if self.method.refit and METHODS[self.method.name].learned_factors:
-            raise ValueError(f"method.refit: not supported with {self.method.name} (its learned factors are final); "
-                             "remove refit")
+    def _method_fits(self) -> PipelineConfig:
+        """A method of a kind (structured, learned, …) refuses pipelines it cannot run (``Method.check_pipeline``)."""
+        METHODS[self.method.name].check_pipeline(self, POLICIES[DEFAULT_POLICY].config(policy=DEFAULT_POLICY))
         return self
 
     @model_validator(mode="after")
@@ -387,12 +368,30 @@ def _check_paths(cfg: PipelineConfig, base: Path) -> PipelineConfig:
     return cfg.model_copy(update=updates)
 
 
+_REGISTERED = (tuple(METHODS), tuple(POLICIES))
+_MODELS: dict[tuple[tuple[str, ...], tuple[str, ...]], type[PipelineConfig]] = {_REGISTERED: PipelineConfig}
+
+
+def pipeline_model() -> type[PipelineConfig]:
+    """The pipeline schema for the methods and policies registered now: ``PipelineConfig`` itself,
+    or, once a module registered another after this one was imported (a plugin, a test), a subclass
+    whose ``method`` and ``allocation`` unions include it."""
+    key = (tuple(METHODS), tuple(POLICIES))
+    if key not in _MODELS:
+        _MODELS[key] = create_model(
+            "PipelineConfig", __base__=PipelineConfig,
+            method=(_union([m.config for m in METHODS.values()], "name"), ...),
+            allocation=(_union([p.config for p in POLICIES.values()], "policy"),
+                        Field(default_factory=lambda: POLICIES[DEFAULT_POLICY].config(policy=DEFAULT_POLICY))))
+    return _MODELS[key]
+
+
 def parse_pipeline(data: Any, source: str, base: Path) -> PipelineConfig:
     """Validate already-parsed YAML data; errors name ``source`` and the offending key."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: <root>: expected a mapping of pipeline keys, got {type(data).__name__}")
     try:
-        cfg = PipelineConfig.model_validate(data)
+        cfg = pipeline_model().model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"{source}: {_first_error(exc, data)}") from None
     try:

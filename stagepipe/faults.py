@@ -62,6 +62,8 @@ def _plan() -> tuple[str, int, str | None] | None:
 
 def kill_point(name: str, ref: object | None = None) -> None:
     """Arrive at kill point ``name`` (one of ``POINTS``) in ``ref`` (default: ``current``)."""
+    if name not in POINTS:
+        raise ValueError(f"kill point {name!r} is not in faults.POINTS")
     here = str(ref) if ref is not None else current
     trace = os.environ.get("STAGEPIPE_TEST_TRACE")
     if trace:  # the kill-point tests record every arrival of an uninterrupted run, then draw from them

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from stagepipe.errors import MetricError
+from stagepipe.geometry import BlockGeometry
 from stagepipe.linalg import factor_metric, reproducible, weighted_svd
 
 Tensor = torch.Tensor
@@ -187,7 +188,7 @@ def compress_block(weights: dict[str, Tensor], attention_gram: Tensor, intermedi
 
 
 @dataclass(frozen=True)
-class BlockGeometry:
+class StructuredBlock:
     """The dense sizes of one Llama-family block, and what a ``BlockDims`` leaves of them."""
 
     hidden: int
@@ -209,16 +210,15 @@ class BlockGeometry:
         return sum(r * c for r, c in self.shapes(dims).values())
 
 
-def block_geometry(config: Any) -> BlockGeometry:
-    """``BlockGeometry`` of a Hugging Face Llama-family config."""
-    n_heads = int(config.num_attention_heads)
-    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // n_heads)
-    heads = Heads(n_heads, int(getattr(config, "num_key_value_heads", None) or n_heads), head_dim)
+def block_geometry(config: Any) -> StructuredBlock:
+    """``StructuredBlock`` of a Hugging Face Llama-family config (sizes from ``geometry.BlockGeometry``)."""
+    shapes = BlockGeometry.of(config)
+    heads = Heads(shapes.heads, shapes.kv_heads, shapes.head_dim)
     heads.check()
-    return BlockGeometry(int(config.hidden_size), int(config.intermediate_size), heads)
+    return StructuredBlock(shapes.d, shapes.ff, heads)
 
 
-def spend_structured_budget(geometry: BlockGeometry, fractions: list[float], kept: float, align: int) -> list[BlockDims]:
+def spend_structured_budget(geometry: StructuredBlock, fractions: list[float], kept: float, align: int) -> list[BlockDims]:
     """Inner dimensions per block for per-layer kept ``fractions`` (each type shrunk alike: the
     intermediate size to a multiple of ``align``, whole RoPE pairs, value dims), then the total
     brought to the largest value ≤ ``kept`` of all blocks' weights that ``align``-steps of the

@@ -18,7 +18,8 @@ from stagepipe.cli import main
 from stagepipe.config import load_pipeline
 from stagepipe.engine.stage import ALL, PartitionRef
 from stagepipe.io import manifest as manifest_io
-from stagepipe.stages import artifacts, make_runner
+from stagepipe.stagekit import artifacts
+from stagepipe.stages import make_runner
 from tests.conftest import TINY, merge
 
 AASVD = {"name": "aasvd", "refine_epochs": 3, "refine_lr": 1e-3, "refine_batch": 1}
@@ -94,7 +95,7 @@ def test_first_group_of_layer_0_is_svdllm(refined) -> None:
     state = outputs(pipeline, ws)
     ranks = artifacts.read_ranks(state[PartitionRef("allocate", ALL)])
     names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
-    svdllm = artifacts.allocated_factors(state[PartitionRef("decompose", "layer-000")], None,
+    svdllm = artifacts.truncated_factors(state[PartitionRef("decompose", "layer-000")],
                                          {n: ranks[f"model.layers.0.{n}"] for n in names})
     # refinement moves the factors: compare with the closed form, re-fitted here without refinement
     closed = _closed_form_layer0(pipeline, ws)
@@ -149,7 +150,7 @@ def test_a_later_layer_is_the_reduced_rank_regression_on_the_compressed_models_i
     shifted_inputs, _ = _seen(low, ids, 1)
     assert float((shifted_inputs["self_attn.q_proj"] - dense_inputs["self_attn.q_proj"]).norm()) > 1e-3  # shifted
     fisher, _ = artifacts.read_fisher(state[PartitionRef("fisher", "layer-001")])
-    anchored = artifacts.read_anchored(state[PartitionRef("anchor", "layer-001")])
+    anchored = artifacts.read_factors(state[PartitionRef("anchor", "layer-001")], artifacts.ANCHOR)
     assert set(anchored) == set(dense_inputs)
     for name, (up, down) in anchored.items():
         w = dense.model.layers[1].get_submodule(name).weight.detach().double()
@@ -167,7 +168,7 @@ def _closed_form_layer0(pipeline: Path, ws: Path) -> dict[str, torch.Tensor]:
     plain = pipeline.with_name("aasvd_plain.yaml")
     plain.write_text(yaml.safe_dump(data))
     run_cli("run", str(plain), "-w", str(ws))
-    anchored = artifacts.read_anchored(outputs(plain, ws)[PartitionRef("anchor", "layer-000")])
+    anchored = artifacts.read_factors(outputs(plain, ws)[PartitionRef("anchor", "layer-000")], artifacts.ANCHOR)
     return {name: up @ down for name, (up, down) in anchored.items()}
 
 
@@ -205,7 +206,7 @@ def test_assembled_model_holds_the_anchored_factors(refined) -> None:
     state = outputs(pipeline, ws)
     low = AutoModelForCausalLM.from_pretrained(artifacts.model_dir(state[PartitionRef("assemble", ALL)]),
                                                trust_remote_code=True)
-    anchored = artifacts.read_anchored(state[PartitionRef("anchor", "layer-001")])
+    anchored = artifacts.read_factors(state[PartitionRef("anchor", "layer-001")], artifacts.ANCHOR)
     for name, (up, down) in anchored.items():
         module = low.model.layers[1].get_submodule(name)
         assert torch.equal(module.up.weight.detach(), up.float()) and torch.equal(module.down.weight.detach(), down.float())
@@ -269,7 +270,7 @@ def test_refinement_of_a_bfloat16_block_steps_float32_masters(write_pipeline, tm
     for partition in ("layer-000", "layer-001"):
         block = artifacts.read_diagnostics(state[PartitionRef("anchor", partition)])["block"]
         assert block["rel_err_final"] == min(block["refine_history"]) <= block["rel_err_closed_form"]
-        for up, down in artifacts.read_anchored(state[PartitionRef("anchor", partition)]).values():
+        for up, down in artifacts.read_factors(state[PartitionRef("anchor", partition)], artifacts.ANCHOR).values():
             assert torch.equal(up.to(torch.bfloat16).double(), up) and torch.equal(down.to(torch.bfloat16).double(), down)
 
 
@@ -311,7 +312,7 @@ def test_refined_norms_are_trained_stored_and_assembled(write_pipeline, tmp_path
     for i, partition in enumerate(("layer-000", "layer-001")):
         block = artifacts.read_diagnostics(state[PartitionRef("anchor", partition)])["block"]
         assert block["rel_err_final"] == min(block["refine_history"]) <= block["rel_err_closed_form"]
-        norms = artifacts.read_anchored_params(state[PartitionRef("anchor", partition)])
+        norms = artifacts.read_block_params(state[PartitionRef("anchor", partition)], artifacts.ANCHOR)
         expected = [name for name, _ in norm_parameters(dense.model.layers[i])]
         assert sorted(norms) == sorted(expected) and expected  # input_layernorm, post_attention_layernorm
         moved.append(any(not torch.equal(norms[n], dense.model.layers[i].get_parameter(n).detach()) for n in norms))

@@ -101,7 +101,8 @@ def test_a_task_refuses_an_input_damaged_after_the_driver_looked(finished, tmp_p
     original = stats.read_bytes()
     flip(stats)
     try:
-        task = Task(workspace=str(ws), config=runner.config, model=runner.ctx.model, stage=runner.pipeline.stage("decompose"),
+        task = Task(workspace=str(ws), config=runner.config, facts=runner.ctx.facts, plan=runner.ctx.plan,
+                    stage=runner.pipeline.stage("decompose"),
                     partition="layer-000", key="f" * 64, key_material=entry.material, inputs=entry.inputs, run_id="t")
         result = execute(task)
         assert not result.ok and result.corrupt_input == "capture@layer-000"

@@ -12,8 +12,9 @@ from stagepipe.accounting import max_stored_rank, max_useful_rank, rank_for_frac
 from stagepipe.config import load_pipeline
 from stagepipe.io import safetensors_io
 from stagepipe.methods import make_method
-from stagepipe.stages import artifacts, make_runner
-from stagepipe.stages.requirements import needs
+from stagepipe.stagekit import artifacts
+from stagepipe.stagekit.plan import make_plan
+from stagepipe.stages import make_runner
 from tests.conftest import learned_pipeline
 
 
@@ -29,7 +30,7 @@ def test_no_allocated_rank_passes_the_stored_rank() -> None:
 
 
 def test_learned_methods_keep_what_they_train_on(write_pipeline, tmp_path) -> None:
-    svdllm = needs(load_pipeline(write_pipeline(method={"name": "svdllm"}))).method
+    svdllm = make_plan(load_pipeline(write_pipeline(method={"name": "svdllm"}))).method
     assert svdllm.stored_rank(64, 32) == max_stored_rank(64, 32) == 21
 
     def soco_method(**options):
@@ -70,7 +71,7 @@ def test_stored_factors_stop_at_the_stored_rank_and_assemble_the_same_model(writ
         assert stored[f"{name}.right"].shape == (max_stored_rank(m, n), n)
         assert measured[name]["full_rank_rel_err"] < 1e-6  # checked before the factors are cut
 
-    monkeypatch.setattr(type(needs(load_pipeline(pipeline)).method), "stored_rank", lambda self, m, n: min(m, n))
+    monkeypatch.setattr(type(make_plan(load_pipeline(pipeline)).method), "stored_rank", lambda self, m, n: min(m, n))
     full = _run(pipeline, tmp_path / "full")
     assert safetensors_io.read(full["decompose@layer-000"] / artifacts.WEIGHTED_SVD)["mlp.up_proj.left"].shape[1] == 32
     ours, reference = _model_tensors(state["assemble@all"]), _model_tensors(full["assemble@all"])

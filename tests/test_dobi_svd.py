@@ -20,7 +20,8 @@ from stagepipe.linalg import MetricCache, weighted_svd
 from stagepipe.methods.dobi_svd import project_to_budget, round_to_budget
 from stagepipe.models.modeling_lowrank import RemappedLinear, remap_factors
 from stagepipe.models.truncation import TruncatedLinear, stable_svd, truncation_mask
-from stagepipe.stages import artifacts, make_runner
+from stagepipe.stagekit import artifacts
+from stagepipe.stages import make_runner
 from tests.conftest import learned_pipeline, learned_run, train_killed_and_resumed
 
 DOBI = {"name": "dobi_svd", "epochs": 2, "lr": 0.05, "checkpoint_every": 2}

@@ -11,8 +11,9 @@ import yaml
 
 from stagepipe.config import load_pipeline
 from stagepipe.io import safetensors_io
-from stagepipe.stages import artifacts, make_runner
-from stagepipe.stages.requirements import needs
+from stagepipe.stagekit import artifacts
+from stagepipe.stagekit.plan import make_plan
+from stagepipe.stages import make_runner
 from tests.conftest import TINY, merge
 from tests.conftest import finished_outputs as outputs
 
@@ -27,16 +28,18 @@ def run(tmp: Path, name: str, **updates) -> dict[str, Path]:
 
 
 def test_grams_move_to_fisher_only_when_no_other_stage_reads_them(write_pipeline) -> None:
-    def need(**updates):
-        return needs(load_pipeline(write_pipeline(**updates)))
+    def plan(**updates):
+        return make_plan(load_pipeline(write_pipeline(**updates)))
 
-    assert need(method={"name": "gfwsvd"}).gram_in_fisher
-    assert need(method={"name": "kfac_svd"}).gram_in_fisher
-    assert need(method={"name": "gfwsvd"}).capture_stats == frozenset()
-    assert not need(method={"name": "svdllm"}).gram_in_fisher  # no fisher stage
-    assert not need(method={"name": "fwsvd"}).gram_in_fisher  # no Gram
-    # a sensitivity table reads capture's Grams layer by layer: they stay there
-    assert not need(method={"name": "gfwsvd"}, allocation={"policy": "asvd_search"}).gram_in_fisher
+    assert plan(method={"name": "gfwsvd"}).gram_in_fisher
+    assert plan(method={"name": "kfac_svd"}).gram_in_fisher
+    assert plan(method={"name": "gfwsvd"}).capture_stats == frozenset()
+    assert not plan(method={"name": "svdllm"}).gram_in_fisher  # no fisher stage
+    assert not plan(method={"name": "fwsvd"}).gram_in_fisher  # no Gram
+    # a sensitivity table truncates decompose's factors and reads capture's block outputs, not its
+    # Grams: they move to fisher too; AA-SVD's anchor reads them after the allocation: they stay
+    assert plan(method={"name": "gfwsvd"}, allocation={"policy": "asvd_search"}).gram_in_fisher
+    assert not plan(method={"name": "aasvd", "output_metric": "kfac_out"}).gram_in_fisher
 
 
 def test_fisher_records_the_same_grams_as_capture_bit_for_bit(tmp_path) -> None:

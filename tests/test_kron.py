@@ -106,7 +106,7 @@ def test_per_token_weighted_nkp_equals_the_explicit_per_token_formula() -> None:
     Σ_t G_t B G_tᵀ over explicit rank-one gradients G_t = d_t x_tᵀ, and the power iteration on the
     weighted path finds the NKP of the explicit per-token Fisher (1/K) Σ_t vec(G_t) vec(G_t)ᵀ."""
     from stagepipe.kron import _products
-    from stagepipe.stages.gradients import _chunks
+    from stagepipe.stages.fisher.gradients import _chunks
 
     g = torch.Generator().manual_seed(8)
     d, x = torch.randn(3, 5, 6, generator=g), torch.randn(3, 5, 4, generator=g)  # 3 windows × 5 tokens
@@ -129,7 +129,7 @@ def test_per_token_weighted_nkp_equals_the_explicit_per_token_formula() -> None:
 
 
 def test_chunk_padding_keeps_gradients_exact() -> None:
-    from stagepipe.stages.gradients import _chunks
+    from stagepipe.stages.fisher.gradients import _chunks
 
     g = torch.Generator().manual_seed(6)
     d, x = torch.randn(2, 10, 5, generator=g), torch.randn(2, 10, 3, generator=g)
@@ -155,7 +155,7 @@ def test_interrupted_power_iteration_resumes_from_the_last_sweep(tmp_path) -> No
     checkpoint = SweepCheckpoint(tmp_path / ".resume-x")
     with pytest.raises(KeyboardInterrupt):
         nkp_power_iteration(crashing_source, warm, 6, 0.0, on_sweep=checkpoint.save)
-    assert [p.name for p in (tmp_path / ".resume-x").iterdir()] == ["state.safetensors"]  # one file: one atomic unit
+    assert [p.name for p in (tmp_path / ".resume-x").iterdir()] == ["sweeps.safetensors"]  # one file: one atomic unit
     resumed_cp = SweepCheckpoint(tmp_path / ".resume-x")
     start = resumed_cp.load()
     assert resumed_cp.loaded_sweep == 3

@@ -59,7 +59,8 @@ def test_evaluation_windows_do_not_overlap_and_max_windows_takes_the_first(write
 
     from stagepipe.config import load_pipeline
     from stagepipe.data.text import load_text
-    from stagepipe.stages import artifacts, make_runner
+    from stagepipe.stagekit import artifacts
+    from stagepipe.stages import make_runner
 
     def windows(max_windows):
         pipeline = write_pipeline(f"w{max_windows}", evaluation={"datasets": [{"name": "syn", "text": {

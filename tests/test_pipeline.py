@@ -15,7 +15,6 @@ from stagepipe.config import load_pipeline
 from stagepipe.engine.stage import ALL, PartitionRef
 from stagepipe.io import safetensors_io
 from stagepipe.stages import make_runner
-from stagepipe.stages.estimate import estimate
 
 
 def run_cli(*args: str) -> str:
@@ -70,7 +69,7 @@ def test_gpt2_factors_are_the_svdllm_optimum_of_the_conv1d_weight(write_pipeline
     stagepipe's layout code; a transposition anywhere (square ``attn.c_proj`` included) fails."""
     from transformers import AutoModelForCausalLM
 
-    from stagepipe.stages import artifacts
+    from stagepipe.stagekit import artifacts
 
     pipeline = write_pipeline("gpt", model=GPT2, method={"name": "svdllm"})
     ws = tmp_path / "ws"
@@ -100,7 +99,7 @@ def test_gpt2_refit_runs_through_every_stage(write_pipeline, tmp_path: Path) -> 
 
 def test_layerwise_gradients_equal_full_model_per_sequence_gradients(write_pipeline, tmp_path: Path, monkeypatch) -> None:
     """G_k from the block-by-block backward equals autograd on the whole model, window by window."""
-    from stagepipe.stages import gradients
+    from stagepipe.stages.fisher import gradients
 
     pipeline = write_pipeline("g", method={"name": "gfwsvd", "mode": "stored", "max_sweeps": 1})
     ws = tmp_path / "ws"
@@ -154,7 +153,7 @@ def test_gfwsvd_diagnostics_cover_exactly_the_small_linears(write_pipeline, tmp_
     (the values themselves are tested against an exactly Kronecker Fisher in test_kron.py); with
     two shards they read every shard's gradients."""
     from stagepipe.models.layout import block_linear_shapes
-    from stagepipe.stages import artifacts
+    from stagepipe.stagekit import artifacts
 
     pipeline = write_pipeline("diag", model={"source": "tiny", "arch": "llama", "num_layers": 1, "hidden": 16,
                                              "intermediate": 24, "num_heads": 2, "num_kv_heads": 1},
@@ -167,7 +166,7 @@ def test_gfwsvd_diagnostics_cover_exactly_the_small_linears(write_pipeline, tmp_
     diagnosed = {n for n, v in info["linears"].items() if "diagnostics" in v}
     runner = make_runner(load_pipeline(pipeline), ws)
     runner.states()
-    shapes = {k.removeprefix("model.layers.0."): v for k, v in block_linear_shapes(runner.ctx.model).items()}
+    shapes = {k.removeprefix("model.layers.0."): v for k, v in block_linear_shapes(runner.ctx.facts).items()}
     assert diagnosed == {n for n, (m, k) in shapes.items() if m * k <= 300} == {
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"}
     for name in diagnosed:
@@ -176,20 +175,20 @@ def test_gfwsvd_diagnostics_cover_exactly_the_small_linears(write_pipeline, tmp_
 
 
 def _results(state: dict, stage: str, partition: str = ALL) -> dict:
-    from stagepipe.stages import artifacts
+    from stagepipe.stagekit import artifacts
 
     return artifacts.read_results(state[PartitionRef(stage, partition)].state.output)
 
 
 def _ranks(state: dict) -> dict:
-    from stagepipe.stages import artifacts
+    from stagepipe.stagekit import artifacts
 
     return artifacts.read_ranks(state[PartitionRef("allocate", ALL)].state.output)
 
 
 def _spectra(state: dict) -> list:
     from stagepipe.allocation import MatrixSpectrum
-    from stagepipe.stages import artifacts
+    from stagepipe.stagekit import artifacts
 
     return [MatrixSpectrum(f"model.layers.{i}.{n}", m, k, sigma) for i in (0, 1)
             for n, (m, k, sigma) in artifacts.read_spectra(state[PartitionRef("decompose", f"layer-00{i}")].state.output).items()]
@@ -204,7 +203,7 @@ def _uniform(state: dict, kept: float = 0.8, align: int = 4) -> dict:
 
 def _stats(state: dict, layer: int = 0):
     """Block ``layer``'s statistics as the methods read them (capture's and fisher's)."""
-    from stagepipe.stages import artifacts
+    from stagepipe.stagekit import artifacts
 
     part = f"layer-{layer:03d}"
     found = {stage: state[PartitionRef(stage, part)].state.output for stage in ("capture", "fisher")
@@ -223,7 +222,7 @@ def _weights(state: dict, layer: int = 0) -> dict[str, torch.Tensor]:
 
 
 def _stored_sigma(state: dict, layer: int = 0) -> dict[str, torch.Tensor]:
-    from stagepipe.stages import artifacts
+    from stagepipe.stagekit import artifacts
 
     return {name: sigma.double() for name, (_, _, sigma) in
             artifacts.read_spectra(state[PartitionRef("decompose", f"layer-{layer:03d}")].state.output).items()}
@@ -272,7 +271,7 @@ def _check_last_k(state: dict) -> None:
 
 def _check_labels_from_the_model(state: dict, pipeline: Path, tmp_path: Path) -> None:
     """Sampled labels give other gradients than the text's own (same pipeline, empirical labels)."""
-    from stagepipe.stages import artifacts
+    from stagepipe.stagekit import artifacts
 
     empirical = pipeline.with_name("empirical.yaml")
     data = yaml.safe_load(pipeline.read_text())
@@ -317,7 +316,7 @@ def _check_fwsvd_greedy(state: dict, pipeline: Path, *_) -> None:
 
 
 def _check_chunks(state: dict, *_) -> None:
-    from stagepipe.stages import artifacts
+    from stagepipe.stagekit import artifacts
 
     assert _results(state, "fisher", "layer-000")["K"] == 6 * 2  # 6 windows of 32 tokens in chunks of 16
     sweeps = artifacts.read_diagnostics(state[PartitionRef("fisher", "layer-000")].state.output)["linears"]
@@ -328,7 +327,7 @@ def _check_official_alpha(state: dict, *_) -> None:
     """On 2 windows of 16 tokens the 64-wide Kronecker factors have rank ≤ 32, so Cholesky fails and
     the official rule must act: each stored factor is ``(1−α) M + α·mean(diag M)·I`` of a singular
     ``M`` with α = 1e-5·10^k, k ≥ 1 tries (where the floor regulariser would floor eigenvalues instead)."""
-    from stagepipe.stages import artifacts
+    from stagepipe.stagekit import artifacts
 
     fisher, _ = artifacts.read_fisher(state[PartitionRef("fisher", "layer-000")].state.output)
     repairs = artifacts.read_diagnostics(state[PartitionRef("fisher", "layer-000")].state.output)["linears"]
@@ -350,10 +349,10 @@ def _check_official_alpha(state: dict, *_) -> None:
 
 
 def _check_ressvd(state: dict, *_) -> None:
-    from stagepipe.stages import artifacts
+    from stagepipe.stagekit import artifacts
 
     _check_last_k(state)
-    measured = artifacts.read_diagnostics(state[PartitionRef("residual", "layer-001")].state.output)["linears"]
+    measured = artifacts.read_diagnostics(state[PartitionRef("rank_factors", "layer-001")].state.output)["linears"]
     for v in measured.values():
         assert v["r1"] == int(0.5 * v["rank"] + 0.5) and v["r1"] + v["r2"] == v["rank"]
 
@@ -366,7 +365,7 @@ def _check_search(state: dict, pipeline: Path, *_) -> None:
 def _check_modegpt(state: dict, *_) -> None:
     from transformers import AutoModelForCausalLM
 
-    from stagepipe.stages import artifacts
+    from stagepipe.stagekit import artifacts
 
     search = _results(state, "allocate")["search"]
     assert len(search["influence"]) == 2 and all(0 < s < 2 for s in search["influence"])
@@ -421,7 +420,7 @@ def test_every_method_and_policy_runs_and_its_options_take_effect(write_pipeline
     executed = {ref.split("@")[0] for ref in ran(run_cli("run", str(pipeline), "-w", str(ws)))}
     runner = make_runner(load_pipeline(pipeline), ws)
     runner.states()  # learns the model's facts from the snapshot
-    planned = [row.stage for row in estimate(runner.config, runner.ctx.model)]
+    planned = [row.stage for row in runner.ctx.plan.rows]
     assert set(planned) == executed  # the dry-run plan lists exactly the stages that run executed
     state = entries(pipeline, ws)
     report = json.loads((state[PartitionRef("report", ALL)].state.output / "report.json").read_text())
@@ -437,7 +436,7 @@ def test_refit_minimises_output_error_on_calibration_inputs(write_pipeline, tmp_
     tokens: no worse than the plain truncation."""
     from stagepipe.io import zarr_io
     from stagepipe.models.blocks import BlockRunner
-    from stagepipe.stages.artifacts import allocated_factors, read_refit
+    from stagepipe.stagekit.artifacts import REFIT, read_factors, truncated_factors
 
     pipeline = write_pipeline("refit", method={"name": "svdllm", "refit": True}, target={"kept_fraction": 0.5})
     ws = tmp_path / "ws"
@@ -455,9 +454,10 @@ def test_refit_minimises_output_error_on_calibration_inputs(write_pipeline, tmp_
     x = torch.cat([i.reshape(-1, i.shape[-1]) for i in inputs]).double()
     w = block.get_submodule(name).weight.detach().double()
     ranks = json.loads((state[PartitionRef("allocate", ALL)].state.output / "allocation.json").read_text())["ranks"]
-    up, down = allocated_factors(state[PartitionRef("decompose", "layer-000")].state.output, None,
+    up, down = truncated_factors(state[PartitionRef("decompose", "layer-000")].state.output,
                                  {name: ranks[f"model.layers.0.{name}"]})[name]
-    refit_up = read_refit(state[PartitionRef("refit", "layer-000")].state.output)[name]
+    refit_up, refit_down = read_factors(state[PartitionRef("refit", "layer-000")].state.output, REFIT)[name]
+    assert torch.equal(refit_down, down)  # refit keeps the factor it fitted with
     h = x @ down.T
     lstsq = torch.linalg.lstsq(h, x @ w.T).solution.T
     assert torch.allclose(refit_up, lstsq, rtol=1e-4, atol=1e-5)

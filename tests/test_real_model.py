@@ -79,7 +79,7 @@ def test_real_model_two_layers_compressed_finite_and_reloadable(write_pipeline, 
         assert torch.isfinite(model(torch.tensor([[1, 2, 3, 4]])).logits).all()
     # and the evaluated number is this reloaded model's, recomputed on the same windows
     from stagepipe.perplexity import perplexity
-    from stagepipe.stages import artifacts
+    from stagepipe.stagekit import artifacts
 
     windows = artifacts.read_windows(state[PartitionRef("tokenize", "eval-news")].state.output)
     assert perplexity(model.float(), windows, 4, torch.device("cpu")).ppl == pytest.approx(compressed, rel=1e-5)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from stagepipe.engine.stage import PartitionRef
-from stagepipe.stages import artifacts
+from stagepipe.stagekit import artifacts
 from tests.conftest import cli_run, partition_states, started_partitions
 
 KFAC = {"method": {"name": "kfac_svd"}, "model": {"source": "tiny", "arch": "llama", "num_layers": 3, "hidden": 32,

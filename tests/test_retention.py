@@ -16,8 +16,9 @@ from stagepipe.engine.release import releasable
 from stagepipe.engine.runner import Entry
 from stagepipe.engine.stage import PartitionRef
 from stagepipe.engine.workspace import PartitionState
-from stagepipe.stages import artifacts, discover
-from stagepipe.stages.estimate import capture_interval, checkpoints, estimate, peak_disk
+from stagepipe.stagekit import artifacts
+from stagepipe.stagekit.plan import checkpoints, estimate, make_plan, peak_disk
+from stagepipe.stages import discover
 from tests.conftest import TINY, cli_run, merge, partition_states, started_partitions
 
 MODEL = {"source": "tiny", "arch": "llama", "num_layers": 6, "hidden": 32, "intermediate": 64, "num_heads": 4,
@@ -34,8 +35,8 @@ def _digests(states: dict) -> dict:
 def _budget_for_interval_2(write_pipeline) -> float:
     """A budget (GB) that the tiny plan meets with checkpoints every 2 layers but not keeping all."""
     probe = load_pipeline(write_pipeline("probe", **KFAC, runtime={"disk_budget_gb": 1.0}))
-    model = discover(probe, {})
-    peaks = {k: peak_disk(estimate(probe, model, k))[1] for k in (1, 2)}
+    plan = make_plan(probe, discover(probe, {}))
+    peaks = {k: peak_disk(estimate(plan, k))[1] for k in (1, 2)}
     assert peaks[2] < peaks[1]
     return peaks[2] / 2**30
 
@@ -44,9 +45,9 @@ def test_the_plan_picks_the_least_recompute_that_fits(write_pipeline) -> None:
     budget = _budget_for_interval_2(write_pipeline)
     config = load_pipeline(write_pipeline("fit", **KFAC, runtime={"disk_budget_gb": budget}))
     model = discover(config, {})
-    assert capture_interval(config, model) == 2
+    assert make_plan(config, model).interval == 2
     roomy = load_pipeline(write_pipeline("roomy", **KFAC, runtime={"disk_budget_gb": 100.0}))
-    assert capture_interval(roomy, model) == 1  # keeping everything fits: nothing is recomputed
+    assert make_plan(roomy, model).interval == 1  # keeping everything fits: nothing is recomputed
     assert checkpoints(6, 2) == [1, 3] and checkpoints(6, 1) == [0, 1, 2, 3, 4] and checkpoints(32, 8) == [7, 15, 23]
 
 

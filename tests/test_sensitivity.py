@@ -14,10 +14,10 @@ from stagepipe.config import load_pipeline
 from stagepipe.engine.stage import ALL, PartitionRef
 from stagepipe.io import zarr_io
 from stagepipe.models.layout import set_weight_matrix
+from stagepipe.stagekit.artifacts import SENSITIVITY as TABLE
+from stagepipe.stagekit.artifacts import read_results
+from stagepipe.stagekit.artifacts import read_weighted_svd as decomposed_spectra
 from stagepipe.stages import make_runner
-from stagepipe.stages.artifacts import SENSITIVITY as TABLE
-from stagepipe.stages.artifacts import read_results
-from stagepipe.stages.artifacts import read_weighted_svd as decomposed_spectra
 
 
 def calibration_ppl(model: torch.nn.Module, ids: torch.Tensor) -> float:

@@ -17,7 +17,9 @@ from stagepipe.engine.stage import PartitionRef
 from stagepipe.errors import ConfigError
 from stagepipe.io import manifest as manifest_io
 from stagepipe.io import safetensors_io
-from stagepipe.stages import artifacts, make_runner
+from stagepipe.stagekit import artifacts
+from stagepipe.stagekit.shards import shard_ranges
+from stagepipe.stages import make_runner
 from tests.conftest import finished_outputs as outputs
 from tests.conftest import keys_and_digests
 
@@ -27,11 +29,11 @@ GFWSVD = {"name": "gfwsvd", "mode": "streaming", "max_sweeps": 3, "tol": 1e-300}
 
 
 def test_shards_are_whole_batches_covering_every_window_in_order() -> None:
-    assert artifacts.shard_ranges(6, 2, 2) == [(0, 4), (4, 6)]
-    assert artifacts.shard_ranges(7, 2, 3) == [(0, 4), (4, 6), (6, 7)]
-    assert artifacts.shard_ranges(8, 4, 1) == [(0, 8)]
+    assert shard_ranges(6, 2, 2) == [(0, 4), (4, 6)]
+    assert shard_ranges(7, 2, 3) == [(0, 4), (4, 6), (6, 7)]
+    assert shard_ranges(8, 4, 1) == [(0, 8)]
     with pytest.raises(ValueError, match="runtime.shards"):
-        artifacts.shard_ranges(6, 2, 4)
+        shard_ranges(6, 2, 4)
 
 
 def test_more_shards_than_batches_is_one_clear_error(write_pipeline) -> None:

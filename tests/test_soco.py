@@ -20,7 +20,8 @@ from stagepipe.methods.base import METHODS
 from stagepipe.methods.soco import Schedule, SoCoConfig, penalty_units, select, shrink_to_budget, soft_kept
 from stagepipe.models.sources import load_model
 from stagepipe.models.spectral import dense_mode, install
-from stagepipe.stages import artifacts, make_runner
+from stagepipe.stagekit import artifacts
+from stagepipe.stages import make_runner
 from tests.conftest import TINY, learned_pipeline, learned_run, merge, train_killed_and_resumed
 
 # prior 0: the penalty weighs parameters only, so which components survive is the learned scores' doing

@@ -246,9 +246,9 @@ def test_block_influence_fractions_average_to_the_target_respect_the_cap_and_fav
 
 
 def test_structured_budget_is_spent_to_within_one_step_and_never_exceeded() -> None:
-    from stagepipe.structured import BlockGeometry, spend_structured_budget
+    from stagepipe.structured import StructuredBlock, spend_structured_budget
 
-    geometry = BlockGeometry(hidden=576, intermediate=1536, heads=Heads(9, 3, 64))
+    geometry = StructuredBlock(hidden=576, intermediate=1536, heads=Heads(9, 3, 64))
     fractions = [0.5, 0.7, 0.9, 0.6]
     dims = spend_structured_budget(geometry, fractions, 0.675, align=8)
     total = sum(geometry.params(d) for d in dims)

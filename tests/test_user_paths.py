@@ -17,7 +17,8 @@ from stagepipe.cli import main
 from stagepipe.config import load_pipeline
 from stagepipe.engine.stage import ALL, PartitionRef
 from stagepipe.io.hashing import sha256_file
-from stagepipe.stages import artifacts, build_pipeline, make_runner
+from stagepipe.stagekit import artifacts
+from stagepipe.stages import build_pipeline, make_runner
 
 ROOT = Path(__file__).resolve().parent.parent
 

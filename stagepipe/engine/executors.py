@@ -92,7 +92,7 @@ class RayExecutor(Executor):
         self._refs: dict[Any, Task] = {}
 
     def submit(self, task: Task) -> None:
-        ctx = Context(task.config, Path(task.workspace), task.model)
+        ctx = Context(task.config, Path(task.workspace), task.facts, task.plan)
         if task.stage.fans_out(ctx, task.partition):
             self._refs[self._waiting.remote(replace(task, fan_out=self._options))] = task
         else:

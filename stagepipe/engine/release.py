@@ -1,8 +1,8 @@
 """Transient payloads: delete a hand-over payload once its readers are done, restore it on demand.
 
-A stage may declare payloads of its output that only some later partitions read
-(``Stage.transient``: fisher's boundary gradient is read by the fisher partition of the layer
-below, and by nothing else). With release on, a payload goes as soon as every reader is done; the
+A stage may declare payloads of its output to be hand-overs (``Stage.handovers``: fisher's boundary
+gradient, which only the fisher partition of the layer below declares reading). With release on,
+a payload goes as soon as every partition that declared reading it (``Stage.reads``) is done; the
 producer stays *done* — its manifest, content digest and therefore every downstream key are
 unchanged — and is marked released. Should a reader have to run again (a changed key, a corrupt
 output, ``--force``), the producer runs again first (same key, same inputs, same bytes), and if the

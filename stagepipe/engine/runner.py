@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,8 @@ class Entry:
     key: str | None = None
     material: dict[str, Any] | None = None
     inputs: dict[str, str] | None = None
-    transient: dict[str, list[PartitionRef]] = field(default_factory=dict)  # payload → its readers
+    #: hand-over payload → the partitions that declared reading it (``Stage.reads``)
+    transient: dict[str, list[PartitionRef]] = field(default_factory=dict)
     early: dict[str, list[PartitionRef]] = field(default_factory=dict)  # payload → readers before an early release
 
 
@@ -86,19 +89,30 @@ class Runner:
         return self.pipeline.names
 
     # ------------------------------------------------------------------ states
+    def learn(self, finished: Mapping[PartitionRef, Path]) -> None:
+        """The model's facts from the outputs finished so far, and the plan made from them."""
+        self.ctx.facts = self.pipeline.discover(self.config, finished)
+        self.ctx.plan = self.pipeline.plan(self.ctx.facts)
+
     def states(self, deep: bool = False) -> list[Entry]:
-        """Every known partition with its state, in execution order."""
+        """Every known partition with its state, in execution order; a hand-over payload's readers
+        are the partitions that declared reading it."""
         entries: dict[PartitionRef, Entry] = {}
         finished: dict[PartitionRef, Path] = {}
         order: list[PartitionRef] = []
+        readers: dict[tuple[PartitionRef, str], list[PartitionRef]] = defaultdict(list)
+        handovers: dict[PartitionRef, set[str]] = {}
         for stage in self.pipeline.stages:
-            self.ctx.model = self.pipeline.discover(self.config, finished)
+            self.learn(finished)
             partitions = stage.partitions(self.ctx)
             if partitions is None:
                 continue
             for partition in partitions:
                 ref = PartitionRef(stage.name, partition)
                 order.append(ref)
+                for read in stage.reads(self.ctx, partition):
+                    if read.payload is not None:
+                        readers[(read.ref, read.payload)].append(ref)
                 deps = stage.dependencies(self.ctx, partition)
                 blocked = [d for d in deps if d not in entries or entries[d].state.status != "done"]
                 if blocked:
@@ -107,9 +121,9 @@ class Runner:
                 upstream = {d: entries[d].state.manifest.content_digest() for d in deps}
                 material = key_material(stage, self.ctx, partition, upstream)
                 key = compute_key(material)
-                transient = stage.transient(self.ctx, partition)
+                handovers[ref] = stage.handovers(self.ctx, partition)
                 early = stage.early_release(self.ctx, partition) if self.release else {}
-                state = self.ws.state(ref, key, deep=deep, transient=list(transient))
+                state = self.ws.state(ref, key, deep=deep, transient=sorted(handovers[ref]))
                 if state.status == "missing":
                     previous = self.ws.previous_manifest(ref)
                     if previous is not None:
@@ -117,7 +131,9 @@ class Runner:
                 if state.status == "done":
                     finished[ref] = state.output
                 inputs = {str(d): str(entries[d].state.output) for d in deps}
-                entries[ref] = Entry(ref, state, key, material, inputs, transient, early)
+                entries[ref] = Entry(ref, state, key, material, inputs, early=early)
+        for ref, payloads in handovers.items():
+            entries[ref].transient = {payload: readers[(ref, payload)] for payload in sorted(payloads)}
         return [entries[r] for r in order]
 
     # ------------------------------------------------------------------ running
@@ -170,7 +186,7 @@ class Runner:
                         if restoring:
                             restored.add(entry.ref)
                         executor.submit(Task(
-                            workspace=str(self.ws.root), config=self.config, model=self.ctx.model,
+                            workspace=str(self.ws.root), config=self.config, facts=self.ctx.facts, plan=self.ctx.plan,
                             stage=self.pipeline.stage(entry.ref.stage), partition=entry.ref.partition,
                             key=entry.key, key_material=entry.material, inputs=entry.inputs, run_id=run_id,
                             replace=self._matches(entry.ref, force) or restoring, threads=self.threads, restore=restoring,

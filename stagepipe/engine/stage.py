@@ -1,16 +1,24 @@
 """The ``Stage`` contract, the ``Pipeline`` the engine runs, and the per-partition cache key.
 
 The engine knows no stage by name. A pipeline hands it the stages it needs (in execution order),
-the config (opaque here: stages read their own slices of it) and a ``discover`` function that
-learns the model's facts (its shape) from the outputs finished so far, so per-layer partitions
-appear as soon as they can be named. A partition's key is::
+the config (opaque here: stages read their own slices of it), a ``discover`` function that learns
+the model's facts (its shape) from the outputs finished so far, so per-layer partitions appear as
+soon as they can be named, and a ``plan`` function that turns those facts into the pipeline's
+plan (opaque here too: stages read what they need of it, such as capture's checkpoint interval).
+
+**A stage declares what it reads**: ``reads(ctx, partition)`` lists the producer partitions and,
+where it reads files, the payload (a path inside the producer's output). Everything else is
+derived: a partition's dependencies are the partitions it reads; a producer's hand-over payload
+(``handovers``) may be deleted once every partition that declared reading it is done. No producer
+lists its consumers. A partition's key is::
 
     sha256(canonical_json({stage, version, partition, config slice,
                            content digests of the upstream outputs it reads}))
 
-A content digest covers an output's files and its results, never its run metadata (host, pid,
-timings), so a redo with identical outputs leaves every downstream key unchanged ("early cutoff",
-as in Bazel and Shake), and an in-process run and a Ray run of one pipeline share every key.
+A content digest covers an output's files and the results a consumer reads, never its run
+metadata (host, pid, timings) or diagnostics, so a redo with identical outputs leaves every
+downstream key unchanged ("early cutoff", as in Bazel and Shake), and an in-process run and a Ray
+run of one pipeline share every key.
 """
 
 from __future__ import annotations
@@ -41,16 +49,27 @@ class PartitionRef:
         return cls(stage, partition or ALL)
 
 
-class Context:
-    """What every stage may read: the config, the workspace root and the discovered model facts.
+@dataclass(frozen=True)
+class Read:
+    """One input of a partition: a partition it reads, and which payload of that partition's
+    output (a path inside it, as the producer names it) — ``None`` when it reads only the results."""
 
-    Built identically in the driver and in remote workers (the task carries all three).
+    ref: PartitionRef
+    payload: str | None = None
+
+
+class Context:
+    """What every stage may read: the config, the workspace root, the model's facts (its HF config:
+    layer count and shapes; ``None`` until they are known) and the plan made from both.
+
+    Built identically in the driver and in remote workers (the task carries all four).
     """
 
-    def __init__(self, config: Any, workspace: Path, model: Any | None = None) -> None:
+    def __init__(self, config: Any, workspace: Path, facts: Any | None = None, plan: Any | None = None) -> None:
         self.config = config
         self.workspace = Path(workspace)
-        self.model = model
+        self.facts = facts
+        self.plan = plan
 
 
 @dataclass
@@ -81,7 +100,9 @@ class Work:
 
 
 class Stage(ABC):
-    """One step of the DAG. Subclasses are small and live one per file in ``stagepipe/stages``."""
+    """One step of the DAG: the engine's side of the contract (what runs, what it reads, what may go).
+
+    Subclasses are small and live one per module in ``stagepipe/stages``."""
 
     name: ClassVar[str]
     version: ClassVar[int]
@@ -91,22 +112,26 @@ class Stage(ABC):
         """Partition names in execution order; ``None`` while unknown (model facts not known yet)."""
         return [ALL]
 
-    def dependencies(self, ctx: Context, partition: str) -> list[PartitionRef]:
+    def reads(self, ctx: Context, partition: str) -> list[Read]:
+        """The partitions (and payloads of their outputs) this partition reads: its inputs, whose
+        content digests enter its key, and the readers that hold a hand-over payload on disk."""
         return []
 
-    def transient(self, ctx: Context, partition: str) -> dict[str, list[PartitionRef]]:
-        """Hand-over payloads of this partition's output: relative path → the partitions that read it.
+    def dependencies(self, ctx: Context, partition: str) -> list[PartitionRef]:
+        """The partitions it reads, each once, in the order ``reads`` names them."""
+        return list(dict.fromkeys(read.ref for read in self.reads(ctx, partition)))
 
-        With release on, the engine deletes such a payload once all its readers are done. The
-        output stays done (manifest and content digest unchanged, so no key moves); if a reader has
-        to run again, the producer runs again first (same key, same bytes) to restore it.
-        """
-        return {}
+    def handovers(self, ctx: Context, partition: str) -> set[str]:
+        """Payloads of this partition's output that are hand-overs: with release on, the engine
+        deletes one once every partition that declared reading it is done. The output stays done
+        (manifest and content digest unchanged, so no key moves); if a reader has to run again, this
+        partition runs again first (same key, same bytes) to restore it."""
+        return set()
 
     def early_release(self, ctx: Context, partition: str) -> dict[str, list[PartitionRef]]:
-        """Payloads (of ``transient``) that may go before all their readers are done: relative path
-        → the readers that must be done first. Later readers restore the payload by running this
-        partition again (``engine.release``). Empty: a payload goes only when every reader is done."""
+        """Hand-over payloads that may go before all their readers are done: payload → the readers
+        that must be done first. Later readers restore the payload by running this partition again
+        (``engine.release``). Empty: a payload goes only when every reader is done."""
         return {}
 
     def fans_out(self, ctx: Context, partition: str) -> bool:
@@ -126,15 +151,19 @@ class Stage(ABC):
 
 #: ``discover(config, finished outputs) -> model facts or None``
 Discover = Callable[[Any, Mapping[PartitionRef, Path]], Any]
+#: ``plan(model facts or None) -> the pipeline's plan`` (opaque to the engine)
+Planner = Callable[[Any], Any]
 
 
 @dataclass(frozen=True)
 class Pipeline:
-    """What the engine runs: a config, the stages this config needs (in order) and ``discover``."""
+    """What the engine runs: a config, the stages this config needs (in order), ``discover`` and
+    ``plan`` (one plan per model facts: the caller caches it)."""
 
     config: Any
     stages: tuple[Stage, ...]
     discover: Discover
+    plan: Planner = lambda facts: None
 
     def stage(self, name: str) -> Stage:
         return next(s for s in self.stages if s.name == name)

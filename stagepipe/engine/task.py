@@ -1,7 +1,7 @@
 """One partition's execution: the unit an executor ships (in-process or to a Ray worker).
 
-A task carries the stage object, the config and the model facts (small, picklable), the paths of
-its inputs and its key: never tensors. It writes the running marker, runs the stage into a temp
+A task carries the stage object, the config, the model facts and the plan (small, picklable), the
+paths of its inputs and its key: never tensors. It writes the running marker, runs the stage into a temp
 directory, writes the manifest last and commits by one rename. An exception is returned as a
 small failure record (partition, host, error); a killed process leaves its marker behind, which
 the next run reports as ``incomplete`` and redoes.
@@ -33,7 +33,8 @@ from stagepipe.io import manifest as manifest_io
 class Task:
     workspace: str
     config: Any
-    model: Any
+    facts: Any
+    plan: Any
     stage: Stage
     partition: str
     key: str
@@ -121,7 +122,7 @@ def execute(task: Task) -> TaskResult:
     threads_before = torch.get_num_threads() if torch is not None else None
     if task.threads and torch is not None:  # restored below: an in-process task leaves no trace
         torch.set_num_threads(task.threads)
-    ctx = Context(task.config, Path(task.workspace), task.model)
+    ctx = Context(task.config, Path(task.workspace), task.facts, task.plan)
     ws = Workspace(Path(task.workspace))
     ref = task.ref
     host, node = socket.gethostname(), ray_node_id()

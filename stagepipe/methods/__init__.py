@@ -9,12 +9,17 @@ import importlib
 import pkgutil
 
 from stagepipe.methods.base import (
+    KINDS,
     METHODS,
     GradientOptions,
     LayerStats,
+    LearnedMethod,
     Method,
     MethodConfig,
     MetricPair,
+    RankDependentMethod,
+    SequentialMethod,
+    StructuredMethod,
     register,
 )
 
@@ -28,4 +33,5 @@ def make_method(cfg: MethodConfig) -> Method:
     return METHODS[cfg.name](cfg)
 
 
-__all__ = ["METHODS", "GradientOptions", "LayerStats", "Method", "MethodConfig", "MetricPair", "make_method", "register"]
+__all__ = ["KINDS", "METHODS", "GradientOptions", "LayerStats", "LearnedMethod", "Method", "MethodConfig", "MetricPair",
+           "RankDependentMethod", "SequentialMethod", "StructuredMethod", "make_method", "register"]

@@ -20,11 +20,11 @@ factor of the gradient at the block output (the second-order change of the loss)
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from stagepipe.methods.base import GradientOptions, Method, register
+from stagepipe.methods.base import GradientOptions, SequentialMethod, register
 
 
 class AASVDConfig(GradientOptions):
@@ -60,14 +60,12 @@ class AASVDConfig(GradientOptions):
 
 
 @register
-class AASVD(Method):
+class AASVD(SequentialMethod):
     """AA-SVD: anchored reduced-rank regression on shifted inputs, layer by layer (+ block refinement)."""
 
     name = "aasvd"
     config = AASVDConfig
     right = "gram"
-    #: factors are computed layer by layer on propagated inputs after ``allocate`` (the ``anchor`` stage)
-    sequential: ClassVar[bool] = True
 
     def pair(self) -> tuple[str, str]:
         return self.cfg.output_metric, self.right

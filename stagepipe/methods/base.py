@@ -7,11 +7,22 @@ matrices are built from the statistics that ``capture`` and ``fisher`` stored.
 A method is one module: its config model (a subclass of ``MethodConfig`` whose ``name`` is a
 ``Literal``) and its ``Method`` subclass decorated with ``@register``. The pipeline schema and
 the CLI's list are built from ``METHODS``; stages ask the method object what it needs
-(``activation_stats``, ``gradient_stats``, ``post_allocation``), never its name.
+(``activation_stats``, ``gradient_stats``), never its name.
+
+**Kinds.** A method that is more than a metric pair subclasses the base of its kind; the stage
+that serves that kind joins the pipeline for it (``stagepipe/stages``: it says so itself) and
+brings what the kind needs — its own step, its share of allocation or assembly, its cost:
+
+- ``RankDependentMethod``: factors that depend on the allocated rank (ResSVD) — ``residual``;
+- ``SequentialMethod``: factors fitted layer by layer on the compressed model's inputs (AA-SVD) — ``anchor``;
+- ``StructuredMethod``: smaller dense matrices instead of two factors (MoDeGPT) — ``structure``;
+- ``LearnedMethod``: ranks learned on the whole model (SoCo, Dobi-SVD) — ``train``, with the
+  method's trainer (``stages/train/<method>.py``).
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -86,7 +97,7 @@ class MetricPair:
     notes: dict[str, Any] = field(default_factory=dict)  # fallbacks and provenance, for the manifest
 
 
-class Method:
+class Method(ABC):
     """A pair of named metrics (``stagepipe.methods.metrics``): ``left`` acts on the output side,
     ``right`` on the input side. The statistics ``capture`` and ``fisher`` must accumulate follow
     from the pair: ``activation_stats`` ⊆ {gram, abs}, ``gradient_stats`` ⊆ {nkp, kfac_out, grad_sq}.
@@ -96,19 +107,6 @@ class Method:
     config: ClassVar[type[MethodConfig]]
     left: ClassVar[str] = "identity"
     right: ClassVar[str] = "identity"
-    #: factors depend on the allocated rank (ResSVD): the ``residual`` stage computes them after ``allocate``
-    post_allocation: ClassVar[bool] = False
-    #: factors are computed layer by layer on the compressed model's propagated inputs (AA-SVD):
-    #: the ``anchor`` stage runs after ``allocate``
-    sequential: ClassVar[bool] = False
-    #: the method writes smaller dense matrices instead of two factors (MoDeGPT): the ``structure``
-    #: stage replaces ``decompose`` and ``allocate`` asks ``layer_kept`` for per-layer fractions
-    structured: ClassVar[bool] = False
-    #: the method learns its ranks on the whole model: the ``train`` stage runs after ``decompose``
-    #: with this kind of trainer ("scores": SoCo; "truncation": Dobi-SVD) and ``allocate`` takes its ranks
-    learned: ClassVar[str | None] = None
-    #: ``train`` also writes the final factors (SoCo); else ``assemble`` truncates decompose's at the learned ranks
-    learned_factors: ClassVar[bool] = False
 
     def __init__(self, cfg: MethodConfig) -> None:
         self.cfg = cfg
@@ -116,6 +114,18 @@ class Method:
     @classmethod
     def summary(cls) -> str:
         return (cls.__doc__ or "").strip().splitlines()[0]
+
+    @classmethod
+    def is_metric_pair(cls) -> bool:
+        """Whether its factors are decompose's weighted SVD of a fixed metric pair (no kind)."""
+        return not issubclass(cls, KINDS)
+
+    @classmethod
+    def check_pipeline(cls, config: Any, default_allocation: Any) -> None:
+        """Refuse, with one ``ValueError`` line naming the key, a pipeline this kind of method cannot
+        run (the config's validation calls it with the ``allocation`` block a pipeline gets when it
+        names none; a metric pair runs with any pipeline)."""
+        return None
 
     def pair(self) -> tuple[str, str]:
         return self.left, self.right
@@ -147,18 +157,6 @@ class Method:
             options["alpha"] = self.cfg.alpha
         return options
 
-    def rank_options(self) -> dict[str, Any]:
-        """Options that shape a ``post_allocation`` method's rank-dependent factors (their stages' keys)."""
-        return {}
-
-    def sequential_options(self) -> dict[str, Any]:
-        """Options that shape a ``sequential`` method's factors (the ``anchor`` stage's key)."""
-        return {}
-
-    def training_options(self) -> dict[str, Any]:
-        """Options that shape a ``learned`` method's training (the ``train`` stage's key)."""
-        return {}
-
     def storage(self) -> str:
         """How ``assemble`` stores factored matrices (``accounting.STORAGES``); the budget is a
         memory fraction when this is not ``16-bit``."""
@@ -175,18 +173,6 @@ class Method:
         """What decides ``stored_rank`` (part of ``decompose``'s key)."""
         return {"storage": self.storage()}
 
-    def allocation_options(self) -> dict[str, Any]:
-        """Options of a ``structured`` method's per-layer allocation (``allocate``'s key)."""
-        return {}
-
-    def layer_kept(self, influence: list[float], kept: float) -> list[float]:
-        """A ``structured`` method's kept fraction per layer from each block's influence ``1 − cos``."""
-        raise NotImplementedError(f"{self.name} is not a structured method")
-
-    def factors(self, w: torch.Tensor, right: Any, rank: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-        """(up, down, info) at ``rank``: only ``post_allocation`` methods compute factors themselves."""
-        raise NotImplementedError(f"{self.name} factors come from decompose's weighted SVD")
-
     def metrics(self, linear: str, shape: tuple[int, int], stats: LayerStats) -> MetricPair:
         from stagepipe.methods.metrics import LEFT, RIGHT
 
@@ -196,6 +182,72 @@ class Method:
         right, right_notes = RIGHT[right_name](stats, linear, **options)
         return MetricPair(left, right, {"metrics": f"{left_name} × {right_name}", **left_notes, **right_notes})
 
+
+class RankDependentMethod(Method):
+    """Factors that depend on the allocated rank (ResSVD): the ``residual`` stage computes them at each
+    matrix's rank after ``allocate``; decompose's one-shot spectrum is what the policies see."""
+
+    @abstractmethod
+    def factors(self, w: torch.Tensor, right: Any, rank: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """(up, down, info) at ``rank``, given the input-side metric root ``right``."""
+
+    def rank_options(self) -> dict[str, Any]:
+        """Options that shape the rank-dependent factors (their stages' keys)."""
+        return {}
+
+
+class SequentialMethod(Method):
+    """Factors fitted layer by layer on the compressed model's propagated inputs (AA-SVD): the
+    ``anchor`` stage, after ``allocate``."""
+
+    @abstractmethod
+    def sequential_options(self) -> dict[str, Any]:
+        """Options that shape the fitted factors beyond the ranks (the ``anchor`` stage's key)."""
+
+
+class StructuredMethod(Method):
+    """Smaller dense matrices instead of two factors (MoDeGPT): the ``structure`` stage replaces
+    ``decompose``, and the allocation is per layer, from each block's influence ``1 − cos``."""
+
+    @abstractmethod
+    def layer_kept(self, influence: list[float], kept: float) -> list[float]:
+        """The kept fraction of each layer from each block's influence."""
+
+    def allocation_options(self) -> dict[str, Any]:
+        """Options of the per-layer allocation (``allocate``'s key)."""
+        return {}
+
+    @classmethod
+    def check_pipeline(cls, config: Any, default_allocation: Any) -> None:
+        if config.allocation.policy != default_allocation.policy:
+            raise ValueError(f"allocation.policy: {cls.name} chooses per-layer fractions itself (method.layer_allocation); "
+                             f"use policy {default_allocation.policy!r} (its align rounds intermediate sizes)")
+        if config.target.modules is not None:
+            raise ValueError(f"target.modules: {cls.name} rewrites every linear of each block; remove modules")
+
+
+class LearnedMethod(Method):
+    """Ranks learned on the whole model (SoCo, Dobi-SVD): the ``train`` stage runs the method's
+    trainer after ``decompose``, and ``allocate`` accounts for the learned ranks (no policy)."""
+
+    #: the trainer also writes the final factors (SoCo); else they are decompose's at the learned ranks
+    learned_factors: ClassVar[bool] = False
+
+    @abstractmethod
+    def training_options(self) -> dict[str, Any]:
+        """Options that shape the training (the ``train`` stage's key)."""
+
+    @classmethod
+    def check_pipeline(cls, config: Any, default_allocation: Any) -> None:
+        if config.allocation != default_allocation:
+            raise ValueError(f"allocation: {cls.name} learns its ranks by training (no policy, no alignment); "
+                             "remove the allocation block")
+        if config.method.refit and cls.learned_factors:
+            raise ValueError(f"method.refit: not supported with {cls.name} (its learned factors are final); remove refit")
+
+
+#: the kinds of method that are more than a metric pair
+KINDS = (RankDependentMethod, SequentialMethod, StructuredMethod, LearnedMethod)
 
 METHODS: dict[str, type[Method]] = {}
 

@@ -27,12 +27,12 @@ fraction, which can exceed 1. Evaluation runs the 8-bit model as stored.
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 
-from stagepipe.methods.base import Method, MethodConfig, register
+from stagepipe.methods.base import LearnedMethod, MethodConfig, register
 
 
 class DobiSVDConfig(MethodConfig):
@@ -55,13 +55,12 @@ class DobiSVDConfig(MethodConfig):
 
 
 @register
-class DobiSVD(Method):
+class DobiSVD(LearnedMethod):
     """Dobi-SVD: learned truncation positions on the activations, SVD-LLM's factors at those ranks."""
 
     name = "dobi_svd"
     config = DobiSVDConfig
     right = "gram"  # the weight update is the exact activation PCA: SVD-LLM's factors (module docstring)
-    learned: ClassVar[str | None] = "truncation"
 
     def training_options(self) -> dict[str, Any]:
         names = ("objective", "epochs", "lr", "beta", "svd_gap", "svd_terms", "batch", "seed")

@@ -15,12 +15,12 @@ hyperparameters to choose on the validation split (``benchmarks/tune.py``).
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from stagepipe.errors import StagepipeError
-from stagepipe.methods.base import Method, MethodConfig, register
+from stagepipe.methods.base import MethodConfig, StructuredMethod, register
 
 
 class MoDeGPTConfig(MethodConfig):
@@ -41,13 +41,11 @@ class MoDeGPTConfig(MethodConfig):
 
 
 @register
-class MoDeGPT(Method):
+class MoDeGPT(StructuredMethod):
     """MoDeGPT: smaller dense blocks (Nyström MLP, CR Q·K, SVD V·O), no extra factor."""
 
     name = "modegpt"
     config = MoDeGPTConfig
-    #: the ``structure`` stage replaces ``decompose``: smaller dense matrices instead of two factors
-    structured: ClassVar[bool] = True
 
     @property
     def activation_stats(self) -> frozenset[str]:

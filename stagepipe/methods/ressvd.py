@@ -20,13 +20,13 @@ identity × ``gram``), which is what the spectrum-based allocation policies see.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 
 from stagepipe.linalg import MetricRoot, weighted_loss, weighted_svd
-from stagepipe.methods.base import Method, MethodConfig, register
+from stagepipe.methods.base import MethodConfig, RankDependentMethod, register
 
 
 class ResSVDConfig(MethodConfig):
@@ -38,13 +38,12 @@ class ResSVDConfig(MethodConfig):
 
 
 @register
-class ResSVD(Method):
+class ResSVD(RankDependentMethod):
     """ResSVD (ERC-SVD): plain SVD, then the whitened SVD of the residual, at the allocated rank."""
 
     name = "ressvd"
     config = ResSVDConfig
     right = "gram"
-    post_allocation: ClassVar[bool] = True
 
     def rank_options(self) -> dict[str, Any]:
         return {"split": self.cfg.split}

@@ -33,7 +33,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field, field_validator
 
-from stagepipe.methods.base import METHODS, GradientOptions, LayerStats, Method, MetricPair, register
+from stagepipe.methods.base import METHODS, GradientOptions, LayerStats, LearnedMethod, MetricPair, register
+from stagepipe.schedules import cosine_to_tenth
 
 PHASES = ("explore", "refine", "sparsify", "tune")
 
@@ -72,24 +73,18 @@ class SoCoConfig(GradientOptions):
     @classmethod
     def _plain_pair(cls, value: str) -> str:
         method = METHODS.get(value)
-        if method is None or value == "soco" or not _plain(method):
-            allowed = sorted(n for n, m in METHODS.items() if n != "soco" and _plain(m))
+        if method is None or not method.is_metric_pair():
+            allowed = sorted(n for n, m in METHODS.items() if m.is_metric_pair())
             raise ValueError(f"unknown or unsupported base {value!r}; expected one of {allowed}")
         return value
 
 
-def _plain(method: type[Method]) -> bool:
-    """A method whose factors are decompose's weighted SVD of a fixed metric pair."""
-    return not (method.sequential or method.structured or method.post_allocation or method.learned)
-
-
 @register
-class SoCo(Method):
+class SoCo(LearnedMethod):
     """SoCo: learned per-component scores on a base method's weighted SVD, pruned by score."""
 
     name = "soco"
     config = SoCoConfig
-    learned: ClassVar[str | None] = "scores"
     learned_factors: ClassVar[bool] = True
 
     def __init__(self, cfg: SoCoConfig) -> None:
@@ -170,8 +165,7 @@ class Schedule:
             return self.lr
         if step >= stop:
             start, stop = self.bounds("tune")
-        progress = (step - start) / max(1, stop - start)
-        return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+        return cosine_to_tenth(self.lr, step, start, stop)
 
     def soft_budget(self, step: int, start: float, target: float) -> float:
         """Soft kept fraction allowed after ``step``: linear from ``start`` to ``target`` over explore

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from stagepipe.errors import StagepipeError
+from stagepipe.geometry import BlockGeometry
 
 
 @dataclass(frozen=True)
@@ -90,14 +91,9 @@ def block_linears(layer: nn.Module, patterns: list[str] | None) -> dict[str, nn.
 
 
 def block_linear_shapes(config) -> dict[str, tuple[int, int]]:
-    """(m, n) of every linear inside every decoder block, by full name, from a meta-device model."""
-    from transformers import AutoModelForCausalLM
-
+    """(m, n) of every linear inside every decoder block, by full name (``geometry.BlockGeometry``,
+    the one derivation of a block's shapes; tested against a meta-device model of each layout)."""
     layout = layout_for(config.model_type)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    shapes = {}
-    for name, module in model.named_modules():
-        if name.startswith(layout.layers_path + ".") and is_linear(module):
-            shapes[name] = tuple(weight_matrix(module).shape)
-    return shapes
+    geometry = BlockGeometry.of(config)
+    return {layout.layer_prefix(i) + name: shape for i in range(geometry.layers)
+            for name, shape in geometry.linear_shapes().items()}

@@ -191,8 +191,10 @@ for _cls, _name in [
 ]:
     _cls.__name__ = _cls.__qualname__ = _name
 
+#: the assembled model's ``model_type`` is ``<FAMILY>_<base model_type>``
+FAMILY = "lowrank"
 #: base ``model_type`` → (config class name, model class name) in this file.
-LOWRANK_CLASSES = {
+LOWRANK_CLASSES = CLASSES = {
     "llama": ("LowRankLlamaConfig", "LowRankLlamaForCausalLM"),
     "mistral": ("LowRankMistralConfig", "LowRankMistralForCausalLM"),
     "qwen2": ("LowRankQwen2Config", "LowRankQwen2ForCausalLM"),

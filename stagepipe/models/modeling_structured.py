@@ -117,8 +117,10 @@ for _cls, _name in [
 ]:
     _cls.__name__ = _cls.__qualname__ = _name
 
+#: the assembled model's ``model_type`` is ``<FAMILY>_<base model_type>``
+FAMILY = "structured"
 #: base ``model_type`` → (config class name, model class name) in this file.
-STRUCTURED_CLASSES = {
+STRUCTURED_CLASSES = CLASSES = {
     "llama": ("StructuredLlamaConfig", "StructuredLlamaForCausalLM"),
     "mistral": ("StructuredMistralConfig", "StructuredMistralForCausalLM"),
 }

@@ -1,54 +1,56 @@
-"""The DAG: one module per stage, the ``artifacts`` they exchange, and the pipeline a config needs.
+"""The stages: one module (or package) per stage, each registering itself (``stagekit.base``).
 
-``build_pipeline(config)`` hands the engine exactly the stages this config needs
-(``requirements.needs``), in execution order, with ``discover``: how to learn the model's facts
-from the finished ``snapshot`` (or, before it exists, from the model source or ``shape_hint``).
+Importing this package imports every module in it, so adding a stage is adding a module.
+``build_pipeline(config)`` hands the engine exactly the stages the config's plan joins
+(``stagekit.plan``), in the plan's order, with ``discover`` (the model's facts from the finished
+``snapshot``, or before it exists from the model source or ``shape_hint``) and the planner that
+turns those facts into the one ``Plan`` every stage and the CLI read.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
+import pkgutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from stagepipe.engine.runner import Runner
-from stagepipe.engine.stage import Pipeline, Stage
-from stagepipe.stages import artifacts
-from stagepipe.stages.allocate import AllocateStage
-from stagepipe.stages.anchor import AnchorStage
-from stagepipe.stages.assemble import AssembleStage
-from stagepipe.stages.capture import CaptureStage
-from stagepipe.stages.decompose import DecomposeStage
-from stagepipe.stages.evaluate import EvaluateStage
-from stagepipe.stages.fisher import FisherStage
-from stagepipe.stages.refit import RefitStage
-from stagepipe.stages.report import ReportStage
-from stagepipe.stages.requirements import ORDER, needs
-from stagepipe.stages.residual import ResidualStage
-from stagepipe.stages.sensitivity import SensitivityStage
-from stagepipe.stages.snapshot import SnapshotStage
-from stagepipe.stages.structure import StructureStage
-from stagepipe.stages.tokenize import TokenizeStage
-from stagepipe.stages.train import TrainStage
+from stagepipe.engine.stage import Pipeline
+from stagepipe.stagekit import artifacts
+from stagepipe.stagekit.base import STAGES
+from stagepipe.stagekit.plan import Plan, make_plan
 
-_STAGE_CLASSES: dict[str, type[Stage]] = {
-    cls.name: cls for cls in (SnapshotStage, TokenizeStage, CaptureStage, FisherStage, DecomposeStage, SensitivityStage,
-                              TrainStage, AllocateStage, StructureStage, ResidualStage, AnchorStage, RefitStage, AssembleStage, EvaluateStage, ReportStage)
-}
-assert tuple(_STAGE_CLASSES) == ORDER
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+
+def planner(config: Any):
+    """``facts → Plan``, one plan per model facts (discover returns the same facts object for the
+    same snapshot, so the cache holds one or two)."""
+    plans: dict[int, tuple[Any, Plan]] = {}
+
+    def plan(facts: Any) -> Plan:
+        found = plans.get(id(facts))
+        if found is None or found[0] is not facts:
+            found = plans[id(facts)] = (facts, make_plan(config, facts))
+        return found[1]
+
+    return plan
 
 
 def build_pipeline(config: Any) -> Pipeline:
-    """The stages ``config`` needs, in execution order; ``report`` reads all the others."""
-    names = needs(config).stage_names()
-    stages = [_STAGE_CLASSES[name]() for name in names if name != "report"]
-    return Pipeline(config=config, stages=(*stages, ReportStage(upstream=stages)), discover=discover)
+    """The stages ``config``'s plan joins, in its order, with ``discover`` and the planner."""
+    plan = make_plan(config)
+    return Pipeline(config=config, stages=tuple(STAGES[name]() for name in plan.stages), discover=discover,
+                    plan=planner(config))
 
 
 def check_inputs(config: Any) -> None:
     """Fail before any stage runs, with an ``InputError`` naming the key, if the model source or a
-    text file cannot be used (a key is computed only once its upstream is done, which is too late)."""
+    text file cannot be used (a key is computed only once its upstream is done, which is too late),
+    or a stage refuses this pipeline for the model (``check``)."""
     from stagepipe.data.text import text_identity
     from stagepipe.models.sources import source_fingerprint
 
@@ -56,8 +58,11 @@ def check_inputs(config: Any) -> None:
     text_identity(config.calibration.text, "calibration.text")
     for index, dataset in enumerate(config.evaluation.datasets):
         text_identity(dataset.text, f"evaluation.datasets[{index}].text")
-    if needs(config).anchor:
-        AnchorStage.check(config, _config_from_source(config.model.model_dump_json()))
+    facts = _config_from_source(config.model.model_dump_json())
+    for name in make_plan(config).stages:
+        check = getattr(STAGES[name], "check", None)
+        if check is not None:
+            check(config, facts)
 
 
 def make_runner(config: Any, workspace: Path, pipeline_path: str = "PIPELINE.yaml") -> Runner:

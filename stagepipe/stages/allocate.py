@@ -1,65 +1,79 @@
 """``allocate``: ranks for every target matrix from the weighted spectra and the target.
 
-Also the one place the achieved kept fractions are computed (after rank rounding), by
-``stagepipe.accounting.ratio_report``: over the target matrices, all block linears and the model;
-with a storage other than 16-bit factors (Dobi-SVD's remapping) also the memory fraction
-(``accounting.memory_report``) under ``ratios.memory``.
+The configured policy (``stagepipe.allocation``) allocates from decompose's spectra (and, for a
+policy that reads it, the sensitivity table), unless a method kind's stage replaces the policy
+(``PipelineStage.allocates``: a learned method's trained ranks, a structured method's inner
+dimensions); then that stage's ``allocation`` runs here on what it reads. Also the one place the
+achieved kept fractions are computed (after rank rounding), by ``accounting.ratio_report``: over
+the target matrices, all block linears and the model; with a storage other than 16-bit factors
+(Dobi-SVD's remapping) also the memory fraction (``accounting.memory_report``) under ``ratios.memory``.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
-from transformers import AutoConfig
-
-from stagepipe.accounting import kept_report, memory_report, ratio_report
+from stagepipe.accounting import ratio_report
 from stagepipe.allocation import Candidate, MatrixSpectrum, make_policy
-from stagepipe.engine.stage import Context, PartitionRef, Stage, Work
-from stagepipe.models.layout import block_linear_shapes, layout_for
-from stagepipe.stages import artifacts
-from stagepipe.stages.artifacts import layer_index
-from stagepipe.stages.requirements import needs
-from stagepipe.structured import block_geometry, spend_structured_budget
+from stagepipe.engine.stage import Context, Read, Work
+from stagepipe.models.layout import block_linear_shapes
+from stagepipe.stagekit import artifacts
+from stagepipe.stagekit.artifacts import ALLOCATION, MODEL_DIR, SENSITIVITY, WEIGHTED_SVD, layer_index
+from stagepipe.stagekit.base import STAGES, PipelineStage, register
+from stagepipe.stagekit.cost import CostInputs, Estimate
+from stagepipe.stagekit.plan import allocator_of
 
 
-class AllocateStage(Stage):
+@register
+class AllocateStage(PipelineStage):
     name = "allocate"
     version = 2
     description = "ranks per matrix and achieved kept fractions"
+    writes = {ALLOCATION: "ranks per matrix (or inner dimensions per block), dropped weighted energy, achieved fractions"}
 
-    def dependencies(self, ctx: Context, partition: str) -> list[PartitionRef]:
+    @classmethod
+    def needs(cls, choices) -> dict[str, set[str]]:
+        allocator = allocator_of(choices)
+        if allocator is not None:
+            return {"snapshot": {MODEL_DIR}, **STAGES[allocator].allocation_needs(choices)}
+        found = {"snapshot": {MODEL_DIR}, "decompose": {WEIGHTED_SVD}}
+        return {**found, "sensitivity": {SENSITIVITY}} if choices.policy.needs_sensitivity else found
+
+    def reads(self, ctx: Context, partition: str) -> list[Read]:
+        reads = [Read(artifacts.ref("snapshot"), MODEL_DIR)]  # its config; the parameter count in its results
+        if ctx.plan.allocator is not None:
+            return reads + ctx.plan.stage_class(ctx.plan.allocator).allocation_reads(ctx)
         layers = artifacts.model_layers(ctx) or []
-        if needs(ctx.config).structure:  # per-layer fractions from the block influence capture measured
-            return [artifacts.ref("snapshot")] + [artifacts.ref("capture", p) for p in layers]
-        if needs(ctx.config).learned:  # the ranks the train stage learned
-            return [artifacts.ref("snapshot"), artifacts.ref("train")]
-        deps = [artifacts.ref("snapshot")] + [artifacts.ref("decompose", p) for p in layers]
-        if needs(ctx.config).sensitivity:
-            deps += [artifacts.ref("sensitivity", p) for p in layers]
-        return deps
+        reads += [Read(artifacts.ref("decompose", p), WEIGHTED_SVD) for p in layers]
+        if ctx.plan.policy.needs_sensitivity:
+            reads += [Read(artifacts.ref("sensitivity", p), SENSITIVITY) for p in layers]
+        return reads
 
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
         slice_ = {"kept_fraction": ctx.config.target.kept_fraction, "allocation": ctx.config.allocation.model_dump()}
-        method = needs(ctx.config).method
-        if method.structured:
-            slice_["method"] = method.allocation_options()
-        if method.storage() != "16-bit":  # keyed only when set: 16-bit outputs keep their keys
-            slice_["storage"] = method.storage()
+        if ctx.plan.allocator is not None:
+            slice_.update(ctx.plan.stage_class(ctx.plan.allocator).allocation_slice(ctx))
+        storage = ctx.plan.method.storage()
+        if storage != "16-bit":  # keyed only when set: 16-bit outputs keep their keys
+            slice_["storage"] = storage
         return slice_
 
+    @classmethod
+    def cost(cls, c: CostInputs) -> Estimate:
+        return Estimate(cls.name, 1e6, 1e7 + c.shapes.layers * sum(min(m, n) for m, n in c.shapes.linears) * 8, 0)
+
     def run(self, ctx: Context, work: Work) -> dict[str, Any]:
-        snapshot = work.input("snapshot")
-        config = AutoConfig.from_pretrained(artifacts.model_dir(snapshot))
-        if needs(ctx.config).structure:
-            return self._structured(ctx, work, config)
-        if needs(ctx.config).learned:
-            return self._learned(ctx, work, config)
-        layout = layout_for(config.model_type)
+        shapes = block_linear_shapes(ctx.facts)
+        n_params = artifacts.read_results(work.input("snapshot"))["n_params"]
+        if ctx.plan.allocator is not None:
+            return ctx.plan.stage_class(ctx.plan.allocator).allocation(ctx, work, shapes, n_params)
         spectra = []
-        sensitivity: list[Candidate] | None = [] if needs(ctx.config).sensitivity else None
+        sensitivity: list[Candidate] | None = [] if ctx.plan.policy.needs_sensitivity else None
         for ref, directory in sorted(work.inputs.items()):
             if ref.stage == "decompose":
-                prefix = layout.layer_prefix(layer_index(ref.partition))
+                prefix = ctx.plan.layout.layer_prefix(layer_index(ref.partition))
                 spectra += [MatrixSpectrum(prefix + name, m, n, sigma)
                             for name, (m, n, sigma) in artifacts.read_spectra(directory).items()]
             elif ref.stage == "sensitivity":
@@ -67,8 +81,7 @@ class AllocateStage(Stage):
                                 for matrix, entries in artifacts.read_sensitivity(directory).items() for entry in entries]
         policy = make_policy(ctx.config.allocation, sensitivity)
         ranks = policy.allocate(spectra, ctx.config.target.kept_fraction)
-        n_params = artifacts.read_results(snapshot)["n_params"]
-        report = ratio_report(block_linear_shapes(config), ranks, n_params, ctx.config.target.kept_fraction)
+        report = ratio_report(shapes, ranks, n_params, ctx.config.target.kept_fraction)
         dropped = {s.name: float((s.sigma[ranks[s.name]:] ** 2).sum()) if ranks[s.name] is not None else 0.0
                    for s in spectra}
         details = policy.details()
@@ -76,42 +89,35 @@ class AllocateStage(Stage):
         return {"ratios": report.model_dump(), "policy": policy.name, "search": details,
                 "dense_targets": sorted(n for n, r in ranks.items() if r is None)}
 
-    @staticmethod
-    def _learned(ctx: Context, work: Work, config: Any) -> dict[str, Any]:
-        """A learned method's ranks as trained (no policy), accounted like every other."""
-        ranks = artifacts.read_learned_ranks(work.input("train"))
-        n_params = artifacts.read_results(work.input("snapshot"))["n_params"]
-        shapes = block_linear_shapes(config)
-        kept = ctx.config.target.kept_fraction
-        ratios = ratio_report(shapes, ranks, n_params, kept).model_dump()
-        storage = needs(ctx.config).method.storage()
-        if storage != "16-bit":
-            ratios["memory"] = memory_report(shapes, ranks, storage, kept).model_dump()
-        details = {"learned_by": needs(ctx.config).method.name}
-        artifacts.write_allocation(work.out, ranks, {}, ratios, details)
-        return {"ratios": ratios, "policy": "learned", "search": details, "dense_targets": []}
+    @classmethod
+    def summarize(cls, manifests) -> dict[str, Any]:
+        """The achieved fractions, the matrices left dense and what the policy decided beyond the ranks."""
+        (manifest,) = manifests.values()
+        info = manifest.info
+        return {"ratios": info["ratios"], "dense_targets": info["dense_targets"], "search": info.get("search")}
 
-    @staticmethod
-    def _structured(ctx: Context, work: Work, config: Any) -> dict[str, Any]:
-        """Inner dimensions per block: the method's per-layer kept fractions, rounded (intermediate
-        sizes to ``align``, whole RoPE pairs, value dims), then the budget spent exactly."""
-        method = needs(ctx.config).method
-        captures = sorted((layer_index(r.partition), d) for r, d in work.inputs.items() if r.stage == "capture")
-        influence = [float(artifacts.read_results(d)["influence"]) for _, d in captures]
-        kept = ctx.config.target.kept_fraction
-        fractions = method.layer_kept(influence, kept)
-        shapes = block_linear_shapes(config)
-        geometry = block_geometry(config)
-        dims = spend_structured_budget(geometry, fractions, kept, ctx.config.allocation.align)
-        layout = layout_for(config.model_type)
-        kept_params = {}
-        for i, block_dims in enumerate(dims):
-            prefix = layout.layer_prefix(i)
-            kept_params.update({prefix + name: rows * cols for name, (rows, cols) in geometry.shapes(block_dims).items()})
-        n_params = artifacts.read_results(work.input("snapshot"))["n_params"]
-        report = kept_report(shapes, kept_params, sum(1 for n in kept_params if kept_params[n] < shapes[n][0] * shapes[n][1]),
-                             n_params, kept)
-        details = {"influence": influence, "layer_kept": fractions,
-                   "dims": [d.as_dict() for d in dims], **method.allocation_options()}
-        artifacts.write_allocation(work.out, {}, {}, report.model_dump(), details, dims=[d.as_dict() for d in dims])
-        return {"ratios": report.model_dump(), "policy": method.cfg.layer_allocation, "search": details, "dense_targets": []}
+    @classmethod
+    def plot(cls, report: dict[str, Any], outputs: dict, out: Path, plt: Any) -> list[str]:
+        """The allocated rank per layer and matrix type, beside each layer's cumulative weighted σ²."""
+        ranks = artifacts.read_ranks(outputs[artifacts.ref(cls.name)])
+        if not ranks:  # a structured method's dimensions: its own stage plots them
+            return []
+        by_type: dict[str, list[tuple[int, int]]] = defaultdict(list)
+        for name, rank in ranks.items():
+            parts = name.split(".")
+            layer = next(int(p) for p in parts if p.isdigit())
+            by_type[parts[-1]].append((layer, rank if rank is not None else -1))
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
+        for kind, points in sorted(by_type.items()):
+            points.sort()
+            ax1.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=kind)
+        ax1.set(title="allocated rank per layer (-1 = dense)", xlabel="layer", ylabel="rank")
+        ax1.legend(fontsize=7)
+        for ref, path in sorted(outputs.items()):
+            if ref.stage != "decompose":
+                continue
+            for key, (_, _, value) in artifacts.read_spectra(path).items():
+                energy = (value.double() ** 2).cumsum(0) / (value.double() ** 2).sum()
+                ax2.plot(energy.numpy(), alpha=0.3, color="C0" if "mlp" in key else "C1")
+        ax2.set(title="cumulative weighted σ² (blue mlp, orange attention)", xlabel="rank", ylabel="fraction kept")
+        return [artifacts.save_figure(fig, out / artifacts.PLOTS["ranks"], plt)]

@@ -21,7 +21,8 @@ are checkpointed after every epoch in the partition's resume directory: a crash 
 epoch and a resumed run ends with the same factors (bit-identical on CPU).
 
 The refined block's outputs on the shifted inputs are the next block's shifted inputs: the chain
-over layers is inherent to the objective, as in ``refit``.
+over layers is inherent to the objective, as in ``refit``. Joins for a ``SequentialMethod``; its
+factors (and refined norms) are each layer's final form.
 """
 
 from __future__ import annotations
@@ -30,28 +31,58 @@ import contextlib
 import copy
 import math
 import re
-from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import torch
 
-from stagepipe.engine.stage import Context, PartitionRef, Stage, Work
+from stagepipe.engine.stage import Context, Read, Work
 from stagepipe.errors import ConfigError, MetricError
-from stagepipe.faults import kill_point
 from stagepipe.linalg import MetricCache, anchored_svd
+from stagepipe.methods import SequentialMethod
 from stagepipe.models.blocks import BlockRunner
 from stagepipe.models.layout import block_linears, layout_for, weight_matrix
 from stagepipe.models.modeling_lowrank import install_factors
 from stagepipe.models.sources import DTYPES, resolve_device
-from stagepipe.stages import artifacts
-from stagepipe.stages.artifacts import CALIBRATION, layer_index, layer_partition
-from stagepipe.stages.requirements import needs
+from stagepipe.schedules import cosine_to_tenth
+from stagepipe.stagekit import artifacts
+from stagepipe.stagekit.artifacts import (
+    ALLOCATION,
+    ANCHOR,
+    CALIBRATION,
+    FISHER,
+    GROUPS,
+    HIDDEN,
+    MODEL_DIR,
+    REFINE_CHECKPOINT,
+    STATS,
+    TOKENS,
+    layer_index,
+)
+from stagepipe.stagekit.base import PipelineStage, register
+from stagepipe.stagekit.checkpoints import ResumableAdam
+from stagepipe.stagekit.cost import CostInputs, Estimate
+from stagepipe.stagekit.streams import Streams, stream_reads
 
 
-class AnchorStage(Stage):
+@register
+class AnchorStage(PipelineStage):
     name = "anchor"
-    version = 1
+    version = 2
     description = "anchored reduced-rank regression on shifted inputs (+ block refinement), layer by layer"
+    writes = {ANCHOR: "per factored linear: up and down at its rank; the refined norm weights",
+              HIDDEN: "the compressed block's outputs on the shifted inputs (the next block's shifted inputs)"}
+    assembly_payload = ANCHOR
+
+    @classmethod
+    def joins(cls, choices) -> bool:
+        return isinstance(choices.method, SequentialMethod)
+
+    @classmethod
+    def needs(cls, choices) -> dict[str, set[str]]:
+        found = {"snapshot": {MODEL_DIR}, "tokenize": {TOKENS}, "allocate": {ALLOCATION},
+                 "capture": {HIDDEN, STATS, GROUPS}, "anchor": {HIDDEN}}
+        return {**found, "fisher": {FISHER}} if choices.method.needs_gradients else found
 
     @staticmethod
     def check(config: Any, model: Any | None) -> None:
@@ -67,26 +98,69 @@ class AnchorStage(Stage):
     def partitions(self, ctx: Context) -> list[str] | None:
         return artifacts.model_layers(ctx)
 
-    def dependencies(self, ctx: Context, partition: str) -> list[PartitionRef]:
-        index = layer_index(partition)
-        deps = [artifacts.ref("snapshot"), artifacts.ref("tokenize", CALIBRATION), artifacts.ref("allocate"),
-                artifacts.ref("capture", partition)]
-        if needs(ctx.config).fisher:
-            deps.append(artifacts.ref("fisher", partition))
-        if index > 0:
-            deps += [artifacts.ref("capture", index - 1), artifacts.ref("anchor", index - 1)]
-        return deps
+    def reads(self, ctx: Context, partition: str) -> list[Read]:
+        reads = [Read(artifacts.ref("snapshot"), MODEL_DIR), Read(artifacts.ref("tokenize", CALIBRATION), TOKENS),
+                 Read(artifacts.ref("allocate"), ALLOCATION), Read(artifacts.ref("capture", partition), GROUPS),
+                 Read(artifacts.ref("capture", partition), STATS)]
+        if ctx.plan.method.needs_gradients:
+            reads.append(Read(artifacts.ref("fisher", partition), FISHER))
+        return reads + stream_reads(self.name, layer_index(partition), targets=True)
 
-    def transient(self, ctx: Context, partition: str) -> dict[str, list[PartitionRef]]:
-        """The stored block outputs are a hand-over to the partitions that read them."""
-        return artifacts.hidden_handover(self.name, ctx, partition)
+    def handovers(self, ctx: Context, partition: str) -> set[str]:
+        """The stored block outputs are a hand-over to the next partition, which reads them."""
+        return {HIDDEN}
 
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
-        return {"method": needs(ctx.config).method.sequential_options(), "batch_size": ctx.config.runtime.batch_size,
+        return {"method": ctx.plan.method.sequential_options(), "batch_size": ctx.config.runtime.batch_size,
                 "modules": ctx.config.target.modules, "activation_dtype": ctx.config.runtime.activation_dtype}
 
+    @classmethod
+    def cost(cls, c: CostInputs) -> Estimate:
+        """Original + compressed block, one pass pair per input group, the closed form's SVDs, and
+        ``refine_epochs`` × (forward + backward + an error pass) of the block. FLOPs: input moments
+        (≈2.5 passes: dense and compressed, stopped at each group's input), block error and outputs
+        (2), per refinement epoch fwd + bwd + error (≈4); float64: the closed form's factorisations."""
+        s = c.shapes
+        epochs = getattr(c.config.method, "refine_epochs", 0)
+        flops = s.layers * c.block_pass * (2.5 + 2 + 4 * epochs)
+        flops64 = s.layers * sum(9 * (m**3 + n**3) + 4 * m * n * (m + n) + 14 * m * n * min(m, n) for m, n in s.linears)
+        train = (s.block * 4 * 4 + c.batch_activations * 4) if epochs else 0  # fp32 factors + Adam moments + activations
+        ram = c.model_ram + s.block * c.weight_bytes + 2 * c.batch_activations + train
+        return Estimate(cls.name, s.layers * c.hidden, ram,
+                        c.gpu(2 * s.block * c.weight_bytes + 2 * c.batch_activations + train),
+                        f"{flops / 1e12:.1f} TFLOP of block linears ({epochs} refinement epochs); shifted block inputs",
+                        flops=flops, flops64=flops64)
+
+    @classmethod
+    def adjust(cls, rows: dict[str, Estimate], c: CostInputs) -> dict[str, Estimate]:
+        """With release on, its stored block outputs go once the next layer has read them."""
+        if not c.config.runtime.releases:
+            return rows
+        row = rows[cls.name]
+        return {**rows, cls.name: replace(row, disk=row.disk - (c.shapes.layers - 1) * c.hidden, transient=c.hidden)}
+
+    @classmethod
+    def assembles(cls, choices) -> bool:
+        return True
+
+    @classmethod
+    def layer_factors(cls, ctx: Context, work: Work, layer: int, ranks):
+        return artifacts.read_factors(work.input(cls.name, artifacts.layer_partition(layer)), ANCHOR)
+
+    @classmethod
+    def layer_params(cls, ctx: Context, work: Work, layer: int) -> dict[str, torch.Tensor]:
+        return artifacts.read_block_params(work.input(cls.name, artifacts.layer_partition(layer)), ANCHOR)
+
+    @classmethod
+    def summarize(cls, manifests) -> dict[str, Any]:
+        """The floor each shifted-input Gram (and each output-side metric) needed, per matrix."""
+        repairs = [{"matrix": f"{ref.partition}.{name}", "side": side, **item[side]}
+                   for ref, manifest in sorted(manifests.items()) for name, item in manifest.diagnostics.get("linears", {}).items()
+                   for side in ("left", "right") if item[side].get("n_floored")]
+        return {"repairs": repairs}
+
     def run(self, ctx: Context, work: Work) -> dict[str, Any]:
-        method = needs(ctx.config).method
+        method = ctx.plan.method
         cfg = ctx.config.method
         index = layer_index(work.partition)
         runner = BlockRunner(artifacts.model_dir(work.input("snapshot")), resolve_device(ctx.config.model.device),
@@ -100,8 +174,8 @@ class AnchorStage(Stage):
         metric = None
         if cfg.refine_epochs and cfg.refine_metric == "kfac_out":
             metric = _block_output_metric(stats, runner.layout.residual_out, work.partition, runner.device)
-        streams = _Streams(runner, index, artifacts.read_windows(work.input("tokenize", CALIBRATION)), work,
-                           ctx.config.runtime.batch_size, metric)
+        streams = _AnchorStreams(runner, index, artifacts.read_windows(work.input("tokenize", CALIBRATION)), work,
+                                 ctx.config.runtime.batch_size, metric)
         compressed = copy.deepcopy(original)
         factor = MetricCache(cfg.floor_rel, runner.device)
         info: dict[str, Any] = {}
@@ -137,7 +211,7 @@ class AnchorStage(Stage):
             factors[f"{name}.down"] = module.down.weight.detach().float().cpu()
         if cfg.refine_norms:  # only with refine_epochs (the config says so)
             factors.update({name: param.detach().float().cpu() for name, param in norm_parameters(compressed)})
-        artifacts.write_factors(work.out, artifacts.ANCHOR, factors)
+        artifacts.write_factors(work.out, ANCHOR, factors)
         work.diagnostics.update(linears=info, block=block)  # repairs and block errors: measured, not read
         return {"ranks": dict(ranks)}
 
@@ -169,26 +243,18 @@ class _Reached(Exception):
     """Raised by a forward pre-hook once the wanted linear's input is seen: stops the block pass."""
 
 
-class _Streams:
+class _AnchorStreams(Streams):
     """The calibration windows of one block, batch by batch: dense inputs (``capture``), shifted
-    inputs (``anchor`` of the block below) and dense outputs (``capture`` of this block)."""
+    inputs (``anchor`` of the block below) and dense outputs (``capture`` of this block), with the
+    moments and the block error the objective and the refinement need."""
 
     def __init__(self, runner: BlockRunner, index: int, ids: torch.Tensor, work: Work, batch: int,
                  metric: torch.Tensor | None = None) -> None:
-        self.runner, self.index, self.ids, self.work, self.batch = runner, index, ids, work, batch
+        super().__init__(runner, index, ids, work, batch, "anchor")
         self.metric = metric  # of the block-output error (None: Euclidean)
-        self.hidden_shape = (len(ids), ids.shape[1], runner.config.hidden_size)
-        self.targets = artifacts.open_hidden(work.input("capture", layer_partition(index)))
 
-    def dense(self) -> Iterator[tuple[int, torch.Tensor]]:
-        return artifacts.block_inputs(self.runner, self.index, self.ids, self.work, self.batch, source="capture")
-
-    def shifted(self, batch: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
-        return artifacts.block_inputs(self.runner, self.index, self.ids, self.work, batch or self.batch, source="anchor")
-
-    def target(self, start: int, batch: int | None = None) -> torch.Tensor:
-        stop = start + (batch or self.batch)
-        return artifacts.read_rows(self.targets, start, stop).to(self.runner.device, torch.float32)
+    def shifted(self, batch: int | None = None):
+        return self.running(batch)
 
     @torch.no_grad()
     def input_moments(self, original: torch.nn.Module, compressed: torch.nn.Module,
@@ -208,7 +274,7 @@ class _Streams:
         cross = gram = None
         tokens = 0
         try:
-            for (_, dense), (_, shifted) in zip(self.dense(), self.shifted(), strict=True):
+            for dense, shifted in self.pairs():
                 for block, hidden in ((original, dense), (compressed, shifted)):
                     with contextlib.suppress(_Reached):
                         self.runner.run_block(block, hidden)
@@ -243,14 +309,13 @@ class _Streams:
 class _Refinement:
     """Adam on the block's factors against the dense block output, best epoch kept, checkpointed.
 
-    Adam updates float32 *master* copies of the factors: for a float32 block they are the block's
-    own parameters; for a bfloat16 block (GPU) the gradients are cast up, the step is taken in
-    float32 and the result rounded into the block, so small updates are not lost to bf16 rounding.
+    Adam (``ResumableAdam``) updates float32 *master* copies of the factors: for a float32 block
+    they are the block's own parameters; for a bfloat16 block (GPU) the gradients are cast up, the
+    step is taken in float32 and the result rounded into the block, so small updates are not lost
+    to bf16 rounding.
     """
 
-    FILE = "refine.safetensors"
-
-    def __init__(self, cfg: Any, block: torch.nn.Module, names: list[str], streams: _Streams, work: Work) -> None:
+    def __init__(self, cfg: Any, block: torch.nn.Module, names: list[str], streams: _AnchorStreams, work: Work) -> None:
         self.cfg, self.block, self.streams, self.work = cfg, block, streams, work
         self.params = [getattr(block.get_submodule(n), part).weight for n in names for part in ("up", "down")]
         self.params += [param for _, param in norm_parameters(block)] if cfg.refine_norms else []
@@ -261,49 +326,45 @@ class _Refinement:
 
     def rate(self, step: int) -> float:
         """Linear warm-up to ``refine_lr``, then cosine decay to a tenth of it."""
-        warm = int(self.cfg.refine_warmup * self.total)
-        if step < warm:
-            return self.cfg.refine_lr * (step + 1) / warm
-        progress = (step - warm) / max(1, self.total - warm)
-        return self.cfg.refine_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+        return cosine_to_tenth(self.cfg.refine_lr, step, 0, self.total, int(self.cfg.refine_warmup * self.total))
 
     def run(self, start_error: float) -> dict[str, Any]:
         for param in self.block.parameters():
             param.requires_grad_(False)
         for param in self.params:
             param.requires_grad_(True)
-        optimizer = torch.optim.Adam(self.masters, lr=self.cfg.refine_lr)
-        epoch, history, best = self._resume(optimizer, start_error)
+        adam = ResumableAdam(self.masters, self.cfg.refine_lr, self.work.resume / REFINE_CHECKPOINT, "refine-saved")
+        epoch, history, best = self._resume(adam, start_error)
         while epoch < self.cfg.refine_epochs:
             for step, (start, shifted) in enumerate(self.streams.shifted(self.batch)):
-                for group in optimizer.param_groups:
-                    group["lr"] = self.rate(epoch * self.steps_per_epoch + step)
                 out = self.streams.runner.run_block(self.block, shifted).float()
                 target = self.streams.target(start, self.batch)
                 if self.streams.metric is None:
                     loss = torch.nn.functional.mse_loss(out, target)
                 else:
                     loss = _weighted_square(out - target, self.streams.metric).mean()
-                optimizer.zero_grad(set_to_none=True)
+                adam.zero_grad()
                 loss.backward()
                 for param, master in zip(self.params, self.masters, strict=True):
                     if master is not param:
                         master.grad, param.grad = param.grad.float(), None
                 torch.nn.utils.clip_grad_norm_(self.masters, self.cfg.refine_clip)
-                optimizer.step()
+                adam.step(self.rate(epoch * self.steps_per_epoch + step))
                 self._load(self.masters)
             epoch += 1
             history.append(self.streams.block_error(self.block))
             if history[-1] < history[best["epoch"]]:
                 best = {"epoch": epoch, "state": [m.detach().clone() for m in self.masters]}
-            self._save(epoch, optimizer, history, best)
+            tensors = {f"param.{i}": m.detach() for i, m in enumerate(self.masters)}
+            tensors.update({f"best.{i}": t for i, t in enumerate(best["state"])})
+            adam.save(tensors, {"epoch": epoch, "history": history, "best_epoch": best["epoch"]})
         self._load(best["state"])
         for param in self.params:
             param.requires_grad_(False)
         return {"rel_err_refined": history[best["epoch"]], "refine_history": history, "refine_best_epoch": best["epoch"]}
 
-    def _resume(self, optimizer: torch.optim.Optimizer, start_error: float) -> tuple[int, list[float], dict[str, Any]]:
-        found = artifacts.read_checkpoint(self.work.resume / self.FILE)
+    def _resume(self, adam: ResumableAdam, start_error: float) -> tuple[int, list[float], dict[str, Any]]:
+        found = adam.resume()
         if found is None:
             return 0, [start_error], {"epoch": 0, "state": [m.detach().clone() for m in self.masters]}
         tensors, meta = found
@@ -311,19 +372,9 @@ class _Refinement:
             for i, master in enumerate(self.masters):
                 master.copy_(tensors[f"param.{i}"])
         self._load(self.masters)
-        artifacts.load_optimizer(optimizer, tensors, meta["param_groups"], len(self.params))
         self.work.telemetry["resumed_from_epoch"] = meta["epoch"]
         best = {"epoch": meta["best_epoch"], "state": [tensors[f"best.{i}"] for i in range(len(self.params))]}
         return meta["epoch"], meta["history"], best
-
-    def _save(self, epoch: int, optimizer: torch.optim.Optimizer, history: list[float], best: dict[str, Any]) -> None:
-        adam, param_groups = artifacts.optimizer_tensors(optimizer)
-        tensors = {f"param.{i}": m.detach() for i, m in enumerate(self.masters)}
-        tensors.update({f"best.{i}": t for i, t in enumerate(best["state"])})
-        tensors.update(adam)
-        meta = {"epoch": epoch, "history": history, "best_epoch": best["epoch"], "param_groups": param_groups}
-        artifacts.write_checkpoint(self.work.resume / self.FILE, tensors, meta)
-        kill_point("refine-saved")
 
     def _load(self, values: list[torch.Tensor]) -> None:
         """Copy float32 values (masters or the best state) into the block's factors."""

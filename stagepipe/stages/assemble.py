@@ -1,14 +1,15 @@
 """``assemble``: the compressed model as a Hugging Face directory.
 
-Writes one safetensors shard per decoder block (targets replaced by ``<name>.down.weight`` /
-``<name>.up.weight`` / ``<name>.up.bias`` truncated to the allocated rank; everything else copied),
-a shard for the rest, ``model.safetensors.index.json``, ``config.json`` with the ranks and
-``auto_map`` to the bundled ``modeling_lowrank.py``, and the tokenizer. Before finishing it checks
-on a meta-device instance that the checkpoint has exactly the keys the class expects.
+Writes one safetensors shard per decoder block, a shard for the rest, the index, ``config.json``
+with the family's fields and ``auto_map`` to the family's self-contained modeling file (copied
+beside it), and the tokenizer; before finishing it checks on a meta-device instance that the
+checkpoint has exactly the keys the class expects.
 
-With remapping (``Method.storage() == "remap8"``) a factored linear is written as
-``modeling_lowrank.remap_factors`` encodes it (int8 square parts, fp16 scales and rest, the
-original ``<name>.bias``) and listed in ``config.lowrank_remapped``.
+Each block's shard is the final form of the layer as the stage that gives it (``Plan.assembler``)
+makes it: decompose's weighted SVD truncated at the allocated ranks, or a method kind's own
+factors (rank_factors, anchor, refit, a learned method's train), or a structured method's smaller
+block (structure) — ``PipelineStage.layer_shard``; the family (``modeling_lowrank``,
+``modeling_structured``) is that stage's ``model_family``. This stage knows none of them.
 """
 
 from __future__ import annotations
@@ -21,178 +22,108 @@ from typing import Any
 import torch
 from transformers import AutoConfig
 
-from stagepipe.engine.stage import Context, PartitionRef, Stage, Work
+from stagepipe.engine.stage import Context, Read, Work
 from stagepipe.errors import StagepipeError
 from stagepipe.io import safetensors_io
-from stagepipe.models import modeling_lowrank, modeling_structured
-from stagepipe.models.layout import layout_for
 from stagepipe.models.sources import weight_map
-from stagepipe.stages import artifacts
-from stagepipe.stages.artifacts import layer_index
-from stagepipe.stages.requirements import needs
-
-#: model family (the ``<family>_`` prefix of the written ``model_type``) → its self-contained modeling
-#: file and that file's ``{base model_type: (config class name, model class name)}``
-FAMILIES = {"lowrank": (modeling_lowrank, modeling_lowrank.LOWRANK_CLASSES),
-            "structured": (modeling_structured, modeling_structured.STRUCTURED_CLASSES)}
+from stagepipe.stagekit import artifacts
+from stagepipe.stagekit.artifacts import ALLOCATION, MODEL_CONFIG, MODEL_DIR, MODEL_INDEX, REST_SHARD
+from stagepipe.stagekit.base import STAGES, PipelineStage, register
+from stagepipe.stagekit.cost import CostInputs, Estimate
+from stagepipe.stagekit.plan import assembler_of
 
 
-class AssembleStage(Stage):
+@register
+class AssembleStage(PipelineStage):
     name = "assemble"
     version = 2
-    description = "write the low-rank model as a from_pretrained-loadable directory"
+    description = "write the compressed model as a from_pretrained-loadable directory"
+    writes = {MODEL_DIR: "the compressed model: a shard per block, the rest, index, config.json, modeling file, tokenizer"}
 
-    def dependencies(self, ctx: Context, partition: str) -> list[PartitionRef]:
-        layers = artifacts.model_layers(ctx) or []
-        need = needs(ctx.config)
-        if need.structure:
-            return [artifacts.ref("snapshot"), artifacts.ref("allocate")] + [artifacts.ref("structure", p) for p in layers]
-        deps = [artifacts.ref("snapshot"), artifacts.ref("allocate")] + [artifacts.ref("decompose", p) for p in layers]
-        if need.residual:
-            deps += [artifacts.ref("residual", p) for p in layers]
-        if need.anchor:
-            deps += [artifacts.ref("anchor", p) for p in layers]
-        if need.refit:
-            deps += [artifacts.ref("refit", p) for p in layers]
-        if need.learned_factors:
-            deps.append(artifacts.ref("train"))
-        return deps
+    @classmethod
+    def needs(cls, choices) -> dict[str, set[str]]:
+        source = STAGES[assembler_of(choices)]
+        return {"snapshot": {MODEL_DIR}, "allocate": {ALLOCATION}, source.name: {source.assembly_payload}}
+
+    def reads(self, ctx: Context, partition: str) -> list[Read]:
+        source = ctx.plan.stage_class(ctx.plan.assembler)
+        layers = range(artifacts.num_layers(ctx)) if ctx.facts is not None else ()
+        per_layer = [read for layer in layers for read in source.assembly_reads(ctx, layer)]
+        return [Read(artifacts.ref("snapshot"), MODEL_DIR), Read(artifacts.ref("allocate"), ALLOCATION),
+                *dict.fromkeys(per_layer)]
 
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
-        storage = needs(ctx.config).method.storage()
+        storage = ctx.plan.method.storage()
         return {"storage": storage} if storage != "16-bit" else {}  # 16-bit outputs keep their keys
+
+    @classmethod
+    def cost(cls, c: CostInputs) -> Estimate:
+        s = c.shapes
+        return Estimate(cls.name, s.params * c.weight_bytes * c.config.target.kept_fraction, c.rest_load + 2 * s.block * c.weight_bytes, 0)
 
     def run(self, ctx: Context, work: Work) -> dict[str, Any]:
         snapshot = artifacts.model_dir(work.input("snapshot"))
         config = AutoConfig.from_pretrained(snapshot)
-        structured = needs(ctx.config).structure
-        remap = needs(ctx.config).method.storage() == "remap8"
-        family = "structured" if structured else "lowrank"
-        if config.model_type not in FAMILIES[family][1]:
-            raise StagepipeError(f"no {family} class for architecture {config.model_type!r}")
-        layout = layout_for(config.model_type)
+        source = ctx.plan.stage_class(ctx.plan.assembler)
         ranks = artifacts.read_ranks(work.input("allocate"))
-        factored = {n: r for n, r in ranks.items() if r is not None}
-        dims = artifacts.read_structure_dims(work.input("allocate")) if structured else None
+        module, extra = source.model_family(ctx, work, ranks)
+        if config.model_type not in module.CLASSES:
+            raise StagepipeError(f"no {module.FAMILY} class for architecture {config.model_type!r}")
+        layout = ctx.plan.layout
         wmap = weight_map(snapshot)
         target = artifacts.model_dir(work.out)
         target.mkdir()
         index: dict[str, str] = {}
         total = 0
-        by_layer = {stage: {layer_index(r.partition): d for r, d in work.inputs.items() if r.stage == stage}
-                    for stage in ("decompose", "residual", "anchor", "refit", "structure")}
-        trained = work.inputs.get(artifacts.ref("train")) if needs(ctx.config).learned_factors else None
-        files: dict[str, list[str]] = {}
-        for key, file in wmap.items():
-            files.setdefault(file, []).append(key)
         for i in range(int(config.num_hidden_layers)):
             prefix = layout.layer_prefix(i)
-            layer_keys = [k for k in wmap if k.startswith(prefix)]
-            if structured:
-                shard = self._structured_shard(snapshot, wmap, layer_keys, prefix, by_layer["structure"][i])
-            else:
-                sources = (by_layer["decompose"][i], by_layer["residual"].get(i), by_layer["anchor"].get(i),
-                           by_layer["refit"].get(i))
-                learned = artifacts.read_learned(trained, i) if trained is not None else None
-                shard = self._layer_shard(snapshot, wmap, layer_keys, prefix, sources, factored, learned, remap)
-            name = f"layer-{i:03d}.safetensors"
+            tensors: dict[str, torch.Tensor] = {}
+            for key in (k for k in wmap if k.startswith(prefix)):
+                tensors.update(safetensors_io.read(snapshot / wmap[key], [key]))
+            shard = source.layer_shard(ctx, work, i, tensors, ranks)
+            name = artifacts.layer_shard_name(i)
             safetensors_io.write_atomic(target / name, shard)
             index.update(dict.fromkeys(shard, name))
             total += sum(t.numel() * t.element_size() for t in shard.values())
-        rest_keys = [k for k in wmap if not k.startswith(layout.layers_path + ".")]
         rest = {}
-        for key in rest_keys:
+        for key in (k for k in wmap if not k.startswith(layout.layers_path + ".")):
             rest.update(safetensors_io.read(snapshot / wmap[key], [key]))
-        safetensors_io.write_atomic(target / "rest.safetensors", rest)
-        index.update(dict.fromkeys(rest, "rest.safetensors"))
+        safetensors_io.write_atomic(target / REST_SHARD, rest)
+        index.update(dict.fromkeys(rest, REST_SHARD))
         total += sum(t.numel() * t.element_size() for t in rest.values())
-        (target / "model.safetensors.index.json").write_text(
+        (target / MODEL_INDEX).write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(index.items()))}, indent=1))
-        extra = {"structured_layers": dims} if structured else {"lowrank_ranks": dict(sorted(factored.items()))}
-        if remap:
-            extra["lowrank_remapped"] = sorted(factored)
-        self._write_config(snapshot, target, config.model_type, family, extra)
+        self._write_config(snapshot, target, config.model_type, module, extra)
         for item in snapshot.iterdir():
-            if item.name.startswith(("tokenizer", "special_tokens", "generation_config", "vocab", "merges")):
+            if item.name.startswith(artifacts.TOKENIZER_FILES):
                 shutil.copy(item, target / item.name)
-        self._check_keys(target, set(index))
-        return {"n_factored": len(factored), "bytes": total, **({"structured_layers": dims} if structured else {})}
+        self._check_keys(target, set(index), module)
+        factored = extra.get("lowrank_ranks", {})
+        return {"n_factored": len(factored), "bytes": total,
+                **({"structured_layers": extra["structured_layers"]} if "structured_layers" in extra else {})}
 
     @staticmethod
-    def _layer_shard(snapshot: Path, wmap: dict[str, str], keys: list[str], prefix: str,
-                     sources: tuple[Path, Path | None, Path | None, Path | None],
-                     factored: dict[str, int],
-                     learned: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
-                     remap: bool = False) -> dict[str, torch.Tensor]:
-        """Block tensors with each factored linear replaced by its final factors: ``train``'s or
-        ``anchor``'s where they ran (with the norm weights its refinement trained), else
-        ``decompose``'s (or ``residual``'s) at the rank, with ``refit``'s up factors; remapped
-        (8-bit square part) when ``remap``."""
-        decomposed, residual, anchored, refitted = sources
-        tensors: dict[str, torch.Tensor] = {}
-        for key in keys:
-            tensors.update(safetensors_io.read(snapshot / wmap[key], [key]))
-        ranks = artifacts.block_ranks(factored, prefix)
-        if not ranks:
-            return tensors
-        if learned is not None:
-            factors = learned
-        elif anchored is not None:
-            factors = artifacts.read_anchored(anchored)
-            for local, value in artifacts.read_anchored_params(anchored).items():  # refined norms
-                tensors[prefix + local] = value.to(tensors[prefix + local].dtype)
-        else:
-            factors = artifacts.allocated_factors(decomposed, residual, ranks)
-        updates = artifacts.read_refit(refitted) if refitted is not None else {}
-        for local, (up, down) in factors.items():
-            full = prefix + local
-            weight = tensors.pop(f"{full}.weight")
-            up = updates[local] if updates else up
-            if remap:  # the bias keeps its name: RemappedLinear.bias
-                tensors.update({f"{full}.{key}": t for key, t in modeling_lowrank.remap_factors(up, down).items()})
-                continue
-            tensors[f"{full}.up.weight"] = up.to(weight.dtype)
-            tensors[f"{full}.down.weight"] = down.to(weight.dtype)
-            if f"{full}.bias" in tensors:
-                tensors[f"{full}.up.bias"] = tensors.pop(f"{full}.bias")
-        return tensors
-
-    @staticmethod
-    def _structured_shard(snapshot: Path, wmap: dict[str, str], keys: list[str], prefix: str,
-                          structure: Path) -> dict[str, torch.Tensor]:
-        """Block tensors with the rewritten linears (and ``rope_index``) from ``structure``."""
-        reduced = artifacts.read_structure(structure)
-        tensors: dict[str, torch.Tensor] = {}
-        for key in keys:
-            if key[len(prefix):] not in reduced:
-                tensors.update(safetensors_io.read(snapshot / wmap[key], [key]))
-        tensors.update({prefix + local: t for local, t in reduced.items()})
-        return tensors
-
-    @staticmethod
-    def _write_config(snapshot: Path, target: Path, model_type: str, family: str, extra: dict[str, Any]) -> None:
+    def _write_config(snapshot: Path, target: Path, model_type: str, module: Any, extra: dict[str, Any]) -> None:
         """The snapshot's ``config.json`` as ``<family>_<model_type>`` with the family's fields
         (``extra``) and ``auto_map`` to its modeling file, copied beside it."""
-        module, classes = FAMILIES[family]
         file = Path(module.__file__)
-        config_name, model_name = classes[model_type]
-        data = json.loads((snapshot / "config.json").read_text())
+        config_name, model_name = module.CLASSES[model_type]
+        data = json.loads((snapshot / MODEL_CONFIG).read_text())
         data.update({
-            "model_type": f"{family}_{model_type}",
+            "model_type": f"{module.FAMILY}_{model_type}",
             "architectures": [model_name],
             **extra,
             "auto_map": {"AutoConfig": f"{file.stem}.{config_name}", "AutoModelForCausalLM": f"{file.stem}.{model_name}"},
         })
-        (target / "config.json").write_text(json.dumps(data, indent=1, sort_keys=True))
+        (target / MODEL_CONFIG).write_text(json.dumps(data, indent=1, sort_keys=True))
         shutil.copy(file, target / file.name)
 
     @staticmethod
-    def _check_keys(target: Path, written: set[str]) -> None:
+    def _check_keys(target: Path, written: set[str], module: Any) -> None:
         """Zero missing / unexpected keys against the written family's class, checked on the meta device."""
-        data = json.loads((target / "config.json").read_text())
-        family, _, base = data["model_type"].partition("_")
-        module, classes = FAMILIES[family]
-        config_name, model_name = classes[base]
+        data = json.loads((target / MODEL_CONFIG).read_text())
+        base = data["model_type"].removeprefix(f"{module.FAMILY}_")
+        config_name, model_name = module.CLASSES[base]
         fields = {k: v for k, v in data.items() if k not in {"auto_map", "architectures", "model_type"}}
         config = getattr(module, config_name)(**fields)
         with torch.device("meta"):

@@ -9,20 +9,39 @@ architecture groups correctly. Inputs come from the *original* model (parallel s
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from stagepipe.engine.stage import Context, PartitionRef, Stage, Work
+from stagepipe.engine.stage import Context, PartitionRef, Read, Work
 from stagepipe.models.blocks import BlockRunner
 from stagepipe.models.layout import block_linears
 from stagepipe.models.sources import DTYPES, resolve_device
-from stagepipe.stages import artifacts
-from stagepipe.stages.artifacts import CALIBRATION, layer_index, layer_partition
-from stagepipe.stages.estimate import capture_interval, checkpoints
-from stagepipe.stages.requirements import needs
+from stagepipe.stagekit import artifacts
+from stagepipe.stagekit.artifacts import (
+    CALIBRATION,
+    GROUPS,
+    HIDDEN,
+    MODEL_DIR,
+    STATS,
+    TOKENS,
+    layer_index,
+    layer_partition,
+)
+from stagepipe.stagekit.base import PipelineStage, register
+from stagepipe.stagekit.cost import CostInputs, Estimate
+from stagepipe.stagekit.plan import checkpoints, later_hidden_readers, recomputed_captures
+from stagepipe.stagekit.shards import (
+    add_gram,
+    add_in_shard_order,
+    shard_label,
+    shard_ranges,
+    sharded,
+    with_shards,
+)
+from stagepipe.stagekit.streams import block_input_rows
 
 
 def input_groups(block: torch.nn.Module, linears: dict[str, torch.nn.Module], runner: BlockRunner,
@@ -47,47 +66,93 @@ def input_groups(block: torch.nn.Module, linears: dict[str, torch.nn.Module], ru
     return groups
 
 
-class CaptureStage(Stage):
+@register
+class CaptureStage(PipelineStage):
     name = "capture"
-    version = 2
+    version = 3
     description = "block-by-block forward: input Grams per distinct input + next block inputs"
+    writes = {HIDDEN: "the block's outputs over the calibration windows (the next block's inputs)",
+              STATS: "input statistics per distinct input: Gram, Σ|x|, max|x| (float64 sums)",
+              GROUPS: "linear → the first linear fed the same input tensor"}
+
+    @classmethod
+    def needs(cls, choices) -> dict[str, set[str]]:
+        return {"snapshot": {MODEL_DIR}, "tokenize": {TOKENS}, "capture": {HIDDEN}}
 
     def partitions(self, ctx: Context) -> list[str] | None:
         return artifacts.model_layers(ctx)
 
-    def dependencies(self, ctx: Context, partition: str) -> list[PartitionRef]:
-        deps = [artifacts.ref("snapshot"), artifacts.ref("tokenize", CALIBRATION)]
+    def reads(self, ctx: Context, partition: str) -> list[Read]:
+        reads = [Read(artifacts.ref("snapshot"), MODEL_DIR), Read(artifacts.ref("tokenize", CALIBRATION), TOKENS)]
         index = layer_index(partition)
-        if index > 0:
-            deps.append(artifacts.ref("capture", index - 1))
-        return deps
+        return reads + ([Read(artifacts.ref("capture", index - 1), HIDDEN)] if index > 0 else [])
 
-    def transient(self, ctx: Context, partition: str) -> dict[str, list[PartitionRef]]:
+    def handovers(self, ctx: Context, partition: str) -> set[str]:
         """The stored block outputs are a hand-over to the partitions that read them; under a disk
         budget the input statistics too (to this layer's decompose and the other readers)."""
-        statistics = artifacts.statistics_handover(self.name, ctx, partition) if needs(ctx.config).capture_stats else {}
-        return {**artifacts.hidden_handover(self.name, ctx, partition), **statistics}
+        budget = ctx.config.runtime.disk_budget_gb is not None and ctx.plan.capture_stats
+        return {HIDDEN, STATS} if budget else {HIDDEN}
 
     def early_release(self, ctx: Context, partition: str) -> dict[str, list[PartitionRef]]:
         """Under a disk budget, block outputs of layers that are not checkpoints go once the next
-        block's capture is done; a later stage that reads them restores them (``estimate.capture_interval``)."""
-        index, layers = layer_index(partition), int(ctx.model.num_hidden_layers)
-        if index == layers - 1 or ctx.config.runtime.disk_budget_gb is None:
+        block's capture is done; a later stage that reads them restores them (``Plan.interval``)."""
+        index, layers = layer_index(partition), artifacts.num_layers(ctx)
+        if index == layers - 1 or ctx.config.runtime.disk_budget_gb is None or index in checkpoints(layers, ctx.plan.interval):
             return {}
-        memo = (id(ctx.config), id(ctx.model))
-        if getattr(self, "_interval", (None, 1))[0] != memo:
-            self._interval = (memo, capture_interval(ctx.config, ctx.model))
-        if index in checkpoints(layers, self._interval[1]):
-            return {}
-        return {artifacts.HIDDEN: [artifacts.ref(self.name, index + 1)]}
+        return {HIDDEN: [artifacts.ref(self.name, index + 1)]}
 
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
-        slice_ = {"stats": sorted(needs(ctx.config).capture_stats), "modules": ctx.config.target.modules,
+        slice_ = {"stats": sorted(ctx.plan.capture_stats), "modules": ctx.config.target.modules,
                   "batch_size": ctx.config.runtime.batch_size, "activation_dtype": ctx.config.runtime.activation_dtype}
-        return artifacts.with_shards(slice_, ctx)
+        return with_shards(slice_, ctx)
 
     def fans_out(self, ctx: Context, partition: str) -> bool:
-        return artifacts.sharded(ctx)
+        return sharded(ctx)
+
+    @classmethod
+    def cost(cls, c: CostInputs) -> Estimate:
+        s, layers = c.shapes, c.shapes.layers
+        captured_grams = c.grams if "gram" in c.plan.capture_stats else 0.0  # else fisher's (``Plan.gram_in_fisher``)
+        work = c.block_pass * (layers + recomputed_captures(c.plan, layers, c.plan.interval))
+        gram_flops = 2 * c.tokens * (3 * s.d**2 + s.ff**2) if "gram" in c.plan.capture_stats else 0
+        return Estimate(cls.name, layers * (c.hidden + captured_grams),
+                        c.rest_load + s.block * c.weight_bytes + c.batch_activations + captured_grams,
+                        c.gpu(s.block * c.weight_bytes + c.batch_activations + captured_grams),
+                        f"{layers} × block inputs {c.hidden / 2**20:.0f} MB", flops=work,
+                        flops64=(layers + recomputed_captures(c.plan, layers, c.plan.interval)) * gram_flops)
+
+    @classmethod
+    def adjust(cls, rows: dict[str, Estimate], c: CostInputs) -> dict[str, Estimate]:
+        """With release on, the stored block outputs live until the last stage that reads them: all
+        at once if a later stage does and the interval is 1, else the checkpoints plus one restored
+        segment of ``interval − 1``; two at a time if no later stage reads them; the last layer's
+        stays. Under a disk budget the Grams go once the layer's decompose is done (two at a time;
+        all of them until fisher, which needs every block's inputs first, when fisher runs)."""
+        config, plan, layers, hidden = c.config, c.plan, c.shapes.layers, c.hidden
+        row = rows[cls.name]
+        if config.runtime.releases:
+            later = later_hidden_readers(plan)
+            until = later[-1] if later else None
+            kept = len(checkpoints(layers, plan.interval))
+            live = min(kept + plan.interval - 1, layers - 1)
+            note = f" (released after {until or 'the next block'})"
+            if until and plan.interval > 1:
+                note = (f"; block outputs kept every {plan.interval} layers ({kept} + the last), "
+                        f"{recomputed_captures(plan, layers, plan.interval)} layer captures recomputed for {', '.join(later)}")
+            row = replace(row, disk=row.disk - (layers - 1) * hidden, transient=live * hidden if until else hidden,
+                          until=until, note=row.note + note)
+        grams = c.grams if "gram" in plan.capture_stats else 0.0
+        readers = plan.readers(cls.name, STATS)
+        per_layer = plan.joined("allocate") and all(plan.stages.index(r) < plan.stages.index("allocate") for r in readers)
+        if config.runtime.disk_budget_gb is not None and plan.joined("decompose") and grams and readers and per_layer:
+            # every reader runs layer by layer before the allocation (consumers first); one that runs
+            # after it (anchor, structure, rank_factors) holds every layer's statistics until then
+            live, until = (layers, "fisher") if plan.joined("fisher") else (2, readers[-1])
+            row = replace(row, disk=row.disk - layers * grams, extra=((live * grams, until),),
+                          note=row.note + f"; Grams released after decompose ({live} at a time)")
+        if config.runtime.shards > 1:  # same bytes; the work of a layer splits over the shards' workers
+            row = replace(row, note=row.note + f"; {config.runtime.shards} shards per layer (time ÷ shards on as many workers)")
+        return {**rows, cls.name: row}
 
     def run(self, ctx: Context, work: Work) -> dict[str, Any]:
         """One job per shard of the windows (``runtime.shards``; one job without shards): each runs
@@ -97,21 +162,20 @@ class CaptureStage(Stage):
         batch = ctx.config.runtime.batch_size
         tokens_dir = work.input("tokenize", CALIBRATION)
         ids = artifacts.read_windows(tokens_dir)
-        wanted = needs(ctx.config).capture_stats
-        artifacts.create_hidden(work.out, (len(ids), ids.shape[1], int(ctx.model.hidden_size)),
+        wanted = ctx.plan.capture_stats
+        artifacts.create_hidden(work.out, (len(ids), ids.shape[1], int(ctx.facts.hidden_size)),
                                 ctx.config.runtime.activation_dtype, batch)
-        ranges = artifacts.shard_ranges(len(ids), batch, ctx.config.runtime.shards)
+        ranges = shard_ranges(len(ids), batch, ctx.config.runtime.shards)
         jobs = [CaptureJob(snapshot=artifacts.model_dir(work.input("snapshot")), tokens=tokens_dir,
                            below=None if index == 0 else work.input("capture", layer_partition(index - 1)), out=work.out,
                            index=index, rows=rows, device=ctx.config.model.device, dtype=ctx.config.model.dtype,
                            modules=ctx.config.target.modules, batch=batch, wanted=wanted)
                 for rows in ranges]
-        parts = work.fan_out.map(capture_shard, jobs, [artifacts.shard_label(self.name, work.partition, i)
-                                                       for i in range(len(jobs))])
+        parts = work.fan_out.map(capture_shard, jobs, [shard_label(self.name, work.partition, i) for i in range(len(jobs))])
         groups = parts[0].groups
         if any(part.groups != groups for part in parts):
             raise RuntimeError(f"capture@{work.partition}: shards found different input groups")
-        stats = artifacts.add_in_shard_order([part.stats for part in parts])
+        stats = add_in_shard_order([part.stats for part in parts])
         tokens = sum(part.tokens for part in parts)
         artifacts.write_input_stats(work.out, stats if wanted else {}, tokens, groups)
         results = {"tokens": tokens, "groups": groups, "distinct_inputs": len(set(groups.values()))}
@@ -160,7 +224,7 @@ def capture_shard(job: CaptureJob) -> CapturePart:
     cosines: list[float] = []
     handles = []
     try:
-        for start, hidden in artifacts.block_input_rows(runner, ids, job.below, job.batch, offset=lo):
+        for start, hidden in block_input_rows(runner, ids, job.below, job.batch, offset=lo):
             if groups is None:
                 groups = input_groups(block, linears, runner, hidden.to(runner.device))
                 for name in sorted(set(groups.values())):
@@ -187,7 +251,7 @@ def _accumulate(stats: dict[str, torch.Tensor], group: str, x: torch.Tensor, wan
     """Add one batch of a group's inputs: Gram in float64, per-channel Σ|x| and max|x|."""
     flat = x.detach().reshape(-1, x.shape[-1])
     if "gram" in wanted:
-        artifacts.add_gram(stats, f"gram.{group}", x)
+        add_gram(stats, f"gram.{group}", x)
     if "abs" in wanted:
         absolute = flat.abs().to(torch.float64)
         stats[f"abs_sum.{group}"] = stats.get(f"abs_sum.{group}", 0) + absolute.sum(0)

@@ -14,39 +14,93 @@ from typing import Any
 
 import torch
 
-from stagepipe.engine.stage import Context, PartitionRef, Stage, Work
+from stagepipe.engine.stage import Context, Read, Work
 from stagepipe.linalg import MetricCache, weighted_svd
 from stagepipe.models.blocks import BlockRunner
 from stagepipe.models.layout import block_linears, weight_matrix
 from stagepipe.models.sources import DTYPES, resolve_device
-from stagepipe.stages import artifacts
-from stagepipe.stages.artifacts import layer_index
-from stagepipe.stages.requirements import needs
+from stagepipe.stagekit import artifacts
+from stagepipe.stagekit.artifacts import FISHER, GROUPS, MODEL_DIR, STATS, WEIGHTED_SVD, layer_index
+from stagepipe.stagekit.base import PipelineStage, register
+from stagepipe.stagekit.cost import CostInputs, Estimate
 
 
-class DecomposeStage(Stage):
+@register
+class DecomposeStage(PipelineStage):
     name = "decompose"
-    version = 3
+    version = 4
     description = "full weighted SVD per target linear (spectrum + the factors later stages can read)"
+    writes = {WEIGHTED_SVD: "per linear: the full weighted spectrum σ and un-whitened factors up to the stored rank"}
+    #: reads the input Grams from whichever of capture and fisher recorded them (``read_layer_stats``)
+    takes_grams_from_fisher = True
+    assembly_payload = WEIGHTED_SVD
+
+    @classmethod
+    def needs(cls, choices) -> dict[str, set[str]]:
+        method = choices.method
+        found: dict[str, set[str]] = {"snapshot": {MODEL_DIR}}
+        if method.activation_stats:
+            found["capture"] = {STATS, GROUPS}
+        if method.needs_gradients:
+            found["fisher"] = {FISHER}
+        return found
+
+    @classmethod
+    def assembles(cls, choices) -> bool:
+        """The default final form of a layer: its weighted SVD truncated at the allocated ranks."""
+        return True
 
     def partitions(self, ctx: Context) -> list[str] | None:
         return artifacts.model_layers(ctx)
 
-    def dependencies(self, ctx: Context, partition: str) -> list[PartitionRef]:
-        need = needs(ctx.config)
-        deps = [artifacts.ref("snapshot")]
-        if need.method.activation_stats:
-            deps.append(artifacts.ref("capture", partition))
-        if need.fisher:
-            deps.append(artifacts.ref("fisher", partition))
-        return deps
+    def reads(self, ctx: Context, partition: str) -> list[Read]:
+        method = ctx.plan.method
+        reads = [Read(artifacts.ref("snapshot"), MODEL_DIR)]
+        if method.activation_stats:
+            reads += [Read(artifacts.ref("capture", partition), GROUPS)]
+            if ctx.plan.capture_stats:
+                reads += [Read(artifacts.ref("capture", partition), STATS)]
+        if method.needs_gradients:
+            reads.append(Read(artifacts.ref("fisher", partition), FISHER))
+        return reads
 
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
-        method = needs(ctx.config).method
+        method = ctx.plan.method
         return {"method": method.key_options(), "stored": method.stored_options(), "modules": ctx.config.target.modules}
 
+    @classmethod
+    def cost(cls, c: CostInputs) -> Estimate:
+        """Stored factors and σ; in RAM the block, the float64 eigh + SVD of the largest matrix, the
+        Grams and the factors. FLOPs (float64): each metric's eigen-decomposition (≈9n³ a side), the
+        whitening products and one SVD per linear."""
+        s, method = c.shapes, c.method
+        svd_ram = 8 * 8 * max(s.ff, s.d) ** 2
+        factors = sum((m + n) * min(m, n) for m, n in s.linears) * 8  # one block's full float64 factors
+        flops64 = sum(9 * (m**3 + n**3) + 4 * m * n * (m + n) + 14 * m * n * min(m, n) for m, n in s.linears)
+        return Estimate(cls.name, s.layers * sum((m + n) * method.stored_rank(m, n) * 4 + min(m, n) * 8 for m, n in s.linears),
+                        s.block * c.weight_bytes + svd_ram + 3 * c.grams + 3 * factors, c.gpu(svd_ram),
+                        "float64 eigh + SVD of the largest matrix", flops64=s.layers * flops64)
+
+    @classmethod
+    def layer_factors(cls, ctx: Context, work: Work, layer: int, ranks):
+        return artifacts.truncated_factors(work.input(cls.name, artifacts.layer_partition(layer)), ranks)
+
+    @classmethod
+    def summarize(cls, manifests) -> dict[str, Any]:
+        """Every metric repair (eigenvalue floor) and every fallback to another metric, per matrix."""
+        repairs, fallbacks = [], []
+        for ref, manifest in sorted(manifests.items()):
+            for name, item in manifest.diagnostics.get("linears", {}).items():
+                for side in ("left", "right"):
+                    if item[side].get("n_floored"):
+                        repairs.append({"matrix": f"{ref.partition}.{name}", "side": side, **item[side]})
+                for key in ("left_fallback", "right_fallback"):
+                    if key in item:
+                        fallbacks.append({"matrix": f"{ref.partition}.{name}", "side": key.split("_")[0], "to": item[key]})
+        return {"repairs": repairs, "fallbacks": fallbacks}
+
     def run(self, ctx: Context, work: Work) -> dict[str, Any]:
-        method = needs(ctx.config).method
+        method = ctx.plan.method
         index = layer_index(work.partition)
         device = resolve_device(ctx.config.model.device)
         runner = BlockRunner(artifacts.model_dir(work.input("snapshot")), torch.device("cpu"), DTYPES[ctx.config.model.dtype])

@@ -18,12 +18,14 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM
 
-from stagepipe.engine.stage import Context, PartitionRef, Stage, Work
+from stagepipe.engine.stage import Context, Read, Work
 from stagepipe.errors import StagepipeError
 from stagepipe.models.sources import resolve_device
 from stagepipe.perplexity import perplexity
-from stagepipe.stages import artifacts
-from stagepipe.stages.artifacts import COMPRESSED, DENSE, eval_partition
+from stagepipe.stagekit import artifacts
+from stagepipe.stagekit.artifacts import COMPRESSED, DENSE, MODEL_DIR, RESULTS, TOKENS, eval_partition
+from stagepipe.stagekit.base import PipelineStage, register
+from stagepipe.stagekit.cost import CostInputs, Estimate
 
 
 def load_checked(directory: Path) -> torch.nn.Module:
@@ -35,17 +37,45 @@ def load_checked(directory: Path) -> torch.nn.Module:
     return model
 
 
-class EvaluateStage(Stage):
+@register
+class EvaluateStage(PipelineStage):
     name = "evaluate"
     version = 2
     description = "fp32 perplexity of the dense and the compressed model"
+    writes = {RESULTS: "per test set: perplexity, token-mean NLL, windows, tokens, non-finite windows"}
+
+    @classmethod
+    def joins(cls, choices) -> bool:
+        return True  # what a pipeline is for
+
+    @classmethod
+    def needs(cls, choices) -> dict[str, set[str]]:
+        return {"snapshot": {MODEL_DIR}, "tokenize": {TOKENS}, "assemble": {MODEL_DIR}}
 
     def partitions(self, ctx: Context) -> list[str]:
         return ([DENSE] if ctx.config.evaluation.dense_baseline else []) + [COMPRESSED]
 
-    def dependencies(self, ctx: Context, partition: str) -> list[PartitionRef]:
-        tokens = [artifacts.ref("tokenize", eval_partition(d.name)) for d in ctx.config.evaluation.datasets]
-        return [artifacts.ref("snapshot" if partition == DENSE else "assemble"), *tokens]
+    def reads(self, ctx: Context, partition: str) -> list[Read]:
+        tokens = [Read(artifacts.ref("tokenize", eval_partition(d.name)), TOKENS) for d in ctx.config.evaluation.datasets]
+        return [Read(artifacts.ref("snapshot" if partition == DENSE else "assemble"), MODEL_DIR), *tokens]
+
+    @classmethod
+    def cost(cls, c: CostInputs) -> Estimate:
+        """The full model in fp32 (loaded: twice) and the fp32 logits of one batch (+ log-softmax);
+        FLOPs when the windows are capped (``max_windows``), else unknown here."""
+        s, ev = c.shapes, c.config.evaluation
+        logits = ev.batch_size * ev.seq_len * s.vocab * 4
+        flops = 0.0
+        if ev.max_windows is not None:
+            flops = 2 * s.params * ev.max_windows * ev.seq_len * len(ev.datasets) * (2 if ev.dense_baseline else 1)
+        return Estimate(cls.name, 1e5, s.params * 4 * 2 + 2 * logits, c.gpu(s.params * 4 + 2 * logits),
+                        "full model in fp32 (loaded: twice) + logits of one batch", flops=flops)
+
+    @classmethod
+    def summarize(cls, manifests) -> dict[str, Any]:
+        evaluations = {ref.partition: manifest.info for ref, manifest in manifests.items()}
+        return {"perplexity": {p: {d: r["ppl"] for d, r in info["datasets"].items()} for p, info in evaluations.items()},
+                "evaluation": evaluations}
 
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
         ev = ctx.config.evaluation
@@ -64,7 +94,7 @@ class EvaluateStage(Stage):
             work.telemetry[f"seconds.{dataset.name}"] = time.time() - started
         n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
         tasks = lm_eval_tasks(model, directory, ctx.config.evaluation.lm_eval_tasks, device)
-        (work.out / artifacts.RESULTS).write_text(json.dumps({"model": work.partition, "n_params": n_params,
+        (work.out / RESULTS).write_text(json.dumps({"model": work.partition, "n_params": n_params,
                                                              "datasets": results, "lm_eval": tasks}, indent=1))
         return {"n_params": n_params, "datasets": results, "lm_eval": tasks}
 

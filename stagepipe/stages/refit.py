@@ -7,66 +7,119 @@ Block i is run twice on the calibration windows: the original block on the origi
 ``H = down · z`` the new ``up`` solves ``min ‖up · H − Y‖_F`` through float64 normal equations
 ``(Σ H Hᵀ) upᵀ = Σ H Yᵀ`` accumulated over tokens. All linears of a block are refitted from one
 pass of the truncated block (their inputs are those of the un-refitted block); the refitted
-block's outputs are the next block's inputs.
+block's outputs are the next block's inputs. It refits the factors of the stage that would
+otherwise be each layer's final form (decompose's at the ranks, or a rank-dependent method's) and
+stores both factors, so its outputs are the layers' final form.
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from typing import Any
 
 import torch
 
-from stagepipe.engine.stage import Context, PartitionRef, Stage, Work
+from stagepipe.engine.stage import Context, Read, Work
 from stagepipe.linalg import single_threaded
 from stagepipe.models.blocks import BlockRunner
 from stagepipe.models.layout import block_linears, weight_matrix
 from stagepipe.models.modeling_lowrank import install_factors
 from stagepipe.models.sources import DTYPES, resolve_device
-from stagepipe.stages import artifacts
-from stagepipe.stages.artifacts import CALIBRATION, layer_index
-from stagepipe.stages.requirements import needs
+from stagepipe.stagekit import artifacts
+from stagepipe.stagekit.artifacts import (
+    ALLOCATION,
+    CALIBRATION,
+    HIDDEN,
+    MODEL_DIR,
+    REFIT,
+    TOKENS,
+    layer_index,
+)
+from stagepipe.stagekit.base import STAGES, PipelineStage, register
+from stagepipe.stagekit.cost import CostInputs, Estimate
+from stagepipe.stagekit.plan import assembler_of
+from stagepipe.stagekit.streams import Streams, stream_reads
 
 
-class RefitStage(Stage):
+def _source(choices: Any) -> str:
+    """The stage whose factors this one refits: the layers' final form without it."""
+    return assembler_of(replace(choices, roots=choices.roots - {RefitStage.name}))
+
+
+@register
+class RefitStage(PipelineStage):
     name = "refit"
-    version = 2
+    version = 3
     description = "least-squares refit of the up factors on sequentially propagated inputs"
+    writes = {REFIT: "per factored linear: the refitted up and the down it was fitted with",
+              HIDDEN: "the refitted block's outputs on the running inputs (the next block's running inputs)"}
+    assembly_payload = REFIT
+
+    @classmethod
+    def joins(cls, choices) -> bool:
+        return bool(choices.config.method.refit)
+
+    @classmethod
+    def needs(cls, choices) -> dict[str, set[str]]:
+        source = _source(choices)
+        return {"snapshot": {MODEL_DIR}, "tokenize": {TOKENS}, "allocate": {ALLOCATION}, "capture": {HIDDEN},
+                "refit": {HIDDEN}, source: {STAGES[source].assembly_payload}}
 
     def partitions(self, ctx: Context) -> list[str] | None:
         return artifacts.model_layers(ctx)
 
-    def dependencies(self, ctx: Context, partition: str) -> list[PartitionRef]:
+    def reads(self, ctx: Context, partition: str) -> list[Read]:
         index = layer_index(partition)
-        deps = [artifacts.ref("snapshot"), artifacts.ref("tokenize", CALIBRATION), artifacts.ref("allocate"),
-                artifacts.ref("decompose", partition)]
-        if needs(ctx.config).residual:
-            deps.append(artifacts.ref("residual", partition))
-        if index > 0:
-            deps += [artifacts.ref("capture", index - 1), artifacts.ref("refit", index - 1)]
-        return deps
+        source = STAGES[_source(ctx.plan.choices)]
+        return [Read(artifacts.ref("snapshot"), MODEL_DIR), Read(artifacts.ref("tokenize", CALIBRATION), TOKENS),
+                Read(artifacts.ref("allocate"), ALLOCATION), *source.assembly_reads(ctx, index),
+                *stream_reads(self.name, index)]
 
-    def transient(self, ctx: Context, partition: str) -> dict[str, list[PartitionRef]]:
-        """The stored block outputs are a hand-over to the partitions that read them."""
-        return artifacts.hidden_handover(self.name, ctx, partition)
+    def handovers(self, ctx: Context, partition: str) -> set[str]:
+        """The stored block outputs are a hand-over to the next partition, which reads them."""
+        return {HIDDEN}
 
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
         return {"batch_size": ctx.config.runtime.batch_size, "modules": ctx.config.target.modules,
                 "activation_dtype": ctx.config.runtime.activation_dtype}
 
+    @classmethod
+    def cost(cls, c: CostInputs) -> Estimate:
+        """Original + truncated block per layer; the compressed path's block inputs."""
+        s = c.shapes
+        return Estimate(cls.name, s.layers * c.hidden, c.model_ram * 2 + c.batch_activations * 2,
+                        c.gpu(s.block * c.weight_bytes * 2 + c.batch_activations * 2),
+                        "original + truncated block per layer; compressed-path block inputs",
+                        flops=s.layers * 2 * c.block_pass, flops64=s.layers * 2 * c.tokens * (3 * s.d**2 + s.ff**2))
+
+    @classmethod
+    def adjust(cls, rows: dict[str, Estimate], c: CostInputs) -> dict[str, Estimate]:
+        """With release on, its stored block outputs go once the next layer has read them."""
+        if not c.config.runtime.releases:
+            return rows
+        row = rows[cls.name]
+        return {**rows, cls.name: replace(row, disk=row.disk - (c.shapes.layers - 1) * c.hidden, transient=c.hidden)}
+
+    @classmethod
+    def assembles(cls, choices) -> bool:
+        return True
+
+    @classmethod
+    def layer_factors(cls, ctx: Context, work: Work, layer: int, ranks):
+        return artifacts.read_factors(work.input(cls.name, artifacts.layer_partition(layer)), REFIT)
+
     def run(self, ctx: Context, work: Work) -> dict[str, Any]:
         index = layer_index(work.partition)
         device = resolve_device(ctx.config.model.device)
         runner = BlockRunner(artifacts.model_dir(work.input("snapshot")), device, DTYPES[ctx.config.model.dtype])
-        ids = artifacts.read_windows(work.input("tokenize", CALIBRATION))
-        batch = ctx.config.runtime.batch_size
-        prefix = runner.layout.layer_prefix(index)
-        ranks = artifacts.block_ranks(artifacts.read_ranks(work.input("allocate")), prefix)
+        streams = Streams(runner, index, artifacts.read_windows(work.input("tokenize", CALIBRATION)), work,
+                          ctx.config.runtime.batch_size, self.name)
+        ranks = artifacts.block_ranks(artifacts.read_ranks(work.input("allocate")), runner.layout.layer_prefix(index))
         original = runner.load_block(index)
         linears = block_linears(original, ctx.config.target.modules)
         weights = {n: weight_matrix(linears[n]).detach().clone() for n in ranks}
-        residual = work.inputs.get(artifacts.ref("residual", work.partition))
-        factors = artifacts.allocated_factors(work.input("decompose", work.partition), residual, ranks)
+        factors = STAGES[_source(ctx.plan.choices)].layer_factors(ctx, work, index, ranks)
 
         # Per batch: the original block on the original inputs gives targets W x; the truncated
         # block on the compressed model's running inputs gives H = down · z. Sums in float64.
@@ -80,9 +133,7 @@ class RefitStage(Stage):
         hooks += [compressed.get_submodule(n).register_forward_pre_hook(
             lambda m, a, n=n: seen.__setitem__(f"z:{n}", m.down(a[0].detach()))) for n in ranks]
         with torch.no_grad():
-            batches = zip(artifacts.block_inputs(runner, index, ids, work, batch, source="capture"),
-                          artifacts.block_inputs(runner, index, ids, work, batch, source="refit"), strict=True)
-            for (_, hidden), (_, running) in batches:
+            for hidden, running in streams.pairs():
                 runner.run_block(original, hidden)
                 runner.run_block(compressed, running)
                 for name, rank in ranks.items():
@@ -94,20 +145,15 @@ class RefitStage(Stage):
             h.remove()
         updates, info = {}, {}
         for name in ranks:
-            before = factors[name][0]
+            before, down = factors[name]
             with single_threaded():  # LAPACK: the same bits with any thread count
                 up = torch.linalg.solve(gram[name], cross[name]).T  # (m, r), float64 normal equations
-            updates[f"{name}.up"] = up.float().cpu()
+            # down as it came (float64): assembled, it is rounded once to the model's dtype, as without refit
+            updates[f"{name}.up"], updates[f"{name}.down"] = up.float().cpu(), down.cpu()
             compressed.get_submodule(name).up.weight.data.copy_(up.to(runner.dtype))
             info[name] = {"rank": ranks[name], "relative_change": float(torch.linalg.norm(up.cpu() - before) / torch.linalg.norm(before)),
                           "gram_cond": float(torch.linalg.cond(gram[name]))}
-
-        # outputs of the refitted block: the next block's compressed-path inputs
-        hidden_out = artifacts.create_hidden(work.out, (len(ids), ids.shape[1], runner.config.hidden_size),
-                                             ctx.config.runtime.activation_dtype, batch)
-        with torch.no_grad():
-            for start, hidden in artifacts.block_inputs(runner, index, ids, work, batch, source="refit"):
-                artifacts.write_rows(hidden_out, start, runner.run_block(compressed, hidden))
-        artifacts.write_factors(work.out, artifacts.REFIT, updates)
+        streams.write_outputs(compressed, work.out, ctx.config.runtime.activation_dtype)  # the next block's inputs
+        artifacts.write_factors(work.out, REFIT, updates)
         work.diagnostics["linears"] = info  # how far each up factor moved, and its conditioning
         return {"ranks": dict(ranks)}

@@ -26,14 +26,28 @@ from typing import Any
 import torch
 
 from stagepipe.accounting import rank_for_fraction
-from stagepipe.engine.stage import Context, PartitionRef, Stage, Work
+from stagepipe.engine.stage import Context, Read, Work
 from stagepipe.linalg import MetricCache
+from stagepipe.methods import RankDependentMethod
 from stagepipe.models.blocks import BlockRunner
 from stagepipe.models.layout import block_linears, set_weight_matrix, weight_matrix
 from stagepipe.models.sources import resolve_device
-from stagepipe.stages import artifacts
-from stagepipe.stages.artifacts import CALIBRATION, VALIDATION, layer_index
-from stagepipe.stages.requirements import needs
+from stagepipe.stagekit import artifacts
+from stagepipe.stagekit.artifacts import (
+    CALIBRATION,
+    GROUPS,
+    HIDDEN,
+    MODEL_DIR,
+    SENSITIVITY,
+    STATS,
+    TOKENS,
+    VALIDATION,
+    WEIGHTED_SVD,
+    layer_index,
+)
+from stagepipe.stagekit.base import PipelineStage, register
+from stagepipe.stagekit.cost import CostInputs, Estimate
+from stagepipe.stagekit.streams import block_input_rows
 
 BASE = ""  # the configuration with nothing truncated
 
@@ -58,27 +72,57 @@ def _dense_inputs(runner: BlockRunner, index: int, ids: torch.Tensor, batch: int
     return hidden
 
 
-class SensitivityStage(Stage):
+@register
+class SensitivityStage(PipelineStage):
     name = "sensitivity"
-    version = 2
+    version = 3
     description = "perplexity with one matrix truncated per candidate ratio (asvd_search; validation windows if set)"
+    writes = {SENSITIVITY: "per matrix: each candidate kept fraction, its rank and the perplexity with only it truncated"}
+
+    @classmethod
+    def needs(cls, choices) -> dict[str, set[str]]:
+        found: dict[str, set[str]] = {"snapshot": {MODEL_DIR}, "tokenize": {TOKENS}, "decompose": {WEIGHTED_SVD}}
+        capture = set() if choices.config.calibration.validation else {HIDDEN}
+        if isinstance(choices.method, RankDependentMethod):
+            capture |= {STATS, GROUPS}  # the method's own input statistics
+        return {**found, "capture": capture} if capture else found
 
     def partitions(self, ctx: Context) -> list[str] | None:
         return artifacts.model_layers(ctx)
 
-    def dependencies(self, ctx: Context, partition: str) -> list[PartitionRef]:
+    def reads(self, ctx: Context, partition: str) -> list[Read]:
         index, windows = layer_index(partition), _windows(ctx)
-        deps = [artifacts.ref("snapshot"), artifacts.ref("tokenize", windows), artifacts.ref("decompose", partition)]
+        reads = [Read(artifacts.ref("snapshot"), MODEL_DIR), Read(artifacts.ref("tokenize", windows), TOKENS),
+                 Read(artifacts.ref("decompose", partition), WEIGHTED_SVD)]
         if index > 0 and windows == CALIBRATION:
-            deps.append(artifacts.ref("capture", index - 1))
-        if needs(ctx.config).method.post_allocation:
-            deps.append(artifacts.ref("capture", partition))  # the method's own input statistics
-        return deps
+            reads.append(Read(artifacts.ref("capture", index - 1), HIDDEN))
+        if isinstance(ctx.plan.method, RankDependentMethod):
+            reads += [Read(artifacts.ref("capture", partition), STATS), Read(artifacts.ref("capture", partition), GROUPS)]
+        return reads
 
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
         alloc = ctx.config.allocation
+        method = ctx.plan.method
+        options = method.rank_options() if isinstance(method, RankDependentMethod) else {}
         return {"candidates": alloc.candidates, "align": alloc.align, "windows": alloc.sensitivity_windows,
-                "modules": ctx.config.target.modules, "method": needs(ctx.config).method.rank_options()}
+                "modules": ctx.config.target.modules, "method": options}
+
+    @classmethod
+    def cost(cls, c: CostInputs) -> Estimate:
+        """All candidates of a layer propagated together through the blocks above, in groups that fit
+        ``sensitivity_memory_gb``: ≤ 1 + linears × candidates perplexities per layer."""
+        config, s = c.config, c.shapes
+        alloc = config.allocation
+        k, t = config.calibration.n_samples, config.calibration.seq_len
+        windows = min(alloc.sensitivity_windows or k, k)
+        state = windows * t * s.d * 4
+        configs = 1 + len(s.linears) * len(alloc.candidates)
+        held = min(configs * state, max(state, alloc.sensitivity_memory_gb * 2**30))
+        ram = s.block * 4 + s.embed * 4 + held + c.batch_activations
+        runs = configs * s.layers * (s.layers + 1) // 2
+        return Estimate(cls.name, s.layers * 1e5, ram, c.gpu(ram - s.embed * 4),
+                        f"≤ {configs} perplexities per layer; ≤ {runs} block passes of {windows} windows in all",
+                        flops=runs * 2 * s.block * windows * t)
 
     def run(self, ctx: Context, work: Work) -> dict[str, Any]:
         alloc = ctx.config.allocation
@@ -89,8 +133,8 @@ class SensitivityStage(Stage):
         ids = artifacts.read_windows(work.input("tokenize", windows))[: alloc.sensitivity_windows]
         batch = ctx.config.runtime.batch_size
         if windows == CALIBRATION:
-            start = torch.cat([h.to(runner.device, torch.float32)
-                               for _, h in artifacts.block_inputs(runner, index, ids, work, batch)])
+            below = None if index == 0 else work.input("capture", artifacts.layer_partition(index - 1))
+            start = torch.cat([h.to(runner.device, torch.float32) for _, h in block_input_rows(runner, ids, below, batch)])
         else:
             start = _dense_inputs(runner, index, ids, batch)
         prefix = runner.layout.layer_prefix(index)
@@ -122,9 +166,9 @@ class SensitivityStage(Stage):
     @staticmethod
     def _approximations(ctx: Context, work: Work, weights: dict[str, torch.Tensor]):
         """``approximate(name, rank)``: the dense m×n matrix the method's rank-r factors stand for."""
-        method = needs(ctx.config).method
+        method = ctx.plan.method
         spectra = artifacts.read_weighted_svd(work.input("decompose", work.partition), list(weights))
-        if not method.post_allocation:
+        if not isinstance(method, RankDependentMethod):
             return lambda name, rank: spectra[name].reconstruct(rank)
         stats = artifacts.read_input_stats(work.input("capture", work.partition))
         roots: dict[str, Any] = {}  # input-side metric root per matrix, factorised once for all its candidates

@@ -2,27 +2,36 @@
 
 Every later stage reads weights from here (one block at a time), so a GGUF model is dequantised
 once and a hub model is downloaded once. The results record the architecture and the parameter
-count used by all ratio accounting; every stage that reads the model depends on this one, so
-its content digest is the model fingerprint in their keys.
+count used by all ratio accounting; every stage that reads the model reads this one, so its
+content digest is the model fingerprint in their keys.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from stagepipe.engine.stage import Context, Stage, Work
+from stagepipe.engine.stage import Context, Work
 from stagepipe.models.sources import load_model, source_fingerprint
-from stagepipe.stages import artifacts
+from stagepipe.stagekit import artifacts
+from stagepipe.stagekit.base import PipelineStage, register
+from stagepipe.stagekit.cost import CostInputs, Estimate
 
 
-class SnapshotStage(Stage):
+@register
+class SnapshotStage(PipelineStage):
     name = "snapshot"
     version = 1
     description = "load the model from its source and save a local safetensors copy"
+    writes = {artifacts.MODEL_DIR: "the model as a Hugging Face directory (config, safetensors, tokenizer)"}
 
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
         spec = ctx.config.model
         return {"model": spec.model_dump(mode="json", exclude={"device", "shape_hint"}), "source": source_fingerprint(spec)}
+
+    @classmethod
+    def cost(cls, c: CostInputs) -> Estimate:
+        size = c.shapes.params * c.weight_bytes
+        return Estimate(cls.name, size, size * 2, 0, f"{c.shapes.params / 1e9:.2f} B parameters")
 
     def run(self, ctx: Context, work: Work) -> dict[str, Any]:
         model, tokenizer = load_model(ctx.config.model)

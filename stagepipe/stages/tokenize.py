@@ -20,10 +20,12 @@ import numpy as np
 from transformers import AutoTokenizer
 
 from stagepipe.data.text import load_text, text_identity
-from stagepipe.engine.stage import Context, PartitionRef, Stage, Work
+from stagepipe.engine.stage import Context, Read, Work
 from stagepipe.errors import StagepipeError
-from stagepipe.stages import artifacts
-from stagepipe.stages.artifacts import CALIBRATION, VALIDATION, eval_partition
+from stagepipe.stagekit import artifacts
+from stagepipe.stagekit.artifacts import CALIBRATION, MODEL_DIR, TOKENS, VALIDATION, eval_partition
+from stagepipe.stagekit.base import PipelineStage, register
+from stagepipe.stagekit.cost import CostInputs, Estimate
 
 #: a cut where the GPT-2 regex of a byte-level pre-tokenizer cuts anyway: before a newline that an
 #: ASCII letter follows. In the whole text that newline ends a whitespace run followed by a non-space,
@@ -73,17 +75,27 @@ def _token_ids(snapshot: Path, text: str) -> np.ndarray:
     return token_ids(AutoTokenizer.from_pretrained(artifacts.model_dir(snapshot)), text)
 
 
-class TokenizeStage(Stage):
+@register
+class TokenizeStage(PipelineStage):
     name = "tokenize"
     version = 1
     description = "calibration and evaluation token windows"
+    writes = {TOKENS: "token ids n × T (input_ids; offsets of the calibration windows)"}
 
     def partitions(self, ctx: Context) -> list[str]:
         validation = [VALIDATION] if ctx.config.calibration.validation else []
         return [CALIBRATION, *validation] + [eval_partition(d.name) for d in ctx.config.evaluation.datasets]
 
-    def dependencies(self, ctx: Context, partition: str) -> list[PartitionRef]:
-        return [artifacts.ref("snapshot")]
+    @classmethod
+    def needs(cls, choices) -> dict[str, set[str]]:
+        return {"snapshot": {MODEL_DIR}}
+
+    def reads(self, ctx: Context, partition: str) -> list[Read]:
+        return [Read(artifacts.ref("snapshot"), MODEL_DIR)]  # its tokenizer
+
+    @classmethod
+    def cost(cls, c: CostInputs) -> Estimate:
+        return Estimate(cls.name, c.tokens * 8, 3e8, 0, "byte-level BPE: 1 MB chunks; other tokenizers: ~130 B per text character")
 
     def _dataset(self, ctx: Context, partition: str):
         return next(d for d in ctx.config.evaluation.datasets if eval_partition(d.name) == partition)

@@ -1,4 +1,4 @@
-"""The ``residual`` stage (ResSVD): assembled factors are the two-stage factors of the real layer."""
+"""The ``rank_factors`` stage (ResSVD): assembled factors are the two-stage factors of the real layer."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from stagepipe.io import manifest as manifest_io
 from stagepipe.io import safetensors_io
 from stagepipe.linalg import factor_metric
 from stagepipe.methods.ressvd import residual_factors
+from stagepipe.stagekit.artifacts import read_input_stats as load_input_stats
 from stagepipe.stages import make_runner
-from stagepipe.stages.artifacts import read_input_stats as load_input_stats
 
 
 def test_assembled_ressvd_factors_are_the_two_stage_factors(write_pipeline, tmp_path: Path) -> None:
@@ -35,6 +35,6 @@ def test_assembled_ressvd_factors_are_the_two_stage_factors(write_pipeline, tmp_
         up, down, _ = residual_factors(weights[f"{full}.weight"].double(), right, ranks[full], 0.25)
         ours = assembled[f"{full}.up.weight"].double() @ assembled[f"{full}.down.weight"].double()
         assert torch.allclose(ours, up @ down, atol=1e-5)
-    info = manifest_io.read(state[PartitionRef("residual", "layer-001")]).diagnostics["linears"]
+    info = manifest_io.read(state[PartitionRef("rank_factors", "layer-001")]).diagnostics["linears"]
     assert all(item["loss_over_one_shot"] >= 1 - 1e-6 for item in info.values())  # Eckart–Young, measured
     assert all(item["r1"] + item["r2"] == item["rank"] for item in info.values())

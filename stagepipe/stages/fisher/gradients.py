@@ -1,14 +1,14 @@
 """Per-sequence gradients of one decoder block, one shard of the calibration windows at a time.
 
 ``fisher`` splits every partition into jobs over ``runtime.shards`` contiguous shards of windows
-(``artifacts.shard_ranges``; one shard without it) and runs them through ``Work.fan_out`` (in
+(``stagekit.shards.shard_ranges``; one shard without it) and runs them through ``Work.fan_out`` (in
 process, or as Ray tasks). A job is a plain picklable description (``GradientJob``); a worker
 rebuilds the block from the snapshot and reads its rows from the shared workspace:
 
 - ``head_shard``: the loss of each window and the gradient at the last block's output;
 - ``record_shard``: one recording pass: the gradient at the block's input (its rows of
   ``grad.zarr``), K-FAC and squared-gradient *sums* (and the input Grams when
-  ``Needs.gram_in_fisher``), and for the Kronecker factors (``stored``) the shard's gradient
+  ``Plan.gram_in_fisher``), and for the Kronecker factors (``stored``) the shard's gradient
   factors in its own scratch directory;
 - ``product_shard``: one half-sweep of the NKP power iteration on this shard's gradients
   (``kron.product_sums``: sums and a count, not yet divided);
@@ -33,7 +33,9 @@ from stagepipe.kron import clean_factors, product_sums
 from stagepipe.models.blocks import BlockRunner
 from stagepipe.models.layout import block_linears
 from stagepipe.models.sources import DTYPES, resolve_device
-from stagepipe.stages import artifacts
+from stagepipe.stagekit import artifacts
+from stagepipe.stagekit.shards import add_gram
+from stagepipe.stagekit.streams import block_input_rows
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # linear → (D, X) per window or chunk
 
@@ -183,7 +185,7 @@ class GradientCollector:
     def batches(self, record: bool) -> Iterator[Factors]:
         """Per batch of windows: ``{linear: (D, X)}`` split into ``chunk``-token pieces (``G_k = D_kᵀ X_k``)."""
         runner, job = self.runner, self.job
-        for start, hidden in artifacts.block_input_rows(runner, self.ids, job.below, job.batch, offset=job.rows[0]):
+        for start, hidden in block_input_rows(runner, self.ids, job.below, job.batch, offset=job.rows[0]):
             hidden = hidden.to(runner.device, runner.dtype).requires_grad_(True)
             output = runner.run_block(self.block, hidden)
             upstream = artifacts.read_rows(self.grad_out, start, start + len(hidden)).to(output.device, output.dtype)
@@ -192,7 +194,7 @@ class GradientCollector:
                 artifacts.write_rows(self.grad_in, start, hidden.grad.float())
             result = {}
             for name in job.grams if record else ():  # from the inputs as the block computed them, like capture
-                artifacts.add_gram(self.sums, f"gram.{name}", self._captured[name]["x"])
+                add_gram(self.sums, f"gram.{name}", self._captured[name]["x"])
             for name, got in self._captured.items():
                 x, d = got["x"].float(), got["d"].float()
                 if record:

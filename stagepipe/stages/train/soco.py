@@ -1,11 +1,5 @@
-"""What the ``train`` stage trains, one class per ``Method.learned`` kind (not a stage).
-
-A trainer swaps the target linears of the model for trainable modules, names its parameters,
-its learning rate per step, its steps per epoch and in all, does what follows each Adam step (SoCo: the
-budget's proximal step or pruning; Dobi-SVD: the projection onto the budget), saves and loads its
-own state for the checkpoint, and writes its outputs. ``train.py`` owns everything else: the
-windows, the loss, Adam, checkpoints, the progress bar.
-"""
+"""SoCo's trainer for the ``train`` stage: one score per component of the base method's weighted
+SVD (``models/spectral.py``), through SoCo's four phases (``methods/soco.py``)."""
 
 from __future__ import annotations
 
@@ -15,15 +9,15 @@ from typing import Any
 
 import torch
 
-from stagepipe.accounting import max_stored_rank, max_useful_rank, rank_cost
-from stagepipe.methods.dobi_svd import DobiSVD, project_to_budget, round_to_budget
+from stagepipe.accounting import max_useful_rank
 from stagepipe.methods.soco import Schedule, SoCo, penalty_units, select, shrink_to_budget, soft_kept
-from stagepipe.models.layout import weight_matrix
 from stagepipe.models.spectral import SpectralLinear, install
-from stagepipe.models.truncation import install_truncation
-from stagepipe.stages import artifacts
+from stagepipe.stagekit import artifacts
+from stagepipe.stagekit.cost import CostInputs
+from stagepipe.stagekit.training import TrainingShape, trains
 
 
+@trains(SoCo)
 class SoCoTrainer:
     """Scores per component of the base method's weighted SVD, through SoCo's four phases."""
 
@@ -103,6 +97,19 @@ class SoCoTrainer:
                 mask.copy_(tensors[f"mask.{i}"])
         self.start_soft, self.start_cost = meta["start_soft"], meta["start_cost"]
 
+    @classmethod
+    def plan(cls, c: CostInputs) -> TrainingShape:
+        """Every target's offered components in the model dtype; scores with their gradient and
+        two Adam moments; the student's forward runs through the factors."""
+        s, cfg = c.shapes, c.config.method
+        offered = [math.ceil(cfg.candidates * min(m, n)) for m, n in s.linears]
+        factors = s.layers * sum(k * (m + n) for k, (m, n) in zip(offered, s.linears, strict=True))
+        epochs = cfg.explore_epochs + cfg.refine_epochs + cfg.sparsify_epochs + cfg.tune_epochs
+        return TrainingShape(offered, epochs, student_weights=factors + s.embed,
+                             extra_memory=factors * c.weight_bytes + s.layers * sum(offered) * 4 * 4,
+                             factor_disk=c.config.target.kept_fraction * s.layers * s.block * 4,
+                             load_memory=8 * max((m + n) * min(m, n) for m, n in s.linears))
+
     def finish(self, out: Path, history: list[dict[str, Any]]) -> dict[str, Any]:
         """Write each layer's kept factors; the ranks, the closing loss and how far from σ order."""
         ranks = {}
@@ -133,73 +140,3 @@ def _order_report(modules: dict[str, SpectralLinear]) -> dict[str, Any]:
             "share_scores_above_one": grown / max(1, kept)}
 
 
-class DobiTrainer:
-    """One truncation position ``γ = g·k`` per target, projected onto the budget after every step
-    (parameters, or 16-bit words with remapping: ``accounting.rank_cost``)."""
-
-    def __init__(self, cfg: Any, model: torch.nn.Module, targets: dict[str, tuple[int, str, Path]], target: float,
-                 windows: int, dtype: torch.dtype) -> None:
-        self.cfg, self.target = cfg, target
-        storage = DobiSVD(cfg).storage()
-        names = sorted(targets)
-        shapes = {n: tuple(weight_matrix(model.get_submodule(n)).shape) for n in names}
-        self.costs = [rank_cost(*shapes[n], storage) for n in names]
-        self.ks = [min(shapes[n]) for n in names]
-        self.caps = [max(1, max_stored_rank(*shapes[n], storage)) for n in names]
-        self.dense = float(sum(m * n for m, n in shapes.values()))
-        # start from the uniform allocation: rank τ·mn/cost, as a fraction of min(m, n)
-        uniform = {n: target * m * n_in / (cost * min(m, n_in))
-                   for (n, (m, n_in)), cost in zip(shapes.items(), self.costs, strict=True)}
-        self.modules = install_truncation(model, names, uniform, cfg.beta, cfg.svd_gap, cfg.svd_terms)
-        self.params = [self.modules[n].fraction for n in names]
-        self.weights = torch.tensor([c * k for c, k in zip(self.costs, self.ks, strict=True)], dtype=torch.float64) / self.dense
-        self.low = torch.tensor([1.0 / k for k in self.ks], dtype=torch.float64)
-        self.high = torch.tensor([cap / k for cap, k in zip(self.caps, self.ks, strict=True)], dtype=torch.float64)
-        self.steps_per_epoch = math.ceil(windows / cfg.batch)
-        self.total = cfg.epochs * self.steps_per_epoch
-        self._project()
-
-    def _project(self) -> None:
-        with torch.no_grad():
-            g = torch.stack([p.detach().double().cpu() for p in self.params])
-            new = project_to_budget(g, self.weights, self.low, self.high, self.target)
-            for param, value in zip(self.params, new, strict=True):
-                param.copy_(value.to(param.dtype))
-
-    def rate(self, step: int) -> float:
-        """Cosine from ``lr`` to ``lr/10`` over all steps."""
-        return self.cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(1, self.total))))
-
-    def begin(self) -> None:
-        pass
-
-    def before_step(self, step: int) -> None:
-        pass
-
-    def after_step(self, step: int, loss: float) -> dict[str, Any]:
-        self._project()
-        kept = float(sum(p.item() * w for p, w in zip(self.params, self.weights.tolist(), strict=True)))
-        return {"step": step, "loss": loss, "kept_soft": kept, "lr": self.rate(step)}
-
-    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        return {"fractions": torch.stack([p.detach().cpu() for p in self.params])}, {}
-
-    def load(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        with torch.no_grad():
-            for param, value in zip(self.params, tensors["fractions"], strict=True):
-                param.copy_(value)
-
-    def finish(self, out: Path, history: list[dict[str, Any]]) -> dict[str, Any]:
-        """The learned ranks, rounded so that the budget is spent (no factors: ``assemble`` truncates
-        ``decompose``'s SVD-LLM factors, the exact activation PCA, at these ranks)."""
-        names = sorted(self.modules)
-        gammas = [self.modules[n].gamma.item() for n in names]
-        ranks = round_to_budget(gammas, self.costs, self.caps, self.target * self.dense)
-        last = history[-self.steps_per_epoch:]
-        return {"ranks": dict(zip(names, ranks, strict=True)), "gammas": dict(zip(names, gammas, strict=True)),
-                "steps": self.total, "final_loss": sum(h["loss"] for h in last) / max(1, len(last)),
-                "objective": self.cfg.objective}
-
-
-#: trainer per ``Method.learned`` kind
-TRAINERS = {"scores": SoCoTrainer, "truncation": DobiTrainer}

@@ -1,4 +1,5 @@
-"""The dry-run estimate: one row per stage that ``run`` executes, for every method and policy."""
+"""The plan (``stagekit/plan.py``): the stages it joins and their order, one cost row per stage
+that ``run`` executes for every method and policy, capture's interval and the 7B budget."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import pytest
 from stagepipe.allocation import POLICIES
 from stagepipe.config import parse_pipeline
 from stagepipe.errors import ConfigError
-from stagepipe.methods import METHODS
+from stagepipe.methods import METHODS, LearnedMethod, StructuredMethod
+from stagepipe.stagekit.plan import Estimate, estimate, make_plan, peak_disk
 from stagepipe.stages import build_pipeline
-from stagepipe.stages.estimate import estimate
 from tests.conftest import TINY, merge
 
 MODEL = {"num_hidden_layers": 30, "hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,
@@ -22,7 +23,7 @@ REQUIRED = {"mixed": {"left": "kfac_out", "right": "gram"}}
 def config(method: str, policy: str = "uniform", **method_options):
     data = merge(TINY, {"method": {"name": method, **REQUIRED.get(method, {}), **method_options},
                         "allocation": {"policy": policy, "align": 4}})
-    if METHODS[method].learned and policy == "uniform":  # a learned method takes no allocation block
+    if issubclass(METHODS[method], LearnedMethod) and policy == "uniform":  # a learned method takes no allocation block
         del data["allocation"]
     return parse_pipeline(data, "test", ".")
 
@@ -35,16 +36,16 @@ class Shape:
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_plan_rows_are_exactly_the_pipeline_stages(method: str, policy: str) -> None:
-    if METHODS[method].structured and policy != "uniform":  # MoDeGPT allocates per layer itself
+    if issubclass(METHODS[method], StructuredMethod) and policy != "uniform":  # MoDeGPT allocates per layer itself
         with pytest.raises(ConfigError, match="allocation.policy"):
             config(method, policy)
         return
-    if METHODS[method].learned and policy != "uniform":  # SoCo, Dobi-SVD learn their ranks
+    if issubclass(METHODS[method], LearnedMethod) and policy != "uniform":  # SoCo, Dobi-SVD learn their ranks
         with pytest.raises(ConfigError, match=f"allocation: {method} learns its ranks"):
             config(method, policy)
         return
     cfg = config(method, policy)
-    rows = estimate(cfg, Shape(**MODEL))
+    rows = make_plan(cfg, Shape(**MODEL)).rows
     assert [r.stage for r in rows] == build_pipeline(cfg).names
     assert all(r.disk >= 0 and r.ram >= 0 for r in rows)
 
@@ -58,14 +59,14 @@ def test_fisher_is_planned_for_gradient_methods_at_the_bytes_it_writes(method: s
     from stagepipe.stages import make_runner
 
     cfg = config(method)
-    planned = {r.stage: r for r in estimate(cfg, Shape(**MODEL))}
+    planned = {r.stage: r for r in make_plan(cfg, Shape(**MODEL)).rows}
     needs_gradients = bool(METHODS[method](cfg.method).gradient_stats)
     assert ("fisher" in planned) == needs_gradients
     if not needs_gradients:
         return
     runner = make_runner(cfg, tmp_path / "ws")
     runner.run(only={"snapshot", "tokenize", "capture", "fisher"})
-    rows = {r.stage: r for r in estimate(cfg, runner.ctx.model)}
+    rows = {r.stage: r for r in runner.ctx.plan.rows}
     measured = tree_size(tmp_path / "ws" / "stages" / "fisher")
     assert measured == pytest.approx(rows["fisher"].disk, rel=0.1), (measured, rows["fisher"].disk)
 
@@ -75,19 +76,17 @@ def test_optional_stages_follow_the_options() -> None:
     assert "refit" not in build_pipeline(config("svdllm")).names
     assert "capture" not in build_pipeline(config("svd")).names
     assert "capture" in build_pipeline(config("svd", "asvd_search")).names  # the search starts from block inputs
-    assert "residual" in build_pipeline(config("ressvd")).names
+    assert "rank_factors" in build_pipeline(config("ressvd")).names
 
 
 def test_gradient_storage_mode_is_predicted_as_the_stage_decides() -> None:
-    small = {r.stage: r for r in estimate(config("gfwsvd", memory_budget_gb=100.0), Shape(**MODEL))}
-    large = {r.stage: r for r in estimate(config("gfwsvd", memory_budget_gb=1e-6), Shape(**MODEL))}
+    small = {r.stage: r for r in make_plan(config("gfwsvd", memory_budget_gb=100.0), Shape(**MODEL)).rows}
+    large = {r.stage: r for r in make_plan(config("gfwsvd", memory_budget_gb=1e-6), Shape(**MODEL)).rows}
     assert small["fisher"].note.startswith("stored") and large["fisher"].note.startswith("streaming")
     assert small["fisher"].ram > large["fisher"].ram
 
 
 def test_peak_disk_counts_released_payloads_while_a_reader_lives() -> None:
-    from stagepipe.stages.estimate import Estimate, peak_disk
-
     rows = [Estimate("capture", 10, 0, 0, transient=100, until="fisher"), Estimate("decompose", 5, 0, 0),
             Estimate("fisher", 20, 0, 0, transient=3), Estimate("assemble", 200, 0, 0)]
     end, peak = peak_disk(rows)
@@ -96,46 +95,42 @@ def test_peak_disk_counts_released_payloads_while_a_reader_lives() -> None:
 
 
 def test_wall_time_comes_from_flop_counts_and_recompute_costs_capture_time() -> None:
-    from stagepipe.stages.timing import CPU_FP64_FLOPS, Work, stage_work
+    from stagepipe.stagekit.cost import CPU_FP64_FLOPS
 
     cfg = config("kfac_svd")
     model = Shape(**MODEL)
-    work = stage_work(cfg, model)
-    assert {"capture", "fisher", "decompose"} <= set(work) and all(w.flops + w.flops64 > 0 for w in work.values())
+    rows = {r.stage: r for r in make_plan(cfg, model).rows}
+    assert all(rows[s].flops + rows[s].flops64 > 0 for s in ("capture", "fisher", "decompose"))
     tokens = cfg.calibration.n_samples * cfg.calibration.seq_len
     block = 2 * 576 * 576 + 2 * 192 * 576 + 3 * 1536 * 576
-    assert work["capture"].flops == 30 * 2 * block * tokens  # one forward of every block over the tokens
-    assert Work(0, CPU_FP64_FLOPS).seconds(on_gpu=False) == pytest.approx(1.0)
+    assert rows["capture"].flops == 30 * 2 * block * tokens  # one forward of every block over the tokens
+    assert Estimate("x", 0, 0, 0, flops64=CPU_FP64_FLOPS).seconds(on_gpu=False) == pytest.approx(1.0)
     # checkpoints every 4 layers: fisher recomputes 30 − 1 − 7 layer captures
-    assert stage_work(cfg, model, 4)["capture"].flops == (30 + 22) * 2 * block * tokens
+    assert make_plan(cfg, model, interval=4).row("capture").flops == (30 + 22) * 2 * block * tokens
+
+
+def _with_runtime(**runtime):
+    data = merge(TINY, {"method": {"name": "kfac_svd"}, "allocation": {"policy": "uniform", "align": 4}, "runtime": runtime})
+    return parse_pipeline(data, "test", ".")
 
 
 def test_statistics_are_released_after_decompose_under_a_budget() -> None:
-    from stagepipe.stages.estimate import peak_disk
-
     model = Shape(**MODEL)
-    def with_runtime(**runtime):
-        data = merge(TINY, {"method": {"name": "kfac_svd"}, "allocation": {"policy": "uniform", "align": 4},
-                            "runtime": runtime})
-        return parse_pipeline(data, "test", ".")
-
-    released, budget = with_runtime(release_consumed=True), with_runtime(disk_budget_gb=1e-3)
-    rows = {r.stage: r for r in estimate(budget, model, 1)}
+    released, budget = _with_runtime(release_consumed=True), _with_runtime(disk_budget_gb=1e-3)
+    rows = {r.stage: r for r in estimate(make_plan(budget, model, interval=1), 1)}
     # K-FAC-SVD's Grams come from fisher's recording pass: capture keeps none
     assert rows["fisher"].disk == 0 and rows["fisher"].extra and not rows["capture"].extra
     assert rows["fisher"].note.endswith("(1 layer at a time)")
-    assert peak_disk(estimate(budget, model, 1))[0] < peak_disk(estimate(released, model, 1))[0]
+    assert peak_disk(estimate(make_plan(budget, model, 1), 1))[0] < peak_disk(estimate(make_plan(released, model, 1), 1))[0]
     # SVD-LLM's come from capture: released after each layer's decompose, two at a time
     data = merge(TINY, {"allocation": {"policy": "uniform", "align": 4}, "runtime": {"disk_budget_gb": 1e-3}})
-    svdllm = {r.stage: r for r in estimate(parse_pipeline(data, "test", "."), model, 1)}
+    svdllm = {r.stage: r for r in make_plan(parse_pipeline(data, "test", "."), model, 1).rows}
     assert svdllm["capture"].extra and svdllm["capture"].extra[0][1] == "decompose"
 
 
 def test_shards_split_capture_and_fisher_time_not_their_bytes() -> None:
-    one = {r.stage: r for r in estimate(config("kfac_svd"), Shape(**MODEL))}
-    data = merge(TINY, {"method": {"name": "kfac_svd"}, "allocation": {"policy": "uniform", "align": 4},
-                        "runtime": {"shards": 3}})
-    three = {r.stage: r for r in estimate(parse_pipeline(data, "test", "."), Shape(**MODEL))}
+    one = {r.stage: r for r in make_plan(config("kfac_svd"), Shape(**MODEL)).rows}
+    three = {r.stage: r for r in make_plan(_with_runtime(shards=3), Shape(**MODEL)).rows}
     for stage in ("capture", "fisher"):
         assert three[stage].note.endswith("3 shards per layer (time ÷ shards on as many workers)")
         assert (three[stage].disk, three[stage].ram) == (one[stage].disk, one[stage].ram)
@@ -149,18 +144,15 @@ def test_the_7b_gfwsvd_plan_fits_80_gb_in_process() -> None:
     layer holds one more layer of statistics, and does not fit."""
     import yaml
 
-    from stagepipe.stages.estimate import capture_interval, peak_disk
-
     data = yaml.safe_load(Path("pipelines/gfwsvd_llama7b.yaml").read_text())
     assert data["runtime"]["disk_budget_gb"] == 80  # the pipeline's own budget
     local = parse_pipeline(data, "gfwsvd_llama7b", ".")
-    model = Shape(**local.model.shape_hint.model_dump())
-    interval = capture_interval(local, model)
-    rows = {r.stage: r for r in estimate(local, model, interval)}
-    peak = peak_disk(list(rows.values()))[1]
-    assert interval == 4 and peak <= 80 * 2**30
+    plan = make_plan(local, Shape(**local.model.shape_hint.model_dump()))
+    rows = {r.stage: r for r in plan.rows}
+    peak = plan.end_and_peak()[1]
+    assert plan.interval == 4 and peak <= 80 * 2**30
     assert rows["fisher"].peak == peak  # the walk is the plan's peak, not the stage rows
     assert rows["capture"].disk == 4 * 2**30  # the last block's outputs only: fisher records the Grams
     data["executor"] = {"kind": "ray"}
     ray = parse_pipeline(data, "gfwsvd_llama7b", ".")
-    assert peak_disk(estimate(ray, model, capture_interval(ray, model)))[1] > 80 * 2**30
+    assert make_plan(ray, Shape(**local.model.shape_hint.model_dump())).end_and_peak()[1] > 80 * 2**30

@@ -1,4 +1,4 @@
-"""Every on-disk output of the stages: partition names, file names, readers and writers.
+"""The name, writer and reader of every file a stage leaves on disk.
 
 A stage imports this module, never a sibling stage: what ``refit`` reads is the list of functions
 it calls here. Layout of one finished partition ``stages/<stage>/<partition>/<key16>/``:
@@ -7,48 +7,54 @@ it calls here. Layout of one finished partition ``stages/<stage>/<partition>/<ke
 stage           partition(s)            files
 ==============  ======================  ====================================================
 snapshot        all                     ``model/`` (HF directory: config, safetensors, tokenizer)
-tokenize        calibration, eval-<d>   ``tokens.zarr`` (``input_ids`` n×T; ``offsets`` for calibration)
+tokenize        calibration,            ``tokens.zarr`` (``input_ids`` n×T; ``offsets`` for calibration)
+                validation, eval-<d>
 capture         layer-NNN               ``hidden.zarr`` (block outputs n×T×d), ``groups.json``
                                         (linear → first linear with the same input), ``stats.zarr``
                                         (``gram.<g>``, ``abs_sum.<g>``, ``abs_max.<g>``; attr ``tokens``)
 fisher          head, layer-NNN         ``grad.zarr`` (∂loss/∂block input, n×T×d; not for layer 0),
-                                        ``fisher.safetensors`` (``<linear>.A|B|kfac_out|grad_sq``)
-decompose       layer-NNN               ``svd.safetensors`` (``<linear>.left|right|sigma``: full-rank
-                                        un-whitened factors and the weighted spectrum)
+                                        ``fisher.safetensors`` (``<linear>.A|B|kfac_out|grad_sq``,
+                                        ``<linear>.gram`` when fisher records the Grams)
+decompose       layer-NNN               ``svd.safetensors`` (``<linear>.left|right|sigma``: un-whitened
+                                        factors up to the stored rank and the full weighted spectrum)
 sensitivity     layer-NNN               ``sensitivity.json`` (per matrix: kept, rank, ppl)
 train           all                     ``learned/layer-NNN.safetensors`` (``<linear>.up|down`` of the
                                         components a learned method kept), ``history.json``
-allocate        all                     ``allocation.json`` (ranks, dropped energy, ratios)
-residual        layer-NNN               ``residual.safetensors`` (``<linear>.up|down`` at the rank)
-anchor          layer-NNN               ``anchor.safetensors`` (``<linear>.up|down`` at the rank),
+allocate        all                     ``allocation.json`` (ranks or inner dims, dropped energy, ratios)
+rank_factors    layer-NNN               ``rank_factors.safetensors`` (``<linear>.up|down`` at the rank)
+structure       layer-NNN               ``structured_block.safetensors`` (the block's smaller matrices)
+anchor          layer-NNN               ``anchor.safetensors`` (``<linear>.up|down`` at the rank, refined
+                                        norm weights), ``hidden.zarr`` (the compressed model's block outputs)
+refit           layer-NNN               ``refit.safetensors`` (``<linear>.up|down``: refitted up),
                                         ``hidden.zarr`` (the compressed model's block outputs)
-refit           layer-NNN               ``refit.safetensors`` (``<linear>.up``), ``hidden.zarr``
-                                        (the compressed model's block outputs)
-assemble        all                     ``model/`` (the low-rank HF directory)
+assemble        all                     ``model/`` (the compressed HF directory: ``layer-NNN.safetensors``,
+                                        ``rest.safetensors``, the index, ``config.json``, the modeling file)
 evaluate        dense, compressed       ``results.json``
-report          all                     ``report.json``, ``*.png``
+report          all                     ``report.json``, ``ranks_spectra.png`` | ``structure.png``,
+                                        ``perplexity.png``, ``training.png``
 ==============  ======================  ====================================================
 
-Each directory also holds ``manifest.json`` (written last); its ``info`` is part of the content
-that downstream keys hash, and ``read_results`` is how a stage reads another stage's ``info``.
+Inside a partition's resume directory (``Work.resume``, while it runs and after a crash):
+fisher's ``sweeps.safetensors``, anchor's ``refine.safetensors``, train's ``train.safetensors``.
+Each output directory also holds ``manifest.json`` (written last) and ``.stamps.json`` (``io.manifest``);
+the manifest's ``info`` is part of the content that downstream keys hash, and ``read_results`` is how
+a stage reads another stage's ``info``.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from stagepipe.engine.stage import ALL, PartitionRef, Work
+from stagepipe.engine.stage import ALL, PartitionRef
 from stagepipe.io import manifest as manifest_io
 from stagepipe.io import safetensors_io, zarr_io
 from stagepipe.linalg import WeightedSVD
 from stagepipe.methods import LayerStats
-from stagepipe.models.blocks import BlockRunner
-from stagepipe.stages.requirements import needs
 
 # --------------------------------------------------------------------------- partitions
 CALIBRATION = "calibration"
@@ -71,7 +77,11 @@ def layer_partitions(num_layers: int) -> list[str]:
 
 def model_layers(ctx: Any) -> list[str] | None:
     """One partition per decoder layer, or ``None`` while the model's facts are unknown."""
-    return None if ctx.model is None else layer_partitions(int(ctx.model.num_hidden_layers))
+    return None if ctx.facts is None else layer_partitions(num_layers(ctx))
+
+
+def num_layers(ctx: Any) -> int:
+    return int(ctx.facts.num_hidden_layers)
 
 
 def eval_partition(name: str) -> str:
@@ -101,11 +111,21 @@ def read_manifest(directory: Path) -> manifest_io.Manifest:
 
 # --------------------------------------------------------------------------- snapshot / assemble
 MODEL_DIR = "model"
+MODEL_INDEX = "model.safetensors.index.json"
+MODEL_CONFIG = "config.json"
+REST_SHARD = "rest.safetensors"  # the assembled model's tensors outside the blocks
+#: the snapshot's files an assembled model copies: tokenizer and generation settings
+TOKENIZER_FILES = ("tokenizer", "special_tokens", "generation_config", "vocab", "merges")
 
 
 def model_dir(output: Path) -> Path:
     """The HF model directory inside a ``snapshot`` or ``assemble`` output."""
     return output / MODEL_DIR
+
+
+def layer_shard_name(index: int) -> str:
+    """The assembled model's shard of decoder block ``index``."""
+    return f"{layer_partition(index)}.safetensors"
 
 
 # --------------------------------------------------------------------------- tokenize
@@ -133,121 +153,8 @@ def create_hidden(out: Path, shape: tuple[int, ...], dtype: str, batch: int) -> 
     return zarr_io.create_array(out / HIDDEN, "hidden", shape, dtype, batch)
 
 
-def block_inputs(runner: BlockRunner, index: int, ids: torch.Tensor, work: Work, batch: int,
-                 source: str = "capture") -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield (start, hidden inputs of block ``index``) per batch of windows: the embeddings for
-    block 0, else the outputs of block ``index-1`` as ``source`` stored them among the task's inputs
-    (``capture``: the original model; ``refit``: the compressed model's running inputs)."""
-    below = None if index == 0 else work.input(source, layer_partition(index - 1))
-    return block_input_rows(runner, ids, below, batch)
-
-
-def block_input_rows(runner: BlockRunner, ids: torch.Tensor, below: Path | None, batch: int,
-                     offset: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
-    """``block_inputs`` for windows ``ids`` = rows ``offset:offset+len(ids)`` of the calibration
-    (one shard): the embeddings when ``below`` is ``None`` (block 0), else the stored outputs of
-    the block below (an output directory holding ``HIDDEN``). ``start`` is the row in the whole set."""
-    runner.prepare(ids)
-    if below is None:
-        for start in range(0, len(ids), batch):
-            yield offset + start, runner.embed(ids[start : start + batch])
-        return
-    array = open_hidden(below)
-    for start in range(offset, offset + len(ids), batch):
-        yield start, zarr_io.read_rows(array, start, min(start + batch, offset + len(ids)))
-
-
-def sharded(ctx: Any) -> bool:
-    """Whether capture and fisher split their windows (``runtime.shards`` > 1): their partitions
-    then fan out (``Stage.fans_out``) and the shard count enters their keys."""
-    return ctx.config.runtime.shards > 1
-
-
-def with_shards(config_slice: dict[str, Any], ctx: Any) -> dict[str, Any]:
-    """A sharded stage's config slice: ``runtime.shards`` enters the key only when it is > 1 (the
-    sums associate differently), so runs without shards keep their keys."""
-    return {**config_slice, "shards": ctx.config.runtime.shards} if sharded(ctx) else config_slice
-
-
-def shard_label(stage: str, partition: str, shard: int) -> str:
-    """A shard job's name (telemetry, test hooks): ``stage@partition#shard-i``."""
-    return f"{stage}@{partition}#shard-{shard}"
-
-
-def add_in_shard_order(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Shards' float64 sums added in shard order (one shard: its sums, untouched); capture's
-    per-channel maxima (``abs_max.*``) take the maximum instead."""
-    total = dict(parts[0])
-    for part in parts[1:]:
-        for key, value in part.items():
-            total[key] = torch.maximum(total[key], value) if key.startswith("abs_max.") else total[key] + value
-    return total
-
-
-def add_gram(sums: dict[str, torch.Tensor], key: str, x: torch.Tensor) -> None:
-    """Add one batch's ``Σ x xᵀ`` (float64, from the inputs as the block computed them) to ``sums[key]``:
-    the one way capture and fisher sum an input Gram, so either one's Grams are the same floats."""
-    term = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
-    sums[key] = sums[key] + term.T @ term if key in sums else 0 + term.T @ term
-
-
-def shard_ranges(n_windows: int, batch: int, shards: int) -> list[tuple[int, int]]:
-    """``runtime.shards`` contiguous window ranges of whole batches, as even as batches allow.
-
-    Whole batches keep every batch (and so every float32 product) what it is without shards, and
-    make each shard's rows whole chunks of the per-layer arrays, so shards never write one chunk.
-    """
-    n_batches = -(-n_windows // batch)
-    if shards > n_batches:
-        raise ValueError(f"runtime.shards: {shards} shards need at least {shards} batches; {n_windows} windows "
-                         f"in batches of runtime.batch_size {batch} make {n_batches}")
-    base, extra = divmod(n_batches, shards)
-    ranges, start = [], 0
-    for shard in range(shards):
-        stop = min(n_windows, start + (base + (shard < extra)) * batch)
-        ranges.append((start, stop))
-        start = stop
-    return ranges
-
-
 def open_hidden(output: Path, writable: bool = False) -> Any:
     return zarr_io.open_array(output / HIDDEN, "hidden", writable)
-
-
-def hidden_readers(stage: str, index: int, num_layers: int, stages: Collection[str]) -> list[PartitionRef]:
-    """The partitions that read block ``index``'s outputs as ``stage`` stored them (``HIDDEN``), among
-    ``stages`` (those of the pipeline): through ``block_inputs`` the next block's capture, fisher,
-    refit, anchor and sensitivity; through ``open_hidden`` anchor's targets and fisher's head. Refit
-    and anchor store the compressed model's running inputs, read by their own next partition. A
-    transient ``HIDDEN`` is released once these are done and restored when one must run again."""
-    following = [] if index == num_layers - 1 else [ref(stage, index + 1)]
-    if stage == "capture":
-        following = [ref(s, index + 1) for s in ("capture", "fisher", "refit", "anchor", "sensitivity")] if following else []
-        following += [ref("anchor", index)] + ([ref("fisher", HEAD)] if index == num_layers - 1 else [])
-    return [r for r in following if r.stage in stages]
-
-
-def hidden_handover(stage: str, ctx: Any, partition: str) -> dict[str, list[PartitionRef]]:
-    """``Stage.transient`` of a stage that stores block outputs: ``HIDDEN``, handed over to its
-    ``hidden_readers`` among the stages this pipeline runs."""
-    readers = hidden_readers(stage, layer_index(partition), int(ctx.model.num_hidden_layers), needs(ctx.config).stage_names())
-    return {HIDDEN: readers}
-
-
-#: per-layer readers of capture's input statistics and of fisher's statistics (same layer)
-STATS_READERS = {"capture": ("fisher", "structure", "anchor", "sensitivity", "decompose", "residual"),
-                 "fisher": ("decompose", "anchor")}
-
-
-def statistics_handover(stage: str, ctx: Any, partition: str) -> dict[str, list[PartitionRef]]:
-    """Under ``runtime.disk_budget_gb`` a layer's statistics (capture's ``STATS``, fisher's
-    ``FISHER``) are hand-overs too: released once the same layer's readers among this pipeline's
-    stages are done (restored by running the producer again if one must run again)."""
-    if ctx.config.runtime.disk_budget_gb is None:
-        return {}
-    stages = needs(ctx.config).stage_names()
-    readers = [ref(s, partition) for s in STATS_READERS[stage] if s in stages]
-    return {STATS if stage == "capture" else FISHER: readers} if readers else {}
 
 
 def write_input_stats(out: Path, stats: Mapping[str, torch.Tensor], tokens: int, groups: Mapping[str, str]) -> None:
@@ -309,7 +216,7 @@ def _per_linear(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torc
 
 def read_layer_stats(capture_output: Path | None, fisher_output: Path | None) -> LayerStats:
     """One block's statistics for a method: capture's input statistics, fisher's gradient
-    statistics, and the input Grams from whichever of the two recorded them (``Needs.gram_in_fisher``:
+    statistics, and the input Grams from whichever of the two recorded them (``Plan.gram_in_fisher``:
     fisher stores ``<first linear of an input group>.gram`` and the groups in its results)."""
     stats = read_input_stats(capture_output) if capture_output is not None else LayerStats()
     if fisher_output is None:
@@ -396,57 +303,43 @@ def block_ranks(ranks: Mapping[str, int | None], prefix: str) -> dict[str, int]:
     return {full[len(prefix):]: r for full, r in ranks.items() if full.startswith(prefix) and r is not None}
 
 
-# --------------------------------------------------------------------------- residual / anchor / refit: final factors
-RESIDUAL = "residual.safetensors"
+# --------------------------------------------------------------------------- final factors: rank_factors / anchor / refit / structure
+RANK_FACTORS = "rank_factors.safetensors"
 ANCHOR = "anchor.safetensors"
 REFIT = "refit.safetensors"
-STRUCTURE = "block.safetensors"  # a structured method's reduced block (``structure``)
+STRUCTURED_BLOCK = "structured_block.safetensors"  # a structured method's smaller block (``structure``)
 
 
 def write_factors(out: Path, file: str, tensors: Mapping[str, torch.Tensor]) -> None:
-    """``<linear>.up`` / ``<linear>.down`` tensors of ``residual`` (``RESIDUAL``), ``refit`` (``REFIT``) or
-    ``anchor`` (``ANCHOR``; with the refined norm weights under their block-relative names)."""
+    """``<linear>.up`` / ``<linear>.down`` tensors (and, for ``anchor``, the refined norm weights
+    under their block-relative names) of ``rank_factors``, ``anchor`` or ``refit``; a structured
+    block's tensors (``STRUCTURED_BLOCK``)."""
     safetensors_io.write_atomic(out / file, tensors)
 
 
-def allocated_factors(decomposed: Path, residual: Path | None,
-                      ranks: Mapping[str, int]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """(up, down) per block-relative linear at its allocated rank: ``residual``'s factors where that
-    stage ran, else ``decompose``'s weighted SVD truncated to the rank. The one reader of final
-    factors before ``refit``."""
-    if residual is not None:
-        raw = safetensors_io.read(residual / RESIDUAL, [f"{n}.{k}" for n in ranks for k in ("up", "down")])
-        return {n: (raw[f"{n}.up"].double(), raw[f"{n}.down"].double()) for n in ranks}
-    spectra = read_weighted_svd(decomposed, list(ranks))
+def truncated_factors(decompose_output: Path, ranks: Mapping[str, int]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(up, down) per block-relative linear: ``decompose``'s weighted SVD truncated at each rank."""
+    spectra = read_weighted_svd(decompose_output, list(ranks))
     return {n: spectra[n].factors(r) for n, r in ranks.items()}
 
 
-def _factor_pairs(raw: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``<linear>.up`` / ``<linear>.down`` tensors as (up, down) per linear (float64)."""
+def read_factors(output: Path, file: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(up, down) per block-relative linear of a factor file (float64)."""
+    raw = safetensors_io.read(output / file)
     return {key.removesuffix(".up"): (raw[key].double(), raw[key.removesuffix(".up") + ".down"].double())
             for key in raw if key.endswith(".up")}
 
 
-def read_anchored(anchor_output: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """(up, down) per block-relative linear as the ``anchor`` stage fitted them (float64)."""
-    return _factor_pairs(safetensors_io.read(anchor_output / ANCHOR))
-
-
-def read_anchored_params(anchor_output: Path) -> dict[str, torch.Tensor]:
-    """The block's other tensors the ``anchor`` refinement trained (``refine_norms``: the norm
-    weights), by block-relative name; empty when it trained only factors."""
-    path = anchor_output / ANCHOR
+def read_block_params(output: Path, file: str) -> dict[str, torch.Tensor]:
+    """A factor file's other tensors, by block-relative name (``anchor``'s refined norm weights);
+    empty when it holds only factors."""
+    path = output / file
     return safetensors_io.read(path, [k for k in safetensors_io.keys(path) if not k.endswith((".up", ".down"))])
 
 
-def read_structure(structure_output: Path) -> dict[str, torch.Tensor]:
-    """The reduced block's tensors by name relative to the block (``structure``)."""
-    return safetensors_io.read(structure_output / STRUCTURE)
-
-
-def read_refit(refit_output: Path) -> dict[str, torch.Tensor]:
-    """Refitted ``up`` factors per block-relative linear."""
-    return {key.removesuffix(".up"): value.double() for key, value in safetensors_io.read(refit_output / REFIT).items()}
+def read_structured_block(structure_output: Path) -> dict[str, torch.Tensor]:
+    """The smaller block's tensors by name relative to the block (``structure``)."""
+    return safetensors_io.read(structure_output / STRUCTURED_BLOCK)
 
 
 # --------------------------------------------------------------------------- train: a learned method's factors
@@ -462,7 +355,7 @@ def write_learned(out: Path, index: int, tensors: Mapping[str, torch.Tensor]) ->
 
 def read_learned(train_output: Path, index: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """(up, down) per block-relative linear of layer ``index`` (float64)."""
-    return _factor_pairs(safetensors_io.read(train_output / LEARNED / f"{layer_partition(index)}.safetensors"))
+    return read_factors(train_output / LEARNED, f"{layer_partition(index)}.safetensors")
 
 
 def read_learned_ranks(train_output: Path) -> dict[str, int]:
@@ -479,45 +372,25 @@ def read_history(train_output: Path) -> list[dict[str, Any]]:
     return json.loads((train_output / HISTORY).read_text())
 
 
-# --------------------------------------------------------------------------- checkpoints inside a partition
-_META = "__meta__"
-
-
-def write_checkpoint(path: Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
-    """Tensors and JSON metadata as one safetensors file (the metadata rides along as ``uint8``),
-    written by temp file + rename: a kill at any moment leaves the previous checkpoint or this one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    blob = torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8)
-    safetensors_io.write_atomic(path, {**tensors, _META: blob})
-
-
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
-    """Adam's moments as checkpoint tensors (``adam.<i>.<key>``) and its parameter groups (JSON)."""
-    state = optimizer.state_dict()
-    tensors = {f"adam.{i}.{key}": value.cpu() for i, s in state["state"].items() for key, value in s.items()}
-    return tensors, state["param_groups"]
-
-
-def load_optimizer(optimizer: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor],
-                   param_groups: list[dict[str, Any]], count: int) -> None:
-    """Restore what ``optimizer_tensors`` saved for ``count`` parameters (those that had a step)."""
-    state = {i: {key: tensors[f"adam.{i}.{key}"] for key in ("step", "exp_avg", "exp_avg_sq")}
-             for i in range(count) if f"adam.{i}.step" in tensors}
-    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
-
-
-def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-    """(tensors, metadata) of a checkpoint, or ``None`` when there is none yet."""
-    if not path.is_file():
-        return None
-    tensors = safetensors_io.read(path)
-    meta = json.loads(bytes(tensors.pop(_META).tolist()).decode())
-    return tensors, meta
+# --------------------------------------------------------------------------- resume files (inside ``Work.resume``)
+SWEEP_CHECKPOINT = "sweeps.safetensors"  # fisher: the power iteration's state after each sweep
+REFINE_CHECKPOINT = "refine.safetensors"  # anchor: the block refinement after each epoch
+TRAIN_CHECKPOINT = "train.safetensors"  # train: the trainer's and Adam's state every few steps
 
 
 # --------------------------------------------------------------------------- evaluate / report
 RESULTS = "results.json"
 REPORT = "report.json"
+PLOTS = {"ranks": "ranks_spectra.png", "structure": "structure.png", "perplexity": "perplexity.png",
+         "training": "training.png"}
+
+
+def save_figure(fig: Any, path: Path, plt: Any) -> str:
+    """Lay out, write (100 dpi) and close a report figure; its file name."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path.name
 
 
 def write_rows(array: Any, start: int, value: torch.Tensor) -> None:

@@ -1,0 +1,86 @@
+"""Block inputs, batch by batch, and the two input streams of a sequential stage.
+
+Per-layer stages never hold more than one block: block i runs on its inputs read back from disk —
+the embeddings for block 0, else block i−1's outputs as ``capture`` stored them (the dense model)
+or as a sequential stage (``refit``, ``anchor``) stored them (the compressed model's running
+inputs). ``Streams`` walks both in lockstep for a sequential stage, and gives the dense block's
+outputs (capture's outputs of the same block) as targets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stagepipe.engine.stage import Read, Work
+from stagepipe.io import zarr_io
+from stagepipe.models.blocks import BlockRunner
+from stagepipe.stagekit import artifacts
+from stagepipe.stagekit.artifacts import HIDDEN, layer_partition, ref
+
+
+def block_input_rows(runner: BlockRunner, ids: torch.Tensor, below: Path | None, batch: int,
+                     offset: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
+    """(start, inputs of a block) per batch of windows ``ids`` = rows ``offset:offset+len(ids)`` of
+    the calibration (one shard): the embeddings when ``below`` is ``None`` (block 0), else the stored
+    outputs of the block below (an output directory holding ``HIDDEN``); ``start`` counts rows of
+    the whole set."""
+    runner.prepare(ids)
+    if below is None:
+        for start in range(0, len(ids), batch):
+            yield offset + start, runner.embed(ids[start : start + batch])
+        return
+    array = artifacts.open_hidden(below)
+    for start in range(offset, offset + len(ids), batch):
+        yield start, zarr_io.read_rows(array, start, min(start + batch, offset + len(ids)))
+
+
+def stream_reads(stage: str, index: int, targets: bool = False) -> list[Read]:
+    """What a sequential stage's partition of block ``index`` reads of the two streams: capture's
+    and its own outputs of the block below (none for block 0: the embeddings), and with ``targets``
+    capture's outputs of this block."""
+    reads = [] if index == 0 else [Read(ref("capture", index - 1), HIDDEN), Read(ref(stage, index - 1), HIDDEN)]
+    return reads + ([Read(ref("capture", index), HIDDEN)] if targets else [])
+
+
+class Streams:
+    """The calibration windows of block ``index``, batch by batch: the dense model's inputs, the
+    compressed model's running inputs (``stage``'s outputs of the block below) and, on demand, the
+    dense block's outputs (the targets)."""
+
+    def __init__(self, runner: BlockRunner, index: int, ids: torch.Tensor, work: Work, batch: int, stage: str) -> None:
+        self.runner, self.index, self.ids, self.batch = runner, index, ids, batch
+        below = None if index == 0 else layer_partition(index - 1)
+        self._dense = None if below is None else work.input("capture", below)
+        self._running = None if below is None else work.input(stage, below)
+        self._targets_dir = work.inputs.get(ref("capture", index))
+        self.hidden_shape = (len(ids), ids.shape[1], int(runner.config.hidden_size))
+
+    def dense(self, batch: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        return block_input_rows(self.runner, self.ids, self._dense, batch or self.batch)
+
+    def running(self, batch: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        return block_input_rows(self.runner, self.ids, self._running, batch or self.batch)
+
+    def pairs(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(dense inputs, running inputs) of each batch."""
+        for (_, dense), (_, running) in zip(self.dense(), self.running(), strict=True):
+            yield dense, running
+
+    def target(self, start: int, batch: int | None = None) -> torch.Tensor:
+        """The dense block's outputs of rows ``start:start+batch`` (float32, on the runner's device)."""
+        if not hasattr(self, "_targets"):
+            self._targets: Any = artifacts.open_hidden(self._targets_dir)
+        stop = start + (batch or self.batch)
+        return artifacts.read_rows(self._targets, start, stop).to(self.runner.device, torch.float32)
+
+    @torch.no_grad()
+    def write_outputs(self, block: torch.nn.Module, out: Path, dtype: str) -> Any:
+        """Run ``block`` on the running inputs and store its outputs in ``out`` (the next block's running inputs)."""
+        array = artifacts.create_hidden(out, self.hidden_shape, dtype, self.batch)
+        for start, hidden in self.running():
+            artifacts.write_rows(array, start, self.runner.run_block(block, hidden))
+        return array
