@@ -329,11 +329,15 @@ def verify(pipeline: str, workspace: str | None) -> None:
 def dag(pipeline: str, fmt: str) -> None:
     """Print the DAG of PIPELINE as the code derives it: the stages it runs, in order, each with
     the stages (and payloads) it reads; ``*`` marks a stage that joins by its own choice."""
-    import stagepipe.stages  # noqa: F401 - every stage registers itself
-    from stagepipe.stagekit.dag import describe, to_dot
+    from stagepipe.stagekit.dag import describe, problems, to_dot
+    from stagepipe.stages import discover
 
     config = _load(pipeline)
     click.echo(to_dot(config) if fmt == "dot" else describe(config))
+    facts = discover(config, {})
+    found = problems(config, facts) if facts is not None else []
+    if found:
+        raise StagepipeError(f"{len(found)} declaration(s) disagree, e.g. {found[0]}")
 
 
 @main.command()

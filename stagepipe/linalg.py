@@ -221,7 +221,7 @@ def _cholesky_root(sym: Tensor, floor_rel: float) -> MetricRoot | None:
 class MetricCache:
     """Factorise each distinct metric of a layer once: linears fed the same input (q/k/v, gate/up)
     share their input Gram, so its root is reused (bit-identical, found by value). Used by every
-    stage that factorises a layer's metrics (decompose, residual, sensitivity)."""
+    stage that factorises a layer's metrics (decompose, rank_factors, sensitivity)."""
 
     reuse = True  # benchmarks/decompose.py switches it off to measure what sharing saves
 

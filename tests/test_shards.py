@@ -74,7 +74,7 @@ def test_two_shards_give_the_statistics_up_to_float64_reassociation(one_and_two_
     the Kronecker factors after 3 sweeps and the decompositions follow to a tight tolerance."""
     one, two = one_and_two_shards
     for layer in ("layer-000", "layer-001"):
-        # GFWSVD's Grams are recorded by fisher (``Needs.gram_in_fisher``), beside its own sums
+        # GFWSVD's Grams are recorded by fisher (``Plan.gram_in_fisher``), beside its own sums
         fa, fb = (safetensors_io.read(o[f"fisher@{layer}"] / artifacts.FISHER) for o in (one, two))
         assert fa.keys() == fb.keys() and any(k.endswith(".A") for k in fa) and any(k.endswith(".gram") for k in fa)
         for name, value in fa.items():

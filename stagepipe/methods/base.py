@@ -13,7 +13,7 @@ the CLI's list are built from ``METHODS``; stages ask the method object what it 
 that serves that kind joins the pipeline for it (``stagepipe/stages``: it says so itself) and
 brings what the kind needs — its own step, its share of allocation or assembly, its cost:
 
-- ``RankDependentMethod``: factors that depend on the allocated rank (ResSVD) — ``residual``;
+- ``RankDependentMethod``: factors that depend on the allocated rank (ResSVD) — ``rank_factors``;
 - ``SequentialMethod``: factors fitted layer by layer on the compressed model's inputs (AA-SVD) — ``anchor``;
 - ``StructuredMethod``: smaller dense matrices instead of two factors (MoDeGPT) — ``structure``;
 - ``LearnedMethod``: ranks learned on the whole model (SoCo, Dobi-SVD) — ``train``, with the
@@ -184,7 +184,7 @@ class Method(ABC):
 
 
 class RankDependentMethod(Method):
-    """Factors that depend on the allocated rank (ResSVD): the ``residual`` stage computes them at each
+    """Factors that depend on the allocated rank (ResSVD): the ``rank_factors`` stage computes them at each
     matrix's rank after ``allocate``; decompose's one-shot spectrum is what the policies see."""
 
     @abstractmethod

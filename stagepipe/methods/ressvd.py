@@ -10,11 +10,11 @@ For an allocated rank ``r`` split as ``r₁ = round(split·r)`` and ``r₂ = r �
 
 Under one fixed norm two-stage truncation cannot beat the one-shot optimum (Eckart–Young): measured
 by ``‖(W − Ŵ) X‖²`` ResSVD is never better than SVD-LLM at the same rank. Any gain comes from mixing
-the two norms, so the ``residual`` stage records both losses per matrix. ``split = 0`` is SVD-LLM,
+the two norms, so the ``rank_factors`` stage records both losses per matrix. ``split = 0`` is SVD-LLM,
 ``split = 1`` is plain SVD.
 
 The factors depend on the allocated rank, so they are computed after ``allocate`` (the
-``residual`` stage); ``decompose`` computes the one-shot whitened spectrum (the pair
+``rank_factors`` stage); ``decompose`` computes the one-shot whitened spectrum (the pair
 identity × ``gram``), which is what the spectrum-based allocation policies see.
 """
 

@@ -111,7 +111,7 @@ class PipelineStage(Stage):
     @classmethod
     def assembles(cls, choices: Choices) -> bool:
         """Whether this stage's outputs are the final form of each layer; of several joined, the
-        one no other reads (refit's refitted factors over residual's)."""
+        one no other reads (refit's refitted factors over rank_factors')."""
         return False
 
     #: the payload of this stage's outputs that holds a layer's final form

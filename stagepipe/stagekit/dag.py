@@ -49,3 +49,36 @@ def to_dot(config: Any) -> str:
             lines.append(f'  "{producer}" -> "{reader}" [label="{", ".join(payloads)}"];')
     lines.append("}")
     return "\n".join(lines)
+
+
+def problems(config: Any, facts: Any) -> list[str]:
+    """Where a stage's declarations disagree, for this config and model: a partition's read that
+    its stage does not declare in ``needs`` (or of a payload the producer does not write, or of a
+    stage the plan does not run), or ``dependencies()`` that are not exactly the partitions it
+    reads. The DAG, the keys and the release all follow from the reads, so these must agree."""
+    from stagepipe.engine.stage import Context
+    from stagepipe.stagekit.base import STAGES
+
+    plan = make_plan(config, facts)
+    ctx = Context(config, ".", facts, plan)
+    found = []
+    for name in plan.stages:
+        stage = STAGES[name]()
+        declared = plan.needs(name)
+        for partition in stage.partitions(ctx) or []:
+            where = f"{name}@{partition}"
+            reads = stage.reads(ctx, partition)
+            for read in reads:
+                producer = read.ref.stage
+                if producer not in plan.stages:
+                    found.append(f"{where} reads {read.ref}, a stage this pipeline does not run")
+                elif not stage.reads_everything and producer not in declared:
+                    found.append(f"{where} reads {read.ref}, but {name}.needs does not name {producer!r}")
+                elif read.payload is not None and not stage.reads_everything:
+                    if read.payload not in declared[producer]:
+                        found.append(f"{where} reads {read.payload} of {read.ref}, not in {name}.needs")
+                    if read.payload not in STAGES[producer].writes:
+                        found.append(f"{where} reads {read.payload} of {read.ref}, which {producer} does not write")
+            if list(stage.dependencies(ctx, partition)) != list(dict.fromkeys(r.ref for r in reads)):
+                found.append(f"{where}: dependencies() are not the partitions its reads() name")
+    return found

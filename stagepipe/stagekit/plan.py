@@ -132,7 +132,7 @@ def allocator_of(choices: Choices) -> str | None:
 
 def assembler_of(choices: Choices) -> str:
     """The stage whose outputs are each layer's final form: of the joining stages that assemble,
-    the one that none of the others reads (refit over residual); decompose's factors at the
+    the one that none of the others reads (refit over rank_factors); decompose's factors at the
     allocated ranks when none does."""
     candidates = [name for name in sorted(choices.roots) if STAGES[name].assembles(choices)]
     final = [c for c in candidates if not any(c in STAGES[o].needs(choices) for o in candidates if o != c)]
