@@ -1,0 +1,63 @@
+"""The README is an entry page whose numbers come from generated tables, and the docs link to
+files that exist: the README's best-rows table and docs/results.md's generated part are what
+``benchmarks/quality.py --render`` writes from docs/results.json, every decimal number in the
+README stands in that generated part, and every relative link resolves."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from benchmarks import quality
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
+
+
+def _block(text: str, name: str) -> str:
+    return text.split(quality.marker(name, "start"))[1].split(quality.marker(name, "end"))[0].strip("\n")
+
+
+def _saved() -> dict:
+    return json.loads((ROOT / "docs" / "results.json").read_text())
+
+
+def test_the_readme_is_a_short_entry_page() -> None:
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 120
+
+
+def test_the_generated_tables_are_what_quality_renders() -> None:
+    saved = _saved()
+    commits = sorted({r["commit"] for r in saved["rows"]})
+    results = (ROOT / "docs" / "results.md").read_text()
+    assert _block(results, quality.GENERATED) == "\n".join(quality.results_lines(saved["rows"], commits, saved["base"], ROOT / "docs")).strip("\n")
+    readme = (ROOT / "README.md").read_text()
+    assert _block(readme, quality.BEST_ROWS) == "\n".join(quality.best_table(saved["rows"], link_prefix=""))
+
+
+def test_every_number_in_the_readme_is_in_a_generated_table() -> None:
+    generated = _block((ROOT / "docs" / "results.md").read_text(), quality.GENERATED)
+    numbers = set(re.findall(r"(?<![\w.])\d+\.\d+(?:e[+-]\d+)?", (ROOT / "README.md").read_text()))
+    assert numbers, "the README shows the best rows"
+    assert {n for n in numbers if n not in generated} == set()
+
+
+def test_the_best_row_of_a_method_is_its_lowest_geometric_mean() -> None:
+    rows = [{"method": entry, "kept_requested": kept, "ratios": {"kept_over_target_matrices": kept},
+             "perplexity": {"compressed": {"t": ppl}, "dense": {"t": 10.0}}}
+            for entry, values in {"svdllm": (20, 30, 90), "svdllm:global_greedy": (15, 40, 80),
+                                  "aasvd+refine": (12, 13, 14), "aasvd": (11, 12, 200)}.items()
+            for kept, ppl in zip(quality.BEST_FRACTIONS, values, strict=True)]
+    table = quality.best_table(rows, link_prefix="")
+    assert [line.split("|")[2].strip() for line in table[3:]] == ["`aasvd+refine`", "`svdllm:global_greedy`"]
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_resolve(path: Path) -> None:
+    text = path.read_text()
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+    missing = [t for t in targets if "://" not in t and not (path.parent / t).exists()]
+    assert missing == []
