@@ -210,7 +210,7 @@ class StructuredBlock:
         return sum(r * c for r, c in self.shapes(dims).values())
 
 
-def block_geometry(config: Any) -> StructuredBlock:
+def structured_block_of(config: Any) -> StructuredBlock:
     """``StructuredBlock`` of a Hugging Face Llama-family config (sizes from ``geometry.BlockGeometry``)."""
     shapes = BlockGeometry.of(config)
     heads = Heads(shapes.heads, shapes.kv_heads, shapes.head_dim)

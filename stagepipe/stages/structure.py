@@ -34,9 +34,9 @@ from stagepipe.stagekit.cost import CostInputs, Estimate
 from stagepipe.structured import (
     BLOCK_LINEARS,
     BlockDims,
-    block_geometry,
     compress_block,
     spend_structured_budget,
+    structured_block_of,
 )
 
 #: architectures whose blocks ``structured.compress_block`` understands (SwiGLU MLP, RoPE, no biases)
@@ -94,7 +94,7 @@ class StructureStage(PipelineStage):
             raise StagepipeError(f"block {index} has no {missing[0]}: not a Llama-family block")
         stats = artifacts.read_input_stats(work.input("capture", work.partition))
         dims = BlockDims(**artifacts.read_structure_dims(work.input("allocate"))[index])
-        geometry = block_geometry(config)
+        geometry = structured_block_of(config)
         tensors, info = compress_block(weights, stats.gram["self_attn.q_proj"], stats.gram["mlp.down_proj"],
                                        geometry.heads, dims, cfg.ridge_rel, cfg.floor_rel)
         dtype = weights["mlp.down_proj.weight"].dtype
@@ -160,7 +160,7 @@ class StructureStage(PipelineStage):
         influence = [float(artifacts.read_results(d)["influence"]) for _, d in captures]
         kept = ctx.config.target.kept_fraction
         fractions = method.layer_kept(influence, kept)
-        geometry = block_geometry(ctx.facts)
+        geometry = structured_block_of(ctx.facts)
         dims = spend_structured_budget(geometry, fractions, kept, ctx.config.allocation.align)
         kept_params = {}
         for i, block_dims in enumerate(dims):
