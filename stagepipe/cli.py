@@ -345,11 +345,12 @@ def dag(pipeline: str, fmt: str) -> None:
 def methods() -> None:
     """List the registered methods (method.name) and allocation policies (allocation.policy)."""
     from stagepipe.allocation import POLICIES
-    from stagepipe.methods import METHODS
+    from stagepipe.methods import KINDS, METHODS
 
-    click.echo("methods (method.name):")
+    click.echo("methods (method.name) and their kind:")
     for name, cls in sorted(METHODS.items()):
-        click.echo(f"  {name:<14} {cls.summary()}")
+        kind = next((k.__name__ for k in KINDS if issubclass(cls, k)), "metric pair")
+        click.echo(f"  {name:<14} {kind:<20} {cls.summary()}")
     click.echo("allocation policies (allocation.policy):")
     for name, cls in sorted(POLICIES.items()):
         click.echo(f"  {name:<14} {cls.summary()}")
