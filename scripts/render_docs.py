@@ -25,7 +25,8 @@ SHOWN = ["pipelines/smollm2_demo.yaml", "pipelines/methods/ressvd.yaml", "pipeli
 
 
 def catalogue() -> str:
-    """Every registered stage: version, payloads written, and the bundled pipelines it joins."""
+    """Every stage a bundled pipeline runs: version, payloads written, and the pipelines it joins
+    (a stage no bundled pipeline runs — a kind just added — appears once one does)."""
     import stagepipe.stages  # noqa: F401 - every stage registers itself
     from stagepipe.stagekit.base import STAGES
 
@@ -35,13 +36,13 @@ def catalogue() -> str:
         for stage in make_plan(load_pipeline(path)).stages:
             joined[stage].append(str(path.relative_to(ROOT / "pipelines").with_suffix("")))
     lines = ["| stage | version | writes | joins (of the bundled pipelines) |", "|---|---|---|---|"]
-    for name in sorted(STAGES, key=lambda n: (-len(joined[n]), n)):
+    for name in sorted((n for n in STAGES if joined[n]), key=lambda n: (-len(joined[n]), n)):
         cls = STAGES[name]
         writes = "<br>".join(f"`{path}`: {what}".replace("|", "\\|") for path, what in cls.writes.items())
         names = [str(path.relative_to(ROOT / "pipelines").with_suffix("")) for path in pipelines]
         missing = [n for n in names if n not in joined[name]]
         where = ("all" if not missing else f"all but {', '.join(missing)}" if len(missing) < len(names) / 2
-                 else ", ".join(joined[name]) or "none")
+                 else ", ".join(joined[name]))
         lines.append(f"| `{name}` | {cls.version} | {writes} | {where} |")
     return "\n".join(lines)
 
