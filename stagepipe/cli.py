@@ -345,11 +345,11 @@ def dag(pipeline: str, fmt: str) -> None:
 def methods() -> None:
     """List the registered methods (method.name) and allocation policies (allocation.policy)."""
     from stagepipe.allocation import POLICIES
-    from stagepipe.methods import KINDS, METHODS
+    from stagepipe.methods import METHODS
 
     click.echo("methods (method.name) and their kind:")
     for name, cls in sorted(METHODS.items()):
-        kind = next((k.__name__ for k in KINDS if issubclass(cls, k)), "metric pair")
+        kind = cls.kind().__name__ if cls.kind() is not None else "metric pair"
         click.echo(f"  {name:<14} {kind:<20} {cls.summary()}")
     click.echo("allocation policies (allocation.policy):")
     for name, cls in sorted(POLICIES.items()):

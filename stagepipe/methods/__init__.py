@@ -9,7 +9,6 @@ import importlib
 import pkgutil
 
 from stagepipe.methods.base import (
-    KINDS,
     METHODS,
     GradientOptions,
     LayerStats,
@@ -33,5 +32,5 @@ def make_method(cfg: MethodConfig) -> Method:
     return METHODS[cfg.name](cfg)
 
 
-__all__ = ["KINDS", "METHODS", "GradientOptions", "LayerStats", "LearnedMethod", "Method", "MethodConfig", "MetricPair",
+__all__ = ["METHODS", "GradientOptions", "LayerStats", "LearnedMethod", "Method", "MethodConfig", "MetricPair",
            "RankDependentMethod", "SequentialMethod", "StructuredMethod", "make_method", "register"]

@@ -116,9 +116,17 @@ class Method(ABC):
         return (cls.__doc__ or "").strip().splitlines()[0]
 
     @classmethod
+    def kind(cls) -> type[Method] | None:
+        """The kind this method is of — the nearest base class between it and ``Method`` that is
+        not a registered method itself (``SequentialMethod``, or a kind defined anywhere else) —
+        or ``None`` for a metric pair."""
+        registered = set(METHODS.values())
+        return next((k for k in cls.__mro__[1:] if issubclass(k, Method) and k is not Method and k not in registered), None)
+
+    @classmethod
     def is_metric_pair(cls) -> bool:
         """Whether its factors are decompose's weighted SVD of a fixed metric pair (no kind)."""
-        return not issubclass(cls, KINDS)
+        return cls.kind() is None
 
     @classmethod
     def check_pipeline(cls, config: Any, default_allocation: Any) -> None:
@@ -245,9 +253,6 @@ class LearnedMethod(Method):
         if config.method.refit and cls.learned_factors:
             raise ValueError(f"method.refit: not supported with {cls.name} (its learned factors are final); remove refit")
 
-
-#: the kinds of method that are more than a metric pair
-KINDS = (RankDependentMethod, SequentialMethod, StructuredMethod, LearnedMethod)
 
 METHODS: dict[str, type[Method]] = {}
 
