@@ -4,22 +4,27 @@ Per-layer stages never hold more than one block: block i runs on its inputs read
 the embeddings for block 0, else block i−1's outputs as ``capture`` stored them (the dense model)
 or as a sequential stage (``refit``, ``anchor``) stored them (the compressed model's running
 inputs). ``Streams`` walks both in lockstep for a sequential stage, and gives the dense block's
-outputs (capture's outputs of the same block) as targets.
+outputs (capture's outputs of the same block) as targets; ``SequentialStage`` is what such a
+stage declares alike (a partition per layer, its running inputs handed to the next partition,
+its factors the layers' final form).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from stagepipe.engine.stage import Read, Work
+from stagepipe.engine.stage import Context, Read, Work
 from stagepipe.io import zarr_io
 from stagepipe.models.blocks import BlockRunner
 from stagepipe.stagekit import artifacts
 from stagepipe.stagekit.artifacts import HIDDEN, layer_partition, ref
+from stagepipe.stagekit.base import PipelineStage
+from stagepipe.stagekit.cost import CostInputs, Estimate
 
 
 def block_input_rows(runner: BlockRunner, ids: torch.Tensor, below: Path | None, batch: int,
@@ -84,3 +89,34 @@ class Streams:
         for start, hidden in self.running():
             artifacts.write_rows(array, start, self.runner.run_block(block, hidden))
         return array
+
+
+class SequentialStage(PipelineStage):
+    """A stage that walks the blocks up on the compressed model's running inputs (``anchor``,
+    ``refit``): one partition per layer, each storing its block's outputs (``HIDDEN``) for the next
+    partition, which is their only reader, and its factors (``assembly_payload``) as the layers'
+    final form."""
+
+    def partitions(self, ctx: Context) -> list[str] | None:
+        return artifacts.model_layers(ctx)
+
+    def handovers(self, ctx: Context, partition: str) -> set[str]:
+        """The stored block outputs are a hand-over to the next partition, which reads them."""
+        return {HIDDEN}
+
+    @classmethod
+    def adjust(cls, rows: dict[str, Estimate], c: CostInputs) -> dict[str, Estimate]:
+        """With release on, its stored block outputs go once the next layer has read them."""
+        if not c.config.runtime.releases:
+            return rows
+        row = rows[cls.name]
+        return {**rows, cls.name: replace(row, disk=row.disk - (c.shapes.layers - 1) * c.hidden, transient=c.hidden)}
+
+    @classmethod
+    def assembles(cls, choices: Any) -> bool:
+        return True
+
+    @classmethod
+    def layer_factors(cls, ctx: Context, work: Work, layer: int, ranks: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        assert cls.assembly_payload is not None
+        return artifacts.read_factors(work.input(cls.name, layer_partition(layer)), cls.assembly_payload)

@@ -31,7 +31,6 @@ import contextlib
 import copy
 import math
 import re
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -59,14 +58,14 @@ from stagepipe.stagekit.artifacts import (
     TOKENS,
     layer_index,
 )
-from stagepipe.stagekit.base import PipelineStage, register
+from stagepipe.stagekit.base import register
 from stagepipe.stagekit.checkpoints import ResumableAdam
 from stagepipe.stagekit.cost import CostInputs, Estimate
-from stagepipe.stagekit.streams import Streams, stream_reads
+from stagepipe.stagekit.streams import SequentialStage, Streams, stream_reads
 
 
 @register
-class AnchorStage(PipelineStage):
+class AnchorStage(SequentialStage):
     name = "anchor"
     version = 2
     description = "anchored reduced-rank regression on shifted inputs (+ block refinement), layer by layer"
@@ -95,9 +94,6 @@ class AnchorStage(PipelineStage):
             raise ConfigError(f"method.refine_metric: kfac_out reads the K-FAC output factor of {residual_out!r} (the "
                               "block's last residual write); add it to target.modules")
 
-    def partitions(self, ctx: Context) -> list[str] | None:
-        return artifacts.model_layers(ctx)
-
     def reads(self, ctx: Context, partition: str) -> list[Read]:
         reads = [Read(artifacts.ref("snapshot"), MODEL_DIR), Read(artifacts.ref("tokenize", CALIBRATION), TOKENS),
                  Read(artifacts.ref("allocate"), ALLOCATION), Read(artifacts.ref("capture", partition), GROUPS),
@@ -105,10 +101,6 @@ class AnchorStage(PipelineStage):
         if ctx.plan.method.needs_gradients:
             reads.append(Read(artifacts.ref("fisher", partition), FISHER))
         return reads + stream_reads(self.name, layer_index(partition), targets=True)
-
-    def handovers(self, ctx: Context, partition: str) -> set[str]:
-        """The stored block outputs are a hand-over to the next partition, which reads them."""
-        return {HIDDEN}
 
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
         return {"method": ctx.plan.method.sequential_options(), "batch_size": ctx.config.runtime.batch_size,
@@ -130,22 +122,6 @@ class AnchorStage(PipelineStage):
                         c.gpu(2 * s.block * c.weight_bytes + 2 * c.batch_activations + train),
                         f"{flops / 1e12:.1f} TFLOP of block linears ({epochs} refinement epochs); shifted block inputs",
                         flops=flops, flops64=flops64)
-
-    @classmethod
-    def adjust(cls, rows: dict[str, Estimate], c: CostInputs) -> dict[str, Estimate]:
-        """With release on, its stored block outputs go once the next layer has read them."""
-        if not c.config.runtime.releases:
-            return rows
-        row = rows[cls.name]
-        return {**rows, cls.name: replace(row, disk=row.disk - (c.shapes.layers - 1) * c.hidden, transient=c.hidden)}
-
-    @classmethod
-    def assembles(cls, choices) -> bool:
-        return True
-
-    @classmethod
-    def layer_factors(cls, ctx: Context, work: Work, layer: int, ranks):
-        return artifacts.read_factors(work.input(cls.name, artifacts.layer_partition(layer)), ANCHOR)
 
     @classmethod
     def layer_params(cls, ctx: Context, work: Work, layer: int) -> dict[str, torch.Tensor]:

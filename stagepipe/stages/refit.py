@@ -36,10 +36,10 @@ from stagepipe.stagekit.artifacts import (
     TOKENS,
     layer_index,
 )
-from stagepipe.stagekit.base import STAGES, PipelineStage, register
+from stagepipe.stagekit.base import STAGES, register
 from stagepipe.stagekit.cost import CostInputs, Estimate
 from stagepipe.stagekit.plan import assembler_of
-from stagepipe.stagekit.streams import Streams, stream_reads
+from stagepipe.stagekit.streams import SequentialStage, Streams, stream_reads
 
 
 def _source(choices: Any) -> str:
@@ -48,7 +48,7 @@ def _source(choices: Any) -> str:
 
 
 @register
-class RefitStage(PipelineStage):
+class RefitStage(SequentialStage):
     name = "refit"
     version = 3
     description = "least-squares refit of the up factors on sequentially propagated inputs"
@@ -66,19 +66,12 @@ class RefitStage(PipelineStage):
         return {"snapshot": {MODEL_DIR}, "tokenize": {TOKENS}, "allocate": {ALLOCATION}, "capture": {HIDDEN},
                 "refit": {HIDDEN}, source: {STAGES[source].assembly_payload}}
 
-    def partitions(self, ctx: Context) -> list[str] | None:
-        return artifacts.model_layers(ctx)
-
     def reads(self, ctx: Context, partition: str) -> list[Read]:
         index = layer_index(partition)
         source = STAGES[_source(ctx.plan.choices)]
         return [Read(artifacts.ref("snapshot"), MODEL_DIR), Read(artifacts.ref("tokenize", CALIBRATION), TOKENS),
                 Read(artifacts.ref("allocate"), ALLOCATION), *source.assembly_reads(ctx, index),
                 *stream_reads(self.name, index)]
-
-    def handovers(self, ctx: Context, partition: str) -> set[str]:
-        """The stored block outputs are a hand-over to the next partition, which reads them."""
-        return {HIDDEN}
 
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
         return {"batch_size": ctx.config.runtime.batch_size, "modules": ctx.config.target.modules,
@@ -92,22 +85,6 @@ class RefitStage(PipelineStage):
                         c.gpu(s.block * c.weight_bytes * 2 + c.batch_activations * 2),
                         "original + truncated block per layer; compressed-path block inputs",
                         flops=s.layers * 2 * c.block_pass, flops64=s.layers * 2 * c.tokens * (3 * s.d**2 + s.ff**2))
-
-    @classmethod
-    def adjust(cls, rows: dict[str, Estimate], c: CostInputs) -> dict[str, Estimate]:
-        """With release on, its stored block outputs go once the next layer has read them."""
-        if not c.config.runtime.releases:
-            return rows
-        row = rows[cls.name]
-        return {**rows, cls.name: replace(row, disk=row.disk - (c.shapes.layers - 1) * c.hidden, transient=c.hidden)}
-
-    @classmethod
-    def assembles(cls, choices) -> bool:
-        return True
-
-    @classmethod
-    def layer_factors(cls, ctx: Context, work: Work, layer: int, ranks):
-        return artifacts.read_factors(work.input(cls.name, artifacts.layer_partition(layer)), REFIT)
 
     def run(self, ctx: Context, work: Work) -> dict[str, Any]:
         index = layer_index(work.partition)
