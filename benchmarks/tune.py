@@ -4,8 +4,9 @@ The base pipeline must have ``calibration.validation`` (windows from held-out *t
 never the test articles). For each candidate value the grid point (``METHOD[:POLICY]`` at a kept
 fraction, as ``benchmarks/quality.py`` builds it) runs through the real pipeline; the assembled
 model's perplexity on the validation windows — same function and protocol as ``evaluate`` —
-picks the value. Only the chosen value's test perplexity is printed: the test split reports,
-it never chooses.
+picks the value, and the paired bootstrap over those windows says whether the choice is outside
+the noise against each other value (``stagepipe.intervals``). Only the chosen value's test
+perplexity is printed: the test split reports, it never chooses.
 
     python benchmarks/tune.py --base pipelines/smollm2_gfwsvd_paper.yaml --entry kfac_svd:global_greedy \\
         --option shrinkage --values 0 0.05 0.2 --kept 0.8 --workspace workspace/paper --out docs/gfwsvd_paper
@@ -29,6 +30,7 @@ from quality import ROOT, grid_config  # benchmarks/quality.py (this directory)
 from transformers import AutoModelForCausalLM
 
 from stagepipe.engine.stage import ALL, PartitionRef
+from stagepipe.intervals import Comparison, compare
 from stagepipe.perplexity import perplexity
 from stagepipe.stagekit import artifacts
 from stagepipe.stagekit.artifacts import VALIDATION
@@ -78,6 +80,12 @@ def validation_point(base: dict, entry: str, kept: float, option: str, value: fl
             "kept": report["ratios"]["kept_over_target_matrices"]}
 
 
+def against(point: dict, chosen: dict) -> Comparison:
+    """``point``'s validation perplexity over the chosen value's, paired on the same windows."""
+    v, c = point["validation"], chosen["validation"]
+    return compare(v["window_nll"], c["window_nll"], v["seq_len"] - 1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", required=True)
@@ -99,10 +107,22 @@ def main() -> None:
              f"--values {' '.join(map(_show, args.values))} --kept {args.kept}` at commit `{commit}`. Validation: "
              f"{chosen['validation']['n_windows']} windows of {chosen['validation']['seq_len']} tokens from held-out train "
              "articles; the test split is read only for the chosen value.", "",
-             "| value | kept (targets) | validation PPL |", "|---|---|---|"]
-    lines += [f"| {_show(p['value'])} | {p['kept']:.4f} | {p['validation']['ppl']:.3f}{' ← chosen' if p is chosen else ''} |"
-              for p in points]
-    lines += ["", f"Test perplexity of the chosen value ({_show(chosen['value'])}): "
+             "| value | kept (targets) | validation PPL [95 % interval] | PPL over the chosen's, paired [95 %] |",
+             "|---|---|---|---|"]
+    for p in points:
+        p["against_chosen"] = against(p, chosen)
+        v = p["validation"]
+        versus = "—" if p is chosen else p["against_chosen"].describe()
+        lines.append(f"| {_show(p['value'])} | {p['kept']:.4f} | {v['ppl']:.3f} [{v['ppl_low']:.3f}, {v['ppl_high']:.3f}]"
+                     f"{' ← chosen' if p is chosen else ''} | {versus} |")
+    others = [p for p in points if p is not chosen]
+    resolved = all(p["against_chosen"].resolved for p in others)
+    lines += ["", ("The choice is outside the noise against every other value" if resolved else
+                   "The choice is **inside the noise** against "
+                   + ", ".join(_show(p["value"]) for p in others if not p["against_chosen"].resolved)
+                   + ": the validation split cannot tell them apart")
+              + " (paired bootstrap over the validation windows, `stagepipe.intervals`).",
+              "", f"Test perplexity of the chosen value ({_show(chosen['value'])}): "
               + ", ".join(f"{d} **{v:.3f}**" for d, v in chosen["test"].items()), ""]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -112,7 +132,9 @@ def main() -> None:
     (out / f"{stem}.json").write_text(json.dumps({"commit": commit, "base": Path(args.base).name, "entry": args.entry,
                                                    "option": args.option, "kept": args.kept, "chosen": chosen["value"],
                                                    "test_of_chosen": chosen["test"],
-                                                   "validation": [{k: p[k] for k in ("value", "kept", "validation")}
+                                                   "choice_outside_noise": resolved,
+                                                   "validation": [{**{k: p[k] for k in ("value", "kept", "validation")},
+                                                                   "against_chosen": p["against_chosen"].to_dict()}
                                                                   for p in points]}, indent=1))
     print("\n".join(lines))
 

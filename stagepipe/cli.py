@@ -222,8 +222,12 @@ def _print_summary(runner) -> None:
         click.echo(f"kept parameters: {achieved}")
     else:
         click.echo(f"kept fraction: requested {ratios['requested_kept_fraction']:.3f}, achieved {achieved}")
+    intervals = info.get("perplexity_interval", {})
     for model, values in sorted(info["perplexity"].items()):
-        click.echo(f"perplexity {model:<10} " + "  ".join(f"{d}={v:.3f}" for d, v in sorted(values.items())))
+        bounds = intervals.get(model, {})
+        click.echo(f"perplexity {model:<10} " + "  ".join(
+            f"{d}={v:.3f}" + (f" [{bounds[d][0]:.3f}, {bounds[d][1]:.3f}]" if d in bounds else "")
+            for d, v in sorted(values.items())) + ("  (95 % interval over windows)" if bounds else ""))
     if "model_dir" in info:
         click.echo(f"model: {runner.ws.root / info['model_dir']}")
     click.echo(f"report: {report.state.output / 'report.json'}")

@@ -156,6 +156,34 @@ def test_keep_all_is_the_dense_linear() -> None:
     assert torch.allclose(module(x), linear(x), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("remap", [False, True])
+def test_every_mask_is_live_at_the_uniform_start(remap: bool) -> None:
+    """At every kept fraction the uniform start puts each matrix's mask inside its windows'
+    spectrum, so every truncation position gets a gradient: matrices with more components than a
+    window has tokens (q/o/MLP: k = 64 > t = 24) and with fewer (k/v: k = 16). Kept in weight units,
+    g·k lies past a 24-token window's last component for the k = 64 matrices (issue #31)."""
+    from stagepipe.config import TinyModel
+    from stagepipe.methods.dobi_svd import DobiSVDConfig
+    from stagepipe.models.tiny import build_tiny
+    from stagepipe.stages.train.dobi_svd import DobiTrainer
+
+    tokens = 24
+    ids = torch.randint(0, 200, (1, tokens), generator=torch.Generator().manual_seed(0))
+    for kept in (0.9, 0.8, 0.6, 0.4):
+        model, _ = build_tiny(TinyModel(source="tiny", num_layers=2, hidden=64, intermediate=128, num_heads=4,
+                                        num_kv_heads=1, seed=1))
+        names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+        cfg = DobiSVDConfig(name="dobi_svd", remap=remap)
+        trainer = DobiTrainer(cfg, model, dict.fromkeys(names), kept, 1, torch.float32)
+        assert {trainer.modules[n].k for n in names} == {16, 64}
+        logits = model(input_ids=ids).logits.float()
+        torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).backward()
+        grads = {n: float(trainer.modules[n].fraction.grad) for n in names}
+        assert all(math.isfinite(g) and g != 0.0 for g in grads.values()), (kept, remap, grads)
+        positions = {n: float(trainer.modules[n].window_position(tokens).detach()) for n in names}
+        assert all(0 < p < min(tokens, trainer.modules[n].k) for n, p in positions.items()), (kept, remap, positions)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, Path]:
     return learned_run(tmp_path_factory.mktemp("dobi"), "dobi", 0.6, DOBI)

@@ -70,3 +70,34 @@ def test_relative_links_resolve(path: Path) -> None:
     targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
     missing = [t for t in targets if "://" not in t and not (path.parent / t).exists()]
     assert missing == []
+
+
+def _row(method: str, kept: float, window_nll: list[float]) -> dict:
+    from stagepipe.intervals import ppl_interval
+
+    tokens = 511
+    ppl = 2.718281828459045 ** (sum(window_nll) / (len(window_nll) * tokens))
+    return {"method": method, "kept_requested": kept, "ratios": {"kept_over_target_matrices": kept},
+            "perplexity": {"compressed": {"t": ppl}, "dense": {"t": 20.0}},
+            "perplexity_interval": {"compressed": {"t": list(ppl_interval(window_nll, tokens))}, "dense": {"t": [19.0, 21.0]}},
+            "test_windows": {"t": len(window_nll)}, "window_nll": {"t": window_nll}, "window_tokens": {"t": tokens}}
+
+
+def test_best_rows_carry_intervals_and_mark_differences_inside_the_noise() -> None:
+    """With per-window losses each cell shows its 95 % interval, and a method whose paired
+    difference from the column's lowest is inside the noise is marked ≈; a clear gap is not."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    base = list(rng.normal(3.5, 0.4, 64) * 511)
+    noise = rng.normal(0, 0.02, 64) * 511
+    rows = []
+    for kept in quality.BEST_FRACTIONS:
+        rows += [_row("kfac_svd", kept, base), _row("svdllm", kept, [b + e for b, e in zip(base, noise, strict=True)]),
+                 _row("svd", kept, [b + 0.3 * 511 for b in base])]
+    table = quality.best_table(rows, link_prefix="")
+    line = {m: next(row for row in table if f"[{m}]" in row) for m in ("kfac_svd", "svdllm", "svd")}
+    assert "≈" in line["svdllm"] and "≈" not in line["svd"] and "≈" not in line["kfac_svd"]
+    assert re.search(r"\| \d+\.\d{3} \[\d+\.\d{3}, \d+\.\d{3}\]", line["svd"])
+    assert "inside the noise" in table[-1]
+    assert quality.n_test_windows(rows[0]) == 64 and quality.n_test_windows({}) == quality.LEGACY_TEST_WINDOWS

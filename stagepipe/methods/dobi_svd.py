@@ -1,7 +1,9 @@
 """Dobi-SVD (Wang et al., arXiv 2502.02723): learned truncation positions on the *activations*.
 
-Each target linear gets one truncation position ``γ = g·k`` (``k = min(m, n)``). In training, the
-activations ``A = X Wᵀ`` of every window are truncated softly, ``U diag(σ ⊙ T(γ)) Vᵀ`` with
+Each target linear gets one trained kept fraction ``g``: rank ``g·k`` (``k = min(m, n)``). In
+training, the activations ``A = X Wᵀ`` of every ``t``-token window are truncated softly at
+``γ = g·min(t, k)`` of their components (the official code's window units, defined for every
+shape: ``models/truncation.py``), ``U diag(σ ⊙ T(γ)) Vᵀ`` with
 ``T_i = ½ tanh(β(γ − i)) + ½``, through an SVD whose backward pass stays finite for
 near-degenerate spectra (``models/truncation.py``); only the ``g`` train, on the KL to the dense
 model (or the text's next-token loss), and after every step they are projected back onto the
@@ -65,6 +67,7 @@ class DobiSVD(LearnedMethod):
     def training_options(self) -> dict[str, Any]:
         names = ("objective", "epochs", "lr", "beta", "svd_gap", "svd_terms", "batch", "seed")
         options = {name: getattr(self.cfg, name) for name in names}
+        options["mask_position"] = "g·min(t, k)"  # window units (issue #31); g·k before, dead past the window
         if self.cfg.remap:  # keyed only when set: runs without remapping keep their keys
             options["storage"] = self.storage()
         return options

@@ -13,8 +13,16 @@ inside a near-degenerate pair is dropped (tested: finite where autograd's is ~1e
 spectrum is separated).
 
 ``TruncatedLinear`` computes ``y = x Wᵀ``, and for each window ``A = U diag(σ) Vᵀ`` of it returns
-``U diag(σ ⊙ T(γ)) Vᵀ + b`` with one trainable truncation position ``γ`` per matrix; in dense mode
-it is the plain linear (the KL teacher). Modules are swapped on the model instance.
+``U diag(σ ⊙ T(γ)) Vᵀ + b`` with one trainable truncation position per matrix; in dense mode it is
+the plain linear (the KL teacher). Modules are swapped on the model instance.
+
+**Units.** The trained parameter is the kept fraction ``g`` of a rank. A window of ``t`` tokens has
+at most ``c = min(t, k)`` components (``k = min(m, n)``, the weight's rank bound), so the mask sits
+at ``γ_window = g·c`` on the window's spectrum, and the weight keeps ``g·k`` components. When
+``k > t`` this is the official code's conversion (γ trained in window units, rank ``γ·k/t``); when
+``k ≤ t`` (SmolLM2's k/v at 256 tokens) the two units agree, where the official code divides by
+``int(k/t) = 0``. Kept in weight units instead, the mask of a matrix with ``g·k ≥ t`` lies past the
+window's last component, and its gradient is exactly zero.
 """
 
 from __future__ import annotations
@@ -104,7 +112,8 @@ def stable_svd(a: Tensor, gap: float = 1e-3, terms: int = 10) -> tuple[Tensor, T
 
 
 class TruncatedLinear(nn.Module):
-    """A linear whose per-window activations are truncated at a learned position ``γ = g·k``."""
+    """A linear whose per-window activations are truncated at a learned kept fraction ``g``: at
+    ``g·min(t, k)`` of a ``t``-token window's components, standing for rank ``g·k`` (module docstring)."""
 
     def __init__(self, linear: nn.Module, fraction: float, beta: float, gap: float, terms: int) -> None:
         super().__init__()
@@ -117,15 +126,21 @@ class TruncatedLinear(nn.Module):
 
     @property
     def gamma(self) -> Tensor:
+        """The truncation position in the weight's components, ``g·k``: the rank it stands for."""
         return self.fraction * self.k
+
+    def window_position(self, tokens: int) -> Tensor:
+        """The mask's position on the spectrum of a window of ``tokens`` tokens, ``g·min(tokens, k)``."""
+        return self.fraction * min(tokens, self.k)
 
     def forward(self, x: Tensor) -> Tensor:
         y = nn.functional.linear(x, self.weight)
         if not self.dense:
             rows = []
+            position = self.window_position(y.shape[-2])
             for window in y.reshape(-1, y.shape[-2], y.shape[-1]):
                 u, s, v = stable_svd(window.float(), self.gap, self.terms)
-                mask = truncation_mask(self.gamma, s.shape[-1], self.beta)
+                mask = truncation_mask(position, s.shape[-1], self.beta)
                 rows.append(((u * (s * mask)) @ v.T).to(y.dtype))
             y = torch.stack(rows).reshape(y.shape)
         return y if self.bias is None else y + self.bias

@@ -1,5 +1,7 @@
 """``evaluate``: perplexity of the dense snapshot (``dense``) and of the assembled model
-(``compressed``) on every configured test set, under one protocol (``stagepipe.perplexity``).
+(``compressed``) on every configured test set, under one protocol (``stagepipe.perplexity``):
+each perplexity with its 95 % bootstrap interval over windows, and the compressed model against
+the dense one by the paired bootstrap on the same windows (``stagepipe.intervals``).
 
 Results hold only what the models compute; wall time goes to the manifest's telemetry, so two
 runs with identical perplexities have identical outputs (and the report keeps its key).
@@ -20,6 +22,7 @@ from transformers import AutoModelForCausalLM
 
 from stagepipe.engine.stage import Context, Read, Work
 from stagepipe.errors import StagepipeError
+from stagepipe.intervals import compare
 from stagepipe.models.sources import resolve_device
 from stagepipe.perplexity import perplexity
 from stagepipe.stagekit import artifacts
@@ -40,9 +43,10 @@ def load_checked(directory: Path) -> torch.nn.Module:
 @register
 class EvaluateStage(PipelineStage):
     name = "evaluate"
-    version = 2
-    description = "fp32 perplexity of the dense and the compressed model"
-    writes = {RESULTS: "per test set: perplexity, token-mean NLL, windows, tokens, non-finite windows"}
+    version = 3
+    description = "fp32 perplexity of the dense and the compressed model, with 95 % intervals"
+    writes = {RESULTS: "per test set: perplexity and its 95 % interval, token-mean NLL, each window's NLL, windows, "
+                       "tokens, non-finite windows"}
 
     @classmethod
     def joins(cls, choices) -> bool:
@@ -74,8 +78,16 @@ class EvaluateStage(PipelineStage):
     @classmethod
     def summarize(cls, manifests) -> dict[str, Any]:
         evaluations = {ref.partition: manifest.info for ref, manifest in manifests.items()}
-        return {"perplexity": {p: {d: r["ppl"] for d, r in info["datasets"].items()} for p, info in evaluations.items()},
-                "evaluation": evaluations}
+        summary = {"perplexity": {p: {d: r["ppl"] for d, r in info["datasets"].items()} for p, info in evaluations.items()},
+                   "perplexity_interval": {p: {d: [r["ppl_low"], r["ppl_high"]] for d, r in info["datasets"].items()}
+                                           for p, info in evaluations.items()},
+                   "evaluation": evaluations}
+        if DENSE in evaluations:  # the same windows: the paired comparison
+            dense, compressed = evaluations[DENSE]["datasets"], evaluations[COMPRESSED]["datasets"]
+            summary["compressed_over_dense"] = {
+                d: compare(compressed[d]["window_nll"], dense[d]["window_nll"], r["seq_len"] - 1).to_dict()
+                for d, r in compressed.items()}
+        return summary
 
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
         ev = ctx.config.evaluation

@@ -10,6 +10,7 @@ rank-dependent method's splits, a learned method's training summary; and each st
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import defaultdict
 from collections.abc import Mapping
@@ -60,13 +61,18 @@ def plot(ctx: Context, report: dict[str, Any], inputs: Mapping[PartitionRef, Pat
     if ppl:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         names = sorted({d for v in ppl.values() for d in v})
+        bounds = report.get("perplexity_interval", {})
         for i, model in enumerate(sorted(ppl)):
-            ax.bar([j + 0.4 * i for j in range(len(names))], [ppl[model].get(d, 0) for d in names], width=0.4, label=model)
+            heights = [ppl[model].get(d, 0) for d in names]
+            spans = [bounds.get(model, {}).get(d, [h, h]) for d, h in zip(names, heights, strict=True)]
+            errors = [[h - lo if math.isfinite(hi) else 0.0 for h, (lo, hi) in zip(heights, spans, strict=True)],
+                      [hi - h if math.isfinite(hi) else 0.0 for h, (_, hi) in zip(heights, spans, strict=True)]]
+            ax.bar([j + 0.4 * i for j in range(len(names))], heights, width=0.4, label=model, yerr=errors, capsize=3)
         ax.set_xticks([j + 0.2 for j in range(len(names))], names)
         memory = report["ratios"].get("memory")
         kept = (f"memory {memory['kept_memory_over_target_matrices']:.3f}" if memory
                 else f"kept {report['ratios']['kept_over_target_matrices']:.3f}")
-        ax.set(title=f"perplexity ({report['method']}, {kept})", ylabel="PPL")
+        ax.set(title=f"perplexity ({report['method']}, {kept})", ylabel="PPL (95 % interval)")
         ax.legend()
         made.append(artifacts.save_figure(fig, out / PLOTS["perplexity"], plt))
     return made
@@ -77,7 +83,7 @@ class ReportStage(PipelineStage):
     """Reads every partition of every other stage of the pipeline."""
 
     name = "report"
-    version = 5
+    version = 6
     reads_everything = True
     description = "report.json + PNG plots"
     writes = {REPORT: "everything a reader needs in one JSON", **{name: f"plot: {kind}" for kind, name in PLOTS.items()}}
@@ -106,4 +112,5 @@ class ReportStage(PipelineStage):
         report["model_dir"] = os.path.relpath(artifacts.model_dir(work.input("assemble")), ctx.workspace)
         report["plots"] = plot(ctx, report, work.inputs, work.out)
         (work.out / REPORT).write_text(json.dumps(report, indent=1, sort_keys=True))
-        return {"perplexity": report["perplexity"], "ratios": report["ratios"], "model_dir": report["model_dir"]}
+        return {"perplexity": report["perplexity"], "perplexity_interval": report["perplexity_interval"],
+                "ratios": report["ratios"], "model_dir": report["model_dir"]}

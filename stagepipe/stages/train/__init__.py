@@ -104,7 +104,7 @@ class TrainStage(PipelineStage):
         """The training's summary (steps, closing loss, the trainer's own figures) and its plot."""
         (manifest,) = manifests.values()
         return {"training": {"steps": manifest.info["steps"],
-                             **{k: v for k, v in manifest.diagnostics.items() if k != "gammas"}}}
+                             **{k: v for k, v in manifest.diagnostics.items() if k not in ("gammas", "start_ranks")}}}
 
     @classmethod
     def plot(cls, report: dict[str, Any], outputs: dict, out: Path, plt: Any) -> list[str]:

@@ -37,6 +37,7 @@ class DobiTrainer:
         # start from the uniform allocation: rank τ·mn/cost, as a fraction of min(m, n)
         uniform = {n: target * m * n_in / (cost * min(m, n_in))
                    for (n, (m, n_in)), cost in zip(shapes.items(), self.costs, strict=True)}
+        self.start = [uniform[n] * k for n, k in zip(names, self.ks, strict=True)]  # γ of the uniform start
         self.modules = install_truncation(model, names, uniform, cfg.beta, cfg.svd_gap, cfg.svd_terms)
         self.params = [self.modules[n].fraction for n in names]
         self.weights = torch.tensor([c * k for c, k in zip(self.costs, self.ks, strict=True)], dtype=torch.float64) / self.dense
@@ -92,8 +93,12 @@ class DobiTrainer:
         names = sorted(self.modules)
         gammas = [self.modules[n].gamma.item() for n in names]
         ranks = round_to_budget(gammas, self.costs, self.caps, self.target * self.dense)
+        start = round_to_budget(self.start, self.costs, self.caps, self.target * self.dense)
+        moved = [abs(r - s) for r, s in zip(ranks, start, strict=True)]
         last = history[-self.steps_per_epoch:]
         return {"ranks": dict(zip(names, ranks, strict=True)), "gammas": dict(zip(names, gammas, strict=True)),
+                "start_ranks": dict(zip(names, start, strict=True)),
+                "ranks_moved": sum(m > 0 for m in moved), "rank_change_max": max(moved, default=0),
                 "steps": self.total, "final_loss": sum(h["loss"] for h in last) / max(1, len(last)),
                 "objective": self.cfg.objective}
 
