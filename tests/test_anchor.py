@@ -161,6 +161,28 @@ def test_a_later_layer_is_the_reduced_rank_regression_on_the_compressed_models_i
         assert error < 1e-8, (name, error)
 
 
+def test_the_input_aware_closed_form_is_svdllm_in_every_layer(write_pipeline, tmp_path: Path) -> None:
+    """``closed_form: input_aware`` (the paper's objective ②, its final method's start): in every
+    layer, shifted inputs or not, the anchored factors are decompose's SVD-LLM factors at the same
+    ranks, so a refinement starts from SVD-LLM."""
+    method = {"name": "aasvd", "closed_form": "input_aware"}
+    pipeline = write_pipeline("aasvd_input", method=method, target={"kept_fraction": 0.5})
+    ws = tmp_path / "ws"
+    run_cli("run", str(pipeline), "-w", str(ws))
+    state = outputs(pipeline, ws)
+    ranks = artifacts.read_ranks(state[PartitionRef("allocate", ALL)])
+    layers = sorted(ref.partition for ref in state if ref.stage == "anchor")
+    assert len(layers) > 1
+    for layer in layers:
+        anchored = artifacts.read_factors(state[PartitionRef("anchor", layer)], artifacts.ANCHOR)
+        index = int(layer.split("-")[1])
+        svdllm = artifacts.truncated_factors(state[PartitionRef("decompose", layer)],
+                                             {n: ranks[f"model.layers.{index}.{n}"] for n in anchored})
+        for name, (up, down) in anchored.items():
+            expected = svdllm[name][0] @ svdllm[name][1]
+            torch.testing.assert_close(up.double() @ down.double(), expected.double(), rtol=0, atol=1e-6)
+
+
 def _closed_form_layer0(pipeline: Path, ws: Path) -> dict[str, torch.Tensor]:
     """Layer 0's q/k/v products from a run of the same pipeline without refinement."""
     data = yaml.safe_load(pipeline.read_text())
@@ -334,6 +356,8 @@ def test_weighted_square_is_the_quadratic_form() -> None:
 @pytest.mark.parametrize(("updates", "message"), [
     ({"method": {"name": "aasvd", "refine_metric": "kfac_out"}}, "only the refinement uses it"),
     ({"method": {"name": "aasvd", "refine_norms": True}}, "only the refinement trains norms"),
+    ({"method": {"name": "aasvd", "closed_form": "input_aware", "anchor_weight": 0.5}},
+     "only the shift-aware closed form mixes the cross term"),
     ({"method": {**AASVD, "refine_metric": "kfac_out"}, "target": {"modules": ["self_attn"]}},
      "reads the K-FAC output factor of 'mlp.down_proj'"),
 ])

@@ -5,7 +5,9 @@ For each linear with dense inputs ``Y`` (the original model's) and shifted input
 by the already-compressed layers below and, inside the block, the already-compressed linears
 before it), the factors solve ``min_{rank Ŵ ≤ r} ‖Pᵀ (W Y − Ŵ Ŷ)‖_F²`` in closed form
 (``linalg.anchored_svd``, reduced-rank regression). ``Ŷ = Y`` gives SVD-LLM (identity × gram) or,
-with ``output_metric: kfac_out``, K-FAC-SVD. ``anchor_weight`` α mixes the cross term
+with ``output_metric: kfac_out``, K-FAC-SVD: ``closed_form: input_aware`` takes exactly that closed
+form (the paper's objective ②, its final method with refinement and the official default), so the
+refinement starts from SVD-LLM's (K-FAC-SVD's) factors and trains them on the shifted inputs. ``anchor_weight`` α mixes the cross term
 ``α·Y Ŷᵀ + (1−α)·Ŷ Ŷᵀ``: 1 is the paper's anchored objective, 0 re-whitens on the shifted inputs
 only (its "objective 3").
 
@@ -33,6 +35,11 @@ class AASVDConfig(GradientOptions):
     name: Literal["aasvd"]
     output_metric: Literal["identity", "kfac_out"] = Field(
         "identity", description="left (output-side) metric: identity, or the K-FAC output factor E[δδᵀ] (needs fisher)")
+    closed_form: Literal["shift_aware", "input_aware"] = Field(
+        "shift_aware", description="the layer objective of the closed form: shift_aware (reduced-rank regression on the "
+                                   "shifted inputs, mixed by anchor_weight: the paper's ④ / ③), or input_aware (the "
+                                   "paper's ②, SVD-LLM's on the dense inputs, or K-FAC-SVD's with kfac_out; the "
+                                   "official code's default), which the refinement then trains on the shifted inputs")
     anchor_weight: float = Field(1.0, ge=0, le=1, description="α in the cross term α·YŶᵀ + (1−α)·ŶŶᵀ (1: anchored)")
     refine_epochs: int = Field(0, ge=0, description="epochs of block-output refinement per layer (0: closed form only)")
     refine_lr: float = Field(1e-4, gt=0, description="peak Adam learning rate of the refinement")
@@ -54,6 +61,9 @@ class AASVDConfig(GradientOptions):
             raise ValueError("method.refit: aasvd already fits every linear on the propagated inputs; remove refit")
         if self.refine_metric != "euclidean" and not self.refine_epochs:
             raise ValueError("method.refine_metric: only the refinement uses it; set refine_epochs > 0 or remove it")
+        if self.closed_form == "input_aware" and self.anchor_weight != 1.0:
+            raise ValueError("method.anchor_weight: only the shift-aware closed form mixes the cross term; "
+                             "remove it or set closed_form: shift_aware")
         if self.refine_norms and not self.refine_epochs:
             raise ValueError("method.refine_norms: only the refinement trains norms; set refine_epochs > 0 or remove it")
         return self
@@ -90,4 +100,6 @@ class AASVD(SequentialMethod):
                 options["refine_norms"] = True
         if cfg.svd_dtype != "float64":
             options["svd_dtype"] = cfg.svd_dtype
+        if cfg.closed_form != "shift_aware":  # keyed only when set: shift-aware runs keep their keys
+            options["closed_form"] = cfg.closed_form
         return options

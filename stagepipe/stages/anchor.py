@@ -37,7 +37,7 @@ import torch
 
 from stagepipe.engine.stage import Context, Read, Work
 from stagepipe.errors import ConfigError, MetricError
-from stagepipe.linalg import MetricCache, anchored_svd
+from stagepipe.linalg import MetricCache, anchored_svd, weighted_svd
 from stagepipe.methods import SequentialMethod
 from stagepipe.models.blocks import BlockRunner
 from stagepipe.models.layout import block_linears, layout_for, weight_matrix
@@ -155,15 +155,22 @@ class AnchorStage(SequentialStage):
         compressed = copy.deepcopy(original)
         factor = MetricCache(cfg.floor_rel, runner.device)
         info: dict[str, Any] = {}
+        input_aware = cfg.closed_form == "input_aware"
         for group in dict.fromkeys(groups[name] for name in linears if name in ranks):
             members = [name for name in linears if name in ranks and groups[name] == group]
-            cross, shifted_gram = streams.input_moments(original, compressed, group)
-            cross = cfg.anchor_weight * cross + (1 - cfg.anchor_weight) * shifted_gram
-            right = factor(shifted_gram, f"{work.partition}.{group}.shifted_gram")
+            if not input_aware:
+                cross, shifted_gram = streams.input_moments(original, compressed, group)
+                cross = cfg.anchor_weight * cross + (1 - cfg.anchor_weight) * shifted_gram
+                right = factor(shifted_gram, f"{work.partition}.{group}.shifted_gram")
             for name in members:
                 w = weight_matrix(linears[name]).detach().to(runner.device, torch.float64)
-                left = factor(method.metrics(name, tuple(w.shape), stats).left, f"{work.partition}.{name}.left")
-                result = anchored_svd(w, cross, left, right, getattr(torch, cfg.svd_dtype))
+                pair = method.metrics(name, tuple(w.shape), stats)
+                left = factor(pair.left, f"{work.partition}.{name}.left")
+                if input_aware:  # ②: the base pair's closed form on the dense inputs, as decompose computes it
+                    right = factor(pair.right, f"{work.partition}.{group}.gram")
+                    result = weighted_svd(w, left, right, getattr(torch, cfg.svd_dtype))
+                else:
+                    result = anchored_svd(w, cross, left, right, getattr(torch, cfg.svd_dtype))
                 up, down = result.factors(ranks[name])
                 install_factors(compressed, name, up, down)
                 info[name] = {"rank": ranks[name], "right": right.repair, "left": left.repair if left else {"kind": "identity"},
