@@ -344,6 +344,36 @@ def test_refined_norms_are_trained_stored_and_assembled(write_pipeline, tmp_path
     assert any(moved)
 
 
+def test_dense_kept_linears_are_refined_stored_and_assembled(write_pipeline, tmp_path: Path) -> None:
+    """``refine_dense``: the target linears the allocation keeps dense train with the factors; the
+    best epoch never raises the block error, and the assembled model carries the stored weights."""
+    from transformers import AutoModelForCausalLM
+
+    pipeline = write_pipeline("dense", method={**AASVD, "refine_dense": True, "refine_lr": 1e-4}, target={"kept_fraction": 0.9},
+                              allocation={"policy": "global_greedy", "align": 1})
+    ws = tmp_path / "ws"
+    run_cli("run", str(pipeline), "-w", str(ws))
+    state = outputs(pipeline, ws)
+    low = AutoModelForCausalLM.from_pretrained(artifacts.model_dir(state[PartitionRef("assemble", ALL)]),
+                                               trust_remote_code=True)
+    dense = AutoModelForCausalLM.from_pretrained(artifacts.model_dir(state[PartitionRef("snapshot", ALL)]))
+    refined = 0
+    for i, partition in enumerate(("layer-000", "layer-001")):
+        block = artifacts.read_diagnostics(state[PartitionRef("anchor", partition)])["block"]
+        stored = artifacts.read_block_params(state[PartitionRef("anchor", partition)], artifacts.ANCHOR)
+        assert sorted(stored) == sorted(f"{n}.weight" for n in block.get("refined_dense", []))
+        if not stored:
+            continue
+        assert block["rel_err_final"] == min(block["refine_history"]) <= block["rel_err_closed_form"]
+        original = {n: dense.model.layers[i].get_parameter(n).detach() for n in stored}
+        moved = any(not torch.equal(stored[n], original[n]) for n in stored)
+        assert moved == bool(block["refine_best_epoch"])
+        refined += moved
+        for name, value in stored.items():
+            assert torch.equal(low.model.layers[i].get_parameter(name).detach(), value), name
+    assert refined  # some block kept a matrix dense and trained it
+
+
 def test_weighted_square_is_the_quadratic_form() -> None:
     from stagepipe.stages.anchor import _weighted_square
 
@@ -356,6 +386,7 @@ def test_weighted_square_is_the_quadratic_form() -> None:
 @pytest.mark.parametrize(("updates", "message"), [
     ({"method": {"name": "aasvd", "refine_metric": "kfac_out"}}, "only the refinement uses it"),
     ({"method": {"name": "aasvd", "refine_norms": True}}, "only the refinement trains norms"),
+    ({"method": {"name": "aasvd", "refine_dense": True}}, "only the refinement trains dense linears"),
     ({"method": {"name": "aasvd", "closed_form": "input_aware", "anchor_weight": 0.5}},
      "only the shift-aware closed form mixes the cross term"),
     ({"method": {**AASVD, "refine_metric": "kfac_out"}, "target": {"modules": ["self_attn"]}},

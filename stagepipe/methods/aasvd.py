@@ -15,7 +15,9 @@ Ranks come from the allocation policy on ``decompose``'s spectra of the base pai
 inputs' Gram, like SVD-LLM); the ``anchor`` stage then computes the factors in layer order.
 With ``refine_epochs > 0`` each block's factors are trained (Adam, fp32) to match the dense
 block's output on the shifted inputs, keeping the best epoch by calibration block-output error,
-so refinement never makes that error worse; ``refine_norms`` trains the block's norm weights too.
+so refinement never makes that error worse; ``refine_norms`` trains the block's norm weights too,
+``refine_dense`` the target linears the allocation kept dense (the official code trains every
+block parameter).
 ``refine_metric: kfac_out`` measures that error as ``δᵀ F δ`` with ``F = E[g gᵀ]`` the K-FAC
 factor of the gradient at the block output (the second-order change of the loss) instead of ``‖δ‖²``.
 """
@@ -55,6 +57,11 @@ class AASVDConfig(GradientOptions):
         False, description="also train the block's normalisation weights (the official code trains every block "
                            "parameter, norms included); they are stored with the factors and assembled")
 
+    refine_dense: bool = Field(
+        False, description="also train the target linears the allocation keeps dense, in every block the refinement "
+                           "runs (the official code trains every block parameter); stored with the factors and "
+                           "assembled")
+
     @model_validator(mode="after")
     def _no_refit(self) -> AASVDConfig:
         if self.refit:
@@ -64,6 +71,9 @@ class AASVDConfig(GradientOptions):
         if self.closed_form == "input_aware" and self.anchor_weight != 1.0:
             raise ValueError("method.anchor_weight: only the shift-aware closed form mixes the cross term; "
                              "remove it or set closed_form: shift_aware")
+        if self.refine_dense and not self.refine_epochs:
+            raise ValueError("method.refine_dense: only the refinement trains dense linears; set refine_epochs > 0 or "
+                             "remove it")
         if self.refine_norms and not self.refine_epochs:
             raise ValueError("method.refine_norms: only the refinement trains norms; set refine_epochs > 0 or remove it")
         return self
@@ -98,6 +108,8 @@ class AASVD(SequentialMethod):
                 options["refine_metric"] = cfg.refine_metric
             if cfg.refine_norms:  # likewise
                 options["refine_norms"] = True
+            if cfg.refine_dense:  # likewise
+                options["refine_dense"] = True
         if cfg.svd_dtype != "float64":
             options["svd_dtype"] = cfg.svd_dtype
         if cfg.closed_form != "shift_aware":  # keyed only when set: shift-aware runs keep their keys

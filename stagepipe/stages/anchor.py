@@ -9,8 +9,11 @@ inputs ``Y`` and the block being compressed — with the groups before it alread
 their shifted inputs ``Ŷ``. Float64 sums ``C = Σ y ŷᵀ`` and ``Ĝ = Σ ŷ ŷᵀ`` feed the closed form
 ``linalg.anchored_svd`` at the allocated rank; the floor of ``Ĝ`` is recorded per linear.
 
-With ``refine_epochs > 0`` the block's factors (with ``refine_norms`` also its norm weights, stored
-beside the factors) are then trained with Adam on the mean squared error between the compressed
+With ``closed_form: input_aware`` the closed form is the base pair's on the dense inputs (the
+paper's objective ②: SVD-LLM's factors, as ``decompose`` computes them).
+
+With ``refine_epochs > 0`` the block's factors (with ``refine_norms`` also its norm weights, with
+``refine_dense`` the target linears kept dense, stored beside the factors) are then trained with Adam on the mean squared error between the compressed
 block's output on the shifted inputs and the dense block's output on the dense inputs
 (``capture``'s stored block outputs), linear warm-up then cosine decay to a tenth of the peak
 rate, gradient-norm clipping. The calibration block-output
@@ -181,8 +184,9 @@ class AnchorStage(SequentialStage):
                                              streams.batch)
         if cfg.refine_epochs and ranks:
             closed_form = streams.block_error(compressed)
-            block: dict[str, Any] = {"rel_err_closed_form": closed_form,
-                                     **_Refinement(cfg, compressed, list(ranks), streams, work).run(closed_form)}
+            dense_kept = [name for name in linears if name not in ranks] if cfg.refine_dense else []
+            block: dict[str, Any] = {"rel_err_closed_form": closed_form, "refined_dense": dense_kept,
+                                     **_Refinement(cfg, compressed, list(ranks), streams, work, dense_kept).run(closed_form)}
             block["rel_err_final"] = streams.block_error(compressed, write_to=hidden_out)  # the best epoch's
         else:
             error = streams.block_error(compressed, write_to=hidden_out)
@@ -194,6 +198,8 @@ class AnchorStage(SequentialStage):
             factors[f"{name}.down"] = module.down.weight.detach().float().cpu()
         if cfg.refine_norms:  # only with refine_epochs (the config says so)
             factors.update({name: param.detach().float().cpu() for name, param in norm_parameters(compressed)})
+        for name in block.get("refined_dense", []):  # by block-relative name: assembled over the dense weight
+            factors[f"{name}.weight"] = compressed.get_submodule(name).weight.detach().float().cpu()
         artifacts.write_factors(work.out, ANCHOR, factors)
         work.diagnostics.update(linears=info, block=block)  # repairs and block errors: measured, not read
         return {"ranks": dict(ranks)}
@@ -290,7 +296,8 @@ class _AnchorStreams(Streams):
 
 
 class _Refinement:
-    """Adam on the block's factors against the dense block output, best epoch kept, checkpointed.
+    """Adam on the block's factors (with ``refine_norms`` its norms, with ``refine_dense`` its
+    dense-kept target linears) against the dense block output, best epoch kept, checkpointed.
 
     Adam (``ResumableAdam``) updates float32 *master* copies of the factors: for a float32 block
     they are the block's own parameters; for a bfloat16 block (GPU) the gradients are cast up, the
@@ -298,10 +305,12 @@ class _Refinement:
     to bf16 rounding.
     """
 
-    def __init__(self, cfg: Any, block: torch.nn.Module, names: list[str], streams: _AnchorStreams, work: Work) -> None:
+    def __init__(self, cfg: Any, block: torch.nn.Module, names: list[str], streams: _AnchorStreams, work: Work,
+                 dense: list[str]) -> None:
         self.cfg, self.block, self.streams, self.work = cfg, block, streams, work
         self.params = [getattr(block.get_submodule(n), part).weight for n in names for part in ("up", "down")]
         self.params += [param for _, param in norm_parameters(block)] if cfg.refine_norms else []
+        self.params += [block.get_submodule(n).weight for n in dense]  # the dense-kept targets (refine_dense)
         self.masters = [p if p.dtype == torch.float32 else p.detach().float().clone() for p in self.params]
         self.batch = cfg.refine_batch or streams.batch
         self.steps_per_epoch = math.ceil(len(streams.ids) / self.batch)
