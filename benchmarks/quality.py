@@ -39,6 +39,13 @@ VARIANTS = {
     # the paper's 1e-4, then 6 epochs over 2
     "aasvd_kfac+refine": {"name": "aasvd", "output_metric": "kfac_out", "refine_epochs": 6, "refine_batch": 1,
                           "refine_lr": 3e-5},
+    # the paper's final method (issue #31): objective ② (SVD-LLM's closed form, identity metric) + refinement, run
+    # with the uniform policy (the paper's uniform ratio) and the refinement schedule chosen above
+    "aasvd_paper+refine": {"name": "aasvd", "closed_form": "input_aware", "refine_epochs": 6, "refine_batch": 1,
+                           "refine_lr": 3e-5},
+    # the K-FAC hybrid with the dense-kept matrices refined too (the official code trains every block parameter)
+    "aasvd_kfac+refine_dense": {"name": "aasvd", "output_metric": "kfac_out", "refine_epochs": 6, "refine_batch": 1,
+                                "refine_lr": 3e-5, "refine_dense": True},
     "modegpt_uniform": {"name": "modegpt", "layer_allocation": "uniform"},
     # SoCo's learned scores on a base method's weighted SVD (options: pipelines/methods/soco.yaml's defaults)
     "soco_svdllm": {"name": "soco", "base": "svdllm"},
