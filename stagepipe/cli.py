@@ -228,6 +228,9 @@ def _print_summary(runner) -> None:
         click.echo(f"perplexity {model:<10} " + "  ".join(
             f"{d}={v:.3f}" + (f" [{bounds[d][0]:.3f}, {bounds[d][1]:.3f}]" if d in bounds else "")
             for d, v in sorted(values.items())) + ("  (95 % interval over windows)" if bounds else ""))
+    for dataset, ratio in sorted(info.get("compressed_over_dense", {}).items()):
+        click.echo(f"compressed / dense on {dataset}: ×{ratio['ratio']:.4f} [{ratio['low']:.4f}, {ratio['high']:.4f}] "
+                   f"(paired over the same windows), {'outside' if ratio['resolved'] else 'inside'} the noise")
     if "model_dir" in info:
         click.echo(f"model: {runner.ws.root / info['model_dir']}")
     click.echo(f"report: {report.state.output / 'report.json'}")

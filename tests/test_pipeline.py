@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,15 @@ def test_end_to_end_then_noop(write_pipeline, tmp_path: Path) -> None:
     report = json.loads((state[PartitionRef("report", ALL)].state.output / "report.json").read_text())
     assert all(v < float("inf") for v in report["perplexity"]["compressed"].values())
     assert report["ratios"]["kept_over_target_matrices"] <= 0.8
+    for dataset, ppl in report["perplexity"]["compressed"].items():  # intervals from the kept window losses
+        low, high = report["perplexity_interval"]["compressed"][dataset]
+        assert low < ppl < high
+        result = {m: report["evaluation"][m]["datasets"][dataset] for m in ("compressed", "dense")}
+        gap = sum(result["compressed"]["window_nll"]) - sum(result["dense"]["window_nll"])
+        ratio = report["compressed_over_dense"][dataset]
+        assert ratio["ratio"] == pytest.approx(math.exp(gap / result["dense"]["n_tokens"]), rel=1e-9)
+        assert ratio["ratio"] == pytest.approx(ppl / report["perplexity"]["dense"][dataset], rel=1e-9)
+        assert f"compressed / dense on {dataset}: ×{ratio['ratio']:.4f}" in out
     assert "nothing to do" in run_cli("run", str(pipeline), "-w", str(ws))
     assert "capture      2 done" in run_cli("status", str(pipeline), "-w", str(ws))
 
