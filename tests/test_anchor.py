@@ -316,20 +316,25 @@ def test_refinement_under_the_block_output_fisher(write_pipeline, tmp_path: Path
         assert block["rel_err_final"] == min(block["refine_history"]) <= block["rel_err_closed_form"]
 
 
-def test_refined_norms_are_trained_stored_and_assembled(write_pipeline, tmp_path: Path) -> None:
-    """``refine_norms`` trains the block's norm weights beside its factors: they move, the best epoch
-    still never raises the block error, and the assembled model carries exactly the stored values."""
+def _run_and_load(pipeline: Path, ws: Path) -> tuple[dict, torch.nn.Module, torch.nn.Module]:
+    """Run ``pipeline``; its outputs, the assembled model as a user loads it, and the dense snapshot."""
     from transformers import AutoModelForCausalLM
 
-    from stagepipe.stages.anchor import norm_parameters
-
-    pipeline = write_pipeline("norms", method={**AASVD, "refine_norms": True}, target={"kept_fraction": 0.5})
-    ws = tmp_path / "ws"
     run_cli("run", str(pipeline), "-w", str(ws))
     state = outputs(pipeline, ws)
     low = AutoModelForCausalLM.from_pretrained(artifacts.model_dir(state[PartitionRef("assemble", ALL)]),
                                                trust_remote_code=True)
     dense = AutoModelForCausalLM.from_pretrained(artifacts.model_dir(state[PartitionRef("snapshot", ALL)]))
+    return state, low, dense
+
+
+def test_refined_norms_are_trained_stored_and_assembled(write_pipeline, tmp_path: Path) -> None:
+    """``refine_norms`` trains the block's norm weights beside its factors: they move, the best epoch
+    still never raises the block error, and the assembled model carries exactly the stored values."""
+    from stagepipe.stages.anchor import norm_parameters
+
+    pipeline = write_pipeline("norms", method={**AASVD, "refine_norms": True}, target={"kept_fraction": 0.5})
+    state, low, dense = _run_and_load(pipeline, tmp_path / "ws")
     moved: list[bool] = []
     for i, partition in enumerate(("layer-000", "layer-001")):
         block = artifacts.read_diagnostics(state[PartitionRef("anchor", partition)])["block"]
@@ -347,16 +352,9 @@ def test_refined_norms_are_trained_stored_and_assembled(write_pipeline, tmp_path
 def test_dense_kept_linears_are_refined_stored_and_assembled(write_pipeline, tmp_path: Path) -> None:
     """``refine_dense``: the target linears the allocation keeps dense train with the factors; the
     best epoch never raises the block error, and the assembled model carries the stored weights."""
-    from transformers import AutoModelForCausalLM
-
     pipeline = write_pipeline("dense", method={**AASVD, "refine_dense": True, "refine_lr": 1e-4}, target={"kept_fraction": 0.9},
                               allocation={"policy": "global_greedy", "align": 1})
-    ws = tmp_path / "ws"
-    run_cli("run", str(pipeline), "-w", str(ws))
-    state = outputs(pipeline, ws)
-    low = AutoModelForCausalLM.from_pretrained(artifacts.model_dir(state[PartitionRef("assemble", ALL)]),
-                                               trust_remote_code=True)
-    dense = AutoModelForCausalLM.from_pretrained(artifacts.model_dir(state[PartitionRef("snapshot", ALL)]))
+    state, low, dense = _run_and_load(pipeline, tmp_path / "ws")
     refined = 0
     for i, partition in enumerate(("layer-000", "layer-001")):
         block = artifacts.read_diagnostics(state[PartitionRef("anchor", partition)])["block"]
