@@ -182,9 +182,10 @@ class AnchorStage(SequentialStage):
         # same pass that measures the final block error
         hidden_out = artifacts.create_hidden(work.out, streams.hidden_shape, ctx.config.runtime.activation_dtype,
                                              streams.batch)
-        if cfg.refine_epochs and ranks:
+        refined = bool(cfg.refine_epochs and ranks)
+        dense_kept = [name for name in linears if name not in ranks] if refined and cfg.refine_dense else []
+        if refined:
             closed_form = streams.block_error(compressed)
-            dense_kept = [name for name in linears if name not in ranks] if cfg.refine_dense else []
             block: dict[str, Any] = {"rel_err_closed_form": closed_form, "refined_dense": dense_kept,
                                      **_Refinement(cfg, compressed, list(ranks), streams, work, dense_kept).run(closed_form)}
             block["rel_err_final"] = streams.block_error(compressed, write_to=hidden_out)  # the best epoch's
@@ -198,7 +199,7 @@ class AnchorStage(SequentialStage):
             factors[f"{name}.down"] = module.down.weight.detach().float().cpu()
         if cfg.refine_norms:  # only with refine_epochs (the config says so)
             factors.update({name: param.detach().float().cpu() for name, param in norm_parameters(compressed)})
-        for name in block.get("refined_dense", []):  # by block-relative name: assembled over the dense weight
+        for name in dense_kept:  # by block-relative name: assembled over the dense weight
             factors[f"{name}.weight"] = compressed.get_submodule(name).weight.detach().float().cpu()
         artifacts.write_factors(work.out, ANCHOR, factors)
         work.diagnostics.update(linears=info, block=block)  # repairs and block errors: measured, not read
