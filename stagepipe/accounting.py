@@ -13,10 +13,16 @@ beside the parameter fraction, never in its place.
 
 from __future__ import annotations
 
+import heapq
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def break_even_rank(m: int, n: int) -> float:
@@ -45,6 +51,67 @@ def rank_for_fraction(m: int, n: int, kept: float, align: int) -> int | None:
 def factored_params(m: int, n: int, rank: int | None) -> int:
     """Weights stored for one matrix: ``r(m+n)`` if factored (``rank`` not None), else ``mn``."""
     return m * n if rank is None else rank * (m + n)
+
+
+@dataclass(frozen=True)
+class FillItem:
+    """One matrix offered to ``water_fill``: its shape and the gain of each of its components in the
+    order they are bought (non-increasing: the weighted σ², or SoCo's learned value × cost)."""
+
+    name: str
+    m: int
+    n: int
+    gains: Tensor  # float64, one per component
+    cap: int | None = None  # the most components it may keep factored (fewer offered than break-even)
+
+
+def water_fill(items: Sequence[FillItem], budget: float, align: int) -> dict[str, int | None] | None:
+    """Ranks (``None``: dense) that spend ``budget`` weights greedily by gain per weight.
+
+    Every matrix starts at rank ``align`` (dense when no aligned rank is below break-even); steps of
+    ``align`` components are bought in order of ``Σ gains / weights``; a matrix's last step turns it
+    dense (all its remaining gain for the remaining ``mn − r(m+n)`` weights). A step that does not
+    fit is skipped and ends that matrix; cheaper steps elsewhere may still fit. ``None`` when the
+    budget is below rank ``align`` for every matrix. Shared by the
+    ``global_greedy`` policy and SoCo's selection, so that SoCo without learning *is* that policy."""
+    ranks: dict[str, int | None] = {}
+    spent = 0
+    def top(item: FillItem) -> int:
+        useful = max_useful_rank(item.m, item.n, align)
+        return useful if item.cap is None else min(useful, item.cap // align * align)
+
+    for item in items:
+        cap = top(item)
+        ranks[item.name] = align if cap >= align else None
+        spent += factored_params(item.m, item.n, ranks[item.name])
+    if spent > budget:
+        return None  # the budget is below rank ``align`` for every matrix
+    by_name = {item.name: item for item in items}
+    heap: list[tuple[float, int, str]] = []
+
+    def push(name: str) -> None:
+        item, rank = by_name[name], ranks[name]
+        if rank is None:
+            return
+        if rank + align <= top(item):
+            gain, cost = float(item.gains[rank : rank + align].sum()), align * (item.m + item.n)
+        else:  # the next step is "keep it dense"
+            gain, cost = float(item.gains[rank:].sum()), item.m * item.n - rank * (item.m + item.n)
+        heapq.heappush(heap, (-gain / cost, len(heap), name))
+
+    for name in ranks:
+        push(name)
+    while heap:
+        _, _, name = heapq.heappop(heap)
+        item, rank = by_name[name], ranks[name]
+        assert rank is not None
+        new = rank + align if rank + align <= top(item) else None
+        cost = factored_params(item.m, item.n, new) - factored_params(item.m, item.n, rank)
+        if spent + cost > budget:
+            continue  # this step does not fit; smaller steps elsewhere may
+        ranks[name], spent = new, spent + cost
+        push(name)
+    return ranks
 
 
 #: how factored matrices are stored: ``16-bit`` (two factors) or ``remap8`` (square part in 8 bits)

@@ -13,9 +13,13 @@ import yaml
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
+from stagepipe.allocation import POLICIES
+from stagepipe.allocation.base import MatrixSpectrum
 from stagepipe.cli import main
 from stagepipe.config import load_pipeline
 from stagepipe.engine.stage import ALL, PartitionRef
+from stagepipe.errors import StagepipeError
+from stagepipe.io import safetensors_io
 from stagepipe.methods.base import METHODS
 from stagepipe.methods.soco import Schedule, SoCoConfig, penalty_units, select, shrink_to_budget, soft_kept
 from stagepipe.models.sources import load_model
@@ -56,26 +60,51 @@ def test_schedule_phases_and_rates() -> None:
     assert schedule.hard_budget(11, 100.0, 40.0) == 40.0  # reached on the last sparsify step
 
 
-def test_select_spends_the_budget_by_score_with_caps_and_one_per_matrix() -> None:
-    scores = [torch.tensor([0.9, 0.1, 0.5, 0.8]), torch.tensor([0.05, 0.01]), torch.tensor([0.7, 0.6, 0.3])]
-    masks = [torch.ones(4), torch.ones(2), torch.tensor([1.0, 0.0, 1.0])]  # matrix 2's second is pruned
-    costs, caps = [10, 3, 7], [2, 2, 3]
-    units = [torch.ones(4, dtype=torch.float64), torch.ones(2, dtype=torch.float64), torch.ones(3, dtype=torch.float64)]
-    new = select(scores, masks, costs, units, caps, budget=30)
-    # each matrix's best first (10 + 3 + 7 = 20), then by score: 0.8 (cost 10, fits: 30), nothing else fits
-    assert [m.tolist() for m in new] == [[1, 0, 0, 1], [1, 0], [1, 0, 0]]
-    new = select(scores, masks, costs, units, caps, budget=45)
-    # 0.8 → 30, 0.5 is over matrix 0's cap, 0.3 → 37, 0.1 over the cap, 0.01 → 40; no skipped one fits in 5
-    assert [m.tolist() for m in new] == [[1, 0, 0, 1], [1, 1], [1, 0, 1]]
-    assert all(((n > 0) <= (m > 0)).all() for n, m in zip(new, masks, strict=True))  # pruned stays pruned
-    units[0] = torch.tensor([1.0, 1.0, 0.1, 1.0], dtype=torch.float64)  # value d/unit: 0.5 → 5, the best of matrix 0
-    assert select(scores, masks, costs, units, caps, budget=30)[0].tolist() == [1, 0, 1, 0]
+def test_select_buys_components_by_value_and_may_keep_a_matrix_dense() -> None:
+    # A: 4×4 (a component costs 8, dense 16, break-even 2: rank 1 or dense); C: 3×9 (12 each, dense 27: rank 1, 2 or dense)
+    scores = [torch.tensor([0.9, 0.8, 0.1, 0.05]), torch.tensor([0.7, 0.6, 0.3])]
+    units = [torch.ones(4, dtype=torch.float64), torch.ones(3, dtype=torch.float64)]
+    shapes = [(4, 4), (3, 9)]
+    masks, dense = select(scores, units, shapes, 0.0, budget=30)
+    # rank 1 each (8 + 12 = 20); A's dense step: (0.8 + 0.1 + 0.05)·8 for 8 more (0.95 per parameter) → 28;
+    # C's rank 2: 0.6 per parameter for 12 more does not fit in 30
+    assert [m.tolist() for m in masks] == [[1, 1, 1, 1], [1, 0, 0]] and dense == [True, False]
+    masks, dense = select(scores, units, shapes, 0.0, budget=45)
+    # then C's rank 2 (40) and its dense step (0.3·12 for 3 more: 43)
+    assert dense == [True, True] and all(bool(m.all()) for m in masks)
+    units[0] = torch.tensor([1.0, 1.0, 0.1, 1.0], dtype=torch.float64)  # value d/unit: 0.1 → 1.0, A's best
+    masks, dense = select(scores, units, shapes, 0.0, budget=20)
+    assert [m.tolist() for m in masks] == [[0, 0, 1, 0], [1, 0, 0]] and dense == [False, False]
+    with pytest.raises(StagepipeError, match="cannot keep one component of every matrix"):
+        select(scores, units, shapes, 0.0, budget=19)
+
+
+def test_select_without_learning_is_the_global_greedy_policy_at_align_one() -> None:
+    """Scores left at 1 and shrunk only by the penalty (``d = 1 − Θ·unit``): the values ``d/unit + Θ``
+    rank like σ̃² per parameter, so the selection is ``global_greedy``'s at ``align`` 1."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(6, 10), (8, 8), (12, 5), (7, 9)]
+    sigmas = [torch.rand(min(m, n), generator=generator, dtype=torch.float64).sort(descending=True).values * (j + 1)
+              for j, (m, n) in enumerate(shapes)]
+    costs = [m + n for m, n in shapes]
+    units = penalty_units(sigmas, costs, prior=2.0)
+    theta = 0.37
+    scores = [(1 - theta * u).float() for u in units]
+    spectra = [MatrixSpectrum(str(j), m, n, s) for j, ((m, n), s) in enumerate(zip(shapes, sigmas, strict=True))]
+    dense_total = sum(m * n for m, n in shapes)
+    for kept in (0.55, 0.7, 0.85, 0.95):
+        ranks = POLICIES["global_greedy"](1).propose(spectra, kept)
+        masks, dense = select(scores, units, shapes, theta, kept * dense_total)
+        assert dense == [ranks[str(j)] is None for j in range(len(shapes))]
+        for j, mask in enumerate(masks):
+            expected = len(mask) if ranks[str(j)] is None else ranks[str(j)]
+            assert mask.tolist() == [1.0] * expected + [0.0] * (len(mask) - expected), (kept, j)
 
 
 def test_shrinkage_lands_on_the_budget_and_weights_by_cost_over_prior() -> None:
     scores = [torch.tensor([0.5, 1.2, 0.0]), torch.tensor([0.9, 0.7])]
     masks = [torch.tensor([1.0, 1.0, 0.0]), torch.ones(2)]
-    costs, dense = [1, 3], 10.0
+    costs, sizes, dense = [1, 3], [10, 4], 14.0
     sigmas = [torch.tensor([2.0, 1.0, 1.0]), torch.tensor([1.0, 1.0])]
     units = penalty_units(sigmas, costs, prior=2.0)
     # c / (c̄·π): c̄ = 9/5 per component, π = σ² / mean σ² (mean 8/5)
@@ -85,16 +114,18 @@ def test_shrinkage_lands_on_the_budget_and_weights_by_cost_over_prior() -> None:
     local = penalty_units(sigmas, costs, prior=2.0, scope="matrix")  # π normalised within each matrix
     assert local[0].tolist() == pytest.approx([1 / (1.8 * 2), 1 / (1.8 * 0.5), 1 / (1.8 * 0.5)])
     assert local[1].tolist() == pytest.approx([3 / 1.8] * 2)
-    assert soft_kept(scores, masks, costs, dense) == pytest.approx((0.5 + 1.0 + 3 * 1.6) / 10)
-    assert shrink_to_budget(scores, masks, costs, units, dense, budget=0.7) == 0.0  # already under: untouched
+    # a score above 1 counts 1, a matrix at most its dense size: (0.5 + 1) + min(3·1.6, 4)
+    assert soft_kept(scores, masks, costs, sizes, dense) == pytest.approx((1.5 + 4) / 14)
+    assert shrink_to_budget(scores, masks, costs, sizes, units, dense, budget=0.5) == 0.0  # already under: untouched
     assert scores[0].tolist() == [0.5, pytest.approx(1.2), 0.0]
-    theta = shrink_to_budget(scores, masks, costs, units, dense, budget=0.4)
-    assert float(soft_kept(scores, masks, costs, dense)) == pytest.approx(0.4, abs=1e-6)  # float32 scores
-    # every score moves by θ·unit, none below 0, and the pruned one stays 0
-    expected = [[max(0.0, d - theta * float(u)) * m for d, u, m in zip(s0, u0, m0, strict=True)]
+    theta = shrink_to_budget(scores, masks, costs, sizes, units, dense, budget=0.05)
+    assert soft_kept(scores, masks, costs, sizes, dense) == pytest.approx(0.05, abs=1e-6)  # float32 scores
+    # every unpruned score moves by θ·unit, below 0 if it must (the model uses max(0, d)); the pruned one stays
+    expected = [[d - theta * float(u) * m for d, u, m in zip(s0, u0, m0, strict=True)]
                 for s0, u0, m0 in zip([[0.5, 1.2, 0.0], [0.9, 0.7]], units, [[1, 1, 0], [1, 1]], strict=True)]
     assert scores[0].tolist() == pytest.approx(expected[0], abs=1e-6)
     assert scores[1].tolist() == pytest.approx(expected[1], abs=1e-6)
+    assert min(expected[0] + expected[1]) < 0
 
 
 def test_base_must_be_a_plain_metric_pair_method() -> None:
@@ -140,7 +171,7 @@ def test_budget_pressure_reaches_the_target_and_allocate_reports_it(trained) -> 
     found = outputs(pipeline, ws)
     history = artifacts.read_history(found[PartitionRef("train", ALL)])
     explore = [h for h in history if h["phase"] == "explore"]
-    assert explore[0]["kept_soft"] > 1.2  # from ~1.6: every component offered
+    assert 0.6 < explore[0]["kept_soft"] < 1  # from 1: every component offered, no matrix counted above dense
     assert all(h["kept_soft"] == pytest.approx(0.6, abs=1e-6) for h in history if h["phase"] == "refine")
     assert history[-1]["kept_hard"] <= 0.6
     ratios = json.loads((found[PartitionRef("report", ALL)] / "report.json").read_text())["ratios"]
@@ -164,12 +195,46 @@ def test_reloads_with_the_learned_ranks_and_factors(trained) -> None:
     model_dir = artifacts.model_dir(found[PartitionRef("assemble", ALL)])
     model, info = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
-    assert model.config.lowrank_ranks == ranks
-    learned = artifacts.read_learned(found[PartitionRef("train", ALL)], 1)
-    for name, (up, down) in learned.items():
-        module = model.model.layers[1].get_submodule(name)
-        assert module.up.weight.shape[1] == ranks[f"model.layers.1.{name}"]
-        assert torch.equal(module.up.weight.detach(), up.float()) and torch.equal(module.down.weight.detach(), down.float())
+    assert model.config.lowrank_ranks == {n: r for n, r in ranks.items() if r is not None}
+    assert any(r is None for r in ranks.values())  # the search space includes "keep it dense"
+    for layer in range(model.config.num_hidden_layers):
+        learned = artifacts.read_learned(found[PartitionRef("train", ALL)], layer)
+        for name, (up, down) in learned.items():
+            module = model.model.layers[layer].get_submodule(name)
+            assert module.up.weight.shape[1] == ranks[f"model.layers.{layer}.{name}"]
+            assert torch.equal(module.up.weight.detach(), up.float()) and torch.equal(module.down.weight.detach(), down.float())
+        dense = artifacts.read_learned_params(found[PartitionRef("train", ALL)], layer)
+        for key, weight in dense.items():  # a dense-kept matrix whose scores moved: W + left·diag(σ(d − 1))·right
+            assert ranks[f"model.layers.{layer}.{key.removesuffix('.weight')}"] is None
+            assert torch.equal(model.model.layers[layer].get_submodule(key.removesuffix(".weight")).weight.detach(), weight)
+
+
+@pytest.mark.parametrize("kept", [0.7, 0.9])
+def test_learning_rate_zero_is_its_starting_allocation_bit_for_bit(tmp_path: Path, kept: float) -> None:
+    """The control: SoCo on K-FAC-SVD that does not learn (``lr: 0``; ``debias``: the kept scores
+    back at 1, so the L1 shrinkage is undone) assembles the model of K-FAC-SVD with
+    ``global_greedy`` at ``align`` 1 — the same dense-kept matrices, the same ranks, every tensor
+    bit for bit. Whatever SoCo gains or loses against that row is the learning's doing."""
+    soco, soco_ws = learned_run(tmp_path, "soco0", kept, {**SOCO, "base": "kfac_svd", "lr": 0, "prior": 2,
+                                                                   "debias": True})
+    data = merge(TINY, {"name": "greedy", "method": {"name": "kfac_svd"}, "target": {"kept_fraction": kept},
+                        "allocation": {"policy": "global_greedy", "align": 1}})
+    (tmp_path / "greedy.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    result = CliRunner().invoke(main, ["run", str(tmp_path / "greedy.yaml"), "-w", str(tmp_path / "greedy_ws")])
+    assert result.exit_code == 0, result.output
+
+    def assembled(pipeline: Path, ws: Path) -> tuple[dict[str, torch.Tensor], dict]:
+        directory = artifacts.model_dir(outputs(pipeline, ws)[PartitionRef("assemble", ALL)])
+        tensors = {}
+        for file in sorted(directory.glob("*.safetensors")):
+            tensors.update(safetensors_io.read(file))
+        return tensors, json.loads((directory / "config.json").read_text())["lowrank_ranks"]
+
+    (learned, learned_ranks), (start, start_ranks) = assembled(soco, soco_ws), assembled(tmp_path / "greedy.yaml", tmp_path / "greedy_ws")
+    assert learned_ranks == start_ranks
+    assert 0 < len(start_ranks) < 14  # some of the 14 target matrices factored, some kept dense
+    assert learned.keys() == start.keys()
+    assert all(torch.equal(learned[k], start[k]) for k in start)
 
 
 def test_sigkill_mid_training_resumes_to_identical_scores(tmp_path: Path) -> None:

@@ -33,6 +33,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field, field_validator
 
+from stagepipe.accounting import FillItem, water_fill
+from stagepipe.errors import StagepipeError
 from stagepipe.methods.base import METHODS, GradientOptions, LayerStats, LearnedMethod, MetricPair, register
 from stagepipe.schedules import cosine_to_tenth
 
@@ -52,7 +54,8 @@ class SoCoConfig(GradientOptions):
     refine_epochs: int = Field(1, ge=0)
     sparsify_epochs: int = Field(1, ge=1, description="epochs over which the hard budget falls to the target")
     tune_epochs: int = Field(3, ge=0, description="epochs with the pruned set fixed (3 over 1 on the validation split)")
-    lr: float = Field(0.02, gt=0, description="Adam learning rate of the scores (which start at 1)")
+    lr: float = Field(0.02, ge=0, description="Adam learning rate of the scores (which start at 1); 0: no learning, the "
+                                              "control (with debias) that reproduces global_greedy at align 1 bit for bit")
     batch: int = Field(1, ge=1, description="calibration windows per step")
     prior: float = Field(2.0, ge=0, description="exponent of the weighted σ̃ in the penalty's per-component weight "
                                                  "c/σ̃^prior (2: the base method's global allocation order; 0: parameters only)")
@@ -126,6 +129,7 @@ class SoCo(LearnedMethod):
         options = {name: self.prior_scope() if name == "prior_scope" else getattr(self.cfg, name) for name in names}
         if self.cfg.debias:  # keyed only when set: earlier outputs keep their keys
             options["debias"] = True
+        options["search_space"] = "dense"  # v2: a matrix may be kept dense (water_fill); values before shrinkage
         return options
 
 
@@ -172,20 +176,35 @@ class Schedule:
         (reached on its last step), then ``target``."""
         first, stop = self.bounds("explore")
         done = (step - first + 1) / max(1, stop - first)
-        return start + (target - start) * min(1.0, done)
+        return target if done >= 1 else start + (target - start) * done
 
     def hard_budget(self, step: int, start_cost: float, target_cost: float) -> float:
         """Parameters the kept components may cost after ``step`` of the sparsify phase: linear from
         ``start_cost`` to ``target_cost``, reached on its last step."""
         first, stop = self.bounds("sparsify")
         done = (step - first + 1) / max(1, stop - first)
-        return start_cost + (target_cost - start_cost) * min(1.0, done)
+        return target_cost if done >= 1 else start_cost + (target_cost - start_cost) * done
 
 
-def soft_kept(scores: list[torch.Tensor], masks: list[torch.Tensor], costs: list[int], dense: float) -> torch.Tensor:
-    """``κ(d) = Σ c·min(d, 1) / Σ mn`` over the unpruned components (differentiable in ``d``)."""
-    total = sum(c * (d.clamp(max=1.0) * m).sum() for d, m, c in zip(scores, masks, costs, strict=True))
-    return total / dense
+def _owners(scores: list[torch.Tensor]) -> torch.Tensor:
+    """For every component of the concatenated scores, the index of its matrix."""
+    return torch.cat([torch.full((len(d),), j, dtype=torch.long) for j, d in enumerate(scores)])
+
+
+def _matrix_cost(kept: torch.Tensor, owners: torch.Tensor, costs: list[int], sizes: list[int]) -> torch.Tensor:
+    """Per matrix, ``min(c·Σ kept, mn)``: what its kept (soft) components cost, never more than
+    the dense matrix (the knapsack's "keep it dense" option)."""
+    count = torch.zeros(len(costs), dtype=torch.float64).index_add_(0, owners, kept)
+    return torch.minimum(count * torch.tensor(costs, dtype=torch.float64), torch.tensor(sizes, dtype=torch.float64))
+
+
+def soft_kept(scores: list[torch.Tensor], masks: list[torch.Tensor], costs: list[int], sizes: list[int],
+              dense: float) -> float:
+    """``κ(d) = Σ_matrices min(c · Σ clamp(d, 0, 1), mn) / Σ mn`` over the unpruned components: a
+    score above 1 costs no more than 1, a matrix no more than dense (so κ = 1 with every score at 1)."""
+    with torch.no_grad():
+        d = torch.cat([(s.detach().double().cpu().clamp(0, 1) * m.double().cpu()) for s, m in zip(scores, masks, strict=True)])
+        return float(_matrix_cost(d, _owners(scores), costs, sizes).sum()) / dense
 
 
 def penalty_units(sigmas: list[torch.Tensor], costs: list[int], prior: float, scope: str = "global") -> list[torch.Tensor]:
@@ -206,62 +225,59 @@ def penalty_units(sigmas: list[torch.Tensor], costs: list[int], prior: float, sc
     return units
 
 
-def shrink_to_budget(scores: list[torch.Tensor], masks: list[torch.Tensor], costs: list[int], units: list[torch.Tensor],
-                     dense: float, budget: float) -> float:
+def shrink_to_budget(scores: list[torch.Tensor], masks: list[torch.Tensor], costs: list[int], sizes: list[int],
+                     units: list[torch.Tensor], dense: float, budget: float) -> float:
     """The proximal step of the weighted L1 penalty ``θ Σ unit·d``, with θ solved so that the soft
-    kept fraction lands on ``budget``: ``d ← max(0, d − θ·unit)`` on every unpruned score.
+    kept fraction lands on ``budget``: ``d ← d − θ·unit`` on every unpruned score (the model uses
+    ``max(0, d)``; a score kept below zero remembers how far past zero the penalty pushed it, so
+    ``d/unit + Θ`` — Θ the sum of every θ so far — is each component's value before any shrinkage).
 
     θ = 0 when ``κ(d) ≤ budget`` already; otherwise the smallest θ with ``κ ≤ budget`` (bisection:
     κ falls monotonically in θ). Done outside the optimizer, so Adam's momentum cannot carry the
     kept fraction past the target, and Adam's normalisation cannot hide the penalty's scale.
     """
     with torch.no_grad():
-        d = torch.cat([s.detach().double() for s in scores])
-        live = torch.cat([m.double() for m in masks])
-        cost = torch.cat([torch.full_like(s, c, dtype=torch.float64) for s, c in zip(scores, costs, strict=True)])
-        unit = torch.cat(units).to(d.device)
+        d = torch.cat([s.detach().double().cpu() for s in scores])
+        live = torch.cat([m.double().cpu() for m in masks])
+        unit = torch.cat(units).double().cpu()
+        owners = _owners(scores)
 
         def kept(theta: float) -> float:
-            return float((cost * ((d - theta * unit).clamp(0, 1) * live)).sum()) / dense
+            return float(_matrix_cost((d - theta * unit).clamp(0, 1) * live, owners, costs, sizes).sum()) / dense
 
         if kept(0.0) <= budget:
             return 0.0
-        low, high = 0.0, float((d / unit).max()) + 1.0
+        low, high = 0.0, float((d.clamp(min=0) / unit).max()) + 1.0
         for _ in range(80):
             mid = (low + high) / 2
             low, high = (low, mid) if kept(mid) <= budget else (mid, high)
         for score, mask, u in zip(scores, masks, units, strict=True):
-            score.sub_((high * u).to(score.device, score.dtype)).clamp_(min=0).mul_(mask)
+            score.sub_((high * u * mask.double().cpu()).to(score.device, score.dtype))
         return high
 
 
-def select(scores: list[torch.Tensor], masks: list[torch.Tensor], costs: list[int], units: list[torch.Tensor],
-           caps: list[int], budget: float) -> list[torch.Tensor]:
-    """New masks: the unpruned components of highest value ``d / unit`` (the θ at which the penalty
-    would zero them) that fit in ``budget`` parameters, at most ``caps[j]`` and at least one per
-    matrix (each matrix's best is taken first). Greedy by value, so no skipped component would still
-    fit: the budget is spent, not wasted."""
-    new = [torch.zeros_like(m) for m in masks]
-    spent = 0.0
-    counts = [0] * len(scores)
-    values: list[float] = []
-    owners: list[int] = []
-    indices: list[int] = []
-    for j, (d, m, u) in enumerate(zip(scores, masks, units, strict=True)):
-        alive = torch.nonzero(m > 0).flatten().cpu()
-        value = d.detach().double().cpu() / u
-        ranked = alive[torch.argsort(value[alive], descending=True, stable=True)]
-        if len(ranked):
-            new[j][ranked[0]] = 1
-            spent += costs[j]
-            counts[j] = 1
-        values += value[ranked[1:]].tolist()
-        owners += [j] * (len(ranked) - 1)
-        indices += ranked[1:].tolist()
-    for k in sorted(range(len(values)), key=lambda k: (-values[k], owners[k], indices[k])):
-        j = owners[k]
-        if counts[j] < caps[j] and spent + costs[j] <= budget:
-            new[j][indices[k]] = 1
-            spent += costs[j]
-            counts[j] += 1
-    return new
+def select(scores: list[torch.Tensor], units: list[torch.Tensor], shapes: list[tuple[int, int]], shift: float,
+           budget: float) -> tuple[list[torch.Tensor], list[bool]]:
+    """The kept components (new 0/1 masks) and which matrices are kept dense, within ``budget``
+    parameters: ``accounting.water_fill`` (the ``global_greedy`` policy at ``align`` 1) on each
+    component's learned value ``d/unit + shift`` (``shift``: the penalty's accumulated θ, so the
+    value is the score's before any shrinkage), each matrix's components bought in value order and
+    its last step "keep it dense" (all components, ``mn`` parameters). Every offered component is a
+    candidate, pruned or not, so without learning the choice at the target is exactly that policy's."""
+    items, orders = [], []
+    for j, (d, u, (m, n)) in enumerate(zip(scores, units, shapes, strict=True)):
+        value = d.detach().double().cpu() / u.double().cpu() + shift
+        order = torch.argsort(value, descending=True, stable=True)
+        orders.append(order)
+        items.append(FillItem(str(j), m, n, value[order] * (m + n), cap=len(value)))
+    ranks = water_fill(items, budget, 1)
+    if ranks is None:
+        raise StagepipeError(f"a budget of {budget:.0f} parameters cannot keep one component of every matrix")
+    masks, dense = [], []
+    for j, (d, order) in enumerate(zip(scores, orders, strict=True)):
+        mask = torch.zeros_like(d)
+        rank = ranks[str(j)]
+        mask[order if rank is None else order[:rank]] = 1
+        masks.append(mask)
+        dense.append(rank is None)
+    return masks, dense

@@ -1,6 +1,6 @@
 """A whole causal LM whose target linears carry trainable per-component scores (learned methods).
 
-``SpectralLinear`` computes ``y = left · diag(σ ⊙ d ⊙ mask) · right · x + b`` from a weighted SVD
+``SpectralLinear`` computes ``y = left · diag(σ ⊙ max(0, d) ⊙ mask) · right · x + b`` from a weighted SVD
 (``left`` m×k, ``right`` k×n) with scores ``d`` (float32, trainable) and a 0/1 ``mask`` of pruned
 components; in ``dense`` mode it computes the original ``W x + b`` instead, so the same model object
 gives the teacher's logits without a second copy of the network. Modules are swapped on the model
@@ -32,27 +32,26 @@ class SpectralLinear(nn.Module):
         self.register_buffer("mask", torch.ones_like(self.sigma), persistent=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         self.scores = nn.Parameter(torch.ones_like(self.sigma))
-        self.dense = False
+        self.dense = False  # the teacher: the original W
+        self.kept_dense = False  # the selection keeps this matrix dense: W + left·diag(σ(max(0, d)·mask − 1))·right
 
     @property
     def components(self) -> int:
         return int(self.sigma.numel())
 
     def gains(self) -> torch.Tensor:
-        """``σ ⊙ d ⊙ mask`` (float32): the effective singular values."""
-        return self.sigma * self.scores * self.mask
+        """``σ ⊙ max(0, d) ⊙ mask`` (float32): the effective singular values (a score the penalty
+        pushed below zero keeps its value for ranking, and counts as zero here)."""
+        return self.sigma * self.scores.clamp(min=0) * self.mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense:
             return nn.functional.linear(x, self.weight, self.bias)
+        if self.kept_dense:  # W plus what the scores changed: the components not offered stay in W
+            inner = nn.functional.linear(x, self.right) * (self.gains() - self.sigma).to(x.dtype)
+            return nn.functional.linear(x, self.weight, self.bias) + nn.functional.linear(inner, self.left)
         inner = nn.functional.linear(x, self.right) * self.gains().to(x.dtype)
         return nn.functional.linear(inner, self.left, self.bias)
-
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(up m×r, down r×n) of the kept components, σ ⊙ d split symmetrically (float32)."""
-        kept = torch.nonzero(self.mask > 0).flatten()
-        root = self.gains().detach()[kept].clamp(min=0).sqrt()
-        return self.left[:, kept].float() * root, root[:, None] * self.right[kept].float()
 
 
 def install(model: nn.Module, svds: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> dict[str, SpectralLinear]:

@@ -358,8 +358,15 @@ def read_learned(train_output: Path, index: int) -> dict[str, tuple[torch.Tensor
     return read_factors(train_output / LEARNED, f"{layer_partition(index)}.safetensors")
 
 
-def read_learned_ranks(train_output: Path) -> dict[str, int]:
-    """The learned rank of every target matrix (full names)."""
+def read_learned_params(train_output: Path, index: int) -> dict[str, torch.Tensor]:
+    """Layer ``index``'s other learned tensors by block-relative name (SoCo's dense-kept ``<linear>.weight``);
+    empty for a layer with no target."""
+    file = f"{layer_partition(index)}.safetensors"
+    return read_block_params(train_output / LEARNED, file) if (train_output / LEARNED / file).exists() else {}
+
+
+def read_learned_ranks(train_output: Path) -> dict[str, int | None]:
+    """The learned rank of every target matrix (full names; ``None``: kept dense)."""
     return read_results(train_output)["ranks"]
 
 

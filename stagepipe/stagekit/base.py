@@ -142,10 +142,9 @@ class PipelineStage(Stage):
         the allocated ranks, stored as the method stores them (``Method.storage``)."""
         prefix = ctx.plan.layout.layer_prefix(layer)
         local = block_ranks(ranks, prefix)
-        if not local:
-            return tensors
-        return lowrank_layer(tensors, prefix, cls.layer_factors(ctx, work, layer, local), ctx.plan.method.storage(),
-                             cls.layer_params(ctx, work, layer))
+        factors = cls.layer_factors(ctx, work, layer, local) if local else {}
+        # trained tensors apply even where every target stays dense (refined or learned dense weights)
+        return lowrank_layer(tensors, prefix, factors, ctx.plan.method.storage(), cls.layer_params(ctx, work, layer))
 
     @classmethod
     def model_family(cls, ctx: Context, work: Work, ranks: Mapping[str, int | None]) -> tuple[ModuleType, dict[str, Any]]:

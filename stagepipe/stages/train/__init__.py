@@ -22,6 +22,8 @@ import pkgutil
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from stagepipe.accounting import memory_report, ratio_report
 from stagepipe.engine.stage import Context, Read, Work
 from stagepipe.methods import LearnedMethod
@@ -145,7 +147,8 @@ class TrainStage(PipelineStage):
             ratios["memory"] = memory_report(shapes, ranks, storage, kept).model_dump()
         details = {"learned_by": ctx.plan.method.name}
         artifacts.write_allocation(work.out, ranks, {}, ratios, details)
-        return {"ratios": ratios, "policy": "learned", "search": details, "dense_targets": []}
+        return {"ratios": ratios, "policy": "learned", "search": details,
+                "dense_targets": sorted(n for n, r in ranks.items() if r is None)}
 
     # ------------------------------------------------------------------ and, with factors, assemble
     @classmethod
@@ -159,6 +162,11 @@ class TrainStage(PipelineStage):
     @classmethod
     def layer_factors(cls, ctx: Context, work: Work, layer: int, ranks):
         return artifacts.read_learned(work.input(cls.name), layer)
+
+    @classmethod
+    def layer_params(cls, ctx: Context, work: Work, layer: int) -> dict[str, torch.Tensor]:
+        """The dense-kept linears whose learned scores changed them (SoCo: ``<linear>.weight``)."""
+        return artifacts.read_learned_params(work.input(cls.name), layer)
 
     def run(self, ctx: Context, work: Work) -> dict[str, Any]:
         from transformers import AutoModelForCausalLM

@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 
-from stagepipe.accounting import max_useful_rank
 from stagepipe.methods.soco import Schedule, SoCo, penalty_units, select, shrink_to_budget, soft_kept
 from stagepipe.models.spectral import SpectralLinear, install
 from stagepipe.stagekit import artifacts
@@ -24,71 +23,79 @@ class SoCoTrainer:
     def __init__(self, cfg: Any, model: torch.nn.Module, targets: dict[str, tuple[int, str, Path]], target: float,
                  windows: int, dtype: torch.dtype) -> None:
         self.cfg, self.target = cfg, target
-        svds = {}
+        svds, sigmas = {}, {}
         for directory in dict.fromkeys(d for _, _, d in targets.values()):  # one read per layer, in order
             names = {name: full for full, (_, name, d) in targets.items() if d == directory}
             for name, svd in artifacts.read_weighted_svd(directory, list(names)).items():
                 keep = math.ceil(cfg.candidates * len(svd.sigma))
                 # the model dtype right away: one layer's float64 factors at a time, not the model's
                 svds[names[name]] = (svd.left[:, :keep].to(dtype), svd.sigma[:keep].float(), svd.right[:keep].to(dtype))
+                sigmas[names[name]] = svd.sigma[:keep].clone()  # float64: the penalty's units, as allocate sees them
         self.modules: dict[str, SpectralLinear] = install(model, svds)
         del svds
         self.targets = targets
-        ordered = [self.modules[n] for n in sorted(self.modules)]
+        self.names = sorted(self.modules)
+        ordered = [self.modules[n] for n in self.names]
         self.params = [m.scores for m in ordered]
         self.masks = [m.mask for m in ordered]
-        shapes = [tuple(m.weight.shape) for m in ordered]
-        self.costs = [a + b for a, b in shapes]
-        self.units = penalty_units([m.sigma for m in ordered], self.costs, cfg.prior, SoCo(cfg).prior_scope())
-        self.caps = [min(max(1, max_useful_rank(a, b, 1)), m.components) for (a, b), m in zip(shapes, ordered, strict=True)]
-        self.dense = float(sum(a * b for a, b in shapes))
+        self.shapes = [(int(m.weight.shape[0]), int(m.weight.shape[1])) for m in ordered]
+        self.costs = [a + b for a, b in self.shapes]
+        self.sizes = [a * b for a, b in self.shapes]
+        self.units = penalty_units([sigmas[n] for n in self.names], self.costs, cfg.prior, SoCo(cfg).prior_scope())
+        self.dense = float(sum(self.sizes))
+        self.kept_dense = [False] * len(ordered)  # matrices the selection keeps dense (all components, mn parameters)
         self.schedule = Schedule.of(cfg, windows)
         self.steps_per_epoch, self.total = self.schedule.steps_per_epoch, self.schedule.total
         self.start_soft: float | None = None
         self.start_cost: float | None = None
+        self.shift = 0.0  # Θ: the sum of the penalty's θ so far (a score's value is d/unit + Θ)
+        self._before: list[torch.Tensor] = []
 
     def rate(self, step: int) -> float:
         return self.schedule.rate(step)
 
     def begin(self) -> None:
         if self.start_soft is None:
-            with torch.no_grad():
-                self.start_soft = float(soft_kept(self.params, self.masks, self.costs, self.dense))
+            self.start_soft = soft_kept(self.params, self.masks, self.costs, self.sizes, self.dense)
 
     def before_step(self, step: int) -> None:
         if self.schedule.phase(step) == "sparsify" and self.start_cost is None:
-            self.start_cost = sum(c * min(int(m.sum()), cap) for c, m, cap in zip(self.costs, self.masks, self.caps, strict=True))
+            self.start_cost = self._hard_cost()
+        self._before = [score.detach().clone() for score in self.params]
+
+    def _hard_cost(self) -> float:
+        return float(sum(size if dense else c * float(m.sum())
+                         for c, size, m, dense in zip(self.costs, self.sizes, self.masks, self.kept_dense, strict=True)))
 
     def after_step(self, step: int, loss: float) -> dict[str, Any]:
         phase = self.schedule.phase(step)
-        with torch.no_grad():
-            for score, mask in zip(self.params, self.masks, strict=True):
-                score.clamp_(min=0).mul_(mask)
+        with torch.no_grad():  # a pruned score stays where it was pruned (no gradient; Adam's momentum must not move it)
+            for score, mask, before in zip(self.params, self.masks, self._before, strict=True):
+                score.copy_(torch.where(mask > 0, score, before))
         theta = 0.0
         if phase in ("explore", "refine"):
             budget = self.schedule.soft_budget(step, self.start_soft, self.target)
-            theta = shrink_to_budget(self.params, self.masks, self.costs, self.units, self.dense, budget)
+            theta = shrink_to_budget(self.params, self.masks, self.costs, self.sizes, self.units, self.dense, budget)
+            self.shift += theta
         if phase == "sparsify":
             budget = self.schedule.hard_budget(step, self.start_cost, self.target * self.dense)
-            for mask, new in zip(self.masks, select(self.params, self.masks, self.costs, self.units, self.caps, budget), strict=True):
+            masks, self.kept_dense = select(self.params, self.units, self.shapes, self.shift, budget)
+            for mask, new in zip(self.masks, masks, strict=True):
                 mask.copy_(new)
-            debias = self.cfg.debias and step == self.schedule.bounds("sparsify")[1] - 1  # the set is now final
-            with torch.no_grad():
-                for score, mask in zip(self.params, self.masks, strict=True):
-                    if debias:  # relaxed lasso: the kept components restart from 1, free of the shrinkage
+            self._mark_dense()
+            if self.cfg.debias and step == self.schedule.bounds("sparsify")[1] - 1:  # the set is now final
+                with torch.no_grad():  # relaxed lasso: the kept components restart from 1, free of the shrinkage
+                    for score, mask in zip(self.params, self.masks, strict=True):
                         score.copy_(mask)
-                    else:
-                        score.mul_(mask)
-        with torch.no_grad():
-            kept = float(soft_kept(self.params, self.masks, self.costs, self.dense))
-        hard = sum(c * float(m.sum()) for c, m in zip(self.costs, self.masks, strict=True)) / self.dense
-        return {"step": step, "phase": phase, "loss": loss, "kept_soft": kept, "kept_hard": hard, "shrink": theta,
-                "lr": self.rate(step)}
+        kept = soft_kept(self.params, self.masks, self.costs, self.sizes, self.dense)
+        return {"step": step, "phase": phase, "loss": loss, "kept_soft": kept, "kept_hard": self._hard_cost() / self.dense,
+                "shrink": theta, "lr": self.rate(step)}
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors = {f"score.{i}": s.detach().cpu() for i, s in enumerate(self.params)}
         tensors.update({f"mask.{i}": m.cpu() for i, m in enumerate(self.masks)})
-        return tensors, {"start_soft": self.start_soft, "start_cost": self.start_cost}
+        return tensors, {"start_soft": self.start_soft, "start_cost": self.start_cost, "shift": self.shift,
+                         "kept_dense": self.kept_dense}
 
     def load(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         with torch.no_grad():
@@ -96,6 +103,12 @@ class SoCoTrainer:
                 score.copy_(tensors[f"score.{i}"])
                 mask.copy_(tensors[f"mask.{i}"])
         self.start_soft, self.start_cost = meta["start_soft"], meta["start_cost"]
+        self.shift, self.kept_dense = meta["shift"], list(meta["kept_dense"])
+        self._mark_dense()
+
+    def _mark_dense(self) -> None:
+        for name, dense in zip(self.names, self.kept_dense, strict=True):
+            self.modules[name].kept_dense = dense
 
     @classmethod
     def plan(cls, c: CostInputs) -> TrainingShape:
@@ -111,27 +124,53 @@ class SoCoTrainer:
                              load_memory=8 * max((m + n) * min(m, n) for m, n in s.linears))
 
     def finish(self, out: Path, history: list[dict[str, Any]]) -> dict[str, Any]:
-        """Write each layer's kept factors; the ranks, the closing loss and how far from σ order."""
-        ranks = {}
-        for layer in sorted({index for index, _, _ in self.targets.values()}):
+        """Write each layer's kept factors from ``decompose``'s float64 SVD (so at scores of exactly 1
+        they are the base method's truncation, bit for bit), and each dense-kept matrix whose scores
+        moved as ``W + left·diag(σ̃(d − 1))·right`` (one untouched stays the snapshot's); the ranks
+        (``None``: dense), the closing loss and how far from σ order."""
+        ranks: dict[str, int | None] = {}
+        index = {name: j for j, name in enumerate(self.names)}
+        for layer in sorted({i for i, _, _ in self.targets.values()}):
+            local = {name: full for full, (i, name, _) in self.targets.items() if i == layer}
+            directory = next(d for full, (i, _, d) in self.targets.items() if i == layer)
             tensors = {}
-            for full, (index, name, _) in self.targets.items():
-                if index == layer:
-                    up, down = self.modules[full].factors()
-                    tensors[f"{name}.up"], tensors[f"{name}.down"] = up.cpu(), down.cpu()
-                    ranks[full] = int(up.shape[1])
+            for name, svd in artifacts.read_weighted_svd(directory, list(local)).items():
+                full = local[name]
+                j = index[full]
+                module = self.modules[full]
+                k = module.components
+                scores = self.params[j].detach().double().cpu().clamp(min=0) * self.masks[j].double().cpu()
+                left, sigma, right = svd.left[:, :k], svd.sigma[:k], svd.right[:k]
+                if self.kept_dense[j]:
+                    ranks[full] = None
+                    moved = torch.nonzero(scores != 1).flatten()
+                    if len(moved):
+                        weight = module.weight.detach().double().cpu()
+                        weight += (left[:, moved] * (sigma[moved] * (scores[moved] - 1))) @ right[moved]
+                        tensors[f"{name}.weight"] = weight.to(module.weight.dtype)
+                    continue
+                kept = torch.nonzero(self.masks[j] > 0).flatten().cpu()
+                root = (sigma[kept] * scores[kept]).sqrt()
+                tensors[f"{name}.up"] = (left[:, kept] * root).to(module.weight.dtype)
+                tensors[f"{name}.down"] = (root[:, None] * right[kept]).to(module.weight.dtype)
+                ranks[full] = len(kept)
             artifacts.write_learned(out, layer, tensors)
         last = history[-self.steps_per_epoch:]
         return {"ranks": dict(sorted(ranks.items())), "steps": self.total,
                 "final_loss": sum(h["loss"] for h in last) / max(1, len(last)), "objective": self.cfg.objective,
-                "kept_soft_final": history[-1]["kept_soft"] if history else None, **_order_report(self.modules)}
+                "kept_soft_final": history[-1]["kept_soft"] if history else None,
+                "dense_kept": sum(self.kept_dense), **_order_report(self.modules, self.kept_dense, self.names)}
 
 
-def _order_report(modules: dict[str, SpectralLinear]) -> dict[str, Any]:
-    """How far the learned choice is from σ order: the share of kept components outside each
-    matrix's top-r by weighted σ, and the share of kept scores above 1 (grown to compensate)."""
+def _order_report(modules: dict[str, SpectralLinear], kept_dense: list[bool], names: list[str]) -> dict[str, Any]:
+    """How far the learned choice is from σ order: the share of kept components of the factored
+    matrices outside each one's top-r by weighted σ, and the share of kept scores above 1 (grown to
+    compensate)."""
     kept = outside = grown = 0
-    for module in modules.values():
+    for name, dense in zip(names, kept_dense, strict=True):
+        if dense:
+            continue
+        module = modules[name]
         indices = torch.nonzero(module.mask > 0).flatten()
         kept += len(indices)
         outside += int((indices >= len(indices)).sum())
