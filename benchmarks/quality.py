@@ -120,9 +120,13 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "docs"))
     parser.add_argument("--merge", action="store_true", help="keep the other rows of OUT/results.json (same base file)")
     parser.add_argument("--render", action="store_true", help="only rewrite results.md and the plot from results.json")
+    parser.add_argument("--pair", nargs=2, metavar=("ROW", "AGAINST"),
+                        help="print the paired ratio ROW/AGAINST per kept fraction from OUT/results.json (a table)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.pair:
+        return print("\n".join(pair_lines(json.loads((out / "results.json").read_text())["rows"], *args.pair)))
     if args.render:
         saved = json.loads((out / "results.json").read_text())
         return render(saved["rows"], sorted({r["commit"] for r in saved["rows"]}), saved["base"], out)
@@ -269,6 +273,25 @@ def best_table(rows: list[dict], link_prefix: str) -> list[str]:
     if shown and all("window_nll" in by_entry[e][f] for e in shown for f in BEST_FRACTIONS):
         lines += ["", "95 % bootstrap intervals over the test windows; ≈: the paired difference from the lowest "
                       "perplexity of its column is inside the noise."]
+    return lines
+
+
+def pair_lines(rows: list[dict], entry: str, against: str) -> list[str]:
+    """Markdown rows ``kept | against | entry | ratio [95 %]``: ``entry``'s perplexity over
+    ``against``'s, paired over the same test windows (``intervals.compare``), at every kept
+    fraction both rows have; the lower of a resolved pair in bold."""
+    by_key = {(r["method"], r["kept_requested"]): r for r in rows}
+    lines = [f"| kept | `{against}` | `{entry}` | ratio [95 %] |", "|---|---|---|---|"]
+    for kept in sorted({k for m, k in by_key if m == entry and (against, k) in by_key}, reverse=True):
+        row, base = by_key[(entry, kept)], by_key[(against, kept)]
+        dataset = next(iter(row["perplexity"]["compressed"]))
+        result = compare(row["window_nll"][dataset], base["window_nll"][dataset], row["window_tokens"][dataset])
+        cells = [ppl_cell(base, dataset, "compressed"), ppl_cell(row, dataset, "compressed")]
+        if result.resolved:
+            lower = 1 if result.ratio < 1 else 0
+            cells[lower] = f"**{cells[lower]}**"
+        verdict = "" if result.resolved else " (noise)"
+        lines.append(f"| {kept:g} | {cells[0]} | {cells[1]} | ×{result.ratio:.3f} [{result.low:.3f}, {result.high:.3f}]{verdict} |")
     return lines
 
 

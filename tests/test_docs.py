@@ -101,3 +101,20 @@ def test_best_rows_carry_intervals_and_mark_differences_inside_the_noise() -> No
     assert re.search(r"\| \d+\.\d{3} \[\d+\.\d{3}, \d+\.\d{3}\]", line["svd"])
     assert "inside the noise" in table[-1]
     assert quality.n_test_windows(rows[0]) == 64 and quality.n_test_windows({}) == quality.LEGACY_TEST_WINDOWS
+
+
+def test_pair_lines_give_the_paired_ratio_and_bold_only_a_resolved_winner() -> None:
+    """``quality.py --pair``: per kept fraction both rows have, the paired ratio with its interval;
+    the lower row in bold when the interval excludes 1, "(noise)" when it does not."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    base = list(rng.normal(3.5, 0.4, 64) * 511)
+    rows = [_row("a", 0.8, base), _row("b", 0.8, [b - 0.2 * 511 for b in base]),
+            _row("a", 0.6, base), _row("b", 0.6, [b + e for b, e in zip(base, rng.normal(0, 0.01, 64) * 511, strict=True)]),
+            _row("b", 0.9, base)]  # no "a" at 0.9: no line
+    lines = quality.pair_lines(rows, "b", "a")
+    assert len(lines) == 4 and lines[2].startswith("| 0.8 |") and lines[3].startswith("| 0.6 |")
+    cells = lines[2].split("|")
+    assert "**" in cells[3] and "**" not in cells[2] and float(cells[4].split()[0].lstrip("×")) < 1
+    assert "(noise)" in lines[3] and "**" not in lines[3]

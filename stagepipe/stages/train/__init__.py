@@ -51,7 +51,8 @@ class TrainStage(PipelineStage):
     name = "train"
     version = 2
     description = "a learned method's parameters on the whole model (SoCo, Dobi-SVD), checkpointed"
-    writes = {LEARNED: "learned/layer-NNN.safetensors: the factors of the components a learned method kept",
+    writes = {LEARNED: "learned/layer-NNN.safetensors: the factors of the components a learned method kept "
+                       "(and SoCo's dense-kept linears its scores changed, as <linear>.weight)",
               HISTORY: "one record per training step: loss, kept fraction, learning rate"}
     assembly_payload = LEARNED
 
