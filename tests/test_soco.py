@@ -174,6 +174,10 @@ def test_budget_pressure_reaches_the_target_and_allocate_reports_it(trained) -> 
     assert 0.6 < explore[0]["kept_soft"] < 1  # from 1: every component offered, no matrix counted above dense
     assert all(h["kept_soft"] == pytest.approx(0.6, abs=1e-6) for h in history if h["phase"] == "refine")
     assert history[-1]["kept_hard"] <= 0.6
+    sparsify = [h["kept_hard"] for h in history if h["phase"] == "sparsify"]
+    # the hard budget falls linearly from the dense size (1) to the target, one step at a time
+    assert all(kept <= 1 - (1 - 0.6) * (i + 1) / len(sparsify) + 1e-9 for i, kept in enumerate(sparsify))
+    assert sparsify[0] > 1 - 2 * (1 - 0.6) / len(sparsify)  # spent, not wasted, from the first step on
     ratios = json.loads((found[PartitionRef("report", ALL)] / "report.json").read_text())["ratios"]
     assert ratios["kept_over_target_matrices"] == pytest.approx(history[-1]["kept_hard"])
     assert 0.6 - 0.02 < ratios["kept_over_target_matrices"] <= 0.6  # the budget is spent: within one component

@@ -64,7 +64,9 @@ class SoCoTrainer:
         self._before = [score.detach().clone() for score in self.params]
 
     def _hard_cost(self) -> float:
-        return float(sum(size if dense else c * float(m.sum())
+        """Parameters the kept set stores: ``mn`` for a dense-kept matrix, else ``c`` per kept
+        component, never more than dense (the sparsify phase starts from the dense size)."""
+        return float(sum(size if dense else min(c * float(m.sum()), size)
                          for c, size, m, dense in zip(self.costs, self.sizes, self.masks, self.kept_dense, strict=True)))
 
     def after_step(self, step: int, loss: float) -> dict[str, Any]:
