@@ -75,7 +75,7 @@ class TinyModel(_ModelBase):
     """A tiny randomly initialised model built locally (tests and the plumbing demo)."""
 
     source: Literal["tiny"]
-    arch: Literal["llama", "gpt2"] = "llama"
+    arch: Literal["llama", "gpt2", "gemma3"] = "llama"
     num_layers: int = Field(4, ge=1)
     hidden: int = Field(64, ge=8)
     intermediate: int = Field(128, ge=8)

@@ -22,8 +22,9 @@ class Layout:
     layers_path: str  # ModuleList of decoder blocks, relative to the CausalLM root
     final_norm_path: str
     #: the block's last linear, whose output is added to the residual stream as the block's last
-    #: operation: its output gradient is the gradient at the block output
-    residual_out: str
+    #: operation: its output gradient is the gradient at the block output (None: a norm follows it,
+    #: as Gemma 3's post-feedforward norm)
+    residual_out: str | None
 
     def layer_prefix(self, index: int) -> str:
         return f"{self.layers_path}.{index}."
@@ -34,6 +35,9 @@ LAYOUTS = {
     "mistral": Layout("model.layers", "model.norm", "mlp.down_proj"),
     "qwen2": Layout("model.layers", "model.norm", "mlp.down_proj"),
     "gpt2": Layout("transformer.h", "transformer.ln_f", "mlp.c_proj"),
+    # Gemma 3 (text): sliding-window and global attention blocks, q/k norms, a norm after the
+    # attention and after the MLP output, so no linear writes the residual stream directly
+    "gemma3_text": Layout("model.layers", "model.norm", None),
 }
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -183,11 +185,13 @@ LowRankLlamaConfig, LowRankLlamaForCausalLM = _lowrank_pair(LlamaConfig, LlamaFo
 LowRankMistralConfig, LowRankMistralForCausalLM = _lowrank_pair(MistralConfig, MistralForCausalLM, "lowrank_mistral")
 LowRankQwen2Config, LowRankQwen2ForCausalLM = _lowrank_pair(Qwen2Config, Qwen2ForCausalLM, "lowrank_qwen2")
 LowRankGPT2Config, LowRankGPT2LMHeadModel = _lowrank_pair(GPT2Config, GPT2LMHeadModel, "lowrank_gpt2")
+LowRankGemma3TextConfig, LowRankGemma3ForCausalLM = _lowrank_pair(Gemma3TextConfig, Gemma3ForCausalLM, "lowrank_gemma3_text")
 for _cls, _name in [
     (LowRankLlamaConfig, "LowRankLlamaConfig"), (LowRankLlamaForCausalLM, "LowRankLlamaForCausalLM"),
     (LowRankMistralConfig, "LowRankMistralConfig"), (LowRankMistralForCausalLM, "LowRankMistralForCausalLM"),
     (LowRankQwen2Config, "LowRankQwen2Config"), (LowRankQwen2ForCausalLM, "LowRankQwen2ForCausalLM"),
     (LowRankGPT2Config, "LowRankGPT2Config"), (LowRankGPT2LMHeadModel, "LowRankGPT2LMHeadModel"),
+    (LowRankGemma3TextConfig, "LowRankGemma3TextConfig"), (LowRankGemma3ForCausalLM, "LowRankGemma3ForCausalLM"),
 ]:
     _cls.__name__ = _cls.__qualname__ = _name
 
@@ -199,4 +203,5 @@ LOWRANK_CLASSES = CLASSES = {
     "mistral": ("LowRankMistralConfig", "LowRankMistralForCausalLM"),
     "qwen2": ("LowRankQwen2Config", "LowRankQwen2ForCausalLM"),
     "gpt2": ("LowRankGPT2Config", "LowRankGPT2LMHeadModel"),
+    "gemma3_text": ("LowRankGemma3TextConfig", "LowRankGemma3ForCausalLM"),
 }

@@ -7,7 +7,15 @@ from __future__ import annotations
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from stagepipe.config import TinyModel
@@ -39,6 +47,17 @@ def build_tiny(spec: TinyModel) -> tuple[torch.nn.Module, PreTrainedTokenizerFas
             initializer_range=spec.init_std,
         )
         model = LlamaForCausalLM(config)
+    elif spec.arch == "gemma3":  # Gemma 3's block: sliding-window layers then a global one, tied embeddings
+        config = Gemma3TextConfig(
+            vocab_size=vocab, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+            num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
+            num_key_value_heads=spec.num_kv_heads, head_dim=spec.hidden // spec.num_heads,
+            max_position_embeddings=spec.max_positions, sliding_window=16,
+            layer_types=["full_attention" if (i + 1) % 2 == 0 else "sliding_attention" for i in range(spec.num_layers)],
+            tie_word_embeddings=True, bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=None,
+            initializer_range=spec.init_std,
+        )
+        model = Gemma3ForCausalLM(config)
     else:
         config = GPT2Config(
             vocab_size=vocab, n_embd=spec.hidden, n_inner=spec.intermediate, n_layer=spec.num_layers,

@@ -90,9 +90,14 @@ class AnchorStage(SequentialStage):
     def check(config: Any, model: Any | None) -> None:
         """Before anything runs: a refinement under the block-output Fisher needs the K-FAC factor
         of the block's last residual write, so ``target.modules`` must include that linear."""
-        if getattr(config.method, "refine_metric", "euclidean") != "kfac_out" or not config.target.modules or model is None:
+        if getattr(config.method, "refine_metric", "euclidean") != "kfac_out" or model is None:
             return
         residual_out = layout_for(model.model_type).residual_out
+        if residual_out is None:
+            raise ConfigError(f"method.refine_metric: kfac_out needs a linear that writes the block output; in "
+                              f"{model.model_type!r} a norm follows the last linear (use euclidean)")
+        if not config.target.modules:
+            return
         if not any(re.search(pattern, residual_out) for pattern in config.target.modules):
             raise ConfigError(f"method.refine_metric: kfac_out reads the K-FAC output factor of {residual_out!r} (the "
                               "block's last residual write); add it to target.modules")

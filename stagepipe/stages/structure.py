@@ -22,7 +22,7 @@ import torch
 
 from stagepipe.accounting import kept_report
 from stagepipe.engine.stage import Context, Read, Work
-from stagepipe.errors import StagepipeError
+from stagepipe.errors import ConfigError, StagepipeError
 from stagepipe.methods import StructuredMethod
 from stagepipe.models import modeling_structured
 from stagepipe.models.blocks import BlockRunner
@@ -61,6 +61,13 @@ class StructureStage(PipelineStage):
 
     def partitions(self, ctx: Context) -> list[str] | None:
         return artifacts.model_layers(ctx)
+
+    @staticmethod
+    def check(config: Any, model: Any | None) -> None:
+        """Before anything runs: the structured modeling code must have a class for the architecture."""
+        if model is not None and model.model_type not in modeling_structured.CLASSES:
+            raise ConfigError(f"method: {config.method.name} has no structured model class for {model.model_type!r}; "
+                              f"supported: {', '.join(sorted(modeling_structured.CLASSES))}")
 
     def reads(self, ctx: Context, partition: str) -> list[Read]:
         return [Read(artifacts.ref("snapshot"), MODEL_DIR), Read(artifacts.ref("capture", partition), STATS),
