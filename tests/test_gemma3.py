@@ -41,6 +41,7 @@ CASES = {
     "aasvd-refine": {"method": {"name": "aasvd", "refine_epochs": 1, "refine_batch": 2}},
     "soco": {"method": {"name": "soco", "base": "kfac_svd", "explore_epochs": 1, "refine_epochs": 1, "sparsify_epochs": 1,
                         "tune_epochs": 1, "lr": 0.05}, "allocation": None},
+    "dobi_svd": {"method": {"name": "dobi_svd", "epochs": 1}, "allocation": None},
 }
 
 
