@@ -186,10 +186,15 @@ def test_budget_pressure_reaches_the_target_and_allocate_reports_it(trained) -> 
 
 
 def test_debias_restarts_the_kept_scores_at_one(tmp_path: Path) -> None:
-    pipeline, ws = learned_run(tmp_path, "debias", 0.6, {**SOCO, "debias": True})
+    pipeline, ws = learned_run(tmp_path, "debias", 0.6, SOCO)  # the default
     history = artifacts.read_history(outputs(pipeline, ws)[PartitionRef("train", ALL)])
     last = [h for h in history if h["phase"] == "sparsify"][-1]
     assert last["kept_soft"] == pytest.approx(last["kept_hard"], abs=1e-6)  # every kept score is 1
+    (tmp_path / "shrunk").mkdir()
+    pipeline, ws = learned_run(tmp_path / "shrunk", "shrunk", 0.6, {**SOCO, "debias": False})
+    history = artifacts.read_history(outputs(pipeline, ws)[PartitionRef("train", ALL)])
+    last = [h for h in history if h["phase"] == "sparsify"][-1]
+    assert last["kept_soft"] < last["kept_hard"] - 0.01  # without it the kept scores stay L1-shrunk
 
 
 def test_reloads_with_the_learned_ranks_and_factors(trained) -> None:
@@ -215,12 +220,11 @@ def test_reloads_with_the_learned_ranks_and_factors(trained) -> None:
 
 @pytest.mark.parametrize("kept", [0.7, 0.9])
 def test_learning_rate_zero_is_its_starting_allocation_bit_for_bit(tmp_path: Path, kept: float) -> None:
-    """The control: SoCo on K-FAC-SVD that does not learn (``lr: 0``; ``debias``: the kept scores
-    back at 1, so the L1 shrinkage is undone) assembles the model of K-FAC-SVD with
+    """The control: SoCo on K-FAC-SVD that does not learn (``lr: 0``; ``debias``, the default: the
+    kept scores back at 1, so the L1 shrinkage is undone) assembles the model of K-FAC-SVD with
     ``global_greedy`` at ``align`` 1 — the same dense-kept matrices, the same ranks, every tensor
     bit for bit. Whatever SoCo gains or loses against that row is the learning's doing."""
-    soco, soco_ws = learned_run(tmp_path, "soco0", kept, {**SOCO, "base": "kfac_svd", "lr": 0, "prior": 2,
-                                                                   "debias": True})
+    soco, soco_ws = learned_run(tmp_path, "soco0", kept, {**SOCO, "base": "kfac_svd", "lr": 0, "prior": 2})
     data = merge(TINY, {"name": "greedy", "method": {"name": "kfac_svd"}, "target": {"kept_fraction": kept},
                         "allocation": {"policy": "global_greedy", "align": 1}})
     (tmp_path / "greedy.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
