@@ -213,10 +213,15 @@ def results_lines(rows: list[dict], commits: list[str], base: str, out: Path) ->
                      f"{memory_fraction(ratios):.4f} | "
                      f"{ppl_cell(r, dataset, 'compressed')} | {r['repairs']} | {r['fallbacks']} | {r['commit']} |")
     lines += ["", "![perplexity vs kept fraction](results_ppl.png)", ""]
-    others = sorted(p.parent.name for p in out.glob("*/results.md"))
-    if others:  # tables made from another base file (another calibration): same protocol, not the same rows
-        lines += ["Tables from other base files (same test protocol and accounting, different calibration): "
-                  + ", ".join(f"[{name}]({name}/results.md)" for name in others) + ".", ""]
+    others = sorted(p.parent for p in out.glob("*/results.md"))
+    if others:  # tables made from another base file (another calibration): same accounting, not the same rows
+        def windows(directory: Path) -> str:
+            saved = directory / "results.json"
+            rows = json.loads(saved.read_text())["rows"] if saved.is_file() else []
+            return f" ({n_test_windows(rows[0])} test windows)" if rows else ""
+        lines += ["Tables from other base files (the same accounting and test text; their own calibration, and "
+                  "the number of test windows given): "
+                  + ", ".join(f"[{d.name}]({d.name}/results.md){windows(d)}" for d in others) + ".", ""]
     return lines
 
 
