@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from quality import ROOT, grid_config  # benchmarks/quality.py (this directory)
+from quality import ROOT, grid_config, method_block  # benchmarks/quality.py (this directory)
 from transformers import AutoModelForCausalLM
 
 from stagepipe.engine.stage import ALL, PartitionRef
@@ -107,6 +107,8 @@ def main() -> None:
              f"--values {' '.join(map(_show, args.values))} --kept {args.kept}` at commit `{commit}`. Validation: "
              f"{chosen['validation']['n_windows']} windows of {chosen['validation']['seq_len']} tokens from held-out train "
              "articles; the test split is read only for the chosen value.", "",
+             # the entry's own block, not the base file's, when the entry is a named variant: say which ran
+             f"Method block of every run (`{args.option}` aside): `{json.dumps(method_block(base, args.entry.partition(':')[0]))}`.", "",
              "| value | kept (targets) | validation PPL [95 % interval] | PPL over the chosen's, paired [95 %] |",
              "|---|---|---|---|"]
     for p in points:
