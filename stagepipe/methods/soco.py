@@ -174,16 +174,23 @@ class Schedule:
     def soft_budget(self, step: int, start: float, target: float) -> float:
         """Soft kept fraction allowed after ``step``: linear from ``start`` to ``target`` over explore
         (reached on its last step), then ``target``."""
-        first, stop = self.bounds("explore")
-        done = (step - first + 1) / max(1, stop - first)
-        return target if done >= 1 else start + (target - start) * done
+        return _toward(start, target, self._done("explore", step))
 
     def hard_budget(self, step: int, start_cost: float, target_cost: float) -> float:
         """Parameters the kept components may cost after ``step`` of the sparsify phase: linear from
         ``start_cost`` to ``target_cost``, reached on its last step."""
-        first, stop = self.bounds("sparsify")
-        done = (step - first + 1) / max(1, stop - first)
-        return target_cost if done >= 1 else start_cost + (target_cost - start_cost) * done
+        return _toward(start_cost, target_cost, self._done("sparsify", step))
+
+    def _done(self, phase: str, step: int) -> float:
+        """Share of ``phase`` finished after ``step`` (1 on its last step)."""
+        first, stop = self.bounds(phase)
+        return (step - first + 1) / max(1, stop - first)
+
+
+def _toward(start: float, target: float, done: float) -> float:
+    """Linear from ``start`` to ``target``; exactly ``target`` once ``done`` reaches 1 (no rounding
+    left between the last budget and the target)."""
+    return target if done >= 1 else start + (target - start) * done
 
 
 def _owners(scores: list[torch.Tensor]) -> torch.Tensor:

@@ -35,7 +35,7 @@ class SoCoTrainer:
         del svds
         self.targets = targets
         self.names = sorted(self.modules)
-        ordered = [self.modules[n] for n in self.names]
+        ordered = self.ordered = [self.modules[n] for n in self.names]
         self.params = [m.scores for m in ordered]
         self.masks = [m.mask for m in ordered]
         self.shapes = [(int(m.weight.shape[0]), int(m.weight.shape[1])) for m in ordered]
@@ -43,7 +43,6 @@ class SoCoTrainer:
         self.sizes = [a * b for a, b in self.shapes]
         self.units = penalty_units([sigmas[n] for n in self.names], self.costs, cfg.prior, SoCo(cfg).prior_scope())
         self.dense = float(sum(self.sizes))
-        self.kept_dense = [False] * len(ordered)  # matrices the selection keeps dense (all components, mn parameters)
         self.schedule = Schedule.of(cfg, windows)
         self.steps_per_epoch, self.total = self.schedule.steps_per_epoch, self.schedule.total
         self.start_soft: float | None = None
@@ -81,10 +80,10 @@ class SoCoTrainer:
             self.shift += theta
         if phase == "sparsify":
             budget = self.schedule.hard_budget(step, self.start_cost, self.target * self.dense)
-            masks, self.kept_dense = select(self.params, self.units, self.shapes, self.shift, budget)
+            masks, dense = select(self.params, self.units, self.shapes, self.shift, budget)
             for mask, new in zip(self.masks, masks, strict=True):
                 mask.copy_(new)
-            self._mark_dense()
+            self._keep_dense(dense)
             if self.cfg.debias and step == self.schedule.bounds("sparsify")[1] - 1:  # the set is now final
                 with torch.no_grad():  # relaxed lasso: the kept components restart from 1, free of the shrinkage
                     for score, mask in zip(self.params, self.masks, strict=True):
@@ -105,12 +104,18 @@ class SoCoTrainer:
                 score.copy_(tensors[f"score.{i}"])
                 mask.copy_(tensors[f"mask.{i}"])
         self.start_soft, self.start_cost = meta["start_soft"], meta["start_cost"]
-        self.shift, self.kept_dense = meta["shift"], list(meta["kept_dense"])
-        self._mark_dense()
+        self.shift = meta["shift"]
+        self._keep_dense(meta["kept_dense"])
 
-    def _mark_dense(self) -> None:
-        for name, dense in zip(self.names, self.kept_dense, strict=True):
-            self.modules[name].kept_dense = dense
+    @property
+    def kept_dense(self) -> list[bool]:
+        """Per target (in ``names`` order), whether the selection keeps it dense (all components,
+        ``mn`` parameters): the modules' own flags, which their forward follows."""
+        return [module.kept_dense for module in self.ordered]
+
+    def _keep_dense(self, flags: list[bool]) -> None:
+        for module, dense in zip(self.ordered, flags, strict=True):
+            module.kept_dense = dense
 
     @classmethod
     def plan(cls, c: CostInputs) -> TrainingShape:
@@ -161,18 +166,15 @@ class SoCoTrainer:
         return {"ranks": dict(sorted(ranks.items())), "steps": self.total,
                 "final_loss": sum(h["loss"] for h in last) / max(1, len(last)), "objective": self.cfg.objective,
                 "kept_soft_final": history[-1]["kept_soft"] if history else None,
-                "dense_kept": sum(self.kept_dense), **_order_report(self.modules, self.kept_dense, self.names)}
+                "dense_kept": sum(self.kept_dense), **_order_report(self.ordered)}
 
 
-def _order_report(modules: dict[str, SpectralLinear], kept_dense: list[bool], names: list[str]) -> dict[str, Any]:
+def _order_report(modules: list[SpectralLinear]) -> dict[str, Any]:
     """How far the learned choice is from σ order: the share of kept components of the factored
     matrices outside each one's top-r by weighted σ, and the share of kept scores above 1 (grown to
     compensate)."""
     kept = outside = grown = 0
-    for name, dense in zip(names, kept_dense, strict=True):
-        if dense:
-            continue
-        module = modules[name]
+    for module in (m for m in modules if not m.kept_dense):
         indices = torch.nonzero(module.mask > 0).flatten()
         kept += len(indices)
         outside += int((indices >= len(indices)).sum())
