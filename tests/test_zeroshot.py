@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tests.conftest import TINY, merge
 
 from stagepipe import zeroshot
 from stagepipe.config import load_pipeline
 from stagepipe.errors import ConfigError, StagepipeError
+from tests.conftest import TINY, merge
 
 
 def test_every_task_reads_its_installed_documents() -> None:

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
-import torch
 from stagepipe.engine.stage import Context, Read, Work
 from stagepipe.intervals import compare
 from stagepipe.models.sources import load_checked, resolve_device
