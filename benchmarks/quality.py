@@ -22,6 +22,11 @@ from pathlib import Path
 
 import yaml
 
+try:  # run as a script (this directory on the path) or imported as benchmarks.quality (scripts/render_docs.py)
+    from zeroshot_rows import plot_retention, retained_cell, zeroshot_lines
+except ModuleNotFoundError:
+    from benchmarks.zeroshot_rows import plot_retention, retained_cell, zeroshot_lines
+
 from stagepipe.config import parse_pipeline
 from stagepipe.engine.stage import ALL, PartitionRef
 from stagepipe.intervals import compare
@@ -76,6 +81,7 @@ def run_point(base: dict, entry: str, kept: float, workspace: Path) -> dict:
             "test_windows": {d: r["n_windows"] for d, r in compressed.items()},
             "window_nll": {d: r["window_nll"] for d, r in compressed.items()},
             "window_tokens": {d: r["seq_len"] - 1 for d, r in compressed.items()},  # predicted tokens per window
+            "zeroshot": report.get("zeroshot"),
             "repairs": len(report["repairs"]), "fallbacks": len(report["fallbacks"]), "wall_s": time.time() - started,
             "stages": report["stages"]}
 
@@ -99,6 +105,10 @@ def method_block(base: dict, method: str) -> dict:
     return {"name": method, **METHOD_OPTIONS.get(method, {})}
 
 
+#: zero-shot tasks added to every row's evaluation (``--tasks``, ``--task-limit``); none by default
+ZERO_SHOT: dict = {}
+
+
 def grid_config(base: dict, entry: str, kept: float, method_options: dict | None = None):
     """The pipeline config of one grid point (``METHOD[:POLICY]`` at ``kept``), from the base file's
     data; ``method_options`` are set on top of the row's method block."""
@@ -109,7 +119,7 @@ def grid_config(base: dict, entry: str, kept: float, method_options: dict | None
     allocation = dict(base_allocation) if base_allocation.get("policy") == policy else {
         "align": base_allocation.get("align", 8), "policy": policy, **POLICY_OPTIONS.get(policy, {})}
     data = dict(base, name=f"grid_{method.replace('+', '_')}_{kept}", method=block, allocation=allocation,
-                target={**base["target"], "kept_fraction": kept})
+                target={**base["target"], "kept_fraction": kept}, evaluation={**base["evaluation"], **ZERO_SHOT})
     return parse_pipeline(data, f"grid {method}@{kept}", ROOT / "pipelines")
 
 
@@ -123,6 +133,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "docs"))
     parser.add_argument("--merge", action="store_true", help="keep the other rows of OUT/results.json (same base file)")
     parser.add_argument("--render", action="store_true", help="only rewrite results.md and the plot from results.json")
+    parser.add_argument("--tasks", nargs="+", default=[], help="zero-shot tasks scored per row (evaluation.tasks)")
+    parser.add_argument("--task-limit", type=int, default=None, help="documents per task (default: the config's)")
     parser.add_argument("--pair", nargs=2, metavar=("ROW", "AGAINST"),
                         help="print the paired ratio ROW/AGAINST per kept fraction from OUT/results.json (a table)")
     args = parser.parse_args()
@@ -134,6 +146,8 @@ def main() -> None:
         saved = json.loads((out / "results.json").read_text())
         return render(saved["rows"], sorted({r["commit"] for r in saved["rows"]}), saved["base"], out)
     base = yaml.safe_load(Path(args.base).read_text())
+    if args.tasks:
+        ZERO_SHOT.update(tasks=args.tasks, **({"task_limit": args.task_limit} if args.task_limit else {}))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     rows = [dict(run_point(base, m, k, Path(args.workspace)), commit=commit) for m in args.methods for k in args.fractions]
     if args.merge and (out / "results.json").is_file():
@@ -179,6 +193,7 @@ def render(rows: list[dict], commits: list[str], base: str, out: Path) -> None:
         readme.write_text(replace_block(readme.read_text(), BEST_ROWS, "\n".join(best_table(rows, link_prefix=""))))
     dataset = next(iter(rows[0]["perplexity"]["compressed"]))
     plot(rows, dataset, rows[0]["perplexity"]["dense"][dataset], out / "results_ppl.png")
+    plot_retention(rows, out / "results_zeroshot.png")
     print("\n".join(lines))
 
 
@@ -212,7 +227,7 @@ def results_lines(rows: list[dict], commits: list[str], base: str, out: Path) ->
                      f"{ratios['kept_over_block_linears']:.4f} | {ratios['kept_over_model']:.4f} | "
                      f"{memory_fraction(ratios):.4f} | "
                      f"{ppl_cell(r, dataset, 'compressed')} | {r['repairs']} | {r['fallbacks']} | {r['commit']} |")
-    lines += ["", "![perplexity vs kept fraction](results_ppl.png)", ""]
+    lines += ["", "![perplexity vs kept fraction](results_ppl.png)", "", *zeroshot_lines(rows, ppl_cell)]
     others = sorted(p.parent for p in out.glob("*/results.md"))
     if others:  # tables made from another base file (another calibration): same accounting, not the same rows
         def windows(directory: Path) -> str:
@@ -276,11 +291,14 @@ def best_table(rows: list[dict], link_prefix: str) -> list[str]:
     for method, (_, entry) in sorted(best.items(), key=lambda kv: kv[1][0]):
         cells = " | ".join(ppl_cell(by_entry[entry][f], dataset, "compressed")
                            + noise_mark([by_entry[e][f] for e in shown], by_entry[entry][f], dataset)
+                           + (f"; retained {retained_cell(by_entry[entry][f])}" if by_entry[entry][f].get("zeroshot") else "")
                            for f in BEST_FRACTIONS)
         lines.append(f"| [{method}]({link_prefix}{pipeline_of(method)}) | `{entry}` | {cells} |")
     if shown and all("window_nll" in by_entry[e][f] for e in shown for f in BEST_FRACTIONS):
         lines += ["", "95 % bootstrap intervals over the test windows; ≈: the paired difference from the lowest "
-                      "perplexity of its column is inside the noise."]
+                      "perplexity of its column is inside the noise."
+                  + ("; retained: zero-shot accuracy retained above chance (see the zero-shot table)"
+                     if any(r.get("zeroshot") for r in rows) else "")]
     return lines
 
 

@@ -30,6 +30,8 @@ refit           layer-NNN               ``refit.safetensors`` (``<linear>.up|dow
 assemble        all                     ``model/`` (the compressed HF directory: ``layer-NNN.safetensors``,
                                         ``rest.safetensors``, the index, ``config.json``, the modeling file)
 evaluate        dense, compressed       ``results.json``
+zeroshot        dense-<task>,           ``results.json`` (lm-eval's metrics and standard errors, chance,
+                compressed-<task>       per-document scores)
 report          all                     ``report.json``, ``ranks_spectra.png`` | ``structure.png``,
                                         ``perplexity.png``, ``training.png``
 ==============  ======================  ====================================================

@@ -1,0 +1,74 @@
+"""The zero-shot part of ``benchmarks/quality.py``'s tables: per row the average ``acc``, the
+accuracy retained above chance with its 95 % interval, LAMBADA, and which tasks were left out
+because dense is at chance on them (``stagepipe.zeroshot.summarize``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def retained_cell(row: dict) -> str:
+    """``0.871 [0.80, 0.94]``: accuracy retained above chance, or ``—`` when the row has none."""
+    z = row.get("zeroshot") or {}
+    if "retention" not in z:
+        return "—"
+    low, high = z["retention_interval"]
+    return f"{z['retention']:.3f} [{low:.2f}, {high:.2f}]"
+
+
+def zeroshot_lines(rows: list[dict], ppl_cell) -> list[str]:
+    """The zero-shot table of every row that has one (with the dense model's line first)."""
+    scored = [r for r in rows if r.get("zeroshot")]
+    if not scored:
+        return []
+    first = scored[0]["zeroshot"]
+    tasks = list(first["tasks"])
+    docs = ", ".join(f"{t} {first['tasks'][t]['n_docs']} ({first['tasks'][t]['split']})" for t in tasks)
+    near = ", ".join(first.get("near_chance", [])) or "none"
+    dataset = next(iter(scored[0]["perplexity"]["compressed"]))
+    lines = ["### Zero-shot accuracy (lm-eval-harness, installed data)", "",
+             f"Documents scored per task: {docs}. Average = mean `acc` over all {len(tasks)} tasks; retained = "
+             "mean over the tasks where dense is more than two standard errors above chance of "
+             "`(acc − chance)/(acc_dense − chance)`, with its 95 % bootstrap interval over documents (paired). "
+             f"Left out of the retention as at chance for the dense model: {near}.", "",
+             "| method | kept | PPL | 0-shot avg acc | retained above chance | LAMBADA acc | LAMBADA PPL | suite wall s |",
+             "|---|---|---|---|---|---|---|---|"]
+    dense = first["tasks"]
+    lambada = dense.get("lambada", {}).get("dense")
+    lines.append(f"| dense | 1.00 | {ppl_cell(scored[0], dataset, 'dense')} | {first['average'].get('dense', float('nan')):.4f} | 1 | "
+                 + (f"{lambada['acc']:.4f} ± {lambada['acc_stderr']:.4f} | {lambada['perplexity']:.2f} |" if lambada else "— | — |")
+                 + " — |")
+    for r in scored:
+        z = r["zeroshot"]
+        lam = z["tasks"].get("lambada", {}).get("compressed")
+        wall = r.get("stages", {}).get("zeroshot", {}).get("wall_s")
+        lines.append(f"| {r['method']} | {r['kept_requested']:.2f} | {ppl_cell(r, dataset, 'compressed')} | "
+                     f"{z['average']['compressed']:.4f} | {retained_cell(r)} | "
+                     + (f"{lam['acc']:.4f} ± {lam['acc_stderr']:.4f} | {lam['perplexity']:.2f} |" if lam else "— | — |")
+                     + (f" {wall:.0f} |" if wall is not None else " — |"))
+    return lines + ["", "![accuracy retained vs kept fraction](results_zeroshot.png)", ""]
+
+
+def plot_retention(rows: list[dict], path: Path) -> bool:
+    """Accuracy retained above chance against the achieved kept fraction, one line per grid entry."""
+    scored = [r for r in rows if (r.get("zeroshot") or {}).get("retention") is not None]
+    if not scored:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(r["method"] for r in scored):
+        pts = sorted((r["ratios"]["kept_over_target_matrices"], r["zeroshot"]["retention"], *r["zeroshot"]["retention_interval"])
+                     for r in scored if r["method"] == method)
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]],
+                    marker="o", capsize=3, label=method)
+    ax.axhline(1.0, color="k", linestyle="--", label="dense")
+    ax.set(xlabel="kept fraction of target parameters (achieved)", ylabel="zero-shot accuracy retained above chance",
+           title="retention (95 % interval over documents)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
