@@ -25,6 +25,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,8 +172,14 @@ def score(model: Any, tokenizer: Any, name: str, limit: int | None, batch_size: 
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-    output = simple_evaluate(model=lm, tasks=[task_config(name)], num_fewshot=0, limit=limit, log_samples=True)
+    harness = logging.getLogger("lm_eval")
+    level = harness.level
+    harness.setLevel(logging.ERROR)  # its warnings here are about what we do on purpose: an in-memory model, custom data
+    try:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+        output = simple_evaluate(model=lm, tasks=[task_config(name)], num_fewshot=0, limit=limit, log_samples=True)
+    finally:
+        harness.setLevel(level)
     return task_score(name, output)
 
 
