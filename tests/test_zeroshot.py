@@ -139,3 +139,18 @@ def test_task_partitions_resume_after_kill_to_identical_scores(tmp_path: Path) -
     assert results() == resumed
     report = json.loads(next((ws / "stages" / "report").glob("*/*/report.json")).read_text())
     assert report["zeroshot"]["tasks"]["lambada"]["n_docs"] == 4
+
+
+def test_quality_rows_show_retention_beside_perplexity() -> None:
+    from benchmarks import quality
+
+    dense = {"piqa": _score([1.0] * 80 + [0.0] * 20, 0.5), "winogrande": _score([1.0] * 52 + [0.0] * 48, 0.5)}
+    summary = zeroshot.summarize(dense, {"piqa": _score([1.0] * 65 + [0.0] * 35, 0.5),
+                                         "winogrande": _score([1.0] * 60 + [0.0] * 40, 0.5)})
+    row = {"method": "kfac_svd", "kept_requested": 0.8, "ratios": {"kept_over_target_matrices": 0.8},
+           "perplexity": {"dense": {"news": 30.0}, "compressed": {"news": 40.0}}, "zeroshot": summary,
+           "stages": {"zeroshot": {"wall_s": 600.0}}}
+    lines = quality.zeroshot_lines([row], quality.ppl_cell)
+    assert "Left out of the retention as at chance for the dense model: winogrande." in lines[2]
+    assert lines[-4] == f"| kfac_svd | 0.80 | 40.000 | 0.6250 | {quality.retained_cell(row)} | — | — | 600 |"
+    assert quality.retained_cell(row).startswith("0.500 [") and quality.retained_cell({}) == "—"
