@@ -8,7 +8,16 @@ import itertools
 import pytest
 import torch
 
-from stagepipe.gptvq import VQGrid, assign, dequantize, gptvq, int8_codebook, kmeans, mahalanobis_init, stored_bytes
+from stagepipe.gptvq import (
+    VQGrid,
+    assign,
+    dequantize,
+    gptvq,
+    int8_codebook,
+    kmeans,
+    mahalanobis_init,
+    stored_bytes,
+)
 from stagepipe.quantize import pack
 
 
