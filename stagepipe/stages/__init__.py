@@ -95,9 +95,11 @@ def _config_from_source(spec_json: str) -> Any | None:
     spec = ModelSpec.validate_json(spec_json)
     found = load_config(spec)
     if found is None and spec.shape_hint is not None:
-        from transformers import PretrainedConfig
+        from transformers import AutoConfig, PretrainedConfig
 
-        return PretrainedConfig(**spec.shape_hint.model_dump())
+        hint = spec.shape_hint.model_dump(exclude={"model_type"})
+        model_type = spec.shape_hint.model_type
+        return AutoConfig.for_model(model_type, **hint) if model_type else PretrainedConfig(**hint)
     return found
 
 
