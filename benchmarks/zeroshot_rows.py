@@ -31,17 +31,18 @@ def zeroshot_lines(rows: list[dict], ppl_cell) -> list[str]:
              "mean over the tasks where dense is more than two standard errors above chance of "
              "`(acc − chance)/(acc_dense − chance)`, with its 95 % bootstrap interval over documents (paired). "
              f"Left out of the retention as at chance for the dense model: {near}.", "",
-             "| method | kept | PPL | 0-shot avg acc | retained above chance | LAMBADA acc | LAMBADA PPL | suite wall s |",
+             "| method | kept | PPL | 0-shot avg acc | retained above chance | LAMBADA acc | LAMBADA PPL | suite wall s (compressed) |",
              "|---|---|---|---|---|---|---|---|"]
     dense = first["tasks"]
     lambada = dense.get("lambada", {}).get("dense")
+    dense_wall = first.get("wall_s", {}).get("dense")
     lines.append(f"| dense | 1.00 | {ppl_cell(scored[0], dataset, 'dense')} | {first['average'].get('dense', float('nan')):.4f} | 1 | "
                  + (f"{lambada['acc']:.4f} ± {lambada['acc_stderr']:.4f} | {lambada['perplexity']:.2f} |" if lambada else "— | — |")
-                 + " — |")
+                 + (f" {dense_wall:.0f} |" if dense_wall is not None else " — |"))
     for r in scored:
         z = r["zeroshot"]
         lam = z["tasks"].get("lambada", {}).get("compressed")
-        wall = r.get("stages", {}).get("zeroshot", {}).get("wall_s")
+        wall = z.get("wall_s", {}).get("compressed")  # the compressed model's seven partitions
         lines.append(f"| {r['method']} | {r['kept_requested']:.2f} | {ppl_cell(r, dataset, 'compressed')} | "
                      f"{z['average']['compressed']:.4f} | {retained_cell(r)} | "
                      + (f"{lam['acc']:.4f} ± {lam['acc_stderr']:.4f} | {lam['perplexity']:.2f} |" if lam else "— | — |")

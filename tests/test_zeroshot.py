@@ -148,8 +148,8 @@ def test_quality_rows_show_retention_beside_perplexity() -> None:
     summary = zeroshot.summarize(dense, {"piqa": _score([1.0] * 65 + [0.0] * 35, 0.5),
                                          "winogrande": _score([1.0] * 60 + [0.0] * 40, 0.5)})
     row = {"method": "kfac_svd", "kept_requested": 0.8, "ratios": {"kept_over_target_matrices": 0.8},
-           "perplexity": {"dense": {"news": 30.0}, "compressed": {"news": 40.0}}, "zeroshot": summary,
-           "stages": {"zeroshot": {"wall_s": 600.0}}}
+           "perplexity": {"dense": {"news": 30.0}, "compressed": {"news": 40.0}},
+           "zeroshot": {**summary, "wall_s": {"dense": 610.0, "compressed": 600.0}}}
     lines = quality.zeroshot_lines([row], quality.ppl_cell)
     assert "Left out of the retention as at chance for the dense model: winogrande." in lines[2]
     assert lines[-4] == f"| kfac_svd | 0.80 | 40.000 | 0.6250 | {quality.retained_cell(row)} | — | — | 600 |"

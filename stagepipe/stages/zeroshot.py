@@ -95,10 +95,13 @@ class ZeroShotStage(PipelineStage):
     @classmethod
     def summarize(cls, manifests) -> dict[str, Any]:
         scores: dict[str, dict[str, dict[str, Any]]] = {}
+        seconds: dict[str, float] = {}
         for ref, manifest in manifests.items():
             model, task = split_partition(ref.partition)
             scores.setdefault(model, {})[task] = manifest.info
-        return {"zeroshot": zeroshot.summarize(scores.get(DENSE), scores[COMPRESSED])}
+            seconds[model] = seconds.get(model, 0.0) + manifest.wall_s
+        # the suite's wall time per model, as its partitions' manifests recorded it (a cached dense suite keeps its own)
+        return {"zeroshot": {**zeroshot.summarize(scores.get(DENSE), scores[COMPRESSED]), "wall_s": seconds}}
 
     def run(self, ctx: Context, work: Work) -> dict[str, Any]:
         model_name, task = split_partition(work.partition)
