@@ -105,10 +105,6 @@ def method_block(base: dict, method: str) -> dict:
     return {"name": method, **METHOD_OPTIONS.get(method, {})}
 
 
-#: zero-shot tasks added to every row's evaluation (``--tasks``, ``--task-limit``); none by default
-ZERO_SHOT: dict = {}
-
-
 def grid_config(base: dict, entry: str, kept: float, method_options: dict | None = None):
     """The pipeline config of one grid point (``METHOD[:POLICY]`` at ``kept``), from the base file's
     data; ``method_options`` are set on top of the row's method block."""
@@ -119,7 +115,7 @@ def grid_config(base: dict, entry: str, kept: float, method_options: dict | None
     allocation = dict(base_allocation) if base_allocation.get("policy") == policy else {
         "align": base_allocation.get("align", 8), "policy": policy, **POLICY_OPTIONS.get(policy, {})}
     data = dict(base, name=f"grid_{method.replace('+', '_')}_{kept}", method=block, allocation=allocation,
-                target={**base["target"], "kept_fraction": kept}, evaluation={**base["evaluation"], **ZERO_SHOT})
+                target={**base["target"], "kept_fraction": kept})
     return parse_pipeline(data, f"grid {method}@{kept}", ROOT / "pipelines")
 
 
@@ -146,8 +142,9 @@ def main() -> None:
         saved = json.loads((out / "results.json").read_text())
         return render(saved["rows"], sorted({r["commit"] for r in saved["rows"]}), saved["base"], out)
     base = yaml.safe_load(Path(args.base).read_text())
-    if args.tasks:
-        ZERO_SHOT.update(tasks=args.tasks, **({"task_limit": args.task_limit} if args.task_limit else {}))
+    if args.tasks:  # every row's evaluation scores them too
+        base["evaluation"] = {**base["evaluation"], "tasks": args.tasks,
+                              **({"task_limit": args.task_limit} if args.task_limit else {})}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     rows = [dict(run_point(base, m, k, Path(args.workspace)), commit=commit) for m in args.methods for k in args.fractions]
     if args.merge and (out / "results.json").is_file():

@@ -53,6 +53,5 @@ def compensate(w: torch.Tensor, quantize: Callable[[torch.Tensor], Quantized], r
         losses.append(weighted_loss(w - quantized.weight - low_rank, left, right))
         if best is None or losses[-1] < min(losses[:-1]):
             best = Compensated(quantized, up, down, losses, round_index)
-    assert best is not None
-    best.losses = losses
+    assert best is not None  # rounds ≥ 1; its losses are the list every round appended to
     return best

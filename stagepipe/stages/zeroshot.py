@@ -24,14 +24,6 @@ from stagepipe.stagekit.artifacts import COMPRESSED, DENSE, MODEL_DIR, RESULTS
 from stagepipe.stagekit.base import PipelineStage, register
 from stagepipe.stagekit.cost import CostInputs, Estimate
 
-#: forward tokens per document (context + continuation, summed over the choices), the mean over the first
-#: 300 documents with SmolLM2's tokenizer: for the plan only
-TOKENS_PER_DOC = {"lambada": 80, "arc_easy": 125, "arc_challenge": 147, "hellaswag": 176, "piqa": 73,
-                  "winogrande": 45, "openbookqa": 62}
-#: documents per task (the installed sets)
-FULL_SIZE = {"lambada": 5153, "arc_easy": 570, "arc_challenge": 299, "hellaswag": 10042, "piqa": 1838,
-             "winogrande": 1267, "openbookqa": 500}
-
 
 def task_partition(model: str, task: str) -> str:
     return f"{model}-{task}"
@@ -87,7 +79,8 @@ class ZeroShotStage(PipelineStage):
         """The full model in fp32 and one batch's fp32 logits; FLOPs from the documents scored."""
         s, ev = c.shapes, c.config.evaluation
         models = 2 if ev.dense_baseline else 1
-        tokens = sum(TOKENS_PER_DOC[t] * min(FULL_SIZE[t], ev.limit_of(t) or FULL_SIZE[t]) for t in ev.tasks)
+        tasks = {t: zeroshot.TASKS[t] for t in ev.tasks}
+        tokens = sum(task.tokens_per_doc * min(task.documents, ev.limit_of(t) or task.documents) for t, task in tasks.items())
         logits = ev.task_batch_size * 256 * s.vocab * 4  # the suite's requests stay under 256 tokens
         return Estimate(cls.name, 1e5 * len(ev.tasks) * models, s.params * 4 * 2 + 2 * logits, c.gpu(s.params * 4 + 2 * logits),
                         "full model in fp32 + logits of one batch", flops=2 * s.params * tokens * models)
