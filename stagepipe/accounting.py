@@ -115,7 +115,7 @@ def water_fill(items: Sequence[FillItem], budget: float, align: int) -> dict[str
 
 
 #: how factored matrices are stored: ``16-bit`` (two factors) or ``remap8`` (square part in 8 bits)
-STORAGES = ("16-bit", "remap8")
+STORAGES = ("16-bit", "remap8")  # (a quantising method's dense targets: "quantized", bytes as packed)
 
 
 def rank_cost(m: int, n: int, storage: str = "16-bit") -> int:
@@ -134,25 +134,42 @@ def max_stored_rank(m: int, n: int, storage: str = "16-bit") -> int:
 
 
 class MemoryReport(BaseModel):
-    """Bytes of the target matrices as stored, against the same matrices dense in 16 bits."""
+    """Bytes of the target matrices as stored, against the same matrices dense in 16 bits, and the
+    stored bits per weight (every overhead counted)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     storage: str
-    requested_kept_memory: float
+    requested_kept_memory: float | None
     dense_bytes_16bit: int
     stored_bytes: int
     kept_memory_over_target_matrices: float
+    bits_per_weight: float
+
+
+def _memory(shapes: Mapping[str, tuple[int, int]], stored: Mapping[str, int], storage: str,
+            requested: float | None) -> MemoryReport:
+    """The one memory accounting: ``stored`` bytes per target matrix against ``2mn`` each."""
+    weights = sum(shapes[name][0] * shapes[name][1] for name in stored)
+    total = sum(stored.values())
+    return MemoryReport(storage=storage, requested_kept_memory=requested, dense_bytes_16bit=2 * weights,
+                        stored_bytes=total, kept_memory_over_target_matrices=total / (2 * weights) if weights else 1.0,
+                        bits_per_weight=8 * total / weights if weights else 16.0)
 
 
 def memory_report(shapes: Mapping[str, tuple[int, int]], ranks: Mapping[str, int | None], storage: str,
                   requested: float) -> MemoryReport:
     """Stored bytes of the target matrices under ``storage`` (a dense target: ``2mn``)."""
-    dense = sum(2 * shapes[name][0] * shapes[name][1] for name in ranks)
-    stored = sum(2 * (shapes[name][0] * shapes[name][1] if r is None else r * rank_cost(*shapes[name], storage))
-                 for name, r in ranks.items())
-    return MemoryReport(storage=storage, requested_kept_memory=requested, dense_bytes_16bit=dense, stored_bytes=stored,
-                        kept_memory_over_target_matrices=stored / dense if dense else 1.0)
+    stored = {name: 2 * (shapes[name][0] * shapes[name][1] if r is None else r * rank_cost(*shapes[name], storage))
+              for name, r in ranks.items()}
+    return _memory(shapes, stored, storage, requested)
+
+
+def quantized_memory_report(shapes: Mapping[str, tuple[int, int]], stored: Mapping[str, int],
+                            requested_bits: float | None) -> MemoryReport:
+    """Quantised dense targets: ``stored`` = the bytes each one's packed tensors hold (``quantize.stored_bytes``);
+    the requested memory fraction is the requested bits per weight over 16."""
+    return _memory(shapes, stored, "quantized", None if requested_bits is None else requested_bits / 16)
 
 
 class RatioReport(BaseModel):

@@ -217,8 +217,10 @@ def _print_summary(runner) -> None:
                 f"(block linears) / {ratios['kept_over_model']:.4f} (model)")
     memory = ratios.get("memory")
     if memory:  # the budget was memory: say so, and give the parameter fractions beside it
-        click.echo(f"kept memory ({memory['storage']}): requested {memory['requested_kept_memory']:.3f}, achieved "
-                   f"{memory['kept_memory_over_target_matrices']:.4f} of the dense 16-bit target matrices")
+        requested = memory["requested_kept_memory"]
+        click.echo(f"kept memory ({memory['storage']}): " + (f"requested {requested:.3f}, " if requested is not None else "")
+                   + f"achieved {memory['kept_memory_over_target_matrices']:.4f} of the dense 16-bit target matrices "
+                   f"({memory['stored_bytes']:,} bytes, {memory['bits_per_weight']:.4f} bits per weight with every overhead)")
         click.echo(f"kept parameters: {achieved}")
     else:
         click.echo(f"kept fraction: requested {ratios['requested_kept_fraction']:.3f}, achieved {achieved}")

@@ -208,10 +208,25 @@ AllocationConfig = _union([p.config for p in POLICIES.values()], "policy")
 
 
 class TargetConfig(Strict):
-    kept_fraction: float = Field(gt=0, le=1)
+    """The budget: a kept fraction of the target matrices' parameters, or — for a quantising method — their
+    stored bits per weight (packed codes, scales, zero points and shapes counted: ``quantize.stored_bytes``)."""
+
+    kept_fraction: float = Field(gt=0, le=1, description="parameters kept over the target matrices (1 when only "
+                                                         "bits_per_weight is given)")
+    bits_per_weight: float | None = Field(
+        None, gt=0, lt=16, description="most stored bits per weight of the target matrices, all overheads counted "
+                                       "(a quantising method: checked before anything runs)")
     modules: list[str] | None = Field(
         None, description="regexes matched against linear names inside a decoder block; default all"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bits_alone_keep_everything(cls, data: Any) -> Any:
+        """``{bits_per_weight: b}`` alone keeps every parameter (a quantising method's target)."""
+        if isinstance(data, dict) and "kept_fraction" not in data and data.get("bits_per_weight") is not None:
+            return {**data, "kept_fraction": 1.0}
+        return data
 
     @field_validator("modules")
     @classmethod

@@ -36,7 +36,9 @@ class Perplexity:
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device) -> Perplexity:
     """Perplexity of ``model`` (run in float32) over ``windows`` (n × T token ids)."""
-    model = model.float().to(device).eval()
+    if any(p.dtype != torch.float32 for p in model.parameters() if p.is_floating_point()):
+        model = model.float()  # (a quantised model loads in float32 already: transformers refuses .float() on it)
+    model = model.to(device).eval()
     per_window: list[float] = []
     tokens = 0
     for start in range(0, len(windows), batch_size):

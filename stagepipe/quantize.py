@@ -3,9 +3,11 @@
 A ``Grid`` is ``bits`` per weight on a uniform grid per output row, over the whole row
 (``group_size=None``: per channel) or per group of ``group_size`` input columns; asymmetric grids
 carry a zero point, symmetric ones the fixed midpoint (GPTQ's quantiser). ``stored_bytes`` is the
-one accounting of what a quantised matrix costs on disk — packed codes, a float16 scale per (row,
-group), a packed zero point per (row, group) for asymmetric grids — and ``pack`` writes exactly
-that many bytes (tested).
+one accounting of what a quantised matrix costs on disk, in the layout ``stored_tensors`` writes —
+compressed-tensors' ``pack-quantized`` format (vLLM serves it; ``transformers`` loads it): codes
+packed densely into int32 words per row, a float16 scale per (row, group), zero points packed along
+the rows per group for asymmetric grids, and the int64 shape; ``stored_bytes`` equals the bytes of those tensors (tested). ``pack`` is a plain bit stream
+(GPTVQ's codes).
 
 **GPTQ** (Frantar et al. 2022; ``docs/methods.md``): with the input Gram ``H = E[x xᵀ]`` (capture
 records it), damped by ``damp · mean(diag H)``, and the upper Cholesky factor ``U`` of ``H⁻¹``,
@@ -49,12 +51,18 @@ class Grid:
 
 
 def stored_bytes(m: int, n: int, grid: Grid) -> int:
-    """Bytes of an ``m × n`` matrix quantised on ``grid``: packed codes, float16 scales per (row,
-    group), packed zero points per (row, group) when asymmetric."""
-    groups = m * grid.groups(n)
-    codes = math.ceil(m * n * grid.bits / 8)
-    zeros = 0 if grid.symmetric else math.ceil(groups * grid.bits / 8)
-    return codes + groups * SCALE_BYTES + zeros
+    """Bytes of an ``m × n`` matrix quantised on ``grid`` as ``stored_tensors`` writes it: codes
+    (``ceil(n·bits/32)`` int32 words per row), float16 scales per (row, group), zero points when
+    asymmetric (``ceil(m·bits/32)`` words per group) and the int64 shape."""
+    groups = grid.groups(n)
+    codes = m * math.ceil(n * grid.bits / 32) * 4
+    zeros = 0 if grid.symmetric else groups * math.ceil(m * grid.bits / 32) * 4
+    return codes + m * groups * SCALE_BYTES + zeros + 2 * 8
+
+
+def bits_per_weight(stored: int, weights: int) -> float:
+    """Stored bits per weight, all overheads counted."""
+    return 8 * stored / weights
 
 
 def fit(w: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,11 +200,36 @@ def unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     return (stream << torch.arange(bits, dtype=torch.int64)).sum(1)
 
 
-def packed_tensors(quantized: Quantized) -> dict[str, torch.Tensor]:
-    """What a quantised matrix stores: ``codes`` (packed), ``scales`` (float16), ``zeros`` (packed,
-    asymmetric grids only); ``stored_bytes`` bytes in all."""
+def stored_tensors(quantized: Quantized) -> dict[str, torch.Tensor]:
+    """A quantised matrix in compressed-tensors' ``pack-quantized`` layout, by parameter suffix:
+    ``weight_packed`` (codes, signed around the grid's midpoint as compressed-tensors stores them,
+    packed by its own ``pack_to_int32``), ``weight_scale`` (float16), ``weight_zero_point``
+    (asymmetric) and ``weight_shape``; ``stored_bytes`` bytes. Groups are contiguous in the original
+    column order (compressed-tensors' decompression ignores a group index, so act-order groups cannot be stored)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
     grid = quantized.grid
-    tensors = {"codes": pack(quantized.codes, grid.bits), "scales": quantized.scales.to(torch.float16)}
+    offset = 1 << (grid.bits - 1)
+    tensors = {"weight_packed": pack_to_int32((quantized.codes - offset).to(torch.int8), grid.bits),
+               "weight_scale": quantized.scales.to(torch.float16).contiguous(),
+               "weight_shape": torch.tensor(list(quantized.codes.shape), dtype=torch.int64)}
     if not grid.symmetric:
-        tensors["zeros"] = pack(quantized.zeros, grid.bits)
+        tensors["weight_zero_point"] = pack_to_int32((quantized.zeros - offset).to(torch.int8), grid.bits, packed_dim=0)
     return tensors
+
+
+def dequantize_stored(tensors: dict[str, torch.Tensor], grid: Grid) -> torch.Tensor:
+    """The float64 weights ``stored_tensors`` wrote (unpacked by compressed-tensors' ``unpack_from_int32``)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    shape = torch.Size(tensors["weight_shape"].tolist())
+    offset = 1 << (grid.bits - 1)
+    codes = unpack_from_int32(tensors["weight_packed"], grid.bits, shape).to(torch.float64) + offset
+    groups = grid.groups(shape[1])
+    if "weight_zero_point" in tensors:
+        zeros = unpack_from_int32(tensors["weight_zero_point"], grid.bits, torch.Size([shape[0], groups]),
+                                  packed_dim=0).to(torch.float64) + offset
+    else:
+        zeros = torch.full((shape[0], groups), float(offset), dtype=torch.float64)
+    index = torch.arange(shape[1]) // (grid.group_size or shape[1])
+    return (codes - zeros[:, index]) * tensors["weight_scale"].to(torch.float64)[:, index]

@@ -16,7 +16,7 @@ from stagepipe.allocation import POLICIES
 from stagepipe.cli import main
 from stagepipe.config import load_pipeline, parse_pipeline
 from stagepipe.engine.stage import PartitionRef
-from stagepipe.methods import METHODS, LearnedMethod, StructuredMethod
+from stagepipe.methods import METHODS, LearnedMethod, QuantizedMethod, StructuredMethod
 from stagepipe.stagekit.artifacts import HIDDEN
 from stagepipe.stagekit.base import STAGES
 from stagepipe.stagekit.dag import problems
@@ -31,13 +31,15 @@ REQUIRED = {"mixed": {"left": "kfac_out", "right": "gram"}}
 def tiny(method: str, policy: str, **updates) -> object:
     data = merge(TINY, {"method": {"name": method, **REQUIRED.get(method, {})}, "allocation": {"policy": policy, "align": 4},
                         **updates})
-    if issubclass(METHODS[method], LearnedMethod):
+    if issubclass(METHODS[method], (LearnedMethod, QuantizedMethod)):
         del data["allocation"]
+    if issubclass(METHODS[method], QuantizedMethod):  # its budget is bits, every parameter kept
+        data["target"] = {"bits_per_weight": 8}
     return parse_pipeline(data, "test", ".")
 
 
 CONFIGS = [(m, p) for m in sorted(METHODS) for p in sorted(POLICIES)
-           if not (issubclass(METHODS[m], (LearnedMethod, StructuredMethod)) and p != "uniform")]
+           if not (issubclass(METHODS[m], (LearnedMethod, StructuredMethod, QuantizedMethod)) and p != "uniform")]
 
 
 @pytest.mark.parametrize("method,policy", CONFIGS, ids=[f"{m}-{p}" for m, p in CONFIGS])

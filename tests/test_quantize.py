@@ -10,13 +10,14 @@ from stagepipe.quantize import (
     Grid,
     codes,
     dequantize,
+    dequantize_stored,
     fit,
     gptq,
     inverse_cholesky_upper,
     pack,
-    packed_tensors,
     rtn,
     stored_bytes,
+    stored_tensors,
     unpack,
 )
 
@@ -133,7 +134,11 @@ def test_pack_round_trips_bit_for_bit(bits: int) -> None:
 
 
 @pytest.mark.parametrize("grid", [Grid(3, 16), Grid(2, None, symmetric=True), Grid(4, 128), Grid(3, 7)])
-def test_stored_bytes_are_what_is_packed(grid: Grid) -> None:
+def test_stored_bytes_are_what_is_stored_and_it_unpacks_bit_for_bit(grid: Grid) -> None:
+    """compressed-tensors' layout: ``stored_bytes`` is the bytes of the tensors ``stored_tensors``
+    writes, and unpacking them gives the quantised weights exactly."""
     w, _, h = problem(m=9, n=40)
-    tensors = packed_tensors(gptq(w, h, grid))
+    quantized = gptq(w, h, grid)
+    tensors = stored_tensors(quantized)
     assert sum(t.numel() * t.element_size() for t in tensors.values()) == stored_bytes(9, 40, grid)
+    assert torch.equal(dequantize_stored(tensors, grid), quantized.weight)

@@ -16,6 +16,7 @@ from stagepipe.methods.base import (
     Method,
     MethodConfig,
     MetricPair,
+    QuantizedMethod,
     RankDependentMethod,
     SequentialMethod,
     StructuredMethod,
@@ -32,5 +33,5 @@ def make_method(cfg: MethodConfig) -> Method:
     return METHODS[cfg.name](cfg)
 
 
-__all__ = ["METHODS", "GradientOptions", "LayerStats", "LearnedMethod", "Method", "MethodConfig", "MetricPair",
+__all__ = ["METHODS", "GradientOptions", "LayerStats", "LearnedMethod", "Method", "MethodConfig", "MetricPair", "QuantizedMethod",
            "RankDependentMethod", "SequentialMethod", "StructuredMethod", "make_method", "register"]

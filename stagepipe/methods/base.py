@@ -17,7 +17,9 @@ brings what the kind needs — its own step, its share of allocation or assembly
 - ``SequentialMethod``: factors fitted layer by layer on the compressed model's inputs (AA-SVD) — ``anchor``;
 - ``StructuredMethod``: smaller dense matrices instead of two factors (MoDeGPT) — ``structure``;
 - ``LearnedMethod``: ranks learned on the whole model (SoCo, Dobi-SVD) — ``train``, with the
-  method's trainer (``stages/train/<method>.py``).
+  method's trainer (``stages/train/<method>.py``);
+- ``QuantizedMethod``: every target linear kept dense and quantised on an integer grid (RTN, GPTQ) —
+  ``quantize``; the budget is bytes (``target.bits_per_weight``), not ranks.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 from pydantic import Field
 
 from stagepipe.accounting import max_stored_rank
+from stagepipe.quantize import Grid, Quantized
 from stagepipe.schema import Strict, registrar
 
 
@@ -252,6 +255,35 @@ class LearnedMethod(Method):
                              "remove the allocation block")
         if config.method.refit and cls.learned_factors:
             raise ValueError(f"method.refit: not supported with {cls.name} (its learned factors are final); remove refit")
+
+
+class QuantizedMethod(Method):
+    """Every target linear kept dense and quantised (RTN, GPTQ): the ``quantize`` stage replaces
+    ``decompose`` and the allocation (no ranks); the metric pair says which statistics it reads (GPTQ's
+    Hessian is the input Gram: ``right = "gram"``)."""
+
+    @abstractmethod
+    def grid(self) -> Grid:
+        """The integer grid every target matrix is quantised on."""
+
+    @abstractmethod
+    def quantize(self, w: torch.Tensor, gram: torch.Tensor | None) -> Quantized:
+        """``w`` quantised (float64 maths), given the input Gram when the method reads one."""
+
+    @abstractmethod
+    def quantization_options(self) -> dict[str, Any]:
+        """What decides the quantised matrices besides the weights and statistics (``quantize``'s key)."""
+
+    @classmethod
+    def check_pipeline(cls, config: Any, default_allocation: Any) -> None:
+        if config.allocation != default_allocation:
+            raise ValueError(f"allocation: {cls.name} keeps every target dense on one grid (no ranks); "
+                             "remove the allocation block")
+        if config.target.kept_fraction != 1.0:
+            raise ValueError(f"target.kept_fraction: {cls.name} keeps every parameter (its budget is "
+                             "target.bits_per_weight); remove kept_fraction")
+        if config.method.refit:
+            raise ValueError(f"method.refit: {cls.name} has no factors to refit; remove refit")
 
 
 METHODS: dict[str, type[Method]] = {}

@@ -23,6 +23,8 @@ train           all                     ``learned/layer-NNN.safetensors`` (``<li
 allocate        all                     ``allocation.json`` (ranks or inner dims, dropped energy, ratios)
 rank_factors    layer-NNN               ``rank_factors.safetensors`` (``<linear>.up|down`` at the rank)
 structure       layer-NNN               ``structured_block.safetensors`` (the block's smaller matrices)
+quantize        layer-NNN               ``quantized.safetensors`` (``<linear>.weight_packed|weight_scale|
+                                        weight_shape``: compressed-tensors' pack-quantized layout)
 anchor          layer-NNN               ``anchor.safetensors`` (``<linear>.up|down`` at the rank, refined
                                         norm weights), ``hidden.zarr`` (the compressed model's block outputs)
 refit           layer-NNN               ``refit.safetensors`` (``<linear>.up|down``: refitted up),
@@ -310,6 +312,7 @@ RANK_FACTORS = "rank_factors.safetensors"
 ANCHOR = "anchor.safetensors"
 REFIT = "refit.safetensors"
 STRUCTURED_BLOCK = "structured_block.safetensors"  # a structured method's smaller block (``structure``)
+QUANTIZED = "quantized.safetensors"  # a quantising method's packed linears (``quantize``)
 
 
 def write_factors(out: Path, file: str, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -342,6 +345,11 @@ def read_block_params(output: Path, file: str) -> dict[str, torch.Tensor]:
 def read_structured_block(structure_output: Path) -> dict[str, torch.Tensor]:
     """The smaller block's tensors by name relative to the block (``structure``)."""
     return safetensors_io.read(structure_output / STRUCTURED_BLOCK)
+
+
+def read_quantized(quantize_output: Path) -> dict[str, torch.Tensor]:
+    """A block's quantised linears by block-relative ``<linear>.<compressed-tensors parameter>`` (``quantize``)."""
+    return safetensors_io.read(quantize_output / QUANTIZED)
 
 
 # --------------------------------------------------------------------------- train: a learned method's factors

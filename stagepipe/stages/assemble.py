@@ -8,8 +8,10 @@ checkpoint has exactly the keys the class expects.
 Each block's shard is the final form of the layer as the stage that gives it (``Plan.assembler``)
 makes it: decompose's weighted SVD truncated at the allocated ranks, or a method kind's own
 factors (rank_factors, anchor, refit, a learned method's train), or a structured method's smaller
-block (structure) — ``PipelineStage.layer_shard``; the family (``modeling_lowrank``,
-``modeling_structured``) is that stage's ``model_family``. This stage knows none of them.
+block (structure), a quantising method's packed linears (quantize) — ``PipelineStage.layer_shard``;
+the family (``modeling_lowrank``, ``modeling_structured``, or ``compressed``: the architecture's own
+class with a compressed-tensors ``quantization_config``) is that stage's ``model_family``. This stage
+knows none of them.
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ class AssembleStage(PipelineStage):
         source = ctx.plan.stage_class(ctx.plan.assembler)
         ranks = artifacts.read_ranks(work.input("allocate"))
         module, extra = source.model_family(ctx, work, ranks)
-        if config.model_type not in module.CLASSES:
+        native = getattr(module, "NATIVE", False)  # the architecture's own class (compressed-tensors)
+        if not native and config.model_type not in module.CLASSES:
             raise StagepipeError(f"no {module.FAMILY} class for architecture {config.model_type!r}")
         layout = ctx.plan.layout
         wmap = weight_map(snapshot)
@@ -93,7 +96,10 @@ class AssembleStage(PipelineStage):
         total += sum(t.numel() * t.element_size() for t in rest.values())
         (target / MODEL_INDEX).write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(index.items()))}, indent=1))
-        self._write_config(snapshot, target, config.model_type, module, extra)
+        if native:
+            module.write_config(snapshot, target, extra)
+        else:
+            self._write_config(snapshot, target, config.model_type, module, extra)
         for item in snapshot.iterdir():
             if item.name.startswith(artifacts.TOKENIZER_FILES):
                 shutil.copy(item, target / item.name)
@@ -121,6 +127,9 @@ class AssembleStage(PipelineStage):
     @staticmethod
     def _check_keys(target: Path, written: set[str], module: Any) -> None:
         """Zero missing / unexpected keys against the written family's class, checked on the meta device."""
+        if getattr(module, "NATIVE", False):
+            AssembleStage._compare_keys(module.expected_keys(target), written)
+            return
         data = json.loads((target / MODEL_CONFIG).read_text())
         base = data["model_type"].removeprefix(f"{module.FAMILY}_")
         config_name, model_name = module.CLASSES[base]
@@ -131,6 +140,10 @@ class AssembleStage(PipelineStage):
         expected = set(model.state_dict())
         if getattr(config, "tie_word_embeddings", False):
             expected -= {k for k in expected if k.endswith("lm_head.weight")}
+        AssembleStage._compare_keys(expected, written)
+
+    @staticmethod
+    def _compare_keys(expected: set[str], written: set[str]) -> None:
         missing, unexpected = expected - written, written - expected
         if missing or unexpected:
             raise StagepipeError(f"assembled checkpoint keys differ: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")

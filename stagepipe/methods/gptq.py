@@ -1,0 +1,87 @@
+"""Weight quantisation of every target linear (issue #33): round-to-nearest and GPTQ.
+
+Both keep the matrices dense on an integer grid (``stagepipe.quantize``: per channel or per group of
+input columns, symmetric, float16 scales) and are written in compressed-tensors' ``pack-quantized``
+format, which ``transformers`` loads and vLLM serves. GPTQ's Hessian is the input Gram ``E[x xᵀ]``
+that ``capture`` records (``right = "gram"``), damped by ``damp · mean(diag H)``; optional act-order.
+
+Grids are symmetric: compressed-tensors 0.20 writes asymmetric zero points packed along the rows,
+which ``transformers`` 5.24 refuses to load (a size mismatch), so an asymmetric grid would give a
+model nobody can load.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from stagepipe.methods.base import MethodConfig, QuantizedMethod, register
+from stagepipe.quantize import Grid, Quantized, gptq, rtn
+
+
+class GridOptions(MethodConfig):
+    bits: int = Field(4, ge=2, le=8, description="bits per code")
+    group_size: int | None = Field(128, ge=1, description="input columns per scale (null: one scale per output row)")
+
+
+class RTNConfig(GridOptions):
+    name: Literal["rtn"]
+
+
+class GPTQConfig(GridOptions):
+    name: Literal["gptq"]
+    damp: float = Field(0.01, ge=0, description="added to the Hessian's diagonal, relative to its mean")
+    act_order: bool = Field(False, description="quantise columns in order of decreasing Hessian diagonal")
+    block: int = Field(128, ge=1, description="columns per lazy-update block (changes only the order of additions)")
+
+    @model_validator(mode="after")
+    def _act_order_per_channel(self) -> GPTQConfig:
+        if self.act_order and self.group_size is not None:
+            raise ValueError("act_order: its groups would follow the act order and need a group index, which "
+                             "compressed-tensors' decompression ignores; set group_size: null (per channel)")
+        return self
+
+
+class _GridMethod(QuantizedMethod):
+    def grid(self) -> Grid:
+        return Grid(self.cfg.bits, self.cfg.group_size, symmetric=True)
+
+    def key_options(self) -> dict[str, Any]:
+        return {"pair": list(self.pair()), **self.quantization_options()}
+
+    def storage(self) -> str:
+        return "quantized"
+
+
+@register
+class RTN(_GridMethod):
+    """Round-to-nearest on a symmetric integer grid (no calibration statistics)."""
+
+    name = "rtn"
+    config = RTNConfig
+
+    def quantization_options(self) -> dict[str, Any]:
+        return {"quantizer": "rtn", "bits": self.cfg.bits, "group_size": self.cfg.group_size, "symmetric": True}
+
+    def quantize(self, w: torch.Tensor, gram: torch.Tensor | None) -> Quantized:
+        return rtn(w, self.grid())
+
+
+@register
+class GPTQ(_GridMethod):
+    """GPTQ: columns quantised in turn, each error fed back through the inverse Hessian's Cholesky factor."""
+
+    name = "gptq"
+    config = GPTQConfig
+    right = "gram"
+
+    def quantization_options(self) -> dict[str, Any]:
+        return {"quantizer": "gptq", "bits": self.cfg.bits, "group_size": self.cfg.group_size, "symmetric": True,
+                "damp": self.cfg.damp, "act_order": self.cfg.act_order, "block": self.cfg.block}
+
+    def quantize(self, w: torch.Tensor, gram: torch.Tensor | None) -> Quantized:
+        if gram is None:
+            raise ValueError("gptq needs the input Gram")
+        return gptq(w, gram, self.grid(), self.cfg.damp, self.cfg.act_order, self.cfg.block)

@@ -1,0 +1,197 @@
+"""``quantize`` (per layer, independent; a ``QuantizedMethod`` such as RTN or GPTQ): every target
+linear of the block kept dense and quantised on the method's integer grid.
+
+Reads the block's weights from the snapshot and, for a method that reads it (GPTQ), the input Gram
+from ``capture``; quantises each linear in float64 and stores it as the assembled model will hold
+it — compressed-tensors' ``pack-quantized`` tensors (``quantize.stored_tensors``) — after checking
+that what is stored unpacks to exactly the quantised weights. The diagnostics record per linear the
+relative weight error, the relative output error ``tr(ΔW H ΔWᵀ)/tr(W H Wᵀ)`` under the Gram when
+there is one, and GPTQ's repairs (dead input columns, damping added).
+
+The kind's share elsewhere: the allocation (no ranks: every target dense; the stored bytes and bits
+per weight by ``accounting.quantized_memory_report``, checked against ``target.bits_per_weight``) and
+the assembly (the architecture's own class, ``models.compressed``) are this stage's too.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from stagepipe.accounting import quantized_memory_report, ratio_report
+from stagepipe.engine.stage import Context, Read, Work
+from stagepipe.errors import ConfigError, StagepipeError
+from stagepipe.methods import QuantizedMethod, make_method
+from stagepipe.models import compressed
+from stagepipe.models.blocks import BlockRunner
+from stagepipe.models.layout import block_linear_shapes, block_linears, weight_matrix
+from stagepipe.models.sources import DTYPES
+from stagepipe.quantize import dequantize_stored, stored_bytes, stored_tensors
+from stagepipe.stagekit import artifacts
+from stagepipe.stagekit.artifacts import GROUPS, MODEL_DIR, QUANTIZED, STATS, layer_index
+from stagepipe.stagekit.base import PipelineStage, register
+from stagepipe.stagekit.cost import CostInputs, Estimate
+
+
+def target_shapes(config: Any, model: Any) -> dict[str, tuple[int, int]]:
+    """(m, n) of every target matrix by full name (``target.modules`` matched inside each block)."""
+    patterns = config.target.modules
+    shapes = block_linear_shapes(model)
+    if not patterns:
+        return shapes
+    return {name: shape for name, shape in shapes.items()
+            if any(re.search(p, re.sub(r"^.*?\.\d+\.", "", name)) for p in patterns)}
+
+
+@register
+class QuantizeStage(PipelineStage):
+    name = "quantize"
+    version = 1
+    description = "every target linear dense on an integer grid (RTN, GPTQ), packed as compressed-tensors"
+    writes = {QUANTIZED: "per target linear: compressed-tensors' packed codes, float16 scales and shape"}
+    assembly_payload = QUANTIZED
+
+    @classmethod
+    def joins(cls, choices) -> bool:
+        return isinstance(choices.method, QuantizedMethod)
+
+    @classmethod
+    def needs(cls, choices) -> dict[str, set[str]]:
+        found: dict[str, set[str]] = {"snapshot": {MODEL_DIR}}
+        if choices.method.activation_stats:
+            found["capture"] = {STATS, GROUPS}
+        return found
+
+    def partitions(self, ctx: Context) -> list[str] | None:
+        return artifacts.model_layers(ctx)
+
+    @staticmethod
+    def check(config: Any, model: Any | None) -> None:
+        """Before anything runs: the grid's stored bits per weight (every overhead) within ``target.bits_per_weight``."""
+        method = make_method(config.method)
+        budget = config.target.bits_per_weight
+        if not isinstance(method, QuantizedMethod) or budget is None or model is None:
+            return
+        shapes = target_shapes(config, model)
+        stored = sum(stored_bytes(m, n, method.grid()) for m, n in shapes.values())
+        bits = 8 * stored / sum(m * n for m, n in shapes.values())
+        if bits > budget:
+            raise ConfigError(f"target.bits_per_weight: {budget} is below what {config.method.name} with "
+                              f"{method.grid().bits} bits, group {method.grid().group_size} stores ({bits:.4f} with "
+                              "scales and shapes); raise it or use fewer bits / larger groups")
+
+    def reads(self, ctx: Context, partition: str) -> list[Read]:
+        reads = [Read(artifacts.ref("snapshot"), MODEL_DIR)]
+        if ctx.plan.method.activation_stats:
+            reads += [Read(artifacts.ref("capture", partition), STATS), Read(artifacts.ref("capture", partition), GROUPS)]
+        return reads
+
+    def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
+        return {"method": ctx.plan.method.key_options(), "modules": ctx.config.target.modules}
+
+    @classmethod
+    def cost(cls, c: CostInputs) -> Estimate:
+        """Stored codes at the grid's bits; in RAM the block, one matrix and its Gram in float64 with
+        GPTQ's Cholesky factor; FLOPs: the Cholesky and solve (n³) and the error feedback (m n²) per linear."""
+        s = c.shapes
+        bits = c.method.grid().bits
+        flops = sum(n**3 + 2 * m * n * n for m, n in s.linears)
+        return Estimate(cls.name, s.layers * sum(m * n for m, n in s.linears) * bits / 8,
+                        s.block * c.weight_bytes + 4 * 8 * max(m * n + n * n for m, n in s.linears) + c.grams, 0,
+                        "float64 Cholesky and column sweep of the largest matrix", flops64=s.layers * flops)
+
+    def run(self, ctx: Context, work: Work) -> dict[str, Any]:
+        method = ctx.plan.method
+        runner = BlockRunner(artifacts.model_dir(work.input("snapshot")), torch.device("cpu"), DTYPES[ctx.config.model.dtype])
+        block = runner.load_block(layer_index(work.partition))
+        linears = block_linears(block, ctx.config.target.modules)
+        stats = artifacts.read_input_stats(work.input("capture", work.partition)) if method.activation_stats else None
+        tensors: dict[str, torch.Tensor] = {}
+        results, measured = {}, {}
+        for name, module in linears.items():
+            w = weight_matrix(module).detach().to(torch.float64)
+            gram = stats.gram[name].double() if stats is not None else None
+            quantized = method.quantize(w, gram)
+            stored = stored_tensors(quantized)
+            if not torch.equal(dequantize_stored(stored, method.grid()), quantized.weight):
+                raise StagepipeError(f"{work.partition}.{name}: the packed tensors do not unpack to the quantised weights")
+            tensors.update({f"{name}.{suffix}": t for suffix, t in stored.items()})
+            delta = quantized.weight - w
+            info: dict[str, Any] = {"weight_rel_err": float(torch.linalg.norm(delta) / torch.linalg.norm(w)),
+                                    **quantized.repairs}
+            if gram is not None:
+                info["output_rel_err"] = float(torch.trace(delta @ gram @ delta.T) / torch.trace(w @ gram @ w.T))
+            measured[name] = info
+            results[name] = {"shape": list(w.shape), "stored_bytes": sum(t.numel() * t.element_size() for t in stored.values())}
+        artifacts.write_factors(work.out, QUANTIZED, tensors)
+        work.diagnostics["linears"] = measured
+        return {"linears": results, "method": method.name}
+
+    @classmethod
+    def summarize(cls, manifests) -> dict[str, Any]:
+        """Dead input columns GPTQ gave a unit diagonal (their weights kept and quantised), per matrix."""
+        repairs = []
+        for ref, manifest in sorted(manifests.items()):
+            for name, item in manifest.diagnostics.get("linears", {}).items():
+                if item.get("dead_columns"):
+                    repairs.append({"matrix": f"{ref.partition}.{name}", "kind": "unit Hessian diagonal",
+                                    "columns": item["dead_columns"]})
+        return {"repairs": repairs}
+
+    # ------------------------------------------------------------------ the kind's allocation
+    @classmethod
+    def allocates(cls, choices) -> bool:
+        return True
+
+    @classmethod
+    def allocation_needs(cls, choices) -> dict[str, set[str]]:
+        return {"quantize": set()}  # each layer's stored bytes, in its results
+
+    @classmethod
+    def allocation_reads(cls, ctx: Context) -> list[Read]:
+        return [Read(artifacts.ref("quantize", p)) for p in artifacts.model_layers(ctx) or []]
+
+    @classmethod
+    def allocation_slice(cls, ctx: Context) -> dict[str, Any]:
+        return {"method": ctx.plan.method.quantization_options(), "bits_per_weight": ctx.config.target.bits_per_weight}
+
+    @classmethod
+    def allocation(cls, ctx: Context, work: Work, shapes: dict[str, tuple[int, int]], n_params: int) -> dict[str, Any]:
+        """No ranks (every target dense); the bytes each target matrix stores, and the bits per weight."""
+        stored: dict[str, int] = {}
+        for ref, directory in sorted(work.inputs.items()):
+            if ref.stage == cls.name:
+                prefix = ctx.plan.layout.layer_prefix(layer_index(ref.partition))
+                stored.update({prefix + n: item["stored_bytes"] for n, item in artifacts.read_results(directory)["linears"].items()})
+        ranks: dict[str, int | None] = dict.fromkeys(stored)
+        report = ratio_report(shapes, ranks, n_params, 1.0).model_dump()
+        report["memory"] = quantized_memory_report(shapes, stored, ctx.config.target.bits_per_weight).model_dump()
+        details = {"quantization": ctx.plan.method.quantization_options()}
+        artifacts.write_allocation(work.out, ranks, dict.fromkeys(stored, 0.0), report, details)
+        return {"ratios": report, "policy": ctx.config.method.name, "search": details, "dense_targets": sorted(stored)}
+
+    # ------------------------------------------------------------------ and its assembly
+    @classmethod
+    def assembles(cls, choices) -> bool:
+        return True
+
+    @classmethod
+    def layer_shard(cls, ctx: Context, work: Work, layer: int, tensors, ranks) -> dict[str, torch.Tensor]:
+        """The block's tensors with each quantised linear's ``weight`` replaced by its packed tensors."""
+        prefix = ctx.plan.layout.layer_prefix(layer)
+        packed = artifacts.read_quantized(work.input(cls.name, artifacts.layer_partition(layer)))
+        linears = {key.rsplit(".", 1)[0] for key in packed}
+        kept = {key: value for key, value in tensors.items() if key[len(prefix):].removesuffix(".weight") not in linears}
+        return {**kept, **{prefix + local: t for local, t in packed.items()}}
+
+    @classmethod
+    def model_family(cls, ctx: Context, work: Work, ranks) -> tuple[Any, dict[str, Any]]:
+        """The architecture's own class; ``ignore`` lists every linear the grid leaves alone (the head, non-targets)."""
+        grid = ctx.plan.method.grid()
+        targets = set(ranks)
+        every_linear = {name for name in block_linear_shapes(ctx.facts)} | {"lm_head"}
+        ignore = sorted(every_linear - targets)
+        return compressed, {"quantization_config": compressed.quantization_config(grid.bits, grid.group_size,
+                                                                                   grid.symmetric, ignore)}
