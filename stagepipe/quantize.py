@@ -139,8 +139,12 @@ def inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor:
 
 
 def gptq(w: torch.Tensor, gram: torch.Tensor, grid: Grid, damp: float = 0.01, act_order: bool = False,
-         block: int = 128) -> Quantized:
-    """GPTQ of ``w`` (``m × n``) for inputs with second moment ``gram`` (``n × n``), in float64."""
+         block: int = 128, static_scales: bool = False) -> Quantized:
+    """GPTQ of ``w`` (``m × n``) for inputs with second moment ``gram`` (``n × n``), in float64.
+
+    A group's scale is fitted when the sweep reaches it, on the weights as the error feedback has
+    left them (the paper's code); ``static_scales`` fits every group on the original weights first
+    (llm-compressor's GPTQModifier, whose observers set the scales before the sweep)."""
     w = w.double().clone()
     h = gram.double().clone()
     m, n = w.shape
@@ -158,13 +162,14 @@ def gptq(w: torch.Tensor, gram: torch.Tensor, grid: Grid, damp: float = 0.01, ac
     out = torch.empty_like(w)
     scales, zeros = [], []
     scale = zero = None
+    fixed = [fit(w[:, s:s + size], grid) for s in range(0, n, size)] if static_scales else None
     for start in range(0, n, block):
         end = min(start + block, n)
         part, errors = w[:, start:end].clone(), torch.empty(m, end - start, dtype=w.dtype)
         for i in range(end - start):
             j = start + i
             if j % size == 0:  # per channel: the whole row, before any update; per group: its current weights
-                scale, zero = fit(part[:, i:i + size] if grid.group_size else w, grid)
+                scale, zero = fixed[j // size] if fixed else fit(part[:, i:i + size] if grid.group_size else w, grid)
                 scales.append(scale)
                 zeros.append(zero)
             column = part[:, i:i + 1]

@@ -29,15 +29,16 @@ def problem(m: int = 6, n: int = 40, tokens: int = 300, seed: int = 0) -> tuple[
     return torch.randn(m, n, generator=g, dtype=torch.float64), x, x @ x.T / tokens
 
 
-def explicit_gptq(w: torch.Tensor, h: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPTQ as the paper states it, one column at a time, no blocks: (codes, dequantised)."""
-    w = w.clone()
+def explicit_gptq(w: torch.Tensor, h: torch.Tensor, grid: Grid, static: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ as the paper states it, one column at a time, no blocks: (codes, dequantised); ``static``
+    fits each group's scale on the original weights (llm-compressor)."""
+    original, w = w, w.clone()
     u = torch.linalg.cholesky(torch.linalg.inv(h), upper=True)  # the explicit inverse, fine for a reference
     size = grid.group_size or w.shape[1]
     q, out = torch.empty_like(w), torch.empty_like(w)
     for j in range(w.shape[1]):
         if j % size == 0:
-            scale, zero = fit(w[:, j:j + size], grid)
+            scale, zero = fit((original if static else w)[:, j:j + size], grid)
         q[:, j:j + 1] = codes(w[:, j:j + 1], scale, zero, grid)
         out[:, j:j + 1] = dequantize(q[:, j:j + 1], scale, zero)
         error = (w[:, j] - out[:, j]) / u[j, j]
@@ -47,10 +48,11 @@ def explicit_gptq(w: torch.Tensor, h: torch.Tensor, grid: Grid) -> tuple[torch.T
 
 @pytest.mark.parametrize("grid", [Grid(3, 8), Grid(2, 8, symmetric=True), Grid(4, None), Grid(3, None, symmetric=True)],
                          ids=["3b-g8", "2b-g8-sym", "4b-channel", "3b-channel-sym"])
-def test_gptq_in_blocks_equals_the_explicit_column_loop(grid: Grid) -> None:
+@pytest.mark.parametrize("static", [False, True], ids=["sequential-scales", "static-scales"])
+def test_gptq_in_blocks_equals_the_explicit_column_loop(grid: Grid, static: bool) -> None:
     w, _, h = problem()
-    ours = gptq(w, h, grid, damp=0.0, block=16)
-    q, out = explicit_gptq(w, h, grid)
+    ours = gptq(w, h, grid, damp=0.0, block=16, static_scales=static)
+    q, out = explicit_gptq(w, h, grid, static)
     assert torch.equal(ours.codes, q)
     torch.testing.assert_close(ours.weight, out, rtol=0, atol=1e-12)
     assert ours.repairs == {"dead_columns": 0, "damp_added": 0.0}

@@ -96,15 +96,22 @@ def test_compressed_tensors_output_loads_and_gives_stagepipes_logits(gptq_run) -
     assert report["perplexity"]["compressed"]["syn"] != report["perplexity"]["dense"]["syn"]
 
 
-def test_gptq_is_below_rtn_in_output_error_on_the_same_grid(gptq_run) -> None:
+@pytest.fixture(scope="module")
+def dense_inputs_run(tmp_path_factory) -> tuple[Path, Path, dict]:
+    tmp = tmp_path_factory.mktemp("gptq_dense")
+    path = pipeline(tmp, "gptq3dense", {"name": "gptq", "bits": 3, "group_size": 32, "inputs": "dense"})
+    return path, tmp / "ws", run(path, tmp / "ws")
+
+
+def test_gptq_is_below_rtn_in_output_error_on_the_same_grid(dense_inputs_run) -> None:
     """GPTQ's own objective, the output error under the Gram, beats round-to-nearest on every matrix
-    of the tiny model (the stage's diagnostics; RTN measured on the same Grams)."""
+    of the tiny model (the stage's diagnostics; RTN measured on the same Grams, capture's)."""
     from stagepipe.io import manifest as manifest_io
     from stagepipe.quantize import rtn
 
-    _, ws, _ = gptq_run
+    _, ws, _ = dense_inputs_run
     outputs = finished_outputs(ws)
-    snapshot = AutoLoaded(outputs["snapshot@all"] / "model")
+    snapshot = Loaded(outputs["snapshot@all"] / "model")
     for layer in ("layer-000", "layer-001"):
         manifest = manifest_io.read(outputs[f"quantize@{layer}"])
         stats = artifacts.read_input_stats(outputs[f"capture@{layer}"])
@@ -116,7 +123,47 @@ def test_gptq_is_below_rtn_in_output_error_on_the_same_grid(gptq_run) -> None:
             assert item["output_rel_err"] < rtn_err, (layer, name)
 
 
-class AutoLoaded:
+def test_propagated_inputs_are_the_quantised_models_own(gptq_run, dense_inputs_run) -> None:
+    """Layer 0 sees the embeddings either way (same tensors as with capture's Grams); layer 1's Grams
+    are those of its linears' inputs with block 0 quantised and block 1 dense (as llm-compressor
+    calibrates a block before quantising it), recomputed here with forward hooks on the assembled
+    model, and GPTQ on them gives the stored tensors."""
+    from stagepipe.config import load_pipeline
+    from stagepipe.methods import make_method
+    from stagepipe.quantize import stored_tensors
+
+    path, ws, _ = gptq_run
+    propagated, dense = finished_outputs(ws), finished_outputs(dense_inputs_run[1])
+    first = [artifacts.read_quantized(o["quantize@layer-000"]) for o in (propagated, dense)]
+    assert first[0].keys() == first[1].keys() and all(torch.equal(first[0][k], first[1][k]) for k in first[0])
+    second = [artifacts.read_quantized(o["quantize@layer-001"]) for o in (propagated, dense)]
+    assert not all(torch.equal(second[0][k], second[1][k]) for k in second[0])
+
+    quantized = Loaded(propagated["assemble@all"] / "model").model
+    original = Loaded(propagated["snapshot@all"] / "model")
+    ids = artifacts.read_windows(propagated["tokenize@calibration"])
+    block = quantized.model.layers[1] = original.model.model.layers[1]  # inside the block the sublayers are dense
+    grams: dict[str, torch.Tensor] = {}
+    names = list(block.self_attn._modules) + list(block.mlp._modules)
+    hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: grams.__setitem__(n, grams.get(n, 0) + (
+        x := a[0].reshape(-1, a[0].shape[-1]).double()).T @ x)) for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        for start in range(0, len(ids), 2):
+            quantized(ids[start:start + 2])
+    for h in hooks:
+        h.remove()
+    assert names
+    method = make_method(load_pipeline(path).method)
+    for name, gram in grams.items():
+        w = original.weight(1, name)
+        stored = stored_tensors(method.quantize(w, gram))
+        rebuilt = dequantize_stored(stored, method.grid())
+        ours = dequantize_stored({k.rsplit(".", 1)[1]: t for k, t in second[0].items() if k.startswith(name + ".")},
+                                 method.grid())
+        torch.testing.assert_close(ours, rebuilt, rtol=0, atol=1e-6)
+
+
+class Loaded:
     def __init__(self, directory: Path) -> None:
         from transformers import AutoModelForCausalLM
 
@@ -146,6 +193,14 @@ def test_a_budget_the_grid_cannot_meet_is_one_line_before_anything_runs(tmp_path
     result = CliRunner().invoke(main, ["run", str(path), "-w", str(tmp_path / "ws")])
     assert result.exit_code != 0
     assert "target.bits_per_weight: 4.2 is below what rtn with 4 bits, group 32 stores (4.5" in result.output
+    assert not (tmp_path / "ws" / "stages").exists()
+
+
+def test_groups_that_do_not_divide_the_inputs_are_one_line_before_anything_runs(tmp_path: Path) -> None:
+    path = pipeline(tmp_path, "uneven", {"name": "gptq", "bits": 3, "group_size": 48}, bits_per_weight=8)
+    result = CliRunner().invoke(main, ["run", str(path), "-w", str(tmp_path / "ws")])
+    assert result.exit_code != 0
+    assert "method.group_size: 48 does not divide the targets' input sizes [32, 64]" in result.output
     assert not (tmp_path / "ws" / "stages").exists()
 
 

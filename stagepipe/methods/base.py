@@ -274,6 +274,11 @@ class QuantizedMethod(Method):
     def quantization_options(self) -> dict[str, Any]:
         """What decides the quantised matrices besides the weights and statistics (``quantize``'s key)."""
 
+    def propagates(self) -> bool:
+        """Whether each block's statistics come from the quantised model's own inputs (the blocks below
+        already quantised, as GPTQ's code and llm-compressor calibrate), not from the dense model's."""
+        return False
+
     @classmethod
     def check_pipeline(cls, config: Any, default_allocation: Any) -> None:
         if config.allocation != default_allocation:

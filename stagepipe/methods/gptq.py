@@ -2,8 +2,11 @@
 
 Both keep the matrices dense on an integer grid (``stagepipe.quantize``: per channel or per group of
 input columns, symmetric, float16 scales) and are written in compressed-tensors' ``pack-quantized``
-format, which ``transformers`` loads and vLLM serves. GPTQ's Hessian is the input Gram ``E[x xᵀ]``
-that ``capture`` records (``right = "gram"``), damped by ``damp · mean(diag H)``; optional act-order.
+format, which ``transformers`` loads and vLLM serves. GPTQ's Hessian is the input Gram ``E[x xᵀ]`` of
+each linear, damped by ``damp · mean(diag H)``; optional act-order. As GPTQ's code and llm-compressor
+do, block i's Grams are summed on the inputs the blocks below give once quantised (``inputs:
+propagated``: ``quantize`` walks the blocks in order); ``inputs: dense`` reads capture's Grams of the
+dense model instead, and the layers run independently.
 
 Grids are symmetric: compressed-tensors 0.20 writes asymmetric zero points packed along the rows,
 which ``transformers`` 5.24 refuses to load (a size mismatch), so an asymmetric grid would give a
@@ -35,6 +38,13 @@ class GPTQConfig(GridOptions):
     damp: float = Field(0.01, ge=0, description="added to the Hessian's diagonal, relative to its mean")
     act_order: bool = Field(False, description="quantise columns in order of decreasing Hessian diagonal")
     block: int = Field(128, ge=1, description="columns per lazy-update block (changes only the order of additions)")
+    inputs: Literal["propagated", "dense"] = Field(
+        "propagated", description="each block's Hessian from the inputs the blocks below give once quantised (GPTQ's "
+                                  "code, llm-compressor), or from the dense model's inputs (capture's Grams; the "
+                                  "layers then run independently)")
+    scales: Literal["sequential", "static"] = Field(
+        "sequential", description="fit a group's scale when the sweep reaches it, on the updated weights (the paper's "
+                                  "code), or every scale on the original weights first (llm-compressor's GPTQModifier)")
 
     @model_validator(mode="after")
     def _act_order_per_channel(self) -> GPTQConfig:
@@ -78,10 +88,20 @@ class GPTQ(_GridMethod):
     right = "gram"
 
     def quantization_options(self) -> dict[str, Any]:
-        return {"quantizer": "gptq", "bits": self.cfg.bits, "group_size": self.cfg.group_size, "symmetric": True,
-                "damp": self.cfg.damp, "act_order": self.cfg.act_order, "block": self.cfg.block}
+        options = {"quantizer": "gptq", "bits": self.cfg.bits, "group_size": self.cfg.group_size, "symmetric": True,
+                   "damp": self.cfg.damp, "act_order": self.cfg.act_order, "block": self.cfg.block}
+        options["inputs"] = self.cfg.inputs
+        return {**options, "scales": "static"} if self.cfg.scales == "static" else options
+
+    def propagates(self) -> bool:
+        return self.cfg.inputs == "propagated"
+
+    @property
+    def activation_stats(self) -> frozenset[str]:
+        """Capture's Grams only with dense inputs; propagated inputs are summed inside ``quantize``."""
+        return super().activation_stats if self.cfg.inputs == "dense" else frozenset()
 
     def quantize(self, w: torch.Tensor, gram: torch.Tensor | None) -> Quantized:
         if gram is None:
             raise ValueError("gptq needs the input Gram")
-        return gptq(w, gram, self.grid(), self.cfg.damp, self.cfg.act_order, self.cfg.block)
+        return gptq(w, gram, self.grid(), self.cfg.damp, self.cfg.act_order, self.cfg.block, self.cfg.scales == "static")

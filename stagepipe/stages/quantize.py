@@ -1,8 +1,10 @@
 """``quantize`` (per layer, independent; a ``QuantizedMethod`` such as RTN or GPTQ): every target
 linear of the block kept dense and quantised on the method's integer grid.
 
-Reads the block's weights from the snapshot and, for a method that reads it (GPTQ), the input Gram
-from ``capture``; quantises each linear in float64 and stores it as the assembled model will hold
+Reads the block's weights from the snapshot and, for a method that reads it (GPTQ), each linear's
+input Gram: summed here on the inputs the blocks below give once quantised (``Method.propagates``:
+the partitions then run in order, each handing its block's outputs to the next, as GPTQ's code and
+llm-compressor calibrate), or capture's Grams of the dense model; quantises each linear in float64 and stores it as the assembled model will hold
 it — compressed-tensors' ``pack-quantized`` tensors (``quantize.stored_tensors``) — after checking
 that what is stored unpacks to exactly the quantised weights. The diagnostics record per linear the
 relative weight error, the relative output error ``tr(ΔW H ΔWᵀ)/tr(W H Wᵀ)`` under the Gram when
@@ -15,7 +17,9 @@ the assembly (the architecture's own class, ``models.compressed``) are this stag
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -30,9 +34,20 @@ from stagepipe.models.layout import block_linear_shapes, block_linears, weight_m
 from stagepipe.models.sources import DTYPES
 from stagepipe.quantize import dequantize_stored, stored_bytes, stored_tensors
 from stagepipe.stagekit import artifacts
-from stagepipe.stagekit.artifacts import GROUPS, MODEL_DIR, QUANTIZED, STATS, layer_index
+from stagepipe.stagekit.artifacts import (
+    CALIBRATION,
+    GROUPS,
+    HIDDEN,
+    MODEL_DIR,
+    QUANTIZED,
+    STATS,
+    TOKENS,
+    layer_index,
+)
 from stagepipe.stagekit.base import PipelineStage, register
 from stagepipe.stagekit.cost import CostInputs, Estimate
+from stagepipe.stagekit.shards import add_gram
+from stagepipe.stagekit.streams import block_input_rows
 
 
 def target_shapes(config: Any, model: Any) -> dict[str, tuple[int, int]]:
@@ -45,12 +60,35 @@ def target_shapes(config: Any, model: Any) -> dict[str, tuple[int, int]]:
             if any(re.search(p, re.sub(r"^.*?\.\d+\.", "", name)) for p in patterns)}
 
 
+def propagates(method: Any) -> bool:
+    """A quantising method whose statistics come from the quantised model's own inputs."""
+    return isinstance(method, QuantizedMethod) and method.propagates()
+
+
+@torch.no_grad()
+def running_grams(runner: BlockRunner, block: torch.nn.Module, linears: dict[str, torch.nn.Module],
+                  batches: Iterable[tuple[int, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``Σ x xᵀ`` (float64) of each linear's inputs while ``block`` runs on ``batches`` (one Gram per
+    distinct input: q/k/v share theirs)."""
+    grams: dict[str, torch.Tensor] = {}
+    handles = [module.register_forward_pre_hook(lambda m, args, n=name: add_gram(grams, n, args[0]))
+               for name, module in linears.items()]
+    try:
+        for _, hidden in batches:
+            runner.run_block(block, hidden)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return grams
+
+
 @register
 class QuantizeStage(PipelineStage):
     name = "quantize"
     version = 1
     description = "every target linear dense on an integer grid (RTN, GPTQ), packed as compressed-tensors"
-    writes = {QUANTIZED: "per target linear: compressed-tensors' packed codes, float16 scales and shape"}
+    writes = {QUANTIZED: "per target linear: compressed-tensors' packed codes, float16 scales and shape",
+              HIDDEN: "with propagated inputs: the quantised block's outputs on them (the next block's inputs)"}
     assembly_payload = QUANTIZED
 
     @classmethod
@@ -60,21 +98,35 @@ class QuantizeStage(PipelineStage):
     @classmethod
     def needs(cls, choices) -> dict[str, set[str]]:
         found: dict[str, set[str]] = {"snapshot": {MODEL_DIR}}
+        if propagates(choices.method):
+            return {**found, "tokenize": {TOKENS}, cls.name: {HIDDEN}}
         if choices.method.activation_stats:
             found["capture"] = {STATS, GROUPS}
         return found
+
+    def handovers(self, ctx: Context, partition: str) -> set[str]:
+        """With propagated inputs, the quantised block's outputs are the next partition's inputs."""
+        return {HIDDEN} if propagates(ctx.plan.method) else set()
 
     def partitions(self, ctx: Context) -> list[str] | None:
         return artifacts.model_layers(ctx)
 
     @staticmethod
     def check(config: Any, model: Any | None) -> None:
-        """Before anything runs: the grid's stored bits per weight (every overhead) within ``target.bits_per_weight``."""
+        """Before anything runs: groups that divide every target's input size, and the grid's stored bits
+        per weight (every overhead) within ``target.bits_per_weight``."""
         method = make_method(config.method)
         budget = config.target.bits_per_weight
-        if not isinstance(method, QuantizedMethod) or budget is None or model is None:
+        if not isinstance(method, QuantizedMethod) or model is None:
             return
         shapes = target_shapes(config, model)
+        group = method.grid().group_size
+        uneven = sorted({n for _, n in shapes.values() if group is not None and n % group})
+        if uneven:
+            raise ConfigError(f"method.group_size: {group} does not divide the targets' input sizes {uneven} "
+                              "(compressed-tensors groups must); use a divisor or null (per channel)")
+        if budget is None:
+            return
         stored = sum(stored_bytes(m, n, method.grid()) for m, n in shapes.values())
         bits = 8 * stored / sum(m * n for m, n in shapes.values())
         if bits > budget:
@@ -84,12 +136,19 @@ class QuantizeStage(PipelineStage):
 
     def reads(self, ctx: Context, partition: str) -> list[Read]:
         reads = [Read(artifacts.ref("snapshot"), MODEL_DIR)]
+        index = layer_index(partition)
+        if propagates(ctx.plan.method):
+            below = [Read(artifacts.ref(self.name, index - 1), HIDDEN)] if index else []
+            return [*reads, Read(artifacts.ref("tokenize", CALIBRATION), TOKENS), *below]
         if ctx.plan.method.activation_stats:
             reads += [Read(artifacts.ref("capture", partition), STATS), Read(artifacts.ref("capture", partition), GROUPS)]
         return reads
 
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
-        return {"method": ctx.plan.method.key_options(), "modules": ctx.config.target.modules}
+        found = {"method": ctx.plan.method.key_options(), "modules": ctx.config.target.modules}
+        if propagates(ctx.plan.method):
+            found.update(batch_size=ctx.config.runtime.batch_size, activation_dtype=ctx.config.runtime.activation_dtype)
+        return found
 
     @classmethod
     def cost(cls, c: CostInputs) -> Estimate:
@@ -98,22 +157,37 @@ class QuantizeStage(PipelineStage):
         s = c.shapes
         bits = c.method.grid().bits
         flops = sum(n**3 + 2 * m * n * n for m, n in s.linears)
-        return Estimate(cls.name, s.layers * sum(m * n for m, n in s.linears) * bits / 8,
-                        s.block * c.weight_bytes + 4 * 8 * max(m * n + n * n for m, n in s.linears) + c.grams, 0,
-                        "float64 Cholesky and column sweep of the largest matrix", flops64=s.layers * flops)
+        walks = propagates(c.method)  # two block passes per layer (Grams, then outputs) and the outputs on disk
+        return Estimate(cls.name, s.layers * (sum(m * n for m, n in s.linears) * bits / 8 + (c.hidden if walks else 0)),
+                        s.block * c.weight_bytes + 4 * 8 * max(m * n + n * n for m, n in s.linears) + c.grams
+                        + (c.batch_activations if walks else 0), 0,
+                        "float64 Cholesky and column sweep of the largest matrix"
+                        + ("; the quantised blocks' outputs, layer by layer" if walks else ""),
+                        flops=s.layers * 2 * c.block_pass if walks else 0.0, flops64=s.layers * flops)
 
     def run(self, ctx: Context, work: Work) -> dict[str, Any]:
         method = ctx.plan.method
         runner = BlockRunner(artifacts.model_dir(work.input("snapshot")), torch.device("cpu"), DTYPES[ctx.config.model.dtype])
         block = runner.load_block(layer_index(work.partition))
         linears = block_linears(block, ctx.config.target.modules)
-        stats = artifacts.read_input_stats(work.input("capture", work.partition)) if method.activation_stats else None
+        if propagates(method):
+            index = layer_index(work.partition)
+            below = work.input(self.name, artifacts.layer_partition(index - 1)) if index else None
+            inputs = functools.partial(block_input_rows, runner, artifacts.read_windows(work.input("tokenize", CALIBRATION)),
+                                       below, ctx.config.runtime.batch_size)
+            grams = running_grams(runner, block, linears, inputs())
+        elif method.activation_stats:
+            grams = artifacts.read_input_stats(work.input("capture", work.partition)).gram
+        else:
+            grams = {}
         tensors: dict[str, torch.Tensor] = {}
         results, measured = {}, {}
         for name, module in linears.items():
             w = weight_matrix(module).detach().to(torch.float64)
-            gram = stats.gram[name].double() if stats is not None else None
+            gram = grams[name].double() if name in grams else None
             quantized = method.quantize(w, gram)
+            if propagates(method):  # the next block's inputs come through this block as quantised
+                module.weight.data.copy_(quantized.weight.reshape(module.weight.shape).to(module.weight.dtype))
             stored = stored_tensors(quantized)
             if not torch.equal(dequantize_stored(stored, method.grid()), quantized.weight):
                 raise StagepipeError(f"{work.partition}.{name}: the packed tensors do not unpack to the quantised weights")
@@ -126,6 +200,13 @@ class QuantizeStage(PipelineStage):
             measured[name] = info
             results[name] = {"shape": list(w.shape), "stored_bytes": sum(t.numel() * t.element_size() for t in stored.values())}
         artifacts.write_factors(work.out, QUANTIZED, tensors)
+        if propagates(method):
+            shape = (len(artifacts.read_windows(work.input("tokenize", CALIBRATION))), ctx.config.calibration.seq_len,
+                     int(runner.config.hidden_size))
+            array = artifacts.create_hidden(work.out, shape, ctx.config.runtime.activation_dtype, ctx.config.runtime.batch_size)
+            with torch.no_grad():
+                for start, hidden in inputs():
+                    artifacts.write_rows(array, start, runner.run_block(block, hidden))
         work.diagnostics["linears"] = measured
         return {"linears": results, "method": method.name}
 
