@@ -188,19 +188,17 @@ def test_kill_inside_quantize_resumes_bit_identically(gptq_run, tmp_path: Path) 
     assert keys_and_digests(ws) == keys_and_digests(reference)
 
 
-def test_a_budget_the_grid_cannot_meet_is_one_line_before_anything_runs(tmp_path: Path) -> None:
-    path = pipeline(tmp_path, "tight", {"name": "rtn", "bits": 4, "group_size": 32}, bits_per_weight=4.2)
+@pytest.mark.parametrize("method, bits_per_weight, message", [
+    ({"name": "rtn", "bits": 4, "group_size": 32}, 4.2,
+     "target.bits_per_weight: 4.2 is below what rtn with 4 bits, group 32 stores (4.5"),
+    ({"name": "gptq", "bits": 3, "group_size": 48}, 8,
+     "method.group_size: 48 does not divide the targets' input sizes [32, 64]"),
+], ids=["budget", "uneven-groups"])
+def test_a_grid_the_model_cannot_take_is_one_line_before_anything_runs(tmp_path: Path, method: dict,
+                                                                       bits_per_weight: float, message: str) -> None:
+    path = pipeline(tmp_path, "refused", method, bits_per_weight=bits_per_weight)
     result = CliRunner().invoke(main, ["run", str(path), "-w", str(tmp_path / "ws")])
-    assert result.exit_code != 0
-    assert "target.bits_per_weight: 4.2 is below what rtn with 4 bits, group 32 stores (4.5" in result.output
-    assert not (tmp_path / "ws" / "stages").exists()
-
-
-def test_groups_that_do_not_divide_the_inputs_are_one_line_before_anything_runs(tmp_path: Path) -> None:
-    path = pipeline(tmp_path, "uneven", {"name": "gptq", "bits": 3, "group_size": 48}, bits_per_weight=8)
-    result = CliRunner().invoke(main, ["run", str(path), "-w", str(tmp_path / "ws")])
-    assert result.exit_code != 0
-    assert "method.group_size: 48 does not divide the targets' input sizes [32, 64]" in result.output
+    assert result.exit_code != 0 and message in result.output, result.output
     assert not (tmp_path / "ws" / "stages").exists()
 
 

@@ -30,3 +30,12 @@ def lowrank_layer(tensors: dict[str, torch.Tensor], prefix: str, factors: Mappin
         if f"{full}.bias" in tensors:
             tensors[f"{full}.up.bias"] = tensors.pop(f"{full}.bias")
     return tensors
+
+
+def replaced_layer(tensors: Mapping[str, torch.Tensor], prefix: str, replaced: set[str],
+                   added: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One layer's tensors (full names under ``prefix``) without those whose block-relative name is in
+    ``replaced``, with ``added`` (block-relative names) in their place: a structured block's smaller
+    matrices, a quantised linear's packed tensors."""
+    kept = {key: value for key, value in tensors.items() if key[len(prefix):] not in replaced}
+    return {**kept, **{prefix + local: t for local, t in added.items()}}

@@ -100,7 +100,7 @@ class AllocateStage(PipelineStage):
     def plot(cls, report: dict[str, Any], outputs: dict, out: Path, plt: Any) -> list[str]:
         """The allocated rank per layer and matrix type, beside each layer's cumulative weighted σ²."""
         ranks = artifacts.read_ranks(outputs[artifacts.ref(cls.name)])
-        if not ranks:  # a structured method's dimensions: its own stage plots them
+        if not any(r is not None for r in ranks.values()):  # structured dimensions (its stage plots them), or no ranks
             return []
         by_type: dict[str, list[tuple[int, int]]] = defaultdict(list)
         for name, rank in ranks.items():

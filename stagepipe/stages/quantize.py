@@ -44,6 +44,7 @@ from stagepipe.stagekit.artifacts import (
     TOKENS,
     layer_index,
 )
+from stagepipe.stagekit.assembly import replaced_layer
 from stagepipe.stagekit.base import PipelineStage, register
 from stagepipe.stagekit.cost import CostInputs, Estimate
 from stagepipe.stagekit.shards import add_gram
@@ -263,9 +264,7 @@ class QuantizeStage(PipelineStage):
         """The block's tensors with each quantised linear's ``weight`` replaced by its packed tensors."""
         prefix = ctx.plan.layout.layer_prefix(layer)
         packed = artifacts.read_quantized(work.input(cls.name, artifacts.layer_partition(layer)))
-        linears = {key.rsplit(".", 1)[0] for key in packed}
-        kept = {key: value for key, value in tensors.items() if key[len(prefix):].removesuffix(".weight") not in linears}
-        return {**kept, **{prefix + local: t for local, t in packed.items()}}
+        return replaced_layer(tensors, prefix, {key.rsplit(".", 1)[0] + ".weight" for key in packed}, packed)
 
     @classmethod
     def model_family(cls, ctx: Context, work: Work, ranks) -> tuple[Any, dict[str, Any]]:

@@ -29,6 +29,7 @@ from stagepipe.models.blocks import BlockRunner
 from stagepipe.models.sources import DTYPES
 from stagepipe.stagekit import artifacts
 from stagepipe.stagekit.artifacts import ALLOCATION, GROUPS, MODEL_DIR, STATS, STRUCTURED_BLOCK, layer_index
+from stagepipe.stagekit.assembly import replaced_layer
 from stagepipe.stagekit.base import PipelineStage, register
 from stagepipe.stagekit.cost import CostInputs, Estimate
 from stagepipe.structured import (
@@ -190,8 +191,7 @@ class StructureStage(PipelineStage):
         """The block's tensors with the rewritten linears (and ``rope_index``) in place."""
         prefix = ctx.plan.layout.layer_prefix(layer)
         reduced = artifacts.read_structured_block(work.input(cls.name, artifacts.layer_partition(layer)))
-        kept = {key: value for key, value in tensors.items() if key[len(prefix):] not in reduced}
-        return {**kept, **{prefix + local: t for local, t in reduced.items()}}
+        return replaced_layer(tensors, prefix, set(reduced), reduced)
 
     @classmethod
     def model_family(cls, ctx: Context, work: Work, ranks) -> tuple[Any, dict[str, Any]]:
