@@ -121,10 +121,11 @@ class Method(ABC):
     @classmethod
     def kind(cls) -> type[Method] | None:
         """The kind this method is of — the nearest base class between it and ``Method`` that is
-        not a registered method itself (``SequentialMethod``, or a kind defined anywhere else) —
-        or ``None`` for a metric pair."""
+        not a registered method itself nor private (``SequentialMethod``, or a kind defined anywhere
+        else) — or ``None`` for a metric pair."""
         registered = set(METHODS.values())
-        return next((k for k in cls.__mro__[1:] if issubclass(k, Method) and k is not Method and k not in registered), None)
+        return next((k for k in cls.__mro__[1:] if issubclass(k, Method) and k is not Method and k not in registered
+                     and not k.__name__.startswith("_")), None)  # a private helper base is not a kind
 
     @classmethod
     def is_metric_pair(cls) -> bool:
