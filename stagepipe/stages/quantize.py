@@ -69,8 +69,8 @@ def propagates(method: Any) -> bool:
 @torch.no_grad()
 def running_grams(runner: BlockRunner, block: torch.nn.Module, linears: dict[str, torch.nn.Module],
                   batches: Iterable[tuple[int, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """``Σ x xᵀ`` (float64) of each linear's inputs while ``block`` runs on ``batches`` (one Gram per
-    distinct input: q/k/v share theirs)."""
+    """``Σ x xᵀ`` (float64) of each linear's inputs while ``block`` runs on ``batches`` (summed the way
+    capture sums them, ``shards.add_gram``; linears that share an input sum it each)."""
     grams: dict[str, torch.Tensor] = {}
     handles = [module.register_forward_pre_hook(lambda m, args, n=name: add_gram(grams, n, args[0]))
                for name, module in linears.items()]
@@ -174,8 +174,8 @@ class QuantizeStage(PipelineStage):
         if propagates(method):
             index = layer_index(work.partition)
             below = work.input(self.name, artifacts.layer_partition(index - 1)) if index else None
-            inputs = functools.partial(block_input_rows, runner, artifacts.read_windows(work.input("tokenize", CALIBRATION)),
-                                       below, ctx.config.runtime.batch_size)
+            windows = artifacts.read_windows(work.input("tokenize", CALIBRATION))
+            inputs = functools.partial(block_input_rows, runner, windows, below, ctx.config.runtime.batch_size)
             grams = running_grams(runner, block, linears, inputs())
         elif method.activation_stats:
             grams = artifacts.read_input_stats(work.input("capture", work.partition)).gram
@@ -202,8 +202,7 @@ class QuantizeStage(PipelineStage):
             results[name] = {"shape": list(w.shape), "stored_bytes": sum(t.numel() * t.element_size() for t in stored.values())}
         artifacts.write_factors(work.out, QUANTIZED, tensors)
         if propagates(method):
-            shape = (len(artifacts.read_windows(work.input("tokenize", CALIBRATION))), ctx.config.calibration.seq_len,
-                     int(runner.config.hidden_size))
+            shape = (*windows.shape, int(runner.config.hidden_size))
             array = artifacts.create_hidden(work.out, shape, ctx.config.runtime.activation_dtype, ctx.config.runtime.batch_size)
             with torch.no_grad():
                 for start, hidden in inputs():
