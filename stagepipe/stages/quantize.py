@@ -48,7 +48,7 @@ from stagepipe.stagekit.assembly import replaced_layer
 from stagepipe.stagekit.base import PipelineStage, register
 from stagepipe.stagekit.cost import CostInputs, Estimate
 from stagepipe.stagekit.shards import add_gram
-from stagepipe.stagekit.streams import block_input_rows
+from stagepipe.stagekit.streams import SequentialStage, block_input_rows
 
 
 def target_shapes(config: Any, model: Any) -> dict[str, tuple[int, int]]:
@@ -165,6 +165,12 @@ class QuantizeStage(PipelineStage):
                         "float64 Cholesky and column sweep of the largest matrix"
                         + ("; the quantised blocks' outputs, layer by layer" if walks else ""),
                         flops=s.layers * 2 * c.block_pass if walks else 0.0, flops64=s.layers * flops)
+
+    @classmethod
+    def adjust(cls, rows: dict[str, Estimate], c: CostInputs) -> dict[str, Estimate]:
+        """With propagated inputs it walks the blocks like a sequential stage: under release, each block's
+        outputs go once the next layer has read them."""
+        return SequentialStage.adjust.__func__(cls, rows, c) if propagates(c.method) else rows
 
     def run(self, ctx: Context, work: Work) -> dict[str, Any]:
         method = ctx.plan.method
