@@ -15,9 +15,13 @@ from pathlib import Path
 
 import yaml
 
-from stagepipe.config import parse_pipeline
 from stagepipe.intervals import compare
 from stagepipe.stages import make_runner
+
+try:  # run as a script (this directory on the path) or imported as benchmarks.memory_grid
+    from llmcompressor_gptq import variant_config
+except ModuleNotFoundError:
+    from benchmarks.llmcompressor_gptq import variant_config
 
 ROOT = Path(__file__).resolve().parent.parent
 #: (row, method options over the base file's); SmolLM2 is dequantised from Q4_1, so no 4-bit rows (docs/methods.md)
@@ -31,15 +35,6 @@ ROWS = [
 ]
 
 
-def row_config(base: dict, options: dict):
-    data = json.loads(json.dumps(base))
-    method = {**data["method"], **options}
-    if method["name"] == "rtn":
-        method = {k: v for k, v in method.items() if k in ("name", "bits", "group_size")}
-    data["method"], data["target"] = method, {"bits_per_weight": 8}
-    return parse_pipeline(data, "benchmark", ROOT)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default=str(ROOT / "pipelines" / "methods" / "gptq.yaml"))
@@ -49,7 +44,7 @@ def main() -> None:
     base = yaml.safe_load(Path(args.base).read_text())
     rows = []
     for name, options in ROWS:
-        runner = make_runner(row_config(base, options), Path(args.workspace))
+        runner = make_runner(variant_config({**base, "target": {"bits_per_weight": 8}}, options), Path(args.workspace))
         runner.run()
         outputs = {str(e.ref): e.state.output for e in runner.states()}
         report = json.loads((outputs["report@all"] / "report.json").read_text())

@@ -6,8 +6,8 @@ carry a zero point, symmetric ones the fixed midpoint (GPTQ's quantiser). ``stor
 one accounting of what a quantised matrix costs on disk, in the layout ``stored_tensors`` writes —
 compressed-tensors' ``pack-quantized`` format (vLLM serves it; ``transformers`` loads it): codes
 packed densely into int32 words per row, a float16 scale per (row, group), zero points packed along
-the rows per group for asymmetric grids, and the int64 shape; ``stored_bytes`` equals the bytes of those tensors (tested). ``pack`` is a plain bit stream
-(GPTVQ's codes).
+the rows per group for asymmetric grids, and the int64 shape; ``stored_bytes`` equals the bytes of
+those tensors (tested). ``pack`` is a plain bit stream (GPTVQ's codes).
 
 **GPTQ** (Frantar et al. 2022; ``docs/methods.md``): with the input Gram ``H = E[x xᵀ]`` (capture
 records it), damped by ``damp · mean(diag H)``, and the upper Cholesky factor ``U`` of ``H⁻¹``,
@@ -58,11 +58,6 @@ def stored_bytes(m: int, n: int, grid: Grid) -> int:
     codes = m * math.ceil(n * grid.bits / 32) * 4
     zeros = 0 if grid.symmetric else groups * math.ceil(m * grid.bits / 32) * 4
     return codes + m * groups * SCALE_BYTES + zeros + 2 * 8
-
-
-def bits_per_weight(stored: int, weights: int) -> float:
-    """Stored bits per weight, all overheads counted."""
-    return 8 * stored / weights
 
 
 def fit(w: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:

@@ -58,6 +58,9 @@ class _GridMethod(QuantizedMethod):
     def grid(self) -> Grid:
         return Grid(self.cfg.bits, self.cfg.group_size, symmetric=True)
 
+    def quantization_options(self) -> dict[str, Any]:
+        return {"quantizer": self.name, "bits": self.cfg.bits, "group_size": self.cfg.group_size, "symmetric": True}
+
     def key_options(self) -> dict[str, Any]:
         return {"pair": list(self.pair()), **self.quantization_options()}
 
@@ -72,9 +75,6 @@ class RTN(_GridMethod):
     name = "rtn"
     config = RTNConfig
 
-    def quantization_options(self) -> dict[str, Any]:
-        return {"quantizer": "rtn", "bits": self.cfg.bits, "group_size": self.cfg.group_size, "symmetric": True}
-
     def quantize(self, w: torch.Tensor, gram: torch.Tensor | None) -> Quantized:
         return rtn(w, self.grid())
 
@@ -88,9 +88,8 @@ class GPTQ(_GridMethod):
     right = "gram"
 
     def quantization_options(self) -> dict[str, Any]:
-        options = {"quantizer": "gptq", "bits": self.cfg.bits, "group_size": self.cfg.group_size, "symmetric": True,
-                   "damp": self.cfg.damp, "act_order": self.cfg.act_order, "block": self.cfg.block}
-        options["inputs"] = self.cfg.inputs
+        options = {**super().quantization_options(), "damp": self.cfg.damp, "act_order": self.cfg.act_order,
+                   "block": self.cfg.block, "inputs": self.cfg.inputs}
         return {**options, "scales": "static"} if self.cfg.scales == "static" else options
 
     def propagates(self) -> bool:

@@ -94,10 +94,13 @@ def block_linears(layer: nn.Module, patterns: list[str] | None) -> dict[str, nn.
     return found
 
 
-def block_linear_shapes(config) -> dict[str, tuple[int, int]]:
+def block_linear_shapes(config, patterns: list[str] | None = None) -> dict[str, tuple[int, int]]:
     """(m, n) of every linear inside every decoder block, by full name (``geometry.BlockGeometry``,
-    the one derivation of a block's shapes; tested against a meta-device model of each layout)."""
+    the one derivation of a block's shapes; tested against a meta-device model of each layout);
+    with ``patterns``, only the linears whose block-relative name one of them matches (as ``block_linears``)."""
     layout = layout_for(config.model_type)
     geometry = BlockGeometry.of(config)
-    return {layout.layer_prefix(i) + name: shape for i in range(geometry.layers)
-            for name, shape in geometry.linear_shapes().items()}
+    compiled = [re.compile(p) for p in patterns] if patterns else None
+    local = {name: shape for name, shape in geometry.linear_shapes().items()
+             if compiled is None or any(p.search(name) for p in compiled)}
+    return {layout.layer_prefix(i) + name: shape for i in range(geometry.layers) for name, shape in local.items()}

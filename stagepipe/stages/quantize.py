@@ -18,7 +18,6 @@ the assembly (the architecture's own class, ``models.compressed``) are this stag
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -49,16 +48,6 @@ from stagepipe.stagekit.base import PipelineStage, register
 from stagepipe.stagekit.cost import CostInputs, Estimate
 from stagepipe.stagekit.shards import add_gram
 from stagepipe.stagekit.streams import SequentialStage, block_input_rows
-
-
-def target_shapes(config: Any, model: Any) -> dict[str, tuple[int, int]]:
-    """(m, n) of every target matrix by full name (``target.modules`` matched inside each block)."""
-    patterns = config.target.modules
-    shapes = block_linear_shapes(model)
-    if not patterns:
-        return shapes
-    return {name: shape for name, shape in shapes.items()
-            if any(re.search(p, re.sub(r"^.*?\.\d+\.", "", name)) for p in patterns)}
 
 
 def propagates(method: Any) -> bool:
@@ -120,7 +109,7 @@ class QuantizeStage(PipelineStage):
         budget = config.target.bits_per_weight
         if not isinstance(method, QuantizedMethod) or model is None:
             return
-        shapes = target_shapes(config, model)
+        shapes = block_linear_shapes(model, config.target.modules)
         group = method.grid().group_size
         uneven = sorted({n for _, n in shapes.values() if group is not None and n % group})
         if uneven:
@@ -128,8 +117,8 @@ class QuantizeStage(PipelineStage):
                               "(compressed-tensors groups must); use a divisor or null (per channel)")
         if budget is None:
             return
-        stored = sum(stored_bytes(m, n, method.grid()) for m, n in shapes.values())
-        bits = 8 * stored / sum(m * n for m, n in shapes.values())
+        stored = {name: stored_bytes(m, n, method.grid()) for name, (m, n) in shapes.items()}
+        bits = quantized_memory_report(shapes, stored, budget).bits_per_weight  # the report's own accounting
         if bits > budget:
             raise ConfigError(f"target.bits_per_weight: {budget} is below what {config.method.name} with "
                               f"{method.grid().bits} bits, group {method.grid().group_size} stores ({bits:.4f} with "
@@ -276,7 +265,6 @@ class QuantizeStage(PipelineStage):
         """The architecture's own class; ``ignore`` lists every linear the grid leaves alone (the head, non-targets)."""
         grid = ctx.plan.method.grid()
         targets = set(ranks)
-        every_linear = {name for name in block_linear_shapes(ctx.facts)} | {"lm_head"}
-        ignore = sorted(every_linear - targets)
+        ignore = sorted({*block_linear_shapes(ctx.facts), "lm_head"} - targets)
         return compressed, {"quantization_config": compressed.quantization_config(grid.bits, grid.group_size,
                                                                                    grid.symmetric, ignore)}
