@@ -166,10 +166,11 @@ def memory_report(shapes: Mapping[str, tuple[int, int]], ranks: Mapping[str, int
 
 
 def quantized_memory_report(shapes: Mapping[str, tuple[int, int]], stored: Mapping[str, int],
-                            requested_bits: float | None) -> MemoryReport:
-    """Quantised dense targets: ``stored`` = the bytes each one's packed tensors hold (``quantize.stored_bytes``);
-    the requested memory fraction is the requested bits per weight over 16."""
-    return _memory(shapes, stored, "quantized", None if requested_bits is None else requested_bits / 16)
+                            requested_bits: float | None, storage: str = "quantized") -> MemoryReport:
+    """Quantised dense targets: ``stored`` = the bytes each one's stored tensors hold (the method's
+    ``stored_bytes``: integer grids ``quantize.stored_bytes``, codebooks ``gptvq.stored_bytes``); the
+    requested memory fraction is the requested bits per weight over 16."""
+    return _memory(shapes, stored, storage, None if requested_bits is None else requested_bits / 16)
 
 
 class RatioReport(BaseModel):

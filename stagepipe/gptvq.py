@@ -25,12 +25,12 @@ weights.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 
-from stagepipe.quantize import SCALE_BYTES, inverse_cholesky_upper
+from stagepipe.quantize import SCALE_BYTES, inverse_cholesky_upper, pack, unpack
 
 
 @dataclass(frozen=True)
@@ -52,8 +52,11 @@ class VQGrid:
     def group_rows(self) -> int:
         return max(self.group_weights // self.group_columns, 1)
 
+    def fits(self, m: int, n: int) -> bool:
+        return not (n % self.group_columns or self.group_columns % self.dim or m % self.group_rows)
+
     def check(self, m: int, n: int) -> None:
-        if n % self.group_columns or self.group_columns % self.dim or m % self.group_rows:
+        if not self.fits(m, n):
             raise ValueError(f"a {m} × {n} matrix does not split into {self.group_rows} × {self.group_columns} groups "
                              f"of {self.dim}-dimensional vectors")
 
@@ -66,31 +69,61 @@ def stored_bytes(m: int, n: int, grid: VQGrid) -> int:
     return codes + groups * (grid.centroids * grid.dim * grid.codebook_bits // 8 + SCALE_BYTES)
 
 
+def stored_tensors(quantized: VectorQuantized) -> dict[str, torch.Tensor]:
+    """What a vector-quantised linear stores, by parameter suffix (``modeling_lowrank.VQLinear``
+    loads them): ``weight_codes`` (the centroid indices as one little-endian bit stream of
+    ``bits_per_dim·dim`` bits each, row-major, uint8), ``weight_codebooks`` (int8, row groups ×
+    column groups × K × D) and ``weight_scales`` (float16 per codebook): ``stored_bytes`` bytes."""
+    grid = quantized.grid
+    books = quantized.codebooks.to(torch.int8)
+    if not torch.equal(books.double(), quantized.codebooks):
+        raise ValueError("codebooks are not integers in int8's range")
+    return {"weight_codes": pack(quantized.codes, grid.bits_per_dim * grid.dim), "weight_codebooks": books.contiguous(),
+            "weight_scales": quantized.scales.to(torch.float16).contiguous()}
+
+
+def dequantize_stored(tensors: dict[str, torch.Tensor], grid: VQGrid, shape: tuple[int, int]) -> torch.Tensor:
+    """The float64 ``shape`` weights ``stored_tensors`` wrote."""
+    m, n = shape
+    codes = unpack(tensors["weight_codes"], grid.bits_per_dim * grid.dim, m * n // grid.dim).reshape(m, n // grid.dim)
+    return dequantize(codes, tensors["weight_codebooks"].double(), tensors["weight_scales"].double(), grid)
+
+
 def assign(x: torch.Tensor, centroids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Index of each vector's nearest centroid under ``Σ_d w_d (x_d − c_d)²`` (``x``: N × D,
-    ``centroids``: K × D, ``weights``: N × D or D); ties to the lowest index."""
-    distance = ((x[:, None, :] - centroids[None, :, :]) ** 2 * weights.reshape(-1, 1, x.shape[1])).sum(-1)
-    return distance.argmin(1)
+    """Index of each vector's nearest centroid under ``Σ_d w_d (x_d − c_d)²`` (``x``: … × N × D,
+    ``centroids``: … × K × D, ``weights``: … × N × D or D; leading dimensions batch independent
+    groups); ties to the lowest index. Computed as ``Σ_d w_d c_d² − 2 Σ_d w_d x_d c_d`` (the
+    vector's own ``Σ w x²`` does not change its argmin): two matrix products, no N × K × D tensor."""
+    weights = weights.to(x.dtype).expand_as(x)
+    distance = weights @ (centroids ** 2).transpose(-1, -2) - 2 * (weights * x) @ centroids.transpose(-1, -2)
+    return distance.argmin(-1)
 
 
 def mahalanobis_init(x: torch.Tensor, k: int) -> torch.Tensor:
-    """``k`` vectors evenly spaced in the order of their Mahalanobis distance to the mean."""
-    centred = x - x.mean(0)
-    sigma = centred.T @ centred
-    distance = (centred * torch.linalg.solve(sigma, centred.T).T).sum(1)
-    picks = torch.round(torch.linspace(0, x.shape[0] - 1, k)).long()
-    return x[torch.argsort(distance, stable=True)[picks]].clone()
+    """``k`` vectors evenly spaced in the order of their Mahalanobis distance to the mean (per group
+    of the leading dimensions)."""
+    centred = x - x.mean(-2, keepdim=True)
+    sigma = centred.transpose(-1, -2) @ centred
+    distance = (centred * torch.linalg.solve(sigma, centred.transpose(-1, -2)).transpose(-1, -2)).sum(-1)
+    picks = torch.round(torch.linspace(0, x.shape[-2] - 1, k)).long()
+    chosen = torch.argsort(distance, dim=-1, stable=True)[..., picks]
+    return torch.take_along_dim(x, chosen[..., None], dim=-2).clone()
 
 
 def kmeans(x: torch.Tensor, centroids: torch.Tensor, weights: torch.Tensor, iters: int) -> torch.Tensor:
     """Weighted k-means: assign, then each centroid's coordinate the weighted mean of its vectors'
-    (a centroid with no vector keeps its place)."""
+    (a centroid with no vector keeps its place); leading dimensions batch independent groups. Stops
+    early once no assignment changes (a fixed point: further rounds would return the same centroids)."""
     weights = weights.expand_as(x)
+    previous = None
     for _ in range(iters):
         index = assign(x, centroids, weights)
-        member = torch.nn.functional.one_hot(index, centroids.shape[0]).to(x.dtype)  # N × K
-        mass = member.T @ weights                                                  # K × D
-        centroids = torch.where(mass > 0, (member.T @ (weights * x)) / mass.clamp_min(1e-300), centroids)
+        if previous is not None and torch.equal(index, previous):
+            break
+        member = torch.nn.functional.one_hot(index, centroids.shape[-2]).to(x.dtype)  # … × N × K
+        mass = member.transpose(-1, -2) @ weights                                  # … × K × D
+        centroids = torch.where(mass > 0, (member.transpose(-1, -2) @ (weights * x)) / mass.clamp_min(1e-300), centroids)
+        previous = index
     return centroids
 
 
@@ -110,6 +143,7 @@ class VectorQuantized:
     weight: torch.Tensor      # m × n, dequantised float64
     grid: VQGrid
     refine: dict[str, float]
+    repairs: dict[str, Any] = field(default_factory=dict)
 
 
 def dequantize(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, grid: VQGrid) -> torch.Tensor:
@@ -131,7 +165,8 @@ def gptvq(w: torch.Tensor, gram: torch.Tensor, grid: VQGrid, damp: float = 0.01)
     h = h0.clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
-    h += damp * float(torch.diag(h).mean()) * torch.eye(n, dtype=h.dtype)
+    added = damp * float(torch.diag(h).mean())
+    h += added * torch.eye(n, dtype=h.dtype)
     u = inverse_cholesky_upper(h)
     diag_u = torch.diag(u)
     fit_weight, assign_weight = (diag_u, 1 / diag_u) if grid.weighting == "official" else (diag_u ** -2, diag_u ** -2)
@@ -139,28 +174,29 @@ def gptvq(w: torch.Tensor, gram: torch.Tensor, grid: VQGrid, damp: float = 0.01)
     codes = torch.empty(m, n // d, dtype=torch.long)
     codebooks = torch.empty(row_groups, col_groups, grid.centroids, d, dtype=torch.float64)
     scales = torch.empty(row_groups, col_groups, dtype=torch.float64)
+    row_group = torch.arange(m) // grid.group_rows
     for c in range(col_groups):
         start, end = c * grid.group_columns, (c + 1) * grid.group_columns
         part, errors = w[:, start:end].clone(), torch.empty(m, end - start, dtype=w.dtype)
+        # every row group's codebook at once, on the current weights: R × (rows·columns/d) × d
+        x = part.reshape(row_groups, -1, d)
         weights = fit_weight[start:end].reshape(-1, d).repeat(grid.group_rows, 1)  # the same for every row group
+        centroids = kmeans(x, mahalanobis_init(x, grid.centroids), weights, grid.kmeans_iters)
         for r in range(row_groups):
-            x = part[r * grid.group_rows:(r + 1) * grid.group_rows].reshape(-1, d)
-            centroids = kmeans(x, mahalanobis_init(x, grid.centroids), weights, grid.kmeans_iters)
-            codebooks[r, c], scales[r, c] = int8_codebook(centroids, grid.codebook_bits)
-        values = codebooks[:, c] * scales[:, c, None, None]                        # R × K × D
+            codebooks[r, c], scales[r, c] = int8_codebook(centroids[r], grid.codebook_bits)
+        values = (codebooks[:, c] * scales[:, c, None, None])[row_group]          # m × K × D: each row's codebook
         for i in range(0, end - start, d):
             cols = slice(start + i, start + i + d)
             vectors = part[:, i:i + d]
-            for r in range(row_groups):
-                rows = slice(r * grid.group_rows, (r + 1) * grid.group_rows)
-                codes[rows, (start + i) // d] = assign(vectors[rows], values[r], assign_weight[cols])
-            q = values[torch.arange(m) // grid.group_rows, codes[:, (start + i) // d]]  # m × D
+            codes[:, (start + i) // d] = assign(vectors[:, None, :], values, assign_weight[cols])[:, 0]
+            q = values[torch.arange(m), codes[:, (start + i) // d]]                 # m × D
             error = (vectors - q) / diag_u[cols]
             part[:, i + d:] -= error @ u[cols, start + i + d:end]
             errors[:, i:i + d] = error
         w[:, end:] -= errors @ u[start:end, end:]
     codebooks, scales, refine = refine_codebooks(w0, h0, codes, codebooks, scales, grid)
-    return VectorQuantized(codes, codebooks, scales, dequantize(codes, codebooks, scales, grid), grid, refine)
+    return VectorQuantized(codes, codebooks, scales, dequantize(codes, codebooks, scales, grid), grid, refine,
+                           {"dead_columns": int(dead.sum()), "damp_added": added})
 
 
 def refine_codebooks(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor,

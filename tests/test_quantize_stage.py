@@ -1,7 +1,8 @@
-"""The ``quantize`` stage (issue #33): GPTQ / RTN on the tiny model through the real pipeline —
-stored bytes equal the accounting, the compressed-tensors output loads with ``transformers`` and
-gives the logits of stagepipe's own dequantised weights, a kill -9 inside the stage resumes bit for
-bit, and a budget the grid cannot meet is one error line before anything runs."""
+"""The ``quantize`` stage (issue #33): GPTQ / RTN / GPTVQ on the tiny model through the real pipeline
+— stored bytes equal the accounting, the compressed-tensors output (GPTVQ's: our ``VQLinear``) loads
+with ``transformers`` and gives the logits of stagepipe's own dequantised weights, a kill -9 inside
+the stage resumes bit for bit, and a budget or shape the grid cannot meet is one error line before
+anything runs."""
 
 from __future__ import annotations
 
@@ -188,12 +189,71 @@ def test_kill_inside_quantize_resumes_bit_identically(gptq_run, tmp_path: Path) 
     assert keys_and_digests(ws) == keys_and_digests(reference)
 
 
+VQ = {"name": "gptvq", "dim": 2, "bits_per_dim": 2, "group_columns": 16, "group_weights": 64, "kmeans_iters": 10,
+      "refine_steps": 5}
+
+
+@pytest.fixture(scope="module")
+def gptvq_run(tmp_path_factory) -> tuple[Path, Path, dict]:
+    tmp = tmp_path_factory.mktemp("gptvq")
+    path = pipeline(tmp, "gptvq2", VQ, bits_per_weight=6.5)  # a 64-weight codebook group costs 4.25 bits of codebook
+    return path, tmp / "ws", run(path, tmp / "ws")
+
+
+def test_gptvq_bytes_and_logits_through_its_own_linear(gptvq_run) -> None:
+    """Stored bytes = the accounting (``gptvq.stored_bytes``) = the files' tensors; the model loads with
+    zero missing keys through ``VQLinear`` and gives exactly the logits of the snapshot model with
+    each target's weight replaced by ``gptvq.dequantize_stored`` of its stored tensors."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from stagepipe.gptvq import VQGrid, dequantize_stored
+    from stagepipe.gptvq import stored_bytes as vq_bytes
+
+    _, ws, report = gptvq_run
+    outputs = finished_outputs(ws)
+    model_dir = outputs["assemble@all"] / "model"
+    grid = VQGrid(dim=2, bits_per_dim=2, group_columns=16, group_weights=64)
+    shapes = block_linear_shapes(AutoConfig.from_pretrained(outputs["snapshot@all"] / "model"))
+    accounted = sum(vq_bytes(m, n, grid) for m, n in shapes.values())
+    loaded, info = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=True,
+                                                        output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    dense = AutoModelForCausalLM.from_pretrained(outputs["snapshot@all"] / "model", dtype=torch.float32)
+    state, on_disk = dense.state_dict(), 0
+    for shard in model_dir.glob("layer-*.safetensors"):
+        tensors = safetensors_io.read(shard)
+        on_disk += sum(t.numel() * t.element_size() for k, t in tensors.items() if k.rsplit(".", 1)[1].startswith("weight_"))
+        for linear in {k.rsplit(".", 1)[0] for k in tensors if k.endswith(".weight_codes")}:
+            stored = {k.rsplit(".", 1)[1]: t for k, t in tensors.items() if k.rsplit(".", 1)[0] == linear}
+            shape = tuple(state[f"{linear}.weight"].shape)
+            state[f"{linear}.weight"] = dequantize_stored(stored, grid, shape).float()
+    assert report["ratios"]["memory"]["stored_bytes"] == accounted == on_disk
+    assert report["ratios"]["memory"]["storage"] == "vq"
+    dense.load_state_dict(state)
+    ids = torch.randint(0, dense.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, dense(ids).logits)
+    assert "VQLinear" in type(loaded.model.layers[0].mlp.down_proj).__name__
+
+
+def test_gptvq_codebook_refinement_never_raises_the_loss(gptvq_run) -> None:
+    from stagepipe.io import manifest as manifest_io
+
+    outputs = finished_outputs(gptvq_run[1])
+    for layer in ("layer-000", "layer-001"):
+        for name, item in manifest_io.read(outputs[f"quantize@{layer}"]).diagnostics["linears"].items():
+            assert item["refine"]["loss_after"] <= item["refine"]["loss_before"], (layer, name)
+
+
 @pytest.mark.parametrize("method, bits_per_weight, message", [
     ({"name": "rtn", "bits": 4, "group_size": 32}, 4.2,
      "target.bits_per_weight: 4.2 is below what rtn with 4 bits, group 32 stores (4.5"),
     ({"name": "gptq", "bits": 3, "group_size": 48}, 8,
      "method.group_size: 48 does not divide the targets' input sizes [32, 64]"),
-], ids=["budget", "uneven-groups"])
+    ({**VQ, "group_columns": 24, "group_weights": 96}, 8,
+     "method.group_columns/group_weights: groups of 4 rows × 24 columns of 2-vectors do not tile the target shapes"),
+    (VQ, 6.0, "target.bits_per_weight: 6.0 is below what gptvq with 2-D vectors, 2 bits per dimension, 64 weights"),
+], ids=["budget", "uneven-groups", "vq-shapes", "vq-budget"])
 def test_a_grid_the_model_cannot_take_is_one_line_before_anything_runs(tmp_path: Path, method: dict,
                                                                        bits_per_weight: float, message: str) -> None:
     path = pipeline(tmp_path, "refused", method, bits_per_weight=bits_per_weight)

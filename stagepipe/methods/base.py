@@ -18,8 +18,9 @@ brings what the kind needs — its own step, its share of allocation or assembly
 - ``StructuredMethod``: smaller dense matrices instead of two factors (MoDeGPT) — ``structure``;
 - ``LearnedMethod``: ranks learned on the whole model (SoCo, Dobi-SVD) — ``train``, with the
   method's trainer (``stages/train/<method>.py``);
-- ``QuantizedMethod``: every target linear kept dense and quantised on an integer grid (RTN, GPTQ) —
-  ``quantize``; the budget is bytes (``target.bits_per_weight``), not ranks.
+- ``QuantizedMethod``: every target linear kept dense and quantised — on an integer grid (RTN, GPTQ;
+  stored as compressed-tensors) or against codebooks (GPTVQ; stored for ``modeling_lowrank.VQLinear``)
+  — ``quantize``; the budget is bytes (``target.bits_per_weight``), not ranks.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 from pydantic import Field
 
 from stagepipe.accounting import max_stored_rank
+from stagepipe.gptvq import VectorQuantized, VQGrid
 from stagepipe.quantize import Grid, Quantized
 from stagepipe.schema import Strict, registrar
 
@@ -259,21 +261,49 @@ class LearnedMethod(Method):
 
 
 class QuantizedMethod(Method):
-    """Every target linear kept dense and quantised (RTN, GPTQ): the ``quantize`` stage replaces
+    """Every target linear kept dense and quantised (RTN, GPTQ, GPTVQ): the ``quantize`` stage replaces
     ``decompose`` and the allocation (no ranks); the metric pair says which statistics it reads (GPTQ's
-    Hessian is the input Gram: ``right = "gram"``)."""
+    Hessian is the input Gram: ``right = "gram"``). A method owns its stored form: what a quantised
+    matrix stores (``stored_tensors``, read back by ``unpack_stored``), what that costs
+    (``stored_bytes``, the one accounting) and which shapes it can store (``shape_problem``);
+    ``storage()`` names the model family the assembly writes ("quantized": compressed-tensors, "vq":
+    ``modeling_lowrank.VQLinear``)."""
 
     @abstractmethod
-    def grid(self) -> Grid:
-        """The integer grid every target matrix is quantised on."""
+    def grid(self) -> Grid | VQGrid:
+        """The grid (integer levels or codebooks) every target matrix is quantised on."""
 
     @abstractmethod
-    def quantize(self, w: torch.Tensor, gram: torch.Tensor | None) -> Quantized:
+    def quantize(self, w: torch.Tensor, gram: torch.Tensor | None) -> Quantized | VectorQuantized:
         """``w`` quantised (float64 maths), given the input Gram when the method reads one."""
 
     @abstractmethod
     def quantization_options(self) -> dict[str, Any]:
         """What decides the quantised matrices besides the weights and statistics (``quantize``'s key)."""
+
+    @abstractmethod
+    def stored_bytes(self, m: int, n: int) -> int:
+        """Bytes an ``m × n`` matrix stores (equal to its ``stored_tensors``' bytes)."""
+
+    @abstractmethod
+    def stored_tensors(self, quantized: Any) -> dict[str, torch.Tensor]:
+        """The tensors a quantised linear is stored as, by parameter suffix."""
+
+    @abstractmethod
+    def unpack_stored(self, tensors: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
+        """The float64 weights ``stored_tensors`` wrote (the stage checks they are the quantised ones)."""
+
+    @abstractmethod
+    def shape_problem(self, shapes: dict[str, tuple[int, int]]) -> str | None:
+        """Why some target shapes cannot be stored (one line naming the option), or None."""
+
+    @abstractmethod
+    def nominal_bits(self) -> float:
+        """Bits per weight of the codes alone (the cost model's estimate)."""
+
+    @abstractmethod
+    def summary(self) -> str:
+        """The grid in a few words, for messages ("3 bits, group 64")."""
 
     def propagates(self) -> bool:
         """Whether each block's statistics come from the quantised model's own inputs (the blocks below

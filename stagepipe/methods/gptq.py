@@ -21,7 +21,7 @@ import torch
 from pydantic import Field, model_validator
 
 from stagepipe.methods.base import MethodConfig, QuantizedMethod, register
-from stagepipe.quantize import Grid, Quantized, gptq, rtn
+from stagepipe.quantize import Grid, Quantized, dequantize_stored, gptq, rtn, stored_bytes, stored_tensors
 
 
 class GridOptions(MethodConfig):
@@ -66,6 +66,29 @@ class _GridMethod(QuantizedMethod):
 
     def storage(self) -> str:
         return "quantized"
+
+    def stored_bytes(self, m: int, n: int) -> int:
+        return stored_bytes(m, n, self.grid())
+
+    def stored_tensors(self, quantized: Quantized) -> dict[str, torch.Tensor]:
+        return stored_tensors(quantized)
+
+    def unpack_stored(self, tensors: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
+        return dequantize_stored(tensors, self.grid())
+
+    def shape_problem(self, shapes: dict[str, tuple[int, int]]) -> str | None:
+        group = self.cfg.group_size
+        uneven = sorted({n for _, n in shapes.values() if group is not None and n % group})
+        if uneven:
+            return (f"method.group_size: {group} does not divide the targets' input sizes {uneven} "
+                    "(compressed-tensors groups must); use a divisor or null (per channel)")
+        return None
+
+    def nominal_bits(self) -> float:
+        return float(self.cfg.bits)
+
+    def summary(self) -> str:
+        return f"{self.cfg.bits} bits, group {self.cfg.group_size}"
 
 
 @register

@@ -9,6 +9,10 @@ named in ``config.lowrank_ranks`` for a ``LowRankLinear``: ``down`` (in → r, n
 Linears named in ``config.lowrank_remapped`` are ``RemappedLinear`` instead (Dobi-SVD's
 "remapping"): the square ``min(in, out)``-row part of both factors in int8, one fp16 scale per
 component and factor, the rest of the longer factor in fp16; ``remap_factors`` writes them.
+
+Linears named in ``config.lowrank_vq`` stay dense but vector-quantised (GPTVQ): ``VQLinear`` holds
+the packed centroid indices, the int8 codebooks and their fp16 scales, and decodes its weight in
+the input's dtype at every call (``gptvq.stored_tensors`` writes them).
 """
 
 from __future__ import annotations
@@ -121,6 +125,45 @@ class RemappedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, storage=remap8"
 
 
+class VQLinear(nn.Module):
+    """``y = W x + b`` with ``W`` stored as GPTVQ codes: each ``dim`` consecutive weights of a row are
+    one index (``bits_per_dim·dim`` bits, packed little-endian into ``weight_codes``) into the int8
+    codebook of its group (``group_rows`` rows × ``group_columns`` columns), scaled by the codebook's
+    fp16 scale. The int8 × fp16 products are exact in fp32, so the decoded weight is the quantiser's."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dim: int, bits_per_dim: int,
+                 group_rows: int, group_columns: int, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.dim, self.bits_per_dim, self.group_rows, self.group_columns = dim, bits_per_dim, group_rows, group_columns
+        vectors, width = out_features * in_features // dim, bits_per_dim * dim
+        groups = (out_features // group_rows, in_features // group_columns)
+        self.register_buffer("weight_codes", torch.zeros(-(-vectors * width // 8), dtype=torch.uint8, device=device))
+        self.register_buffer("weight_codebooks", torch.zeros(*groups, 1 << width, dim, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scales", torch.zeros(*groups, dtype=torch.float16, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    def decoded_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        width, count = self.bits_per_dim * self.dim, self.out_features * self.in_features // self.dim
+        device = self.weight_codes.device
+        bits = (self.weight_codes.to(torch.int64)[:, None] >> torch.arange(8, device=device)) & 1
+        index = (bits.reshape(-1)[: count * width].reshape(count, width) << torch.arange(width, device=device)).sum(1)
+        index = index.reshape(self.out_features, -1)
+        values = self.weight_codebooks.to(dtype) * self.weight_scales.to(dtype)[..., None, None]
+        rows = torch.arange(self.out_features, device=device) // self.group_rows
+        columns = torch.arange(index.shape[1], device=device) // (self.group_columns // self.dim)
+        return values[rows[:, None], columns[None, :], index].reshape(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return nn.functional.linear(x, self.decoded_weight(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, dim={self.dim}, "
+                f"bits_per_dim={self.bits_per_dim}, groups={self.group_rows}x{self.group_columns}")
+
+
 def linear_shape(module: nn.Module) -> tuple[int, int, bool]:
     """(in_features, out_features, has_bias) of an ``nn.Linear`` or a GPT-2 ``Conv1D``."""
     if isinstance(module, nn.Linear):
@@ -130,9 +173,17 @@ def linear_shape(module: nn.Module) -> tuple[int, int, bool]:
     raise TypeError(f"cannot factor a {type(module).__name__}")
 
 
-def swap_linears(model: nn.Module, ranks: dict[str, int], remapped: frozenset[str] = frozenset()) -> None:
+def swap_linears(model: nn.Module, ranks: dict[str, int], remapped: frozenset[str] = frozenset(),
+                 vq: dict[str, dict[str, int]] | None = None) -> None:
     """Replace each named linear by a ``LowRankLinear`` of the given rank (a ``RemappedLinear``
-    for the names in ``remapped``)."""
+    for the names in ``remapped``), and each linear in ``vq`` by a ``VQLinear`` of its grid."""
+    for name, spec in (vq or {}).items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, child)
+        in_features, out_features, bias = linear_shape(old)
+        setattr(parent, child, VQLinear(in_features, out_features, bias, **spec, dtype=old.weight.dtype,
+                                        device=old.weight.device))
     for name, rank in ranks.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -163,10 +214,12 @@ def install_factors(block: nn.Module, name: str, up: torch.Tensor, down: torch.T
 def _lowrank_pair(config_cls: type, model_cls: type, model_type: str) -> tuple[type, type]:
     class Config(config_cls):
         def __init__(self, lowrank_ranks: dict[str, int] | None = None, lowrank_remapped: list[str] | None = None,
-                     **kwargs) -> None:
+                     lowrank_vq: dict[str, dict[str, int]] | None = None, **kwargs) -> None:
             self.lowrank_ranks = dict(lowrank_ranks or {})
             if lowrank_remapped:  # absent from configs without remapping, so theirs stay as they were
                 self.lowrank_remapped = sorted(lowrank_remapped)
+            if lowrank_vq:  # likewise
+                self.lowrank_vq = dict(sorted(lowrank_vq.items()))
             super().__init__(**kwargs)
 
     Config.model_type = model_type
@@ -176,7 +229,8 @@ def _lowrank_pair(config_cls: type, model_cls: type, model_type: str) -> tuple[t
 
         def __init__(self, config: Config) -> None:
             super().__init__(config)
-            swap_linears(self, config.lowrank_ranks, frozenset(getattr(config, "lowrank_remapped", ())))
+            swap_linears(self, config.lowrank_ranks, frozenset(getattr(config, "lowrank_remapped", ())),
+                         getattr(config, "lowrank_vq", None))
 
     return Config, Model
 

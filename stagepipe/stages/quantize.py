@@ -1,14 +1,15 @@
-"""``quantize`` (per layer, independent; a ``QuantizedMethod`` such as RTN or GPTQ): every target
-linear of the block kept dense and quantised on the method's integer grid.
+"""``quantize`` (per layer; a ``QuantizedMethod``: RTN, GPTQ, GPTVQ): every target linear of the
+block kept dense and quantised on the method's grid (integer levels or codebooks).
 
 Reads the block's weights from the snapshot and, for a method that reads it (GPTQ), each linear's
 input Gram: summed here on the inputs the blocks below give once quantised (``Method.propagates``:
 the partitions then run in order, each handing its block's outputs to the next, as GPTQ's code and
-llm-compressor calibrate), or capture's Grams of the dense model; quantises each linear in float64 and stores it as the assembled model will hold
-it — compressed-tensors' ``pack-quantized`` tensors (``quantize.stored_tensors``) — after checking
-that what is stored unpacks to exactly the quantised weights. The diagnostics record per linear the
+llm-compressor calibrate), or capture's Grams of the dense model; quantises each linear in float64
+and stores it as the assembled model will hold it — compressed-tensors' ``pack-quantized`` tensors
+for an integer grid, packed indices, int8 codebooks and scales for GPTVQ (the method's
+``stored_tensors``) — after checking that what is stored unpacks to exactly the quantised weights. The diagnostics record per linear the
 relative weight error, the relative output error ``tr(ΔW H ΔWᵀ)/tr(W H Wᵀ)`` under the Gram when
-there is one, and GPTQ's repairs (dead input columns, damping added).
+there is one, and the repairs (dead input columns, damping added; GPTVQ's codebook refinement).
 
 The kind's share elsewhere: the allocation (no ranks: every target dense; the stored bytes and bits
 per weight by ``accounting.quantized_memory_report``, checked against ``target.bits_per_weight``) and
@@ -27,11 +28,10 @@ from stagepipe.accounting import quantized_memory_report, ratio_report
 from stagepipe.engine.stage import Context, Read, Work
 from stagepipe.errors import ConfigError, StagepipeError
 from stagepipe.methods import QuantizedMethod, make_method
-from stagepipe.models import compressed
+from stagepipe.models import compressed, modeling_lowrank
 from stagepipe.models.blocks import BlockRunner
 from stagepipe.models.layout import block_linear_shapes, block_linears, weight_matrix
 from stagepipe.models.sources import DTYPES
-from stagepipe.quantize import dequantize_stored, stored_bytes, stored_tensors
 from stagepipe.stagekit import artifacts
 from stagepipe.stagekit.artifacts import (
     CALIBRATION,
@@ -76,8 +76,10 @@ def running_grams(runner: BlockRunner, block: torch.nn.Module, linears: dict[str
 class QuantizeStage(PipelineStage):
     name = "quantize"
     version = 1
-    description = "every target linear dense on an integer grid (RTN, GPTQ), packed as compressed-tensors"
-    writes = {QUANTIZED: "per target linear: compressed-tensors' packed codes, float16 scales and shape",
+    description = ("every target linear dense on an integer grid (RTN, GPTQ; packed as compressed-tensors) "
+                   "or against codebooks (GPTVQ)")
+    writes = {QUANTIZED: "per target linear: compressed-tensors' packed codes, float16 scales and shape; or GPTVQ's "
+                         "packed indices, int8 codebooks and their float16 scales",
               HIDDEN: "with propagated inputs: the quantised block's outputs on them (the next block's inputs)"}
     assembly_payload = QUANTIZED
 
@@ -110,19 +112,17 @@ class QuantizeStage(PipelineStage):
         if not isinstance(method, QuantizedMethod) or model is None:
             return
         shapes = block_linear_shapes(model, config.target.modules)
-        group = method.grid().group_size
-        uneven = sorted({n for _, n in shapes.values() if group is not None and n % group})
-        if uneven:
-            raise ConfigError(f"method.group_size: {group} does not divide the targets' input sizes {uneven} "
-                              "(compressed-tensors groups must); use a divisor or null (per channel)")
+        problem = method.shape_problem(shapes)
+        if problem:
+            raise ConfigError(problem)
         if budget is None:
             return
-        stored = {name: stored_bytes(m, n, method.grid()) for name, (m, n) in shapes.items()}
+        stored = {name: method.stored_bytes(m, n) for name, (m, n) in shapes.items()}
         bits = quantized_memory_report(shapes, stored, budget).bits_per_weight  # the report's own accounting
         if bits > budget:
             raise ConfigError(f"target.bits_per_weight: {budget} is below what {config.method.name} with "
-                              f"{method.grid().bits} bits, group {method.grid().group_size} stores ({bits:.4f} with "
-                              "scales and shapes); raise it or use fewer bits / larger groups")
+                              f"{method.summary()} stores ({bits:.4f} with every overhead); raise it or use fewer "
+                              "bits / larger groups")
 
     def reads(self, ctx: Context, partition: str) -> list[Read]:
         reads = [Read(artifacts.ref("snapshot"), MODEL_DIR)]
@@ -145,7 +145,7 @@ class QuantizeStage(PipelineStage):
         """Stored codes at the grid's bits; in RAM the block, one matrix and its Gram in float64 with
         GPTQ's Cholesky factor; FLOPs: the Cholesky and solve (n³) and the error feedback (m n²) per linear."""
         s = c.shapes
-        bits = c.method.grid().bits
+        bits = c.method.nominal_bits()
         flops = sum(n**3 + 2 * m * n * n for m, n in s.linears)
         walks = propagates(c.method)  # two block passes per layer (Grams, then outputs) and the outputs on disk
         return Estimate(cls.name, s.layers * (sum(m * n for m, n in s.linears) * bits / 8 + (c.hidden if walks else 0)),
@@ -184,13 +184,13 @@ class QuantizeStage(PipelineStage):
             quantized = method.quantize(w, gram)
             if propagates(method):  # the next block's inputs come through this block as quantised
                 module.weight.data.copy_(quantized.weight.reshape(module.weight.shape).to(module.weight.dtype))
-            stored = stored_tensors(quantized)
-            if not torch.equal(dequantize_stored(stored, method.grid()), quantized.weight):
+            stored = method.stored_tensors(quantized)
+            if not torch.equal(method.unpack_stored(stored, tuple(w.shape)), quantized.weight):
                 raise StagepipeError(f"{work.partition}.{name}: the packed tensors do not unpack to the quantised weights")
             tensors.update({f"{name}.{suffix}": t for suffix, t in stored.items()})
             delta = quantized.weight - w
             info: dict[str, Any] = {"weight_rel_err": float(torch.linalg.norm(delta) / torch.linalg.norm(w)),
-                                    **quantized.repairs}
+                                    **quantized.repairs, **({"refine": quantized.refine} if hasattr(quantized, "refine") else {})}
             if gram is not None:
                 info["output_rel_err"] = float(torch.trace(delta @ gram @ delta.T) / torch.trace(w @ gram @ w.T))
             measured[name] = info
@@ -243,7 +243,8 @@ class QuantizeStage(PipelineStage):
                 stored.update({prefix + n: item["stored_bytes"] for n, item in artifacts.read_results(directory)["linears"].items()})
         ranks: dict[str, int | None] = dict.fromkeys(stored)
         report = ratio_report(shapes, ranks, n_params, 1.0).model_dump()
-        report["memory"] = quantized_memory_report(shapes, stored, ctx.config.target.bits_per_weight).model_dump()
+        report["memory"] = quantized_memory_report(shapes, stored, ctx.config.target.bits_per_weight,
+                                                   ctx.plan.method.storage()).model_dump()
         details = {"quantization": ctx.plan.method.quantization_options()}
         artifacts.write_allocation(work.out, ranks, dict.fromkeys(stored, 0.0), report, details)
         return {"ratios": report, "policy": ctx.config.method.name, "search": details, "dense_targets": sorted(stored)}
@@ -262,9 +263,12 @@ class QuantizeStage(PipelineStage):
 
     @classmethod
     def model_family(cls, ctx: Context, work: Work, ranks) -> tuple[Any, dict[str, Any]]:
-        """The architecture's own class; ``ignore`` lists every linear the grid leaves alone (the head, non-targets)."""
-        grid = ctx.plan.method.grid()
-        targets = set(ranks)
-        ignore = sorted({*block_linear_shapes(ctx.facts), "lm_head"} - targets)
+        """Integer grids: the architecture's own class, ``ignore`` listing every linear the grid leaves
+        alone (the head, non-targets); codebooks (GPTVQ): the low-rank family's ``VQLinear`` per target."""
+        method = ctx.plan.method
+        if method.storage() == "vq":
+            return modeling_lowrank, {"lowrank_ranks": {}, "lowrank_vq": dict.fromkeys(sorted(ranks), method.layout_spec())}
+        grid = method.grid()
+        ignore = sorted({*block_linear_shapes(ctx.facts), "lm_head"} - set(ranks))
         return compressed, {"quantization_config": compressed.quantization_config(grid.bits, grid.group_size,
                                                                                    grid.symmetric, ignore)}

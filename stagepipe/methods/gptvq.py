@@ -1,0 +1,122 @@
+"""GPTVQ (van Baalen et al. 2024; code Qualcomm-AI-research/gptvq): every target linear kept dense,
+``dim`` consecutive weights of a row quantised jointly against an int8 codebook per group, with
+GPTQ's error feedback (the maths: ``stagepipe.gptvq``). Stored as packed indices, int8 codebooks
+and float16 scales, which ``modeling_lowrank.VQLinear`` decodes (compressed-tensors has no vector
+format).
+
+Defaults are the official script's 2-D rows of its big table (``--vq-dim 2 --wbits 2 --groupsize
+2048 --columns-per-group 256 --kmeans-iters 100 --kmeans-init-method mahalanobis
+--hessian-weighted-lookups --include-m-step --codebook-bitwidth 8 --quantize-per-codebook``):
+2.125 bits per weight plus a float16 scale per codebook. 3 bits: ``bits_per_dim: 3, group_weights:
+8192``. A group must tile every target: SmolLM2's 576 inputs need ``group_columns: 64`` (or 192),
+Gemma-3's 640 need 128 (or 64).
+
+Like GPTQ, ``inputs: propagated`` (default, as the official code) sums each block's Hessians on the
+inputs the quantised blocks below give; ``inputs: dense`` reads capture's Grams.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from stagepipe.gptvq import VectorQuantized, VQGrid, dequantize_stored, gptvq, stored_bytes, stored_tensors
+from stagepipe.methods.base import MethodConfig, QuantizedMethod, register
+
+
+class GPTVQConfig(MethodConfig):
+    name: Literal["gptvq"]
+    dim: Literal[1, 2, 4] = Field(2, description="weights per vector (consecutive input columns of a row)")
+    bits_per_dim: int = Field(2, ge=1, le=4, description="index bits per weight: 2**(bits_per_dim·dim) centroids")
+    group_columns: int = Field(256, ge=1, description="input columns a codebook covers (--columns-per-group)")
+    group_weights: int = Field(2048, ge=1, description="weights per codebook (--groupsize); rows = this / group_columns")
+    codebook_bits: int = Field(8, ge=2, le=8, description="integer bits of each centroid coordinate (one float16 scale per codebook)")
+    kmeans_iters: int = Field(100, ge=0)
+    refine_steps: int = Field(25, ge=0, description="Adam steps on the centroids with the assignments fixed (the M-step)")
+    weighting: Literal["official", "hessian"] = Field(
+        "official", description="k-means and assignment weights: the official code's (U_jj, 1/U_jj) or GPTQ's loss's 1/U_jj²")
+    damp: float = Field(0.01, ge=0, description="added to the Hessian's diagonal, relative to its mean")
+    inputs: Literal["propagated", "dense"] = Field(
+        "propagated", description="each block's Hessian from the inputs the quantised blocks below give, or capture's Grams")
+
+    @model_validator(mode="after")
+    def _whole_groups(self) -> GPTVQConfig:
+        if self.group_weights % self.group_columns or self.group_columns % self.dim:
+            raise ValueError(f"group_weights: {self.group_weights} must be whole rows of group_columns "
+                             f"{self.group_columns}, itself whole vectors of dim {self.dim}")
+        if self.group_weights // self.dim < 1 << (self.bits_per_dim * self.dim):
+            raise ValueError(f"group_weights: {self.group_weights} holds fewer vectors than the codebook's "
+                             f"{1 << (self.bits_per_dim * self.dim)} centroids")
+        return self
+
+
+@register
+class GPTVQ(QuantizedMethod):
+    """GPTVQ: vectors of ``dim`` weights against Hessian-weighted k-means codebooks, GPTQ's error
+    feedback, centroids refined with the assignments fixed (never worse than their start)."""
+
+    name = "gptvq"
+    config = GPTVQConfig
+    right = "gram"
+
+    def grid(self) -> VQGrid:
+        c = self.cfg
+        return VQGrid(c.dim, c.bits_per_dim, c.group_columns, c.group_weights, c.codebook_bits, c.kmeans_iters,
+                      c.refine_steps, c.weighting)
+
+    def quantization_options(self) -> dict[str, Any]:
+        c = self.cfg
+        return {"quantizer": self.name, "dim": c.dim, "bits_per_dim": c.bits_per_dim, "group_columns": c.group_columns,
+                "group_weights": c.group_weights, "codebook_bits": c.codebook_bits, "kmeans_iters": c.kmeans_iters,
+                "refine_steps": c.refine_steps, "weighting": c.weighting, "damp": c.damp, "inputs": c.inputs}
+
+    def key_options(self) -> dict[str, Any]:
+        return {"pair": list(self.pair()), **self.quantization_options()}
+
+    def storage(self) -> str:
+        return "vq"
+
+    def propagates(self) -> bool:
+        return self.cfg.inputs == "propagated"
+
+    @property
+    def activation_stats(self) -> frozenset[str]:
+        return super().activation_stats if self.cfg.inputs == "dense" else frozenset()
+
+    def quantize(self, w: torch.Tensor, gram: torch.Tensor | None) -> VectorQuantized:
+        if gram is None:
+            raise ValueError("gptvq needs the input Gram")
+        return gptvq(w, gram, self.grid(), self.cfg.damp)
+
+    def stored_bytes(self, m: int, n: int) -> int:
+        return stored_bytes(m, n, self.grid())
+
+    def stored_tensors(self, quantized: VectorQuantized) -> dict[str, torch.Tensor]:
+        return stored_tensors(quantized)
+
+    def unpack_stored(self, tensors: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
+        return dequantize_stored(tensors, self.grid(), shape)
+
+    def shape_problem(self, shapes: dict[str, tuple[int, int]]) -> str | None:
+        grid = self.grid()
+        bad = sorted({(m, n) for m, n in shapes.values() if not grid.fits(m, n)})
+        if bad:
+            return (f"method.group_columns/group_weights: groups of {grid.group_rows} rows × {grid.group_columns} "
+                    f"columns of {grid.dim}-vectors do not tile the target shapes {bad}; choose group_columns "
+                    "dividing every input size and rows dividing every output size")
+        return None
+
+    def nominal_bits(self) -> float:
+        return float(self.cfg.bits_per_dim)
+
+    def summary(self) -> str:
+        c = self.cfg
+        return f"{c.dim}-D vectors, {c.bits_per_dim} bits per dimension, {c.group_weights} weights per codebook"
+
+    def layout_spec(self) -> dict[str, int]:
+        """``VQLinear``'s fields (``config.lowrank_vq`` per linear)."""
+        grid = self.grid()
+        return {"dim": grid.dim, "bits_per_dim": grid.bits_per_dim, "group_rows": grid.group_rows,
+                "group_columns": grid.group_columns}
