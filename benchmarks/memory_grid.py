@@ -1,10 +1,14 @@
 """Perplexity at equal bytes (issue #33): quantising methods at stored bits per weight of the target
 matrices (every overhead counted, ``quantize.stored_bytes``), paired against the first row.
 
-Each row is ``pipelines/methods/gptq.yaml`` with method options changed; all share one workspace
-(snapshot, tokenize and the dense evaluation run once). Writes ``OUT/memory_grid.{md,json}``.
+Each row is the base file (``pipelines/methods/gptq.yaml``; Gemma-3: ``pipelines/gemma3_gptq.yaml``
+with ``--rows gemma3``) with method options changed; all share one workspace (snapshot, tokenize and
+the dense evaluation run once). Writes ``OUT/<name>.{md,json}``; ``--only`` runs a subset of rows
+(the others are kept from an earlier JSON).
 
     python benchmarks/memory_grid.py [--base pipelines/methods/gptq.yaml] [--out docs/quantize]
+    python benchmarks/memory_grid.py --rows gemma3 --base pipelines/gemma3_gptq.yaml --workspace workspace/gemma \
+        --name memory_grid_gemma3
 """
 
 from __future__ import annotations
@@ -24,15 +28,37 @@ except ModuleNotFoundError:
     from benchmarks.llmcompressor_gptq import variant_config
 
 ROOT = Path(__file__).resolve().parent.parent
-#: (row, method options over the base file's); SmolLM2 is dequantised from Q4_1, so no 4-bit rows (docs/methods.md)
-ROWS = [
-    ("gptq 3-bit g64", {"bits": 3, "group_size": 64}),
-    ("rtn 3-bit g64", {"name": "rtn", "bits": 3, "group_size": 64}),
-    ("gptq 3-bit per channel", {"bits": 3, "group_size": None}),
-    ("rtn 3-bit per channel", {"name": "rtn", "bits": 3, "group_size": None}),
-    ("gptq 2-bit g64", {"bits": 2, "group_size": 64}),
-    ("rtn 2-bit g64", {"name": "rtn", "bits": 2, "group_size": 64}),
-]
+#: (row, method options over the base file's, the row it is paired against: the GPTQ row of as many or
+#: more bytes). SmolLM2 is dequantised from Q4_1, so no 4-bit rows (docs/methods.md); its 576 inputs
+#: take GPTVQ groups of 64 or 192 columns, Gemma-3's 640 groups of 128.
+ROWS = {
+    "smollm2": [
+        ("gptq 3-bit g64", {"bits": 3, "group_size": 64}, None),
+        ("rtn 3-bit g64", {"name": "rtn", "bits": 3, "group_size": 64}, "gptq 3-bit g64"),
+        ("gptq 3-bit per channel", {"bits": 3, "group_size": None}, None),
+        ("rtn 3-bit per channel", {"name": "rtn", "bits": 3, "group_size": None}, "gptq 3-bit per channel"),
+        ("gptq 2-bit g64", {"bits": 2, "group_size": 64}, None),
+        ("rtn 2-bit g64", {"name": "rtn", "bits": 2, "group_size": 64}, "gptq 2-bit g64"),
+        ("gptvq 2-D 2-bit, 2,048 per codebook", {"name": "gptvq", "dim": 2, "bits_per_dim": 2, "group_columns": 64,
+                                                  "group_weights": 2048}, "gptq 2-bit g64"),
+        ("gptvq 2-D 3-bit, 6,144 per codebook", {"name": "gptvq", "dim": 2, "bits_per_dim": 3, "group_columns": 192,
+                                                  "group_weights": 6144}, "gptq 3-bit g64"),
+        ("gptvq 4-D 2-bit, 36,864 per codebook", {"name": "gptvq", "dim": 4, "bits_per_dim": 2, "group_columns": 192,
+                                                   "group_weights": 36864}, "gptq 2-bit g64"),
+    ],
+    "gemma3": [
+        ("gptq 4-bit g64", {"bits": 4, "group_size": 64}, None),
+        ("rtn 4-bit g64", {"name": "rtn", "bits": 4, "group_size": 64}, "gptq 4-bit g64"),
+        ("gptq 3-bit g64", {"bits": 3, "group_size": 64}, None),
+        ("rtn 3-bit g64", {"name": "rtn", "bits": 3, "group_size": 64}, "gptq 3-bit g64"),
+        ("gptvq 2-D 3-bit, 8,192 per codebook", {"name": "gptvq", "dim": 2, "bits_per_dim": 3, "group_columns": 128,
+                                                  "group_weights": 8192}, "gptq 3-bit g64"),
+        ("gptq 2-bit g64", {"bits": 2, "group_size": 64}, None),
+        ("rtn 2-bit g64", {"name": "rtn", "bits": 2, "group_size": 64}, "gptq 2-bit g64"),
+        ("gptvq 2-D 2-bit, 2,048 per codebook", {"name": "gptvq", "dim": 2, "bits_per_dim": 2, "group_columns": 128,
+                                                  "group_weights": 2048}, "gptq 2-bit g64"),
+    ],
+}
 
 
 def main() -> None:
@@ -40,39 +66,57 @@ def main() -> None:
     parser.add_argument("--base", default=str(ROOT / "pipelines" / "methods" / "gptq.yaml"))
     parser.add_argument("--workspace", default=str(ROOT / "workspace" / "quant"))
     parser.add_argument("--out", default=str(ROOT / "docs" / "quantize"))
+    parser.add_argument("--rows", choices=sorted(ROWS), default="smollm2")
+    parser.add_argument("--name", default="memory_grid", help="output file stem")
+    parser.add_argument("--only", nargs="+", help="row names to run now (others kept from OUT/NAME.json)")
     args = parser.parse_args()
     base = yaml.safe_load(Path(args.base).read_text())
+    out = Path(args.out)
+    earlier = {r["row"]: r for r in json.loads((out / f"{args.name}.json").read_text())} if (
+        args.only and (out / f"{args.name}.json").exists()) else {}
     rows = []
-    for name, options in ROWS:
+    for name, options, anchor in ROWS[args.rows]:
+        if args.only and name not in args.only:
+            if name in earlier:
+                rows.append(earlier[name])
+            continue
         runner = make_runner(variant_config({**base, "target": {"bits_per_weight": 8}}, options), Path(args.workspace))
         runner.run()
         outputs = {str(e.ref): e.state.output for e in runner.states()}
         report = json.loads((outputs["report@all"] / "report.json").read_text())
         result = json.loads((outputs["evaluate@compressed"] / "results.json").read_text())["datasets"]
         dataset = next(iter(result))
-        rows.append({"row": name, "options": options, "bits_per_weight": report["ratios"]["memory"]["bits_per_weight"],
+        seconds = sum(e.state.manifest.wall_s for e in runner.states() if e.ref.stage == "quantize")
+        rows.append({"row": name, "options": options, "anchor": anchor,
+                     "bits_per_weight": report["ratios"]["memory"]["bits_per_weight"],
                      "stored_bytes": report["ratios"]["memory"]["stored_bytes"], "ppl": result[dataset]["ppl"],
                      "ppl_interval": [result[dataset]["ppl_low"], result[dataset]["ppl_high"]],
-                     "window_nll": result[dataset]["window_nll"], "dense_ppl": report["perplexity"]["dense"][dataset]})
+                     "window_nll": result[dataset]["window_nll"], "dense_ppl": report["perplexity"]["dense"][dataset],
+                     "quantize_s": seconds})
         print(f"{name}: {rows[-1]['bits_per_weight']:.4f} b/w, PPL {rows[-1]['ppl']:.3f}", flush=True)
     tokens = base["evaluation"]["seq_len"] - 1
-    lines = ["# Quantisation at equal bytes: SmolLM2-135M", "",
+    model = {"smollm2": "SmolLM2-135M", "gemma3": "Gemma-3-270M"}[args.rows]
+    lines = [f"# Quantisation at equal bytes: {model}", "",
              f"Stored bits per weight of the target matrices (codes, float16 scales, shapes); perplexity on "
              f"{len(rows[0]['window_nll'])} test windows of {base['evaluation']['seq_len']} tokens (dense "
              f"{rows[0]['dense_ppl']:.3f}), 95 % intervals; last column: over the GPTQ row of the same bits per "
-             "weight, paired over the windows (≈: inside the noise). Generated by `python benchmarks/memory_grid.py`.", "",
-             "| row | bits per weight | PPL [95 %] | over GPTQ at its bits |", "|---|---|---|---|"]
+             "weight or more, paired over the windows (≈: inside the noise). Generated by `python "
+             f"benchmarks/memory_grid.py --rows {args.rows}`.", "",
+             "| row | bits per weight | PPL [95 %] | over GPTQ at as many bits or more |", "|---|---|---|---|"]
+    by_name = {r["row"]: r for r in rows}
     for row in rows:
-        anchor = next(r for r in rows if r["row"].startswith("gptq") and r["row"].split(" ", 1)[1] == row["row"].split(" ", 1)[1])
-        ratio = compare(row["window_nll"], anchor["window_nll"], tokens).to_dict()
-        cell = "—" if anchor is row else f"×{ratio['ratio']:.3f} [{ratio['low']:.3f}, {ratio['high']:.3f}]" + (
-            "" if ratio["resolved"] else " ≈")
+        anchor = by_name.get(row.get("anchor") or "")
+        if anchor is None:
+            cell = "—"
+        else:
+            ratio = compare(row["window_nll"], anchor["window_nll"], tokens).to_dict()
+            cell = f"×{ratio['ratio']:.3f} [{ratio['low']:.3f}, {ratio['high']:.3f}] vs {anchor['row']}" + (
+                "" if ratio["resolved"] else " ≈")
         lines.append(f"| {row['row']} | {row['bits_per_weight']:.4f} | {row['ppl']:.3f} [{row['ppl_interval'][0]:.2f}, "
                      f"{row['ppl_interval'][1]:.2f}] | {cell} |")
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "memory_grid.md").write_text("\n".join(lines) + "\n")
-    (out / "memory_grid.json").write_text(json.dumps(rows, indent=1))
+    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{args.name}.json").write_text(json.dumps(rows, indent=1))
     print("\n".join(lines))
 
 

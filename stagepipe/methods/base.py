@@ -34,7 +34,9 @@ import torch
 from pydantic import Field
 
 from stagepipe.accounting import max_stored_rank
+from stagepipe.compensate import compensate
 from stagepipe.gptvq import VectorQuantized, VQGrid
+from stagepipe.linalg import factor_metric
 from stagepipe.quantize import Grid, Quantized
 from stagepipe.schema import Strict, registrar
 
@@ -260,6 +262,33 @@ class LearnedMethod(Method):
             raise ValueError(f"method.refit: not supported with {cls.name} (its learned factors are final); remove refit")
 
 
+class CompensationOptions(Strict):
+    """Low-rank compensation of a quantising method's error (LoRC / EoRA; ``stagepipe.compensate``):
+    ``W ≈ Q + U D`` with ``U D`` the rank-``rank`` SVD of ``W − Q`` in the metric ``metric``, stored
+    as float16 factors beside the quantised matrix."""
+
+    rank: int = Field(ge=1, description="rank of the compensation (capped at each matrix's smaller side)")
+    metric: Literal["plain", "whitened"] = Field(
+        "whitened", description="plain SVD of the error (LoRC) or weighted by the input Gram's root (EoRA: the "
+                                "error the layer's outputs see)")
+    rounds: int = Field(1, ge=1, description="alternations Q ← quant(W − U D), U D ← SVD(W − Q) (CALDERA's); the "
+                                             "round with the lowest loss is kept (never worse than one round)")
+
+
+@dataclass
+class QuantizedLinear:
+    """One target linear as the stage stores it: its tensors (by parameter suffix), the float64
+    weights they decode to, and what was measured or repaired."""
+
+    weight: torch.Tensor
+    tensors: dict[str, torch.Tensor]
+    repairs: dict[str, Any]
+
+
+#: parameter suffixes of a compensation's float16 factors (``up``: m × r, ``down``: r × n)
+LOWRANK_SUFFIXES = ("lowrank_up", "lowrank_down")
+
+
 class QuantizedMethod(Method):
     """Every target linear kept dense and quantised (RTN, GPTQ, GPTVQ): the ``quantize`` stage replaces
     ``decompose`` and the allocation (no ranks); the metric pair says which statistics it reads (GPTQ's
@@ -302,8 +331,50 @@ class QuantizedMethod(Method):
         """Bits per weight of the codes alone (the cost model's estimate)."""
 
     @abstractmethod
+    def layout_spec(self) -> dict[str, Any]:
+        """The fields stagepipe's own linear for this storage takes (``modeling_lowrank.VQLinear`` /
+        ``GridLinear``: ``config.lowrank_vq`` / ``lowrank_grid`` per linear, with ``rank`` when compensated)."""
+
+    @abstractmethod
     def summary(self) -> str:
         """The grid in a few words, for messages ("3 bits, group 64")."""
+
+    def compensation(self) -> CompensationOptions | None:
+        return getattr(self.cfg, "compensate", None)
+
+    def quantize_linear(self, w: torch.Tensor, gram: torch.Tensor | None) -> QuantizedLinear:
+        """``w`` quantised and, with ``compensate``, its error's rank-r part added back as float16
+        factors (their rounding included in ``weight``, which is what the stored tensors decode to)."""
+        options = self.compensation()
+        if options is None:
+            quantized = self.quantize(w, gram)
+            refine = getattr(quantized, "refine", None)
+            return QuantizedLinear(quantized.weight, self.stored_tensors(quantized),
+                                   {**quantized.repairs, **({"refine": refine} if refine else {})})
+        if options.metric == "whitened" and gram is None:
+            raise ValueError(f"{self.name}: a whitened compensation needs the input Gram")
+        right = factor_metric(gram, self.cfg.floor_rel, "input Gram") if options.metric == "whitened" else None
+        result = compensate(w.double(), lambda target: self.quantize(target, gram), min(options.rank, *w.shape),
+                            None, right, options.rounds)
+        up, down = result.up.to(torch.float16), result.down.to(torch.float16)
+        if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+            raise ValueError(f"{self.name}: a compensation factor does not fit float16")
+        tensors = {**self.stored_tensors(result.quantized), "lowrank_up": up.contiguous(), "lowrank_down": down.contiguous()}
+        return QuantizedLinear(result.quantized.weight + up.double() @ down.double(), tensors,
+                               {**result.quantized.repairs, "compensation_losses": result.losses,
+                                "best_round": result.best_round, **({"metric_repair": right.repair} if right else {})})
+
+    def unpack_linear(self, tensors: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
+        """The float64 weights ``quantize_linear``'s tensors decode to."""
+        weight = self.unpack_stored({k: t for k, t in tensors.items() if k not in LOWRANK_SUFFIXES}, shape)
+        if "lowrank_up" in tensors:
+            weight = weight + tensors["lowrank_up"].double() @ tensors["lowrank_down"].double()
+        return weight
+
+    def linear_bytes(self, m: int, n: int) -> int:
+        """Bytes one ``m × n`` target stores: the quantised matrix and any compensation's float16 factors."""
+        options = self.compensation()
+        return self.stored_bytes(m, n) + (2 * min(options.rank, m, n) * (m + n) if options else 0)
 
     def propagates(self) -> bool:
         """Whether each block's statistics come from the quantised model's own inputs (the blocks below

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
-from stagepipe.methods.base import MethodConfig, QuantizedMethod, register
+from stagepipe.methods.base import CompensationOptions, MethodConfig, QuantizedMethod, register
 from stagepipe.quantize import Grid, Quantized, dequantize_stored, gptq, rtn, stored_bytes, stored_tensors
 
 
@@ -45,6 +45,9 @@ class GPTQConfig(GridOptions):
     scales: Literal["sequential", "static"] = Field(
         "sequential", description="fit a group's scale when the sweep reaches it, on the updated weights (the paper's "
                                   "code), or every scale on the original weights first (llm-compressor's GPTQModifier)")
+    compensate: CompensationOptions | None = Field(
+        None, description="add back the quantisation error's rank-r part as float16 factors (LoRC / EoRA); the model "
+                          "then loads through stagepipe's GridLinear (trust_remote_code), not compressed-tensors")
 
     @model_validator(mode="after")
     def _act_order_per_channel(self) -> GPTQConfig:
@@ -90,6 +93,9 @@ class _GridMethod(QuantizedMethod):
     def summary(self) -> str:
         return f"{self.cfg.bits} bits, group {self.cfg.group_size}"
 
+    def layout_spec(self) -> dict[str, Any]:
+        return {"bits": self.cfg.bits, "group_size": self.cfg.group_size}
+
 
 @register
 class RTN(_GridMethod):
@@ -113,7 +119,11 @@ class GPTQ(_GridMethod):
     def quantization_options(self) -> dict[str, Any]:
         options = {**super().quantization_options(), "damp": self.cfg.damp, "act_order": self.cfg.act_order,
                    "block": self.cfg.block, "inputs": self.cfg.inputs}
-        return {**options, "scales": "static"} if self.cfg.scales == "static" else options
+        if self.cfg.scales == "static":
+            options["scales"] = "static"
+        if self.cfg.compensate is not None:  # absent otherwise: earlier keys stay as they were
+            options["compensate"] = {**self.cfg.compensate.model_dump(), "floor_rel": self.cfg.floor_rel}
+        return options
 
     def propagates(self) -> bool:
         return self.cfg.inputs == "propagated"

@@ -23,7 +23,7 @@ import torch
 from pydantic import Field, model_validator
 
 from stagepipe.gptvq import VectorQuantized, VQGrid, dequantize_stored, gptvq, stored_bytes, stored_tensors
-from stagepipe.methods.base import MethodConfig, QuantizedMethod, register
+from stagepipe.methods.base import CompensationOptions, MethodConfig, QuantizedMethod, register
 
 
 class GPTVQConfig(MethodConfig):
@@ -40,6 +40,8 @@ class GPTVQConfig(MethodConfig):
     damp: float = Field(0.01, ge=0, description="added to the Hessian's diagonal, relative to its mean")
     inputs: Literal["propagated", "dense"] = Field(
         "propagated", description="each block's Hessian from the inputs the quantised blocks below give, or capture's Grams")
+    compensate: CompensationOptions | None = Field(
+        None, description="add back the quantisation error's rank-r part as float16 factors (LoRC / EoRA)")
 
     @model_validator(mode="after")
     def _whole_groups(self) -> GPTVQConfig:
@@ -70,7 +72,8 @@ class GPTVQ(QuantizedMethod):
         c = self.cfg
         return {"quantizer": self.name, "dim": c.dim, "bits_per_dim": c.bits_per_dim, "group_columns": c.group_columns,
                 "group_weights": c.group_weights, "codebook_bits": c.codebook_bits, "kmeans_iters": c.kmeans_iters,
-                "refine_steps": c.refine_steps, "weighting": c.weighting, "damp": c.damp, "inputs": c.inputs}
+                "refine_steps": c.refine_steps, "weighting": c.weighting, "damp": c.damp, "inputs": c.inputs,
+                **({"compensate": {**c.compensate.model_dump(), "floor_rel": c.floor_rel}} if c.compensate else {})}
 
     def key_options(self) -> dict[str, Any]:
         return {"pair": list(self.pair()), **self.quantization_options()}

@@ -12,7 +12,10 @@ component and factor, the rest of the longer factor in fp16; ``remap_factors`` w
 
 Linears named in ``config.lowrank_vq`` stay dense but vector-quantised (GPTVQ): ``VQLinear`` holds
 the packed centroid indices, the int8 codebooks and their fp16 scales, and decodes its weight in
-the input's dtype at every call (``gptvq.stored_tensors`` writes them).
+the input's dtype at every call (``gptvq.stored_tensors`` writes them). Linears in
+``config.lowrank_grid`` are ``GridLinear``: compressed-tensors' ``pack-quantized`` tensors of a
+symmetric integer grid, decoded here. Either may carry a low-rank compensation of its error
+(``rank`` > 0): fp16 factors ``lowrank_up`` (out×r) and ``lowrank_down`` (r×in) added to the output.
 """
 
 from __future__ import annotations
@@ -125,43 +128,95 @@ class RemappedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, storage=remap8"
 
 
-class VQLinear(nn.Module):
+class _Compensated(nn.Module):
+    """A quantised linear's shared parts: the optional fp16 low-rank compensation and the bias."""
+
+    def _init_extras(self, in_features: int, out_features: int, rank: int, bias: bool, dtype, device) -> None:
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        if rank:
+            self.register_buffer("lowrank_up", torch.zeros(out_features, rank, dtype=torch.float16, device=device))
+            self.register_buffer("lowrank_down", torch.zeros(rank, in_features, dtype=torch.float16, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    def decoded_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        y = nn.functional.linear(x, self.decoded_weight(x.dtype), bias)
+        if self.rank:
+            y = y + nn.functional.linear(nn.functional.linear(x, self.lowrank_down.to(x.dtype)), self.lowrank_up.to(x.dtype))
+        return y
+
+
+def _bits_of(data: torch.Tensor) -> torch.Tensor:
+    """The little-endian bits of a byte tensor, last dimension × 8."""
+    shifts = torch.arange(8, device=data.device)
+    return ((data.to(torch.int64)[..., None] >> shifts) & 1).flatten(-2)
+
+
+class VQLinear(_Compensated):
     """``y = W x + b`` with ``W`` stored as GPTVQ codes: each ``dim`` consecutive weights of a row are
     one index (``bits_per_dim·dim`` bits, packed little-endian into ``weight_codes``) into the int8
     codebook of its group (``group_rows`` rows × ``group_columns`` columns), scaled by the codebook's
     fp16 scale. The int8 × fp16 products are exact in fp32, so the decoded weight is the quantiser's."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dim: int, bits_per_dim: int,
-                 group_rows: int, group_columns: int, dtype: torch.dtype | None = None,
+                 group_rows: int, group_columns: int, rank: int = 0, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        self._init_extras(in_features, out_features, rank, bias, dtype, device)
         self.dim, self.bits_per_dim, self.group_rows, self.group_columns = dim, bits_per_dim, group_rows, group_columns
         vectors, width = out_features * in_features // dim, bits_per_dim * dim
         groups = (out_features // group_rows, in_features // group_columns)
         self.register_buffer("weight_codes", torch.zeros(-(-vectors * width // 8), dtype=torch.uint8, device=device))
         self.register_buffer("weight_codebooks", torch.zeros(*groups, 1 << width, dim, dtype=torch.int8, device=device))
         self.register_buffer("weight_scales", torch.zeros(*groups, dtype=torch.float16, device=device))
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
 
     def decoded_weight(self, dtype: torch.dtype) -> torch.Tensor:
         width, count = self.bits_per_dim * self.dim, self.out_features * self.in_features // self.dim
         device = self.weight_codes.device
-        bits = (self.weight_codes.to(torch.int64)[:, None] >> torch.arange(8, device=device)) & 1
-        index = (bits.reshape(-1)[: count * width].reshape(count, width) << torch.arange(width, device=device)).sum(1)
-        index = index.reshape(self.out_features, -1)
+        bits = _bits_of(self.weight_codes)[: count * width].reshape(count, width)
+        index = (bits << torch.arange(width, device=device)).sum(1).reshape(self.out_features, -1)
         values = self.weight_codebooks.to(dtype) * self.weight_scales.to(dtype)[..., None, None]
         rows = torch.arange(self.out_features, device=device) // self.group_rows
         columns = torch.arange(index.shape[1], device=device) // (self.group_columns // self.dim)
         return values[rows[:, None], columns[None, :], index].reshape(self.out_features, self.in_features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return nn.functional.linear(x, self.decoded_weight(x.dtype), bias)
-
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, dim={self.dim}, "
-                f"bits_per_dim={self.bits_per_dim}, groups={self.group_rows}x{self.group_columns}")
+                f"bits_per_dim={self.bits_per_dim}, groups={self.group_rows}x{self.group_columns}, rank={self.rank}")
+
+
+class GridLinear(_Compensated):
+    """``y = W x + b`` with ``W`` on a symmetric ``bits``-bit grid in compressed-tensors' ``pack-quantized``
+    layout: each row's codes a dense little-endian bit stream in int32 words (``weight_packed``),
+    ``(code − 2^(bits−1)) · scale`` with an fp16 scale per row and group of ``group_size`` columns."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int | None,
+                 rank: int = 0, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self._init_extras(in_features, out_features, rank, bias, dtype, device)
+        self.bits, self.group_size = bits, group_size
+        groups = 1 if group_size is None else -(-in_features // group_size)
+        self.register_buffer("weight_packed", torch.zeros(out_features, -(-in_features * bits // 32), dtype=torch.int32,
+                                                          device=device))
+        self.register_buffer("weight_scale", torch.zeros(out_features, groups, dtype=torch.float16, device=device))
+        self.register_buffer("weight_shape", torch.tensor([out_features, in_features], dtype=torch.int64, device=device))
+
+    def decoded_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        if torch.tensor([1], dtype=torch.int32).view(torch.uint8)[0] != 1:
+            raise RuntimeError("GridLinear decodes int32 words as little-endian bytes")
+        device = self.weight_packed.device
+        bits = _bits_of(self.weight_packed.contiguous().view(torch.uint8))[:, : self.in_features * self.bits]
+        codes = (bits.reshape(self.out_features, self.in_features, self.bits)
+                 << torch.arange(self.bits, device=device)).sum(-1)
+        columns = torch.arange(self.in_features, device=device) // (self.group_size or self.in_features)
+        return (codes - (1 << (self.bits - 1))).to(dtype) * self.weight_scale.to(dtype)[:, columns]
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, rank={self.rank}")
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int, bool]:
@@ -174,15 +229,17 @@ def linear_shape(module: nn.Module) -> tuple[int, int, bool]:
 
 
 def swap_linears(model: nn.Module, ranks: dict[str, int], remapped: frozenset[str] = frozenset(),
-                 vq: dict[str, dict[str, int]] | None = None) -> None:
+                 vq: dict[str, dict[str, int]] | None = None, grid: dict[str, dict] | None = None) -> None:
     """Replace each named linear by a ``LowRankLinear`` of the given rank (a ``RemappedLinear``
-    for the names in ``remapped``), and each linear in ``vq`` by a ``VQLinear`` of its grid."""
-    for name, spec in (vq or {}).items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        old = getattr(parent, child)
-        in_features, out_features, bias = linear_shape(old)
-        setattr(parent, child, VQLinear(in_features, out_features, bias, **spec, dtype=old.weight.dtype,
+    for the names in ``remapped``), and each linear in ``vq`` / ``grid`` by a ``VQLinear`` /
+    ``GridLinear`` of its spec."""
+    for kind, specs in ((VQLinear, vq or {}), (GridLinear, grid or {})):
+        for name, spec in specs.items():
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            old = getattr(parent, child)
+            in_features, out_features, bias = linear_shape(old)
+            setattr(parent, child, kind(in_features, out_features, bias, **spec, dtype=old.weight.dtype,
                                         device=old.weight.device))
     for name, rank in ranks.items():
         parent_name, _, child = name.rpartition(".")
@@ -214,12 +271,15 @@ def install_factors(block: nn.Module, name: str, up: torch.Tensor, down: torch.T
 def _lowrank_pair(config_cls: type, model_cls: type, model_type: str) -> tuple[type, type]:
     class Config(config_cls):
         def __init__(self, lowrank_ranks: dict[str, int] | None = None, lowrank_remapped: list[str] | None = None,
-                     lowrank_vq: dict[str, dict[str, int]] | None = None, **kwargs) -> None:
+                     lowrank_vq: dict[str, dict[str, int]] | None = None, lowrank_grid: dict[str, dict] | None = None,
+                     **kwargs) -> None:
             self.lowrank_ranks = dict(lowrank_ranks or {})
             if lowrank_remapped:  # absent from configs without remapping, so theirs stay as they were
                 self.lowrank_remapped = sorted(lowrank_remapped)
             if lowrank_vq:  # likewise
                 self.lowrank_vq = dict(sorted(lowrank_vq.items()))
+            if lowrank_grid:
+                self.lowrank_grid = dict(sorted(lowrank_grid.items()))
             super().__init__(**kwargs)
 
     Config.model_type = model_type
@@ -230,7 +290,7 @@ def _lowrank_pair(config_cls: type, model_cls: type, model_type: str) -> tuple[t
         def __init__(self, config: Config) -> None:
             super().__init__(config)
             swap_linears(self, config.lowrank_ranks, frozenset(getattr(config, "lowrank_remapped", ())),
-                         getattr(config, "lowrank_vq", None))
+                         getattr(config, "lowrank_vq", None), getattr(config, "lowrank_grid", None))
 
     return Config, Model
 

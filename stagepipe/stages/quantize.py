@@ -117,7 +117,7 @@ class QuantizeStage(PipelineStage):
             raise ConfigError(problem)
         if budget is None:
             return
-        stored = {name: method.stored_bytes(m, n) for name, (m, n) in shapes.items()}
+        stored = {name: method.linear_bytes(m, n) for name, (m, n) in shapes.items()}
         bits = quantized_memory_report(shapes, stored, budget).bits_per_weight  # the report's own accounting
         if bits > budget:
             raise ConfigError(f"target.bits_per_weight: {budget} is below what {config.method.name} with "
@@ -181,16 +181,16 @@ class QuantizeStage(PipelineStage):
         for name, module in linears.items():
             w = weight_matrix(module).detach().to(torch.float64)
             gram = grams[name].double() if name in grams else None
-            quantized = method.quantize(w, gram)
+            quantized = method.quantize_linear(w, gram)
             if propagates(method):  # the next block's inputs come through this block as quantised
                 module.weight.data.copy_(quantized.weight.reshape(module.weight.shape).to(module.weight.dtype))
-            stored = method.stored_tensors(quantized)
-            if not torch.equal(method.unpack_stored(stored, tuple(w.shape)), quantized.weight):
-                raise StagepipeError(f"{work.partition}.{name}: the packed tensors do not unpack to the quantised weights")
+            stored = quantized.tensors
+            if not torch.equal(method.unpack_linear(stored, tuple(w.shape)), quantized.weight):
+                raise StagepipeError(f"{work.partition}.{name}: the stored tensors do not decode to the quantised weights")
             tensors.update({f"{name}.{suffix}": t for suffix, t in stored.items()})
             delta = quantized.weight - w
             info: dict[str, Any] = {"weight_rel_err": float(torch.linalg.norm(delta) / torch.linalg.norm(w)),
-                                    **quantized.repairs, **({"refine": quantized.refine} if hasattr(quantized, "refine") else {})}
+                                    **quantized.repairs}
             if gram is not None:
                 info["output_rel_err"] = float(torch.trace(delta @ gram @ delta.T) / torch.trace(w @ gram @ w.T))
             measured[name] = info
@@ -266,8 +266,12 @@ class QuantizeStage(PipelineStage):
         """Integer grids: the architecture's own class, ``ignore`` listing every linear the grid leaves
         alone (the head, non-targets); codebooks (GPTVQ): the low-rank family's ``VQLinear`` per target."""
         method = ctx.plan.method
-        if method.storage() == "vq":
-            return modeling_lowrank, {"lowrank_ranks": {}, "lowrank_vq": dict.fromkeys(sorted(ranks), method.layout_spec())}
+        compensation = method.compensation()
+        if method.storage() == "vq" or compensation is not None:
+            shapes = block_linear_shapes(ctx.facts)
+            specs = {name: {**method.layout_spec(), **({"rank": min(compensation.rank, *shapes[name])} if compensation else {})}
+                     for name in sorted(ranks)}
+            return modeling_lowrank, {"lowrank_ranks": {}, ("lowrank_vq" if method.storage() == "vq" else "lowrank_grid"): specs}
         grid = method.grid()
         ignore = sorted({*block_linear_shapes(ctx.facts), "lm_head"} - set(ranks))
         return compressed, {"quantization_config": compressed.quantization_config(grid.bits, grid.group_size,
