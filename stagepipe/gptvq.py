@@ -112,18 +112,28 @@ def mahalanobis_init(x: torch.Tensor, k: int) -> torch.Tensor:
 
 def kmeans(x: torch.Tensor, centroids: torch.Tensor, weights: torch.Tensor, iters: int) -> torch.Tensor:
     """Weighted k-means: assign, then each centroid's coordinate the weighted mean of its vectors'
-    (a centroid with no vector keeps its place); leading dimensions batch independent groups. Stops
-    early once no assignment changes (a fixed point: further rounds would return the same centroids)."""
-    weights = weights.expand_as(x)
-    previous = None
+    (a centroid with no vector keeps its place). Leading dimensions batch independent groups; a group
+    whose assignments stop changing has reached a fixed point (further rounds would return the same
+    centroids) and leaves the batch, so the result equals ``iters`` rounds for every group."""
+    if x.ndim == 2:
+        return kmeans(x[None], centroids[None], weights[None] if weights.ndim == 2 else weights, iters)[0]
+    weights = weights.to(x.dtype).expand_as(x)
+    centroids = centroids.clone()
+    active = torch.arange(x.shape[0])
+    previous = torch.full(x.shape[:2], -1, dtype=torch.long)
+    k, d = centroids.shape[-2], x.shape[-1]
     for _ in range(iters):
-        index = assign(x, centroids, weights)
-        if previous is not None and torch.equal(index, previous):
+        xs, ws = x[active], weights[active]
+        index = assign(xs, centroids[active], ws)
+        moved = (index != previous[active]).any(-1)
+        active, index, xs, ws = active[moved], index[moved], xs[moved], ws[moved]
+        if not len(active):
             break
-        member = torch.nn.functional.one_hot(index, centroids.shape[-2]).to(x.dtype)  # … × N × K
-        mass = member.transpose(-1, -2) @ weights                                  # … × K × D
-        centroids = torch.where(mass > 0, (member.transpose(-1, -2) @ (weights * x)) / mass.clamp_min(1e-300), centroids)
-        previous = index
+        previous[active] = index
+        slots = index[..., None].expand(-1, -1, d)
+        mass = torch.zeros(len(active), k, d, dtype=x.dtype).scatter_add_(1, slots, ws)
+        total = torch.zeros(len(active), k, d, dtype=x.dtype).scatter_add_(1, slots, ws * xs)
+        centroids[active] = torch.where(mass > 0, total / mass.clamp_min(1e-300), centroids[active])
     return centroids
 
 
