@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict
 
+from stagepipe.quantize import Grid, stored_bytes
+
 if TYPE_CHECKING:
     from torch import Tensor
 
@@ -171,6 +173,16 @@ def quantized_memory_report(shapes: Mapping[str, tuple[int, int]], stored: Mappi
     ``stored_bytes``: integer grids ``quantize.stored_bytes``, codebooks ``gptvq.stored_bytes``); the
     requested memory fraction is the requested bits per weight over 16."""
     return _memory(shapes, stored, storage, None if requested_bits is None else requested_bits / 16)
+
+
+def factor_grid_memory_report(shapes: Mapping[str, tuple[int, int]], ranks: Mapping[str, int | None], grid: Grid,
+                              requested: float | None) -> MemoryReport:
+    """Every target on an integer grid (``quantize_factors``): a factored matrix stores its two factors
+    (``r × n`` and ``m × r``), a dense-kept one itself, each in ``quantize.stored_bytes``' layout."""
+    stored = {name: stored_bytes(shapes[name][0], shapes[name][1], grid) if r is None
+              else stored_bytes(r, shapes[name][1], grid) + stored_bytes(shapes[name][0], r, grid)
+              for name, r in ranks.items()}
+    return _memory(shapes, stored, f"int{grid.bits}-g{grid.group_size or 'channel'}", requested)
 
 
 class RatioReport(BaseModel):

@@ -37,8 +37,27 @@ from stagepipe.accounting import max_stored_rank
 from stagepipe.compensate import compensate
 from stagepipe.gptvq import VectorQuantized, VQGrid
 from stagepipe.linalg import factor_metric
-from stagepipe.quantize import Grid, Quantized
+from stagepipe.quantize import Grid, Quantized, gptq, rtn
 from stagepipe.schema import Strict, registrar
+
+
+class FactorGridOptions(Strict):
+    """Quantise the final form of every target (issue #33 item 4b): each factored linear's two factors
+    and each target kept dense, on one symmetric integer grid — by GPTQ on the compressed model's own
+    inputs (``down``'s Hessian is the input Gram ``H``, ``up``'s is ``D_q H D_qᵀ``: its input is the
+    quantised ``down``'s output) or by round-to-nearest."""
+
+    bits: int = Field(4, ge=2, le=8)
+    group_size: int | None = Field(64, ge=1, description="input columns per scale (the last group of a factor may be shorter)")
+    quantizer: Literal["gptq", "rtn"] = "gptq"
+    damp: float = Field(0.01, ge=0)
+
+    def grid(self) -> Grid:
+        return Grid(self.bits, self.group_size, symmetric=True)
+
+    def quantize(self, w: torch.Tensor, hessian: torch.Tensor) -> Quantized:
+        """``w`` on the grid by the chosen quantiser (GPTQ with ``hessian``, float64)."""
+        return gptq(w, hessian, self.grid(), self.damp) if self.quantizer == "gptq" else rtn(w, self.grid())
 
 
 class MethodConfig(Strict):
@@ -49,6 +68,8 @@ class MethodConfig(Strict):
     svd_dtype: Literal["float64", "float32"] = Field(
         "float64", description="precision of the SVD of the whitened matrix (metrics are always factorised in float64)")
     refit: bool = Field(False, description="SVD-LLM least-squares refit of the up factors on propagated inputs")
+    quantize_factors: FactorGridOptions | None = Field(
+        None, description="store the final factors (and dense-kept targets) on an integer grid: the quantize_factors stage")
 
 
 class GradientOptions(MethodConfig):
@@ -240,6 +261,8 @@ class StructuredMethod(Method):
                              f"use policy {default_allocation.policy!r} (its align rounds intermediate sizes)")
         if config.target.modules is not None:
             raise ValueError(f"target.modules: {cls.name} rewrites every linear of each block; remove modules")
+        if config.method.quantize_factors is not None:
+            raise ValueError(f"method.quantize_factors: {cls.name} stores smaller dense matrices, not factors; remove it")
 
 
 class LearnedMethod(Method):
@@ -391,6 +414,8 @@ class QuantizedMethod(Method):
                              "target.bits_per_weight); remove kept_fraction")
         if config.method.refit:
             raise ValueError(f"method.refit: {cls.name} has no factors to refit; remove refit")
+        if config.method.quantize_factors is not None:
+            raise ValueError(f"method.quantize_factors: {cls.name} has no factors; its own grid is the method's options")
 
 
 METHODS: dict[str, type[Method]] = {}

@@ -313,6 +313,7 @@ ANCHOR = "anchor.safetensors"
 REFIT = "refit.safetensors"
 STRUCTURED_BLOCK = "structured_block.safetensors"  # a structured method's smaller block (``structure``)
 QUANTIZED = "quantized.safetensors"  # a quantising method's packed linears (``quantize``)
+QUANTIZED_FACTORS = "quantized_factors.safetensors"  # the final factors on an integer grid (``quantize_factors``)
 
 
 def write_factors(out: Path, file: str, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -347,9 +348,11 @@ def read_structured_block(structure_output: Path) -> dict[str, torch.Tensor]:
     return safetensors_io.read(structure_output / STRUCTURED_BLOCK)
 
 
-def read_quantized(quantize_output: Path) -> dict[str, torch.Tensor]:
-    """A block's quantised linears by block-relative ``<linear>.<compressed-tensors parameter>`` (``quantize``)."""
-    return safetensors_io.read(quantize_output / QUANTIZED)
+def read_quantized(quantize_output: Path, file: str = QUANTIZED) -> dict[str, torch.Tensor]:
+    """A block's quantised linears by block-relative ``<linear>.<compressed-tensors parameter>``
+    (``quantize``; ``quantize_factors``: ``<linear>.down.<parameter>`` / ``<linear>.up.<parameter>`` for
+    a factored linear)."""
+    return safetensors_io.read(quantize_output / file)
 
 
 # --------------------------------------------------------------------------- train: a learned method's factors

@@ -45,7 +45,12 @@ def collect(ctx: Context, inputs: Mapping[PartitionRef, Path]) -> dict[str, Any]
         if stage == ReportStage.name:
             continue
         for key, value in STAGES[stage].summarize(by_stage[stage]).items():
-            report[key] = report[key] + value if key in ("repairs", "fallbacks") else value
+            if key in ("repairs", "fallbacks"):
+                report[key] = report[key] + value
+            elif key == "ratios" and key in report:  # a later stage adds an accounting (quantize_factors' memory)
+                report[key] = {**report[key], **value}
+            else:
+                report[key] = value
     return report
 
 
