@@ -108,3 +108,24 @@ def test_a_structured_or_quantising_method_refuses_it(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     result = CliRunner().invoke(main, ["run", str(path), "-w", str(tmp_path / "ws")])
     assert result.exit_code != 0 and "method.quantize_factors" in result.output, result.output
+
+
+def test_kill_inside_quantize_factors_resumes_bit_identically(gptq_factors, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import keys_and_digests
+
+    path, reference, _ = gptq_factors
+
+    def stagepipe(ws: Path, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "stagepipe.cli", "run", str(path), "-w", str(ws)],
+                              capture_output=True, text=True, env={**os.environ, **env}, timeout=600)
+
+    ws = tmp_path / "killed"
+    killed = stagepipe(ws, STAGEPIPE_TEST_KILL_AT="safetensors-written@quantize_factors@layer-001")
+    assert killed.returncode == -9, killed.stdout + killed.stderr
+    assert "quantize_factors@layer-001" not in finished_outputs(ws)
+    assert stagepipe(ws).returncode == 0
+    assert keys_and_digests(ws) == keys_and_digests(reference)
