@@ -8,6 +8,11 @@ back on the same machine state; the table reports medians over rounds. Writes
 ``docs/inference.md``, ``docs/inference.json`` and ``docs/inference.png``.
 
     python benchmarks/inference.py [--kept 0.8 0.6] [--lowrank svdllm] [--rounds 5] [--threads 1] [--device cpu]
+    python benchmarks/inference.py --models gptq3=DIR gptvq2=DIR --out docs/quantize --name inference_quantized
+
+``--models`` measures the named model directories beside the dense one instead of running the grid
+(quantised models: compressed-tensors loads dense weights; stagepipe's ``GridLinear`` / ``VQLinear``
+keep the packed codes and decode them at each call).
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ def measure(model_dir: str, device: str, prompt: int, new_tokens: int, batch: in
     before = process.memory_info().rss
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32).to(device).eval()
     loaded = process.memory_info().rss
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(10, model.config.vocab_size - 10, (batch, prompt), generator=generator).to(device)
     peak = [loaded]
@@ -113,13 +118,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed prefills and decodes per process (median)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=str(ROOT / "docs"))
+    parser.add_argument("--models", nargs="+", default=[], metavar="NAME=DIR",
+                        help="measure these model directories beside the dense snapshot (DENSE=DIR names it) instead of the grid")
+    parser.add_argument("--name", default="inference", help="output file stem")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one model directory, print JSON
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure(args.one, args.device, args.prompt, args.new_tokens, args.batch, args.threads,
                                  args.repeats)))
         return
-    dirs = model_dirs(Path(args.base), [args.lowrank, args.structured], args.kept, Path(args.workspace))
+    if args.models:
+        dirs = dict(item.split("=", 1) for item in args.models)
+        if "dense" not in dirs:
+            raise SystemExit("--models: name the dense model's directory as dense=DIR")
+        dirs = {"dense": dirs.pop("dense"), **dirs}
+    else:
+        dirs = model_dirs(Path(args.base), [args.lowrank, args.structured], args.kept, Path(args.workspace))
     runs: dict[str, list[dict]] = {name: [] for name in dirs}
     for round_ in range(args.rounds):
         for name, directory in dirs.items():
@@ -133,13 +147,13 @@ def main() -> None:
                    for key in results[0]} for name, results in runs.items()}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     setup = {key: getattr(args, key) for key in ("kept", "rounds", "repeats", "prompt", "new_tokens", "batch", "threads",
-                                                 "device")}
+                                                 "device", "models")}
     out = Path(args.out)
-    (out / "inference.json").write_text(json.dumps({"commit": commit, "setup": setup, "rows": rows, "runs": runs}, indent=1))
-    render(rows, setup, commit, out)
+    (out / f"{args.name}.json").write_text(json.dumps({"commit": commit, "setup": setup, "rows": rows, "runs": runs}, indent=1))
+    render(rows, setup, commit, out, args.name)
 
 
-def render(rows: dict[str, dict], setup: dict, commit: str, out: Path) -> None:
+def render(rows: dict[str, dict], setup: dict, commit: str, out: Path, name: str = "inference") -> None:
     dense = rows["dense"]
     lines = [
         "# Inference: what compression buys", "",
@@ -148,17 +162,20 @@ def render(rows: dict[str, dict], setup: dict, commit: str, out: Path) -> None:
         f"{setup['prompt']} tokens, decode = greedy generation of {setup['new_tokens']} tokens with the KV cache after a "
         f"16-token prompt. Medians of {setup['repeats']} timings per process and over {setup['rounds']} rounds, models "
         "taking turns, each run a fresh process; "
-        f"ratios are to the dense model of the same rounds. Compressed models at kept {' / '.join(map(str, setup['kept']))} of the block "
-        "linears (`METHOD@KEPT`, the grid's rows).", "",
+        "ratios are to the dense model of the same rounds. " + (
+            "Models: " + ", ".join(f"`{m}`" for m in setup["models"]) + "; weights MB counts parameters and buffers "
+            "(packed codes)." if setup.get("models") else
+            f"Compressed models at kept {' / '.join(map(str, setup['kept']))} of the block linears (`METHOD@KEPT`, "
+            "the grid's rows)."), "",
         "| model | parameters | weights MB | peak RSS MB | prefill tok/s | ×dense | decode tok/s | ×dense | ms/token |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, r in rows.items():
-        lines.append(f"| {name} | {r['params'] / 1e6:.1f} M | {r['weights_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
+    for row, r in rows.items():
+        lines.append(f"| {row} | {r['params'] / 1e6:.1f} M | {r['weights_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
                      f"{r['prefill_tok_s']:.0f} | {r['prefill_tok_s'] / dense['prefill_tok_s']:.2f} | "
                      f"{r['decode_tok_s']:.1f} | {r['decode_tok_s'] / dense['decode_tok_s']:.2f} | {r['ms_per_token']:.1f} |")
-    lines += ["", "![throughput relative to dense](inference.png)", ""]
-    (out / "inference.md").write_text("\n".join(lines))
+    lines += ["", f"![throughput relative to dense]({name}.png)", ""]
+    (out / f"{name}.md").write_text("\n".join(lines))
     print("\n".join(lines))
     import matplotlib
 
@@ -175,7 +192,7 @@ def render(rows: dict[str, dict], setup: dict, commit: str, out: Path) -> None:
     ax.set(ylabel="throughput / dense", title=f"SmolLM2-135M ({setup['device']}, {setup['threads']} threads)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "inference.png", dpi=100)
+    fig.savefig(out / f"{name}.png", dpi=100)
 
 
 if __name__ == "__main__":
