@@ -353,6 +353,11 @@ class QuantizedMethod(Method):
     def nominal_bits(self) -> float:
         """Bits per weight of the codes alone (the cost model's estimate)."""
 
+    def cost_flops64(self, m: int, n: int) -> float:
+        """Float64 work of quantising one ``m × n`` matrix (the plan's time estimate): GPTQ's Cholesky
+        and solve (n³) and its error feedback (2 m n²)."""
+        return n**3 + 2 * m * n * n
+
     @abstractmethod
     def layout_spec(self) -> dict[str, Any]:
         """The fields stagepipe's own linear for this storage takes (``modeling_lowrank.VQLinear`` /

@@ -114,6 +114,18 @@ class GPTVQ(QuantizedMethod):
     def nominal_bits(self) -> float:
         return float(self.cfg.bits_per_dim)
 
+    #: k-means rounds are many small batched products: each costs about 5 ms on a 2-core CPU beyond its
+    #: arithmetic (measured on SmolLM2's gate_proj), counted as this many FLOPs at the plan's CPU rate
+    ROUND_OVERHEAD_FLOPS = 2.5e8
+
+    def cost_flops64(self, m: int, n: int) -> float:
+        """GPTQ's sweep plus, per column group, ``kmeans_iters`` rounds over every row group's vectors
+        (assignment: ``4·D·K`` FLOPs per vector) and the M-step's Adam steps (a ``tr(ΔW H ΔWᵀ)`` each)."""
+        grid = self.grid()
+        rounds = (n // grid.group_columns) * grid.kmeans_iters
+        kmeans = rounds * (m * grid.group_columns // grid.dim * grid.centroids * 4 * grid.dim + self.ROUND_OVERHEAD_FLOPS)
+        return super().cost_flops64(m, n) + kmeans + grid.refine_steps * 4 * m * n * n
+
     def summary(self) -> str:
         c = self.cfg
         return f"{c.dim}-D vectors, {c.bits_per_dim} bits per dimension, {c.group_weights} weights per codebook"

@@ -143,10 +143,11 @@ class QuantizeStage(PipelineStage):
     @classmethod
     def cost(cls, c: CostInputs) -> Estimate:
         """Stored codes at the grid's bits; in RAM the block, one matrix and its Gram in float64 with
-        GPTQ's Cholesky factor; FLOPs: the Cholesky and solve (n³) and the error feedback (m n²) per linear."""
+        GPTQ's Cholesky factor; FLOPs: the method's per matrix (``cost_flops64``: GPTQ's Cholesky, solve
+        and error feedback; GPTVQ's k-means rounds too)."""
         s = c.shapes
         bits = c.method.nominal_bits()
-        flops = sum(n**3 + 2 * m * n * n for m, n in s.linears)
+        flops = sum(c.method.cost_flops64(m, n) for m, n in s.linears)
         walks = propagates(c.method)  # two block passes per layer (Grams, then outputs) and the outputs on disk
         return Estimate(cls.name, s.layers * (sum(m * n for m, n in s.linears) * bits / 8 + (c.hidden if walks else 0)),
                         s.block * c.weight_bytes + 4 * 8 * max(m * n + n * n for m, n in s.linears) + c.grams
