@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,7 +48,8 @@ def variant_config(base: dict, options: dict):
     """``base`` with method options changed; options the named method does not have are dropped (RTN has
     no ``damp``)."""
     data = json.loads(json.dumps(base))
-    data["name"] = f"{base['name']}_{'_'.join(f'{k}{v}' for k, v in options.items()) or 'base'}"
+    name = f"{base['name']}_{'_'.join(f'{k}{v}' for k, v in options.items()) or 'base'}"
+    data["name"] = re.sub(r"[^A-Za-z0-9_.-]", "", name)  # nested options (compensate) as their plain characters
     method = {**data["method"], **options}
     data["method"] = {k: v for k, v in method.items() if k in METHODS[method["name"]].config.model_fields}
     return parse_pipeline(data, "benchmark", ROOT)

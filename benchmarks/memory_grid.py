@@ -48,6 +48,10 @@ ROWS = {
                                                   "group_weights": 6144}, "gptq 3-bit g64"),
         ("gptvq 4-D 2-bit, 36,864 per codebook", {"name": "gptvq", "dim": 4, "bits_per_dim": 2, "group_columns": 192,
                                                    "group_weights": 36864}, "gptq 2-bit g64"),
+        # combinations: the error's rank-r part in the input-whitened metric (EoRA), float16 factors counted
+        ("gptq 2-bit g64 + EoRA rank 20", {"bits": 2, "group_size": 64, "compensate": {"rank": 20}}, "gptq 3-bit g64"),
+        ("gptvq 2-D 2-bit + EoRA rank 2", {"name": "gptvq", "dim": 2, "bits_per_dim": 2, "group_columns": 64,
+                                           "group_weights": 2048, "compensate": {"rank": 2}}, "gptq 2-bit g64"),
     ],
     # one protocol with the headline table (pipelines/methods/aasvd.yaml: 128 calibration windows, its
     # workspace's K-FAC factors): quantisation alone against a low-rank model whose factors are quantised
@@ -75,6 +79,15 @@ ROWS = {
         ("rtn 2-bit g64", {"name": "rtn", "bits": 2, "group_size": 64}, "gptq 2-bit g64"),
         ("gptvq 2-D 2-bit, 2,048 per codebook", {"name": "gptvq", "dim": 2, "bits_per_dim": 2, "group_columns": 128,
                                                   "group_weights": 2048}, "gptq 2-bit g64"),
+        ("gptq 2-bit g64 + EoRA rank 24", {"bits": 2, "group_size": 64, "compensate": {"rank": 24}}, "gptq 3-bit g64"),
+        ("gptvq 2-D 2-bit + EoRA rank 3", {"name": "gptvq", "dim": 2, "bits_per_dim": 2, "group_columns": 128,
+                                           "group_weights": 2048, "compensate": {"rank": 3}}, "gptq 2-bit g64"),
+        ("svdllm 0.75 + gptq 4-bit g64 factors", {"_pipeline": {
+            "method": {"name": "svdllm", "quantize_factors": {"bits": 4, "group_size": 64}},
+            "target": {"kept_fraction": 0.75}, "allocation": {"policy": "uniform", "align": 8}}}, "gptq 3-bit g64"),
+        ("svdllm 0.5 + gptq 4-bit g64 factors", {"_pipeline": {
+            "method": {"name": "svdllm", "quantize_factors": {"bits": 4, "group_size": 64}},
+            "target": {"kept_fraction": 0.5}, "allocation": {"policy": "uniform", "align": 8}}}, "gptq 2-bit g64"),
     ],
 }
 
