@@ -151,3 +151,22 @@ def keys_and_digests(ws: Path) -> dict[str, tuple[str, str]]:
         if manifest.stage != "report":
             out[ref] = (manifest.key, manifest.content_digest())
     return out
+
+
+def assert_kill_resumes_identically(pipeline: Path, reference: Path, partition: str, tmp: Path) -> None:
+    """SIGKILL once ``partition``'s tensors are written (before its manifest), resume, and compare every
+    key and content digest with the uninterrupted run in ``reference``."""
+    import subprocess
+    import sys
+
+    def stagepipe(ws: Path, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "stagepipe.cli", "run", str(pipeline), "-w", str(ws)],
+                              capture_output=True, text=True, env={**os.environ, **env}, timeout=600)
+
+    ws = tmp / "killed"
+    killed = stagepipe(ws, STAGEPIPE_TEST_KILL_AT=f"safetensors-written@{partition}")
+    assert killed.returncode == -9, killed.stdout + killed.stderr
+    assert partition not in finished_outputs(ws)
+    resumed = stagepipe(ws)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert keys_and_digests(ws) == keys_and_digests(reference)

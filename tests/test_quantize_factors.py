@@ -22,7 +22,7 @@ from stagepipe.models.layout import block_linear_shapes
 from stagepipe.quantize import Grid, dequantize_stored
 from stagepipe.stagekit import artifacts
 from stagepipe.stagekit.plan import make_plan
-from tests.conftest import TINY, finished_outputs, merge
+from tests.conftest import TINY, assert_kill_resumes_identically, finished_outputs, merge
 
 GRID = {"bits": 4, "group_size": 16}
 
@@ -111,21 +111,17 @@ def test_a_structured_or_quantising_method_refuses_it(tmp_path: Path) -> None:
 
 
 def test_kill_inside_quantize_factors_resumes_bit_identically(gptq_factors, tmp_path: Path) -> None:
-    import os
-    import subprocess
-    import sys
-
-    from tests.conftest import keys_and_digests
-
     path, reference, _ = gptq_factors
+    assert_kill_resumes_identically(path, reference, "quantize_factors@layer-001", tmp_path)
 
-    def stagepipe(ws: Path, **env: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "stagepipe.cli", "run", str(path), "-w", str(ws)],
-                              capture_output=True, text=True, env={**os.environ, **env}, timeout=600)
 
-    ws = tmp_path / "killed"
-    killed = stagepipe(ws, STAGEPIPE_TEST_KILL_AT="safetensors-written@quantize_factors@layer-001")
-    assert killed.returncode == -9, killed.stdout + killed.stderr
-    assert "quantize_factors@layer-001" not in finished_outputs(ws)
-    assert stagepipe(ws).returncode == 0
-    assert keys_and_digests(ws) == keys_and_digests(reference)
+def test_with_refit_it_quantises_the_refitted_factors(tmp_path: Path) -> None:
+    """Refit reads decompose's factors, this stage refit's, and it is the assembler (no cycle)."""
+    data = merge(TINY, {"name": "qf_refit", "method": {"name": "svdllm", "refit": True, "quantize_factors": GRID}})
+    path = tmp_path / "qf_refit.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    plan = make_plan(load_pipeline(path))
+    assert plan.assembler == "quantize_factors"
+    assert "refit" in plan.needs("quantize_factors") and "quantize_factors" not in plan.needs("refit")
+    assert "decompose" in plan.needs("refit")
+    assert plan.stages.index("refit") < plan.stages.index("quantize_factors") < plan.stages.index("assemble")

@@ -7,9 +7,6 @@ anything runs."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +21,7 @@ from stagepipe.models.layout import block_linear_shapes
 from stagepipe.quantize import Grid, dequantize_stored, stored_bytes
 from stagepipe.stagekit import artifacts
 from stagepipe.stagekit.plan import make_plan
-from tests.conftest import TINY, finished_outputs, keys_and_digests, merge
+from tests.conftest import TINY, assert_kill_resumes_identically, finished_outputs, merge
 
 
 def pipeline(tmp: Path, name: str, method: dict, bits_per_weight: float = 4.5) -> Path:
@@ -176,17 +173,29 @@ class Loaded:
 
 def test_kill_inside_quantize_resumes_bit_identically(gptq_run, tmp_path: Path) -> None:
     path, reference, _ = gptq_run
+    assert_kill_resumes_identically(path, reference, "quantize@layer-001", tmp_path)
 
-    def stagepipe(ws: Path, **env: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "stagepipe.cli", "run", str(path), "-w", str(ws)],
-                              capture_output=True, text=True, env={**os.environ, **env}, timeout=600)
 
-    ws = tmp_path / "killed"
-    killed = stagepipe(ws, STAGEPIPE_TEST_KILL_AT="safetensors-written@quantize@layer-001")
-    assert killed.returncode == -9, killed.stdout + killed.stderr
-    assert "quantize@layer-001" not in finished_outputs(ws)
-    assert stagepipe(ws).returncode == 0
-    assert keys_and_digests(ws) == keys_and_digests(reference)
+def remote_and_rebuilt(outputs: dict[str, Path], marker: str, decode) -> tuple[torch.nn.Module, torch.nn.Module, int]:
+    """(the assembled model loaded through stagepipe's modeling code with zero missing keys, the snapshot
+    model with each quantised linear's weight replaced by ``decode(stored tensors, shape)``, the bytes of
+    those stored tensors in the files). A quantised linear is one with a ``marker`` tensor."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = outputs["assemble@all"] / "model"
+    loaded, info = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=True,
+                                                        output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    dense = AutoModelForCausalLM.from_pretrained(outputs["snapshot@all"] / "model", dtype=torch.float32)
+    state, on_disk = dense.state_dict(), 0
+    for shard in model_dir.glob("layer-*.safetensors"):
+        tensors = safetensors_io.read(shard)
+        for linear in {k.rsplit(".", 1)[0] for k in tensors if k.endswith(marker)}:
+            stored = {k.rsplit(".", 1)[1]: t for k, t in tensors.items() if k.rsplit(".", 1)[0] == linear and k[-5:] != ".bias"}
+            on_disk += sum(t.numel() * t.element_size() for t in stored.values())
+            state[f"{linear}.weight"] = decode(stored, tuple(state[f"{linear}.weight"].shape)).float()
+    dense.load_state_dict(state)
+    return loaded, dense, on_disk
 
 
 VQ = {"name": "gptvq", "dim": 2, "bits_per_dim": 2, "group_columns": 16, "group_weights": 64, "kmeans_iters": 10,
@@ -204,32 +213,20 @@ def test_gptvq_bytes_and_logits_through_its_own_linear(gptvq_run) -> None:
     """Stored bytes = the accounting (``gptvq.stored_bytes``) = the files' tensors; the model loads with
     zero missing keys through ``VQLinear`` and gives exactly the logits of the snapshot model with
     each target's weight replaced by ``gptvq.dequantize_stored`` of its stored tensors."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from stagepipe.gptvq import VQGrid, dequantize_stored
     from stagepipe.gptvq import stored_bytes as vq_bytes
 
     _, ws, report = gptvq_run
     outputs = finished_outputs(ws)
-    model_dir = outputs["assemble@all"] / "model"
     grid = VQGrid(dim=2, bits_per_dim=2, group_columns=16, group_weights=64)
     shapes = block_linear_shapes(AutoConfig.from_pretrained(outputs["snapshot@all"] / "model"))
     accounted = sum(vq_bytes(m, n, grid) for m, n in shapes.values())
-    loaded, info = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=True,
-                                                        output_loading_info=True)
-    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
-    dense = AutoModelForCausalLM.from_pretrained(outputs["snapshot@all"] / "model", dtype=torch.float32)
-    state, on_disk = dense.state_dict(), 0
-    for shard in model_dir.glob("layer-*.safetensors"):
-        tensors = safetensors_io.read(shard)
-        on_disk += sum(t.numel() * t.element_size() for k, t in tensors.items() if k.rsplit(".", 1)[1].startswith("weight_"))
-        for linear in {k.rsplit(".", 1)[0] for k in tensors if k.endswith(".weight_codes")}:
-            stored = {k.rsplit(".", 1)[1]: t for k, t in tensors.items() if k.rsplit(".", 1)[0] == linear}
-            shape = tuple(state[f"{linear}.weight"].shape)
-            state[f"{linear}.weight"] = dequantize_stored(stored, grid, shape).float()
+    loaded, dense, on_disk = remote_and_rebuilt(outputs, ".weight_codes",
+                                                lambda stored, shape: dequantize_stored(stored, grid, shape))
     assert report["ratios"]["memory"]["stored_bytes"] == accounted == on_disk
     assert report["ratios"]["memory"]["storage"] == "vq"
-    dense.load_state_dict(state)
     ids = torch.randint(0, dense.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, dense(ids).logits)
@@ -259,7 +256,7 @@ def test_compensated_gptq_bytes_logits_and_a_lower_output_error(compensated_run,
     snapshot model with each target's weight replaced by what the stored tensors decode to (to fp32
     rounding: the low-rank branch is a separate product); and on every matrix the output error under
     the Gram is below plain GPTQ's on the same grid and Grams."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from stagepipe.io import manifest as manifest_io
     from stagepipe.methods import make_method
@@ -268,20 +265,8 @@ def test_compensated_gptq_bytes_logits_and_a_lower_output_error(compensated_run,
     outputs = finished_outputs(ws)
     method = make_method(load_pipeline(path).method)
     shapes = block_linear_shapes(AutoConfig.from_pretrained(outputs["snapshot@all"] / "model"))
-    model_dir = outputs["assemble@all"] / "model"
-    loaded, info = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=True,
-                                                        output_loading_info=True)
-    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
-    dense = AutoModelForCausalLM.from_pretrained(outputs["snapshot@all"] / "model", dtype=torch.float32)
-    state, on_disk = dense.state_dict(), 0
-    for shard in model_dir.glob("layer-*.safetensors"):
-        tensors = safetensors_io.read(shard)
-        for linear in {k.rsplit(".", 1)[0] for k in tensors if k.endswith(".weight_packed")}:
-            stored = {k.rsplit(".", 1)[1]: t for k, t in tensors.items() if k.rsplit(".", 1)[0] == linear}
-            on_disk += sum(t.numel() * t.element_size() for k, t in stored.items() if k != "bias")
-            state[f"{linear}.weight"] = method.unpack_linear(stored, tuple(state[f"{linear}.weight"].shape)).float()
+    loaded, dense, on_disk = remote_and_rebuilt(outputs, ".weight_packed", method.unpack_linear)
     assert report["ratios"]["memory"]["stored_bytes"] == sum(method.linear_bytes(m, n) for m, n in shapes.values()) == on_disk
-    dense.load_state_dict(state)
     ids = torch.randint(0, dense.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-4)

@@ -116,6 +116,9 @@ class PipelineStage(Stage):
 
     #: the payload of this stage's outputs that holds a layer's final form
     assembly_payload: ClassVar[str | None] = None
+    #: takes every other stage's final form of the layers and stores it differently (``quantize_factors``):
+    #: a stage that transforms factors (refit) reads the form from before it (``plan.source_of``)
+    on_final_form: ClassVar[bool] = False
 
     @classmethod
     def assembly_reads(cls, ctx: Context, layer: int) -> list[Read]:

@@ -141,6 +141,14 @@ def assembler_of(choices: Choices) -> str:
     return final[0] if final else "decompose"
 
 
+def source_of(choices: Choices, stage: str) -> str:
+    """The stage whose outputs ``stage`` takes as each layer's form: the assembler without it, and —
+    unless ``stage`` itself works on the final form — without the stages that do
+    (``PipelineStage.on_final_form``: ``quantize_factors`` quantises what refit refitted, never the reverse)."""
+    after = set() if STAGES[stage].on_final_form else {n for n in choices.roots if STAGES[n].on_final_form}
+    return assembler_of(replace(choices, roots=choices.roots - {stage} - after))
+
+
 def _gram_in_fisher(choices: Choices, stages: list[str]) -> bool:
     """Fisher records the input Grams when every joined stage that reads capture's statistics can
     take them from fisher instead (``takes_grams_from_fisher``), and the method needs both."""

@@ -20,7 +20,6 @@ allocation is the method's own (ranks at 16-bit costs); the bytes actually store
 from __future__ import annotations
 
 import functools
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -47,14 +46,9 @@ from stagepipe.stagekit.artifacts import (
 from stagepipe.stagekit.assembly import replaced_layer
 from stagepipe.stagekit.base import STAGES, register
 from stagepipe.stagekit.cost import CostInputs, Estimate
-from stagepipe.stagekit.plan import assembler_of
+from stagepipe.stagekit.plan import source_of
 from stagepipe.stagekit.shards import add_gram
 from stagepipe.stagekit.streams import SequentialStage, block_input_rows
-
-
-def _source(choices: Any) -> str:
-    """The stage whose factors this one quantises: the layers' final form without it."""
-    return assembler_of(replace(choices, roots=choices.roots - {QuantizeFactorsStage.name}))
 
 
 def _grid(ctx: Context) -> Grid:
@@ -70,6 +64,7 @@ class QuantizeFactorsStage(SequentialStage):
                                  "factor (down, up) or of the dense matrix",
               HIDDEN: "the quantised block's outputs on its inputs (the next block's inputs)"}
     assembly_payload = QUANTIZED_FACTORS
+    on_final_form = True
 
     @classmethod
     def joins(cls, choices) -> bool:
@@ -81,13 +76,13 @@ class QuantizeFactorsStage(SequentialStage):
 
     @classmethod
     def needs(cls, choices) -> dict[str, set[str]]:
-        source = _source(choices)
+        source = source_of(choices, cls.name)
         return {"snapshot": {MODEL_DIR}, "tokenize": {TOKENS}, "allocate": {ALLOCATION}, cls.name: {HIDDEN},
                 source: {STAGES[source].assembly_payload}}
 
     def reads(self, ctx: Context, partition: str) -> list[Read]:
         index = layer_index(partition)
-        source = STAGES[_source(ctx.plan.choices)]
+        source = STAGES[source_of(ctx.plan.choices, QuantizeFactorsStage.name)]
         below = [Read(artifacts.ref(self.name, index - 1), HIDDEN)] if index else []
         return [Read(artifacts.ref("snapshot"), MODEL_DIR), Read(artifacts.ref("tokenize", CALIBRATION), TOKENS),
                 Read(artifacts.ref("allocate"), ALLOCATION), *source.assembly_reads(ctx, index), *below]
@@ -113,7 +108,7 @@ class QuantizeFactorsStage(SequentialStage):
         grid = _grid(ctx)
         runner = BlockRunner(artifacts.model_dir(work.input("snapshot")), torch.device("cpu"), DTYPES[ctx.config.model.dtype])
         ranks = artifacts.block_ranks(artifacts.read_ranks(work.input("allocate")), runner.layout.layer_prefix(index))
-        source = STAGES[_source(ctx.plan.choices)]
+        source = STAGES[source_of(ctx.plan.choices, QuantizeFactorsStage.name)]
         block = runner.load_block(index)
         targets = {name: weight_matrix(m).detach().double() for name, m in block_linears(block, ctx.config.target.modules).items()}
         with torch.no_grad():
@@ -208,7 +203,7 @@ class QuantizeFactorsStage(SequentialStage):
         bias moved to ``up``) and the source's trained norm weights over the originals."""
         prefix = ctx.plan.layout.layer_prefix(layer)
         packed = artifacts.read_quantized(work.input(cls.name, artifacts.layer_partition(layer)), QUANTIZED_FACTORS)
-        params = STAGES[_source(ctx.plan.choices)].layer_params(ctx, work, layer)
+        params = STAGES[source_of(ctx.plan.choices, QuantizeFactorsStage.name)].layer_params(ctx, work, layer)
         tensors = {**tensors, **{prefix + k: v.to(tensors[prefix + k].dtype) for k, v in params.items()}}
         factored = artifacts.block_ranks(ranks, prefix)
         targets = {key.rsplit(".", 1)[0] for key in packed if not key.rsplit(".", 1)[0].endswith((".down", ".up"))}
@@ -218,7 +213,7 @@ class QuantizeFactorsStage(SequentialStage):
 
     @classmethod
     def assembly_reads(cls, ctx: Context, layer: int) -> list[Read]:
-        source = STAGES[_source(ctx.plan.choices)]
+        source = STAGES[source_of(ctx.plan.choices, QuantizeFactorsStage.name)]
         return [*super().assembly_reads(ctx, layer), *source.assembly_reads(ctx, layer)]
 
     @classmethod

@@ -15,7 +15,6 @@ stores both factors, so its outputs are the layers' final form.
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -38,13 +37,8 @@ from stagepipe.stagekit.artifacts import (
 )
 from stagepipe.stagekit.base import STAGES, register
 from stagepipe.stagekit.cost import CostInputs, Estimate
-from stagepipe.stagekit.plan import assembler_of
+from stagepipe.stagekit.plan import source_of
 from stagepipe.stagekit.streams import SequentialStage, Streams, stream_reads
-
-
-def _source(choices: Any) -> str:
-    """The stage whose factors this one refits: the layers' final form without it."""
-    return assembler_of(replace(choices, roots=choices.roots - {RefitStage.name}))
 
 
 @register
@@ -62,13 +56,13 @@ class RefitStage(SequentialStage):
 
     @classmethod
     def needs(cls, choices) -> dict[str, set[str]]:
-        source = _source(choices)
+        source = source_of(choices, cls.name)
         return {"snapshot": {MODEL_DIR}, "tokenize": {TOKENS}, "allocate": {ALLOCATION}, "capture": {HIDDEN},
                 "refit": {HIDDEN}, source: {STAGES[source].assembly_payload}}
 
     def reads(self, ctx: Context, partition: str) -> list[Read]:
         index = layer_index(partition)
-        source = STAGES[_source(ctx.plan.choices)]
+        source = STAGES[source_of(ctx.plan.choices, RefitStage.name)]
         return [Read(artifacts.ref("snapshot"), MODEL_DIR), Read(artifacts.ref("tokenize", CALIBRATION), TOKENS),
                 Read(artifacts.ref("allocate"), ALLOCATION), *source.assembly_reads(ctx, index),
                 *stream_reads(self.name, index)]
@@ -96,7 +90,7 @@ class RefitStage(SequentialStage):
         original = runner.load_block(index)
         linears = block_linears(original, ctx.config.target.modules)
         weights = {n: weight_matrix(linears[n]).detach().clone() for n in ranks}
-        factors = STAGES[_source(ctx.plan.choices)].layer_factors(ctx, work, index, ranks)
+        factors = STAGES[source_of(ctx.plan.choices, RefitStage.name)].layer_factors(ctx, work, index, ranks)
 
         # Per batch: the original block on the original inputs gives targets W x; the truncated
         # block on the compressed model's running inputs gives H = down · z. Sums in float64.
