@@ -151,3 +151,18 @@ def test_a_gguf_shipped_in_chunks_is_assembled_once_into_the_model_cache(tmp_pat
                         lambda output_path=None, overwrite=False: (_ for _ in ()).throw(FileNotFoundError("Missing chunk files: part00")))
     with pytest.raises(InputError, match="install its -part1 … -part4 packages"):
         gguf_location(spec)
+
+
+@pytest.mark.parametrize("bits, group", [(2, 8), (3, 8), (3, 12), (4, None), (8, 16)])
+def test_grid_linear_decodes_compressed_tensors_packing_exactly(bits: int, group: int | None) -> None:
+    """``GridLinear`` (self-contained modeling code) decodes compressed-tensors' packed rows to exactly
+    the weights ``quantize.dequantize_stored`` gives, for odd bit widths and a ragged last group."""
+    from stagepipe.models.modeling_lowrank import GridLinear
+    from stagepipe.quantize import Grid, dequantize_stored, rtn, stored_tensors
+
+    w = torch.randn(6, 20, generator=torch.Generator().manual_seed(bits), dtype=torch.float64)
+    grid = Grid(bits, group, symmetric=True)
+    stored = stored_tensors(rtn(w, grid))
+    linear = GridLinear(20, 6, False, bits, group)
+    linear.load_state_dict(stored)
+    assert torch.equal(linear.decoded_weight(torch.float64), dequantize_stored(stored, grid))
