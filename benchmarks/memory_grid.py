@@ -63,10 +63,13 @@ ROWS = {
         ("kfac_svd 0.75 (16-bit factors)", {"_pipeline": {
             "method": {"name": "kfac_svd"}, "target": {"kept_fraction": 0.75},
             "allocation": {"policy": "global_greedy", "align": 8}}}, "kfac_svd 0.75 + gptq 4-bit g64 factors"),
-        ("gptq 2-bit g64", {"name": "gptq", "bits": 2, "group_size": 64}, None),
         ("kfac_svd 0.5 + gptq 4-bit g64 factors", {"_pipeline": {
             "method": {"name": "kfac_svd", "quantize_factors": {"bits": 4, "group_size": 64}},
-            "target": {"kept_fraction": 0.5}, "allocation": {"policy": "global_greedy", "align": 8}}}, "gptq 2-bit g64"),
+            "target": {"kept_fraction": 0.5}, "allocation": {"policy": "global_greedy", "align": 8}}},
+         "gptvq 2-D 2-bit, 2,048 per codebook"),
+        ("gptvq 2-D 2-bit, 2,048 per codebook", {"name": "gptvq", "dim": 2, "bits_per_dim": 2, "group_columns": 64,
+                                                  "group_weights": 2048}, None),
+        ("gptq 2-bit g64", {"name": "gptq", "bits": 2, "group_size": 64}, None),
     ],
     "gemma3": [
         ("gptq 4-bit g64", {"bits": 4, "group_size": 64}, None),
