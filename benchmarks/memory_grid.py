@@ -108,6 +108,21 @@ def row_config(base: dict, options: dict):
     return parse_pipeline(data, "benchmark", ROOT)
 
 
+def sixteen_bit_memory(runner, outputs: dict) -> dict:
+    """A 16-bit low-rank row's stored bytes (its report has parameter fractions only): the one accounting,
+    ``accounting.memory_report``, on its allocated ranks."""
+    from transformers import AutoConfig
+
+    from stagepipe.accounting import memory_report
+    from stagepipe.models.layout import block_linear_shapes
+    from stagepipe.stagekit import artifacts
+
+    config = runner.ctx.config
+    shapes = block_linear_shapes(AutoConfig.from_pretrained(outputs["snapshot@all"] / "model"), config.target.modules)
+    ranks = artifacts.read_ranks(outputs["allocate@all"])
+    return memory_report(shapes, ranks, "16-bit", config.target.kept_fraction).model_dump()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default=str(ROOT / "pipelines" / "methods" / "gptq.yaml"))
@@ -139,9 +154,10 @@ def main() -> None:
         result = json.loads((outputs["evaluate@compressed"] / "results.json").read_text())["datasets"]
         dataset = next(iter(result))
         seconds = sum(e.state.manifest.wall_s for e in runner.states() if e.ref.stage == "quantize")
+        memory = report["ratios"].get("memory") or sixteen_bit_memory(runner, outputs)
         rows.append({"row": name, "options": options, "anchor": anchor,
-                     "bits_per_weight": report["ratios"]["memory"]["bits_per_weight"],
-                     "stored_bytes": report["ratios"]["memory"]["stored_bytes"], "ppl": result[dataset]["ppl"],
+                     "bits_per_weight": memory["bits_per_weight"],
+                     "stored_bytes": memory["stored_bytes"], "ppl": result[dataset]["ppl"],
                      "ppl_interval": [result[dataset]["ppl_low"], result[dataset]["ppl_high"]],
                      "window_nll": result[dataset]["window_nll"], "dense_ppl": report["perplexity"]["dense"][dataset],
                      "quantize_s": seconds, "zeroshot": report.get("zeroshot"),
