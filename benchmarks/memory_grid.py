@@ -108,6 +108,11 @@ def row_config(base: dict, options: dict):
     return parse_pipeline(data, "benchmark", ROOT)
 
 
+def num(x: float) -> str:
+    """Three decimals, or three significant digits for ratios far from 1 (×0.000971, ×1.9e+02)."""
+    return f"{x:.3f}" if 0.01 <= x < 1000 else f"{x:.3g}"
+
+
 def sixteen_bit_memory(runner, outputs: dict) -> dict:
     """A 16-bit low-rank row's stored bytes (its report has parameter fractions only): the one accounting,
     ``accounting.memory_report``, on its allocated ranks."""
@@ -181,7 +186,7 @@ def main() -> None:
             cell = "—"
         else:
             ratio = compare(row["window_nll"], anchor["window_nll"], tokens).to_dict()
-            cell = f"×{ratio['ratio']:.3f} [{ratio['low']:.3f}, {ratio['high']:.3f}] vs {anchor['row']}" + (
+            cell = f"×{num(ratio['ratio'])} [{num(ratio['low'])}, {num(ratio['high'])}] vs {anchor['row']}" + (
                 "" if ratio["resolved"] else " ≈")
         kept = row.get("kept_fraction")
         lines.append(f"| {row['row']} | {row['bits_per_weight']:.4f} | {'—' if kept is None else f'{kept:.3f}'} | "
