@@ -43,6 +43,17 @@ def block_input_rows(runner: BlockRunner, ids: torch.Tensor, below: Path | None,
         yield start, zarr_io.read_rows(array, start, min(start + batch, offset + len(ids)))
 
 
+@torch.no_grad()
+def write_block_outputs(out: Path, runner: BlockRunner, block: torch.nn.Module, ids: torch.Tensor,
+                        inputs: Iterator[tuple[int, torch.Tensor]], runtime: Any) -> None:
+    """Run ``block`` on ``inputs`` (row offset, hidden states) and store its outputs in ``out`` as the next
+    block's inputs (``HIDDEN``: one row per calibration window of ``ids``)."""
+    array = artifacts.create_hidden(out, (*ids.shape, int(runner.config.hidden_size)), runtime.activation_dtype,
+                                    runtime.batch_size)
+    for start, hidden in inputs:
+        artifacts.write_rows(array, start, runner.run_block(block, hidden))
+
+
 def stream_reads(stage: str, index: int, targets: bool = False) -> list[Read]:
     """What a sequential stage's partition of block ``index`` reads of the two streams: capture's
     and its own outputs of the block below (none for block 0: the embeddings), and with ``targets``

@@ -47,7 +47,7 @@ from stagepipe.stagekit.assembly import replaced_layer
 from stagepipe.stagekit.base import PipelineStage, register
 from stagepipe.stagekit.cost import CostInputs, Estimate
 from stagepipe.stagekit.shards import add_gram
-from stagepipe.stagekit.streams import SequentialStage, block_input_rows
+from stagepipe.stagekit.streams import SequentialStage, block_input_rows, write_block_outputs
 
 
 def propagates(method: Any) -> bool:
@@ -198,11 +198,7 @@ class QuantizeStage(PipelineStage):
             results[name] = {"shape": list(w.shape), "stored_bytes": sum(t.numel() * t.element_size() for t in stored.values())}
         artifacts.write_factors(work.out, QUANTIZED, tensors)
         if propagates(method):
-            shape = (*windows.shape, int(runner.config.hidden_size))
-            array = artifacts.create_hidden(work.out, shape, ctx.config.runtime.activation_dtype, ctx.config.runtime.batch_size)
-            with torch.no_grad():
-                for start, hidden in inputs():
-                    artifacts.write_rows(array, start, runner.run_block(block, hidden))
+            write_block_outputs(work.out, runner, block, windows, inputs(), ctx.config.runtime)
         work.diagnostics["linears"] = measured
         return {"linears": results, "method": method.name}
 

@@ -48,7 +48,7 @@ from stagepipe.stagekit.base import STAGES, register
 from stagepipe.stagekit.cost import CostInputs, Estimate
 from stagepipe.stagekit.plan import source_of
 from stagepipe.stagekit.shards import add_gram
-from stagepipe.stagekit.streams import SequentialStage, block_input_rows
+from stagepipe.stagekit.streams import SequentialStage, block_input_rows, write_block_outputs
 
 
 def _grid(ctx: Context) -> Grid:
@@ -164,11 +164,7 @@ class QuantizeFactorsStage(SequentialStage):
             info["output_rel_err"] = float(torch.trace(total @ h @ total.T) / torch.trace(w @ h @ w.T))
             measured[name] = info
         artifacts.write_factors(work.out, QUANTIZED_FACTORS, tensors)
-        shape = (*windows.shape, int(runner.config.hidden_size))
-        array = artifacts.create_hidden(work.out, shape, ctx.config.runtime.activation_dtype, ctx.config.runtime.batch_size)
-        with torch.no_grad():
-            for start, hidden in inputs():
-                artifacts.write_rows(array, start, runner.run_block(block, hidden))
+        write_block_outputs(work.out, runner, block, windows, inputs(), ctx.config.runtime)
         work.diagnostics["linears"] = measured
         return {"linears": {n: {"rank": m["rank"], "shape": list(targets[n].shape)} for n, m in measured.items()},
                 "grid": {"bits": grid.bits, "group_size": grid.group_size}}
