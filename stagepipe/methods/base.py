@@ -364,7 +364,7 @@ class QuantizedMethod(Method):
         ``GridLinear``: ``config.lowrank_vq`` / ``lowrank_grid`` per linear, with ``rank`` when compensated)."""
 
     @abstractmethod
-    def summary(self) -> str:
+    def grid_summary(self) -> str:
         """The grid in a few words, for messages ("3 bits, group 64")."""
 
     def compensation(self) -> CompensationOptions | None:

@@ -90,7 +90,7 @@ class _GridMethod(QuantizedMethod):
     def nominal_bits(self) -> float:
         return float(self.cfg.bits)
 
-    def summary(self) -> str:
+    def grid_summary(self) -> str:
         return f"{self.cfg.bits} bits, group {self.cfg.group_size}"
 
     def layout_spec(self) -> dict[str, Any]:

@@ -126,7 +126,7 @@ class GPTVQ(QuantizedMethod):
         kmeans = rounds * (m * grid.group_columns // grid.dim * grid.centroids * 4 * grid.dim + self.ROUND_OVERHEAD_FLOPS)
         return super().cost_flops64(m, n) + kmeans + grid.refine_steps * 4 * m * n * n
 
-    def summary(self) -> str:
+    def grid_summary(self) -> str:
         c = self.cfg
         return f"{c.dim}-D vectors, {c.bits_per_dim} bits per dimension, {c.group_weights} weights per codebook"
 

@@ -121,7 +121,7 @@ class QuantizeStage(PipelineStage):
         bits = quantized_memory_report(shapes, stored, budget).bits_per_weight  # the report's own accounting
         if bits > budget:
             raise ConfigError(f"target.bits_per_weight: {budget} is below what {config.method.name} with "
-                              f"{method.summary()} stores ({bits:.4f} with every overhead); raise it or use fewer "
+                              f"{method.grid_summary()} stores ({bits:.4f} with every overhead); raise it or use fewer "
                               "bits / larger groups")
 
     def reads(self, ctx: Context, partition: str) -> list[Read]:
