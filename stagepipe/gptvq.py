@@ -152,8 +152,12 @@ class VectorQuantized:
     scales: torch.Tensor      # row groups × column groups
     weight: torch.Tensor      # m × n, dequantised float64
     grid: VQGrid
-    refine: dict[str, float]
-    repairs: dict[str, Any] = field(default_factory=dict)
+    repairs: dict[str, Any] = field(default_factory=dict)  # dead columns, damping, and the M-step's ``refine``
+
+    @property
+    def refine(self) -> dict[str, float]:
+        """The codebook refinement's loss before and after, and the rate it kept."""
+        return self.repairs["refine"]
 
 
 def dequantize(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, grid: VQGrid) -> torch.Tensor:
@@ -205,8 +209,8 @@ def gptvq(w: torch.Tensor, gram: torch.Tensor, grid: VQGrid, damp: float = 0.01)
             errors[:, i:i + d] = error
         w[:, end:] -= errors @ u[start:end, end:]
     codebooks, scales, refine = refine_codebooks(w0, h0, codes, codebooks, scales, grid)
-    return VectorQuantized(codes, codebooks, scales, dequantize(codes, codebooks, scales, grid), grid, refine,
-                           {"dead_columns": int(dead.sum()), "damp_added": added})
+    return VectorQuantized(codes, codebooks, scales, dequantize(codes, codebooks, scales, grid), grid,
+                           {"dead_columns": int(dead.sum()), "damp_added": added, "refine": refine})
 
 
 def refine_codebooks(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor,

@@ -124,6 +124,12 @@ def rtn(w: torch.Tensor, grid: Grid) -> Quantized:
     return Quantized(q, torch.stack(scales, 1), torch.stack(zeros, 1), out, grid, torch.arange(n))
 
 
+def relative_output_error(delta: torch.Tensor, gram: torch.Tensor, reference: torch.Tensor) -> float:
+    """``tr(Δ G Δᵀ) / tr(W G Wᵀ)``: the output error a weight change ``Δ`` causes on inputs with second
+    moment ``G``, relative to the output energy of ``W``."""
+    return float(torch.trace(delta @ gram @ delta.T) / torch.trace(reference @ gram @ reference.T))
+
+
 def inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor:
     """Upper-triangular ``U`` with ``Uᵀ U = H⁻¹``, without forming ``H⁻¹``: with ``J`` the reversal,
     ``J H J = L Lᵀ`` gives ``U = J L⁻¹ J`` (one triangular solve)."""

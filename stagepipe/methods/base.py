@@ -367,8 +367,16 @@ class QuantizedMethod(Method):
     def grid_summary(self) -> str:
         """The grid in a few words, for messages ("3 bits, group 64")."""
 
+    def key_options(self) -> dict[str, Any]:
+        return {"pair": list(self.pair()), **self.quantization_options()}
+
     def compensation(self) -> CompensationOptions | None:
         return getattr(self.cfg, "compensate", None)
+
+    def compensation_options(self) -> dict[str, Any]:
+        """The compensation's part of ``quantization_options`` (absent without one: earlier keys stay)."""
+        options = self.compensation()
+        return {} if options is None else {"compensate": {**options.model_dump(), "floor_rel": self.cfg.floor_rel}}
 
     def quantize_linear(self, w: torch.Tensor, gram: torch.Tensor | None) -> QuantizedLinear:
         """``w`` quantised and, with ``compensate``, its error's rank-r part added back as float16
@@ -376,9 +384,7 @@ class QuantizedMethod(Method):
         options = self.compensation()
         if options is None:
             quantized = self.quantize(w, gram)
-            refine = getattr(quantized, "refine", None)
-            return QuantizedLinear(quantized.weight, self.stored_tensors(quantized),
-                                   {**quantized.repairs, **({"refine": refine} if refine else {})})
+            return QuantizedLinear(quantized.weight, self.stored_tensors(quantized), dict(quantized.repairs))
         if options.metric == "whitened" and gram is None:
             raise ValueError(f"{self.name}: a whitened compensation needs the input Gram")
         right = factor_metric(gram, self.cfg.floor_rel, "input Gram") if options.metric == "whitened" else None
@@ -406,8 +412,14 @@ class QuantizedMethod(Method):
 
     def propagates(self) -> bool:
         """Whether each block's statistics come from the quantised model's own inputs (the blocks below
-        already quantised, as GPTQ's code and llm-compressor calibrate), not from the dense model's."""
-        return False
+        already quantised, as GPTQ's code and llm-compressor calibrate), not from the dense model's: a
+        method with the option ``inputs: propagated``."""
+        return getattr(self.cfg, "inputs", None) == "propagated"
+
+    @property
+    def activation_stats(self) -> frozenset[str]:
+        """Capture's statistics only for inputs that are not propagated (those are summed inside ``quantize``)."""
+        return frozenset() if self.propagates() else super().activation_stats
 
     @classmethod
     def check_pipeline(cls, config: Any, default_allocation: Any) -> None:

@@ -64,9 +64,6 @@ class _GridMethod(QuantizedMethod):
     def quantization_options(self) -> dict[str, Any]:
         return {"quantizer": self.name, "bits": self.cfg.bits, "group_size": self.cfg.group_size, "symmetric": True}
 
-    def key_options(self) -> dict[str, Any]:
-        return {"pair": list(self.pair()), **self.quantization_options()}
-
     def storage(self) -> str:
         return "quantized"
 
@@ -121,17 +118,7 @@ class GPTQ(_GridMethod):
                    "block": self.cfg.block, "inputs": self.cfg.inputs}
         if self.cfg.scales == "static":
             options["scales"] = "static"
-        if self.cfg.compensate is not None:  # absent otherwise: earlier keys stay as they were
-            options["compensate"] = {**self.cfg.compensate.model_dump(), "floor_rel": self.cfg.floor_rel}
-        return options
-
-    def propagates(self) -> bool:
-        return self.cfg.inputs == "propagated"
-
-    @property
-    def activation_stats(self) -> frozenset[str]:
-        """Capture's Grams only with dense inputs; propagated inputs are summed inside ``quantize``."""
-        return super().activation_stats if self.cfg.inputs == "dense" else frozenset()
+        return {**options, **self.compensation_options()}
 
     def quantize(self, w: torch.Tensor, gram: torch.Tensor | None) -> Quantized:
         if gram is None:

@@ -73,20 +73,10 @@ class GPTVQ(QuantizedMethod):
         return {"quantizer": self.name, "dim": c.dim, "bits_per_dim": c.bits_per_dim, "group_columns": c.group_columns,
                 "group_weights": c.group_weights, "codebook_bits": c.codebook_bits, "kmeans_iters": c.kmeans_iters,
                 "refine_steps": c.refine_steps, "weighting": c.weighting, "damp": c.damp, "inputs": c.inputs,
-                **({"compensate": {**c.compensate.model_dump(), "floor_rel": c.floor_rel}} if c.compensate else {})}
-
-    def key_options(self) -> dict[str, Any]:
-        return {"pair": list(self.pair()), **self.quantization_options()}
+                **self.compensation_options()}
 
     def storage(self) -> str:
         return "vq"
-
-    def propagates(self) -> bool:
-        return self.cfg.inputs == "propagated"
-
-    @property
-    def activation_stats(self) -> frozenset[str]:
-        return super().activation_stats if self.cfg.inputs == "dense" else frozenset()
 
     def quantize(self, w: torch.Tensor, gram: torch.Tensor | None) -> VectorQuantized:
         if gram is None:

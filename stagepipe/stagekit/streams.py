@@ -11,7 +11,7 @@ its factors the layers' final form).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from stagepipe.stagekit import artifacts
 from stagepipe.stagekit.artifacts import HIDDEN, layer_partition, ref
 from stagepipe.stagekit.base import PipelineStage
 from stagepipe.stagekit.cost import CostInputs, Estimate
+from stagepipe.stagekit.shards import add_gram
 
 
 def block_input_rows(runner: BlockRunner, ids: torch.Tensor, below: Path | None, batch: int,
@@ -41,6 +42,23 @@ def block_input_rows(runner: BlockRunner, ids: torch.Tensor, below: Path | None,
     array = artifacts.open_hidden(below)
     for start in range(offset, offset + len(ids), batch):
         yield start, zarr_io.read_rows(array, start, min(start + batch, offset + len(ids)))
+
+
+@torch.no_grad()
+def running_grams(runner: BlockRunner, block: torch.nn.Module, linears: dict[str, torch.nn.Module],
+                  batches: Iterable[tuple[int, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``Σ x xᵀ`` (float64) of each linear's inputs while ``block`` runs on ``batches`` (summed the way
+    capture sums them, ``shards.add_gram``; linears that share an input sum it each)."""
+    grams: dict[str, torch.Tensor] = {}
+    handles = [module.register_forward_pre_hook(lambda m, args, n=name: add_gram(grams, n, args[0]))
+               for name, module in linears.items()]
+    try:
+        for _, hidden in batches:
+            runner.run_block(block, hidden)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return grams
 
 
 @torch.no_grad()

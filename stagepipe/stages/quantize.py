@@ -19,7 +19,6 @@ the assembly (the architecture's own class, ``models.compressed``) are this stag
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -32,6 +31,7 @@ from stagepipe.models import compressed, modeling_lowrank
 from stagepipe.models.blocks import BlockRunner
 from stagepipe.models.layout import block_linear_shapes, block_linears, weight_matrix
 from stagepipe.models.sources import DTYPES
+from stagepipe.quantize import relative_output_error
 from stagepipe.stagekit import artifacts
 from stagepipe.stagekit.artifacts import (
     CALIBRATION,
@@ -46,30 +46,12 @@ from stagepipe.stagekit.artifacts import (
 from stagepipe.stagekit.assembly import replaced_layer
 from stagepipe.stagekit.base import PipelineStage, register
 from stagepipe.stagekit.cost import CostInputs, Estimate
-from stagepipe.stagekit.shards import add_gram
-from stagepipe.stagekit.streams import SequentialStage, block_input_rows, write_block_outputs
+from stagepipe.stagekit.streams import SequentialStage, block_input_rows, running_grams, write_block_outputs
 
 
 def propagates(method: Any) -> bool:
     """A quantising method whose statistics come from the quantised model's own inputs."""
     return isinstance(method, QuantizedMethod) and method.propagates()
-
-
-@torch.no_grad()
-def running_grams(runner: BlockRunner, block: torch.nn.Module, linears: dict[str, torch.nn.Module],
-                  batches: Iterable[tuple[int, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """``Σ x xᵀ`` (float64) of each linear's inputs while ``block`` runs on ``batches`` (summed the way
-    capture sums them, ``shards.add_gram``; linears that share an input sum it each)."""
-    grams: dict[str, torch.Tensor] = {}
-    handles = [module.register_forward_pre_hook(lambda m, args, n=name: add_gram(grams, n, args[0]))
-               for name, module in linears.items()]
-    try:
-        for _, hidden in batches:
-            runner.run_block(block, hidden)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return grams
 
 
 @register
@@ -193,7 +175,7 @@ class QuantizeStage(PipelineStage):
             info: dict[str, Any] = {"weight_rel_err": float(torch.linalg.norm(delta) / torch.linalg.norm(w)),
                                     **quantized.repairs}
             if gram is not None:
-                info["output_rel_err"] = float(torch.trace(delta @ gram @ delta.T) / torch.trace(w @ gram @ w.T))
+                info["output_rel_err"] = relative_output_error(delta, gram, w)
             measured[name] = info
             results[name] = {"shape": list(w.shape), "stored_bytes": sum(t.numel() * t.element_size() for t in stored.values())}
         artifacts.write_factors(work.out, QUANTIZED, tensors)

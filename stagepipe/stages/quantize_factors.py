@@ -32,7 +32,7 @@ from stagepipe.models.blocks import BlockRunner
 from stagepipe.models.layout import block_linears, weight_matrix
 from stagepipe.models.modeling_lowrank import install_factors
 from stagepipe.models.sources import DTYPES
-from stagepipe.quantize import Grid, dequantize_stored, stored_tensors
+from stagepipe.quantize import Grid, dequantize_stored, relative_output_error, stored_tensors
 from stagepipe.stagekit import artifacts
 from stagepipe.stagekit.artifacts import (
     ALLOCATION,
@@ -47,8 +47,7 @@ from stagepipe.stagekit.assembly import replaced_layer
 from stagepipe.stagekit.base import STAGES, register
 from stagepipe.stagekit.cost import CostInputs, Estimate
 from stagepipe.stagekit.plan import source_of
-from stagepipe.stagekit.shards import add_gram
-from stagepipe.stagekit.streams import SequentialStage, block_input_rows, write_block_outputs
+from stagepipe.stagekit.streams import SequentialStage, block_input_rows, running_grams, write_block_outputs
 
 
 def _grid(ctx: Context) -> Grid:
@@ -121,13 +120,7 @@ class QuantizeFactorsStage(SequentialStage):
         below = work.input(self.name, artifacts.layer_partition(index - 1)) if index else None
         windows = artifacts.read_windows(work.input("tokenize", CALIBRATION))
         inputs = functools.partial(block_input_rows, runner, windows, below, ctx.config.runtime.batch_size)
-        grams: dict[str, torch.Tensor] = {}
-        hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: add_gram(grams, n, a[0])) for n, m in modules.items()]
-        with torch.no_grad():
-            for _, hidden in inputs():
-                runner.run_block(block, hidden)
-        for hook in hooks:
-            hook.remove()
+        grams = running_grams(runner, block, modules, inputs())
 
         def quantize(w: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
             result = options.quantize(w, h)
@@ -158,10 +151,9 @@ class QuantizeFactorsStage(SequentialStage):
                 with torch.no_grad():
                     module.weight.copy_(after.reshape(module.weight.shape).to(module.weight.dtype))
                 before, info = w, {"rank": None, **repairs}
-            delta, w = after - before, targets[name]
-            info["quantization_rel_err"] = float(torch.trace(delta @ h @ delta.T) / torch.trace(w @ h @ w.T))
-            total = after - w
-            info["output_rel_err"] = float(torch.trace(total @ h @ total.T) / torch.trace(w @ h @ w.T))
+            w = targets[name]
+            info["quantization_rel_err"] = relative_output_error(after - before, h, w)
+            info["output_rel_err"] = relative_output_error(after - w, h, w)
             measured[name] = info
         artifacts.write_factors(work.out, QUANTIZED_FACTORS, tensors)
         write_block_outputs(work.out, runner, block, windows, inputs(), ctx.config.runtime)
@@ -215,7 +207,8 @@ class QuantizeFactorsStage(SequentialStage):
     @classmethod
     def model_family(cls, ctx: Context, work: Work, ranks) -> tuple[Any, dict[str, Any]]:
         """The low-rank family with ``GridLinear`` factors, and ``GridLinear`` for the dense-kept targets."""
-        grid = {"bits": _grid(ctx).bits, "group_size": _grid(ctx).group_size}
+        options = ctx.config.method.quantize_factors
+        grid = {"bits": options.bits, "group_size": options.group_size}
         factored = dict(sorted((n, r) for n, r in ranks.items() if r is not None))
         dense = {n: dict(grid) for n, r in sorted(ranks.items()) if r is None}
         return modeling_lowrank, {"lowrank_ranks": factored, "lowrank_factor_grid": grid,
