@@ -24,6 +24,22 @@ SHOWN = ["pipelines/smollm2_demo.yaml", "pipelines/methods/ressvd.yaml", "pipeli
          "pipelines/methods/modegpt.yaml", "pipelines/methods/soco.yaml"]
 
 
+def plannable(path: Path):
+    """A bundled pipeline's config for its plan. A fine-tune a script makes first (the delta pipelines'
+    ``model``: local, absent on a clean checkout) is planned as its base: the same architecture, so the same
+    stages (the plan reads no weights)."""
+    import yaml
+
+    from stagepipe.config import parse_pipeline
+
+    data = yaml.safe_load(path.read_text())
+    model = data.get("model", {})
+    if model.get("source") == "local" and not (path.parent / model["path"]).exists() and data.get("base"):
+        data["model"] = data["base"]
+        return parse_pipeline(data, str(path), path.parent)
+    return load_pipeline(path)
+
+
 def catalogue() -> str:
     """Every stage a bundled pipeline runs: version, payloads written, and the pipelines it joins
     (a stage no bundled pipeline runs — a kind just added — appears once one does)."""
@@ -33,7 +49,7 @@ def catalogue() -> str:
     pipelines = sorted((ROOT / "pipelines").rglob("*.yaml"))
     joined: dict[str, list[str]] = {name: [] for name in STAGES}
     for path in pipelines:
-        for stage in make_plan(load_pipeline(path)).stages:
+        for stage in make_plan(plannable(path)).stages:
             joined[stage].append(str(path.relative_to(ROOT / "pipelines").with_suffix("")))
     lines = ["| stage | version | writes | joins (of the bundled pipelines) |", "|---|---|---|---|"]
     for name in sorted((n for n in STAGES if joined[n]), key=lambda n: (-len(joined[n]), n)):

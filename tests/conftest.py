@@ -170,3 +170,25 @@ def assert_kill_resumes_identically(pipeline: Path, reference: Path, partition: 
     resumed = stagepipe(ws)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert keys_and_digests(ws) == keys_and_digests(reference)
+
+
+def runnable_bundled(path: Path, tmp: Path) -> Path:
+    """A bundled pipeline as the tests can load it: a ``model: {source: local}`` directory that a script
+    makes first (the delta pipelines' fine-tune, ``scripts/finetune_shakespeare.py``) and that this
+    checkout lacks is replaced by the tiny model saved under ``tmp``; every other key is the file's."""
+    data = yaml.safe_load(path.read_text())
+    model = data.get("model", {})
+    if model.get("source") != "local" or (path.parent / model["path"]).exists():
+        return path
+    from stagepipe.config import TinyModel
+    from stagepipe.models.sources import load_model
+
+    directory = tmp / "made_by_a_script"
+    if not directory.exists():
+        tiny, tokenizer = load_model(TinyModel(**TINY["model"]))
+        tiny.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+    data["model"] = {"source": "local", "path": str(directory)}
+    copy_path = tmp / path.name
+    copy_path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return copy_path

@@ -16,13 +16,13 @@ from stagepipe.allocation import POLICIES
 from stagepipe.cli import main
 from stagepipe.config import load_pipeline, parse_pipeline
 from stagepipe.engine.stage import PartitionRef
-from stagepipe.methods import METHODS, LearnedMethod, QuantizedMethod, StructuredMethod
+from stagepipe.methods import METHODS, DeltaMethod, LearnedMethod, QuantizedMethod, StructuredMethod
 from stagepipe.stagekit.artifacts import HIDDEN
 from stagepipe.stagekit.base import STAGES
 from stagepipe.stagekit.dag import problems
 from stagepipe.stagekit.plan import make_plan
 from stagepipe.stages import discover, make_runner
-from tests.conftest import TINY, merge
+from tests.conftest import TINY, merge, runnable_bundled
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRED = {"mixed": {"left": "kfac_out", "right": "gram"}}
@@ -31,15 +31,17 @@ REQUIRED = {"mixed": {"left": "kfac_out", "right": "gram"}}
 def tiny(method: str, policy: str, **updates) -> object:
     data = merge(TINY, {"method": {"name": method, **REQUIRED.get(method, {})}, "allocation": {"policy": policy, "align": 4},
                         **updates})
-    if issubclass(METHODS[method], (LearnedMethod, QuantizedMethod)):
+    if issubclass(METHODS[method], (LearnedMethod, QuantizedMethod, DeltaMethod)):
         del data["allocation"]
     if issubclass(METHODS[method], QuantizedMethod):  # its budget is bits, every parameter kept
         data["target"] = {"bits_per_weight": 8}
+    if issubclass(METHODS[method], DeltaMethod):  # model − base at a compression ratio
+        data["target"], data["base"] = {"delta_ratio": 8}, {**TINY["model"], "seed": 1}
     return parse_pipeline(data, "test", ".")
 
 
 CONFIGS = [(m, p) for m in sorted(METHODS) for p in sorted(POLICIES)
-           if not (issubclass(METHODS[m], (LearnedMethod, StructuredMethod, QuantizedMethod)) and p != "uniform")]
+           if not (issubclass(METHODS[m], (LearnedMethod, StructuredMethod, QuantizedMethod, DeltaMethod)) and p != "uniform")]
 
 
 @pytest.mark.parametrize("method,policy", CONFIGS, ids=[f"{m}-{p}" for m, p in CONFIGS])
@@ -51,8 +53,8 @@ def test_every_read_is_declared_and_is_a_dependency(method: str, policy: str) ->
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "pipelines").rglob("*.yaml")), ids=lambda p: p.name)
-def test_every_bundled_pipeline_declares_what_it_reads(path: Path) -> None:
-    config = load_pipeline(path)
+def test_every_bundled_pipeline_declares_what_it_reads(path: Path, tmp_path: Path) -> None:
+    config = load_pipeline(runnable_bundled(path, tmp_path))
     assert problems(config, discover(config, {})) == []
 
 

@@ -10,14 +10,20 @@ from stagepipe.delta import (
     bitdelta,
     bitdelta_bytes,
     dare,
+    dare_rate_for_budget,
     dense_delta_bytes,
     impart,
     impart_bytes,
     impart_drop_rates,
+    impart_for_budget,
+    kept_count,
     low_rank,
     mask_seed,
+    pack_sparse,
     sparse_bytes,
     sparsify,
+    tensor_bytes,
+    unpack_sparse,
 )
 
 
@@ -85,6 +91,49 @@ def test_bitdelta_and_the_bytes_each_method_stores() -> None:
     bits = bitdelta(delta)
     assert torch.equal(bits.abs().unique(), delta.abs().mean().reshape(1)) and torch.equal(torch.sign(bits), torch.sign(delta))
     assert bitdelta_bytes(6, 7) == 6 + 2 and dense_delta_bytes(6, 7) == 84
-    assert sparse_bytes(1000, 10) == 20 + 20 and sparse_bytes(1000, 600) == 1200 + 125 and sparse_bytes(7, 7) == 14
+    # a 1000-vector with 10 nonzeros: 16-bit indices (20) + values (20); with 600: bitmap (125) + values;
+    # each vector of a mixed group adds its count and format (5 bytes); an all-dense group is its values
+    assert sparse_bytes(1000, [10]) == 20 + 20 + 5 and sparse_bytes(1000, [600]) == 1200 + 125 + 5
+    assert sparse_bytes(7, [7, 7]) == 28 and sparse_bytes(7, [7, 1]) == 14 + 5 + (1 + 2) + 5  # 1 nonzero of 7: a bitmap byte
     factors = impart(delta, 0.0, 0.0)  # a 6 × 7 delta has 6 components, all kept and dense at ratio 1
     assert impart_bytes(factors) == 6 * (12 + 14) > dense_delta_bytes(6, 7)
+
+
+@pytest.mark.parametrize("length", [40, 70_000])
+def test_sparse_vectors_round_trip_bit_for_bit_in_the_accounted_bytes(length: int) -> None:
+    """Every format (dense, bitmap, 16- and 32-bit indices) decodes to the float16 values it was given,
+    and the tensors hold exactly ``sparse_bytes``."""
+    g = torch.Generator().manual_seed(1)
+    rows = torch.randn(4, length, generator=g, dtype=torch.float64).to(torch.float16).double()
+    for i, keep in enumerate([1.0, 0.5, 0.01, 0.0]):  # dense, bitmap, indices, empty
+        rows[i] = sparsify(rows[i], 1 - keep, g) if keep < 1 else rows[i]
+    rows = rows.to(torch.float16).double()
+    packed = pack_sparse(rows)
+    assert torch.equal(unpack_sparse(packed, length), rows)
+    assert tensor_bytes(packed) == sparse_bytes(length, [int((r != 0).sum()) for r in rows])
+    assert packed["indices"].dtype == (torch.uint16 if length <= 65536 else torch.int32)
+    assert packed["formats"].tolist() == [0, 1, 2, 2]
+
+
+def test_budgets_are_met_and_spent() -> None:
+    """ImPart's bisection and DARE's rate land within the byte budget, and close to it (on a 48 × 40
+    delta ImPart moves in whole components, coarse steps: checked at ratio 4 only)."""
+    g = torch.Generator().manual_seed(2)
+    delta = torch.randn(48, 40, generator=g, dtype=torch.float64) @ torch.diag(torch.logspace(0, -2, 40, dtype=torch.float64))
+    for ratio in (4, 8, 16):
+        budget = dense_delta_bytes(48, 40) // ratio
+        factors = impart_for_budget(delta, budget, 0.5, 1.0, torch.Generator().manual_seed(0))
+        assert impart_bytes(factors) <= budget and (ratio != 4 or impart_bytes(factors) >= 0.8 * budget)
+        rate = dare_rate_for_budget(48, 40, budget)
+        assert sparse_bytes(40, [kept_count(40, rate)] * 48) <= budget
+        assert ratio == 16 or sparse_bytes(40, [kept_count(40, rate)] * 48) >= 0.9 * budget
+    assert dare_rate_for_budget(48, 40, dense_delta_bytes(48, 40)) == 0.0  # ratio 1: nothing dropped
+
+
+def test_masks_keep_exact_counts_and_stay_unbiased() -> None:
+    v = torch.ones(1000, dtype=torch.float64)
+    draws = [sparsify(v, 0.9, torch.Generator().manual_seed(i)) for i in range(200)]
+    assert all(int((d != 0).sum()) == 100 for d in draws)
+    assert abs(float(torch.stack(draws).mean()) - 1.0) < 1e-12  # 100 survivors × 10 over 1000 entries: exactly 1
+    rows = sparsify(torch.ones(5, 50, dtype=torch.float64), 0.5, torch.Generator().manual_seed(0))
+    assert ((rows != 0).sum(1) == 25).all()

@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from stagepipe.intervals import compare, ppl_interval
+from stagepipe.intervals import compare, gain_retained, ppl_interval
 
 T = 511  # predicted tokens per 512-token window
 
@@ -74,3 +74,17 @@ def test_comparisons_with_infinite_or_unpaired_windows() -> None:
     assert not compare(bad, bad, T).resolved
     with pytest.raises(ValueError, match="same windows"):
         compare(a, a[:-1], T)
+
+
+def test_gain_retained_is_the_share_of_the_nll_gain_with_a_paired_interval() -> None:
+    """(NLL_base − NLL)/(NLL_base − NLL_ft) on the same windows; nan when there is no gain or a window is
+    not finite (no share to report, never a made-up number)."""
+    rng = np.random.default_rng(0)
+    hard = rng.uniform(300, 400, size=40)  # window NLLs summed over 100 tokens: a hard window is hard for all three
+    base, tuned = hard + 40, hard
+    compressed = hard + 10 + rng.normal(0, 1, size=40)
+    gain = gain_retained(base.tolist(), tuned.tolist(), compressed.tolist(), 100)
+    assert gain.value == pytest.approx((base.sum() - compressed.sum()) / (base.sum() - tuned.sum()))
+    assert gain.low < gain.value < gain.high and 0.7 < gain.low and gain.high < 0.8
+    assert math.isnan(gain_retained(base.tolist(), base.tolist(), compressed.tolist(), 100).value)
+    assert math.isnan(gain_retained(base.tolist(), tuned.tolist(), [math.inf, *compressed[1:]], 100).value)

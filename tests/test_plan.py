@@ -10,7 +10,7 @@ import pytest
 from stagepipe.allocation import POLICIES
 from stagepipe.config import parse_pipeline
 from stagepipe.errors import ConfigError
-from stagepipe.methods import METHODS, LearnedMethod, QuantizedMethod, StructuredMethod
+from stagepipe.methods import METHODS, DeltaMethod, LearnedMethod, QuantizedMethod, StructuredMethod
 from stagepipe.stagekit.plan import Estimate, estimate, make_plan, peak_disk
 from stagepipe.stages import build_pipeline
 from tests.conftest import TINY, merge
@@ -23,10 +23,12 @@ REQUIRED = {"mixed": {"left": "kfac_out", "right": "gram"}}
 def config(method: str, policy: str = "uniform", **method_options):
     data = merge(TINY, {"method": {"name": method, **REQUIRED.get(method, {}), **method_options},
                         "allocation": {"policy": policy, "align": 4}})
-    if issubclass(METHODS[method], (LearnedMethod, QuantizedMethod)) and policy == "uniform":  # no allocation block
+    if issubclass(METHODS[method], (LearnedMethod, QuantizedMethod, DeltaMethod)) and policy == "uniform":  # no allocation block
         del data["allocation"]
     if issubclass(METHODS[method], QuantizedMethod):  # its budget is bits, every parameter kept
         data["target"] = {"bits_per_weight": 8}
+    if issubclass(METHODS[method], DeltaMethod):  # model − base at a compression ratio
+        data["target"], data["base"] = {"delta_ratio": 8}, {**TINY["model"], "seed": 1}
     return parse_pipeline(data, "test", ".")
 
 
@@ -48,6 +50,10 @@ def test_plan_rows_are_exactly_the_pipeline_stages(method: str, policy: str) -> 
         return
     if issubclass(METHODS[method], QuantizedMethod) and policy != "uniform":  # RTN, GPTQ have no ranks
         with pytest.raises(ConfigError, match=f"allocation: {method} keeps every target dense"):
+            config(method, policy)
+        return
+    if issubclass(METHODS[method], DeltaMethod) and policy != "uniform":  # a delta method has no ranks either
+        with pytest.raises(ConfigError, match=f"allocation: {method} spends target.delta_ratio"):
             config(method, policy)
         return
     cfg = config(method, policy)

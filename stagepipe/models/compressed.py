@@ -9,13 +9,14 @@ quantisation block (``write_config``), keys checked against ``expected_keys``.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
+
+from stagepipe.models.dense import write_config  # noqa: F401  (assemble calls it on this family)
 
 FAMILY = "compressed-tensors"
 NATIVE = True
@@ -29,12 +30,6 @@ def quantization_config(bits: int, group_size: int | None, symmetric: bool, igno
                "strategy": "group" if group_size else "channel", "group_size": group_size}
     return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
             "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}, "ignore": sorted(ignore)}
-
-
-def write_config(snapshot: Path, target: Path, extra: Mapping[str, Any]) -> None:
-    data = json.loads((snapshot / "config.json").read_text())
-    data.update(extra)
-    (target / "config.json").write_text(json.dumps(data, indent=1, sort_keys=True))
 
 
 def expected_keys(target: Path) -> set[str]:

@@ -64,7 +64,7 @@ from stagepipe.methods import LayerStats
 CALIBRATION = "calibration"
 VALIDATION = "validation"  # held-out windows for choosing hyperparameters (calibration.validation)
 HEAD = "head"
-DENSE, COMPRESSED = "dense", "compressed"
+DENSE, COMPRESSED, BASE = "dense", "compressed", "base"
 
 
 def layer_partition(index: int) -> str:

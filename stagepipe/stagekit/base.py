@@ -121,6 +121,12 @@ class PipelineStage(Stage):
     on_final_form: ClassVar[bool] = False
 
     @classmethod
+    def assembly_needs(cls, choices: Choices) -> Mapping[str, set[str]]:
+        """Producer stage → payloads ``assembly_reads`` reads (``assemble``'s needs): by default this
+        stage's ``assembly_payload``."""
+        return {cls.name: {cls.assembly_payload}}
+
+    @classmethod
     def assembly_reads(cls, ctx: Context, layer: int) -> list[Read]:
         """What ``layer_factors`` / ``layer_shard`` read for one layer: by default this stage's
         partition of that layer, its ``assembly_payload``."""

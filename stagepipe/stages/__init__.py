@@ -55,6 +55,8 @@ def check_inputs(config: Any) -> None:
     from stagepipe.models.sources import source_fingerprint
 
     source_fingerprint(config.model)
+    if config.base is not None:
+        source_fingerprint(config.base)
     text_identity(config.calibration.text, "calibration.text")
     for index, dataset in enumerate(config.evaluation.datasets):
         text_identity(dataset.text, f"evaluation.datasets[{index}].text")

@@ -45,7 +45,7 @@ class AssembleStage(PipelineStage):
     @classmethod
     def needs(cls, choices) -> dict[str, set[str]]:
         source = STAGES[assembler_of(choices)]
-        return {"snapshot": {MODEL_DIR}, "allocate": {ALLOCATION}, source.name: {source.assembly_payload}}
+        return {"snapshot": {MODEL_DIR}, "allocate": {ALLOCATION}, **source.assembly_needs(choices)}
 
     def reads(self, ctx: Context, partition: str) -> list[Read]:
         source = ctx.plan.stage_class(ctx.plan.assembler)

@@ -1,5 +1,6 @@
-"""``evaluate``: perplexity of the dense snapshot (``dense``) and of the assembled model
-(``compressed``) on every configured test set, under one protocol (``stagepipe.perplexity``):
+"""``evaluate``: perplexity of the dense snapshot (``dense``), of the assembled model
+(``compressed``) and, for a pipeline with a ``base`` model, of the base (``base``: a compressed
+delta's share of the fine-tune's gain, ``intervals.gain_retained``) on every configured test set, under one protocol (``stagepipe.perplexity``):
 each perplexity with its 95 % bootstrap interval over windows, and the compressed model against
 the dense one by the paired bootstrap on the same windows (``stagepipe.intervals``).
 
@@ -18,13 +19,16 @@ import time
 from typing import Any
 
 from stagepipe.engine.stage import Context, Read, Work
-from stagepipe.intervals import compare
+from stagepipe.intervals import compare, gain_retained
 from stagepipe.models.sources import load_checked, resolve_device
 from stagepipe.perplexity import perplexity
 from stagepipe.stagekit import artifacts
-from stagepipe.stagekit.artifacts import COMPRESSED, DENSE, MODEL_DIR, RESULTS, TOKENS, eval_partition
+from stagepipe.stagekit.artifacts import BASE, COMPRESSED, DENSE, MODEL_DIR, RESULTS, TOKENS, eval_partition
 from stagepipe.stagekit.base import PipelineStage, register
 from stagepipe.stagekit.cost import CostInputs, Estimate
+
+#: the stage whose model directory each partition evaluates (``base``: the model a fine-tune started from)
+MODEL_STAGE = {DENSE: "snapshot", BASE: "base", COMPRESSED: "assemble"}
 
 
 @register
@@ -41,14 +45,16 @@ class EvaluateStage(PipelineStage):
 
     @classmethod
     def needs(cls, choices) -> dict[str, set[str]]:
-        return {"snapshot": {MODEL_DIR}, "tokenize": {TOKENS}, "assemble": {MODEL_DIR}}
+        found = {"snapshot": {MODEL_DIR}, "tokenize": {TOKENS}, "assemble": {MODEL_DIR}}
+        return {**found, "base": {MODEL_DIR}} if choices.config.base is not None else found
 
     def partitions(self, ctx: Context) -> list[str]:
-        return ([DENSE] if ctx.config.evaluation.dense_baseline else []) + [COMPRESSED]
+        base = [BASE] if ctx.config.base is not None and ctx.config.evaluation.dense_baseline else []
+        return ([DENSE] if ctx.config.evaluation.dense_baseline else []) + base + [COMPRESSED]
 
     def reads(self, ctx: Context, partition: str) -> list[Read]:
         tokens = [Read(artifacts.ref("tokenize", eval_partition(d.name)), TOKENS) for d in ctx.config.evaluation.datasets]
-        return [Read(artifacts.ref("snapshot" if partition == DENSE else "assemble"), MODEL_DIR), *tokens]
+        return [Read(artifacts.ref(MODEL_STAGE[partition]), MODEL_DIR), *tokens]
 
     @classmethod
     def cost(cls, c: CostInputs) -> Estimate:
@@ -74,6 +80,11 @@ class EvaluateStage(PipelineStage):
             summary["compressed_over_dense"] = {
                 d: compare(compressed[d]["window_nll"], dense[d]["window_nll"], r["seq_len"] - 1).to_dict()
                 for d, r in compressed.items()}
+        if BASE in evaluations:  # a delta: how much of the fine-tune's gain over its base the compressed model keeps
+            base = evaluations[BASE]["datasets"]
+            summary["gain_retained"] = {
+                d: gain_retained(base[d]["window_nll"], dense[d]["window_nll"], r["window_nll"], r["seq_len"] - 1).to_dict()
+                for d, r in compressed.items()}
         return summary
 
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
@@ -81,7 +92,7 @@ class EvaluateStage(PipelineStage):
         return {"datasets": [d.name for d in ev.datasets], "protocol": "non-overlapping windows, fp32, token-mean NLL"}
 
     def run(self, ctx: Context, work: Work) -> dict[str, Any]:
-        directory = artifacts.model_dir(work.input("snapshot" if work.partition == DENSE else "assemble"))
+        directory = artifacts.model_dir(work.input(MODEL_STAGE[work.partition]))
         model = load_checked(directory)
         device = resolve_device(ctx.config.model.device)
         results = {}

@@ -120,4 +120,4 @@ class ReportStage(PipelineStage):
         return {"perplexity": report["perplexity"], "perplexity_interval": report["perplexity_interval"],
                 "compressed_over_dense": report.get("compressed_over_dense", {}),
                 "ratios": report["ratios"], "model_dir": report["model_dir"],
-                **({"zeroshot": report["zeroshot"]} if "zeroshot" in report else {})}
+                **{part: report[part] for part in ("zeroshot", "gain_retained") if part in report}}
