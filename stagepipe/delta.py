@@ -97,8 +97,12 @@ class SparseFactors:
 def impart(delta: torch.Tensor, alpha: float, beta: float, exponent: float = 1.0,
            generator: torch.Generator | None = None) -> SparseFactors:
     """ImPart's sparse singular vectors of ``delta`` at overall sparsity ``alpha``."""
-    generator = generator or torch.Generator().manual_seed(0)
     u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    return _sparse_factors(u, s, vh, alpha, beta, exponent, generator or torch.Generator().manual_seed(0))
+
+
+def _sparse_factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, alpha: float, beta: float, exponent: float,
+                    generator: torch.Generator) -> SparseFactors:
     rates = impart_drop_rates(s, alpha, beta, exponent)
     kept = [i for i in range(s.numel()) if min(kept_count(u.shape[0], float(rates[i])),
                                                 kept_count(vh.shape[1], float(rates[i]))) > 0]
@@ -121,7 +125,7 @@ def impart_for_budget(delta: torch.Tensor, budget: int, beta: float, exponent: f
     """ImPart at the smallest sparsity ``α`` whose stored bytes are within ``budget`` (bisection; the
     bytes fall as ``α`` grows, and ``α`` near 1 stores nothing)."""
     m, n = delta.shape
-    s = torch.linalg.svdvals(delta.double())
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)  # one SVD: the rates searched are the rates used
     low, high = 0.0, 1.0 - 1e-9
     if impart_bytes_at(s, m, n, low, beta, exponent) > budget:
         for _ in range(50):
@@ -129,7 +133,7 @@ def impart_for_budget(delta: torch.Tensor, budget: int, beta: float, exponent: f
             low, high = (middle, high) if impart_bytes_at(s, m, n, middle, beta, exponent) > budget else (low, middle)
     else:
         high = low
-    return impart(delta, high, min(beta, high), exponent, generator)
+    return _sparse_factors(u, s, vh, high, min(beta, high), exponent, generator)
 
 
 def dare(delta: torch.Tensor, rate: float, generator: torch.Generator) -> torch.Tensor:

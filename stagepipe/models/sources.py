@@ -168,6 +168,19 @@ def source_fingerprint(spec: Any) -> dict[str, Any]:
 
 
 
+def snapshot_identity(spec: Any) -> dict[str, Any]:
+    """What keys a model's local copy: the spec (not where it runs) and its source's fingerprint."""
+    return {"model": spec.model_dump(mode="json", exclude={"device", "shape_hint"}), "source": source_fingerprint(spec)}
+
+
+def save_snapshot(spec: Any, target: Path) -> torch.nn.Module:
+    """Load ``spec`` and save it with its tokenizer as a Hugging Face directory ``target``; the model."""
+    model, tokenizer = load_model(spec)
+    model.save_pretrained(target, max_shard_size="2GB")
+    tokenizer.save_pretrained(target)
+    return model
+
+
 def weight_map(snapshot_dir: Path) -> dict[str, str]:
     """Tensor name → file, for a single-file or sharded safetensors checkpoint."""
     index = snapshot_dir / "model.safetensors.index.json"

@@ -9,7 +9,7 @@ from typing import Any
 
 from stagepipe.engine.stage import Context, Work
 from stagepipe.errors import ConfigError
-from stagepipe.models.sources import load_model, source_fingerprint
+from stagepipe.models.sources import save_snapshot, snapshot_identity
 from stagepipe.stagekit import artifacts
 from stagepipe.stagekit.base import PipelineStage, register
 from stagepipe.stagekit.cost import CostInputs, Estimate
@@ -26,7 +26,7 @@ class BaseSnapshotStage(PipelineStage):
         spec = ctx.config.base
         if spec is None:
             raise ConfigError("base: this pipeline reads the base model; name it (base: {source: …})")
-        return {"model": spec.model_dump(mode="json", exclude={"device", "shape_hint"}), "source": source_fingerprint(spec)}
+        return snapshot_identity(spec)
 
     @classmethod
     def cost(cls, c: CostInputs) -> Estimate:
@@ -34,8 +34,5 @@ class BaseSnapshotStage(PipelineStage):
         return Estimate(cls.name, size, size * 2, 0, f"{c.shapes.params / 1e9:.2f} B parameters (the base model)")
 
     def run(self, ctx: Context, work: Work) -> dict[str, Any]:
-        model, tokenizer = load_model(ctx.config.base)
-        target = artifacts.model_dir(work.out)
-        model.save_pretrained(target, max_shard_size="2GB")
-        tokenizer.save_pretrained(target)
+        model = save_snapshot(ctx.config.base, artifacts.model_dir(work.out))
         return {"model_type": model.config.model_type, "num_layers": int(model.config.num_hidden_layers)}

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from stagepipe.accounting import delta_memory_report, ratio_report
+from stagepipe.accounting import delta_memory_report
 from stagepipe.delta import mask_seed, tensor_bytes
 from stagepipe.engine.stage import Context, Read, Work
 from stagepipe.errors import ConfigError, InputError, StagepipeError
@@ -37,6 +37,7 @@ from stagepipe.stagekit import artifacts
 from stagepipe.stagekit.artifacts import GROUPS, MODEL_DIR, STATS, layer_index
 from stagepipe.stagekit.base import PipelineStage, register
 from stagepipe.stagekit.cost import CostInputs, Estimate
+from stagepipe.stagekit.dense_kinds import StoredBytesAllocation
 
 DELTA = "delta.safetensors"
 SEPARATOR = "::"  # a stored tensor's key: <block-relative linear>::<the method's tensor name>
@@ -65,9 +66,9 @@ def check_identical(model_dir: Path, base_dir: Path, keys: list[str]) -> None:
 
 
 @register
-class DeltaStage(PipelineStage):
+class DeltaStage(StoredBytesAllocation, PipelineStage):
     name = "delta"
-    version = 1
+    version = 2  # 2: ImPart's budget search on the SVD it stores (one SVD, not svdvals beside it)
     description = "each target's model − base delta, compressed by a delta method (ImPart, DARE, low rank, BitDelta)"
     writes = {DELTA: "per target linear (as linear::tensor): the method's stored delta (sparse vectors, factors, or "
                      "signs and a scale)"}
@@ -173,39 +174,17 @@ class DeltaStage(PipelineStage):
 
     # ------------------------------------------------------------------ the kind's allocation
     @classmethod
-    def allocates(cls, choices) -> bool:
-        return True
-
-    @classmethod
-    def allocation_needs(cls, choices) -> dict[str, set[str]]:
-        return {cls.name: set()}
-
-    @classmethod
-    def allocation_reads(cls, ctx: Context) -> list[Read]:
-        return [Read(artifacts.ref(cls.name, p)) for p in artifacts.model_layers(ctx) or []]
-
-    @classmethod
     def allocation_slice(cls, ctx: Context) -> dict[str, Any]:
         return {"method": ctx.plan.method.delta_options(), "delta_ratio": ctx.config.target.delta_ratio}
 
     @classmethod
     def allocation(cls, ctx: Context, work: Work, shapes: dict[str, tuple[int, int]], n_params: int) -> dict[str, Any]:
         """No ranks (every parameter kept); the stored delta's bytes and the achieved ratio."""
-        stored: dict[str, int] = {}
-        for ref, directory in sorted(work.inputs.items()):
-            if ref.stage == cls.name:
-                prefix = ctx.plan.layout.layer_prefix(layer_index(ref.partition))
-                stored.update({prefix + n: item["stored_bytes"] for n, item in artifacts.read_results(directory)["linears"].items()})
-        ranks: dict[str, int | None] = dict.fromkeys(stored)
-        report = ratio_report(shapes, ranks, n_params, 1.0).model_dump()
-        memory = delta_memory_report(shapes, stored, ctx.plan.method.name, ctx.config.target.delta_ratio)
-        report["memory"] = memory.model_dump()
-        report["delta_ratio"] = {"requested": ctx.config.target.delta_ratio,
-                                 "achieved": 1 / memory.kept_memory_over_target_matrices
-                                 if memory.stored_bytes else math.inf}
-        details = {"delta": ctx.plan.method.delta_options()}
-        artifacts.write_allocation(work.out, ranks, dict.fromkeys(stored, 0.0), report, details)
-        return {"ratios": report, "policy": ctx.config.method.name, "search": details, "dense_targets": sorted(stored)}
+        memory = delta_memory_report(shapes, cls.stored_by_matrix(ctx, work), ctx.plan.method.name,
+                                     ctx.config.target.delta_ratio)
+        achieved = 1 / memory.kept_memory_over_target_matrices if memory.stored_bytes else math.inf
+        return cls.write_dense_allocation(ctx, work, shapes, n_params, memory, {"delta": ctx.plan.method.delta_options()},
+                                          delta_ratio={"requested": ctx.config.target.delta_ratio, "achieved": achieved})
 
     # ------------------------------------------------------------------ and its assembly
     @classmethod

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from stagepipe.accounting import quantized_memory_report, ratio_report
+from stagepipe.accounting import quantized_memory_report
 from stagepipe.engine.stage import Context, Read, Work
 from stagepipe.errors import ConfigError, StagepipeError
 from stagepipe.methods import QuantizedMethod, make_method
@@ -46,6 +46,7 @@ from stagepipe.stagekit.artifacts import (
 from stagepipe.stagekit.assembly import replaced_layer
 from stagepipe.stagekit.base import PipelineStage, register
 from stagepipe.stagekit.cost import CostInputs, Estimate
+from stagepipe.stagekit.dense_kinds import StoredBytesAllocation
 from stagepipe.stagekit.streams import SequentialStage, block_input_rows, running_grams, write_block_outputs
 
 
@@ -55,7 +56,7 @@ def propagates(method: Any) -> bool:
 
 
 @register
-class QuantizeStage(PipelineStage):
+class QuantizeStage(StoredBytesAllocation, PipelineStage):
     name = "quantize"
     version = 1
     description = ("every target linear dense on an integer grid (RTN, GPTQ; packed as compressed-tensors) "
@@ -197,36 +198,16 @@ class QuantizeStage(PipelineStage):
 
     # ------------------------------------------------------------------ the kind's allocation
     @classmethod
-    def allocates(cls, choices) -> bool:
-        return True
-
-    @classmethod
-    def allocation_needs(cls, choices) -> dict[str, set[str]]:
-        return {"quantize": set()}  # each layer's stored bytes, in its results
-
-    @classmethod
-    def allocation_reads(cls, ctx: Context) -> list[Read]:
-        return [Read(artifacts.ref("quantize", p)) for p in artifacts.model_layers(ctx) or []]
-
-    @classmethod
     def allocation_slice(cls, ctx: Context) -> dict[str, Any]:
         return {"method": ctx.plan.method.quantization_options(), "bits_per_weight": ctx.config.target.bits_per_weight}
 
     @classmethod
     def allocation(cls, ctx: Context, work: Work, shapes: dict[str, tuple[int, int]], n_params: int) -> dict[str, Any]:
         """No ranks (every target dense); the bytes each target matrix stores, and the bits per weight."""
-        stored: dict[str, int] = {}
-        for ref, directory in sorted(work.inputs.items()):
-            if ref.stage == cls.name:
-                prefix = ctx.plan.layout.layer_prefix(layer_index(ref.partition))
-                stored.update({prefix + n: item["stored_bytes"] for n, item in artifacts.read_results(directory)["linears"].items()})
-        ranks: dict[str, int | None] = dict.fromkeys(stored)
-        report = ratio_report(shapes, ranks, n_params, 1.0).model_dump()
-        report["memory"] = quantized_memory_report(shapes, stored, ctx.config.target.bits_per_weight,
-                                                   ctx.plan.method.storage()).model_dump()
-        details = {"quantization": ctx.plan.method.quantization_options()}
-        artifacts.write_allocation(work.out, ranks, dict.fromkeys(stored, 0.0), report, details)
-        return {"ratios": report, "policy": ctx.config.method.name, "search": details, "dense_targets": sorted(stored)}
+        memory = quantized_memory_report(shapes, cls.stored_by_matrix(ctx, work), ctx.config.target.bits_per_weight,
+                                         ctx.plan.method.storage())
+        return cls.write_dense_allocation(ctx, work, shapes, n_params, memory,
+                                          {"quantization": ctx.plan.method.quantization_options()})
 
     # ------------------------------------------------------------------ and its assembly
     @classmethod

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from stagepipe.engine.stage import Context, Work
-from stagepipe.models.sources import load_model, source_fingerprint
+from stagepipe.models.sources import save_snapshot, snapshot_identity
 from stagepipe.stagekit import artifacts
 from stagepipe.stagekit.base import PipelineStage, register
 from stagepipe.stagekit.cost import CostInputs, Estimate
@@ -25,8 +25,7 @@ class SnapshotStage(PipelineStage):
     writes = {artifacts.MODEL_DIR: "the model as a Hugging Face directory (config, safetensors, tokenizer)"}
 
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
-        spec = ctx.config.model
-        return {"model": spec.model_dump(mode="json", exclude={"device", "shape_hint"}), "source": source_fingerprint(spec)}
+        return snapshot_identity(ctx.config.model)
 
     @classmethod
     def cost(cls, c: CostInputs) -> Estimate:
@@ -34,10 +33,7 @@ class SnapshotStage(PipelineStage):
         return Estimate(cls.name, size, size * 2, 0, f"{c.shapes.params / 1e9:.2f} B parameters")
 
     def run(self, ctx: Context, work: Work) -> dict[str, Any]:
-        model, tokenizer = load_model(ctx.config.model)
-        target = artifacts.model_dir(work.out)
-        model.save_pretrained(target, max_shard_size="2GB")
-        tokenizer.save_pretrained(target)
+        model = save_snapshot(ctx.config.model, artifacts.model_dir(work.out))
         unique = {id(p): p.numel() for p in model.parameters()}
         return {
             "model_type": model.config.model_type,
