@@ -192,3 +192,16 @@ def runnable_bundled(path: Path, tmp: Path) -> Path:
     copy_path = tmp / path.name
     copy_path.write_text(yaml.safe_dump(data, sort_keys=False))
     return copy_path
+
+
+def run_report(path: Path, ws: Path) -> dict:
+    """``stagepipe run PATH -w WS`` in process (it must succeed) and the report it leaves."""
+    import json
+
+    from click.testing import CliRunner
+
+    from stagepipe.cli import main
+
+    result = CliRunner().invoke(main, ["run", str(path), "-w", str(ws)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return json.loads((finished_outputs(ws)["report@all"] / "report.json").read_text())

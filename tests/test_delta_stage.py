@@ -5,7 +5,6 @@ model bit for bit, a kill -9 inside the stage resumes to the same masks, and bad
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from stagepipe.config import TinyModel
 from stagepipe.delta import tensor_bytes
 from stagepipe.io import safetensors_io
 from stagepipe.models.sources import load_model
-from tests.conftest import TINY, assert_kill_resumes_identically, finished_outputs, merge
+from tests.conftest import TINY, assert_kill_resumes_identically, finished_outputs, merge, run_report
 
 TARGET = re.compile(r"layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
 
@@ -50,10 +49,7 @@ def pipeline(tmp: Path, name: str, method: dict, ratio: float, model_dir: Path) 
     return path
 
 
-def run(path: Path, ws: Path) -> dict:
-    result = CliRunner().invoke(main, ["run", str(path), "-w", str(ws)], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return json.loads((finished_outputs(ws)["report@all"] / "report.json").read_text())
+run = run_report
 
 
 def tensors_of(directory: Path) -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ from stagepipe.models.layout import block_linear_shapes
 from stagepipe.quantize import Grid, dequantize_stored, stored_bytes
 from stagepipe.stagekit import artifacts
 from stagepipe.stagekit.plan import make_plan
-from tests.conftest import TINY, assert_kill_resumes_identically, finished_outputs, merge
+from tests.conftest import TINY, assert_kill_resumes_identically, finished_outputs, merge, run_report
 
 
 def pipeline(tmp: Path, name: str, method: dict, bits_per_weight: float = 4.5) -> Path:
@@ -33,10 +33,7 @@ def pipeline(tmp: Path, name: str, method: dict, bits_per_weight: float = 4.5) -
     return path
 
 
-def run(path: Path, ws: Path) -> dict:
-    result = CliRunner().invoke(main, ["run", str(path), "-w", str(ws)], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return json.loads((finished_outputs(ws)["report@all"] / "report.json").read_text())
+run = run_report
 
 
 @pytest.fixture(scope="module")
