@@ -85,7 +85,13 @@ def main() -> None:
     parser.add_argument("--ratios", nargs="+", type=float, default=[8, 16, 32])
     parser.add_argument("--workspace", type=Path, default=ROOT / "workspace" / "impart")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "delta")
+    parser.add_argument("--render", action="store_true", help="only rewrite results.md from results.json")
     args = parser.parse_args()
+    if args.render:
+        saved = json.loads((args.out / "results.json").read_text())
+        lines = render(saved["rows"], saved["impart_choice"], saved["impart_note"], saved["commit"])
+        (args.out / "results.md").write_text("\n".join(lines) + "\n")
+        return
     base = yaml.safe_load(BASE.read_text())
     chosen, tried, note = choose_impart(base, args.workspace)
     rows = []
@@ -138,9 +144,15 @@ def render(rows: list[dict], chosen: dict, note: str, commit: str) -> list[str]:
             c = compare(at["impart"]["window_nll"]["compressed"][dataset], at[other]["window_nll"]["compressed"][dataset], 511)
             lines.append(f"- ratio {ratio:g}: ImPart over {other} ×{c.ratio:.4f} [{c.low:.4f}, {c.high:.4f}]"
                          + ("" if c.resolved else " ≈"))
-        c = compare(at["lowrank_whitened"]["window_nll"]["compressed"][dataset], at["impart"]["window_nll"]["compressed"][dataset], 511)
-        lines.append(f"- ratio {ratio:g}: whitened low rank over ImPart ×{c.ratio:.4f} [{c.low:.4f}, {c.high:.4f}]"
+        c = compare(at["lowrank_whitened"]["window_nll"]["compressed"][dataset], at["lowrank"]["window_nll"]["compressed"][dataset], 511)
+        lines.append(f"- ratio {ratio:g}: whitened low rank over plain low rank ×{c.ratio:.4f} [{c.low:.4f}, {c.high:.4f}]"
                      + ("" if c.resolved else " ≈"))
+    bits = next((r for r in rows if r["label"] == "bitdelta"), None)
+    sixteen = next((r for r in rows if r["label"] == "impart" and r["ratio_requested"] == 16), None)
+    if bits and sixteen:
+        c = compare(bits["window_nll"]["compressed"][dataset], sixteen["window_nll"]["compressed"][dataset], 511)
+        lines.append(f"- BitDelta (ratio {bits['ratio']:.3f}) over ImPart at ratio 16 ({sixteen['ratio']:.3f}) "
+                     f"×{c.ratio:.4f} [{c.low:.4f}, {c.high:.4f}]" + ("" if c.resolved else " ≈"))
     return lines
 
 
