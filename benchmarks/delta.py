@@ -5,7 +5,7 @@ real pipeline (``pipelines/delta/smollm2_shakespeare.yaml``; make the fine-tune 
 Every row shares one workspace: the snapshots, tokenization and the base / fine-tuned evaluations run
 once. ImPart's two hyperparameters (β, C) are chosen first, on the *validation* works at ratio 32 (the
 evaluation datasets swapped for the validation split; the test works never seen); the choice and
-whether it is outside the noise are written beside the table. Writes ``docs/delta/results.{md,json}``.
+whether it is outside the noise are written beside the table. Writes ``docs/delta/table.{md,json}``.
 
     python benchmarks/delta.py [--ratios 8 16 32] [--workspace workspace/impart] [--out docs/delta]
 """
@@ -85,12 +85,12 @@ def main() -> None:
     parser.add_argument("--ratios", nargs="+", type=float, default=[8, 16, 32])
     parser.add_argument("--workspace", type=Path, default=ROOT / "workspace" / "impart")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "delta")
-    parser.add_argument("--render", action="store_true", help="only rewrite results.md from results.json")
+    parser.add_argument("--render", action="store_true", help="only rewrite table.md from table.json")
     args = parser.parse_args()
     if args.render:
-        saved = json.loads((args.out / "results.json").read_text())
+        saved = json.loads((args.out / "table.json").read_text())
         lines = render(saved["rows"], saved["impart_choice"], saved["impart_note"], saved["commit"])
-        (args.out / "results.md").write_text("\n".join(lines) + "\n")
+        (args.out / "table.md").write_text("\n".join(lines) + "\n")
         return
     base = yaml.safe_load(BASE.read_text())
     chosen, tried, note = choose_impart(base, args.workspace)
@@ -103,10 +103,10 @@ def main() -> None:
     rows.append({"label": "bitdelta", **run(config(base, {"name": "bitdelta"}, BITDELTA_RATIO), args.workspace)})
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps({"commit": commit, "impart_choice": chosen, "impart_note": note,
+    (args.out / "table.json").write_text(json.dumps({"commit": commit, "impart_choice": chosen, "impart_note": note,
                                                        "impart_tried": tried, "rows": rows}, indent=1))
-    (args.out / "results.md").write_text("\n".join(render(rows, chosen, note, commit)) + "\n")
-    print((args.out / "results.md").read_text())
+    (args.out / "table.md").write_text("\n".join(render(rows, chosen, note, commit)) + "\n")
+    print((args.out / "table.md").read_text())
 
 
 def render(rows: list[dict], chosen: dict, note: str, commit: str) -> list[str]:
