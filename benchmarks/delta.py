@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BASE = ROOT / "pipelines" / "delta" / "smollm2_shakespeare.yaml"
 #: the methods of the table (ImPart's options come from the validation search)
 METHODS = {"impart": {"name": "impart"}, "dare": {"name": "dare"}, "lowrank": {"name": "delta_lowrank"},
-           "lowrank_whitened": {"name": "delta_lowrank", "metric": "whitened"}}
+           "lowrank_whitened": {"name": "delta_lowrank", "metric": "whitened"},
+           "impart_qt": {"name": "impart_qt"}}  # with ImPart's β and C (the paper's search is over ImPart's own)
 #: BitDelta's one ratio: one bit per weight and a 16-bit scale per matrix (2mn / (mn/8 + 2) just under 16)
 BITDELTA_RATIO = 15.99
 #: ImPart's search space on the validation works (β: the weakest share dropped whole; C: the importance exponent)
@@ -97,7 +98,7 @@ def main() -> None:
     rows = []
     for ratio in args.ratios:
         for label, method in METHODS.items():
-            options = {**method, **chosen} if label == "impart" else method
+            options = {**method, **chosen} if label.startswith("impart") else method
             rows.append({"label": label, **run(config(base, options, ratio), args.workspace)})
             print(f"{label:18s} ratio {ratio:g}: {rows[-1]['perplexity']['compressed']}", flush=True)
     rows.append({"label": "bitdelta", **run(config(base, {"name": "bitdelta"}, BITDELTA_RATIO), args.workspace)})
@@ -133,7 +134,7 @@ def render(rows: list[dict], chosen: dict, note: str, commit: str) -> list[str]:
     ]
     for row in rows:
         gain = row["gain_retained"][dataset]
-        name = row["label"] + (f" (β={chosen['beta']:g}, C={chosen['exponent']:g})" if row["label"] == "impart" else "")
+        name = row["label"] + (f" (β={chosen['beta']:g}, C={chosen['exponent']:g})" if row["label"].startswith("impart") else "")
         lines.append(f"| {name} | {row['ratio_requested']:g} | {row['ratio']:.3f} | {row['stored_bytes'] / 1e6:.2f} | "
                      f"{cell(row['perplexity']['compressed'][dataset], row['interval']['compressed'][dataset])} | "
                      f"{gain['value']:.3f} [{gain['low']:.3f}, {gain['high']:.3f}] |")
@@ -143,6 +144,10 @@ def render(rows: list[dict], chosen: dict, note: str, commit: str) -> list[str]:
         for other in ("dare", "lowrank", "lowrank_whitened"):
             c = compare(at["impart"]["window_nll"]["compressed"][dataset], at[other]["window_nll"]["compressed"][dataset], 511)
             lines.append(f"- ratio {ratio:g}: ImPart over {other} ×{c.ratio:.4f} [{c.low:.4f}, {c.high:.4f}]"
+                         + ("" if c.resolved else " ≈"))
+        if "impart_qt" in at:
+            c = compare(at["impart_qt"]["window_nll"]["compressed"][dataset], at["impart"]["window_nll"]["compressed"][dataset], 511)
+            lines.append(f"- ratio {ratio:g}: ImPart-Qt over ImPart ×{c.ratio:.4f} [{c.low:.4f}, {c.high:.4f}]"
                          + ("" if c.resolved else " ≈"))
         c = compare(at["lowrank_whitened"]["window_nll"]["compressed"][dataset], at["lowrank"]["window_nll"]["compressed"][dataset], 511)
         lines.append(f"- ratio {ratio:g}: whitened low rank over plain low rank ×{c.ratio:.4f} [{c.low:.4f}, {c.high:.4f}]"

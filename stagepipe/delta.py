@@ -120,20 +120,25 @@ def impart_bytes_at(s: torch.Tensor, m: int, n: int, alpha: float, beta: float, 
     return sparse_bytes(m, [a for a, _ in pairs]) + sparse_bytes(n, [b for _, b in pairs])
 
 
+def smallest_alpha(cost, budget: int) -> float:
+    """The smallest sparsity whose ``cost(α)`` bytes fit ``budget`` (bisection: the bytes fall as ``α``
+    grows, and ``α`` near 1 stores nothing)."""
+    low, high = 0.0, 1.0 - 1e-9
+    if cost(low) <= budget:
+        return low
+    for _ in range(50):
+        middle = 0.5 * (low + high)
+        low, high = (middle, high) if cost(middle) > budget else (low, middle)
+    return high
+
+
 def impart_for_budget(delta: torch.Tensor, budget: int, beta: float, exponent: float,
                       generator: torch.Generator) -> SparseFactors:
-    """ImPart at the smallest sparsity ``α`` whose stored bytes are within ``budget`` (bisection; the
-    bytes fall as ``α`` grows, and ``α`` near 1 stores nothing)."""
+    """ImPart at the smallest sparsity ``α`` whose stored bytes are within ``budget``."""
     m, n = delta.shape
     u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)  # one SVD: the rates searched are the rates used
-    low, high = 0.0, 1.0 - 1e-9
-    if impart_bytes_at(s, m, n, low, beta, exponent) > budget:
-        for _ in range(50):
-            middle = 0.5 * (low + high)
-            low, high = (middle, high) if impart_bytes_at(s, m, n, middle, beta, exponent) > budget else (low, middle)
-    else:
-        high = low
-    return _sparse_factors(u, s, vh, high, min(beta, high), exponent, generator)
+    alpha = smallest_alpha(lambda a: impart_bytes_at(s, m, n, a, beta, exponent), budget)
+    return _sparse_factors(u, s, vh, alpha, min(beta, alpha), exponent, generator)
 
 
 def dare(delta: torch.Tensor, rate: float, generator: torch.Generator) -> torch.Tensor:
@@ -264,3 +269,174 @@ def impart_bytes(factors: SparseFactors) -> int:
     """Bytes of ImPart's stored factors (``pack_sparse`` of ``up``ᵀ and ``down``)."""
     return (sparse_bytes(factors.up.shape[0], [int(torch.count_nonzero(c)) for c in factors.up.T])
             + sparse_bytes(factors.down.shape[1], [int(torch.count_nonzero(r)) for r in factors.down]))
+
+
+# --------------------------------------------------------------------------- ImPart-Qt: the kept vectors quantised
+@dataclass(frozen=True)
+class BitSchedule:
+    """Bits per kept component in singular-value order: ``bits[0]`` for the first ``counts[0]``, ``bits[1]``
+    for the next ``counts[1]``, …, the last entry of ``bits`` for the rest (the paper: 8, 3, 2 after 2 and 32)."""
+
+    bits: tuple[int, ...] = (8, 3, 2)
+    counts: tuple[int, ...] = (2, 32)
+
+    def of(self, rank: int) -> int:
+        edge = 0
+        for bits, count in zip(self.bits, self.counts, strict=False):
+            edge += count
+            if rank < edge:
+                return bits
+        return self.bits[-1]
+
+
+def quantized_vector_bytes(length: int, nonzeros: int, bits: int) -> int:
+    """One stored vector of ``bits``-bit codes: where its nonzeros are (nothing when dense, else the cheaper of a
+    bitmap and indices), the packed codes, a float16 scale, and its count, format and bits (6 bytes)."""
+    codes = math.ceil(nonzeros * bits / 8)
+    where = 0 if nonzeros == length else min(math.ceil(length / 8), nonzeros * _index_bytes(length))
+    return where + codes + VALUE_BYTES + LAYOUT_BYTES + 1
+
+
+def impart_qt_bytes_at(s: torch.Tensor, m: int, n: int, alpha: float, beta: float, exponent: float,
+                       schedule: BitSchedule) -> int:
+    """ImPart-Qt's stored bytes at sparsity ``alpha`` (both factors, each kept component at its bits)."""
+    rates = impart_drop_rates(s, alpha, min(beta, alpha), exponent)
+    pairs = [(kept_count(m, float(r)), kept_count(n, float(r))) for r in rates]
+    pairs = [(a, b) for a, b in pairs if min(a, b) > 0]
+    return sum(quantized_vector_bytes(m, a, schedule.of(i)) + quantized_vector_bytes(n, b, schedule.of(i))
+               for i, (a, b) in enumerate(pairs))
+
+
+def symmetric_scale(values: torch.Tensor, bits: int) -> float:
+    """GPTQ's symmetric grid for a vector: codes 0 … 2^b − 1 around 2^(b−1), the range covering max |value|;
+    rounded to float16 (how it is stored)."""
+    high = float(values.abs().max()) if values.numel() else 0.0
+    scale = 2 * high / ((1 << bits) - 1) if high > 0 else 1.0
+    return float(torch.tensor(scale, dtype=torch.float16)) or float(torch.finfo(torch.float16).tiny)
+
+
+def quantize_values(values: torch.Tensor, scale: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """Codes of ``values`` on per-entry (scale, bits) symmetric grids, as integers in [0, 2^b − 1]."""
+    zero = (1 << bits.to(torch.int64)) // 2
+    return torch.clamp(torch.round(values / scale) + zero, torch.zeros_like(zero), (1 << bits.to(torch.int64)) - 1)
+
+
+def masked_gptq(w: torch.Tensor, mask: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, bits: torch.Tensor,
+                damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ of ``w`` (rows × columns) whose zero pattern ``mask`` must stay: column by column, each entry on the
+    symmetric grid of its (``scale``, ``bits``) (broadcast to ``w``'s shape), the error fed back to the later
+    columns through the upper Cholesky factor of ``H⁻¹`` and only where ``mask`` keeps entries. (codes,
+    dequantised), float64; ``H⁻¹`` itself is never formed."""
+    from stagepipe.quantize import inverse_cholesky_upper
+
+    w = (w.double() * mask).clone()
+    h = hessian.double().clone()
+    n = w.shape[1]
+    dead = torch.diag(h) <= 0
+    h[dead, dead] = 1.0
+    h += damp * float(torch.diag(h).mean()) * torch.eye(n, dtype=h.dtype)
+    u = inverse_cholesky_upper(h)
+    codes = torch.zeros_like(w)
+    out = torch.zeros_like(w)
+    zero = ((1 << bits.to(torch.int64)) // 2).to(w.dtype)
+    for j in range(n):
+        column = w[:, j]
+        codes[:, j] = quantize_values(column, scale[:, j], bits[:, j]) * mask[:, j]
+        out[:, j] = (codes[:, j] - zero[:, j]) * scale[:, j] * mask[:, j]
+        error = (column - out[:, j]) / u[j, j]
+        w[:, j + 1:] -= error[:, None] * u[j, j + 1:][None, :]
+        w[:, j + 1:] *= mask[:, j + 1:]
+    return codes, out
+
+
+def pack_quantized_sparse(codes: torch.Tensor, mask: torch.Tensor, bits: list[int], scales: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The rows of ``codes`` (k × L integers) where ``mask`` keeps entries: each row's codes packed at its bits
+    (byte-aligned), where they are (dense: nothing; else the cheaper of a bitmap and indices), its float16
+    scale, count, format and bits; ``quantized_vector_bytes`` per row (tested)."""
+    k, length = codes.shape
+    index_dtype = torch.int32 if _index_bytes(length) == 4 else torch.uint16
+    packed, bitmaps, indices, counts, formats = [], [], [], [], []
+    for row, keep, b in zip(codes, mask.bool(), bits, strict=True):
+        nonzeros = int(keep.sum())
+        counts.append(nonzeros)
+        packed.append(pack(row[keep].to(torch.int64), b))
+        if nonzeros == length:
+            formats.append(DENSE)
+        elif math.ceil(length / 8) <= nonzeros * _index_bytes(length):
+            formats.append(BITMAP)
+            bitmaps.append(pack(keep.to(torch.int64), 1))
+        else:
+            formats.append(INDEX)
+            indices.append(torch.nonzero(keep).reshape(-1))
+    empty = torch.zeros(0, dtype=torch.uint8)
+    return {"codes": torch.cat(packed) if packed else empty, "bitmaps": torch.cat(bitmaps) if bitmaps else empty,
+            "indices": (torch.cat(indices) if indices else torch.zeros(0, dtype=torch.int64)).to(index_dtype),
+            "counts": torch.tensor(counts, dtype=torch.int32).reshape(k),
+            "formats": torch.tensor(formats, dtype=torch.uint8).reshape(k),
+            "bits": torch.tensor(bits, dtype=torch.uint8).reshape(k), "scales": _f16(scales.reshape(k), "scales")}
+
+
+def unpack_quantized_sparse(tensors: dict[str, torch.Tensor], length: int) -> torch.Tensor:
+    """The dequantised k × ``length`` float64 rows ``pack_quantized_sparse`` stored."""
+    counts, formats, bits = tensors["counts"].tolist(), tensors["formats"].tolist(), tensors["bits"].tolist()
+    scales, indices = tensors["scales"].to(torch.float64), tensors["indices"].to(torch.int64)
+    out = torch.zeros(len(counts), length, dtype=torch.float64)
+    at_code = at_bitmap = at_index = 0
+    bitmap_bytes = math.ceil(length / 8)
+    for i, (count, kind, b) in enumerate(zip(counts, formats, bits, strict=True)):
+        size = math.ceil(count * b / 8)
+        values = (unpack(tensors["codes"][at_code:at_code + size], b, count).double() - (1 << b) // 2) * scales[i]
+        at_code += size
+        if kind == DENSE:
+            out[i] = values
+        elif kind == BITMAP:
+            out[i, unpack(tensors["bitmaps"][at_bitmap:at_bitmap + bitmap_bytes], 1, length).bool()] = values
+            at_bitmap += bitmap_bytes
+        else:
+            out[i, indices[at_index:at_index + count]] = values
+            at_index += count
+    return out
+
+
+@dataclass
+class QuantizedSparseFactors:
+    """ImPart-Qt's stored factors: ``up`` (m × k) and ``down`` (k × n) dequantised, and their stored tensors."""
+
+    up: torch.Tensor
+    down: torch.Tensor
+    tensors: dict[str, torch.Tensor]
+    alpha: float
+    components: int
+
+
+def impart_qt_for_budget(delta: torch.Tensor, gram: torch.Tensor, budget: int, beta: float, exponent: float,
+                         schedule: BitSchedule, damp: float, generator: torch.Generator) -> QuantizedSparseFactors:
+    """ImPart-Qt: ImPart's sparse singular vectors at the smallest sparsity whose quantised form fits
+    ``budget``, each kept component at its schedule's bits; ``down`` (components × inputs) by masked GPTQ
+    under the input Gram ``H``, then ``up`` (outputs × components) under ``D_q H D_qᵀ``, the Hessian of its
+    inputs once ``down`` is quantised (one scale per component and factor, fitted before the sweep)."""
+    m, n = delta.shape
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    alpha = smallest_alpha(lambda a: impart_qt_bytes_at(s, m, n, a, beta, exponent, schedule), budget)
+    factors = _sparse_factors(u, s, vh, alpha, min(beta, alpha), exponent, generator)
+    k = factors.down.shape[0]
+    if k == 0:  # the budget buys no component: an empty delta, stored as such
+        empty = torch.zeros(0, 0, dtype=torch.float64)
+        tensors = {f"{side}.{key}": t for side in ("down", "up") for key, t in pack_quantized_sparse(
+            empty, empty, [], torch.zeros(0, dtype=torch.float64)).items()}
+        return QuantizedSparseFactors(torch.zeros(m, 0, dtype=torch.float64), torch.zeros(0, n, dtype=torch.float64),
+                                      tensors, alpha, 0)
+    bits = [schedule.of(i) for i in range(k)]
+    down_mask, up_mask = (factors.down != 0).double(), (factors.up != 0).double()
+    down_scale = torch.tensor([symmetric_scale(r[r != 0], b) for r, b in zip(factors.down, bits, strict=True)],
+                              dtype=torch.float64)
+    up_scale = torch.tensor([symmetric_scale(c[c != 0], b) for c, b in zip(factors.up.T, bits, strict=True)],
+                            dtype=torch.float64)
+    bits_rows = torch.tensor(bits, dtype=torch.int64)
+    down_codes, down_q = masked_gptq(factors.down, down_mask, gram, down_scale[:, None].expand(k, n),
+                                     bits_rows[:, None].expand(k, n), damp)
+    up_codes, up_q = masked_gptq(factors.up, up_mask, down_q @ gram.double() @ down_q.T,
+                                 up_scale[None, :].expand(m, k), bits_rows[None, :].expand(m, k), damp)
+    tensors = {**{f"down.{key}": t for key, t in pack_quantized_sparse(down_codes, down_mask, bits, down_scale).items()},
+               **{f"up.{key}": t for key, t in pack_quantized_sparse(up_codes.T, up_mask.T, bits, up_scale).items()}}
+    return QuantizedSparseFactors(up_q, down_q, tensors, alpha, k)

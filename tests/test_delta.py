@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from stagepipe.delta import (
+    BitSchedule,
     bitdelta,
     bitdelta_bytes,
     dare,
@@ -16,13 +17,19 @@ from stagepipe.delta import (
     impart_bytes,
     impart_drop_rates,
     impart_for_budget,
+    impart_qt_bytes_at,
+    impart_qt_for_budget,
     kept_count,
     low_rank,
     mask_seed,
+    masked_gptq,
     pack_sparse,
+    quantize_values,
     sparse_bytes,
     sparsify,
+    symmetric_scale,
     tensor_bytes,
+    unpack_quantized_sparse,
     unpack_sparse,
 )
 
@@ -137,3 +144,48 @@ def test_masks_keep_exact_counts_and_stay_unbiased() -> None:
     assert abs(float(torch.stack(draws).mean()) - 1.0) < 1e-12  # 100 survivors × 10 over 1000 entries: exactly 1
     rows = sparsify(torch.ones(5, 50, dtype=torch.float64), 0.5, torch.Generator().manual_seed(0))
     assert ((rows != 0).sum(1) == 25).all()
+
+
+def test_masked_gptq_keeps_the_zeros_reduces_to_rtn_and_to_gptq() -> None:
+    """With ``H = I`` nothing is fed back: each kept entry is rounded on its grid. With every entry kept and one
+    grid per row it is GPTQ (``quantize.gptq`` with static per-channel scales; lazy blocks only reorder sums)."""
+    from stagepipe.quantize import Grid, gptq
+
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(12, 40, generator=g, dtype=torch.float64)
+    mask = (torch.rand(12, 40, generator=g) < 0.5).double()
+    bits = torch.full((12, 40), 3)
+    scale = torch.tensor([symmetric_scale(r[m > 0], 3) for r, m in zip(w, mask, strict=True)], dtype=torch.float64)
+    codes, out = masked_gptq(w, mask, torch.eye(40, dtype=torch.float64), scale[:, None].expand(12, 40), bits, 0.0)
+    assert bool((out[mask == 0] == 0).all())
+    rounded = (quantize_values(w, scale[:, None].expand(12, 40), bits) - 4) * scale[:, None]
+    torch.testing.assert_close(out, rounded * mask, rtol=0, atol=1e-12)
+    x = torch.randn(40, 200, generator=g, dtype=torch.float64)
+    h = x @ x.T
+    full = torch.ones_like(w)
+    scale = torch.tensor([symmetric_scale(r, 3) for r in w], dtype=torch.float64)
+    codes, out = masked_gptq(w, full, h, scale[:, None].expand(12, 40), bits, 0.01)
+    reference = gptq(w, h, Grid(3, None, symmetric=True), damp=0.01, static_scales=True)
+    assert float((codes == reference.codes).double().mean()) >= 0.995
+    masked_codes, masked_out = masked_gptq(w, mask, h, scale[:, None].expand(12, 40), bits, 0.01)
+    assert bool((masked_out[mask == 0] == 0).all())
+    error = lambda d: float(torch.trace(d @ h @ d.T))  # noqa: E731
+    rtn_out = (quantize_values(w, scale[:, None].expand(12, 40), bits) - 4) * scale[:, None] * mask
+    assert error(w * mask - masked_out) < error(w * mask - rtn_out)  # the feedback pays under H
+
+
+def test_impart_qt_meets_its_budget_in_the_bytes_it_stores() -> None:
+    g = torch.Generator().manual_seed(6)
+    delta = torch.randn(48, 40, generator=g, dtype=torch.float64) @ torch.diag(torch.logspace(0, -2, 40, dtype=torch.float64))
+    x = torch.randn(40, 300, generator=g, dtype=torch.float64)
+    schedule = BitSchedule((8, 3, 2), (2, 4))
+    for ratio in (4, 16):
+        budget = dense_delta_bytes(48, 40) // ratio
+        found = impart_qt_for_budget(delta, x @ x.T, budget, 0.0, 1.0, schedule, 0.01, torch.Generator().manual_seed(0))
+        s = torch.linalg.svd(delta, full_matrices=False)[1]
+        assert tensor_bytes(found.tensors) == impart_qt_bytes_at(s, 48, 40, found.alpha, 0.0, 1.0, schedule) <= budget
+        up = unpack_quantized_sparse({k[3:]: v for k, v in found.tensors.items() if k.startswith("up.")}, 48)
+        down = unpack_quantized_sparse({k[5:]: v for k, v in found.tensors.items() if k.startswith("down.")}, 40)
+        torch.testing.assert_close(up.T, found.up, rtol=0, atol=0)
+        torch.testing.assert_close(down, found.down, rtol=0, atol=0)
+        assert found.up.shape[1] > 0 and [schedule.of(i) for i in range(7)] == [8, 8, 3, 3, 3, 3, 2]

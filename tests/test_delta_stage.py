@@ -67,7 +67,7 @@ def pair(tmp_path_factory) -> Path:
 @pytest.mark.parametrize(("method", "ratio"), [({"name": "impart"}, 4), ({"name": "dare"}, 4),
                                                ({"name": "delta_lowrank"}, 8),
                                                ({"name": "delta_lowrank", "metric": "whitened"}, 8),
-                                               ({"name": "bitdelta"}, 8)])
+                                               ({"name": "bitdelta"}, 8), ({"name": "impart_qt"}, 16)])
 def test_each_method_meets_its_ratio_with_the_bytes_it_writes(pair: Path, tmp_path: Path, method: dict, ratio: float) -> None:
     report = run(pipeline(tmp_path, method["name"], method, ratio, pair), tmp_path / "ws")
     memory, achieved = report["ratios"]["memory"], report["ratios"]["delta_ratio"]
