@@ -107,6 +107,14 @@ def test_the_exported_delta_applied_to_the_base_is_the_assembled_model(pair: Pat
     again = runner.invoke(main, ["delta-apply", str(outputs["base@all"] / "model"), str(tmp_path / "delta"),
                                  str(tmp_path / "applied")])
     assert again.exit_code != 0 and "never overwrites" in again.output  # a finished output is never replaced
+    layer = tmp_path / "delta" / "layer-001.safetensors"
+    data = bytearray(layer.read_bytes())
+    data[-1] ^= 0xFF  # bit rot in the exported delta: never read
+    layer.write_bytes(bytes(data))
+    corrupt = runner.invoke(main, ["delta-apply", str(outputs["base@all"] / "model"), str(tmp_path / "delta"),
+                                   str(tmp_path / "applied2")])
+    assert corrupt.exit_code != 0 and "layer-001.safetensors: content differs from the sha256" in corrupt.output
+    assert not (tmp_path / "applied2").exists()
 
 
 def test_the_base_is_scored_beside_the_fine_tuned_and_the_compressed_model(pair: Path, tmp_path: Path) -> None:

@@ -18,17 +18,22 @@ class, ``models.dense``) are this stage's too. The compressed delta alone is thi
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import TypeAdapter
 
 from stagepipe.accounting import delta_memory_report
+from stagepipe.config import PipelineConfig
 from stagepipe.delta import mask_seed, tensor_bytes
 from stagepipe.engine.stage import Context, Read, Work
 from stagepipe.errors import ConfigError, InputError, StagepipeError
 from stagepipe.io import safetensors_io
+from stagepipe.io.hashing import sha256_file
 from stagepipe.methods import DeltaMethod, make_method
 from stagepipe.models import dense
 from stagepipe.models.layout import block_linear_shapes
@@ -233,42 +238,41 @@ EXPORT_INDEX = "delta.json"
 def export_delta(config: Any, outputs: dict[int, Path], prefixes: dict[int, str], out: Path) -> dict[str, Any]:
     """Write the finished ``delta`` partitions (``outputs``: layer → verified output directory) as one
     directory: a ``layer-XXX.safetensors`` per layer and ``delta.json`` (the method, the base it applies
-    to, the layer prefixes, the bytes). ``apply_delta`` adds it to the base."""
-    import json
-    import shutil
-
+    to, the layer prefixes, each file's sha256, the bytes). ``apply_delta`` adds it to the base."""
     if out.exists():
         raise InputError(f"{out}: exists; the export never overwrites (choose a new directory)")
-    out.mkdir(parents=True)
-    stored = 0
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    stored, files = 0, {}
     for layer, directory in sorted(outputs.items()):
-        shutil.copyfile(directory / DELTA, out / f"{artifacts.layer_partition(layer)}.safetensors")
-        stored += tensor_bytes(safetensors_io.read(directory / DELTA))
+        name = f"{artifacts.layer_partition(layer)}.safetensors"
+        shutil.copyfile(directory / DELTA, partial / name)
+        files[name] = sha256_file(partial / name)
+        stored += tensor_bytes(safetensors_io.read(partial / name))
     index = {"method": config.method.model_dump(mode="json"), "base": config.base.model_dump(mode="json"),
-             "delta_ratio": config.target.delta_ratio, "stored_bytes": stored,
+             "delta_ratio": config.target.delta_ratio, "stored_bytes": stored, "sha256": files,
              "layers": {artifacts.layer_partition(i): prefixes[i] for i in sorted(outputs)}}
-    (out / EXPORT_INDEX).write_text(json.dumps(index, indent=1, sort_keys=True))
+    (partial / EXPORT_INDEX).write_text(json.dumps(index, indent=1, sort_keys=True))
+    partial.rename(out)  # complete or absent
     return index
 
 
 def apply_delta(base_dir: Path, delta_dir: Path, out: Path) -> None:
-    """``base_dir`` (a Hugging Face model directory) plus an exported delta, written to ``out``: each
-    target weight the base's plus the decoded delta, every other file the base's."""
-    import json
-    import shutil
-
-    from stagepipe.config import PipelineConfig
-    from stagepipe.methods import make_method
-
+    """``base_dir`` (a Hugging Face model directory) plus an exported delta (each file checked against its
+    sha256 first), written to ``out``: each target weight the base's plus the decoded delta, every other
+    file the base's. ``out`` appears complete or not at all."""
     if out.exists():
         raise InputError(f"{out}: exists; delta-apply never overwrites (choose a new directory)")
     index = json.loads((delta_dir / EXPORT_INDEX).read_text())
-    method_config = PipelineConfig.model_fields["method"].annotation
-    from pydantic import TypeAdapter
-
-    method = make_method(TypeAdapter(method_config).validate_python(index["method"]))
+    for name, digest in index["sha256"].items():
+        if sha256_file(delta_dir / name) != digest:
+            raise InputError(f"{delta_dir / name}: content differs from the sha256 in {EXPORT_INDEX} (corrupt); re-export it")
+    method = make_method(TypeAdapter(PipelineConfig.model_fields["method"].annotation).validate_python(index["method"]))
     wmap = weight_map(base_dir)
-    shutil.copytree(base_dir, out)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(base_dir, partial)
     changed: dict[str, dict[str, torch.Tensor]] = {}
     for partition, prefix in index["layers"].items():
         stored = safetensors_io.read(delta_dir / f"{partition}.safetensors")
@@ -277,5 +281,5 @@ def apply_delta(base_dir: Path, delta_dir: Path, out: Path) -> None:
         for key in keys:
             changed.setdefault(wmap[key], {})[key] = layer[key]
     for file, tensors in changed.items():
-        everything = safetensors_io.read(base_dir / file)
-        safetensors_io.write_atomic(out / file, {**everything, **tensors})
+        safetensors_io.write_atomic(partial / file, {**safetensors_io.read(base_dir / file), **tensors})
+    partial.rename(out)
