@@ -167,6 +167,47 @@ def render(rows: list[dict], chosen: dict, note: str, commit: str) -> list[str]:
         c = compare(bits["window_nll"]["compressed"][dataset], sixteen["window_nll"]["compressed"][dataset], 511)
         lines.append(f"- BitDelta (ratio {bits['ratio']:.3f}) over ImPart at ratio 16 ({sixteen['ratio']:.3f}) "
                      f"×{c.ratio:.4f} [{c.low:.4f}, {c.high:.4f}]" + ("" if c.resolved else " ≈"))
+    return lines + zeroshot_table(rows)
+
+
+def zeroshot_table(rows: list[dict]) -> list[str]:
+    """Zero-shot accuracy of the base, the fine-tuned model and each scored row (lm-eval on installed data):
+    what the fine-tune and the delta's compression changed outside its domain."""
+    scored = [r for r in rows if r.get("zeroshot")]
+    if not scored:
+        return []
+    first = scored[0]["zeroshot"]
+    tasks = list(first["tasks"])
+
+    def acc(entry: dict, model: str) -> str:
+        return f"{entry[model]['acc']:.2f} ± {entry[model]['acc_stderr']:.2f}"
+
+    lines = ["", f"Zero-shot `acc` (0-shot, lm-eval-harness on the installed data, the first "
+             f"{first['tasks'][tasks[0]]['n_docs']} documents of each task, ± lm-eval's standard error). Outside its "
+             "domain the fine-tune has no gain to retain: this shows what it and the delta's compression changed there. "
+             "Average over the tasks; against the fine-tuned model, paired over the same documents.", "",
+             "| model | ratio | " + " | ".join(tasks) + " | average | retained above chance [95 %] |",
+             "|---|---|" + "---|" * (len(tasks) + 2)]
+
+    def retained(z: dict) -> str:
+        if "retention" not in z:
+            return "—"
+        low, high = z["retention_interval"]
+        return f"{z['retention']:.3f} [{low:.2f}, {high:.2f}]"
+
+    base = first["base"]
+    lines.append("| base | — | " + " | ".join(acc(base["tasks"][t], "compressed") for t in tasks)
+                 + f" | {base['average']['compressed']:.3f} | {retained(base)} |")
+    lines.append("| fine-tuned | 1 | " + " | ".join(acc(first["tasks"][t], "dense") for t in tasks)
+                 + f" | {first['average']['dense']:.3f} | — |")
+    for row in scored:
+        z = row["zeroshot"]
+        lines.append(f"| {row['label']} | {row['ratio']:.2f} | " + " | ".join(acc(z["tasks"][t], "compressed") for t in tasks)
+                     + f" | {z['average']['compressed']:.3f} | {retained(z)} |")
+    kept = ", ".join(first.get("retention_tasks", []))
+    lines += ["", f"Retained above chance: `(acc − chance)/(acc_fine-tuned − chance)` averaged over the tasks where the "
+              f"fine-tuned model is more than two standard errors above chance ({kept}; the others: "
+              f"{', '.join(first.get('near_chance', [])) or 'none'})."]
     return lines
 
 
