@@ -335,6 +335,7 @@ def _size(value: float) -> str:
 @one_line_errors
 def delta_export(pipeline: str, out: str, workspace: str | None) -> None:
     """Write a delta method's compressed delta alone (re-hashed against its manifests) to OUT."""
+    from stagepipe.stagekit.artifacts import layer_index
     from stagepipe.stages.delta import export_delta
 
     config = _load(pipeline)
@@ -343,7 +344,7 @@ def delta_export(pipeline: str, out: str, workspace: str | None) -> None:
     layers = [r for r in entries if r.stage == "delta"]
     if not layers or any(entries[r].state.status != "done" for r in layers):
         raise StagepipeError(f"{pipeline}: the delta stage is not done (a delta method's pipeline, run first)")
-    outputs = {int(r.partition.split("-")[1]): entries[r].state.output for r in layers}
+    outputs = {layer_index(r.partition): entries[r].state.output for r in layers}
     layout = runner.ctx.plan.layout
     index = export_delta(config, outputs, {i: layout.layer_prefix(i) for i in outputs}, Path(out))
     click.echo(f"wrote {out}: {len(outputs)} layer(s), {index['stored_bytes']:,} bytes of delta")

@@ -236,8 +236,8 @@ class TargetConfig(Strict):
     @model_validator(mode="before")
     @classmethod
     def _bits_alone_keep_everything(cls, data: Any) -> Any:
-        """``{bits_per_weight: b}`` or ``{delta_ratio: r}`` alone keeps every parameter (a quantising or delta
-    method's target)."""
+        """``{bits_per_weight: b}`` or ``{delta_ratio: r}`` alone keeps every parameter (a quantising or a
+        delta method's target)."""
         if isinstance(data, dict) and "kept_fraction" not in data and (data.get("bits_per_weight") is not None
                                                                       or data.get("delta_ratio") is not None):
             return {**data, "kept_fraction": 1.0}

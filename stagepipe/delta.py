@@ -30,10 +30,11 @@ import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from stagepipe.quantize import pack, unpack
+from stagepipe.quantize import Grid, fit, inverse_cholesky_upper, pack, unpack
 
 VALUE_BYTES = 2  # float16 values
 LAYOUT_BYTES = 5  # per stored vector: int32 count + uint8 format
@@ -111,12 +112,17 @@ def _sparse_factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, alpha: f
     return SparseFactors(up, down, rates, alpha)
 
 
-def impart_bytes_at(s: torch.Tensor, m: int, n: int, alpha: float, beta: float, exponent: float) -> int:
-    """What ImPart stores for an m×n delta with singular values ``s`` at sparsity ``alpha`` (known
-    before any mask is drawn)."""
+def kept_pairs(s: torch.Tensor, m: int, n: int, alpha: float, beta: float, exponent: float) -> list[tuple[int, int]]:
+    """Entries each stored component keeps of ``u_i`` (of m) and of ``v_i`` (of n) at sparsity ``alpha``, in
+    singular-value order (known before any mask is drawn; what ``_sparse_factors`` keeps)."""
     rates = impart_drop_rates(s, alpha, min(beta, alpha), exponent)
     pairs = [(kept_count(m, float(r)), kept_count(n, float(r))) for r in rates]
-    pairs = [(a, b) for a, b in pairs if min(a, b) > 0]
+    return [(a, b) for a, b in pairs if min(a, b) > 0]
+
+
+def impart_bytes_at(s: torch.Tensor, m: int, n: int, alpha: float, beta: float, exponent: float) -> int:
+    """What ImPart stores for an m×n delta with singular values ``s`` at sparsity ``alpha``."""
+    pairs = kept_pairs(s, m, n, alpha, beta, exponent)
     return sparse_bytes(m, [a for a, _ in pairs]) + sparse_bytes(n, [b for _, b in pairs])
 
 
@@ -167,12 +173,18 @@ def _index_bytes(length: int) -> int:
     return 2 if length <= 1 << 16 else 4
 
 
+def position_format(length: int, nonzeros: int) -> tuple[int, int]:
+    """(``BITMAP`` or ``INDEX``, bytes) of where a sparse vector's entries are: the cheaper of a bitmap and
+    16-bit (32-bit past 65,536 entries) indices; a tie goes to the bitmap."""
+    size, kind = min((math.ceil(length / 8), BITMAP), (nonzeros * _index_bytes(length), INDEX))
+    return kind, size
+
+
 def vector_format(length: int, nonzeros: int) -> tuple[int, int]:
-    """(format, bytes of its payload) of one stored vector: the cheapest of dense values, a bitmap and
-    the nonzero values, or indices and the nonzero values (ties: in that order)."""
-    options = [(length * VALUE_BYTES, DENSE), (math.ceil(length / 8) + nonzeros * VALUE_BYTES, BITMAP),
-               (nonzeros * (_index_bytes(length) + VALUE_BYTES), INDEX)]
-    size, kind = min(options)
+    """(format, bytes of its payload) of one stored vector of 16-bit values: the cheaper of all its values
+    (``DENSE``; on a tie) and its nonzero values with their positions (``position_format``)."""
+    kind, where = position_format(length, nonzeros)
+    size, kind = min((length * VALUE_BYTES, DENSE), (where + nonzeros * VALUE_BYTES, kind))
     return kind, size
 
 
@@ -192,33 +204,60 @@ def _f16(values: torch.Tensor, what: str) -> torch.Tensor:
     return half
 
 
+class _Positions:
+    """Where the entries of a group of stored ``length``-vectors are, in the order the vectors come: each
+    vector's bitmap (``bitmaps``, uint8) or indices (``indices``, uint16 or int32), nothing for a dense one.
+    The one coder behind ``pack_sparse`` and ``pack_quantized_sparse`` and their unpacking."""
+
+    def __init__(self, length: int, tensors: dict[str, torch.Tensor] | None = None) -> None:
+        self.length, self.bitmaps, self.indices = length, [], []
+        if tensors is not None:  # reading: cursors into the stored streams
+            self.stored_bitmaps, self.stored_indices = tensors["bitmaps"], tensors["indices"].to(torch.int64)
+            self.at_bitmap = self.at_index = 0
+
+    def add(self, kind: int, keep: torch.Tensor) -> None:
+        if kind == BITMAP:
+            self.bitmaps.append(pack(keep.to(torch.int64), 1))
+        elif kind == INDEX:
+            self.indices.append(torch.nonzero(keep).reshape(-1))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        index_dtype = torch.int32 if _index_bytes(self.length) == 4 else torch.uint16
+        return {"bitmaps": torch.cat(self.bitmaps) if self.bitmaps else torch.zeros(0, dtype=torch.uint8),
+                "indices": (torch.cat(self.indices) if self.indices else torch.zeros(0, dtype=torch.int64)).to(index_dtype)}
+
+    def take(self, kind: int, count: int) -> Any:
+        """The next vector's positions, as an index into a row: all of it, a mask, or indices."""
+        if kind == DENSE:
+            return slice(None)
+        if kind == BITMAP:
+            size = math.ceil(self.length / 8)
+            mask = unpack(self.stored_bitmaps[self.at_bitmap:self.at_bitmap + size], 1, self.length).bool()
+            self.at_bitmap += size
+            return mask
+        found = self.stored_indices[self.at_index:self.at_index + count]
+        self.at_index += count
+        return found
+
+
 def pack_sparse(vectors: torch.Tensor, what: str = "delta") -> dict[str, torch.Tensor]:
     """The rows of ``vectors`` (k × L) in their cheapest formats: ``values`` (float16), ``bitmaps``
     (uint8), ``indices`` (uint16 or int32), ``counts`` (int32) and ``formats`` (uint8)."""
     k, length = vectors.shape
-    index_dtype = torch.int32 if _index_bytes(length) == 4 else torch.uint16
-    values, bitmaps, indices, counts, formats = [], [], [], [], []
+    positions = _Positions(length)
+    values, counts, formats = [], [], []
     for row in vectors:
         mask = row != 0
         nonzeros = int(mask.sum())
         kind, _ = vector_format(length, nonzeros)
         counts.append(nonzeros)
         formats.append(kind)
-        if kind == DENSE:
-            values.append(row)
-            continue
-        values.append(row[mask])
-        if kind == BITMAP:
-            bitmaps.append(pack(mask.to(torch.int64), 1))
-        else:
-            indices.append(torch.nonzero(mask).reshape(-1).to(torch.int64))
-    cat = torch.cat
+        values.append(row if kind == DENSE else row[mask])
+        positions.add(kind, mask)
     if all(kind == DENSE for kind in formats):  # no layout: the values alone (``sparse_bytes``)
         return {"values": _f16(vectors.reshape(-1), what)}
-    return {"values": _f16(cat(values) if values else torch.zeros(0, dtype=torch.float64), what),
-            "bitmaps": cat(bitmaps) if bitmaps else torch.zeros(0, dtype=torch.uint8),
-            "indices": (cat(indices) if indices else torch.zeros(0, dtype=torch.int64)).to(index_dtype),
-            "counts": torch.tensor(counts, dtype=torch.int32).reshape(k),
+    return {"values": _f16(torch.cat(values) if values else torch.zeros(0, dtype=torch.float64), what),
+            **positions.tensors(), "counts": torch.tensor(counts, dtype=torch.int32).reshape(k),
             "formats": torch.tensor(formats, dtype=torch.uint8).reshape(k)}
 
 
@@ -228,24 +267,27 @@ def unpack_sparse(tensors: dict[str, torch.Tensor], length: int) -> torch.Tensor
         return tensors["values"].to(torch.float64).reshape(-1, length)
     counts, formats = tensors["counts"].tolist(), tensors["formats"].tolist()
     values = tensors["values"].to(torch.float64)
-    indices = tensors["indices"].to(torch.int64)
+    positions = _Positions(length, tensors)
     out = torch.zeros(len(counts), length, dtype=torch.float64)
-    at_value = at_bitmap = at_index = 0
-    bitmap_bytes = math.ceil(length / 8)
+    at_value = 0
     for i, (count, kind) in enumerate(zip(counts, formats, strict=True)):
-        if kind == DENSE:
-            out[i] = values[at_value:at_value + length]
-            at_value += length
-            continue
-        if kind == BITMAP:
-            mask = unpack(tensors["bitmaps"][at_bitmap:at_bitmap + bitmap_bytes], 1, length).bool()
-            at_bitmap += bitmap_bytes
-            out[i, mask] = values[at_value:at_value + count]
-        else:
-            out[i, indices[at_index:at_index + count]] = values[at_value:at_value + count]
-            at_index += count
+        count = length if kind == DENSE else count
+        out[i, positions.take(kind, count)] = values[at_value:at_value + count]
         at_value += count
     return out
+
+
+def two_sided(up: dict[str, torch.Tensor], down: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One matrix's stored factors as one dict: ``up.<name>`` and ``down.<name>`` (``sides`` splits it back)."""
+    return {**{f"up.{key}": t for key, t in up.items()}, **{f"down.{key}": t for key, t in down.items()}}
+
+
+def sides(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``two_sided``'s ``up`` and ``down`` tensors, by their own names."""
+    def side(prefix: str) -> dict[str, torch.Tensor]:
+        return {key.removeprefix(prefix): t for key, t in tensors.items() if key.startswith(prefix)}
+
+    return side("up."), side("down.")
 
 
 def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
@@ -290,29 +332,26 @@ class BitSchedule:
 
 
 def quantized_vector_bytes(length: int, nonzeros: int, bits: int) -> int:
-    """One stored vector of ``bits``-bit codes: where its nonzeros are (nothing when dense, else the cheaper of a
-    bitmap and indices), the packed codes, a float16 scale, and its count, format and bits (6 bytes)."""
-    codes = math.ceil(nonzeros * bits / 8)
-    where = 0 if nonzeros == length else min(math.ceil(length / 8), nonzeros * _index_bytes(length))
-    return where + codes + VALUE_BYTES + LAYOUT_BYTES + 1
+    """One stored vector of ``bits``-bit codes: where its nonzeros are (nothing when dense, else
+    ``position_format``), the packed codes, a float16 scale, and its count, format and bits (6 bytes)."""
+    where = 0 if nonzeros == length else position_format(length, nonzeros)[1]
+    return where + math.ceil(nonzeros * bits / 8) + VALUE_BYTES + LAYOUT_BYTES + 1
 
 
 def impart_qt_bytes_at(s: torch.Tensor, m: int, n: int, alpha: float, beta: float, exponent: float,
                        schedule: BitSchedule) -> int:
     """ImPart-Qt's stored bytes at sparsity ``alpha`` (both factors, each kept component at its bits)."""
-    rates = impart_drop_rates(s, alpha, min(beta, alpha), exponent)
-    pairs = [(kept_count(m, float(r)), kept_count(n, float(r))) for r in rates]
-    pairs = [(a, b) for a, b in pairs if min(a, b) > 0]
+    pairs = kept_pairs(s, m, n, alpha, beta, exponent)
     return sum(quantized_vector_bytes(m, a, schedule.of(i)) + quantized_vector_bytes(n, b, schedule.of(i))
                for i, (a, b) in enumerate(pairs))
 
 
 def symmetric_scale(values: torch.Tensor, bits: int) -> float:
-    """GPTQ's symmetric grid for a vector: codes 0 … 2^b − 1 around 2^(b−1), the range covering max |value|;
-    rounded to float16 (how it is stored)."""
-    high = float(values.abs().max()) if values.numel() else 0.0
-    scale = 2 * high / ((1 << bits) - 1) if high > 0 else 1.0
-    return float(torch.tensor(scale, dtype=torch.float16)) or float(torch.finfo(torch.float16).tiny)
+    """GPTQ's symmetric grid for a vector (``quantize.fit``: codes 0 … 2^b − 1 around 2^(b−1), the range covering
+    max |value|, rounded to float16 as it is stored); 1 for a vector with no nonzero value."""
+    if not bool((values != 0).any()):
+        return 1.0
+    return float(fit(values.reshape(1, -1).double(), Grid(bits, None, symmetric=True))[0][0])
 
 
 def quantize_values(values: torch.Tensor, scale: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
@@ -327,8 +366,6 @@ def masked_gptq(w: torch.Tensor, mask: torch.Tensor, hessian: torch.Tensor, scal
     symmetric grid of its (``scale``, ``bits``) (broadcast to ``w``'s shape), the error fed back to the later
     columns through the upper Cholesky factor of ``H⁻¹`` and only where ``mask`` keeps entries. (codes,
     dequantised), float64; ``H⁻¹`` itself is never formed."""
-    from stagepipe.quantize import inverse_cholesky_upper
-
     w = (w.double() * mask).clone()
     h = hessian.double().clone()
     n = w.shape[1]
@@ -351,26 +388,19 @@ def masked_gptq(w: torch.Tensor, mask: torch.Tensor, hessian: torch.Tensor, scal
 
 def pack_quantized_sparse(codes: torch.Tensor, mask: torch.Tensor, bits: list[int], scales: torch.Tensor) -> dict[str, torch.Tensor]:
     """The rows of ``codes`` (k × L integers) where ``mask`` keeps entries: each row's codes packed at its bits
-    (byte-aligned), where they are (dense: nothing; else the cheaper of a bitmap and indices), its float16
-    scale, count, format and bits; ``quantized_vector_bytes`` per row (tested)."""
+    (byte-aligned), where they are (dense: nothing; else ``position_format``), its float16 scale, count, format
+    and bits; ``quantized_vector_bytes`` per row (tested)."""
     k, length = codes.shape
-    index_dtype = torch.int32 if _index_bytes(length) == 4 else torch.uint16
-    packed, bitmaps, indices, counts, formats = [], [], [], [], []
+    positions = _Positions(length)
+    packed, counts, formats = [], [], []
     for row, keep, b in zip(codes, mask.bool(), bits, strict=True):
         nonzeros = int(keep.sum())
+        kind = DENSE if nonzeros == length else position_format(length, nonzeros)[0]
         counts.append(nonzeros)
+        formats.append(kind)
         packed.append(pack(row[keep].to(torch.int64), b))
-        if nonzeros == length:
-            formats.append(DENSE)
-        elif math.ceil(length / 8) <= nonzeros * _index_bytes(length):
-            formats.append(BITMAP)
-            bitmaps.append(pack(keep.to(torch.int64), 1))
-        else:
-            formats.append(INDEX)
-            indices.append(torch.nonzero(keep).reshape(-1))
-    empty = torch.zeros(0, dtype=torch.uint8)
-    return {"codes": torch.cat(packed) if packed else empty, "bitmaps": torch.cat(bitmaps) if bitmaps else empty,
-            "indices": (torch.cat(indices) if indices else torch.zeros(0, dtype=torch.int64)).to(index_dtype),
+        positions.add(kind, keep)
+    return {"codes": torch.cat(packed) if packed else torch.zeros(0, dtype=torch.uint8), **positions.tensors(),
             "counts": torch.tensor(counts, dtype=torch.int32).reshape(k),
             "formats": torch.tensor(formats, dtype=torch.uint8).reshape(k),
             "bits": torch.tensor(bits, dtype=torch.uint8).reshape(k), "scales": _f16(scales.reshape(k), "scales")}
@@ -379,22 +409,15 @@ def pack_quantized_sparse(codes: torch.Tensor, mask: torch.Tensor, bits: list[in
 def unpack_quantized_sparse(tensors: dict[str, torch.Tensor], length: int) -> torch.Tensor:
     """The dequantised k × ``length`` float64 rows ``pack_quantized_sparse`` stored."""
     counts, formats, bits = tensors["counts"].tolist(), tensors["formats"].tolist(), tensors["bits"].tolist()
-    scales, indices = tensors["scales"].to(torch.float64), tensors["indices"].to(torch.int64)
+    scales = tensors["scales"].to(torch.float64)
+    positions = _Positions(length, tensors)
     out = torch.zeros(len(counts), length, dtype=torch.float64)
-    at_code = at_bitmap = at_index = 0
-    bitmap_bytes = math.ceil(length / 8)
+    at_code = 0
     for i, (count, kind, b) in enumerate(zip(counts, formats, bits, strict=True)):
         size = math.ceil(count * b / 8)
         values = (unpack(tensors["codes"][at_code:at_code + size], b, count).double() - (1 << b) // 2) * scales[i]
         at_code += size
-        if kind == DENSE:
-            out[i] = values
-        elif kind == BITMAP:
-            out[i, unpack(tensors["bitmaps"][at_bitmap:at_bitmap + bitmap_bytes], 1, length).bool()] = values
-            at_bitmap += bitmap_bytes
-        else:
-            out[i, indices[at_index:at_index + count]] = values
-            at_index += count
+        out[i, positions.take(kind, count)] = values
     return out
 
 
@@ -422,8 +445,8 @@ def impart_qt_for_budget(delta: torch.Tensor, gram: torch.Tensor, budget: int, b
     k = factors.down.shape[0]
     if k == 0:  # the budget buys no component: an empty delta, stored as such
         empty = torch.zeros(0, 0, dtype=torch.float64)
-        tensors = {f"{side}.{key}": t for side in ("down", "up") for key, t in pack_quantized_sparse(
-            empty, empty, [], torch.zeros(0, dtype=torch.float64)).items()}
+        nothing = pack_quantized_sparse(empty, empty, [], torch.zeros(0, dtype=torch.float64))
+        tensors = two_sided(nothing, nothing)
         return QuantizedSparseFactors(torch.zeros(m, 0, dtype=torch.float64), torch.zeros(0, n, dtype=torch.float64),
                                       tensors, alpha, 0)
     bits = [schedule.of(i) for i in range(k)]
@@ -437,6 +460,6 @@ def impart_qt_for_budget(delta: torch.Tensor, gram: torch.Tensor, budget: int, b
                                      bits_rows[:, None].expand(k, n), damp)
     up_codes, up_q = masked_gptq(factors.up, up_mask, down_q @ gram.double() @ down_q.T,
                                  up_scale[None, :].expand(m, k), bits_rows[None, :].expand(m, k), damp)
-    tensors = {**{f"down.{key}": t for key, t in pack_quantized_sparse(down_codes, down_mask, bits, down_scale).items()},
-               **{f"up.{key}": t for key, t in pack_quantized_sparse(up_codes.T, up_mask.T, bits, up_scale).items()}}
+    tensors = two_sided(pack_quantized_sparse(up_codes.T, up_mask.T, bits, up_scale),
+                        pack_quantized_sparse(down_codes, down_mask, bits, down_scale))
     return QuantizedSparseFactors(up_q, down_q, tensors, alpha, k)

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from stagepipe.delta import impart_drop_rates, impart_for_budget, pack_sparse, unpack_sparse
+from stagepipe.delta import impart_for_budget, pack_sparse, sides, two_sided, unpack_sparse
 from stagepipe.methods.base import DeltaMethod, MethodConfig, register
 
 
@@ -36,16 +36,12 @@ class ImPart(DeltaMethod):
     def compress(self, delta: torch.Tensor, budget: int, generator: torch.Generator,
                  gram: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         factors = impart_for_budget(delta, budget, self.cfg.beta, self.cfg.exponent, generator)
-        up = {f"up.{k}": v for k, v in pack_sparse(factors.up.T.contiguous(), "impart up").items()}
-        down = {f"down.{k}": v for k, v in pack_sparse(factors.down, "impart down").items()}
+        stored = two_sided(pack_sparse(factors.up.T.contiguous(), "impart up"), pack_sparse(factors.down, "impart down"))
         kept = factors.rates < 1
-        return {**up, **down}, {"alpha": factors.alpha, "components": int(kept.sum()),
-                                "mean_kept_rate": float(factors.rates[kept].mean()) if bool(kept.any()) else None}
+        return stored, {"alpha": factors.alpha, "components": int(kept.sum()),
+                         "mean_kept_rate": float(factors.rates[kept].mean()) if bool(kept.any()) else None}
 
     def decode(self, tensors: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
-        up = unpack_sparse({k.removeprefix("up."): v for k, v in tensors.items() if k.startswith("up.")}, shape[0])
-        down = unpack_sparse({k.removeprefix("down."): v for k, v in tensors.items() if k.startswith("down.")}, shape[1])
+        up, down = sides(tensors)
+        up, down = unpack_sparse(up, shape[0]), unpack_sparse(down, shape[1])
         return up.T @ down
-
-
-__all__ = ["ImPart", "ImPartConfig", "impart_drop_rates"]

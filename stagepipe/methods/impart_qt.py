@@ -16,7 +16,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from stagepipe.delta import BitSchedule, impart_qt_for_budget, unpack_quantized_sparse
+from stagepipe.delta import BitSchedule, impart_qt_for_budget, sides, unpack_quantized_sparse
 from stagepipe.methods.base import DeltaMethod, MethodConfig, register
 
 
@@ -50,7 +50,5 @@ class ImPartQt(DeltaMethod):
         return found.tensors, {"alpha": found.alpha, "components": found.components}
 
     def decode(self, tensors: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
-        up = unpack_quantized_sparse({k.removeprefix("up."): v for k, v in tensors.items() if k.startswith("up.")}, shape[0])
-        down = unpack_quantized_sparse({k.removeprefix("down."): v for k, v in tensors.items() if k.startswith("down.")},
-                                       shape[1])
-        return up.T @ down
+        up, down = sides(tensors)
+        return unpack_quantized_sparse(up, shape[0]).T @ unpack_quantized_sparse(down, shape[1])

@@ -11,7 +11,6 @@ model would pass them, so a block run here computes what it computes inside the 
 from __future__ import annotations
 
 import copy
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +20,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.initialization import no_init_weights
 
 from stagepipe.errors import StagepipeError
-from stagepipe.io import safetensors_io
 from stagepipe.models.layout import Layout, layout_for
-from stagepipe.models.sources import weight_map
+from stagepipe.models.sources import read_weights, weight_map
 
 
 class _Caught(Exception):
@@ -105,14 +103,7 @@ class BlockRunner:
         )
 
     def _read(self, wanted) -> dict[str, torch.Tensor]:
-        by_file: dict[str, list[str]] = defaultdict(list)
-        for key, file in self.weight_map.items():
-            if wanted(key):
-                by_file[file].append(key)
-        tensors: dict[str, torch.Tensor] = {}
-        for file, keys in by_file.items():
-            tensors.update(safetensors_io.read(self.snapshot_dir / file, keys))
-        return tensors
+        return read_weights(self.snapshot_dir, [k for k in self.weight_map if wanted(k)], self.weight_map)
 
     def block_state(self, index: int) -> dict[str, torch.Tensor]:
         """Block ``index``'s tensors, keyed relative to the block."""

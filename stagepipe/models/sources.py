@@ -11,6 +11,7 @@ import importlib
 import importlib.util
 import json
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +190,21 @@ def weight_map(snapshot_dir: Path) -> dict[str, str]:
     from stagepipe.io import safetensors_io
 
     return {name: "model.safetensors" for name in safetensors_io.keys(snapshot_dir / "model.safetensors")}
+
+
+def read_weights(snapshot_dir: Path, keys: Iterable[str], wmap: Mapping[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors ``keys`` of a checkpoint directory, each file opened once (``wmap``: its ``weight_map``,
+    when the caller already has it)."""
+    from stagepipe.io import safetensors_io
+
+    wmap = weight_map(snapshot_dir) if wmap is None else wmap
+    by_file: dict[str, list[str]] = {}
+    for key in keys:
+        by_file.setdefault(wmap[key], []).append(key)
+    tensors: dict[str, torch.Tensor] = {}
+    for file, names in by_file.items():
+        tensors.update(safetensors_io.read(snapshot_dir / file, names))
+    return tensors
 
 
 def load_checked(directory: Path) -> torch.nn.Module:

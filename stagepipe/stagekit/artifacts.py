@@ -65,6 +65,8 @@ CALIBRATION = "calibration"
 VALIDATION = "validation"  # held-out windows for choosing hyperparameters (calibration.validation)
 HEAD = "head"
 DENSE, COMPRESSED, BASE = "dense", "compressed", "base"
+#: the stage whose model directory each evaluated model is (``base``: the model a fine-tune started from)
+MODEL_STAGE = {DENSE: "snapshot", BASE: "base", COMPRESSED: "assemble"}
 
 
 def layer_partition(index: int) -> str:

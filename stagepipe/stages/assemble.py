@@ -27,7 +27,7 @@ from transformers import AutoConfig
 from stagepipe.engine.stage import Context, Read, Work
 from stagepipe.errors import StagepipeError
 from stagepipe.io import safetensors_io
-from stagepipe.models.sources import weight_map
+from stagepipe.models.sources import read_weights, weight_map
 from stagepipe.stagekit import artifacts
 from stagepipe.stagekit.artifacts import ALLOCATION, MODEL_CONFIG, MODEL_DIR, MODEL_INDEX, REST_SHARD
 from stagepipe.stagekit.base import STAGES, PipelineStage, register
@@ -80,17 +80,13 @@ class AssembleStage(PipelineStage):
         total = 0
         for i in range(int(config.num_hidden_layers)):
             prefix = layout.layer_prefix(i)
-            tensors: dict[str, torch.Tensor] = {}
-            for key in (k for k in wmap if k.startswith(prefix)):
-                tensors.update(safetensors_io.read(snapshot / wmap[key], [key]))
+            tensors = read_weights(snapshot, [k for k in wmap if k.startswith(prefix)], wmap)
             shard = source.layer_shard(ctx, work, i, tensors, ranks)
             name = artifacts.layer_shard_name(i)
             safetensors_io.write_atomic(target / name, shard)
             index.update(dict.fromkeys(shard, name))
             total += sum(t.numel() * t.element_size() for t in shard.values())
-        rest = {}
-        for key in (k for k in wmap if not k.startswith(layout.layers_path + ".")):
-            rest.update(safetensors_io.read(snapshot / wmap[key], [key]))
+        rest = read_weights(snapshot, [k for k in wmap if not k.startswith(layout.layers_path + ".")], wmap)
         safetensors_io.write_atomic(target / REST_SHARD, rest)
         index.update(dict.fromkeys(rest, REST_SHARD))
         total += sum(t.numel() * t.element_size() for t in rest.values())

@@ -37,7 +37,7 @@ from stagepipe.io.hashing import sha256_file
 from stagepipe.methods import DeltaMethod, make_method
 from stagepipe.models import dense
 from stagepipe.models.layout import block_linear_shapes
-from stagepipe.models.sources import weight_map
+from stagepipe.models.sources import read_weights, weight_map
 from stagepipe.stagekit import artifacts
 from stagepipe.stagekit.artifacts import GROUPS, MODEL_DIR, STATS, layer_index
 from stagepipe.stagekit.base import PipelineStage, register
@@ -53,17 +53,9 @@ def delta_budget(m: int, n: int, ratio: float) -> int:
     return math.floor(2 * m * n / ratio)
 
 
-def read_tensors(model_dir: Path, keys: list[str]) -> dict[str, torch.Tensor]:
-    wmap = weight_map(model_dir)
-    found: dict[str, torch.Tensor] = {}
-    for key in keys:
-        found.update(safetensors_io.read(model_dir / wmap[key], [key]))
-    return found
-
-
 def check_identical(model_dir: Path, base_dir: Path, keys: list[str]) -> None:
     """Non-target tensors must be the base's: one ``InputError`` naming the first that differs."""
-    ours, theirs = read_tensors(model_dir, keys), read_tensors(base_dir, keys)
+    ours, theirs = read_weights(model_dir, keys), read_weights(base_dir, keys)
     for key in keys:
         if ours[key].shape != theirs[key].shape or not torch.equal(ours[key], theirs[key]):
             raise InputError(f"model: {key} differs from the base's, and it is not a target matrix; delta methods "
@@ -141,7 +133,7 @@ class DeltaStage(StoredBytesAllocation, PipelineStage):
         check_identical(model_dir, base_dir, others)
         grams = (artifacts.read_input_stats(work.input("capture", work.partition)).gram
                  if method.activation_stats else {})
-        ours, theirs = read_tensors(model_dir, sorted(weights)), read_tensors(base_dir, sorted(weights))
+        ours, theirs = read_weights(model_dir, sorted(weights), wmap), read_weights(base_dir, sorted(weights))
         tensors: dict[str, torch.Tensor] = {}
         results, measured = {}, {}
         seed = getattr(method.cfg, "seed", 0)
@@ -209,25 +201,29 @@ class DeltaStage(StoredBytesAllocation, PipelineStage):
         """The block's tensors with each target's weight replaced by the base's plus the decoded delta."""
         prefix = ctx.plan.layout.layer_prefix(layer)
         stored = safetensors_io.read(work.input(cls.name, artifacts.layer_partition(layer)) / DELTA)
-        return apply_layer_delta(ctx.plan.method, tensors, prefix, stored,
-                                 artifacts.model_dir(work.input("base")))
+        base = read_weights(artifacts.model_dir(work.input("base")), delta_weight_keys(stored, prefix))
+        return apply_layer_delta(ctx.plan.method, tensors, prefix, stored, base)
 
     @classmethod
     def model_family(cls, ctx: Context, work: Work, ranks) -> tuple[Any, dict[str, Any]]:
         return dense, {}
 
 
+def delta_weight_keys(stored: dict[str, torch.Tensor], prefix: str) -> list[str]:
+    """The full weight names of the linears a layer's stored delta holds."""
+    return sorted({f"{prefix}{key.split(SEPARATOR)[0]}.weight" for key in stored})
+
+
 def apply_layer_delta(method: DeltaMethod, tensors: dict[str, torch.Tensor], prefix: str,
-                      stored: dict[str, torch.Tensor], base_dir: Path) -> dict[str, torch.Tensor]:
+                      stored: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``tensors`` (one layer, full names) with each linear that ``stored`` holds a delta for set to
-    the base's weight plus the decoded delta, in the layer's dtype."""
+    the base's weight (``base``, full names) plus the decoded delta, in the base weight's dtype."""
     out = dict(tensors)
-    for local in sorted({key.split(SEPARATOR)[0] for key in stored}):
-        parts = {key.split(SEPARATOR)[1]: t for key, t in stored.items() if key.split(SEPARATOR)[0] == local}
-        key = f"{prefix}{local}.weight"
-        base = read_tensors(base_dir, [key])[key]
-        decoded = method.decode(parts, tuple(base.shape))
-        out[key] = (base.double() + decoded).to(base.dtype)
+    for key in delta_weight_keys(stored, prefix):
+        local = key[len(prefix):].removesuffix(".weight")
+        parts = {name.split(SEPARATOR)[1]: t for name, t in stored.items() if name.split(SEPARATOR)[0] == local}
+        decoded = method.decode(parts, tuple(base[key].shape))
+        out[key] = (base[key].double() + decoded).to(base[key].dtype)
     return out
 
 
@@ -277,7 +273,8 @@ def apply_delta(base_dir: Path, delta_dir: Path, out: Path) -> None:
     for partition, prefix in index["layers"].items():
         stored = safetensors_io.read(delta_dir / f"{partition}.safetensors")
         keys = [k for k in wmap if k.startswith(prefix)]
-        layer = apply_layer_delta(method, read_tensors(base_dir, keys), prefix, stored, base_dir)
+        layer_tensors = read_weights(base_dir, keys, wmap)
+        layer = apply_layer_delta(method, layer_tensors, prefix, stored, layer_tensors)
         for key in keys:
             changed.setdefault(wmap[key], {})[key] = layer[key]
     for file, tensors in changed.items():

@@ -23,12 +23,18 @@ from stagepipe.intervals import compare, gain_retained
 from stagepipe.models.sources import load_checked, resolve_device
 from stagepipe.perplexity import perplexity
 from stagepipe.stagekit import artifacts
-from stagepipe.stagekit.artifacts import BASE, COMPRESSED, DENSE, MODEL_DIR, RESULTS, TOKENS, eval_partition
+from stagepipe.stagekit.artifacts import (
+    BASE,
+    COMPRESSED,
+    DENSE,
+    MODEL_DIR,
+    MODEL_STAGE,
+    RESULTS,
+    TOKENS,
+    eval_partition,
+)
 from stagepipe.stagekit.base import PipelineStage, register
 from stagepipe.stagekit.cost import CostInputs, Estimate
-
-#: the stage whose model directory each partition evaluates (``base``: the model a fine-tune started from)
-MODEL_STAGE = {DENSE: "snapshot", BASE: "base", COMPRESSED: "assemble"}
 
 
 @register

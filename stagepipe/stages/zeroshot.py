@@ -20,12 +20,9 @@ from stagepipe.engine.stage import Context, Read, Work
 from stagepipe.errors import ConfigError, StagepipeError
 from stagepipe.models.sources import load_checked, resolve_device
 from stagepipe.stagekit import artifacts
-from stagepipe.stagekit.artifacts import BASE, COMPRESSED, DENSE, MODEL_DIR, RESULTS
+from stagepipe.stagekit.artifacts import BASE, COMPRESSED, DENSE, MODEL_DIR, MODEL_STAGE, RESULTS
 from stagepipe.stagekit.base import PipelineStage, register
 from stagepipe.stagekit.cost import CostInputs, Estimate
-
-#: the stage whose model directory each model of a partition names (``base``: the model a fine-tune started from)
-MODEL_STAGE = {DENSE: "snapshot", BASE: "base", COMPRESSED: "assemble"}
 
 
 def task_partition(model: str, task: str) -> str:
