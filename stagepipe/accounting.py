@@ -16,7 +16,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict
@@ -182,14 +182,22 @@ def delta_memory_report(shapes: Mapping[str, tuple[int, int]], stored: Mapping[s
     return _memory(shapes, stored, f"delta-{method}", None if requested_ratio is None else 1 / requested_ratio)
 
 
+def grid_target_bytes(m: int, n: int, rank: int | None, grid: Grid) -> int:
+    """Bytes of one target on an integer grid (``quantize_factors``): its two factors (``r × n`` and
+    ``m × r``) when factored, the ``m × n`` matrix when kept dense, in ``quantize.stored_bytes``' layout."""
+    return stored_bytes(m, n, grid) if rank is None else stored_bytes(rank, n, grid) + stored_bytes(m, rank, grid)
+
+
 def factor_grid_memory_report(shapes: Mapping[str, tuple[int, int]], ranks: Mapping[str, int | None], grid: Grid,
-                              requested: float | None) -> MemoryReport:
-    """Every target on an integer grid (``quantize_factors``): a factored matrix stores its two factors
-    (``r × n`` and ``m × r``), a dense-kept one itself, each in ``quantize.stored_bytes``' layout."""
-    stored = {name: stored_bytes(shapes[name][0], shapes[name][1], grid) if r is None
-              else stored_bytes(r, shapes[name][1], grid) + stored_bytes(shapes[name][0], r, grid)
+                              requested: float | None, bits: Mapping[str, int] | None = None) -> MemoryReport:
+    """Every target on an integer grid (``quantize_factors``), at ``grid``'s width or, for the names in
+    ``bits``, at the width a joint (rank, bits) allocation gave it (``grid_target_bytes``)."""
+    bits = bits or {}
+    stored = {name: grid_target_bytes(*shapes[name], r, replace(grid, bits=bits.get(name, grid.bits)))
               for name, r in ranks.items()}
-    return _memory(shapes, stored, f"int{grid.bits}-g{grid.group_size or 'channel'}", requested)
+    widths = sorted({bits.get(name, grid.bits) for name in ranks})
+    label = "int" + "/".join(map(str, widths))
+    return _memory(shapes, stored, f"{label}-g{grid.group_size or 'channel'}", requested)
 
 
 class RatioReport(BaseModel):

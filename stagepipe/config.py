@@ -318,6 +318,7 @@ class PipelineConfig(Strict):
     def _method_fits(self) -> PipelineConfig:
         """A method of a kind (structured, learned, …) refuses pipelines it cannot run (``Method.check_pipeline``)."""
         METHODS[self.method.name].check_pipeline(self, POLICIES[DEFAULT_POLICY].config(policy=DEFAULT_POLICY))
+        POLICIES[self.allocation.policy].check_pipeline(self)
         return self
 
     @model_validator(mode="after")

@@ -27,6 +27,8 @@ def config(method: str, policy: str = "uniform", **method_options):
         del data["allocation"]
     if issubclass(METHODS[method], QuantizedMethod):  # its budget is bits, every parameter kept
         data["target"] = {"bits_per_weight": 8}
+    if policy == "rank_bits":  # ranks and widths for quantize_factors under a byte budget
+        data["method"]["quantize_factors"], data["target"] = {"group_size": 16}, {"bits_per_weight": 6}
     if issubclass(METHODS[method], DeltaMethod):  # model − base at a compression ratio
         data["target"], data["base"] = {"delta_ratio": 8}, {**TINY["model"], "seed": 1}
     return parse_pipeline(data, "test", ".")

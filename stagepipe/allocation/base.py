@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -27,6 +28,10 @@ class MatrixSpectrum:
     m: int
     n: int
     sigma: torch.Tensor  # weighted singular values, descending
+    #: factors stored up to this rank (``decompose``); set for a policy that allocates bits
+    stored_rank: int | None = None
+    #: bits → (relative error of the factors' product, of the dense matrix) on that grid (``allocate``)
+    grid_errors: Mapping[int, tuple[float, float]] | None = None
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,8 @@ class Policy(ABC):
     config: ClassVar[type[PolicyConfig]]
     #: the policy reads the ``sensitivity`` stage's table (so that stage is part of the pipeline)
     needs_sensitivity: ClassVar[bool] = False
+    #: the policy chooses a bit width per matrix too (``allocate_with_bits``, a byte budget)
+    allocates_bits: ClassVar[bool] = False
 
     def __init__(self, align: int) -> None:
         self.align = align
@@ -58,6 +65,16 @@ class Policy(ABC):
     @classmethod
     def from_config(cls, cfg: Any, sensitivity: list[Candidate] | None = None) -> Policy:
         return cls(cfg.align)
+
+    @classmethod
+    def check_pipeline(cls, config: Any) -> None:
+        """Refuse, with one ``ValueError`` line naming the key, a pipeline this policy cannot serve."""
+        return None
+
+    def allocate_with_bits(self, spectra: list[MatrixSpectrum], bits_per_weight: float,
+                           group_size: int | None) -> tuple[dict[str, int | None], dict[str, int]]:
+        """Ranks and bit widths per matrix within ``bits_per_weight`` (policies with ``allocates_bits``)."""
+        raise NotImplementedError(f"{self.name} does not allocate bit widths")
 
     @classmethod
     def summary(cls) -> str:

@@ -52,12 +52,14 @@ class FactorGridOptions(Strict):
     quantizer: Literal["gptq", "rtn"] = "gptq"
     damp: float = Field(0.01, ge=0)
 
-    def grid(self) -> Grid:
-        return Grid(self.bits, self.group_size, symmetric=True)
+    def grid(self, bits: int | None = None) -> Grid:
+        """The grid, at ``bits`` when a joint allocation gave the matrix its own width."""
+        return Grid(bits or self.bits, self.group_size, symmetric=True)
 
-    def quantize(self, w: torch.Tensor, hessian: torch.Tensor) -> Quantized:
+    def quantize(self, w: torch.Tensor, hessian: torch.Tensor, bits: int | None = None) -> Quantized:
         """``w`` on the grid by the chosen quantiser (GPTQ with ``hessian``, float64)."""
-        return gptq(w, hessian, self.grid(), self.damp) if self.quantizer == "gptq" else rtn(w, self.grid())
+        grid = self.grid(bits)
+        return gptq(w, hessian, grid, self.damp) if self.quantizer == "gptq" else rtn(w, grid)
 
 
 class MethodConfig(Strict):

@@ -17,7 +17,8 @@ the input's dtype at every call (``gptvq.stored_tensors`` writes them). Linears 
 symmetric integer grid, decoded here. Either may carry a low-rank compensation of its error
 (``rank`` > 0): fp16 factors ``lowrank_up`` (out×r) and ``lowrank_down`` (r×in) added to the output.
 With ``config.lowrank_factor_grid`` (``{"bits", "group_size"}``) each ``LowRankLinear``'s ``down`` and
-``up`` are ``GridLinear`` themselves: the factors quantised.
+``up`` are ``GridLinear`` themselves: the factors quantised (at ``config.lowrank_factor_bits[name]``
+bits where a joint allocation chose a width per linear).
 """
 
 from __future__ import annotations
@@ -232,10 +233,11 @@ def linear_shape(module: nn.Module) -> tuple[int, int, bool]:
 
 def swap_linears(model: nn.Module, ranks: dict[str, int], remapped: frozenset[str] = frozenset(),
                  vq: dict[str, dict[str, int]] | None = None, grid: dict[str, dict] | None = None,
-                 factor_grid: dict | None = None) -> None:
+                 factor_grid: dict | None = None, factor_bits: dict[str, int] | None = None) -> None:
     """Replace each named linear by a ``LowRankLinear`` of the given rank (a ``RemappedLinear``
-    for the names in ``remapped``; with ``factor_grid``, its two factors ``GridLinear``), and each
-    linear in ``vq`` / ``grid`` by a ``VQLinear`` / ``GridLinear`` of its spec."""
+    for the names in ``remapped``; with ``factor_grid``, its two factors ``GridLinear``, at the width
+    ``factor_bits`` gives the linear if any), and each linear in ``vq`` / ``grid`` by a ``VQLinear`` /
+    ``GridLinear`` of its spec."""
     for kind, specs in ((VQLinear, vq or {}), (GridLinear, grid or {})):
         for name, spec in specs.items():
             parent_name, _, child = name.rpartition(".")
@@ -252,8 +254,9 @@ def swap_linears(model: nn.Module, ranks: dict[str, int], remapped: frozenset[st
         kind = RemappedLinear if name in remapped else LowRankLinear
         new = kind(in_features, out_features, int(rank), bias, dtype=old.weight.dtype, device=old.weight.device)
         if factor_grid:
-            new.down = GridLinear(in_features, int(rank), False, **factor_grid, dtype=old.weight.dtype, device=old.weight.device)
-            new.up = GridLinear(int(rank), out_features, bias, **factor_grid, dtype=old.weight.dtype, device=old.weight.device)
+            spec = {**factor_grid, "bits": (factor_bits or {}).get(name, factor_grid["bits"])}
+            new.down = GridLinear(in_features, int(rank), False, **spec, dtype=old.weight.dtype, device=old.weight.device)
+            new.up = GridLinear(int(rank), out_features, bias, **spec, dtype=old.weight.dtype, device=old.weight.device)
         setattr(parent, child, new)
 
 
@@ -278,7 +281,8 @@ def _lowrank_pair(config_cls: type, model_cls: type, model_type: str) -> tuple[t
     class Config(config_cls):
         def __init__(self, lowrank_ranks: dict[str, int] | None = None, lowrank_remapped: list[str] | None = None,
                      lowrank_vq: dict[str, dict[str, int]] | None = None, lowrank_grid: dict[str, dict] | None = None,
-                     lowrank_factor_grid: dict | None = None, **kwargs) -> None:
+                     lowrank_factor_grid: dict | None = None, lowrank_factor_bits: dict[str, int] | None = None,
+                     **kwargs) -> None:
             self.lowrank_ranks = dict(lowrank_ranks or {})
             if lowrank_remapped:  # absent from configs without remapping, so theirs stay as they were
                 self.lowrank_remapped = sorted(lowrank_remapped)
@@ -288,6 +292,8 @@ def _lowrank_pair(config_cls: type, model_cls: type, model_type: str) -> tuple[t
                 self.lowrank_grid = dict(sorted(lowrank_grid.items()))
             if lowrank_factor_grid:
                 self.lowrank_factor_grid = dict(lowrank_factor_grid)
+            if lowrank_factor_bits:  # a joint (rank, bits) allocation: each factored linear's own width
+                self.lowrank_factor_bits = dict(sorted(lowrank_factor_bits.items()))
             super().__init__(**kwargs)
 
     Config.model_type = model_type
@@ -299,7 +305,7 @@ def _lowrank_pair(config_cls: type, model_cls: type, model_type: str) -> tuple[t
             super().__init__(config)
             swap_linears(self, config.lowrank_ranks, frozenset(getattr(config, "lowrank_remapped", ())),
                          getattr(config, "lowrank_vq", None), getattr(config, "lowrank_grid", None),
-                         getattr(config, "lowrank_factor_grid", None))
+                         getattr(config, "lowrank_factor_grid", None), getattr(config, "lowrank_factor_bits", None))
 
     return Config, Model
 

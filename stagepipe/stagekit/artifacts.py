@@ -285,12 +285,14 @@ ALLOCATION = "allocation.json"
 
 def write_allocation(out: Path, ranks: Mapping[str, int | None], dropped: Mapping[str, float],
                      ratios: dict[str, Any], details: dict[str, Any] | None,
-                     dims: list[dict[str, int]] | None = None) -> None:
+                     dims: list[dict[str, int]] | None = None, bits: Mapping[str, int] | None = None) -> None:
     """Ranks per target matrix, or for a structured method (no matrix factored, ``ranks`` empty) the
-    inner dimensions per block (``dims``)."""
+    inner dimensions per block (``dims``); with a policy that allocates bits, each matrix's width."""
     data = {"ranks": ranks, "dropped_energy": dropped, "ratios": ratios, "search": details}
     if dims is not None:
         data["dims"] = dims
+    if bits is not None:
+        data["bits"] = bits
     (out / ALLOCATION).write_text(json.dumps(data, indent=1, sort_keys=True))
 
 
@@ -302,6 +304,11 @@ def read_structure_dims(allocate_output: Path) -> list[dict[str, int]]:
 def read_ranks(allocate_output: Path) -> dict[str, int | None]:
     """Rank per target matrix (full names; ``None`` = left dense)."""
     return json.loads((allocate_output / ALLOCATION).read_text())["ranks"]
+
+
+def read_bits(allocate_output: Path) -> dict[str, int]:
+    """Bit width per target matrix (full names) when the policy chose them (``rank_bits``), else empty."""
+    return json.loads((allocate_output / ALLOCATION).read_text()).get("bits") or {}
 
 
 def block_ranks(ranks: Mapping[str, int | None], prefix: str) -> dict[str, int]:

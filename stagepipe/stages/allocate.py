@@ -12,13 +12,20 @@ the target matrices, all block linears and the model; with a storage other than 
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from stagepipe.accounting import ratio_report
 from stagepipe.allocation import Candidate, MatrixSpectrum, make_policy
+from stagepipe.allocation.base import layer_of
 from stagepipe.engine.stage import Context, Read, Work
-from stagepipe.models.layout import block_linear_shapes
+from stagepipe.models.blocks import BlockRunner
+from stagepipe.models.layout import block_linear_shapes, block_linears, weight_matrix
+from stagepipe.models.sources import DTYPES
+from stagepipe.quantize import Grid, rtn
 from stagepipe.stagekit import artifacts
 from stagepipe.stagekit.artifacts import ALLOCATION, MODEL_DIR, SENSITIVITY, WEIGHTED_SVD, layer_index
 from stagepipe.stagekit.base import STAGES, PipelineStage, register
@@ -55,6 +62,9 @@ class AllocateStage(PipelineStage):
         slice_ = {"kept_fraction": ctx.config.target.kept_fraction, "allocation": ctx.config.allocation.model_dump()}
         if ctx.plan.allocator is not None:
             slice_.update(ctx.plan.stage_class(ctx.plan.allocator).allocation_slice(ctx))
+        if ctx.plan.policy.allocates_bits:  # a byte budget on the quantize_factors grid
+            slice_.update(bits_per_weight=ctx.config.target.bits_per_weight,
+                          group_size=ctx.config.method.quantize_factors.group_size)
         storage = ctx.plan.method.storage()
         if storage != "16-bit":  # keyed only when set: 16-bit outputs keep their keys
             slice_["storage"] = storage
@@ -80,12 +90,18 @@ class AllocateStage(PipelineStage):
                 sensitivity += [Candidate(matrix, entry["kept"], entry["rank"], entry["ppl"])
                                 for matrix, entries in artifacts.read_sensitivity(directory).items() for entry in entries]
         policy = make_policy(ctx.config.allocation, sensitivity)
-        ranks = policy.allocate(spectra, ctx.config.target.kept_fraction)
+        bits = None
+        if policy.allocates_bits:
+            spectra = grid_errors(ctx, work, spectra, policy.bits)
+            qf = ctx.config.method.quantize_factors
+            ranks, bits = policy.allocate_with_bits(spectra, ctx.config.target.bits_per_weight, qf.group_size)
+        else:
+            ranks = policy.allocate(spectra, ctx.config.target.kept_fraction)
         report = ratio_report(shapes, ranks, n_params, ctx.config.target.kept_fraction)
         dropped = {s.name: float((s.sigma[ranks[s.name]:] ** 2).sum()) if ranks[s.name] is not None else 0.0
                    for s in spectra}
         details = policy.details()
-        artifacts.write_allocation(work.out, ranks, dropped, report.model_dump(), details)
+        artifacts.write_allocation(work.out, ranks, dropped, report.model_dump(), details, bits=bits)
         return {"ratios": report.model_dump(), "policy": policy.name, "search": details,
                 "dense_targets": sorted(n for n, r in ranks.items() if r is None)}
 
@@ -121,3 +137,37 @@ class AllocateStage(PipelineStage):
                 ax2.plot(energy.numpy(), alpha=0.3, color="C0" if "mlp" in key else "C1")
         ax2.set(title="cumulative weighted σ² (blue mlp, orange attention)", xlabel="rank", ylabel="fraction kept")
         return [artifacts.save_figure(fig, out / artifacts.PLOTS["ranks"], plt)]
+
+
+def grid_errors(ctx: Context, work: Work, spectra: list[MatrixSpectrum], widths: list[int]) -> list[MatrixSpectrum]:
+    """Each spectrum with its measured relative errors of round-to-nearest at every width on the
+    ``quantize_factors`` grid: of the product of its factors at the stored rank, and of the dense
+    matrix (``rank_bits``' loss model), one decoder layer in memory at a time."""
+    group_size = ctx.config.method.quantize_factors.group_size
+    runner = BlockRunner(artifacts.model_dir(work.input("snapshot")), torch.device("cpu"), DTYPES[ctx.config.model.dtype])
+    by_layer: dict[int, list[MatrixSpectrum]] = defaultdict(list)
+    for s in spectra:
+        by_layer[layer_of(s.name)].append(s)
+    measured = {}
+    for index, items in sorted(by_layer.items()):
+        prefix = ctx.plan.layout.layer_prefix(index)
+        weights = {name: weight_matrix(m).detach().double()
+                   for name, m in block_linears(runner.load_block(index), ctx.config.target.modules).items()}
+        found = artifacts.read_weighted_svd(work.input("decompose", artifacts.layer_partition(index)),
+                                            [s.name[len(prefix):] for s in items])
+        for s in items:
+            result = found[s.name[len(prefix):]]
+            up, down = result.factors(result.left.shape[1])
+            product, w = up @ down, weights[s.name[len(prefix):]]
+            errors = {}
+            for b in widths:
+                grid = Grid(b, group_size, symmetric=True)
+                q_product = rtn(up, grid).weight @ rtn(down, grid).weight
+                errors[b] = (relative_error(q_product - product, product), relative_error(rtn(w, grid).weight - w, w))
+            measured[s.name] = replace(s, stored_rank=result.left.shape[1], grid_errors=errors)
+    return [measured[s.name] for s in spectra]
+
+
+def relative_error(error: torch.Tensor, reference: torch.Tensor) -> float:
+    """``‖error‖² / ‖reference‖²`` (Frobenius)."""
+    return float(error.square().sum() / reference.square().sum().clamp(min=torch.finfo(torch.float64).tiny))

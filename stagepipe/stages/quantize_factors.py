@@ -79,6 +79,14 @@ class QuantizeFactorsStage(SequentialStage):
         return {"snapshot": {MODEL_DIR}, "tokenize": {TOKENS}, "allocate": {ALLOCATION}, cls.name: {HIDDEN},
                 source: {STAGES[source].assembly_payload}}
 
+    @classmethod
+    def assembly_needs(cls, choices) -> dict[str, set[str]]:
+        """Its packed tensors, and what the source's assembly reads (its trained norm weights)."""
+        needs = {cls.name: {QUANTIZED_FACTORS}}
+        for stage, payloads in STAGES[source_of(choices, cls.name)].assembly_needs(choices).items():
+            needs[stage] = needs.get(stage, set()) | set(payloads)
+        return needs
+
     def reads(self, ctx: Context, partition: str) -> list[Read]:
         index = layer_index(partition)
         source = STAGES[source_of(ctx.plan.choices, QuantizeFactorsStage.name)]
@@ -106,7 +114,9 @@ class QuantizeFactorsStage(SequentialStage):
         options = ctx.config.method.quantize_factors
         grid = _grid(ctx)
         runner = BlockRunner(artifacts.model_dir(work.input("snapshot")), torch.device("cpu"), DTYPES[ctx.config.model.dtype])
-        ranks = artifacts.block_ranks(artifacts.read_ranks(work.input("allocate")), runner.layout.layer_prefix(index))
+        prefix = runner.layout.layer_prefix(index)
+        ranks = artifacts.block_ranks(artifacts.read_ranks(work.input("allocate")), prefix)
+        widths = artifacts.read_bits(work.input("allocate"))  # rank_bits: each matrix's own width
         source = STAGES[source_of(ctx.plan.choices, QuantizeFactorsStage.name)]
         block = runner.load_block(index)
         targets = {name: weight_matrix(m).detach().double() for name, m in block_linears(block, ctx.config.target.modules).items()}
@@ -122,10 +132,10 @@ class QuantizeFactorsStage(SequentialStage):
         inputs = functools.partial(block_input_rows, runner, windows, below, ctx.config.runtime.batch_size)
         grams = running_grams(runner, block, modules, inputs())
 
-        def quantize(w: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
-            result = options.quantize(w, h)
+        def quantize(w: torch.Tensor, h: torch.Tensor, bits: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
+            result = options.quantize(w, h, bits)
             stored = stored_tensors(result)
-            if not torch.equal(dequantize_stored(stored, grid), result.weight):
+            if not torch.equal(dequantize_stored(stored, result.grid), result.weight):
                 raise StagepipeError(f"{work.partition}: the packed tensors do not unpack to the quantised weights")
             return result.weight, stored, result.repairs
 
@@ -133,10 +143,11 @@ class QuantizeFactorsStage(SequentialStage):
         measured: dict[str, Any] = {}
         for name, module in modules.items():
             h = grams[name].double()
+            bits = widths.get(prefix + name, grid.bits)
             if name in factors:
                 up, down = (f.double() for f in factors[name])
-                down_q, down_stored, down_repairs = quantize(down, h)
-                up_q, up_stored, up_repairs = quantize(up, down_q @ h @ down_q.T)
+                down_q, down_stored, down_repairs = quantize(down, h, bits)
+                up_q, up_stored, up_repairs = quantize(up, down_q @ h @ down_q.T, bits)
                 tensors.update({f"{name}.down.{k}": t for k, t in down_stored.items()})
                 tensors.update({f"{name}.up.{k}": t for k, t in up_stored.items()})
                 with torch.no_grad():
@@ -146,7 +157,7 @@ class QuantizeFactorsStage(SequentialStage):
                 info: dict[str, Any] = {"rank": ranks[name], "down": down_repairs, "up": up_repairs}
             else:
                 w = targets[name]
-                after, stored, repairs = quantize(w, h)
+                after, stored, repairs = quantize(w, h, bits)
                 tensors.update({f"{name}.{k}": t for k, t in stored.items()})
                 with torch.no_grad():
                     module.weight.copy_(after.reshape(module.weight.shape).to(module.weight.dtype))
@@ -154,11 +165,13 @@ class QuantizeFactorsStage(SequentialStage):
             w = targets[name]
             info["quantization_rel_err"] = relative_output_error(after - before, h, w)
             info["output_rel_err"] = relative_output_error(after - w, h, w)
+            info["bits"] = bits
             measured[name] = info
         artifacts.write_factors(work.out, QUANTIZED_FACTORS, tensors)
         write_block_outputs(work.out, runner, block, windows, inputs(), ctx.config.runtime)
         work.diagnostics["linears"] = measured
-        return {"linears": {n: {"rank": m["rank"], "shape": list(targets[n].shape)} for n, m in measured.items()},
+        return {"linears": {n: {"rank": m["rank"], "shape": list(targets[n].shape),
+                                **({"bits": m["bits"]} if widths else {})} for n, m in measured.items()},
                 "grid": {"bits": grid.bits, "group_size": grid.group_size}}
 
     @classmethod
@@ -168,12 +181,15 @@ class QuantizeFactorsStage(SequentialStage):
         repairs = []
         shapes: dict[str, tuple[int, int]] = {}
         ranks: dict[str, int | None] = {}
+        widths: dict[str, int] = {}
         grid = None
         for ref, manifest in sorted(manifests.items()):
             grid = Grid(manifest.info["grid"]["bits"], manifest.info["grid"]["group_size"], symmetric=True)
             for name, item in manifest.info["linears"].items():
                 shapes[f"{ref.partition}.{name}"] = tuple(item["shape"])
                 ranks[f"{ref.partition}.{name}"] = item["rank"]
+                if "bits" in item:
+                    widths[f"{ref.partition}.{name}"] = item["bits"]
             for name, item in manifest.diagnostics.get("linears", {}).items():
                 for part in ("down", "up", None):
                     found = item.get(part, {}) if part else item
@@ -182,7 +198,8 @@ class QuantizeFactorsStage(SequentialStage):
                                         "kind": "unit Hessian diagonal", "columns": found["dead_columns"]})
         if grid is None:
             return {"repairs": repairs}
-        return {"repairs": repairs, "ratios": {"memory": factor_grid_memory_report(shapes, ranks, grid, None).model_dump()}}
+        memory = factor_grid_memory_report(shapes, ranks, grid, None, widths)
+        return {"repairs": repairs, "ratios": {"memory": memory.model_dump()}}
 
     # ------------------------------------------------------------------ its assembly
     @classmethod
@@ -209,8 +226,10 @@ class QuantizeFactorsStage(SequentialStage):
         """The low-rank family with ``GridLinear`` factors, and ``GridLinear`` for the dense-kept targets."""
         options = ctx.config.method.quantize_factors
         grid = {"bits": options.bits, "group_size": options.group_size}
+        widths = artifacts.read_bits(work.input("allocate"))
         factored = dict(sorted((n, r) for n, r in ranks.items() if r is not None))
-        dense = {n: dict(grid) for n, r in sorted(ranks.items()) if r is None}
+        dense = {n: {**grid, "bits": widths.get(n, options.bits)} for n, r in sorted(ranks.items()) if r is None}
+        own = {n: widths[n] for n in factored if n in widths}
         return modeling_lowrank, {"lowrank_ranks": factored, "lowrank_factor_grid": grid,
-                                  **({"lowrank_grid": dense} if dense else {})}
+                                  **({"lowrank_factor_bits": own} if own else {}), **({"lowrank_grid": dense} if dense else {})}
 
