@@ -70,6 +70,13 @@ ROWS = {
         ("gptvq 2-D 2-bit, 2,048 per codebook", {"name": "gptvq", "dim": 2, "bits_per_dim": 2, "group_columns": 64,
                                                   "group_weights": 2048}, None),
         ("gptq 2-bit g64", {"name": "gptq", "bits": 2, "group_size": 64}, None),
+        # ranks and widths chosen together (rank_bits) within the bytes of the quantisation row it is paired with
+        ("kfac_svd rank_bits ≤ 3.25 bits", {"_pipeline": {
+            "method": {"name": "kfac_svd", "quantize_factors": {"group_size": 64}}, "target": {"bits_per_weight": 3.25},
+            "allocation": {"policy": "rank_bits", "align": 8}}}, "gptq 3-bit g64"),
+        ("kfac_svd rank_bits ≤ 2.13 bits", {"_pipeline": {
+            "method": {"name": "kfac_svd", "quantize_factors": {"group_size": 64}}, "target": {"bits_per_weight": 2.13},
+            "allocation": {"policy": "rank_bits", "align": 8}}}, "gptvq 2-D 2-bit, 2,048 per codebook"),
     ],
     "gemma3": [
         ("gptq 4-bit g64", {"bits": 4, "group_size": 64}, None),
@@ -104,7 +111,8 @@ def row_config(base: dict, options: dict):
         data = {k: v for k, v in base.items() if k != "allocation"}
         return variant_config({**data, "target": {"bits_per_weight": 8}}, options)
     data = {**json.loads(json.dumps(base)), **top}
-    data["name"] = f"{base['name']}_{top['method']['name']}_{top['target']['kept_fraction']}"
+    target = top["target"].get("kept_fraction", f"{top['target'].get('bits_per_weight')}bpw")
+    data["name"] = f"{base['name']}_{top['method']['name']}_{target}"
     return parse_pipeline(data, "benchmark", ROOT)
 
 

@@ -108,12 +108,14 @@ def test_a_pipeline_it_cannot_serve_is_refused_in_one_line(tmp_path: Path, chang
         parse_pipeline(data, "bad.yaml", tmp_path)
 
 
-def test_through_the_pipeline_each_matrix_is_stored_at_its_width_within_the_budget(tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["svdllm", "kfac_svd"])  # Grams from capture; from fisher
+def test_through_the_pipeline_each_matrix_is_stored_at_its_width_within_the_budget(tmp_path: Path, method: str) -> None:
     from transformers import AutoConfig
 
     from stagepipe.models.sources import load_checked
 
     path = pipeline(tmp_path, "rank_bits", 4.5)
+    path.write_text(path.read_text().replace("name: svdllm", f"name: {method}"))
     result = CliRunner().invoke(main, ["run", str(path), "-w", str(tmp_path / "ws")], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     outputs = finished_outputs(tmp_path / "ws")
@@ -130,3 +132,13 @@ def test_through_the_pipeline_each_matrix_is_stored_at_its_width_within_the_budg
         module = model.get_submodule(name)
         assert (module.bits if ranks[name] is None else module.down.bits) == width, name
     assert load_pipeline(path).allocation.policy == "rank_bits"
+
+
+def test_a_method_without_input_grams_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    data = yaml.safe_load(pipeline(tmp_path, "no_gram", 5.0).read_text())
+    data["method"]["name"] = "svd"
+    path = tmp_path / "no_gram.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    result = CliRunner().invoke(main, ["run", str(path), "-w", str(tmp_path / "ws")])
+    assert result.exit_code != 0 and "measures each matrix's quantisation error under its input Gram" in result.output
+    assert not (tmp_path / "ws" / "stages").exists()

@@ -22,12 +22,22 @@ from stagepipe.accounting import ratio_report
 from stagepipe.allocation import Candidate, MatrixSpectrum, make_policy
 from stagepipe.allocation.base import layer_of
 from stagepipe.engine.stage import Context, Read, Work
+from stagepipe.errors import ConfigError, StagepipeError
 from stagepipe.models.blocks import BlockRunner
 from stagepipe.models.layout import block_linear_shapes, block_linears, weight_matrix
 from stagepipe.models.sources import DTYPES
-from stagepipe.quantize import Grid, rtn
+from stagepipe.quantize import relative_output_error
 from stagepipe.stagekit import artifacts
-from stagepipe.stagekit.artifacts import ALLOCATION, MODEL_DIR, SENSITIVITY, WEIGHTED_SVD, layer_index
+from stagepipe.stagekit.artifacts import (
+    ALLOCATION,
+    FISHER,
+    GROUPS,
+    MODEL_DIR,
+    SENSITIVITY,
+    STATS,
+    WEIGHTED_SVD,
+    layer_index,
+)
 from stagepipe.stagekit.base import STAGES, PipelineStage, register
 from stagepipe.stagekit.cost import CostInputs, Estimate
 from stagepipe.stagekit.plan import allocator_of
@@ -39,6 +49,8 @@ class AllocateStage(PipelineStage):
     version = 2
     description = "ranks per matrix and achieved kept fractions"
     writes = {ALLOCATION: "ranks per matrix (or inner dimensions per block), dropped weighted energy, achieved fractions"}
+    #: with a policy that allocates bits it reads the input Grams as decompose does (``read_layer_stats``)
+    takes_grams_from_fisher = True
 
     @classmethod
     def needs(cls, choices) -> dict[str, set[str]]:
@@ -46,7 +58,20 @@ class AllocateStage(PipelineStage):
         if allocator is not None:
             return {"snapshot": {MODEL_DIR}, **STAGES[allocator].allocation_needs(choices)}
         found = {"snapshot": {MODEL_DIR}, "decompose": {WEIGHTED_SVD}}
+        if choices.policy.allocates_bits:  # quantisation errors under each layer's input Gram
+            found.update(gram_needs(choices.method))
         return {**found, "sensitivity": {SENSITIVITY}} if choices.policy.needs_sensitivity else found
+
+    @staticmethod
+    def check(config: Any, model: Any | None) -> None:
+        """Before anything runs: a policy that measures quantisation errors needs the input Grams."""
+        from stagepipe.allocation import POLICIES
+        from stagepipe.methods import make_method
+
+        method = make_method(config.method)
+        if POLICIES[config.allocation.policy].allocates_bits and "gram" not in method.activation_stats:
+            raise ConfigError(f"allocation.policy: {config.allocation.policy} measures each matrix's quantisation error "
+                              f"under its input Gram; {config.method.name} records none (svdllm, kfac_svd, gfwsvd do)")
 
     def reads(self, ctx: Context, partition: str) -> list[Read]:
         reads = [Read(artifacts.ref("snapshot"), MODEL_DIR)]  # its config; the parameter count in its results
@@ -56,6 +81,11 @@ class AllocateStage(PipelineStage):
         reads += [Read(artifacts.ref("decompose", p), WEIGHTED_SVD) for p in layers]
         if ctx.plan.policy.needs_sensitivity:
             reads += [Read(artifacts.ref("sensitivity", p), SENSITIVITY) for p in layers]
+        if ctx.plan.policy.allocates_bits:  # the input Grams, read as decompose reads them
+            method = ctx.plan.method
+            payloads = ([("capture", GROUPS)] if method.activation_stats else []) + (
+                [("capture", STATS)] if ctx.plan.capture_stats else []) + ([("fisher", FISHER)] if method.needs_gradients else [])
+            reads += [Read(artifacts.ref(stage, p), payload) for stage, payload in payloads for p in layers]
         return reads
 
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
@@ -140,34 +170,46 @@ class AllocateStage(PipelineStage):
 
 
 def grid_errors(ctx: Context, work: Work, spectra: list[MatrixSpectrum], widths: list[int]) -> list[MatrixSpectrum]:
-    """Each spectrum with its measured relative errors of round-to-nearest at every width on the
-    ``quantize_factors`` grid: of the product of its factors at the stored rank, and of the dense
-    matrix (``rank_bits``' loss model), one decoder layer in memory at a time."""
-    group_size = ctx.config.method.quantize_factors.group_size
+    """Each spectrum with its measured relative output errors at every width, by ``quantize_factors``'
+    own quantiser and grid under the layer's input Gram ``H`` (``rank_bits``' loss model): of its
+    factors at the stored rank (``down`` under ``H``, then ``up`` under ``D_q H D_qᵀ``, as that stage
+    does) and of the dense matrix, each ``tr(E H Eᵀ) / tr(W H Wᵀ)``; one decoder layer in memory at a time."""
+    options = ctx.config.method.quantize_factors
     runner = BlockRunner(artifacts.model_dir(work.input("snapshot")), torch.device("cpu"), DTYPES[ctx.config.model.dtype])
     by_layer: dict[int, list[MatrixSpectrum]] = defaultdict(list)
     for s in spectra:
         by_layer[layer_of(s.name)].append(s)
     measured = {}
     for index, items in sorted(by_layer.items()):
-        prefix = ctx.plan.layout.layer_prefix(index)
+        prefix, partition = ctx.plan.layout.layer_prefix(index), artifacts.layer_partition(index)
         weights = {name: weight_matrix(m).detach().double()
                    for name, m in block_linears(runner.load_block(index), ctx.config.target.modules).items()}
-        found = artifacts.read_weighted_svd(work.input("decompose", artifacts.layer_partition(index)),
-                                            [s.name[len(prefix):] for s in items])
-        for s in items:
-            result = found[s.name[len(prefix):]]
+        names = [s.name[len(prefix):] for s in items]
+        found = artifacts.read_weighted_svd(work.input("decompose", partition), names)
+        stats = artifacts.read_layer_stats(work.inputs.get(artifacts.ref("capture", partition)),
+                                           work.inputs.get(artifacts.ref("fisher", partition)))
+        for s, name in zip(items, names, strict=True):
+            if name not in stats.gram:
+                raise StagepipeError(f"{s.name}: rank_bits measures quantisation error under the input Gram, "
+                                     "which this method's statistics do not hold")
+            h, w, result = stats.gram[name].double(), weights[name], found[name]
             up, down = result.factors(result.left.shape[1])
-            product, w = up @ down, weights[s.name[len(prefix):]]
             errors = {}
             for b in widths:
-                grid = Grid(b, group_size, symmetric=True)
-                q_product = rtn(up, grid).weight @ rtn(down, grid).weight
-                errors[b] = (relative_error(q_product - product, product), relative_error(rtn(w, grid).weight - w, w))
+                down_q = options.quantize(down, h, b).weight
+                up_q = options.quantize(up, down_q @ h @ down_q.T, b).weight
+                errors[b] = (relative_output_error(up_q @ down_q - up @ down, h, up @ down),
+                             relative_output_error(options.quantize(w, h, b).weight - w, h, w))
             measured[s.name] = replace(s, stored_rank=result.left.shape[1], grid_errors=errors)
     return [measured[s.name] for s in spectra]
 
 
-def relative_error(error: torch.Tensor, reference: torch.Tensor) -> float:
-    """``‖error‖² / ‖reference‖²`` (Frobenius)."""
-    return float(error.square().sum() / reference.square().sum().clamp(min=torch.finfo(torch.float64).tiny))
+def gram_needs(method: Any) -> dict[str, set[str]]:
+    """Where a method's input Grams are, as ``decompose`` reads them: capture's statistics, and
+    fisher's file when it records them (``artifacts.read_layer_stats``)."""
+    found: dict[str, set[str]] = {}
+    if method.activation_stats:
+        found["capture"] = {STATS, GROUPS}
+    if method.needs_gradients:
+        found["fisher"] = {FISHER}
+    return found
