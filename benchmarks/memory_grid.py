@@ -98,6 +98,9 @@ ROWS = {
         ("svdllm 0.5 + gptq 4-bit g64 factors", {"_pipeline": {
             "method": {"name": "svdllm", "quantize_factors": {"bits": 4, "group_size": 64}},
             "target": {"kept_fraction": 0.5}, "allocation": {"policy": "uniform", "align": 8}}}, "gptq 2-bit g64"),
+        ("svdllm rank_bits ≤ 3.25 bits", {"_pipeline": {
+            "method": {"name": "svdllm", "quantize_factors": {"group_size": 64}}, "target": {"bits_per_weight": 3.25},
+            "allocation": {"policy": "rank_bits", "align": 8}}}, "gptq 3-bit g64"),
     ],
 }
 

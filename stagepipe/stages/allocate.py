@@ -102,7 +102,16 @@ class AllocateStage(PipelineStage):
 
     @classmethod
     def cost(cls, c: CostInputs) -> Estimate:
-        return Estimate(cls.name, 1e6, 1e7 + c.shapes.layers * sum(min(m, n) for m, n in c.shapes.linears) * 8, 0)
+        """The spectra; with a policy that allocates bits, also one block, its Grams and one matrix's GPTQ
+        in float64 in RAM, and three GPTQ sweeps (down, up, dense) per matrix and width."""
+        s = c.shapes
+        ram = 1e7 + s.layers * sum(min(m, n) for m, n in s.linears) * 8
+        if not c.plan.policy.allocates_bits:
+            return Estimate(cls.name, 1e6, ram, 0)
+        widths = len(c.config.allocation.bits)
+        return Estimate(cls.name, 1e6, ram + s.block * c.weight_bytes + c.grams + 4 * 8 * max(m * n + n * n for m, n in s.linears),
+                        0, "GPTQ of every matrix at every width (its error model)",
+                        flops64=s.layers * widths * sum(3 * (n**3 + 2 * m * n * n) for m, n in s.linears))
 
     def run(self, ctx: Context, work: Work) -> dict[str, Any]:
         shapes = block_linear_shapes(ctx.facts)
