@@ -319,6 +319,11 @@ class PipelineConfig(Strict):
         """A method of a kind (structured, learned, …) refuses pipelines it cannot run (``Method.check_pipeline``)."""
         METHODS[self.method.name].check_pipeline(self, POLICIES[DEFAULT_POLICY].config(policy=DEFAULT_POLICY))
         POLICIES[self.allocation.policy].check_pipeline(self)
+        spent = "bits_per_weight" if POLICIES[self.allocation.policy].allocates_bits else METHODS[self.method.name].budget
+        for key in ("bits_per_weight", "delta_ratio"):  # a budget nothing spends would be ignored silently
+            if key != spent and getattr(self.target, key) is not None:
+                raise ValueError(f"target.{key}: {self.method.name} with policy {self.allocation.policy} spends "
+                                 f"target.{spent}, not {key}; remove it")
         return self
 
     @model_validator(mode="after")

@@ -142,3 +142,12 @@ def test_a_method_without_input_grams_is_refused_before_anything_runs(tmp_path: 
     result = CliRunner().invoke(main, ["run", str(path), "-w", str(tmp_path / "ws")])
     assert result.exit_code != 0 and "measures each matrix's quantisation error under its input Gram" in result.output
     assert not (tmp_path / "ws" / "stages").exists()
+
+
+def test_a_budget_nothing_spends_is_refused(tmp_path: Path) -> None:
+    """bits_per_weight on a low-rank method under a parameter policy would be ignored: one error line."""
+    data = merge(TINY, {"name": "unspent", "allocation": {"policy": "global_greedy", "align": 4}})
+    data["target"] = {"kept_fraction": 0.8, "bits_per_weight": 4.0}
+    with pytest.raises(ConfigError, match="target.bits_per_weight: svdllm with policy global_greedy spends "
+                                          "target.kept_fraction, not bits_per_weight"):
+        parse_pipeline(data, "unspent.yaml", tmp_path)

@@ -137,6 +137,8 @@ class Method(ABC):
     config: ClassVar[type[MethodConfig]]
     left: ClassVar[str] = "identity"
     right: ClassVar[str] = "identity"
+    #: the ``target`` key this kind spends (a policy that allocates bits spends ``bits_per_weight`` instead)
+    budget: ClassVar[str] = "kept_fraction"
 
     def __init__(self, cfg: MethodConfig) -> None:
         self.cfg = cfg
@@ -323,6 +325,8 @@ class QuantizedMethod(Method):
     ``storage()`` names the model family the assembly writes ("quantized": compressed-tensors, "vq":
     ``modeling_lowrank.VQLinear``)."""
 
+    budget = "bits_per_weight"
+
     @abstractmethod
     def grid(self) -> Grid | VQGrid:
         """The grid (integer levels or codebooks) every target matrix is quantised on."""
@@ -440,6 +444,8 @@ class QuantizedMethod(Method):
 class DeltaMethod(Method):
     """Compresses the difference ``Δ = W_model − W_base`` of each target matrix between a fine-tuned
     model and its base (``pipeline.base``): the ``delta`` stage, budget ``target.delta_ratio``."""
+
+    budget = "delta_ratio"
 
     @abstractmethod
     def compress(self, delta: torch.Tensor, budget: int, generator: torch.Generator,
