@@ -101,6 +101,13 @@ ROWS = {
         ("svdllm rank_bits ≤ 3.25 bits", {"_pipeline": {
             "method": {"name": "svdllm", "quantize_factors": {"group_size": 64}}, "target": {"bits_per_weight": 3.25},
             "allocation": {"policy": "rank_bits", "align": 8}}}, "gptq 3-bit g64"),
+        # K-FAC's factors (the same 32 windows; its fisher partitions are the Gemma quality grid's)
+        ("kfac_svd rank_bits ≤ 3.25 bits", {"_pipeline": {
+            "method": {"name": "kfac_svd", "quantize_factors": {"group_size": 64}}, "target": {"bits_per_weight": 3.25},
+            "allocation": {"policy": "rank_bits", "align": 8}}}, "gptq 3-bit g64"),
+        ("kfac_svd rank_bits ≤ 2.13 bits", {"_pipeline": {
+            "method": {"name": "kfac_svd", "quantize_factors": {"group_size": 64}}, "target": {"bits_per_weight": 2.13},
+            "allocation": {"policy": "rank_bits", "align": 8}}}, "gptvq 2-D 2-bit, 2,048 per codebook"),
     ],
 }
 
