@@ -54,7 +54,7 @@ from typing import Any
 
 import torch
 
-from stagepipe.engine.stage import ALL, PartitionRef
+from stagepipe.engine.stage import ALL, PartitionRef, Read
 from stagepipe.io import manifest as manifest_io
 from stagepipe.io import safetensors_io, zarr_io
 from stagepipe.linalg import WeightedSVD
@@ -218,6 +218,30 @@ def _per_linear(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torc
         if kind != "gram":
             fisher.setdefault(name, {})[kind] = value
     return fisher
+
+
+def layer_stats_needs(method: Any) -> dict[str, set[str]]:
+    """What ``read_layer_stats`` reads for a method, as a stage's ``needs``: capture's statistics and
+    groups, fisher's file (which holds the input Grams when ``Plan.gram_in_fisher``)."""
+    found: dict[str, set[str]] = {}
+    if method.activation_stats:
+        found["capture"] = {STATS, GROUPS}
+    if method.needs_gradients:
+        found["fisher"] = {FISHER}
+    return found
+
+
+def layer_stats_reads(plan: Any, partition: str) -> list[Read]:
+    """``layer_stats_needs``' reads of one layer: capture's statistics only when capture records some."""
+    method = plan.method
+    reads = []
+    if method.activation_stats:
+        reads.append(Read(ref("capture", partition), GROUPS))
+        if plan.capture_stats:
+            reads.append(Read(ref("capture", partition), STATS))
+    if method.needs_gradients:
+        reads.append(Read(ref("fisher", partition), FISHER))
+    return reads
 
 
 def read_layer_stats(capture_output: Path | None, fisher_output: Path | None) -> LayerStats:

@@ -30,11 +30,8 @@ from stagepipe.quantize import relative_output_error
 from stagepipe.stagekit import artifacts
 from stagepipe.stagekit.artifacts import (
     ALLOCATION,
-    FISHER,
-    GROUPS,
     MODEL_DIR,
     SENSITIVITY,
-    STATS,
     WEIGHTED_SVD,
     layer_index,
 )
@@ -59,7 +56,7 @@ class AllocateStage(PipelineStage):
             return {"snapshot": {MODEL_DIR}, **STAGES[allocator].allocation_needs(choices)}
         found = {"snapshot": {MODEL_DIR}, "decompose": {WEIGHTED_SVD}}
         if choices.policy.allocates_bits:  # quantisation errors under each layer's input Gram
-            found.update(gram_needs(choices.method))
+            found.update(artifacts.layer_stats_needs(choices.method))
         return {**found, "sensitivity": {SENSITIVITY}} if choices.policy.needs_sensitivity else found
 
     @staticmethod
@@ -82,10 +79,7 @@ class AllocateStage(PipelineStage):
         if ctx.plan.policy.needs_sensitivity:
             reads += [Read(artifacts.ref("sensitivity", p), SENSITIVITY) for p in layers]
         if ctx.plan.policy.allocates_bits:  # the input Grams, read as decompose reads them
-            method = ctx.plan.method
-            payloads = ([("capture", GROUPS)] if method.activation_stats else []) + (
-                [("capture", STATS)] if ctx.plan.capture_stats else []) + ([("fisher", FISHER)] if method.needs_gradients else [])
-            reads += [Read(artifacts.ref(stage, p), payload) for stage, payload in payloads for p in layers]
+            reads += [read for p in layers for read in artifacts.layer_stats_reads(ctx.plan, p)]
         return reads
 
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
@@ -203,22 +197,13 @@ def grid_errors(ctx: Context, work: Work, spectra: list[MatrixSpectrum], widths:
                                      "which this method's statistics do not hold")
             h, w, result = stats.gram[name].double(), weights[name], found[name]
             up, down = result.factors(result.left.shape[1])
+            product = up @ down
             errors = {}
             for b in widths:
                 down_q = options.quantize(down, h, b).weight
                 up_q = options.quantize(up, down_q @ h @ down_q.T, b).weight
-                errors[b] = (relative_output_error(up_q @ down_q - up @ down, h, up @ down),
+                errors[b] = (relative_output_error(up_q @ down_q - product, h, product),
                              relative_output_error(options.quantize(w, h, b).weight - w, h, w))
             measured[s.name] = replace(s, stored_rank=result.left.shape[1], grid_errors=errors)
     return [measured[s.name] for s in spectra]
 
-
-def gram_needs(method: Any) -> dict[str, set[str]]:
-    """Where a method's input Grams are, as ``decompose`` reads them: capture's statistics, and
-    fisher's file when it records them (``artifacts.read_layer_stats``)."""
-    found: dict[str, set[str]] = {}
-    if method.activation_stats:
-        found["capture"] = {STATS, GROUPS}
-    if method.needs_gradients:
-        found["fisher"] = {FISHER}
-    return found

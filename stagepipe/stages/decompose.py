@@ -20,7 +20,7 @@ from stagepipe.models.blocks import BlockRunner
 from stagepipe.models.layout import block_linears, weight_matrix
 from stagepipe.models.sources import DTYPES, resolve_device
 from stagepipe.stagekit import artifacts
-from stagepipe.stagekit.artifacts import FISHER, GROUPS, MODEL_DIR, STATS, WEIGHTED_SVD, layer_index
+from stagepipe.stagekit.artifacts import MODEL_DIR, WEIGHTED_SVD, layer_index
 from stagepipe.stagekit.base import PipelineStage, register
 from stagepipe.stagekit.cost import CostInputs, Estimate
 
@@ -37,13 +37,7 @@ class DecomposeStage(PipelineStage):
 
     @classmethod
     def needs(cls, choices) -> dict[str, set[str]]:
-        method = choices.method
-        found: dict[str, set[str]] = {"snapshot": {MODEL_DIR}}
-        if method.activation_stats:
-            found["capture"] = {STATS, GROUPS}
-        if method.needs_gradients:
-            found["fisher"] = {FISHER}
-        return found
+        return {"snapshot": {MODEL_DIR}, **artifacts.layer_stats_needs(choices.method)}
 
     @classmethod
     def assembles(cls, choices) -> bool:
@@ -54,15 +48,7 @@ class DecomposeStage(PipelineStage):
         return artifacts.model_layers(ctx)
 
     def reads(self, ctx: Context, partition: str) -> list[Read]:
-        method = ctx.plan.method
-        reads = [Read(artifacts.ref("snapshot"), MODEL_DIR)]
-        if method.activation_stats:
-            reads += [Read(artifacts.ref("capture", partition), GROUPS)]
-            if ctx.plan.capture_stats:
-                reads += [Read(artifacts.ref("capture", partition), STATS)]
-        if method.needs_gradients:
-            reads.append(Read(artifacts.ref("fisher", partition), FISHER))
-        return reads
+        return [Read(artifacts.ref("snapshot"), MODEL_DIR), *artifacts.layer_stats_reads(ctx.plan, partition)]
 
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
         method = ctx.plan.method
