@@ -121,7 +121,7 @@ class RankBits(Policy):
                                  f"({8 * least / sum(s.m * s.n for s in spectra):.4f}: every matrix at rank "
                                  f"{self.align} and {min(self.bits)} bits)")
         pick = self._cheapest_fitting_price(tables, budget)
-        spent = sum(float(t[2][i]) for t, i in zip(tables, pick, strict=True))
+        spent = _total(tables, pick, SIZE)
         while True:  # spend what is left on the best loss saved per byte that fits
             best, best_rate = None, 0.0
             for j, (_, loss, size) in enumerate(tables):
@@ -140,7 +140,7 @@ class RankBits(Policy):
             pick[j] = k
         ranks = {s.name: t[0][i][0] for s, t, i in zip(spectra, tables, pick, strict=True)}
         widths = {s.name: t[0][i][1] for s, t, i in zip(spectra, tables, pick, strict=True)}
-        loss = sum(float(t[1][i]) for t, i in zip(tables, pick, strict=True))
+        loss = _total(tables, pick, LOSS)
         self._details = {"predicted_loss": loss, "budget_bytes": math.floor(budget), "stored_bytes": int(spent),
                          "matrices_per_width": {str(b): sum(1 for w in widths.values() if w == b) for b in self.bits},
                          "dense": sum(1 for r in ranks.values() if r is None)}
@@ -153,7 +153,7 @@ class RankBits(Policy):
             return [int(torch.argmin(loss + price * size)) for _, loss, size in tables]
 
         def total(pick: list[int]) -> float:
-            return sum(float(t[2][i]) for t, i in zip(tables, pick, strict=True))
+            return _total(tables, pick, SIZE)
 
         low, high = 0.0, 1.0
         if total(choose(low)) <= budget:
@@ -166,6 +166,16 @@ class RankBits(Policy):
             mid = (low + high) / 2
             low, high = (low, mid) if total(choose(mid)) <= budget else (mid, high)
         pick = choose(high)
-        if total(pick) > budget:  # only the very cheapest choice of each fits
-            pick = [int(torch.argmin(size * 1e300 + loss)) for _, loss, size in tables]
+        if total(pick) > budget:  # only the very cheapest choice of each fits (the least loss among equal bytes)
+            pick = [min(range(len(size)), key=lambda i, loss=loss, size=size: (float(size[i]), float(loss[i])))
+                    for _, loss, size in tables]
         return pick
+
+
+#: columns of an options table (``RankBits.options``): choices, predicted losses, stored bytes
+LOSS, SIZE = 1, 2
+
+
+def _total(tables: list, pick: list[int], column: int) -> float:
+    """The sum over matrices of one column (``LOSS`` or ``SIZE``) at the picked options."""
+    return sum(float(t[column][i]) for t, i in zip(tables, pick, strict=True))
