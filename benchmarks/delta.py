@@ -21,6 +21,11 @@ from pathlib import Path
 
 import yaml
 
+try:  # run as a script (this directory on the path) or imported as benchmarks.delta
+    from zeroshot_rows import retained_text
+except ModuleNotFoundError:
+    from benchmarks.zeroshot_rows import retained_text
+
 from stagepipe.config import parse_pipeline
 from stagepipe.engine.stage import ALL, PartitionRef
 from stagepipe.intervals import compare
@@ -189,21 +194,15 @@ def zeroshot_table(rows: list[dict]) -> list[str]:
              "| model | ratio | " + " | ".join(tasks) + " | average | retained above chance [95 %] |",
              "|---|---|" + "---|" * (len(tasks) + 2)]
 
-    def retained(z: dict) -> str:
-        if "retention" not in z:
-            return "—"
-        low, high = z["retention_interval"]
-        return f"{z['retention']:.3f} [{low:.2f}, {high:.2f}]"
-
     base = first["base"]
     lines.append("| base | — | " + " | ".join(acc(base["tasks"][t], "compressed") for t in tasks)
-                 + f" | {base['average']['compressed']:.3f} | {retained(base)} |")
+                 + f" | {base['average']['compressed']:.3f} | {retained_text(base)} |")
     lines.append("| fine-tuned | 1 | " + " | ".join(acc(first["tasks"][t], "dense") for t in tasks)
                  + f" | {first['average']['dense']:.3f} | — |")
     for row in scored:
         z = row["zeroshot"]
         lines.append(f"| {row['label']} | {row['ratio']:.2f} | " + " | ".join(acc(z["tasks"][t], "compressed") for t in tasks)
-                     + f" | {z['average']['compressed']:.3f} | {retained(z)} |")
+                     + f" | {z['average']['compressed']:.3f} | {retained_text(z)} |")
     kept = ", ".join(first.get("retention_tasks", []))
     lines += ["", f"Retained above chance: `(acc − chance)/(acc_fine-tuned − chance)` averaged over the tasks where the "
               f"fine-tuned model is more than two standard errors above chance ({kept}; the others: "

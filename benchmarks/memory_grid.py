@@ -34,6 +34,13 @@ ROOT = Path(__file__).resolve().parent.parent
 #: (row, method options over the base file's, the row it is paired against: the GPTQ row of as many or
 #: more bytes). SmolLM2 is dequantised from Q4_1, so no 4-bit rows (docs/methods.md); its 576 inputs
 #: take GPTVQ groups of 64 or 192 columns, Gemma-3's 640 groups of 128.
+def lowrank(method: str, target: dict, policy: str, quantize_factors: dict | None = None) -> dict:
+    """A ``_pipeline`` row: a low-rank method with its own target and allocation (align 8), its final
+    factors on ``quantize_factors``' grid when given."""
+    block = {"name": method, **({"quantize_factors": quantize_factors} if quantize_factors is not None else {})}
+    return {"_pipeline": {"method": block, "target": target, "allocation": {"policy": policy, "align": 8}}}
+
+
 ROWS = {
     "smollm2": [
         ("gptq 3-bit g64", {"bits": 3, "group_size": 64}, None),
@@ -57,26 +64,25 @@ ROWS = {
     # workspace's K-FAC factors): quantisation alone against a low-rank model whose factors are quantised
     "smollm2_headline": [
         ("gptq 3-bit g64", {"name": "gptq", "bits": 3, "group_size": 64}, None),
-        ("kfac_svd 0.75 + gptq 4-bit g64 factors", {"_pipeline": {
-            "method": {"name": "kfac_svd", "quantize_factors": {"bits": 4, "group_size": 64}},
-            "target": {"kept_fraction": 0.75}, "allocation": {"policy": "global_greedy", "align": 8}}}, "gptq 3-bit g64"),
-        ("kfac_svd 0.75 (16-bit factors)", {"_pipeline": {
-            "method": {"name": "kfac_svd"}, "target": {"kept_fraction": 0.75},
-            "allocation": {"policy": "global_greedy", "align": 8}}}, "kfac_svd 0.75 + gptq 4-bit g64 factors"),
-        ("kfac_svd 0.5 + gptq 4-bit g64 factors", {"_pipeline": {
-            "method": {"name": "kfac_svd", "quantize_factors": {"bits": 4, "group_size": 64}},
-            "target": {"kept_fraction": 0.5}, "allocation": {"policy": "global_greedy", "align": 8}}},
+        ("kfac_svd 0.75 + gptq 4-bit g64 factors",
+         lowrank("kfac_svd", {"kept_fraction": 0.75}, "global_greedy", {"bits": 4, "group_size": 64}),
+         "gptq 3-bit g64"),
+        ("kfac_svd 0.75 (16-bit factors)",
+         lowrank("kfac_svd", {"kept_fraction": 0.75}, "global_greedy"),
+         "kfac_svd 0.75 + gptq 4-bit g64 factors"),
+        ("kfac_svd 0.5 + gptq 4-bit g64 factors",
+         lowrank("kfac_svd", {"kept_fraction": 0.5}, "global_greedy", {"bits": 4, "group_size": 64}),
          "gptvq 2-D 2-bit, 2,048 per codebook"),
         ("gptvq 2-D 2-bit, 2,048 per codebook", {"name": "gptvq", "dim": 2, "bits_per_dim": 2, "group_columns": 64,
                                                   "group_weights": 2048}, None),
         ("gptq 2-bit g64", {"name": "gptq", "bits": 2, "group_size": 64}, None),
         # ranks and widths chosen together (rank_bits) within the bytes of the quantisation row it is paired with
-        ("kfac_svd rank_bits ≤ 3.25 bits", {"_pipeline": {
-            "method": {"name": "kfac_svd", "quantize_factors": {"group_size": 64}}, "target": {"bits_per_weight": 3.25},
-            "allocation": {"policy": "rank_bits", "align": 8}}}, "gptq 3-bit g64"),
-        ("kfac_svd rank_bits ≤ 2.13 bits", {"_pipeline": {
-            "method": {"name": "kfac_svd", "quantize_factors": {"group_size": 64}}, "target": {"bits_per_weight": 2.13},
-            "allocation": {"policy": "rank_bits", "align": 8}}}, "gptvq 2-D 2-bit, 2,048 per codebook"),
+        ("kfac_svd rank_bits ≤ 3.25 bits",
+         lowrank("kfac_svd", {"bits_per_weight": 3.25}, "rank_bits", {"group_size": 64}),
+         "gptq 3-bit g64"),
+        ("kfac_svd rank_bits ≤ 2.13 bits",
+         lowrank("kfac_svd", {"bits_per_weight": 2.13}, "rank_bits", {"group_size": 64}),
+         "gptvq 2-D 2-bit, 2,048 per codebook"),
     ],
     "gemma3": [
         ("gptq 4-bit g64", {"bits": 4, "group_size": 64}, None),
@@ -92,22 +98,22 @@ ROWS = {
         ("gptq 2-bit g64 + EoRA rank 24", {"bits": 2, "group_size": 64, "compensate": {"rank": 24}}, "gptq 3-bit g64"),
         ("gptvq 2-D 2-bit + EoRA rank 3", {"name": "gptvq", "dim": 2, "bits_per_dim": 2, "group_columns": 128,
                                            "group_weights": 2048, "compensate": {"rank": 3}}, "gptq 2-bit g64"),
-        ("svdllm 0.75 + gptq 4-bit g64 factors", {"_pipeline": {
-            "method": {"name": "svdllm", "quantize_factors": {"bits": 4, "group_size": 64}},
-            "target": {"kept_fraction": 0.75}, "allocation": {"policy": "uniform", "align": 8}}}, "gptq 3-bit g64"),
-        ("svdllm 0.5 + gptq 4-bit g64 factors", {"_pipeline": {
-            "method": {"name": "svdllm", "quantize_factors": {"bits": 4, "group_size": 64}},
-            "target": {"kept_fraction": 0.5}, "allocation": {"policy": "uniform", "align": 8}}}, "gptq 2-bit g64"),
-        ("svdllm rank_bits ≤ 3.25 bits", {"_pipeline": {
-            "method": {"name": "svdllm", "quantize_factors": {"group_size": 64}}, "target": {"bits_per_weight": 3.25},
-            "allocation": {"policy": "rank_bits", "align": 8}}}, "gptq 3-bit g64"),
+        ("svdllm 0.75 + gptq 4-bit g64 factors",
+         lowrank("svdllm", {"kept_fraction": 0.75}, "uniform", {"bits": 4, "group_size": 64}),
+         "gptq 3-bit g64"),
+        ("svdllm 0.5 + gptq 4-bit g64 factors",
+         lowrank("svdllm", {"kept_fraction": 0.5}, "uniform", {"bits": 4, "group_size": 64}),
+         "gptq 2-bit g64"),
+        ("svdllm rank_bits ≤ 3.25 bits",
+         lowrank("svdllm", {"bits_per_weight": 3.25}, "rank_bits", {"group_size": 64}),
+         "gptq 3-bit g64"),
         # K-FAC's factors (the same 32 windows; its fisher partitions are the Gemma quality grid's)
-        ("kfac_svd rank_bits ≤ 3.25 bits", {"_pipeline": {
-            "method": {"name": "kfac_svd", "quantize_factors": {"group_size": 64}}, "target": {"bits_per_weight": 3.25},
-            "allocation": {"policy": "rank_bits", "align": 8}}}, "gptq 3-bit g64"),
-        ("kfac_svd rank_bits ≤ 2.13 bits", {"_pipeline": {
-            "method": {"name": "kfac_svd", "quantize_factors": {"group_size": 64}}, "target": {"bits_per_weight": 2.13},
-            "allocation": {"policy": "rank_bits", "align": 8}}}, "gptvq 2-D 2-bit, 2,048 per codebook"),
+        ("kfac_svd rank_bits ≤ 3.25 bits",
+         lowrank("kfac_svd", {"bits_per_weight": 3.25}, "rank_bits", {"group_size": 64}),
+         "gptq 3-bit g64"),
+        ("kfac_svd rank_bits ≤ 2.13 bits",
+         lowrank("kfac_svd", {"bits_per_weight": 2.13}, "rank_bits", {"group_size": 64}),
+         "gptvq 2-D 2-bit, 2,048 per codebook"),
     ],
 }
 

@@ -8,8 +8,12 @@ from pathlib import Path
 
 
 def retained_cell(row: dict) -> str:
-    """``0.871 [0.80, 0.94]``: accuracy retained above chance, or ``—`` when the row has none."""
-    z = row.get("zeroshot") or {}
+    """``0.871 [0.80, 0.94]``: a row's accuracy retained above chance, or ``—`` when it has none."""
+    return retained_text(row.get("zeroshot") or {})
+
+
+def retained_text(z: dict) -> str:
+    """``retained_cell`` of one zero-shot summary (``stagepipe.zeroshot.summarize``)."""
     if "retention" not in z:
         return "—"
     low, high = z["retention_interval"]  # ±inf: dense fell to chance in too many resamples (no bound there)
