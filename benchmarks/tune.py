@@ -2,7 +2,8 @@
 
 The base pipeline must have ``calibration.validation`` (windows from held-out *train* articles,
 never the test articles). For each candidate value the grid point (``METHOD[:POLICY]`` at a kept
-fraction, as ``benchmarks/quality.py`` builds it) runs through the real pipeline; the assembled
+fraction, as ``benchmarks/quality.py`` builds it; without ``--entry`` the base file as it is, e.g. a
+byte budget) runs through the real pipeline; the assembled
 model's perplexity on the validation windows — same function and protocol as ``evaluate`` —
 picks the value, and the paired bootstrap over those windows says whether the choice is outside
 the noise against each other value (``stagepipe.intervals``). Only the chosen value's test
@@ -14,6 +15,8 @@ perplexity is printed: the test split reports, it never chooses.
         --option refine_metric --values euclidean kfac_out --kept 0.6 --workspace workspace/aasvd_tune --out docs/aasvd
     python benchmarks/tune.py --base pipelines/methods/aasvd.yaml --entry aasvd_kfac+refine:global_greedy \
         --option calibration.n_samples --values 32 128 --kept 0.6 --workspace workspace/aasvd_tune --out docs/aasvd
+    python benchmarks/tune.py --base pipelines/gemma3_rank_bits.yaml --option allocation.truncation_scale \
+        --values 1 10 100 1000 --workspace workspace/gemma --out docs/quantize
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import yaml
 from quality import ROOT, grid_config, method_block  # benchmarks/quality.py (this directory)
 from transformers import AutoModelForCausalLM
 
+from stagepipe.config import parse_pipeline
 from stagepipe.engine.stage import ALL, PartitionRef
 from stagepipe.intervals import Comparison, compare
 from stagepipe.perplexity import perplexity
@@ -63,9 +67,14 @@ def with_option(base: dict, option: str, value: float | str) -> tuple[dict, dict
     return changed, {}
 
 
-def validation_point(base: dict, entry: str, kept: float, option: str, value: float | str, workspace: Path) -> dict:
+def validation_point(base: dict, entry: str | None, kept: float, option: str, value: float | str,
+                     workspace: Path) -> dict:
     base, method_options = with_option(base, option, value)
-    config = grid_config(base, entry, kept, method_options)
+    if entry is not None:
+        config = grid_config(base, entry, kept, method_options)
+    else:  # the base file as it is (its own target), with the option set
+        config = parse_pipeline(with_option(base, f"method.{option}", value)[0] if method_options else base,
+                                "tune", ROOT / "pipelines")
     runner = make_runner(config, workspace)
     runner.run()
     states = {e.ref: e.state.output for e in runner.states()}
@@ -77,7 +86,8 @@ def validation_point(base: dict, entry: str, kept: float, option: str, value: fl
     result = perplexity(model, windows, config.evaluation.batch_size, torch.device("cpu"))
     report = json.loads((states[PartitionRef("report", ALL)] / "report.json").read_text())
     return {"value": value, "validation": result.to_dict(), "test": report["perplexity"]["compressed"],
-            "kept": report["ratios"]["kept_over_target_matrices"]}
+            "kept": report["ratios"]["kept_over_target_matrices"],
+            "bits_per_weight": (report["ratios"].get("memory") or {}).get("bits_per_weight")}
 
 
 def against(point: dict, chosen: dict) -> Comparison:
@@ -89,11 +99,11 @@ def against(point: dict, chosen: dict) -> Comparison:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", required=True)
-    parser.add_argument("--entry", required=True, metavar="METHOD[:POLICY]")
+    parser.add_argument("--entry", metavar="METHOD[:POLICY]", help="a grid point at --kept (default: the base file as it is)")
     parser.add_argument("--option", required=True,
                         help="a method option (shrinkage), or any pipeline key by its dotted path (calibration.n_samples)")
     parser.add_argument("--values", nargs="+", type=option_value, required=True, help="numbers or words")
-    parser.add_argument("--kept", type=float, default=0.8)
+    parser.add_argument("--kept", type=float, default=0.8, help="with --entry")
     parser.add_argument("--workspace", required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -102,20 +112,25 @@ def main() -> None:
     points = [validation_point(base, args.entry, args.kept, args.option, v, Path(args.workspace)) for v in args.values]
     chosen = min(points, key=lambda p: p["validation"]["ppl"])
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    lines = [f"# Tuning `{args.option}` of `{args.entry}` at kept {args.kept} on the validation split", "",
-             f"`python benchmarks/tune.py --base {Path(args.base).name} --entry {args.entry} --option {args.option} "
-             f"--values {' '.join(map(_show, args.values))} --kept {args.kept}` at commit `{commit}`. Validation: "
+    what = f"`{args.entry}` at kept {args.kept}" if args.entry else f"`{Path(args.base).name}`"
+    call = f"--entry {args.entry} " if args.entry else ""
+    tail = f" --kept {args.kept}" if args.entry else ""
+    lines = [f"# Tuning `{args.option}` of {what} on the validation split", "",
+             f"`python benchmarks/tune.py --base {Path(args.base).name} {call}--option {args.option} "
+             f"--values {' '.join(map(_show, args.values))}{tail}` at commit `{commit}`. Validation: "
              f"{chosen['validation']['n_windows']} windows of {chosen['validation']['seq_len']} tokens from held-out train "
              "articles; the test split is read only for the chosen value.", "",
              # the entry's own block, not the base file's, when the entry is a named variant: say which ran
-             f"Method block of every run (`{args.option}` aside): `{json.dumps(method_block(base, args.entry.partition(':')[0]))}`.", "",
+             f"Method block of every run (`{args.option}` aside): "
+             f"`{json.dumps(method_block(base, args.entry.partition(':')[0]) if args.entry else base['method'])}`.", "",
              "| value | kept (targets) | validation PPL [95 % interval] | PPL over the chosen's, paired [95 %] |",
              "|---|---|---|---|"]
     for p in points:
         p["against_chosen"] = against(p, chosen)
         v = p["validation"]
         versus = "—" if p is chosen else p["against_chosen"].describe()
-        lines.append(f"| {_show(p['value'])} | {p['kept']:.4f} | {v['ppl']:.3f} [{v['ppl_low']:.3f}, {v['ppl_high']:.3f}]"
+        bits = f" ({p['bits_per_weight']:.4f} bits/weight)" if p.get("bits_per_weight") else ""
+        lines.append(f"| {_show(p['value'])} | {p['kept']:.4f}{bits} | {v['ppl']:.3f} [{v['ppl_low']:.3f}, {v['ppl_high']:.3f}]"
                      f"{' ← chosen' if p is chosen else ''} | {versus} |")
     others = [p for p in points if p is not chosen]
     resolved = all(p["against_chosen"].resolved for p in others)
@@ -128,7 +143,7 @@ def main() -> None:
               + ", ".join(f"{d} **{v:.3f}**" for d, v in chosen["test"].items()), ""]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"tuning_{args.entry.replace(':', '_')}_{args.option}"
+    stem = f"tuning_{(args.entry or base['name']).replace(':', '_')}_{args.option}"
     (out / f"{stem}.md").write_text("\n".join(lines))
     # the other values' test numbers are not written anywhere: they would invite choosing on them
     (out / f"{stem}.json").write_text(json.dumps({"commit": commit, "base": Path(args.base).name, "entry": args.entry,

@@ -344,8 +344,13 @@ def _svd_of_whitened(whitened: Tensor, left: MetricRoot, right: MetricRoot, svd_
 
 
 def weighted_loss(delta: Tensor, left: MetricRoot | None, right: MetricRoot | None) -> float:
-    """``‖Pᵀ Δ Q‖_F²`` for a weight difference ``Δ``."""
+    """``‖Pᵀ Δ Q‖_F²`` for a weight difference ``Δ`` (of a weight matrix itself: its ``Σσ̃²``)."""
     d = delta.to(torch.float64)
     left = left or identity_root(d.shape[0])
     right = right or identity_root(d.shape[1])
     return float((right.apply_right(left.apply_left(d)) ** 2).sum())
+
+
+def weighted_relative_error(delta: Tensor, reference: Tensor, left: MetricRoot | None, right: MetricRoot | None) -> float:
+    """``‖Pᵀ Δ Q‖² / ‖Pᵀ W Q‖²``: a change ``Δ`` of ``W`` relative to ``W``, in one metric pair."""
+    return weighted_loss(delta, left, right) / weighted_loss(reference, left, right)

@@ -20,6 +20,7 @@ from stagepipe.allocation.rank_bits import RankBits
 from stagepipe.cli import main
 from stagepipe.config import load_pipeline, parse_pipeline
 from stagepipe.errors import ConfigError
+from stagepipe.methods.base import FactorGridOptions
 from stagepipe.models.layout import block_linear_shapes
 from stagepipe.quantize import Grid
 from stagepipe.stagekit import artifacts
@@ -80,6 +81,9 @@ def test_loss_and_bytes_of_an_option_follow_the_model() -> None:
     assert float(size[3]) == factor_grid_memory_report({"x": (s.m, s.n)}, {"x": 16}, Grid(2, 16, symmetric=True), None).stored_bytes
     dense = choices.index((None, 8))
     assert float(loss[dense]) == pytest.approx(s.grid_errors[8][1] * float(energy.sum()))
+    _, scaled, same_size = RankBits(4, [2, 4, 8], True, truncation_scale=5.0).options(s, 16)  # κ weighs the tail only
+    assert float(scaled[3]) == pytest.approx(float(5 * energy[16:].sum() + s.grid_errors[2][0] * energy[:16].sum()))
+    assert float(scaled[dense]) == float(loss[dense]) and torch.equal(same_size, size)
 
 
 def test_a_budget_below_the_least_storable_is_one_line() -> None:
@@ -132,6 +136,30 @@ def test_through_the_pipeline_each_matrix_is_stored_at_its_width_within_the_budg
         module = model.get_submodule(name)
         assert (module.bits if ranks[name] is None else module.down.bits) == width, name
     assert load_pipeline(path).allocation.policy == "rank_bits"
+    if method == "kfac_svd":  # the measured errors are in the spectra's currency: brute force, both K-FAC factors
+        _dense_error_is_the_kfac_loss(outputs, bits)
+
+
+def _dense_error_is_the_kfac_loss(outputs: dict, bits: dict) -> None:
+    """``ε_d(b)`` of layer 0's q_proj = ``tr(G E A Eᵀ) / tr(G W A Wᵀ)`` with ``E`` the matrix's own GPTQ
+    error at ``b`` bits, ``G = E[δδᵀ]`` and ``A`` the input Gram as the fisher stage stored them — not
+    ``tr(E A Eᵀ) / tr(W A Wᵀ)``, which ignores where the loss is sensitive on the output side."""
+    from stagepipe.models.blocks import BlockRunner
+    from stagepipe.models.layout import block_linears, weight_matrix
+
+    name = next(n for n in bits if n.endswith("layers.0.self_attn.q_proj"))
+    measured = artifacts.read_diagnostics(outputs["allocate@all"])["grid_errors"][name]
+    stats = artifacts.read_layer_stats(None, outputs["fisher@layer-000"])
+    w = weight_matrix(block_linears(BlockRunner(outputs["snapshot@all"] / "model", torch.device("cpu"), torch.float32)
+                                    .load_block(0), None)["self_attn.q_proj"]).detach().double()
+    g, a = stats.fisher["self_attn.q_proj"]["kfac_out"].double(), stats.gram["self_attn.q_proj"].double()
+    options = FactorGridOptions(group_size=16)  # the test pipeline's quantize_factors
+    for width, (_, dense) in measured.items():
+        e = options.quantize(w, a, int(width)).weight - w
+        exact = float(torch.trace(g @ e @ a @ e.T) / torch.trace(g @ w @ a @ w.T))
+        input_only = float(torch.trace(e @ a @ e.T) / torch.trace(w @ a @ w.T))
+        assert dense == pytest.approx(exact, rel=1e-3), width  # the metrics' eigenvalue floor (1e-6) moves it 2e-5
+        assert abs(exact - input_only) > 1e-3 * exact  # the test can tell the two apart
 
 
 def test_a_method_without_input_grams_is_refused_before_anything_runs(tmp_path: Path) -> None:

@@ -7,15 +7,20 @@ rank ``r`` (a multiple of ``align`` up to the stored rank) or dense, and a width
 counted) stay within ``target.bits_per_weight`` over the target matrices and the predicted loss is
 least. The predicted loss of an option is in the weighted-SVD currency of the other policies:
 
-    loss(r, b)     = Σ_{i>r} σ̃ᵢ²  +  ε_f(b) · Σ_{i≤r} σ̃ᵢ²          (truncation + noise on what is kept)
+    loss(r, b)     = κ · Σ_{i>r} σ̃ᵢ²  +  ε_f(b) · Σ_{i≤r} σ̃ᵢ²      (truncation + noise on what is kept)
     loss(dense, b) = ε_d(b) · Σ σ̃ᵢ²
 
-where ``ε_f(b)`` and ``ε_d(b)`` are the matrix's measured relative errors of round-to-nearest on
-that grid: of the product of its factors at the stored rank, and of the matrix itself
-(``allocate`` measures them; ``MatrixSpectrum.grid_errors``). The model takes quantisation noise
-to be a fixed fraction of the weighted energy it lands on — GPTQ, which ``quantize_factors`` runs,
-shapes its noise by the input Gram, and lowers every ε by a similar factor; the ranking of options
-is what matters here, and the end-to-end rows in docs/quantize test it.
+where ``ε_f(b)`` and ``ε_d(b)`` are the matrix's measured relative errors on that grid, by the
+quantiser ``quantize_factors`` runs (GPTQ), in the spectra's own metric pair: of the product of its
+factors at the stored rank, and of the matrix itself (``allocate`` measures them;
+``MatrixSpectrum.grid_errors``). So ``ε_d·Σσ̃²`` is exactly the weighted loss of the quantised matrix;
+on factors the model takes the noise to be a fixed fraction of the energy kept.
+
+``κ`` (``truncation_scale``, default 1: the one currency as it is) weighs truncation against
+quantisation where the weighted loss misprices one of them: on Gemma-3 the K-FAC tail predicts 35×
+less loss for truncating to 0.6 than GPTQ 3-bit costs, while the model's perplexity says truncation
+is the worse of the two (docs/quantize). It is chosen on the validation split (``benchmarks/tune.py``),
+never on the test split.
 
 The choice is a multiple-choice knapsack, solved by its Lagrangian: for a price ``λ`` per byte
 each matrix takes ``argmin loss + λ·bytes`` (the lower convex hull of its options); ``λ`` is
@@ -41,6 +46,8 @@ class RankBitsConfig(PolicyConfig):
     policy: Literal["rank_bits"]
     bits: list[int] = Field([2, 3, 4, 8], min_length=1, description="bit widths a matrix may be stored at (2..8)")
     dense: bool = Field(True, description="a matrix may also be kept dense on the grid (no factors)")
+    truncation_scale: float = Field(1.0, gt=0, description="κ: truncated σ̃² count κ times against measured "
+                                    "quantisation loss (1: one currency; choose it on the validation split)")
 
     @field_validator("bits")
     @classmethod
@@ -58,14 +65,14 @@ class RankBits(Policy):
     config = RankBitsConfig
     allocates_bits = True
 
-    def __init__(self, align: int, bits: list[int], dense: bool) -> None:
+    def __init__(self, align: int, bits: list[int], dense: bool, truncation_scale: float = 1.0) -> None:
         super().__init__(align)
-        self.bits, self.dense = bits, dense
+        self.bits, self.dense, self.truncation_scale = bits, dense, truncation_scale
         self._details: dict[str, Any] | None = None
 
     @classmethod
     def from_config(cls, cfg: Any, sensitivity=None) -> RankBits:
-        return cls(cfg.align, list(cfg.bits), cfg.dense)
+        return cls(cfg.align, list(cfg.bits), cfg.dense, cfg.truncation_scale)
 
     @classmethod
     def check_pipeline(cls, config: Any) -> None:
@@ -102,7 +109,7 @@ class RankBits(Policy):
             for r in range(self.align, top + 1, self.align):
                 kept = float(head[r - 1])
                 choices.append((r, b))
-                loss.append(total - kept + factor_err * kept)
+                loss.append(self.truncation_scale * (total - kept) + factor_err * kept)
                 size.append(grid_target_bytes(s.m, s.n, r, grid))
             if self.dense or top < self.align:  # a matrix with no useful rank is kept dense
                 choices.append((None, b))

@@ -23,10 +23,10 @@ from stagepipe.allocation import Candidate, MatrixSpectrum, make_policy
 from stagepipe.allocation.base import layer_of
 from stagepipe.engine.stage import Context, Read, Work
 from stagepipe.errors import ConfigError, StagepipeError
+from stagepipe.linalg import MetricCache, weighted_relative_error
 from stagepipe.models.blocks import BlockRunner
 from stagepipe.models.layout import block_linear_shapes, block_linears, weight_matrix
 from stagepipe.models.sources import DTYPES
-from stagepipe.quantize import relative_output_error
 from stagepipe.stagekit import artifacts
 from stagepipe.stagekit.artifacts import (
     ALLOCATION,
@@ -88,7 +88,8 @@ class AllocateStage(PipelineStage):
             slice_.update(ctx.plan.stage_class(ctx.plan.allocator).allocation_slice(ctx))
         if ctx.plan.policy.allocates_bits:  # a byte budget on the quantize_factors grid
             slice_.update(bits_per_weight=ctx.config.target.bits_per_weight,
-                          group_size=ctx.config.method.quantize_factors.group_size)
+                          group_size=ctx.config.method.quantize_factors.group_size,
+                          error_metric="the method's metric pair")  # was the input Gram alone
         storage = ctx.plan.method.storage()
         if storage != "16-bit":  # keyed only when set: 16-bit outputs keep their keys
             slice_["storage"] = storage
@@ -126,6 +127,8 @@ class AllocateStage(PipelineStage):
         bits = None
         if policy.allocates_bits:
             spectra = grid_errors(ctx, work, spectra, policy.bits)
+            work.diagnostics["grid_errors"] = {  # (factors, dense) relative errors per width: for reports and tests
+                s.name: {str(b): list(e) for b, e in s.grid_errors.items()} for s in spectra}
             qf = ctx.config.method.quantize_factors
             ranks, bits = policy.allocate_with_bits(spectra, ctx.config.target.bits_per_weight, qf.group_size)
         else:
@@ -173,11 +176,16 @@ class AllocateStage(PipelineStage):
 
 
 def grid_errors(ctx: Context, work: Work, spectra: list[MatrixSpectrum], widths: list[int]) -> list[MatrixSpectrum]:
-    """Each spectrum with its measured relative output errors at every width, by ``quantize_factors``'
-    own quantiser and grid under the layer's input Gram ``H`` (``rank_bits``' loss model): of its
-    factors at the stored rank (``down`` under ``H``, then ``up`` under ``D_q H D_qᵀ``, as that stage
-    does) and of the dense matrix, each ``tr(E H Eᵀ) / tr(W H Wᵀ)``; one decoder layer in memory at a time."""
-    options = ctx.config.method.quantize_factors
+    """Each spectrum with its measured relative errors at every width, by ``quantize_factors``' own
+    quantiser and grid (``rank_bits``' loss model): of its factors at the stored rank (``down`` under the
+    input Gram ``H``, then ``up`` under ``D_q H D_qᵀ``, as that stage does) and of the dense matrix.
+
+    Errors are measured in the currency of the spectra: the method's own metric pair, rooted as
+    ``decompose`` roots it (``MetricCache``, the same floor), so ``ε·Σσ̃²`` of a dense option *is* its
+    weighted loss ``‖Pᵀ E Q‖²`` (for K-FAC: the output-gradient factor on the left too — measuring under
+    ``H`` alone priced quantisation ×1.2–4 too high on Gemma-3's attention, docs/quantize). One decoder
+    layer in memory at a time."""
+    options, method = ctx.config.method.quantize_factors, ctx.plan.method
     runner = BlockRunner(artifacts.model_dir(work.input("snapshot")), torch.device("cpu"), DTYPES[ctx.config.model.dtype])
     by_layer: dict[int, list[MatrixSpectrum]] = defaultdict(list)
     for s in spectra:
@@ -191,19 +199,21 @@ def grid_errors(ctx: Context, work: Work, spectra: list[MatrixSpectrum], widths:
         found = artifacts.read_weighted_svd(work.input("decompose", partition), names)
         stats = artifacts.read_layer_stats(work.inputs.get(artifacts.ref("capture", partition)),
                                            work.inputs.get(artifacts.ref("fisher", partition)))
+        roots = MetricCache(ctx.config.method.floor_rel, torch.device("cpu"))
         for s, name in zip(items, names, strict=True):
             if name not in stats.gram:
                 raise StagepipeError(f"{s.name}: rank_bits measures quantisation error under the input Gram, "
                                      "which this method's statistics do not hold")
             h, w, result = stats.gram[name].double(), weights[name], found[name]
+            pair = method.metrics(name, tuple(w.shape), stats)
+            left, right = roots(pair.left, f"{partition}.{name}.left"), roots(pair.right, f"{partition}.{name}.right")
             up, down = result.factors(result.left.shape[1])
             product = up @ down
             errors = {}
             for b in widths:
                 down_q = options.quantize(down, h, b).weight
                 up_q = options.quantize(up, down_q @ h @ down_q.T, b).weight
-                errors[b] = (relative_output_error(up_q @ down_q - product, h, product),
-                             relative_output_error(options.quantize(w, h, b).weight - w, h, w))
+                errors[b] = (weighted_relative_error(up_q @ down_q - product, product, left, right),
+                             weighted_relative_error(options.quantize(w, h, b).weight - w, w, left, right))
             measured[s.name] = replace(s, stored_rank=result.left.shape[1], grid_errors=errors)
     return [measured[s.name] for s in spectra]
-
