@@ -147,15 +147,14 @@ def _dense_error_is_the_kfac_loss(outputs: dict, bits: dict) -> None:
     from stagepipe.models.blocks import BlockRunner
     from stagepipe.models.layout import block_linears, weight_matrix
 
-    name = next(n for n in bits if n.endswith("layers.0.self_attn.q_proj"))
-    measured = artifacts.read_diagnostics(outputs["allocate@all"])["grid_errors"][name]
+    _, measured = artifacts.read_grid_errors(outputs["grid_errors@layer-000"])["self_attn.q_proj"]
     stats = artifacts.read_layer_stats(None, outputs["fisher@layer-000"])
     w = weight_matrix(block_linears(BlockRunner(outputs["snapshot@all"] / "model", torch.device("cpu"), torch.float32)
                                     .load_block(0), None)["self_attn.q_proj"]).detach().double()
     g, a = stats.fisher["self_attn.q_proj"]["kfac_out"].double(), stats.gram["self_attn.q_proj"].double()
     options = FactorGridOptions(group_size=16)  # the test pipeline's quantize_factors
     for width, (_, dense) in measured.items():
-        e = options.quantize(w, a, int(width)).weight - w
+        e = options.quantize(w, a, width).weight - w
         exact = float(torch.trace(g @ e @ a @ e.T) / torch.trace(g @ w @ a @ w.T))
         input_only = float(torch.trace(e @ a @ e.T) / torch.trace(w @ a @ w.T))
         assert dense == pytest.approx(exact, rel=1e-3), width  # the metrics' eigenvalue floor (1e-6) moves it 2e-5

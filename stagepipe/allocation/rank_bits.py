@@ -12,7 +12,7 @@ least. The predicted loss of an option is in the weighted-SVD currency of the ot
 
 where ``ε_f(b)`` and ``ε_d(b)`` are the matrix's measured relative errors on that grid, by the
 quantiser ``quantize_factors`` runs (GPTQ), in the spectra's own metric pair: of the product of its
-factors at the stored rank, and of the matrix itself (``allocate`` measures them;
+factors at the stored rank, and of the matrix itself (the ``grid_errors`` stage measures them;
 ``MatrixSpectrum.grid_errors``). So ``ε_d·Σσ̃²`` is exactly the weighted loss of the quantised matrix;
 on factors the model takes the noise to be a fixed fraction of the energy kept.
 

@@ -303,6 +303,25 @@ def read_sensitivity(sensitivity_output: Path) -> dict[str, list[dict[str, Any]]
     return json.loads((sensitivity_output / SENSITIVITY).read_text())["matrices"]
 
 
+# --------------------------------------------------------------------------- grid_errors
+GRID_ERRORS = "grid_errors.json"
+
+
+def write_grid_errors(out: Path, measured: Mapping[str, tuple[int, Mapping[int, tuple[float, float]]]]) -> None:
+    """Per linear (relative to its block): the stored rank its factors were measured at, and per width
+    the relative errors ``(factors, dense)`` on the grid (``rank_bits``' loss model)."""
+    data = {name: {"stored_rank": rank, "errors": {str(b): list(e) for b, e in errors.items()}}
+            for name, (rank, errors) in measured.items()}
+    (out / GRID_ERRORS).write_text(json.dumps(data, indent=1, sort_keys=True))
+
+
+def read_grid_errors(grid_errors_output: Path) -> dict[str, tuple[int, dict[int, tuple[float, float]]]]:
+    """``write_grid_errors``' table: name → (stored rank, width → (factors' error, dense error))."""
+    data = json.loads((grid_errors_output / GRID_ERRORS).read_text())
+    return {name: (entry["stored_rank"], {int(b): (e[0], e[1]) for b, e in entry["errors"].items()})
+            for name, entry in data.items()}
+
+
 # --------------------------------------------------------------------------- allocate
 ALLOCATION = "allocation.json"
 
