@@ -34,11 +34,22 @@ ROOT = Path(__file__).resolve().parent.parent
 #: (row, method options over the base file's, the row it is paired against: the GPTQ row of as many or
 #: more bytes). SmolLM2 is dequantised from Q4_1, so no 4-bit rows (docs/methods.md); its 576 inputs
 #: take GPTVQ groups of 64 or 192 columns, Gemma-3's 640 groups of 128.
-def lowrank(method: str, target: dict, policy: str, quantize_factors: dict | None = None) -> dict:
-    """A ``_pipeline`` row: a low-rank method with its own target and allocation (align 8), its final
-    factors on ``quantize_factors``' grid when given."""
+def lowrank(method: str, target: dict, policy: str, quantize_factors: dict | None = None, **allocation) -> dict:
+    """A ``_pipeline`` row: a low-rank method with its own target and allocation (align 8, and the
+    policy's ``allocation`` options), its final factors on ``quantize_factors``' grid when given."""
     block = {"name": method, **({"quantize_factors": quantize_factors} if quantize_factors is not None else {})}
-    return {"_pipeline": {"method": block, "target": target, "allocation": {"policy": policy, "align": 8}}}
+    return {"_pipeline": {"method": block, "target": target, "allocation": {"policy": policy, "align": 8, **allocation}}}
+
+
+def with_calibration(row: dict, calibration: dict) -> dict:
+    """A ``_pipeline`` row on another calibration block than the base file's."""
+    return {"_pipeline": {**row["_pipeline"], "calibration": calibration}}
+
+
+#: Gemma-3's rank_bits rows: the calibration of pipelines/gemma3_rank_bits.yaml (validation articles held out)
+#: and the truncation scale chosen there on the validation split (docs/quantize/tuning_gemma3_rank_bits_*.md)
+GEMMA_HELD_OUT = yaml.safe_load((ROOT / "pipelines" / "gemma3_rank_bits.yaml").read_text())["calibration"]
+GEMMA_KAPPA = 10.0
 
 
 ROWS = {
@@ -107,13 +118,13 @@ ROWS = {
         ("svdllm rank_bits ≤ 3.25 bits",
          lowrank("svdllm", {"bits_per_weight": 3.25}, "rank_bits", {"group_size": 64}),
          "gptq 3-bit g64"),
-        # K-FAC's factors (the same 32 windows; its fisher partitions are the Gemma quality grid's)
-        ("kfac_svd rank_bits ≤ 3.25 bits",
-         lowrank("kfac_svd", {"bits_per_weight": 3.25}, "rank_bits", {"group_size": 64}),
-         "gptq 3-bit g64"),
-        ("kfac_svd rank_bits ≤ 2.13 bits",
-         lowrank("kfac_svd", {"bits_per_weight": 2.13}, "rank_bits", {"group_size": 64}),
-         "gptvq 2-D 2-bit, 2,048 per codebook"),
+        # K-FAC's factors on pipelines/gemma3_rank_bits.yaml's calibration (32 windows of the train split less
+        # the 100 validation articles), where benchmarks/tune.py chose κ; κ = 1 is the one currency as it is
+        *[(f"kfac_svd rank_bits ≤ {b} bits, κ={k:g}",
+           with_calibration(lowrank("kfac_svd", {"bits_per_weight": b}, "rank_bits", {"group_size": 64},
+                                    truncation_scale=k), GEMMA_HELD_OUT),
+           anchor) for b, anchor in ((3.25, "gptq 3-bit g64"), (2.13, "gptvq 2-D 2-bit, 2,048 per codebook"))
+          for k in (1.0, GEMMA_KAPPA)],
     ],
 }
 
