@@ -87,13 +87,12 @@ ROWS = {
         ("gptvq 2-D 2-bit, 2,048 per codebook", {"name": "gptvq", "dim": 2, "bits_per_dim": 2, "group_columns": 64,
                                                   "group_weights": 2048}, None),
         ("gptq 2-bit g64", {"name": "gptq", "bits": 2, "group_size": 64}, None),
-        # ranks and widths chosen together (rank_bits) within the bytes of the quantisation row it is paired with
-        ("kfac_svd rank_bits ≤ 3.25 bits",
-         lowrank("kfac_svd", {"bits_per_weight": 3.25}, "rank_bits", {"group_size": 64}),
-         "gptq 3-bit g64"),
-        ("kfac_svd rank_bits ≤ 2.13 bits",
-         lowrank("kfac_svd", {"bits_per_weight": 2.13}, "rank_bits", {"group_size": 64}),
-         "gptvq 2-D 2-bit, 2,048 per codebook"),
+        # ranks and widths chosen together (rank_bits) within the bytes of the quantisation row it is paired with;
+        # ε measured under the input Gram alone (the first model), and in K-FAC's own metric pair (the default)
+        *[(f"kfac_svd rank_bits ≤ {b} bits{label}",
+           lowrank("kfac_svd", {"bits_per_weight": b}, "rank_bits", {"group_size": 64}, error_metric=metric),
+           anchor) for metric, label in (("input_gram", ", ε under H"), ("method", ""))
+          for b, anchor in ((3.25, "gptq 3-bit g64"), (2.13, "gptvq 2-D 2-bit, 2,048 per codebook"))],
     ],
     "gemma3": [
         ("gptq 4-bit g64", {"bits": 4, "group_size": 64}, None),

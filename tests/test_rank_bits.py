@@ -143,11 +143,13 @@ def test_through_the_pipeline_each_matrix_is_stored_at_its_width_within_the_budg
 def _dense_error_is_the_kfac_loss(outputs: dict, bits: dict) -> None:
     """``ε_d(b)`` of layer 0's q_proj = ``tr(G E A Eᵀ) / tr(G W A Wᵀ)`` with ``E`` the matrix's own GPTQ
     error at ``b`` bits, ``G = E[δδᵀ]`` and ``A`` the input Gram as the fisher stage stored them — not
-    ``tr(E A Eᵀ) / tr(W A Wᵀ)``, which ignores where the loss is sensitive on the output side."""
+    ``tr(E A Eᵀ) / tr(W A Wᵀ)``, which ignores where the loss is sensitive on the output side (that one is
+    ``error_metric: input_gram``'s, measured from the same quantised weights)."""
     from stagepipe.models.blocks import BlockRunner
     from stagepipe.models.layout import block_linears, weight_matrix
 
-    _, measured = artifacts.read_grid_errors(outputs["grid_errors@layer-000"])["self_attn.q_proj"]
+    _, measured = artifacts.read_grid_errors(outputs["grid_errors@layer-000"], "method")["self_attn.q_proj"]
+    _, under_h = artifacts.read_grid_errors(outputs["grid_errors@layer-000"], "input_gram")["self_attn.q_proj"]
     stats = artifacts.read_layer_stats(None, outputs["fisher@layer-000"])
     w = weight_matrix(block_linears(BlockRunner(outputs["snapshot@all"] / "model", torch.device("cpu"), torch.float32)
                                     .load_block(0), None)["self_attn.q_proj"]).detach().double()
@@ -158,6 +160,7 @@ def _dense_error_is_the_kfac_loss(outputs: dict, bits: dict) -> None:
         exact = float(torch.trace(g @ e @ a @ e.T) / torch.trace(g @ w @ a @ w.T))
         input_only = float(torch.trace(e @ a @ e.T) / torch.trace(w @ a @ w.T))
         assert dense == pytest.approx(exact, rel=1e-3), width  # the metrics' eigenvalue floor (1e-6) moves it 2e-5
+        assert under_h[width][1] == pytest.approx(input_only, rel=1e-9)  # error_metric: input_gram
         assert abs(exact - input_only) > 1e-3 * exact  # the test can tell the two apart
 
 

@@ -11,7 +11,9 @@ least. The predicted loss of an option is in the weighted-SVD currency of the ot
     loss(dense, b) = ε_d(b) · Σ σ̃ᵢ²
 
 where ``ε_f(b)`` and ``ε_d(b)`` are the matrix's measured relative errors on that grid, by the
-quantiser ``quantize_factors`` runs (GPTQ), in the spectra's own metric pair: of the product of its
+quantiser ``quantize_factors`` runs (GPTQ), in the spectra's own metric pair (``error_metric:
+method``; ``input_gram``: under the input Gram alone, the first model, which assumes the output-side
+metric is isotropic): of the product of its
 factors at the stored rank, and of the matrix itself (the ``grid_errors`` stage measures them;
 ``MatrixSpectrum.grid_errors``). So ``ε_d·Σσ̃²`` is exactly the weighted loss of the quantised matrix;
 on factors the model takes the noise to be a fixed fraction of the energy kept.
@@ -48,6 +50,9 @@ class RankBitsConfig(PolicyConfig):
     dense: bool = Field(True, description="a matrix may also be kept dense on the grid (no factors)")
     truncation_scale: float = Field(1.0, gt=0, description="κ: truncated σ̃² count κ times against measured "
                                     "quantisation loss (1: one currency; choose it on the validation split)")
+    error_metric: Literal["method", "input_gram"] = Field(
+        "method", description="ε in the method's own metric pair (ε_d·Σσ̃² is the weighted loss), or relative "
+                              "output error under the input Gram alone (the first model)")
 
     @field_validator("bits")
     @classmethod

@@ -305,20 +305,24 @@ def read_sensitivity(sensitivity_output: Path) -> dict[str, list[dict[str, Any]]
 
 # --------------------------------------------------------------------------- grid_errors
 GRID_ERRORS = "grid_errors.json"
+#: the metrics a grid error is measured in: the method's own pair (the spectra's currency), the input Gram alone
+ERROR_METRICS = ("method", "input_gram")
+Errors = dict[int, tuple[float, float]]  # width → (factors' relative error, dense relative error)
 
 
-def write_grid_errors(out: Path, measured: Mapping[str, tuple[int, Mapping[int, tuple[float, float]]]]) -> None:
-    """Per linear (relative to its block): the stored rank its factors were measured at, and per width
-    the relative errors ``(factors, dense)`` on the grid (``rank_bits``' loss model)."""
-    data = {name: {"stored_rank": rank, "errors": {str(b): list(e) for b, e in errors.items()}}
+def write_grid_errors(out: Path, measured: Mapping[str, tuple[int, Mapping[str, Errors]]]) -> None:
+    """Per linear (relative to its block): the stored rank its factors were measured at, and per
+    metric and width the relative errors ``(factors, dense)`` on the grid (``rank_bits``' loss model)."""
+    data = {name: {"stored_rank": rank,
+                   "errors": {metric: {str(b): list(e) for b, e in table.items()} for metric, table in errors.items()}}
             for name, (rank, errors) in measured.items()}
     (out / GRID_ERRORS).write_text(json.dumps(data, indent=1, sort_keys=True))
 
 
-def read_grid_errors(grid_errors_output: Path) -> dict[str, tuple[int, dict[int, tuple[float, float]]]]:
-    """``write_grid_errors``' table: name → (stored rank, width → (factors' error, dense error))."""
+def read_grid_errors(grid_errors_output: Path, metric: str) -> dict[str, tuple[int, Errors]]:
+    """``write_grid_errors``' table in one metric: name → (stored rank, width → (factors', dense error))."""
     data = json.loads((grid_errors_output / GRID_ERRORS).read_text())
-    return {name: (entry["stored_rank"], {int(b): (e[0], e[1]) for b, e in entry["errors"].items()})
+    return {name: (entry["stored_rank"], {int(b): (e[0], e[1]) for b, e in entry["errors"][metric].items()})
             for name, entry in data.items()}
 
 

@@ -95,7 +95,8 @@ class AllocateStage(PipelineStage):
                             for name, (m, n, sigma) in artifacts.read_spectra(directory).items()]
             elif ref.stage == "grid_errors":
                 prefix = ctx.plan.layout.layer_prefix(layer_index(ref.partition))
-                measured.update({prefix + name: m for name, m in artifacts.read_grid_errors(directory).items()})
+                metric = ctx.config.allocation.error_metric
+                measured.update({prefix + name: m for name, m in artifacts.read_grid_errors(directory, metric).items()})
             elif ref.stage == "sensitivity":
                 sensitivity += [Candidate(matrix, entry["kept"], entry["rank"], entry["ppl"])
                                 for matrix, entries in artifacts.read_sensitivity(directory).items() for entry in entries]

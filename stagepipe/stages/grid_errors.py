@@ -4,13 +4,16 @@ policy may pick — of its factors' product at the stored rank and of the dense 
 
 The quantiser is the one ``quantize_factors`` runs (GPTQ or round-to-nearest, its group size and
 damping): ``down`` under the input Gram ``H``, then ``up`` under ``D_q H D_qᵀ``, the dense matrix under
-``H``. Errors are measured in the spectra's own currency — the method's metric pair, rooted as
+``H``. Each error is measured twice, from the same quantised weights (the GPTQ sweeps are the cost,
+a metric is cheap): in the spectra's own currency (``method``) — the method's metric pair, rooted as
 ``decompose`` roots it (``MetricCache``, the same floor) — so ``ε·Σσ̃²`` of a dense option *is* its
 weighted loss ``‖Pᵀ E Q‖²`` (for K-FAC the output-gradient factor enters too: measuring under ``H``
-alone priced quantisation ×1.2–4 high on Gemma-3's attention, docs/quantize).
+alone priced quantisation ×1.2–4 high on Gemma-3's attention, docs/quantize); and as the relative
+output error under ``H`` alone (``input_gram``: ``tr(E H Eᵀ)/tr(W H Wᵀ)``, the first model).
+``allocation.error_metric`` picks one.
 
-Its key holds the grid, the widths and the metric but neither the byte budget nor the policy's
-truncation scale: rows at several budgets, or a validation search over the scale, share one
+Its key holds the grid and the widths but neither the byte budget, the policy's truncation scale nor
+its error metric: rows at several budgets, or a validation search over the scale, share one
 measurement. One decoder layer in memory; layers are independent (``--executor ray`` spreads them).
 """
 
@@ -26,8 +29,9 @@ from stagepipe.linalg import MetricCache, weighted_relative_error
 from stagepipe.models.blocks import BlockRunner
 from stagepipe.models.layout import block_linears, weight_matrix
 from stagepipe.models.sources import DTYPES
+from stagepipe.quantize import relative_output_error
 from stagepipe.stagekit import artifacts
-from stagepipe.stagekit.artifacts import GRID_ERRORS, MODEL_DIR, WEIGHTED_SVD, layer_index
+from stagepipe.stagekit.artifacts import ERROR_METRICS, GRID_ERRORS, MODEL_DIR, WEIGHTED_SVD, layer_index
 from stagepipe.stagekit.base import PipelineStage, register
 from stagepipe.stagekit.cost import CostInputs, Estimate
 
@@ -64,7 +68,7 @@ class GridErrorsStage(PipelineStage):
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
         grid = ctx.config.method.quantize_factors.model_dump(exclude={"bits"})  # each width is measured
         return {"grid": grid, "widths": list(ctx.config.allocation.bits), "modules": ctx.config.target.modules,
-                "metric": "the method's metric pair"}
+                "metrics": list(ERROR_METRICS)}
 
     @classmethod
     def cost(cls, c: CostInputs) -> Estimate:
@@ -97,12 +101,15 @@ class GridErrorsStage(PipelineStage):
             left, right = roots(pair.left, f"{where}.left"), roots(pair.right, f"{where}.right")
             up, down = result.factors(result.left.shape[1])
             product = up @ down
-            errors = {}
+            errors: dict[str, dict[int, tuple[float, float]]] = {metric: {} for metric in ERROR_METRICS}
             for b in ctx.config.allocation.bits:
                 down_q = options.quantize(down, h, b).weight
                 up_q = options.quantize(up, down_q @ h @ down_q.T, b).weight
-                errors[b] = (weighted_relative_error(up_q @ down_q - product, product, left, right),
-                             weighted_relative_error(options.quantize(w, h, b).weight - w, w, left, right))
+                factors_error, dense_error = up_q @ down_q - product, options.quantize(w, h, b).weight - w
+                errors["method"][b] = (weighted_relative_error(factors_error, product, left, right),
+                                       weighted_relative_error(dense_error, w, left, right))
+                errors["input_gram"][b] = (relative_output_error(factors_error, h, product),
+                                           relative_output_error(dense_error, h, w))
             measured[name] = (result.left.shape[1], errors)
         artifacts.write_grid_errors(work.out, measured)
         return {"linears": sorted(measured), "widths": list(ctx.config.allocation.bits)}
