@@ -183,7 +183,7 @@ def main() -> None:
     rows = []
     for name, options, anchor in ROWS[args.rows]:
         if args.only and name not in args.only:
-            if name in earlier:
+            if name in earlier and earlier[name]["options"] == json.loads(json.dumps(options)):  # the same row, not a namesake
                 rows.append(earlier[name])
             continue
         runner = make_runner(row_config(base, options), Path(args.workspace))
