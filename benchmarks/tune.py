@@ -17,6 +17,8 @@ perplexity is printed: the test split reports, it never chooses.
         --option calibration.n_samples --values 32 128 --kept 0.6 --workspace workspace/aasvd_tune --out docs/aasvd
     python benchmarks/tune.py --base pipelines/gemma3_rank_bits.yaml --option allocation.truncation_scale \
         --values 1 10 100 1000 --workspace workspace/gemma --out docs/quantize
+    python benchmarks/tune.py --base pipelines/gemma3_rank_bits.yaml --set target.bits_per_weight=2.13 \
+        --option allocation.truncation_scale --values 1 10 --workspace workspace/gemma --out docs/quantize
 """
 
 from __future__ import annotations
@@ -104,16 +106,21 @@ def main() -> None:
                         help="a method option (shrinkage), or any pipeline key by its dotted path (calibration.n_samples)")
     parser.add_argument("--values", nargs="+", type=option_value, required=True, help="numbers or words")
     parser.add_argument("--kept", type=float, default=0.8, help="with --entry")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="fixed changes of the base file by dotted path (target.bits_per_weight=2.13)")
     parser.add_argument("--workspace", required=True)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(2)
     base = yaml.safe_load(Path(args.base).read_text())
+    for item in args.set:
+        key, _, value = item.partition("=")
+        base, _ = with_option(base, key, option_value(value))
     points = [validation_point(base, args.entry, args.kept, args.option, v, Path(args.workspace)) for v in args.values]
     chosen = min(points, key=lambda p: p["validation"]["ppl"])
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     what = f"`{args.entry}` at kept {args.kept}" if args.entry else f"`{Path(args.base).name}`"
-    call = f"--entry {args.entry} " if args.entry else ""
+    call = (f"--entry {args.entry} " if args.entry else "") + (f"--set {' '.join(args.set)} " if args.set else "")
     tail = f" --kept {args.kept}" if args.entry else ""
     lines = [f"# Tuning `{args.option}` of {what} on the validation split", "",
              f"`python benchmarks/tune.py --base {Path(args.base).name} {call}--option {args.option} "
@@ -143,7 +150,8 @@ def main() -> None:
               + ", ".join(f"{d} **{v:.3f}**" for d, v in chosen["test"].items()), ""]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"tuning_{(args.entry or base['name']).replace(':', '_')}_{args.option}"
+    fixed = "".join(f"_{item.replace('=', '')}" for item in args.set)
+    stem = f"tuning_{(args.entry or base['name']).replace(':', '_')}_{args.option}{fixed}"
     (out / f"{stem}.md").write_text("\n".join(lines))
     # the other values' test numbers are not written anywhere: they would invite choosing on them
     (out / f"{stem}.json").write_text(json.dumps({"commit": commit, "base": Path(args.base).name, "entry": args.entry,
