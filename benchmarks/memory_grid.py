@@ -224,9 +224,16 @@ def main() -> None:
             cell = f"×{num(ratio['ratio'])} [{num(ratio['low'])}, {num(ratio['high'])}] vs {anchor['row']}" + (
                 "" if ratio["resolved"] else " ≈")
         kept = row.get("kept_fraction")
-        lines.append(f"| {row['row']} | {row['bits_per_weight']:.4f} | {'—' if kept is None else f'{kept:.3f}'} | "
+        own = "calibration" in row["options"].get("_pipeline", {})  # a row on its own calibration block: marked
+        lines.append(f"| {row['row']}{' †' if own else ''} | {row['bits_per_weight']:.4f} | {'—' if kept is None else f'{kept:.3f}'} | "
                      f"{row['ppl']:.3f} [{row['ppl_interval'][0]:.2f}, {row['ppl_interval'][1]:.2f}] | {cell} |"
                      + (f" {retained_cell(row)} |" if scored else ""))
+    marked = [r for r in rows if "calibration" in r["options"].get("_pipeline", {})]
+    if marked:
+        text = marked[0]["options"]["_pipeline"]["calibration"]
+        lines += ["", f"† Calibrated on `{json.dumps(text)}` (the same number of windows from a train split that "
+                  "holds validation articles out, where the row's options were chosen), not the base file's; the "
+                  "test windows, and so the pairing, are the same."]
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     (out / f"{args.name}.json").write_text(json.dumps(rows, indent=1))
