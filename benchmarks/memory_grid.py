@@ -142,6 +142,11 @@ def row_config(base: dict, options: dict):
     return parse_pipeline(data, "benchmark", ROOT)
 
 
+def own_calibration(row: dict) -> bool:
+    """Whether a row runs on its own calibration block (``with_calibration``; marked † in the table)."""
+    return "calibration" in row["options"].get("_pipeline", {})
+
+
 def num(x: float) -> str:
     """Three decimals, or three significant digits for ratios far from 1 (×0.000971, ×1.9e+02)."""
     return f"{x:.3f}" if 0.01 <= x < 1000 else f"{x:.3g}"
@@ -224,11 +229,10 @@ def main() -> None:
             cell = f"×{num(ratio['ratio'])} [{num(ratio['low'])}, {num(ratio['high'])}] vs {anchor['row']}" + (
                 "" if ratio["resolved"] else " ≈")
         kept = row.get("kept_fraction")
-        own = "calibration" in row["options"].get("_pipeline", {})  # a row on its own calibration block: marked
-        lines.append(f"| {row['row']}{' †' if own else ''} | {row['bits_per_weight']:.4f} | {'—' if kept is None else f'{kept:.3f}'} | "
+        lines.append(f"| {row['row']}{' †' if own_calibration(row) else ''} | {row['bits_per_weight']:.4f} | {'—' if kept is None else f'{kept:.3f}'} | "
                      f"{row['ppl']:.3f} [{row['ppl_interval'][0]:.2f}, {row['ppl_interval'][1]:.2f}] | {cell} |"
                      + (f" {retained_cell(row)} |" if scored else ""))
-    marked = [r for r in rows if "calibration" in r["options"].get("_pipeline", {})]
+    marked = [r for r in rows if own_calibration(r)]
     if marked:
         text = marked[0]["options"]["_pipeline"]["calibration"]
         lines += ["", f"† Calibrated on `{json.dumps(text)}` (the same number of windows from a train split that "

@@ -71,12 +71,12 @@ def with_option(base: dict, option: str, value: float | str) -> tuple[dict, dict
 
 def validation_point(base: dict, entry: str | None, kept: float, option: str, value: float | str,
                      workspace: Path) -> dict:
-    base, method_options = with_option(base, option, value)
     if entry is not None:
+        base, method_options = with_option(base, option, value)
         config = grid_config(base, entry, kept, method_options)
-    else:  # the base file as it is (its own target), with the option set
-        config = parse_pipeline(with_option(base, f"method.{option}", value)[0] if method_options else base,
-                                "tune", ROOT / "pipelines")
+    else:  # the base file as it is (its own target), with the option set; a bare name is a method option
+        changed, _ = with_option(base, option if "." in option else f"method.{option}", value)
+        config = parse_pipeline(changed, "tune", ROOT / "pipelines")
     runner = make_runner(config, workspace)
     runner.run()
     states = {e.ref: e.state.output for e in runner.states()}
@@ -115,6 +115,8 @@ def main() -> None:
     base = yaml.safe_load(Path(args.base).read_text())
     for item in args.set:
         key, _, value = item.partition("=")
+        if "." not in key or not value:  # with_option keeps a bare name aside as a method option: it would be lost
+            raise SystemExit(f"--set {item}: expected a dotted pipeline key and a value (target.bits_per_weight=2.13)")
         base, _ = with_option(base, key, option_value(value))
     points = [validation_point(base, args.entry, args.kept, args.option, v, Path(args.workspace)) for v in args.values]
     chosen = min(points, key=lambda p: p["validation"]["ppl"])

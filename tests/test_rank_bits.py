@@ -137,10 +137,10 @@ def test_through_the_pipeline_each_matrix_is_stored_at_its_width_within_the_budg
         assert (module.bits if ranks[name] is None else module.down.bits) == width, name
     assert load_pipeline(path).allocation.policy == "rank_bits"
     if method == "kfac_svd":  # the measured errors are in the spectra's currency: brute force, both K-FAC factors
-        _dense_error_is_the_kfac_loss(outputs, bits)
+        _dense_error_is_the_kfac_loss(outputs)
 
 
-def _dense_error_is_the_kfac_loss(outputs: dict, bits: dict) -> None:
+def _dense_error_is_the_kfac_loss(outputs: dict) -> None:
     """``ε_d(b)`` of layer 0's q_proj = ``tr(G E A Eᵀ) / tr(G W A Wᵀ)`` with ``E`` the matrix's own GPTQ
     error at ``b`` bits, ``G = E[δδᵀ]`` and ``A`` the input Gram as the fisher stage stored them — not
     ``tr(E A Eᵀ) / tr(W A Wᵀ)``, which ignores where the loss is sensitive on the output side (that one is
