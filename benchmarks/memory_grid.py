@@ -4,7 +4,8 @@ matrices (every overhead counted, ``quantize.stored_bytes``), paired against the
 Each row is the base file (``pipelines/methods/gptq.yaml``; Gemma-3: ``pipelines/gemma3_gptq.yaml``
 with ``--rows gemma3``) with method options changed; all share one workspace (snapshot, tokenize and
 the dense evaluation run once). Writes ``OUT/<name>.{md,json}``; ``--only`` runs a subset of rows
-(the others are kept from an earlier JSON); ``--render`` rewrites the table from the JSON alone.
+(the others are kept from an earlier JSON); ``--render`` rewrites the table from the JSON alone;
+``--model-dirs SHORT=ROW …`` prints the rows' model directories for ``benchmarks/inference.py --models``.
 
     python benchmarks/memory_grid.py [--base pipelines/methods/gptq.yaml] [--out docs/quantize]
     python benchmarks/memory_grid.py --rows gemma3 --base pipelines/gemma3_gptq.yaml --workspace workspace/gemma \
@@ -228,6 +229,22 @@ def zeroshot_note(rows: list[dict]) -> str:
             f"chance for the dense model: {near}. — : not scored.")
 
 
+def model_dirs(base: dict, rows_name: str, wanted: list[str], workspace: Path) -> list[str]:
+    """``dense=DIR`` and ``SHORT=DIR`` of each ``SHORT=ROW``'s assembled model (its missing stages run)."""
+    options = {name: row for name, row, _ in ROWS[rows_name]}
+    found: list[str] = []
+    for item in wanted:
+        short, _, name = item.partition("=")
+        if name not in options:
+            raise SystemExit(f"--model-dirs: no row {name!r} in --rows {rows_name}")
+        runner = make_runner(row_config(base, options[name]), workspace)
+        runner.run()
+        outputs = {str(e.ref): e.state.output for e in runner.states()}
+        found += [] if found else [f"dense={outputs['snapshot@all'] / 'model'}"]
+        found.append(f"{short}={outputs['assemble@all'] / 'model'}")
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default=str(ROOT / "pipelines" / "methods" / "gptq.yaml"))
@@ -239,7 +256,13 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=[], help="zero-shot tasks scored per row (evaluation.tasks)")
     parser.add_argument("--task-limit", type=int, help="documents per task (default: the config's)")
     parser.add_argument("--render", action="store_true", help="rewrite OUT/NAME.md from OUT/NAME.json; run nothing")
+    parser.add_argument("--model-dirs", nargs="+", metavar="SHORT=ROW",
+                        help="print `dense=DIR SHORT=DIR …` of these rows' assembled models (for benchmarks/inference.py "
+                             "--models); runs what is missing, writes no table")
     args = parser.parse_args()
+    if args.model_dirs:
+        return print(" ".join(model_dirs(yaml.safe_load(Path(args.base).read_text()), args.rows, args.model_dirs,
+                                         Path(args.workspace))))
     if args.render:
         if not (Path(args.out) / f"{args.name}.json").exists():
             raise SystemExit(f"--render: {Path(args.out) / (args.name + '.json')} does not exist; run the grid first")
