@@ -5,7 +5,8 @@ Each row is the base file (``pipelines/methods/gptq.yaml``; Gemma-3: ``pipelines
 with ``--rows gemma3``) with method options changed; all share one workspace (snapshot, tokenize and
 the dense evaluation run once). Writes ``OUT/<name>.{md,json}``; ``--only`` runs a subset of rows
 (the others are kept from an earlier JSON); ``--render`` rewrites the table from the JSON alone;
-``--model-dirs SHORT=ROW …`` prints the rows' model directories for ``benchmarks/inference.py --models``.
+``--model-dirs SHORT=ROW …`` prints the rows' model directories for ``benchmarks/inference.py --models``;
+``--pair-zeroshot ROW AGAINST`` compares two rows' zero-shot accuracy paired over documents.
 
     python benchmarks/memory_grid.py [--base pipelines/methods/gptq.yaml] [--out docs/quantize]
     python benchmarks/memory_grid.py --rows gemma3 --base pipelines/gemma3_gptq.yaml --workspace workspace/gemma \
@@ -229,6 +230,38 @@ def zeroshot_note(rows: list[dict]) -> str:
             f"chance for the dense model: {near}. — : not scored.")
 
 
+def base_with_tasks(args: argparse.Namespace) -> dict:
+    """The base file, every row's evaluation scoring ``--tasks`` (with ``--task-limit``) when given."""
+    base = yaml.safe_load(Path(args.base).read_text())
+    if args.tasks:
+        base["evaluation"] = {**base["evaluation"], "tasks": args.tasks,
+                              **({"task_limit": args.task_limit} if args.task_limit else {})}
+    return base
+
+
+def zeroshot_pair_lines(base: dict, rows_name: str, pair: list[str], workspace: Path) -> str:
+    """``acc(ROW) − acc(AGAINST)`` per task and for the mean over tasks, paired over documents
+    (``zeroshot.paired_difference``), from the rows' finished ``zeroshot`` partitions."""
+    from stagepipe.zeroshot import paired_difference
+
+    options = {name: row for name, row, _ in ROWS[rows_name]}
+    scores = []
+    for name in pair:
+        if name not in options:
+            raise SystemExit(f"--pair-zeroshot: no row {name!r} in --rows {rows_name}")
+        states = make_runner(row_config(base, options[name]), workspace).states()
+        found = {e.ref.partition.removeprefix("compressed-"): json.loads((e.state.output / "results.json").read_text())
+                 for e in states if e.ref.stage == "zeroshot" and e.ref.partition.startswith("compressed-")
+                 and e.state.status == "done"}
+        if not found:
+            raise SystemExit(f"--pair-zeroshot: {name!r} has no finished zeroshot partition for these --tasks in {workspace}")
+        scores.append(found)
+    found = paired_difference(*scores)
+    lines = [f"acc({pair[0]}) − acc({pair[1]}), paired over documents, 95 % bootstrap:"]
+    lines += [f"  {task}: {d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]" + ("" if d[1] > 0 or d[2] < 0 else " ≈") for task, d in found.items()]
+    return "\n".join(lines)
+
+
 def model_dirs(base: dict, rows_name: str, wanted: list[str], workspace: Path) -> list[str]:
     """``dense=DIR`` and ``SHORT=DIR`` of each ``SHORT=ROW``'s assembled model (its missing stages run)."""
     options = {name: row for name, row, _ in ROWS[rows_name]}
@@ -259,7 +292,12 @@ def main() -> None:
     parser.add_argument("--model-dirs", nargs="+", metavar="SHORT=ROW",
                         help="print `dense=DIR SHORT=DIR …` of these rows' assembled models (for benchmarks/inference.py "
                              "--models); runs what is missing, writes no table")
+    parser.add_argument("--pair-zeroshot", nargs=2, metavar=("ROW", "AGAINST"),
+                        help="print acc(ROW) − acc(AGAINST) per task and for the mean, paired over the documents the "
+                             "finished zeroshot partitions scored (with --tasks and --task-limit as they ran); runs nothing")
     args = parser.parse_args()
+    if args.pair_zeroshot:
+        return print(zeroshot_pair_lines(base_with_tasks(args), args.rows, args.pair_zeroshot, Path(args.workspace)))
     if args.model_dirs:
         return print(" ".join(model_dirs(yaml.safe_load(Path(args.base).read_text()), args.rows, args.model_dirs,
                                          Path(args.workspace))))
@@ -267,10 +305,7 @@ def main() -> None:
         if not (Path(args.out) / f"{args.name}.json").exists():
             raise SystemExit(f"--render: {Path(args.out) / (args.name + '.json')} does not exist; run the grid first")
         args.only = []
-    base = yaml.safe_load(Path(args.base).read_text())
-    if args.tasks:  # every row's evaluation scores them too
-        base["evaluation"] = {**base["evaluation"], "tasks": args.tasks,
-                              **({"task_limit": args.task_limit} if args.task_limit else {})}
+    base = base_with_tasks(args)
     out = Path(args.out)
     earlier = {r["row"]: r for r in json.loads((out / f"{args.name}.json").read_text())} if (
         args.only is not None and (out / f"{args.name}.json").exists()) else {}

@@ -169,3 +169,15 @@ def test_quality_rows_show_retention_beside_perplexity() -> None:
     assert "Left out of the retention as at chance for the dense model: winogrande." in lines[2]
     assert lines[-4] == f"| kfac_svd | 0.80 | 40.000 | 0.6250 | {quality.retained_cell(row)} | — | — | 600 |"
     assert quality.retained_cell(row).startswith("0.500 [") and quality.retained_cell({}) == "—"
+
+
+def test_paired_difference_resamples_the_same_documents_for_both_models() -> None:
+    a = {"piqa": _score([1.0] * 30 + [0.0] * 20, 0.5), "lambada": _score([1.0] * 10 + [0.0] * 40, 0.0)}
+    b = {"piqa": _score([1.0] * 20 + [0.0] * 30, 0.5), "lambada": _score([1.0] * 10 + [0.0] * 40, 0.0)}
+    found = zeroshot.paired_difference(a, b)
+    assert found["lambada"] == [0.0, 0.0, 0.0]  # identical per-document scores: no noise at all when paired
+    point, low, high = found["piqa"]
+    assert point == pytest.approx(0.2) and 0.0 < low < point < high
+    assert found["mean"][0] == pytest.approx(0.1) and found["mean"][1] > 0.0
+    with pytest.raises(StagepipeError, match="no scored task"):
+        zeroshot.paired_difference(a, {"hellaswag": b["piqa"]})
