@@ -239,22 +239,30 @@ def base_with_tasks(args: argparse.Namespace) -> dict:
     return base
 
 
+def row_runner(base: dict, rows_name: str, name: str, workspace: Path, flag: str):
+    """The runner of the grid row ``name`` on ``base`` (one clear line if the grid has no such row)."""
+    options = {row: row_options for row, row_options, _ in ROWS[rows_name]}
+    if name not in options:
+        raise SystemExit(f"{flag}: no row {name!r} in --rows {rows_name}")
+    return make_runner(row_config(base, options[name]), workspace)
+
+
 def zeroshot_pair_lines(base: dict, rows_name: str, pair: list[str], workspace: Path) -> str:
     """``acc(ROW) − acc(AGAINST)`` per task and for the mean over tasks, paired over documents
-    (``zeroshot.paired_difference``), from the rows' finished ``zeroshot`` partitions."""
+    (``zeroshot.paired_difference``), from the rows' finished ``zeroshot`` partitions (their manifests'
+    results, as the stage's own summary reads them)."""
+    from stagepipe.stagekit.artifacts import read_results
     from stagepipe.zeroshot import paired_difference
 
-    options = {name: row for name, row, _ in ROWS[rows_name]}
     scores = []
     for name in pair:
-        if name not in options:
-            raise SystemExit(f"--pair-zeroshot: no row {name!r} in --rows {rows_name}")
-        states = make_runner(row_config(base, options[name]), workspace).states()
-        found = {e.ref.partition.removeprefix("compressed-"): json.loads((e.state.output / "results.json").read_text())
+        states = row_runner(base, rows_name, name, workspace, "--pair-zeroshot").states()
+        found = {e.ref.partition.removeprefix("compressed-"): read_results(e.state.output)
                  for e in states if e.ref.stage == "zeroshot" and e.ref.partition.startswith("compressed-")
                  and e.state.status == "done"}
         if not found:
-            raise SystemExit(f"--pair-zeroshot: {name!r} has no finished zeroshot partition for these --tasks in {workspace}")
+            raise SystemExit(f"--pair-zeroshot: {name!r} has no finished zeroshot partition for these --tasks in "
+                             f"{workspace} (a deleted assembled model leaves them waiting: --model-dirs re-assembles it)")
         scores.append(found)
     found = paired_difference(*scores)
     lines = [f"acc({pair[0]}) − acc({pair[1]}), paired over documents, 95 % bootstrap:"]
@@ -264,13 +272,10 @@ def zeroshot_pair_lines(base: dict, rows_name: str, pair: list[str], workspace: 
 
 def model_dirs(base: dict, rows_name: str, wanted: list[str], workspace: Path) -> list[str]:
     """``dense=DIR`` and ``SHORT=DIR`` of each ``SHORT=ROW``'s assembled model (its missing stages run)."""
-    options = {name: row for name, row, _ in ROWS[rows_name]}
     found: list[str] = []
     for item in wanted:
         short, _, name = item.partition("=")
-        if name not in options:
-            raise SystemExit(f"--model-dirs: no row {name!r} in --rows {rows_name}")
-        runner = make_runner(row_config(base, options[name]), workspace)
+        runner = row_runner(base, rows_name, name, workspace, "--model-dirs")
         runner.run()
         outputs = {str(e.ref): e.state.output for e in runner.states()}
         found += [] if found else [f"dense={outputs['snapshot@all'] / 'model'}"]
