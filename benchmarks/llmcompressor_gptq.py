@@ -60,7 +60,7 @@ def stagepipe_row(name: str, config, workspace: Path, force: bool) -> dict:
     runner.run(force={"quantize"} if force else set())
     outputs = {str(e.ref): e.state.output for e in runner.states()}
     report = json.loads((outputs["report@all"] / "report.json").read_text())
-    result = json.loads((outputs["evaluate@compressed"] / "results.json").read_text())["datasets"]
+    result = artifacts.read_results(outputs["evaluate@compressed"])["datasets"]
     dataset = next(iter(result))
     return {"row": name, "method": config.method.model_dump(exclude_defaults=True), "dataset": dataset,
             "ppl": result[dataset]["ppl"], "ppl_interval": [result[dataset]["ppl_low"], result[dataset]["ppl_high"]],

@@ -23,6 +23,7 @@ import yaml
 
 from stagepipe.config import parse_pipeline
 from stagepipe.intervals import compare
+from stagepipe.stagekit.artifacts import read_results
 from stagepipe.stages import make_runner
 
 try:  # run as a script (this directory on the path) or imported as benchmarks.memory_grid
@@ -251,7 +252,6 @@ def zeroshot_pair_lines(base: dict, rows_name: str, pair: list[str], workspace: 
     """``acc(ROW) − acc(AGAINST)`` per task and for the mean over tasks, paired over documents
     (``zeroshot.paired_difference``), from the rows' finished ``zeroshot`` partitions (their manifests'
     results, as the stage's own summary reads them)."""
-    from stagepipe.stagekit.artifacts import read_results
     from stagepipe.zeroshot import paired_difference
 
     scores = []
@@ -324,7 +324,7 @@ def main() -> None:
         runner.run()
         outputs = {str(e.ref): e.state.output for e in runner.states()}
         report = json.loads((outputs["report@all"] / "report.json").read_text())
-        result = json.loads((outputs["evaluate@compressed"] / "results.json").read_text())["datasets"]
+        result = read_results(outputs["evaluate@compressed"])["datasets"]
         dataset = next(iter(result))
         seconds = sum(e.state.manifest.wall_s for e in runner.states() if e.ref.stage == "quantize")
         memory = report["ratios"].get("memory") or sixteen_bit_memory(runner, outputs)
