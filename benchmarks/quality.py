@@ -2,8 +2,9 @@
 
 All grid points share one workspace, so the stages they have in common (snapshot, tokenize,
 capture, fisher, decompose per method) run once; only allocation, assembly and evaluation run per
-kept fraction. Writes ``docs/results.md`` (table with the dense baseline, achieved kept fractions
-and the commit), ``docs/results.json`` and ``docs/results_ppl.png``.
+kept fraction. Writes ``OUT/results.md`` (table with the dense baseline, achieved kept fractions
+and the commit), ``OUT/results.json`` and ``OUT/results_ppl.png`` (``--out``, default ``docs/``);
+the headline table (``README_SOURCE``) also writes the README's best rows.
 
     python benchmarks/quality.py [--base pipelines/smollm2_demo.yaml] [--fractions 0.9 0.8 0.6]
     python benchmarks/quality.py --methods ressvd:last_k --merge   # add rows to the existing table
