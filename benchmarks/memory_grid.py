@@ -28,10 +28,10 @@ from stagepipe.stages import make_runner
 
 try:  # run as a script (this directory on the path) or imported as benchmarks.memory_grid
     from llmcompressor_gptq import variant_config
-    from zeroshot_rows import retained_cell
+    from zeroshot_rows import finished_scores, paired_lines, retained_cell
 except ModuleNotFoundError:
     from benchmarks.llmcompressor_gptq import variant_config
-    from benchmarks.zeroshot_rows import retained_cell
+    from benchmarks.zeroshot_rows import finished_scores, paired_lines, retained_cell
 
 ROOT = Path(__file__).resolve().parent.parent
 #: (row, method options over the base file's, the row it is paired against: the GPTQ row of as many or
@@ -249,25 +249,11 @@ def row_runner(base: dict, rows_name: str, name: str, workspace: Path, flag: str
 
 
 def zeroshot_pair_lines(base: dict, rows_name: str, pair: list[str], workspace: Path) -> str:
-    """``acc(ROW) − acc(AGAINST)`` per task and for the mean over tasks, paired over documents
-    (``zeroshot.paired_difference``), from the rows' finished ``zeroshot`` partitions (their manifests'
-    results, as the stage's own summary reads them)."""
-    from stagepipe.zeroshot import paired_difference
-
-    scores = []
-    for name in pair:
-        states = row_runner(base, rows_name, name, workspace, "--pair-zeroshot").states()
-        found = {e.ref.partition.removeprefix("compressed-"): read_results(e.state.output)
-                 for e in states if e.ref.stage == "zeroshot" and e.ref.partition.startswith("compressed-")
-                 and e.state.status == "done"}
-        if not found:
-            raise SystemExit(f"--pair-zeroshot: {name!r} has no finished zeroshot partition for these --tasks in "
-                             f"{workspace} (a deleted assembled model leaves them waiting: --model-dirs re-assembles it)")
-        scores.append(found)
-    found = paired_difference(*scores)
-    lines = [f"acc({pair[0]}) − acc({pair[1]}), paired over documents, 95 % bootstrap:"]
-    lines += [f"  {task}: {d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]" + ("" if d[1] > 0 or d[2] < 0 else " ≈") for task, d in found.items()]
-    return "\n".join(lines)
+    """``acc(ROW) − acc(AGAINST)`` per task and for the mean over tasks, paired over documents, from
+    the rows' finished ``zeroshot`` partitions."""
+    scores = [finished_scores(row_runner(base, rows_name, name, workspace, "--pair-zeroshot"), name, workspace,
+                              "--pair-zeroshot") for name in pair]
+    return "\n".join(paired_lines(pair, scores))
 
 
 def model_dirs(base: dict, rows_name: str, wanted: list[str], workspace: Path) -> list[str]:

@@ -24,9 +24,15 @@ from pathlib import Path
 import yaml
 
 try:  # run as a script (this directory on the path) or imported as benchmarks.quality (scripts/render_docs.py)
-    from zeroshot_rows import plot_retention, retained_cell, zeroshot_lines
+    from zeroshot_rows import finished_scores, paired_lines, plot_retention, retained_cell, zeroshot_lines
 except ModuleNotFoundError:
-    from benchmarks.zeroshot_rows import plot_retention, retained_cell, zeroshot_lines
+    from benchmarks.zeroshot_rows import (
+        finished_scores,
+        paired_lines,
+        plot_retention,
+        retained_cell,
+        zeroshot_lines,
+    )
 
 from stagepipe.config import parse_pipeline
 from stagepipe.engine.stage import ALL, PartitionRef
@@ -149,6 +155,10 @@ def main() -> None:
     parser.add_argument("--task-limit", type=int, default=None, help="documents per task (default: the config's)")
     parser.add_argument("--pair", nargs=2, metavar=("ROW", "AGAINST"),
                         help="print the paired ratio ROW/AGAINST per kept fraction from OUT/results.json (a table)")
+    parser.add_argument("--pair-zeroshot", nargs=2, metavar=("ROW", "AGAINST"),
+                        help="print acc(ROW) − acc(AGAINST) per task and for the mean, paired over documents, at each "
+                             "--fractions, from the rows' zeroshot partitions in --workspace (--base and --tasks as the "
+                             "rows ran; a deleted assembled model is re-assembled, every other stage being done)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -161,6 +171,8 @@ def main() -> None:
     if args.tasks:  # every row's evaluation scores them too
         base["evaluation"] = {**base["evaluation"], "tasks": args.tasks,
                               **({"task_limit": args.task_limit} if args.task_limit else {})}
+    if args.pair_zeroshot:
+        return print("\n".join(zeroshot_pair_lines(base, args.pair_zeroshot, args.fractions, Path(args.workspace))))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     rows = [dict(run_point(base, m, k, Path(args.workspace)), commit=commit) for m in args.methods for k in args.fractions]
     if args.merge and (out / "results.json").is_file():
@@ -178,6 +190,21 @@ def main() -> None:
     commits = sorted({r["commit"] for r in rows})
     (out / "results.json").write_text(json.dumps({"commit": commit, "commits": commits, "base": args.base, "rows": rows}, indent=1))
     render(rows, commits, args.base, out)
+
+
+def zeroshot_pair_lines(base: dict, pair: list[str], fractions: list[float], workspace: Path) -> list[str]:
+    """``--pair-zeroshot``: per kept fraction, the two rows' zero-shot accuracy difference paired over
+    documents. Each row's missing stages run first — in practice only ``assemble``, when its model was
+    deleted to free disk (its content digest is the same, so the scored partitions stay done)."""
+    lines = []
+    for kept in fractions:
+        scores = []
+        for entry in pair:
+            runner = make_runner(grid_config(base, entry, kept), workspace)
+            runner.run()
+            scores.append(finished_scores(runner, entry, workspace, "--pair-zeroshot"))
+        lines += [f"kept {kept}:", *paired_lines(pair, scores)]
+    return lines
 
 
 def applied_options(rows: list[dict], base: str) -> str:

@@ -5,6 +5,7 @@ because dense is at chance on them (``stagepipe.zeroshot.summarize``)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 
 def retained_cell(row: dict) -> str:
@@ -78,3 +79,28 @@ def plot_retention(rows: list[dict], path: Path) -> bool:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return True
+
+
+def finished_scores(runner: Any, name: str, workspace: Path, flag: str) -> dict[str, dict]:
+    """A row's zero-shot results per task, from its finished ``zeroshot`` partitions (their manifests'
+    results, read and checked as the stage's own summary reads them); one clear line when it has none."""
+    from stagepipe.stagekit.artifacts import read_results
+
+    found = {e.ref.partition.removeprefix("compressed-"): read_results(e.state.output)
+             for e in runner.states() if e.ref.stage == "zeroshot" and e.ref.partition.startswith("compressed-")
+             and e.state.status == "done"}
+    if not found:
+        raise SystemExit(f"{flag}: {name!r} has no finished zeroshot partition for these --tasks in {workspace} "
+                         "(a deleted assembled model leaves them waiting until it is re-assembled)")
+    return found
+
+
+def paired_lines(names: list[str], scores: list[dict[str, dict]]) -> list[str]:
+    """``acc(a) − acc(b)`` per task and for the mean over tasks, paired over documents
+    (``stagepipe.zeroshot.paired_difference``); ``≈`` where the interval holds 0."""
+    from stagepipe.zeroshot import paired_difference
+
+    found = paired_difference(*scores)
+    return [f"acc({names[0]}) − acc({names[1]}), paired over documents, 95 % bootstrap:",
+            *(f"  {task}: {d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]" + ("" if d[1] > 0 or d[2] < 0 else " ≈")
+              for task, d in found.items())]

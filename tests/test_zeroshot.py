@@ -181,3 +181,17 @@ def test_paired_difference_resamples_the_same_documents_for_both_models() -> Non
     assert found["mean"][0] == pytest.approx(0.1) and found["mean"][1] > 0.0
     with pytest.raises(StagepipeError, match="no scored task"):
         zeroshot.paired_difference(a, {"hellaswag": b["piqa"]})
+
+
+def test_paired_lines_mark_a_difference_inside_the_noise() -> None:
+    """``quality.py --pair-zeroshot`` / ``memory_grid.py --pair-zeroshot`` print one line per task and
+    the mean; ``≈`` only where the paired interval holds zero."""
+    from benchmarks.zeroshot_rows import paired_lines
+
+    a = {"piqa": _score([1.0] * 40 + [0.0] * 10, 0.5), "lambada": _score([1.0] * 10 + [0.0] * 40, 0.0)}
+    b = {"piqa": _score([1.0] * 10 + [0.0] * 40, 0.5), "lambada": _score([1.0] * 10 + [0.0] * 40, 0.0)}
+    lines = paired_lines(["x", "y"], [a, b])
+    assert lines[0].startswith("acc(x) − acc(y)")
+    assert lines[1] == "  lambada: +0.000 [+0.000, +0.000] ≈"
+    assert lines[2].startswith("  piqa: +0.600 [") and not lines[2].endswith("≈")
+    assert lines[3].startswith("  mean: +0.300 [") and not lines[3].endswith("≈")
