@@ -36,6 +36,7 @@ except ModuleNotFoundError:
 
 from stagepipe.config import parse_pipeline
 from stagepipe.engine.stage import ALL, PartitionRef
+from stagepipe.errors import StagepipeError
 from stagepipe.intervals import compare
 from stagepipe.stages import make_runner
 
@@ -157,8 +158,8 @@ def main() -> None:
                         help="print the paired ratio ROW/AGAINST per kept fraction from OUT/results.json (a table)")
     parser.add_argument("--pair-zeroshot", nargs=2, metavar=("ROW", "AGAINST"),
                         help="print acc(ROW) − acc(AGAINST) per task and for the mean, paired over documents, at each "
-                             "--fractions, from the rows' zeroshot partitions in --workspace (--base and --tasks as the "
-                             "rows ran; a deleted assembled model is re-assembled, every other stage being done)")
+                             "--fractions, from the rows' finished zeroshot partitions in --workspace (--base and --tasks as "
+                             "the rows ran; only a deleted assembled model is re-made)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -194,14 +195,23 @@ def main() -> None:
 
 def zeroshot_pair_lines(base: dict, pair: list[str], fractions: list[float], workspace: Path) -> list[str]:
     """``--pair-zeroshot``: per kept fraction, the two rows' zero-shot accuracy difference paired over
-    documents. Each row's missing stages run first — in practice only ``assemble``, when its model was
-    deleted to free disk (its content digest is the same, so the scored partitions stay done)."""
+    documents. Only ``assemble`` may run first (a model deleted to free disk: its content digest is the
+    same, so the scored partitions stay done); a row whose scoring is not finished is one clear line,
+    never a silently computed row nor a pairing over fewer tasks."""
     lines = []
     for kept in fractions:
         scores = []
         for entry in pair:
             runner = make_runner(grid_config(base, entry, kept), workspace)
-            runner.run()
+            try:
+                runner.run(only={"assemble@all"})
+            except StagepipeError:  # the row was never run this far: its model's inputs are not done
+                raise SystemExit(f"--pair-zeroshot: {entry!r} at kept {kept} has not run in {workspace}; run the row "
+                                 f"first (--methods {entry} --tasks …)") from None
+            unfinished = [str(e.ref) for e in runner.states() if e.ref.stage == "zeroshot" and e.state.status != "done"]
+            if unfinished:
+                raise SystemExit(f"--pair-zeroshot: {entry!r} at kept {kept} has unfinished {unfinished[0]} in {workspace}; "
+                                 f"run the row first (--methods {entry} --tasks …)")
             scores.append(finished_scores(runner, entry, workspace, "--pair-zeroshot"))
         lines += [f"kept {kept}:", *paired_lines(pair, scores)]
     return lines
