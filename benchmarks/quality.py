@@ -208,11 +208,7 @@ def zeroshot_pair_lines(base: dict, pair: list[str], fractions: list[float], wor
             except StagepipeError:  # the row was never run this far: its model's inputs are not done
                 raise SystemExit(f"--pair-zeroshot: {entry!r} at kept {kept} has not run in {workspace}; run the row "
                                  f"first (--methods {entry} --tasks …)") from None
-            unfinished = [str(e.ref) for e in runner.states() if e.ref.stage == "zeroshot" and e.state.status != "done"]
-            if unfinished:
-                raise SystemExit(f"--pair-zeroshot: {entry!r} at kept {kept} has unfinished {unfinished[0]} in {workspace}; "
-                                 f"run the row first (--methods {entry} --tasks …)")
-            scores.append(finished_scores(runner, entry, workspace, "--pair-zeroshot"))
+            scores.append(finished_scores(runner, f"{entry}@{kept}", workspace, "--pair-zeroshot"))
         lines += [f"kept {kept}:", *paired_lines(pair, scores)]
     return lines
 

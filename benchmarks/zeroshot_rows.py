@@ -82,17 +82,18 @@ def plot_retention(rows: list[dict], path: Path) -> bool:
 
 
 def finished_scores(runner: Any, name: str, workspace: Path, flag: str) -> dict[str, dict]:
-    """A row's zero-shot results per task, from its finished ``zeroshot`` partitions (their manifests'
-    results, read and checked as the stage's own summary reads them); one clear line when it has none."""
+    """A row's zero-shot results per task, from its ``zeroshot`` partitions (their manifests' results,
+    read and checked as the stage's own summary reads them). One clear line unless every task is
+    scored: a pairing over fewer tasks than the row has would be a different mean."""
     from stagepipe.stagekit.artifacts import read_results
 
-    found = {e.ref.partition.removeprefix("compressed-"): read_results(e.state.output)
-             for e in runner.states() if e.ref.stage == "zeroshot" and e.ref.partition.startswith("compressed-")
-             and e.state.status == "done"}
-    if not found:
-        raise SystemExit(f"{flag}: {name!r} has no finished zeroshot partition for these --tasks in {workspace} "
-                         "(a deleted assembled model leaves them waiting until it is re-assembled)")
-    return found
+    scored = [e for e in runner.states() if e.ref.stage == "zeroshot" and e.ref.partition.startswith("compressed-")]
+    unfinished = [str(e.ref) for e in scored if e.state.status != "done"]
+    if not scored or unfinished:
+        raise SystemExit(f"{flag}: {name!r} has " + (f"unfinished {unfinished[0]}" if unfinished else "no zeroshot partition")
+                         + f" for these --tasks in {workspace} (a deleted assembled model leaves them waiting until "
+                         "it is re-assembled; else run the row first)")
+    return {e.ref.partition.removeprefix("compressed-"): read_results(e.state.output) for e in scored}
 
 
 def paired_lines(names: list[str], scores: list[dict[str, dict]]) -> list[str]:
