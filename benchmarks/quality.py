@@ -68,6 +68,9 @@ VARIANTS = {
     "soco_kfac_b4": {"name": "soco", "base": "kfac_svd", "batch": 4, "debias": True},
     # prior 4 chosen on the validation split at kept 0.8 (docs/soco/prior_0.8: 58.4 against 60.9 for 2, 131 for 8)
     "soco_kfac_prior4": {"name": "soco", "base": "kfac_svd", "prior": 4},
+    # Dobi-SVD on a 128-window calibration with pipelines/methods/dobi_svd.yaml's training budget: 256 Adam steps
+    # (there 8 epochs × 32 windows, here 2 × 128), 65,536 tokens seen
+    "dobi_svd_256": {"name": "dobi_svd", "epochs": 2},
     # Dobi-SVD with the paper's remapping: the kept fraction is then a *memory* fraction (8-bit square part)
     "dobi_svd_remap": {"name": "dobi_svd", "remap": True},
 }
