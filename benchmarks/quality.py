@@ -59,6 +59,10 @@ VARIANTS = {
     # the K-FAC hybrid with the dense-kept matrices refined too (the official code trains every block parameter)
     "aasvd_kfac+refine_dense": {"name": "aasvd", "output_metric": "kfac_out", "refine_epochs": 6, "refine_batch": 1,
                                 "refine_lr": 3e-5, "refine_dense": True},
+    # GFWSVD in the paper's regime (pipelines/smollm2_gfwsvd_paper.yaml): the per-token Fisher and the official
+    # regulariser, run with the asvd_search policy (the official runs' selection of linears; docs/gfwsvd-diagnosis.md)
+    "gfwsvd_paper": {"name": "gfwsvd", "chunk_tokens": 1, "regularizer": "official_alpha", "max_sweeps": 3,
+                     "mode": "stored"},
     "modegpt_uniform": {"name": "modegpt", "layer_allocation": "uniform"},
     # SoCo's learned scores on a base method's weighted SVD (options: pipelines/methods/soco.yaml's defaults)
     "soco_svdllm": {"name": "soco", "base": "svdllm"},
