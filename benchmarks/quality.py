@@ -59,10 +59,9 @@ VARIANTS = {
     # the K-FAC hybrid with the dense-kept matrices refined too (the official code trains every block parameter)
     "aasvd_kfac+refine_dense": {"name": "aasvd", "output_metric": "kfac_out", "refine_epochs": 6, "refine_batch": 1,
                                 "refine_lr": 3e-5, "refine_dense": True},
-    # GFWSVD in the paper's regime (pipelines/smollm2_gfwsvd_paper.yaml): the per-token Fisher and the official
-    # regulariser, run with the asvd_search policy (the official runs' selection of linears; docs/gfwsvd-diagnosis.md)
-    "gfwsvd_paper": {"name": "gfwsvd", "chunk_tokens": 1, "regularizer": "official_alpha", "max_sweeps": 3,
-                     "mode": "stored"},
+    # GFWSVD in the paper's regime: the method block of pipelines/smollm2_gfwsvd_paper.yaml (per-token Fisher, the
+    # official regulariser), run with the asvd_search policy (the official runs' selection; docs/gfwsvd-diagnosis.md)
+    "gfwsvd_paper": yaml.safe_load((ROOT / "pipelines" / "smollm2_gfwsvd_paper.yaml").read_text())["method"],
     "modegpt_uniform": {"name": "modegpt", "layer_allocation": "uniform"},
     # SoCo's learned scores on a base method's weighted SVD (options: pipelines/methods/soco.yaml's defaults)
     "soco_svdllm": {"name": "soco", "base": "svdllm"},
@@ -212,9 +211,10 @@ def zeroshot_pair_lines(base: dict, pair: list[str], fractions: list[float], wor
             runner = make_runner(grid_config(base, entry, kept), workspace)
             try:
                 runner.run(only={"assemble@all"})
-            except StagepipeError:  # the row was never run this far: its model's inputs are not done
-                raise SystemExit(f"--pair-zeroshot: {entry!r} at kept {kept} has not run in {workspace}; run the row "
-                                 f"first (--methods {entry} --tasks …)") from None
+            except StagepipeError:  # assemble's inputs are not done: never run, or deleted for disk
+                raise SystemExit(f"--pair-zeroshot: {entry!r} at kept {kept} cannot be re-assembled in {workspace}: a "
+                                 f"stage before assemble is not done (never run, or its output deleted); run the row "
+                                 f"(--methods {entry} --tasks …)") from None
             scores.append(finished_scores(runner, f"{entry}@{kept}", workspace, "--pair-zeroshot"))
         lines += [f"kept {kept}:", *paired_lines(pair, scores)]
     return lines
