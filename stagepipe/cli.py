@@ -228,6 +228,13 @@ def _print_summary(runner) -> None:
         click.echo(f"kept parameters: {achieved}")
     else:
         click.echo(f"kept fraction: requested {ratios['requested_kept_fraction']:.3f}, achieved {achieved}")
+    guard = info.get("training", {}).get("guard")
+    if isinstance(guard, dict):  # a learned method checked against its start on held-out windows
+        (name, ratio), = ((k, v) for k, v in guard.items() if "_over_" in k)
+        click.echo(f"training guard on {guard['n_windows']} {guard['windows']} windows: " + ", ".join(
+            f"{c} {ppl:.3f} [{guard['interval'][c][0]:.3f}, {guard['interval'][c][1]:.3f}]" for c, ppl in guard["ppl"].items())
+            + f"; {name.replace('_over_', ' / ')} ×{ratio['ratio']:.4f} [{ratio['low']:.4f}, {ratio['high']:.4f}]"
+            + f" → kept {guard['chosen']}")
     intervals = info.get("perplexity_interval", {})
     for model, values in sorted(info["perplexity"].items()):
         bounds = intervals.get(model, {})

@@ -24,22 +24,24 @@ TINY: dict[str, Any] = {
 }
 
 
-def learned_pipeline(tmp: Path, name: str, kept: float, method: dict[str, Any]) -> Path:
-    """The tiny pipeline with a learned method (SoCo, Dobi-SVD): no allocation block, it learns every rank."""
-    data = merge(TINY, {"name": name, "method": method, "target": {"kept_fraction": kept}})
+def learned_pipeline(tmp: Path, name: str, kept: float, method: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
+    """The tiny pipeline with a learned method (SoCo, Dobi-SVD): no allocation block, it learns every
+    rank (``extra``: more keys merged in, e.g. validation windows)."""
+    data = merge(TINY, {"name": name, "method": method, "target": {"kept_fraction": kept}, **(extra or {})})
     del data["allocation"]
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
 
-def learned_run(tmp: Path, name: str, kept: float, method: dict[str, Any]) -> tuple[Path, Path]:
+def learned_run(tmp: Path, name: str, kept: float, method: dict[str, Any],
+                extra: dict[str, Any] | None = None) -> tuple[Path, Path]:
     """(pipeline file, workspace) of a finished run of the tiny pipeline with a learned method."""
     from click.testing import CliRunner
 
     from stagepipe.cli import main
 
-    pipeline, ws = learned_pipeline(tmp, name, kept, method), tmp / "ws"
+    pipeline, ws = learned_pipeline(tmp, name, kept, method, extra), tmp / "ws"
     result = CliRunner().invoke(main, ["run", str(pipeline), "-w", str(ws)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return pipeline, ws

@@ -222,6 +222,43 @@ def test_reloads_with_the_learned_ranks(trained) -> None:
             assert float((product - expected).norm() / expected.norm()) < 1e-6, name
 
 
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory) -> tuple[Path, Path]:
+    validation = {"text": {"source": "synthetic", "n_words": 1500, "seed": 2}, "n_samples": 4}
+    return learned_run(tmp_path_factory.mktemp("dobi_guard"), "dobi_guard", 0.6, DOBI, {"calibration": {"validation": validation}})
+
+
+def test_the_guard_keeps_the_better_of_start_and_learned_as_assembled(guarded) -> None:
+    """The guard scores the start's and the learned ranks on the validation windows; the ranks
+    written are the better one's, and the assembled model's validation perplexity is the one the
+    guard measured for it (so ``use`` builds exactly what ``assemble`` builds)."""
+    from stagepipe.io import manifest as manifest_io
+    from stagepipe.perplexity import perplexity
+
+    pipeline, ws = guarded
+    found = outputs(pipeline, ws)
+    train = manifest_io.read(found[PartitionRef("train", ALL)])
+    guard = train.diagnostics["guard"]
+    assert guard["windows"] == "validation" and guard["n_windows"] == 4
+    assert guard["chosen"] == min(guard["ppl"], key=guard["ppl"].get)
+    assert set(guard["ppl"]) == {"start", "learned"} and guard["learned_over_start"]["ratio"] == pytest.approx(
+        guard["ppl"]["learned"] / guard["ppl"]["start"], rel=1e-9)
+    ranks = artifacts.read_learned_ranks(found[PartitionRef("train", ALL)])
+    assert ranks == train.diagnostics[f"{guard['chosen']}_ranks"]
+    assert train.diagnostics["learned_ranks"] != train.diagnostics["start_ranks"]
+    model = AutoModelForCausalLM.from_pretrained(artifacts.model_dir(found[PartitionRef("assemble", ALL)]), trust_remote_code=True)
+    windows = artifacts.read_windows(found[PartitionRef("tokenize", "validation")])
+    assert perplexity(model, windows, 2, torch.device("cpu")).ppl == pytest.approx(guard["ppl"][guard["chosen"]], rel=1e-5)
+
+
+def test_without_validation_windows_the_guard_says_it_used_calibration(trained) -> None:
+    from stagepipe.io import manifest as manifest_io
+
+    pipeline, ws = trained
+    guard = manifest_io.read(outputs(pipeline, ws)[PartitionRef("train", ALL)]).diagnostics["guard"]
+    assert guard["windows"] == "calibration" and guard["n_windows"] == 6
+
+
 def test_sigkill_mid_training_resumes_to_identical_ranks(tmp_path: Path) -> None:
     # killed after the 3rd checkpoint (every 2 steps): step 6 of 12
     done, reference = train_killed_and_resumed(dobi_pipeline(tmp_path, "kill_dobi", 0.6), tmp_path, skip=2)

@@ -52,6 +52,8 @@ class DobiSVDConfig(MethodConfig):
     checkpoint_every: int = Field(8, ge=1)
     gradient_checkpointing: bool = False
     seed: int = 0
+    guard: bool = Field(True, description="keep the uniform start's ranks when they give the lower validation "
+                                          "perplexity (never worse than the start; false: the paper's training alone)")
     remap: bool = Field(False, description="store the square part of the factors in 8 bits (the paper's remapping); "
                                            "target.kept_fraction is then a memory fraction of the dense 16-bit matrices")
 
@@ -65,7 +67,7 @@ class DobiSVD(LearnedMethod):
     right = "gram"  # the weight update is the exact activation PCA: SVD-LLM's factors (module docstring)
 
     def training_options(self) -> dict[str, Any]:
-        names = ("objective", "epochs", "lr", "beta", "svd_gap", "svd_terms", "batch", "seed")
+        names = ("objective", "epochs", "lr", "beta", "svd_gap", "svd_terms", "batch", "seed", "guard")
         options = {name: getattr(self.cfg, name) for name in names}
         options["mask_position"] = "g·min(t, k)"  # window units (issue #31); g·k before, dead past the window
         if self.cfg.remap:  # keyed only when set: runs without remapping keep their keys

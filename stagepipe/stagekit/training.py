@@ -6,6 +6,12 @@ and in all, does what follows each Adam step (SoCo: the budget's proximal step o
 Dobi-SVD: the projection onto the budget), saves and loads its own state for the checkpoint, and
 writes its outputs. It registers itself for its method class (``@trains(SoCo)``). The loop here
 owns everything else: the windows, the loss, Adam (``ResumableAdam``), checkpoints, the progress bar.
+
+**Never worse than its start** (``validation_guard``): a trainer that names ``candidates`` (Dobi-SVD:
+``start``, its uniform allocation hard-truncated, and ``learned``) turns the model into each one as
+it will be assembled (``use``); the candidate with the lowest perplexity on the validation windows
+(held-out articles; the calibration windows when the pipeline has none, and the record says so) is
+the one ``finish`` writes, and both perplexities with their paired ratio go into the manifest.
 """
 
 from __future__ import annotations
@@ -18,8 +24,10 @@ import torch
 from tqdm import tqdm
 
 from stagepipe.engine.stage import Work
+from stagepipe.intervals import compare
 from stagepipe.methods import LearnedMethod
 from stagepipe.models.spectral import dense_mode
+from stagepipe.perplexity import perplexity
 from stagepipe.stagekit.artifacts import TRAIN_CHECKPOINT
 from stagepipe.stagekit.checkpoints import ResumableAdam
 from stagepipe.stagekit.cost import CostInputs
@@ -46,6 +54,7 @@ class Trainer(Protocol):
     modules: dict[str, torch.nn.Module]
     steps_per_epoch: int
     total: int
+    candidates: tuple[str, ...]  # what ``validation_guard`` chooses among, the start first; () for none
 
     def __init__(self, cfg: Any, model: torch.nn.Module, targets: dict[str, tuple[int, str, Path]], target: float,
                  windows: int, dtype: torch.dtype) -> None: ...
@@ -62,8 +71,13 @@ class Trainer(Protocol):
 
     def load(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None: ...
 
-    def finish(self, out: Path, history: list[dict[str, Any]]) -> dict[str, Any]:
-        """Write the trainer's outputs; return ``{"ranks": …, "steps": …}`` and its summary."""
+    def use(self, candidate: str) -> None:
+        """Make the model compute ``candidate`` exactly as it will be assembled (after training)."""
+        ...
+
+    def finish(self, out: Path, history: list[dict[str, Any]], chosen: str | None) -> dict[str, Any]:
+        """Write the trainer's outputs (of the ``chosen`` candidate); return ``{"ranks": …, "steps": …}``
+        and its summary."""
         ...
 
     @classmethod
@@ -153,3 +167,25 @@ class TrainingLoop:
         self.history = meta["history"]
         self.work.telemetry["resumed_from_step"] = meta["step"]
         return meta["step"]
+
+
+def validation_guard(trainer: Trainer, model: torch.nn.Module, windows: torch.Tensor, source: str, batch: int,
+                     device: torch.device) -> tuple[str | None, dict[str, Any]]:
+    """The trainer's candidate with the lowest perplexity on ``windows`` (fp32, every window
+    counted; ties and two infinite perplexities keep the first, the start) and the record of the
+    choice: each candidate's perplexity with its interval, and the last one's paired ratio to the
+    first (``intervals.compare``)."""
+    if not trainer.candidates:
+        return None, {"guard": "off: the trainer offers no candidates (nothing checked against its start)"}
+    results = {}
+    for candidate in trainer.candidates:
+        trainer.use(candidate)
+        results[candidate] = perplexity(model, windows, batch, device)
+    chosen = min(trainer.candidates, key=lambda c: results[c].nll)  # min keeps the first of equals
+    first, last = results[trainer.candidates[0]], results[trainer.candidates[-1]]
+    ratio = compare(last.window_nll, first.window_nll, windows.shape[1] - 1)
+    return chosen, {"guard": {
+        "windows": source, "n_windows": len(windows), "chosen": chosen,
+        "ppl": {c: r.ppl for c, r in results.items()},
+        "interval": {c: [r.ppl_low, r.ppl_high] for c, r in results.items()},
+        f"{trainer.candidates[-1]}_over_{trainer.candidates[0]}": ratio.to_dict()}}

@@ -35,12 +35,20 @@ from stagepipe.stagekit.artifacts import (
     LEARNED,
     MODEL_DIR,
     TOKENS,
+    VALIDATION,
     WEIGHTED_SVD,
     layer_index,
 )
 from stagepipe.stagekit.base import PipelineStage, register
 from stagepipe.stagekit.cost import CPU_FLOPS, GPU_FLOPS, INTERPRETER, CostInputs, Estimate, duration
-from stagepipe.stagekit.training import TrainingLoop, trainer_for
+from stagepipe.stagekit.training import TrainingLoop, trainer_for, validation_guard
+
+
+def _guard_windows(ctx: Context) -> str:
+    """The windows the guard compares the start and the learned model on: the held-out validation
+    articles when the pipeline has them, else the calibration windows (the record says which)."""
+    return VALIDATION if ctx.config.calibration.validation else CALIBRATION
+
 
 for _module in pkgutil.iter_modules(__path__):  # the trainers register themselves for their methods
     importlib.import_module(f"{__name__}.{_module.name}")
@@ -49,7 +57,7 @@ for _module in pkgutil.iter_modules(__path__):  # the trainers register themselv
 @register
 class TrainStage(PipelineStage):
     name = "train"
-    version = 2
+    version = 3
     description = "a learned method's parameters on the whole model (SoCo, Dobi-SVD), checkpointed"
     writes = {LEARNED: "learned/layer-NNN.safetensors: the factors of the components a learned method kept "
                        "(and SoCo's dense-kept linears its scores changed, as <linear>.weight)",
@@ -66,8 +74,9 @@ class TrainStage(PipelineStage):
 
     def reads(self, ctx: Context, partition: str) -> list[Read]:
         layers = artifacts.model_layers(ctx) or []
-        return [Read(artifacts.ref("snapshot"), MODEL_DIR), Read(artifacts.ref("tokenize", CALIBRATION), TOKENS)] + [
-            Read(artifacts.ref("decompose", p), WEIGHTED_SVD) for p in layers]
+        guard = [Read(artifacts.ref("tokenize", VALIDATION), TOKENS)] if _guard_windows(ctx) == VALIDATION else []
+        return [Read(artifacts.ref("snapshot"), MODEL_DIR), Read(artifacts.ref("tokenize", CALIBRATION), TOKENS),
+                *guard] + [Read(artifacts.ref("decompose", p), WEIGHTED_SVD) for p in layers]
 
     def config_slice(self, ctx: Context, partition: str) -> dict[str, Any]:
         method = ctx.plan.method
@@ -95,6 +104,9 @@ class TrainStage(PipelineStage):
         passes = 2 + (1 if cfg.gradient_checkpointing else 0)  # student forward, input-gradient backward, recompute
         flops = steps * (2 * tokens * ((s.params if cfg.objective == "kl" else 0) + passes * shape.student_weights)
                          + passes * shape.window_flops)
+        if getattr(cfg, "guard", False):  # two forward passes over the guard's windows
+            held_out = config.calibration.validation.n_samples if config.calibration.validation else config.calibration.n_samples
+            flops += 2 * 2 * held_out * t * s.params
         note = (f"{steps} steps, {flops / 1e12:.0f} TFLOP: ≈{duration(flops / GPU_FLOPS)} on one 80 GB GPU at "
                 f"{GPU_FLOPS / 1e12:.0f} TFLOP/s, ≈{duration(flops / CPU_FLOPS)} on CPU at {CPU_FLOPS / 1e9:.0f} GFLOP/s (estimates)")
         load = s.params * w * 2 + shape.load_memory
@@ -107,7 +119,7 @@ class TrainStage(PipelineStage):
         """The training's summary (steps, closing loss, the trainer's own figures) and its plot."""
         (manifest,) = manifests.values()
         return {"training": {"steps": manifest.info["steps"],
-                             **{k: v for k, v in manifest.diagnostics.items() if k not in ("gammas", "start_ranks")}}}
+                             **{k: v for k, v in manifest.diagnostics.items() if k not in ("gammas", "start_ranks", "learned_ranks")}}}
 
     @classmethod
     def plot(cls, report: dict[str, Any], outputs: dict, out: Path, plt: Any) -> list[str]:
@@ -188,7 +200,10 @@ class TrainStage(PipelineStage):
             model.train()  # checkpointing is active in training mode only; the models have no dropout at 0
         loop = TrainingLoop(cfg, model, trainer, windows, work, device)
         loop.run()
-        summary = trainer.finish(work.out, loop.history)
+        source = _guard_windows(ctx)
+        held_out = artifacts.read_windows(work.input("tokenize", source)) if trainer.candidates else windows
+        chosen, guard = validation_guard(trainer, model, held_out, source, ctx.config.runtime.batch_size, device)
+        summary = {**trainer.finish(work.out, loop.history, chosen), **guard}
         artifacts.write_history(work.out, loop.history)
         # the ranks are what allocate reads; losses, positions and shares are the report's
         work.diagnostics.update({k: v for k, v in summary.items() if k not in ("ranks", "steps")})

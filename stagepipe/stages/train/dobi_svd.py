@@ -1,6 +1,9 @@
 """Dobi-SVD's trainer for the ``train`` stage: one truncation position ``γ = g·k`` per target on its
 activations (``models/truncation.py``), projected onto the budget after every step
-(``methods/dobi_svd.py``); the factors are decompose's, truncated at the learned ranks."""
+(``methods/dobi_svd.py``); the factors are decompose's, truncated at the learned ranks — or at the
+uniform start's, when that model has the lower validation perplexity (``guard``, on by default:
+the paper's training has no such check, and at 128 windows, kept 0.8, its ranks were worse than
+the start's outside the noise; docs/headline/results.md)."""
 
 from __future__ import annotations
 
@@ -13,8 +16,10 @@ import torch
 from stagepipe.accounting import max_stored_rank, rank_cost
 from stagepipe.methods.dobi_svd import DobiSVD, project_to_budget, round_to_budget
 from stagepipe.models.layout import weight_matrix
+from stagepipe.models.modeling_lowrank import RemappedLinear, remap_factors
 from stagepipe.models.truncation import install_truncation
 from stagepipe.schedules import cosine_to_tenth
+from stagepipe.stagekit import artifacts
 from stagepipe.stagekit.cost import CostInputs
 from stagepipe.stagekit.training import TrainingShape, trains
 
@@ -26,8 +31,9 @@ class DobiTrainer:
 
     def __init__(self, cfg: Any, model: torch.nn.Module, targets: dict[str, tuple[int, str, Path]], target: float,
                  windows: int, dtype: torch.dtype) -> None:
-        self.cfg, self.target = cfg, target
-        storage = DobiSVD(cfg).storage()
+        self.cfg, self.target, self.targets = cfg, target, targets
+        self.candidates = ("start", "learned") if cfg.guard else ()
+        storage = self.storage = DobiSVD(cfg).storage()
         names = sorted(targets)
         shapes = {n: tuple(weight_matrix(model.get_submodule(n)).shape) for n in names}
         self.costs = [rank_cost(*shapes[n], storage) for n in names]
@@ -87,17 +93,41 @@ class DobiTrainer:
                              window_flops=s.layers * sum(cfg.batch * 14 * t * m * min(t, m) for m, _ in s.linears),
                              window_memory=sum(cfg.batch * (3 * t * m + 3 * min(t, m) ** 2) * 4 for m, _ in s.linears))
 
-    def finish(self, out: Path, history: list[dict[str, Any]]) -> dict[str, Any]:
-        """The learned ranks, rounded so that the budget is spent (no factors: ``assemble`` truncates
-        ``decompose``'s SVD-LLM factors, the exact activation PCA, at these ranks)."""
+    def _ranks(self, candidate: str) -> list[int]:
+        """Integer ranks (name order) of the learned positions or of the uniform start, rounded so
+        that the budget is spent."""
+        gammas = self.start if candidate == "start" else [self.modules[n].gamma.item() for n in sorted(self.modules)]
+        return round_to_budget(gammas, self.costs, self.caps, self.target * self.dense)
+
+    def use(self, candidate: str) -> None:
+        """Every target computes decompose's factors truncated at ``candidate``'s ranks, as
+        ``assemble`` will build it (the dense weights are overwritten: training is over)."""
+        ranks = dict(zip(sorted(self.modules), self._ranks(candidate), strict=True))
+        for directory in dict.fromkeys(d for _, _, d in self.targets.values()):  # one layer's float64 SVD at a time
+            local = {name: full for full, (_, name, d) in self.targets.items() if d == directory}
+            with torch.no_grad():
+                for name, svd in artifacts.read_weighted_svd(directory, list(local)).items():
+                    module = self.modules[local[name]]
+                    up, down = svd.factors(ranks[local[name]])
+                    if self.storage == "remap8":  # decoded from the 8-bit codes that will be stored
+                        stored = RemappedLinear(down.shape[1], up.shape[0], up.shape[1], bias=False)
+                        stored.load_state_dict(remap_factors(up, down))
+                        up, down = stored.factors(torch.float64)
+                    module.weight.copy_((up @ down).to(module.weight.dtype))
+                    module.dense = True
+
+    def finish(self, out: Path, history: list[dict[str, Any]], chosen: str | None) -> dict[str, Any]:
+        """The ranks of the ``chosen`` candidate (the learned ones without a guard), rounded so that
+        the budget is spent (no factors: ``assemble`` truncates ``decompose``'s SVD-LLM factors, the
+        exact activation PCA, at these ranks); the learned ones and the start's beside them."""
         names = sorted(self.modules)
         gammas = [self.modules[n].gamma.item() for n in names]
-        ranks = round_to_budget(gammas, self.costs, self.caps, self.target * self.dense)
-        start = round_to_budget(self.start, self.costs, self.caps, self.target * self.dense)
-        moved = [abs(r - s) for r, s in zip(ranks, start, strict=True)]
+        learned, start = self._ranks("learned"), self._ranks("start")
+        moved = [abs(r - s) for r, s in zip(learned, start, strict=True)]
         last = history[-self.steps_per_epoch:]
-        return {"ranks": dict(zip(names, ranks, strict=True)), "gammas": dict(zip(names, gammas, strict=True)),
-                "start_ranks": dict(zip(names, start, strict=True)),
+        return {"ranks": dict(zip(names, start if chosen == "start" else learned, strict=True)),
+                "gammas": dict(zip(names, gammas, strict=True)),
+                "start_ranks": dict(zip(names, start, strict=True)), "learned_ranks": dict(zip(names, learned, strict=True)),
                 "ranks_moved": sum(m > 0 for m in moved), "rank_change_max": max(moved, default=0),
                 "steps": self.total, "final_loss": sum(h["loss"] for h in last) / max(1, len(last)),
                 "objective": self.cfg.objective}

@@ -130,7 +130,12 @@ class SoCoTrainer:
                              factor_disk=c.config.target.kept_fraction * s.layers * s.block * 4,
                              load_memory=8 * max((m + n) * min(m, n) for m, n in s.linears))
 
-    def finish(self, out: Path, history: list[dict[str, Any]]) -> dict[str, Any]:
+    candidates: tuple[str, ...] = ()  # no validation guard yet: its start is another policy's allocation
+
+    def use(self, candidate: str) -> None:
+        raise NotImplementedError("SoCo offers no guard candidates")
+
+    def finish(self, out: Path, history: list[dict[str, Any]], chosen: str | None) -> dict[str, Any]:
         """Write each layer's kept factors from ``decompose``'s float64 SVD (so at scores of exactly 1
         they are the base method's truncation, bit for bit), and each dense-kept matrix whose scores
         moved as ``W + left·diag(σ̃(d − 1))·right`` (one untouched stays the snapshot's); the ranks
