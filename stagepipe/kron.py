@@ -206,6 +206,7 @@ def diagnostics(grads: torch.Tensor, a: torch.Tensor, b: torch.Tensor, weight: t
     GFWSVD truncation ``Δ``: the Kronecker-predicted loss increase ``½ Σ dropped σ̃²`` against the
     full-Fisher quadratic ``½ vec(Δ)ᵀ F vec(Δ)``, plus the same full-Fisher quadratic for plain SVD.
     """
+    grads, b, weight = grads.to(a.device), b.to(a.device), weight.to(a.device)  # the factors' device (CUDA or CPU)
     fisher = full_fisher(grads)
     kron = torch.kron(b.double(), a.double())
     result = weighted_svd(weight, factor_metric(a, floor_rel), factor_metric(b, floor_rel))

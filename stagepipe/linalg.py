@@ -234,7 +234,7 @@ class MetricCache:
         if metric is None:
             return None
         for known, root in self.seen if self.reuse else ():
-            if known.shape == metric.shape and torch.equal(known, metric):
+            if known.shape == metric.shape and torch.equal(known, metric.to(known.device)):  # callers may mix devices
                 return root
         root = factor_metric(metric.to(self.device), self.floor_rel, name)
         self.seen.append((metric, root))
@@ -261,7 +261,7 @@ def official_alpha(matrix: Tensor, name: str = "matrix", start: float = 1e-5, fa
     if not torch.isfinite(matrix).all():
         raise MetricError(f"{name}: metric has non-finite entries")
     mean_diag = max(float(matrix.diagonal().mean()), 1e-6)
-    eye = torch.eye(matrix.shape[0], dtype=matrix.dtype)
+    eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
     current, alpha = matrix, start
     for attempt in range(tries + 1):
         if torch.linalg.cholesky_ex(current).info == 0:

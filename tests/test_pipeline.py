@@ -133,7 +133,7 @@ def test_layerwise_gradients_equal_full_model_per_sequence_gradients(write_pipel
 
     model = AutoModelForCausalLM.from_pretrained(state[PartitionRef("snapshot", ALL)].state.output / "model").float()
     ids = torch.from_numpy(zarr_io.read(state[PartitionRef("tokenize", "calibration")].state.output / "tokens.zarr", "input_ids"))
-    ours = torch.cat(grads_seen)
+    ours = torch.cat(grads_seen).cpu()  # the stage's device (CUDA when there is one), the reference's CPU
     for k in range(len(ids)):
         model.zero_grad()
         logits = model(ids[k : k + 1]).logits

@@ -175,7 +175,7 @@ class SensitivityStage(PipelineStage):
         factor = MetricCache(ctx.config.method.floor_rel, torch.device("cpu"))  # and once per distinct metric
 
         def own_factors(name: str, rank: int) -> torch.Tensor:
-            w = weights[name]
+            w = weights[name].cpu()  # beside the statistics and the roots (the block may sit on the GPU)
             if name not in roots:
                 roots[name] = factor(method.metrics(name, tuple(w.shape), stats).right, name)
             up, down, _ = method.factors(w, roots[name], rank)
