@@ -1,6 +1,6 @@
-"""The learned methods' guard (``stagekit/training.validation_guard``): the candidate with the lower
-validation perplexity is kept, ties keep the start, and a trainer without candidates is recorded
-as unguarded."""
+"""The learned methods' guard (``stagekit/training.validation_guard``): the learned candidate replaces
+the start only when its validation perplexity is lower outside the noise (a tie, a loss or a gain
+inside the noise keep the start), and a trainer without candidates is recorded as unguarded."""
 
 from __future__ import annotations
 
@@ -38,10 +38,10 @@ class TableTrainer:
             self.model.table.copy_(self.tables[candidate])
 
 
-def _fitted() -> torch.Tensor:
-    """The bigram log-frequencies of WINDOWS: better than the uniform table on them."""
+def _fitted(windows: torch.Tensor = WINDOWS) -> torch.Tensor:
+    """The bigram log-frequencies of ``windows``: better than the uniform table on them."""
     counts = torch.ones(5, 5)
-    for window in WINDOWS:
+    for window in windows:
         for a, b in zip(window[:-1].tolist(), window[1:].tolist(), strict=True):
             counts[a, b] += 1
     return counts.log()
@@ -61,6 +61,17 @@ def test_the_lower_validation_perplexity_is_kept(start: str, learned: str, kept:
     ratio = guard["learned_over_start"]
     assert ratio["ratio"] == pytest.approx(guard["ppl"]["learned"] / guard["ppl"]["start"], rel=1e-9)
     assert ratio["low"] <= ratio["ratio"] <= ratio["high"]
+
+
+def test_a_gain_inside_the_noise_keeps_the_start() -> None:
+    """Each table fitted to half of the windows: each candidate wins on its own half, so the paired
+    interval of their ratio straddles 1 whichever total is lower — the start stays."""
+    model = Bigram()
+    trainer = TableTrainer(model, {"start": _fitted(WINDOWS[3:]), "learned": _fitted(WINDOWS[:3])})
+    chosen, record = validation_guard(trainer, model, WINDOWS, "validation", 4, torch.device("cpu"))  # type: ignore[arg-type]
+    ratio = record["guard"]["learned_over_start"]
+    assert not ratio["resolved"] and ratio["low"] < 1 < ratio["high"]
+    assert chosen == "start"
 
 
 def test_a_trainer_without_candidates_is_recorded_as_unguarded() -> None:

@@ -52,8 +52,8 @@ class DobiSVDConfig(MethodConfig):
     checkpoint_every: int = Field(8, ge=1)
     gradient_checkpointing: bool = False
     seed: int = 0
-    guard: bool = Field(True, description="keep the uniform start's ranks when they give the lower validation "
-                                          "perplexity (never worse than the start; false: the paper's training alone)")
+    guard: bool = Field(True, description="keep the uniform start's ranks unless the learned ones give a lower "
+                                          "validation perplexity outside the noise (false: the paper's training alone)")
     remap: bool = Field(False, description="store the square part of the factors in 8 bits (the paper's remapping); "
                                            "target.kept_fraction is then a memory fraction of the dense 16-bit matrices")
 

@@ -57,7 +57,7 @@ for _module in pkgutil.iter_modules(__path__):  # the trainers register themselv
 @register
 class TrainStage(PipelineStage):
     name = "train"
-    version = 3
+    version = 4
     description = "a learned method's parameters on the whole model (SoCo, Dobi-SVD), checkpointed"
     writes = {LEARNED: "learned/layer-NNN.safetensors: the factors of the components a learned method kept "
                        "(and SoCo's dense-kept linears its scores changed, as <linear>.weight)",

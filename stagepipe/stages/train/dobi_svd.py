@@ -1,7 +1,7 @@
 """Dobi-SVD's trainer for the ``train`` stage: one truncation position ``γ = g·k`` per target on its
 activations (``models/truncation.py``), projected onto the budget after every step
 (``methods/dobi_svd.py``); the factors are decompose's, truncated at the learned ranks — or at the
-uniform start's, when that model has the lower validation perplexity (``guard``, on by default:
+uniform start's, unless the learned ones are better on validation outside the noise (``guard``, on by default:
 the paper's training has no such check, and at 128 windows, kept 0.8, its ranks were worse than
 the start's outside the noise; docs/headline/results.md)."""
 
