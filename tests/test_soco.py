@@ -19,6 +19,7 @@ from stagepipe.cli import main
 from stagepipe.config import load_pipeline
 from stagepipe.engine.stage import ALL, PartitionRef
 from stagepipe.errors import StagepipeError
+from stagepipe.io import manifest as manifest_io
 from stagepipe.io import safetensors_io
 from stagepipe.methods.base import METHODS
 from stagepipe.methods.soco import Schedule, SoCoConfig, penalty_units, select, shrink_to_budget, soft_kept
@@ -30,7 +31,7 @@ from tests.conftest import TINY, learned_pipeline, learned_run, merge, train_kil
 
 # prior 0: the penalty weighs parameters only, so which components survive is the learned scores' doing
 SOCO = {"name": "soco", "base": "svdllm", "explore_epochs": 2, "refine_epochs": 2, "sparsify_epochs": 1,
-        "tune_epochs": 1, "lr": 0.1, "prior": 0, "checkpoint_every": 2}
+        "tune_epochs": 1, "lr": 0.1, "prior": 0, "checkpoint_every": 2, "guard": False}  # guard: the learned set is written
 
 
 def soco_pipeline(tmp: Path, name: str, kept: float, **method) -> Path:
@@ -224,7 +225,7 @@ def test_learning_rate_zero_is_its_starting_allocation_bit_for_bit(tmp_path: Pat
     kept scores back at 1, so the L1 shrinkage is undone) assembles the model of K-FAC-SVD with
     ``global_greedy`` at ``align`` 1 — the same dense-kept matrices, the same ranks, every tensor
     bit for bit. Whatever SoCo gains or loses against that row is the learning's doing."""
-    soco, soco_ws = learned_run(tmp_path, "soco0", kept, {**SOCO, "base": "kfac_svd", "lr": 0, "prior": 2})
+    soco, soco_ws = learned_run(tmp_path, "soco0", kept, {**SOCO, "base": "kfac_svd", "lr": 0, "prior": 2, "guard": True})
     data = merge(TINY, {"name": "greedy", "method": {"name": "kfac_svd"}, "target": {"kept_fraction": kept},
                         "allocation": {"policy": "global_greedy", "align": 1}})
     (tmp_path / "greedy.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
@@ -243,6 +244,25 @@ def test_learning_rate_zero_is_its_starting_allocation_bit_for_bit(tmp_path: Pat
     assert 0 < len(start_ranks) < 14  # some of the 14 target matrices factored, some kept dense
     assert learned.keys() == start.keys()
     assert all(torch.equal(learned[k], start[k]) for k in start)
+    guard = manifest_io.read(outputs(soco, soco_ws)[PartitionRef("train", ALL)]).diagnostics["guard"]
+    assert guard["chosen"] == "start" and guard["learned_over_start"]["ratio"] == 1.0  # the start's path of the guard
+
+
+def test_the_guard_keeps_the_learned_set_only_when_better_outside_the_noise(tmp_path: Path) -> None:
+    """With validation windows the guard compares the start (lr 0's allocation) and the learned set
+    as assembled: the assembled model's validation perplexity is the one measured for the kept one."""
+    from stagepipe.perplexity import perplexity
+
+    validation = {"text": {"source": "synthetic", "n_words": 1500, "seed": 2}, "n_samples": 4}
+    pipeline, ws = learned_run(tmp_path, "soco_guard", 0.6, {**SOCO, "base": "kfac_svd", "prior": 2, "guard": True},
+                               {"calibration": {"validation": validation}})
+    found = outputs(pipeline, ws)
+    guard = manifest_io.read(found[PartitionRef("train", ALL)]).diagnostics["guard"]
+    ratio = guard["learned_over_start"]
+    assert guard["windows"] == "validation" and guard["chosen"] == ("learned" if ratio["resolved"] and ratio["ratio"] < 1 else "start")
+    model = AutoModelForCausalLM.from_pretrained(artifacts.model_dir(found[PartitionRef("assemble", ALL)]), trust_remote_code=True)
+    windows = artifacts.read_windows(found[PartitionRef("tokenize", "validation")])
+    assert perplexity(model, windows, 2, torch.device("cpu")).ppl == pytest.approx(guard["ppl"][guard["chosen"]], rel=1e-5)
 
 
 def test_sigkill_mid_training_resumes_to_identical_scores(tmp_path: Path) -> None:

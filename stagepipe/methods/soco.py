@@ -68,6 +68,8 @@ class SoCoConfig(GradientOptions):
     debias: bool = Field(True, description="reset the kept scores to 1 once the set is fixed (relaxed lasso: the tune "
                                            "phase starts from the plain truncation of the learned set, free of the L1 "
                                            "shrinkage); true over false on the validation split at kept 0.8 (docs/soco31)")
+    guard: bool = Field(True, description="keep the start (global_greedy at align 1 on the base's spectra, what lr 0 "
+                                          "gives) unless the learned set is better on validation outside the noise")
     checkpoint_every: int = Field(16, ge=1, description="steps between checkpoints (a crash loses at most this many)")
     gradient_checkpointing: bool = Field(False, description="recompute block activations in the backward pass (GPU memory)")
     seed: int = Field(0, description="window order")
@@ -125,7 +127,7 @@ class SoCo(LearnedMethod):
     def training_options(self) -> dict[str, Any]:
         """What shapes the learned scores beyond the factors (the ``train`` stage's key; scope resolved)."""
         names = ("objective", "explore_epochs", "refine_epochs", "sparsify_epochs", "tune_epochs", "lr",
-                 "prior", "prior_scope", "batch", "candidates", "seed")
+                 "prior", "prior_scope", "batch", "candidates", "seed", "guard")
         options = {name: self.prior_scope() if name == "prior_scope" else getattr(self.cfg, name) for name in names}
         if self.cfg.debias:  # keyed only when set: outputs made without it keep their keys
             options["debias"] = True

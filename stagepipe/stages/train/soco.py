@@ -1,5 +1,7 @@
 """SoCo's trainer for the ``train`` stage: one score per component of the base method's weighted
-SVD (``models/spectral.py``), through SoCo's four phases (``methods/soco.py``)."""
+SVD (``models/spectral.py``), through SoCo's four phases (``methods/soco.py``). Its guard
+candidates (``guard``, on by default) are the start — ``select`` on untrained scores, i.e.
+global_greedy at align 1 on the base's spectra, what ``lr: 0`` gives — and the learned set."""
 
 from __future__ import annotations
 
@@ -48,6 +50,8 @@ class SoCoTrainer:
         self.start_soft: float | None = None
         self.start_cost: float | None = None
         self.shift = 0.0  # Θ: the sum of the penalty's θ so far (a score's value is d/unit + Θ)
+        self.candidates = ("start", "learned") if cfg.guard else ()
+        self._learned: tuple[list[torch.Tensor], list[torch.Tensor], list[bool]] | None = None
         self._before: list[torch.Tensor] = []
 
     def rate(self, step: int) -> float:
@@ -130,16 +134,32 @@ class SoCoTrainer:
                              factor_disk=c.config.target.kept_fraction * s.layers * s.block * 4,
                              load_memory=8 * max((m + n) * min(m, n) for m, n in s.linears))
 
-    candidates: tuple[str, ...] = ()  # no validation guard yet: its start is another policy's allocation
-
     def use(self, candidate: str) -> None:
-        raise NotImplementedError("SoCo offers no guard candidates")
+        """Scores, masks and dense flags of ``candidate``: the trained ones (kept aside at the first
+        call), or the start's — every score 1 and ``select``'s choice at the target without learning."""
+        with torch.no_grad():
+            if self._learned is None:
+                self._learned = ([p.detach().clone() for p in self.params], [m.clone() for m in self.masks],
+                                 list(self.kept_dense))
+            if candidate == "start":
+                scores = [torch.ones_like(p) for p in self.params]
+                masks, dense = select(scores, self.units, self.shapes, 0.0, self.target * self.dense)
+            else:
+                scores, masks, dense = self._learned
+            for param, value in zip(self.params, scores, strict=True):
+                param.copy_(value)
+            for mask, value in zip(self.masks, masks, strict=True):
+                mask.copy_(value.to(mask.device, mask.dtype))
+            self._keep_dense(dense)
 
     def finish(self, out: Path, history: list[dict[str, Any]], chosen: str | None) -> dict[str, Any]:
         """Write each layer's kept factors from ``decompose``'s float64 SVD (so at scores of exactly 1
         they are the base method's truncation, bit for bit), and each dense-kept matrix whose scores
         moved as ``W + left·diag(σ̃(d − 1))·right`` (one untouched stays the snapshot's); the ranks
-        (``None``: dense), the closing loss and how far from σ order."""
+        (``None``: dense), the closing loss and how far from σ order. With a guard, of the ``chosen``
+        candidate."""
+        if chosen is not None:
+            self.use(chosen)
         ranks: dict[str, int | None] = {}
         index = {name: j for j, name in enumerate(self.names)}
         for layer in sorted({i for i, _, _ in self.targets.values()}):
