@@ -25,6 +25,7 @@ class SoCoTrainer:
     def __init__(self, cfg: Any, model: torch.nn.Module, targets: dict[str, tuple[int, str, Path]], target: float,
                  windows: int, dtype: torch.dtype) -> None:
         self.cfg, self.target = cfg, target
+        self.dtype = dtype  # what finish writes in (the guard's fp32 perplexity converts the model in place)
         svds, sigmas = {}, {}
         for directory in dict.fromkeys(d for _, _, d in targets.values()):  # one read per layer, in order
             names = {name: full for full, (_, name, d) in targets.items() if d == directory}
@@ -179,12 +180,12 @@ class SoCoTrainer:
                     if len(moved):
                         weight = module.weight.detach().double().cpu()
                         weight += (left[:, moved] * (sigma[moved] * (scores[moved] - 1))) @ right[moved]
-                        tensors[f"{name}.weight"] = weight.to(module.weight.dtype)
+                        tensors[f"{name}.weight"] = weight.to(self.dtype)
                     continue
                 kept = torch.nonzero(self.masks[j] > 0).flatten().cpu()
                 root = (sigma[kept] * scores[kept]).sqrt()
-                tensors[f"{name}.up"] = (left[:, kept] * root).to(module.weight.dtype)
-                tensors[f"{name}.down"] = (root[:, None] * right[kept]).to(module.weight.dtype)
+                tensors[f"{name}.up"] = (left[:, kept] * root).to(self.dtype)
+                tensors[f"{name}.down"] = (root[:, None] * right[kept]).to(self.dtype)
                 ranks[full] = len(kept)
             artifacts.write_learned(out, layer, tensors)
         last = history[-self.steps_per_epoch:]
