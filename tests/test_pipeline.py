@@ -353,8 +353,9 @@ def _check_official_alpha(state: dict, *_) -> None:
             eye = torch.eye(stored.shape[0], dtype=torch.float64)
             raw = (stored - alpha * stored.diagonal().mean() * eye) / (1 - alpha)  # the mean diagonal is α-invariant
             eigenvalues = torch.linalg.eigvalsh(raw)
-            # singular up to the sweeps' float32 products (below 1e-8 relative on the CPU, 1.4e-8 on an H200)
-            assert float(eigenvalues[:32].abs().max()) < 1e-6 * float(eigenvalues[-1]), (name, side)
+            # singular up to the sweeps' float32 products: below 1e-8 relative on the CPU, 1.4e-8 measured on an H200
+            bound = 1e-6 if torch.cuda.is_available() else 1e-8
+            assert float(eigenvalues[:32].abs().max()) < bound * float(eigenvalues[-1]), (name, side)
             acted += 1  # (that α is the first of the sequence to pass: test_kron's unit test of the rule)
     assert acted == 3  # gate's and up's A (64 outputs), down's B (64 inputs)
 
