@@ -28,14 +28,27 @@ def correlated(m: int = 16, n: int = 32, tokens: int = 400, seed: int = 0) -> tu
     return torch.randn(m, n, generator=g, dtype=torch.float64), x @ x.T / tokens
 
 
-def test_assignment_is_the_weighted_nearest_centroid_by_brute_force() -> None:
+@pytest.mark.parametrize("chunk_elements", [1 << 18, 9 * 7, 1])  # one chunk; 7 rows a chunk (uneven tail); 1 row
+def test_assignment_is_the_weighted_nearest_centroid_by_brute_force(chunk_elements: int) -> None:
     g = torch.Generator().manual_seed(0)
     x, centroids = torch.randn(50, 2, generator=g), torch.randn(9, 2, generator=g)
     weights = torch.rand(50, 2, generator=g) + 0.1
-    index = assign(x, centroids, weights)
+    index = assign(x, centroids, weights, chunk_elements)
     for n in range(50):
         costs = [float((weights[n] * (x[n] - c) ** 2).sum()) for c in centroids]
         assert index[n] == min(range(9), key=costs.__getitem__)
+
+
+def test_chunked_assignment_of_batched_groups_equals_one_pass() -> None:
+    """Groups in the leading dimension (k-means) and one codebook per row (the sweep): chunks change nothing."""
+    g = torch.Generator().manual_seed(1)
+    x, centroids = torch.randn(3, 40, 4, generator=g, dtype=torch.float64), torch.randn(3, 16, 4, generator=g, dtype=torch.float64)
+    weights = torch.rand(3, 40, 4, generator=g, dtype=torch.float64)
+    whole = assign(x, centroids, weights, chunk_elements=1 << 30)
+    assert torch.equal(assign(x, centroids, weights, chunk_elements=3 * 16 * 6), whole)
+    rows = torch.randn(40, 1, 4, generator=g, dtype=torch.float64)
+    books = torch.randn(40, 16, 4, generator=g, dtype=torch.float64)
+    assert torch.equal(assign(rows, books, weights[0, 0], chunk_elements=1), assign(rows, books, weights[0, 0], 1 << 30))
 
 
 def test_kmeans_centroids_are_weighted_means_and_never_raise_the_cost() -> None:
