@@ -102,6 +102,27 @@ def test_select_without_learning_is_the_global_greedy_policy_at_align_one() -> N
             assert mask.tolist() == [1.0] * expected + [0.0] * (len(mask) - expected), (kept, j)
 
 
+@pytest.mark.parametrize("align", [1, 4, 8])
+def test_the_guards_start_is_global_greedys_allocation_at_its_align(align: int) -> None:
+    """The start candidate (every score 1, ``select`` at ``start_align``) is the allocation
+    ``global_greedy`` makes at that align (``allocate``: its proposal with the budget then spent),
+    so SoCo's guard compares the learned set with the base method's own row."""
+    generator = torch.Generator().manual_seed(1)
+    shapes = [(40, 64), (48, 48), (72, 30), (56, 80), (24, 96)]
+    sigmas = [torch.rand(min(m, n), generator=generator, dtype=torch.float64).sort(descending=True).values ** 3 * (j + 1)
+              for j, (m, n) in enumerate(shapes)]
+    units = penalty_units(sigmas, [m + n for m, n in shapes], prior=2.0)
+    ones = [torch.ones(len(s)) for s in sigmas]
+    spectra = [MatrixSpectrum(str(j), m, n, s) for j, ((m, n), s) in enumerate(zip(shapes, sigmas, strict=True))]
+    dense_total = sum(m * n for m, n in shapes)
+    for kept in (0.5, 0.7, 0.85, 0.95):
+        ranks = POLICIES["global_greedy"](align).allocate(spectra, kept)
+        masks, dense = select(ones, units, shapes, 0.0, kept * dense_total, align)
+        assert [r is None for r in ranks.values()] == dense
+        assert [int(m.sum()) for m in masks] == [len(m) if r is None else r for m, r in zip(masks, ranks.values(), strict=True)]
+        assert all(m.tolist() == sorted(m.tolist(), reverse=True) for m in masks)  # top components by σ̃
+
+
 def test_shrinkage_lands_on_the_budget_and_weights_by_cost_over_prior() -> None:
     scores = [torch.tensor([0.5, 1.2, 0.0]), torch.tensor([0.9, 0.7])]
     masks = [torch.tensor([1.0, 1.0, 0.0]), torch.ones(2)]
@@ -225,7 +246,8 @@ def test_learning_rate_zero_is_its_starting_allocation_bit_for_bit(tmp_path: Pat
     kept scores back at 1, so the L1 shrinkage is undone) assembles the model of K-FAC-SVD with
     ``global_greedy`` at ``align`` 1 — the same dense-kept matrices, the same ranks, every tensor
     bit for bit. Whatever SoCo gains or loses against that row is the learning's doing."""
-    soco, soco_ws = learned_run(tmp_path, "soco0", kept, {**SOCO, "base": "kfac_svd", "lr": 0, "prior": 2, "guard": True})
+    soco, soco_ws = learned_run(tmp_path, "soco0", kept, {**SOCO, "base": "kfac_svd", "lr": 0, "prior": 2, "guard": True,
+                                                         "start_align": 1})
     data = merge(TINY, {"name": "greedy", "method": {"name": "kfac_svd"}, "target": {"kept_fraction": kept},
                         "allocation": {"policy": "global_greedy", "align": 1}})
     (tmp_path / "greedy.yaml").write_text(yaml.safe_dump(data, sort_keys=False))

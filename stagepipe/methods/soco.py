@@ -68,8 +68,12 @@ class SoCoConfig(GradientOptions):
     debias: bool = Field(True, description="reset the kept scores to 1 once the set is fixed (relaxed lasso: the tune "
                                            "phase starts from the plain truncation of the learned set, free of the L1 "
                                            "shrinkage); true over false on the validation split at kept 0.8 (docs/soco31)")
-    guard: bool = Field(True, description="keep the start (global_greedy at align 1 on the base's spectra, what lr 0 "
-                                          "gives) unless the learned set is better on validation outside the noise")
+    guard: bool = Field(True, description="keep the start (global_greedy at start_align on the base's spectra: the base "
+                                          "method's own row) unless the learned set is better on validation outside the "
+                                          "noise")
+    start_align: int = Field(8, ge=1, description="the guard's start is global_greedy at this align (8: the default "
+                                                  "allocation's, so the start is the base row SoCo is compared with; 1: "
+                                                  "what lr 0 assembles, the learned set's own granularity)")
     checkpoint_every: int = Field(16, ge=1, description="steps between checkpoints (a crash loses at most this many)")
     gradient_checkpointing: bool = Field(False, description="recompute block activations in the backward pass (GPU memory)")
     seed: int = Field(0, description="window order")
@@ -129,6 +133,8 @@ class SoCo(LearnedMethod):
         names = ("objective", "explore_epochs", "refine_epochs", "sparsify_epochs", "tune_epochs", "lr",
                  "prior", "prior_scope", "batch", "candidates", "seed", "guard")
         options = {name: self.prior_scope() if name == "prior_scope" else getattr(self.cfg, name) for name in names}
+        if self.cfg.guard:  # v3: the guard's start at an align (before: 1, the learned set's)
+            options["start_align"] = self.cfg.start_align
         if self.cfg.debias:  # keyed only when set: outputs made without it keep their keys
             options["debias"] = True
         options["search_space"] = "dense"  # v2: a matrix may be kept dense (water_fill); values before shrinkage
@@ -266,9 +272,10 @@ def shrink_to_budget(scores: list[torch.Tensor], masks: list[torch.Tensor], cost
 
 
 def select(scores: list[torch.Tensor], units: list[torch.Tensor], shapes: list[tuple[int, int]], shift: float,
-           budget: float) -> tuple[list[torch.Tensor], list[bool]]:
+           budget: float, align: int = 1) -> tuple[list[torch.Tensor], list[bool]]:
     """The kept components (new 0/1 masks) and which matrices are kept dense, within ``budget``
-    parameters: ``accounting.water_fill`` (the ``global_greedy`` policy at ``align`` 1) on each
+    parameters: ``accounting.water_fill`` (the ``global_greedy`` policy at ``align``; training
+    selects at 1, component by component, the guard's start at ``start_align``) on each
     component's learned value ``d/unit + shift`` (``shift``: the penalty's accumulated θ, so the
     value is the score's before any shrinkage), each matrix's components bought in value order and
     its last step "keep it dense" (all components, ``mn`` parameters). Every offered component is a
@@ -279,7 +286,7 @@ def select(scores: list[torch.Tensor], units: list[torch.Tensor], shapes: list[t
         order = torch.argsort(value, descending=True, stable=True)
         orders.append(order)
         items.append(FillItem(str(j), m, n, value[order] * (m + n), cap=len(value)))
-    ranks = water_fill(items, budget, 1)
+    ranks = water_fill(items, budget, align)
     if ranks is None:
         raise StagepipeError(f"a budget of {budget:.0f} parameters cannot keep one component of every matrix")
     masks, dense = [], []

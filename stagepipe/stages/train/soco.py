@@ -1,7 +1,8 @@
 """SoCo's trainer for the ``train`` stage: one score per component of the base method's weighted
 SVD (``models/spectral.py``), through SoCo's four phases (``methods/soco.py``). Its guard
-candidates (``guard``, on by default) are the start — ``select`` on untrained scores, i.e.
-global_greedy at align 1 on the base's spectra, what ``lr: 0`` gives — and the learned set."""
+candidates (``guard``, on by default) are the start — ``select`` on untrained scores at
+``start_align``, i.e. global_greedy at that align on the base's spectra (8 by default: the base
+method's own row; 1: what ``lr: 0`` gives) — and the learned set."""
 
 from __future__ import annotations
 
@@ -137,14 +138,16 @@ class SoCoTrainer:
 
     def use(self, candidate: str) -> None:
         """Scores, masks and dense flags of ``candidate``: the trained ones (kept aside at the first
-        call), or the start's — every score 1 and ``select``'s choice at the target without learning."""
+        call), or the start's — every score 1 and ``select``'s choice at the target without learning,
+        at ``start_align`` (global_greedy's allocation at that align)."""
         with torch.no_grad():
             if self._learned is None:
                 self._learned = ([p.detach().clone() for p in self.params], [m.clone() for m in self.masks],
                                  list(self.kept_dense))
             if candidate == "start":
                 scores = [torch.ones_like(p) for p in self.params]
-                masks, dense = select(scores, self.units, self.shapes, 0.0, self.target * self.dense)
+                masks, dense = select(scores, self.units, self.shapes, 0.0, self.target * self.dense,
+                                     self.cfg.start_align)
             else:
                 scores, masks, dense = self._learned
             for param, value in zip(self.params, scores, strict=True):
