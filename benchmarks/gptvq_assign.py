@@ -5,9 +5,11 @@ the N × K distance matrix of every group (tens of MB) goes through memory four 
 round. Chunks of ``ASSIGN_CHUNK_ELEMENTS`` keep it in cache. This script quantises random matrices of
 the models' shapes with the bundled grids, the two variants alternating back to back in one process
 (1 thread, so a second job on the machine slows both alike), checks they give the same codes and
-codebooks bit for bit, and prints the median ratio. Writes ``docs/gptvq_speed.json``.
+codebooks bit for bit, and prints the median ratio. Writes ``docs/gptvq_speed.json``. With
+``--device cuda`` the same on a GPU (the quantise stage runs its sweeps on the model's device):
+whether chunks sized for a CPU cache cost anything there.
 
-    python benchmarks/gptvq_assign.py [--repeats 2]
+    python benchmarks/gptvq_assign.py [--repeats 2] [--device cuda --out gptvq_speed_cuda.json]
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ def timed(w: torch.Tensor, h: torch.Tensor, grid: gptvq.VQGrid, chunk: int) -> t
     try:
         start = time.perf_counter()
         result = gptvq.gptvq(w, h, grid)
+        if w.is_cuda:
+            torch.cuda.synchronize()
         return time.perf_counter() - start, result
     finally:
         gptvq.ASSIGN_CHUNK_ELEMENTS = saved
@@ -57,11 +61,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "docs" / "gptvq_speed.json"))
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the GPU's first run of a case warms it up)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = []
     for label, shape, grid in CASES:
-        w, h = problem(shape)
+        w, h = (t.to(args.device) for t in problem(shape))
+        if w.is_cuda:
+            timed(w, h, grid, gptvq.ASSIGN_CHUNK_ELEMENTS)  # kernels loaded, allocator warm: not timed
         one_pass, chunked = [], []
         for _ in range(args.repeats):
             t_one, a = timed(w, h, grid, ONE_PASS)
@@ -77,8 +84,9 @@ def main() -> None:
     print("| case | one pass s | chunked s | chunked / one pass | identical |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['case']} | {r['one_pass_s']:.1f} | {r['chunked_s']:.1f} | ×{r['ratio']:.2f} | {r['identical']} |")
-    Path(args.out).write_text(json.dumps({"threads": 1, "chunk_elements": gptvq.ASSIGN_CHUNK_ELEMENTS, "rows": rows},
-                                         indent=1) + "\n")
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    Path(args.out).write_text(json.dumps({"threads": 1, "device": device, "chunk_elements": gptvq.ASSIGN_CHUNK_ELEMENTS,
+                                          "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -74,12 +74,12 @@ def stored_tensors(quantized: VectorQuantized) -> dict[str, torch.Tensor]:
     loads them): ``weight_codes`` (the centroid indices as one little-endian bit stream of
     ``bits_per_dim·dim`` bits each, row-major, uint8), ``weight_codebooks`` (int8, row groups ×
     column groups × K × D) and ``weight_scales`` (float16 per codebook): ``stored_bytes`` bytes."""
-    grid = quantized.grid
-    books = quantized.codebooks.to(torch.int8)
-    if not torch.equal(books.double(), quantized.codebooks):
+    grid, codebooks = quantized.grid, quantized.codebooks.cpu()
+    books = codebooks.to(torch.int8)
+    if not torch.equal(books.double(), codebooks):
         raise ValueError("codebooks are not integers in int8's range")
-    return {"weight_codes": pack(quantized.codes, grid.bits_per_dim * grid.dim), "weight_codebooks": books.contiguous(),
-            "weight_scales": quantized.scales.to(torch.float16).contiguous()}
+    return {"weight_codes": pack(quantized.codes.cpu(), grid.bits_per_dim * grid.dim), "weight_codebooks": books.contiguous(),
+            "weight_scales": quantized.scales.cpu().to(torch.float16).contiguous()}
 
 
 def dequantize_stored(tensors: dict[str, torch.Tensor], grid: VQGrid, shape: tuple[int, int]) -> torch.Tensor:
@@ -119,7 +119,7 @@ def mahalanobis_init(x: torch.Tensor, k: int) -> torch.Tensor:
     centred = x - x.mean(-2, keepdim=True)
     sigma = centred.transpose(-1, -2) @ centred
     distance = (centred * torch.linalg.solve(sigma, centred.transpose(-1, -2)).transpose(-1, -2)).sum(-1)
-    picks = torch.round(torch.linspace(0, x.shape[-2] - 1, k)).long()
+    picks = torch.round(torch.linspace(0, x.shape[-2] - 1, k, device=x.device)).long()
     chosen = torch.argsort(distance, dim=-1, stable=True)[..., picks]
     return torch.take_along_dim(x, chosen[..., None], dim=-2).clone()
 
@@ -133,8 +133,8 @@ def kmeans(x: torch.Tensor, centroids: torch.Tensor, weights: torch.Tensor, iter
         return kmeans(x[None], centroids[None], weights[None] if weights.ndim == 2 else weights, iters)[0]
     weights = weights.to(x.dtype).expand_as(x)
     centroids = centroids.clone()
-    active = torch.arange(x.shape[0])
-    previous = torch.full(x.shape[:2], -1, dtype=torch.long)
+    active = torch.arange(x.shape[0], device=x.device)
+    previous = torch.full(x.shape[:2], -1, dtype=torch.long, device=x.device)
     k, d = centroids.shape[-2], x.shape[-1]
     for _ in range(iters):
         xs, ws = x[active], weights[active]
@@ -145,8 +145,8 @@ def kmeans(x: torch.Tensor, centroids: torch.Tensor, weights: torch.Tensor, iter
             break
         previous[active] = index
         slots = index[..., None].expand(-1, -1, d)
-        mass = torch.zeros(len(active), k, d, dtype=x.dtype).scatter_add_(1, slots, ws)
-        total = torch.zeros(len(active), k, d, dtype=x.dtype).scatter_add_(1, slots, ws * xs)
+        mass = torch.zeros(len(active), k, d, dtype=x.dtype, device=x.device).scatter_add_(1, slots, ws)
+        total = torch.zeros(len(active), k, d, dtype=x.dtype, device=x.device).scatter_add_(1, slots, ws * xs)
         centroids[active] = torch.where(mass > 0, total / mass.clamp_min(1e-300), centroids[active])
     return centroids
 
@@ -177,8 +177,8 @@ class VectorQuantized:
 def dequantize(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, grid: VQGrid) -> torch.Tensor:
     m = codes.shape[0]
     per_group = grid.group_columns // grid.dim
-    rows = torch.arange(m) // grid.group_rows
-    columns = torch.arange(codes.shape[1]) // per_group
+    rows = torch.arange(m, device=codes.device) // grid.group_rows
+    columns = torch.arange(codes.shape[1], device=codes.device) // per_group
     values = codebooks * scales[..., None, None]                                  # R × C × K × D
     picked = values[rows[:, None], columns[None, :], codes]                       # m × n/dim × D
     return picked.reshape(m, -1)
@@ -194,18 +194,19 @@ def gptvq(w: torch.Tensor, gram: torch.Tensor, grid: VQGrid, damp: float = 0.01)
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     added = damp * float(torch.diag(h).mean())
-    h += added * torch.eye(n, dtype=h.dtype)
+    device = w.device
+    h += added * torch.eye(n, dtype=h.dtype, device=device)
     u = inverse_cholesky_upper(h)
     diag_u = torch.diag(u)
     fit_weight, assign_weight = (diag_u, 1 / diag_u) if grid.weighting == "official" else (diag_u ** -2, diag_u ** -2)
     d, row_groups, col_groups = grid.dim, m // grid.group_rows, n // grid.group_columns
-    codes = torch.empty(m, n // d, dtype=torch.long)
-    codebooks = torch.empty(row_groups, col_groups, grid.centroids, d, dtype=torch.float64)
-    scales = torch.empty(row_groups, col_groups, dtype=torch.float64)
-    row_group = torch.arange(m) // grid.group_rows
+    codes = torch.empty(m, n // d, dtype=torch.long, device=device)
+    codebooks = torch.empty(row_groups, col_groups, grid.centroids, d, dtype=torch.float64, device=device)
+    scales = torch.empty(row_groups, col_groups, dtype=torch.float64, device=device)
+    row_group, every_row = torch.arange(m, device=device) // grid.group_rows, torch.arange(m, device=device)
     for c in range(col_groups):
         start, end = c * grid.group_columns, (c + 1) * grid.group_columns
-        part, errors = w[:, start:end].clone(), torch.empty(m, end - start, dtype=w.dtype)
+        part, errors = w[:, start:end].clone(), torch.empty(m, end - start, dtype=w.dtype, device=device)
         # every row group's codebook at once, on the current weights: R × (rows·columns/d) × d
         x = part.reshape(row_groups, -1, d)
         weights = fit_weight[start:end].reshape(-1, d).repeat(grid.group_rows, 1)  # the same for every row group
@@ -217,7 +218,7 @@ def gptvq(w: torch.Tensor, gram: torch.Tensor, grid: VQGrid, damp: float = 0.01)
             cols = slice(start + i, start + i + d)
             vectors = part[:, i:i + d]
             codes[:, (start + i) // d] = assign(vectors[:, None, :], values, assign_weight[cols])[:, 0]
-            q = values[torch.arange(m), codes[:, (start + i) // d]]                 # m × D
+            q = values[every_row, codes[:, (start + i) // d]]                 # m × D
             error = (vectors - q) / diag_u[cols]
             part[:, i + d:] -= error @ u[cols, start + i + d:end]
             errors[:, i:i + d] = error

@@ -21,6 +21,7 @@ quantised like the others (GPTQ zeroes them: here nothing is replaced silently).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,8 +65,8 @@ def fit(w: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero) per row of ``w`` (rows × columns of one group), as GPTQ's quantiser: the range
     always contains 0; an all-zero row gets the range [−1, 1] (its codes dequantise to exact zeros).
     Scales are rounded to float16, the precision they are stored in."""
-    low = torch.minimum(w.min(dim=1).values, torch.zeros((), dtype=w.dtype))
-    high = torch.maximum(w.max(dim=1).values, torch.zeros((), dtype=w.dtype))
+    zero = torch.zeros((), dtype=w.dtype, device=w.device)
+    low, high = torch.minimum(w.min(dim=1).values, zero), torch.maximum(w.max(dim=1).values, zero)
     if grid.symmetric:
         high = torch.maximum(low.abs(), high)
         low = -high
@@ -99,11 +100,16 @@ class Quantized:
     order: torch.Tensor          # the column order groups follow (act-order), identity otherwise
     repairs: dict[str, Any] = field(default_factory=dict)
 
+    def cpu(self) -> Quantized:
+        """The same result with every tensor in host memory (what the stages store and check)."""
+        return dataclasses.replace(self, codes=self.codes.cpu(), scales=self.scales.cpu(), zeros=self.zeros.cpu(),
+                                   weight=self.weight.cpu(), order=self.order.cpu())
+
     def group_index(self) -> torch.Tensor:
         """Per original column, its group (compressed-tensors' ``g_idx``)."""
         n = self.codes.shape[1]
-        g = torch.arange(n) // (self.grid.group_size or n)
-        index = torch.empty(n, dtype=torch.long)
+        g = torch.arange(n, device=self.order.device) // (self.grid.group_size or n)
+        index = torch.empty(n, dtype=torch.long, device=self.order.device)
         index[self.order] = g
         return index
 
@@ -121,7 +127,7 @@ def rtn(w: torch.Tensor, grid: Grid) -> Quantized:
         out[:, start:start + size] = dequantize(q[:, start:start + size], scale, zero)
         scales.append(scale)
         zeros.append(zero)
-    return Quantized(q, torch.stack(scales, 1), torch.stack(zeros, 1), out, grid, torch.arange(n))
+    return Quantized(q, torch.stack(scales, 1), torch.stack(zeros, 1), out, grid, torch.arange(n, device=w.device))
 
 
 def relative_output_error(delta: torch.Tensor, gram: torch.Tensor, reference: torch.Tensor) -> float:
@@ -135,7 +141,7 @@ def inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor:
     ``J H J = L Lᵀ`` gives ``U = J L⁻¹ J`` (one triangular solve)."""
     n = h.shape[0]
     lower = torch.linalg.cholesky(h.flip(0, 1))
-    inv_lower = torch.linalg.solve_triangular(lower, torch.eye(n, dtype=h.dtype), upper=False)
+    inv_lower = torch.linalg.solve_triangular(lower, torch.eye(n, dtype=h.dtype, device=h.device), upper=False)
     return inv_lower.flip(0, 1)
 
 
@@ -152,8 +158,8 @@ def gptq(w: torch.Tensor, gram: torch.Tensor, grid: Grid, damp: float = 0.01, ac
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     added = damp * float(torch.diag(h).mean())
-    h += added * torch.eye(n, dtype=h.dtype)
-    order = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else torch.arange(n)
+    h += added * torch.eye(n, dtype=h.dtype, device=h.device)
+    order = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else torch.arange(n, device=w.device)
     w, h = w[:, order], h[order][:, order]
     u = inverse_cholesky_upper(h)
     size = grid.group_size or n
@@ -166,7 +172,7 @@ def gptq(w: torch.Tensor, gram: torch.Tensor, grid: Grid, damp: float = 0.01, ac
     fixed = [fit(w[:, s:s + size], grid) for s in range(0, n, size)] if static_scales else None
     for start in range(0, n, block):
         end = min(start + block, n)
-        part, errors = w[:, start:end].clone(), torch.empty(m, end - start, dtype=w.dtype)
+        part, errors = w[:, start:end].clone(), torch.empty(m, end - start, dtype=w.dtype, device=w.device)
         for i in range(end - start):
             j = start + i
             if j % size == 0:  # per channel: the whole row, before any update; per group: its current weights
@@ -214,7 +220,7 @@ def stored_tensors(quantized: Quantized) -> dict[str, torch.Tensor]:
     column order (compressed-tensors' decompression ignores a group index, so act-order groups cannot be stored)."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
-    grid = quantized.grid
+    grid, quantized = quantized.grid, quantized.cpu()
     offset = 1 << (grid.bits - 1)
     tensors = {"weight_packed": pack_to_int32((quantized.codes - offset).to(torch.int8), grid.bits),
                "weight_scale": quantized.scales.to(torch.float16).contiguous(),

@@ -311,6 +311,10 @@ class QuantizedLinear:
     tensors: dict[str, torch.Tensor]
     repairs: dict[str, Any]
 
+    def cpu(self) -> QuantizedLinear:
+        """The same result in host memory (a quantiser run on a GPU; the stored tensors already are)."""
+        return QuantizedLinear(self.weight.cpu(), {k: t.cpu() for k, t in self.tensors.items()}, self.repairs)
+
 
 #: parameter suffixes of a compensation's float16 factors (``up``: m × r, ``down``: r × n)
 LOWRANK_SUFFIXES = ("lowrank_up", "lowrank_down")
@@ -396,11 +400,12 @@ class QuantizedMethod(Method):
         right = factor_metric(gram, self.cfg.floor_rel, "input Gram") if options.metric == "whitened" else None
         result = compensate(w.double(), lambda target: self.quantize(target, gram), min(options.rank, *w.shape),
                             None, right, options.rounds)
-        up, down = result.up.to(torch.float16), result.down.to(torch.float16)
+        # in host memory: the weight is the product the stored float16 factors decode to, computed where they are decoded
+        up, down = result.up.to(torch.float16).cpu(), result.down.to(torch.float16).cpu()
         if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
             raise ValueError(f"{self.name}: a compensation factor does not fit float16")
         tensors = {**self.stored_tensors(result.quantized), "lowrank_up": up.contiguous(), "lowrank_down": down.contiguous()}
-        return QuantizedLinear(result.quantized.weight + up.double() @ down.double(), tensors,
+        return QuantizedLinear(result.quantized.weight.cpu() + up.double() @ down.double(), tensors,
                                {**result.quantized.repairs, "compensation_losses": result.losses,
                                 "best_round": result.best_round, **({"metric_repair": right.repair} if right else {})})
 

@@ -30,7 +30,7 @@ from stagepipe.methods import QuantizedMethod, make_method
 from stagepipe.models import compressed, modeling_lowrank
 from stagepipe.models.blocks import BlockRunner
 from stagepipe.models.layout import block_linear_shapes, block_linears, weight_matrix
-from stagepipe.models.sources import DTYPES
+from stagepipe.models.sources import DTYPES, resolve_device
 from stagepipe.quantize import relative_output_error
 from stagepipe.stagekit import artifacts
 from stagepipe.stagekit.artifacts import (
@@ -148,6 +148,7 @@ class QuantizeStage(StoredBytesAllocation, PipelineStage):
     def run(self, ctx: Context, work: Work) -> dict[str, Any]:
         method = ctx.plan.method
         runner = BlockRunner(artifacts.model_dir(work.input("snapshot")), torch.device("cpu"), DTYPES[ctx.config.model.dtype])
+        device = resolve_device(ctx.config.model.device)  # the quantiser's float64 sweeps; the block stays on the host
         block = runner.load_block(layer_index(work.partition))
         linears = block_linears(block, ctx.config.target.modules)
         if propagates(method):
@@ -165,7 +166,7 @@ class QuantizeStage(StoredBytesAllocation, PipelineStage):
         for name, module in linears.items():
             w = weight_matrix(module).detach().to(torch.float64)
             gram = grams[name].double() if name in grams else None
-            quantized = method.quantize_linear(w, gram)
+            quantized = method.quantize_linear(w.to(device), None if gram is None else gram.to(device)).cpu()
             if propagates(method):  # the next block's inputs come through this block as quantised
                 module.weight.data.copy_(quantized.weight.reshape(module.weight.shape).to(module.weight.dtype))
             stored = quantized.tensors

@@ -31,7 +31,7 @@ from stagepipe.models import modeling_lowrank
 from stagepipe.models.blocks import BlockRunner
 from stagepipe.models.layout import block_linears, weight_matrix
 from stagepipe.models.modeling_lowrank import install_factors
-from stagepipe.models.sources import DTYPES
+from stagepipe.models.sources import DTYPES, resolve_device
 from stagepipe.quantize import Grid, dequantize_stored, relative_output_error, stored_tensors
 from stagepipe.stagekit import artifacts
 from stagepipe.stagekit.artifacts import (
@@ -114,6 +114,7 @@ class QuantizeFactorsStage(SequentialStage):
         options = ctx.config.method.quantize_factors
         grid = _grid(ctx)
         runner = BlockRunner(artifacts.model_dir(work.input("snapshot")), torch.device("cpu"), DTYPES[ctx.config.model.dtype])
+        device = resolve_device(ctx.config.model.device)
         prefix = runner.layout.layer_prefix(index)
         ranks = artifacts.block_ranks(artifacts.read_ranks(work.input("allocate")), prefix)
         widths = artifacts.read_bits(work.input("allocate"))  # rank_bits: each matrix's own width
@@ -133,7 +134,7 @@ class QuantizeFactorsStage(SequentialStage):
         grams = running_grams(runner, block, modules, inputs())
 
         def quantize(w: torch.Tensor, h: torch.Tensor, bits: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
-            result = options.quantize(w, h, bits)
+            result = options.quantize(w.to(device), h.to(device), bits).cpu()  # the sweep on the model's device
             stored = stored_tensors(result)
             if not torch.equal(dequantize_stored(stored, result.grid), result.weight):
                 raise StagepipeError(f"{work.partition}: the packed tensors do not unpack to the quantised weights")
