@@ -7,7 +7,7 @@ the models' shapes with the bundled grids, the two variants alternating back to 
 (1 thread, so a second job on the machine slows both alike), checks they give the same codes and
 codebooks bit for bit, and prints the median ratio. Writes ``docs/gptvq_speed.json``. With
 ``--device cuda`` the same on a GPU (the quantise stage runs its sweeps on the model's device):
-whether chunks sized for a CPU cache cost anything there.
+each device's default chunk (``gptvq.chunk_elements_for``) against one pass.
 
     python benchmarks/gptvq_assign.py [--repeats 2] [--device cuda --out gptvq_speed_cuda.json]
 """
@@ -46,7 +46,9 @@ def problem(shape: tuple[int, int], seed: int = 0) -> tuple[torch.Tensor, torch.
 
 
 def timed(w: torch.Tensor, h: torch.Tensor, grid: gptvq.VQGrid, chunk: int) -> tuple[float, gptvq.VectorQuantized]:
-    saved, gptvq.ASSIGN_CHUNK_ELEMENTS = gptvq.ASSIGN_CHUNK_ELEMENTS, chunk
+    name = "ASSIGN_CHUNK_ELEMENTS" if w.device.type == "cpu" else "DEVICE_CHUNK_ELEMENTS"
+    saved = getattr(gptvq, name)
+    setattr(gptvq, name, chunk)
     try:
         start = time.perf_counter()
         result = gptvq.gptvq(w, h, grid)
@@ -54,7 +56,7 @@ def timed(w: torch.Tensor, h: torch.Tensor, grid: gptvq.VQGrid, chunk: int) -> t
             torch.cuda.synchronize()
         return time.perf_counter() - start, result
     finally:
-        gptvq.ASSIGN_CHUNK_ELEMENTS = saved
+        setattr(gptvq, name, saved)
 
 
 def main() -> None:
@@ -68,11 +70,12 @@ def main() -> None:
     for label, shape, grid in CASES:
         w, h = (t.to(args.device) for t in problem(shape))
         if w.is_cuda:
-            timed(w, h, grid, gptvq.ASSIGN_CHUNK_ELEMENTS)  # kernels loaded, allocator warm: not timed
+            timed(w, h, grid, ONE_PASS)  # kernels loaded, allocator warm: not timed
         one_pass, chunked = [], []
+        chunk = gptvq.chunk_elements_for(w.device)  # the default the quantiser uses on this device
         for _ in range(args.repeats):
             t_one, a = timed(w, h, grid, ONE_PASS)
-            t_chunk, b = timed(w, h, grid, gptvq.ASSIGN_CHUNK_ELEMENTS)
+            t_chunk, b = timed(w, h, grid, chunk)
             one_pass.append(t_one)
             chunked.append(t_chunk)
             same = all(torch.equal(x, y) for x, y in ((a.codes, b.codes), (a.codebooks, b.codebooks), (a.scales, b.scales)))
@@ -85,7 +88,8 @@ def main() -> None:
     for r in rows:
         print(f"| {r['case']} | {r['one_pass_s']:.1f} | {r['chunked_s']:.1f} | ×{r['ratio']:.2f} | {r['identical']} |")
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    Path(args.out).write_text(json.dumps({"threads": 1, "device": device, "chunk_elements": gptvq.ASSIGN_CHUNK_ELEMENTS,
+    Path(args.out).write_text(json.dumps({"threads": 1, "device": device,
+                                          "chunk_elements": gptvq.chunk_elements_for(torch.device(args.device)),
                                           "rows": rows}, indent=1) + "\n")
 
 

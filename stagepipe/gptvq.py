@@ -94,6 +94,14 @@ def dequantize_stored(tensors: dict[str, torch.Tensor], grid: VQGrid, shape: tup
 #: the time of one pass over all N, 1 thread (benchmarks/gptvq_assign.py, docs/gptvq_speed.json), with the same
 #: numbers (each row's products are the same products)
 ASSIGN_CHUNK_ELEMENTS = 1 << 18
+#: on a GPU small chunks only add kernel launches — chunks of 2^18 took ×1.6 to ×3.1 the time of one pass on
+#: an H200 (docs/gptvq_speed_cuda.json) — so there a chunk is bounded by memory alone (1 GiB of float64)
+DEVICE_CHUNK_ELEMENTS = 1 << 27
+
+
+def chunk_elements_for(device: torch.device) -> int:
+    """Distances per chunk on ``device``: cache-sized on the CPU, memory-sized on an accelerator."""
+    return ASSIGN_CHUNK_ELEMENTS if device.type == "cpu" else DEVICE_CHUNK_ELEMENTS
 
 
 def assign(x: torch.Tensor, centroids: torch.Tensor, weights: torch.Tensor,
@@ -102,10 +110,10 @@ def assign(x: torch.Tensor, centroids: torch.Tensor, weights: torch.Tensor,
     ``centroids``: … × K × D, ``weights``: … × N × D or D; leading dimensions batch independent
     groups); ties to the lowest index. Computed as ``Σ_d w_d c_d² − 2 Σ_d w_d x_d c_d`` (the
     vector's own ``Σ w x²`` does not change its argmin): two matrix products, no N × K × D tensor,
-    over chunks of the N vectors of at most ``chunk_elements`` distances (``ASSIGN_CHUNK_ELEMENTS``)."""
+    over chunks of the N vectors of at most ``chunk_elements`` distances (``chunk_elements_for`` the device)."""
     weights = weights.to(x.dtype).expand_as(x)
     squares, transposed = (centroids ** 2).transpose(-1, -2), centroids.transpose(-1, -2)
-    rows = max(1, (chunk_elements or ASSIGN_CHUNK_ELEMENTS) // (x[..., 0, 0].numel() * centroids.shape[-2]))
+    rows = max(1, (chunk_elements or chunk_elements_for(x.device)) // (x[..., 0, 0].numel() * centroids.shape[-2]))
     index = torch.empty(x.shape[:-1], dtype=torch.long, device=x.device)
     for start in range(0, x.shape[-2], rows):
         w, v = weights[..., start:start + rows, :], x[..., start:start + rows, :]

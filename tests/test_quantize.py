@@ -158,7 +158,8 @@ def test_gptq_on_a_gpu_stays_there_and_matches_the_host(act_order: bool) -> None
     device = gptq(w.cuda(), h.cuda(), grid, act_order=act_order)
     assert {t.device.type for t in (device.codes, device.scales, device.zeros, device.weight, device.order)} == {"cuda"}
     back = device.cpu()
-    assert torch.equal(dequantize_stored(stored_tensors(device), grid), back.weight)
+    if not act_order:  # act-order groups cannot be stored (compressed-tensors ignores a group index)
+        assert torch.equal(dequantize_stored(stored_tensors(device), grid), back.weight)
     assert float((back.codes == host.codes).double().mean()) > 0.99
 
     def loss(q: torch.Tensor) -> float:
