@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
+import platform
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from click.testing import CliRunner
 from stagepipe.cli import main
 from stagepipe.config import load_pipeline
 from stagepipe.engine.stage import ALL, PartitionRef
+from stagepipe.io import manifest as manifest_io
 from stagepipe.io import safetensors_io
 from stagepipe.stages import make_runner
 
@@ -56,6 +59,9 @@ def test_end_to_end_then_noop(write_pipeline, tmp_path: Path) -> None:
         assert f"compressed / dense on {dataset}: ×{ratio['ratio']:.4f}" in out
     assert "nothing to do" in run_cli("run", str(pipeline), "-w", str(ws))
     assert "capture      2 done" in run_cli("status", str(pipeline), "-w", str(ws))
+    # every manifest records the versions that move the numbers (a run fact, never keyed)
+    versions = manifest_io.read(state[PartitionRef("capture", "layer-000")].state.output).telemetry["versions"]
+    assert versions["torch"] == importlib.metadata.version("torch") and versions["python"] == platform.python_version()
 
 
 def test_eval_change_keeps_decompose_method_change_redoes_it(write_pipeline, tmp_path: Path) -> None:

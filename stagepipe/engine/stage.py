@@ -107,6 +107,9 @@ class Stage(ABC):
     name: ClassVar[str]
     version: ClassVar[int]
     description: ClassVar[str] = ""
+    #: distributions whose installed versions each manifest records (telemetry ``versions``: a run fact,
+    #: never keyed — numerics move with them, so a re-run that differs can be told apart)
+    recorded_packages: ClassVar[tuple[str, ...]] = ()
 
     def partitions(self, ctx: Context) -> list[str] | None:
         """Partition names in execution order; ``None`` while unknown (model facts not known yet)."""

@@ -10,12 +10,14 @@ the next run reports as ``incomplete`` and redoes.
 from __future__ import annotations
 
 import os
+import platform
 import socket
 import sys
 import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +118,17 @@ def _test_hooks(ref: PartitionRef) -> None:
         raise RuntimeError(f"injected failure in {ref}")
 
 
+def installed_versions(packages: tuple[str, ...]) -> dict[str, str]:
+    """Python's version and each installed distribution's (``missing`` when not installed)."""
+    versions = {"python": platform.python_version()}
+    for name in packages:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "missing"
+    return versions
+
+
 def execute(task: Task) -> TaskResult:
     """Run one partition to completion (or to a failure record). Safe to run twice."""
     torch = sys.modules.get("torch")
@@ -147,6 +160,7 @@ def execute(task: Task) -> TaskResult:
             work.telemetry["jobs"] = [run.to_dict() for run in work.fan_out.runs]
         kill_point("after-run", ref)
         work.telemetry["rss_at_start_mb"] = meter.start_rss / 2**20  # what the process held before the task
+        work.telemetry["versions"] = installed_versions(task.stage.recorded_packages)
         finished = time.time()
         manifest = manifest_io.Manifest(
             stage=ref.stage, partition=task.partition, stage_version=task.stage.version, key=task.key,

@@ -54,6 +54,8 @@ LayerTensors = dict[str, torch.Tensor]
 
 
 class PipelineStage(Stage):
+    #: the libraries whose versions move a stage's numbers (recorded in every manifest, never keyed)
+    recorded_packages = ("torch", "transformers", "numpy", "zarr", "safetensors")
     #: payloads an output holds: path inside it → what it is (``stagepipe dag`` prints them)
     writes: ClassVar[dict[str, str]] = {}
     #: reads every partition of every other joined stage (the report): it comes last
