@@ -146,17 +146,21 @@ def test_stored_bytes_are_what_is_stored_and_it_unpacks_bit_for_bit(grid: Grid) 
     assert torch.equal(dequantize_stored(tensors, grid), quantized.weight)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+#: the accelerator when there is one (its path is what these tests are for), else the host (CI: the same calls)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_on_a_gpu_stays_there_and_matches_the_host(act_order: bool) -> None:
     """The quantise stage runs the sweep on the model's device: every tensor follows the inputs,
     the stored form (host memory) decodes to the weights, and the result is the host's up to the
-    float64 rounding of a different Cholesky (a flipped code at most here and there)."""
+    float64 rounding of a different Cholesky (a flipped code at most here and there). Without a
+    GPU the same calls run on the host."""
     w, _, h = problem(m=32, n=256, tokens=1200)
     grid = Grid(3, 64)
     host = gptq(w, h, grid, act_order=act_order)
-    device = gptq(w.cuda(), h.cuda(), grid, act_order=act_order)
-    assert {t.device.type for t in (device.codes, device.scales, device.zeros, device.weight, device.order)} == {"cuda"}
+    device = gptq(w.to(DEVICE), h.to(DEVICE), grid, act_order=act_order)
+    assert {t.device.type for t in (device.codes, device.scales, device.zeros, device.weight, device.order)} == {DEVICE}
     back = device.cpu()
     if not act_order:  # act-order groups cannot be stored (compressed-tensors ignores a group index)
         assert torch.equal(dequantize_stored(stored_tensors(device), grid), back.weight)
@@ -166,4 +170,4 @@ def test_gptq_on_a_gpu_stays_there_and_matches_the_host(act_order: bool) -> None
         return float(((w - q) @ h * (w - q)).sum())
 
     assert loss(back.weight) == pytest.approx(loss(host.weight), rel=0.02)
-    assert torch.equal(rtn(w.cuda(), grid).cpu().weight, rtn(w, grid).weight)  # elementwise: identical
+    assert torch.equal(rtn(w.to(DEVICE), grid).cpu().weight, rtn(w, grid).weight)  # elementwise: identical
