@@ -65,8 +65,8 @@ def fit(w: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero) per row of ``w`` (rows × columns of one group), as GPTQ's quantiser: the range
     always contains 0; an all-zero row gets the range [−1, 1] (its codes dequantise to exact zeros).
     Scales are rounded to float16, the precision they are stored in."""
-    zero = torch.zeros((), dtype=w.dtype, device=w.device)
-    low, high = torch.minimum(w.min(dim=1).values, zero), torch.maximum(w.max(dim=1).values, zero)
+    origin = torch.zeros((), dtype=w.dtype, device=w.device)
+    low, high = torch.minimum(w.min(dim=1).values, origin), torch.maximum(w.max(dim=1).values, origin)
     if grid.symmetric:
         high = torch.maximum(low.abs(), high)
         low = -high

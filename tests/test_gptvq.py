@@ -12,11 +12,13 @@ from stagepipe.gptvq import (
     VQGrid,
     assign,
     dequantize,
+    dequantize_stored,
     gptvq,
     int8_codebook,
     kmeans,
     mahalanobis_init,
     stored_bytes,
+    stored_tensors,
 )
 from stagepipe.quantize import pack
 
@@ -129,8 +131,6 @@ def test_gptvq_on_a_gpu_stays_there_and_matches_the_host() -> None:
     memory) decodes to the weights; the loss is the host's up to float64 rounding. Without a GPU
     the same calls run on the host."""
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    from stagepipe.gptvq import dequantize_stored, stored_tensors
-
     w, h = correlated(m=32, n=64, tokens=800)
     grid = VQGrid(dim=2, bits_per_dim=2, group_columns=32, group_weights=256, kmeans_iters=20)
     host = gptvq(w, h, grid)

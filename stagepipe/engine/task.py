@@ -9,6 +9,7 @@ the next run reports as ``incomplete`` and redoes.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import socket
@@ -118,8 +119,10 @@ def _test_hooks(ref: PartitionRef) -> None:
         raise RuntimeError(f"injected failure in {ref}")
 
 
+@functools.cache
 def installed_versions(packages: tuple[str, ...]) -> dict[str, str]:
-    """Python's version and each installed distribution's (``missing`` when not installed)."""
+    """Python's version and each installed distribution's (``missing`` when not installed); read once
+    per process (each lookup scans the import path), the same for every task of a stage."""
     versions = {"python": platform.python_version()}
     for name in packages:
         try:
@@ -160,7 +163,7 @@ def execute(task: Task) -> TaskResult:
             work.telemetry["jobs"] = [run.to_dict() for run in work.fan_out.runs]
         kill_point("after-run", ref)
         work.telemetry["rss_at_start_mb"] = meter.start_rss / 2**20  # what the process held before the task
-        work.telemetry["versions"] = installed_versions(task.stage.recorded_packages)
+        work.telemetry["versions"] = dict(installed_versions(task.stage.recorded_packages))  # a copy: cached
         finished = time.time()
         manifest = manifest_io.Manifest(
             stage=ref.stage, partition=task.partition, stage_version=task.stage.version, key=task.key,
