@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 from pathlib import Path
 
 import yaml
@@ -34,8 +35,8 @@ except ModuleNotFoundError:
     from benchmarks.zeroshot_rows import finished_scores, paired_lines, retained_cell
 
 ROOT = Path(__file__).resolve().parent.parent
-#: (row, method options over the base file's, the row it is paired against: the GPTQ row of as many or
-#: more bytes). SmolLM2 is dequantised from Q4_1, so no 4-bit rows (docs/methods.md); its 576 inputs
+#: (row, method options over the base file's, the row it is paired against: quantisation alone at as many
+#: or more bytes). SmolLM2 is dequantised from Q4_1, so no 4-bit rows (docs/methods.md); its 576 inputs
 #: take GPTVQ groups of 64 or 192 columns, Gemma-3's 640 groups of 128.
 def lowrank(method: str, target: dict, policy: str, quantize_factors: dict | None = None, **allocation) -> dict:
     """A ``_pipeline`` row: a low-rank method with its own target and allocation (align 8, and the
@@ -111,6 +112,16 @@ ROWS = {
         ("gptq 2-bit g64 + EoRA rank 24", {"bits": 2, "group_size": 64, "compensate": {"rank": 24}}, "gptq 3-bit g64"),
         ("gptvq 2-D 2-bit + EoRA rank 3", {"name": "gptvq", "dim": 2, "bits_per_dim": 2, "group_columns": 128,
                                            "group_weights": 2048, "compensate": {"rank": 3}}, "gptq 2-bit g64"),
+        # 4-D needs a group per shape: no one group of 32,768 tiles 640 × 1024 and 1024 × 640 (candidates: the
+        # first that tiles a matrix; o / down take 128 × 256, the rest 256 × 128) — 2.2505 bits per weight
+        ("gptvq 4-D 2-bit, 32,768 per codebook", {"name": "gptvq", "dim": 4, "bits_per_dim": 2,
+                                                   "group_columns": [256, 128], "group_weights": 32768},
+         "gptq 2-bit g64"),
+        # larger codebook groups pay for a rank-1 EoRA branch within the 4-D row's bytes (o / down 160 × 256, the
+        # rest 128 × 320): 2.2383 bits per weight
+        ("gptvq 4-D 2-bit, 40,960 per codebook + EoRA rank 1",
+         {"name": "gptvq", "dim": 4, "bits_per_dim": 2, "group_columns": [256, 320], "group_weights": 40960,
+          "compensate": {"rank": 1}}, "gptvq 4-D 2-bit, 32,768 per codebook"),
         ("svdllm 0.75 + gptq 4-bit g64 factors",
          lowrank("svdllm", {"kept_fraction": 0.75}, "uniform", {"bits": 4, "group_size": 64}),
          "gptq 3-bit g64"),
@@ -207,6 +218,10 @@ def table(rows: list[dict], rows_name: str, seq_len: int) -> list[str]:
                   "test windows, and so the pairing, are the same."]
     if scored:
         lines += ["", zeroshot_note(rows)]
+    made = sorted({r["commit"] for r in rows if r.get("commit")})
+    if made:
+        lines += ["", f"Made at commit{'s' if len(made) > 1 else ''} {', '.join(made)} (each row's `commit` in the JSON); "
+                  f"{sum(not r.get('commit') for r in rows)} rows predate that field (their commits: git log of the JSON)."]
     return lines
 
 
@@ -297,6 +312,7 @@ def main() -> None:
             raise SystemExit(f"--render: {Path(args.out) / (args.name + '.json')} does not exist; run the grid first")
         args.only = []
     base = base_with_tasks(args)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     out = Path(args.out)
     earlier = {r["row"]: r for r in json.loads((out / f"{args.name}.json").read_text())} if (
         args.only is not None and (out / f"{args.name}.json").exists()) else {}
@@ -320,7 +336,7 @@ def main() -> None:
                      "ppl_interval": [result[dataset]["ppl_low"], result[dataset]["ppl_high"]],
                      "window_nll": result[dataset]["window_nll"], "dense_ppl": report["perplexity"]["dense"][dataset],
                      "quantize_s": seconds, "zeroshot": report.get("zeroshot"),
-                     "kept_fraction": report["ratios"]["kept_over_target_matrices"]})
+                     "kept_fraction": report["ratios"]["kept_over_target_matrices"], "commit": commit})
         print(f"{name}: {rows[-1]['bits_per_weight']:.4f} b/w, PPL {rows[-1]['ppl']:.3f}", flush=True)
     lines = table(rows, args.rows, base["evaluation"]["seq_len"])
     out.mkdir(parents=True, exist_ok=True)

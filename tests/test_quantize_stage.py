@@ -197,19 +197,22 @@ def remote_and_rebuilt(outputs: dict[str, Path], marker: str, decode) -> tuple[t
 
 VQ = {"name": "gptvq", "dim": 2, "bits_per_dim": 2, "group_columns": 16, "group_weights": 64, "kmeans_iters": 10,
       "refine_steps": 5}
+#: candidates: 64 columns tile only down_proj's 64 inputs (1 row × 64), the rest take 4 rows × 16
+VQ_PER_SHAPE = {**VQ, "group_columns": [64, 16]}
 
 
 @pytest.fixture(scope="module")
 def gptvq_run(tmp_path_factory) -> tuple[Path, Path, dict]:
     tmp = tmp_path_factory.mktemp("gptvq")
-    path = pipeline(tmp, "gptvq2", VQ, bits_per_weight=6.5)  # a 64-weight codebook group costs 4.25 bits of codebook
+    path = pipeline(tmp, "gptvq2", VQ_PER_SHAPE, bits_per_weight=6.5)  # a 64-weight codebook costs 4.25 bits
     return path, tmp / "ws", run(path, tmp / "ws")
 
 
 def test_gptvq_bytes_and_logits_through_its_own_linear(gptvq_run) -> None:
     """Stored bytes = the accounting (``gptvq.stored_bytes``) = the files' tensors; the model loads with
     zero missing keys through ``VQLinear`` and gives exactly the logits of the snapshot model with
-    each target's weight replaced by ``gptvq.dequantize_stored`` of its stored tensors."""
+    each target's weight replaced by ``gptvq.dequantize_stored`` of its stored tensors — with each
+    shape on the first ``group_columns`` candidate that tiles it (down_proj 1 × 64, the rest 4 × 16)."""
     from transformers import AutoConfig
 
     from stagepipe.gptvq import VQGrid, dequantize_stored
@@ -217,12 +220,20 @@ def test_gptvq_bytes_and_logits_through_its_own_linear(gptvq_run) -> None:
 
     _, ws, report = gptvq_run
     outputs = finished_outputs(ws)
-    grid = VQGrid(dim=2, bits_per_dim=2, group_columns=16, group_weights=64)
+
+    def grid(shape: tuple[int, int]) -> VQGrid:
+        return VQGrid(dim=2, bits_per_dim=2, group_columns=64 if shape[1] == 64 else 16, group_weights=64)
+
     shapes = block_linear_shapes(AutoConfig.from_pretrained(outputs["snapshot@all"] / "model"))
-    accounted = sum(vq_bytes(m, n, grid) for m, n in shapes.values())
+    accounted = sum(vq_bytes(m, n, grid((m, n))) for m, n in shapes.values())
     loaded, dense, on_disk = remote_and_rebuilt(outputs, ".weight_codes",
-                                                lambda stored, shape: dequantize_stored(stored, grid, shape))
+                                                lambda stored, shape: dequantize_stored(stored, grid(shape), shape))
     assert report["ratios"]["memory"]["stored_bytes"] == accounted == on_disk
+    layouts = loaded.config.lowrank_vq
+    assert {k: (v["group_rows"], v["group_columns"]) for k, v in layouts.items() if k.startswith("model.layers.1.")} == {
+        f"model.layers.1.{name}": (1, 64) if name == "mlp.down_proj" else (4, 16)
+        for name in ("mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.o_proj",
+                     "self_attn.q_proj", "self_attn.v_proj")}
     assert report["ratios"]["memory"]["storage"] == "vq"
     ids = torch.randint(0, dense.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -284,8 +295,10 @@ def test_compensated_gptq_bytes_logits_and_a_lower_output_error(compensated_run,
      "method.group_size: 48 does not divide the targets' input sizes [32, 64]"),
     ({**VQ, "group_columns": 24, "group_weights": 96}, 8,
      "method.group_columns/group_weights: groups of 4 rows × 24 columns of 2-vectors do not tile the target shapes"),
+    ({**VQ, "group_columns": [64, 32], "group_weights": 1024}, 8,
+     "groups of 16 rows × 64 columns or 32 rows × 32 columns of 2-vectors do not tile the target shapes [(16, 32)]"),
     (VQ, 6.0, "target.bits_per_weight: 6.0 is below what gptvq with 2-D vectors, 2 bits per dimension, 64 weights"),
-], ids=["budget", "uneven-groups", "vq-shapes", "vq-budget"])
+], ids=["budget", "uneven-groups", "vq-shapes", "vq-candidates", "vq-budget"])
 def test_a_grid_the_model_cannot_take_is_one_line_before_anything_runs(tmp_path: Path, method: dict,
                                                                        bits_per_weight: float, message: str) -> None:
     path = pipeline(tmp_path, "refused", method, bits_per_weight=bits_per_weight)

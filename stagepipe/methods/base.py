@@ -369,9 +369,10 @@ class QuantizedMethod(Method):
         return n**3 + 2 * m * n * n
 
     @abstractmethod
-    def layout_spec(self) -> dict[str, Any]:
-        """The fields stagepipe's own linear for this storage takes (``modeling_lowrank.VQLinear`` /
-        ``GridLinear``: ``config.lowrank_vq`` / ``lowrank_grid`` per linear, with ``rank`` when compensated)."""
+    def layout_spec(self, m: int, n: int) -> dict[str, Any]:
+        """The fields stagepipe's own linear for this storage takes for an ``m × n`` target
+        (``modeling_lowrank.VQLinear`` / ``GridLinear``: ``config.lowrank_vq`` / ``lowrank_grid`` per
+        linear, with ``rank`` when compensated)."""
 
     @abstractmethod
     def grid_summary(self) -> str:

@@ -90,7 +90,7 @@ class _GridMethod(QuantizedMethod):
     def grid_summary(self) -> str:
         return f"{self.cfg.bits} bits, group {self.cfg.group_size}"
 
-    def layout_spec(self) -> dict[str, Any]:
+    def layout_spec(self, m: int, n: int) -> dict[str, Any]:
         return {"bits": self.cfg.bits, "group_size": self.cfg.group_size}
 
 

@@ -9,7 +9,11 @@ Defaults are the official script's 2-D rows of its big table (``--vq-dim 2 --wbi
 --hessian-weighted-lookups --include-m-step --codebook-bitwidth 8 --quantize-per-codebook``):
 2.125 bits per weight plus a float16 scale per codebook. 3 bits: ``bits_per_dim: 3, group_weights:
 8192``. A group must tile every target: SmolLM2's 576 inputs need ``group_columns: 64`` (or 192),
-Gemma-3's 640 need 128 (or 64).
+Gemma-3's 640 need 128 (or 64). ``group_columns`` may also list candidates, in order of preference:
+each matrix takes the first that tiles it with ``group_weights`` per codebook (ours, for models whose
+shapes no single group tiles: Gemma-3's 640 × 1024 and 1024 × 640 need 128 × 256 and 256 × 128
+groups of 32,768). The codebooks per weight, so the bits, are the same whichever a matrix takes; the
+shape each took is in the assembled config (``lowrank_vq``) and in its codebooks' shape.
 
 Like GPTQ, ``inputs: propagated`` (default, as the official code) sums each block's Hessians on the
 inputs the quantised blocks below give; ``inputs: dense`` reads capture's Grams.
@@ -20,7 +24,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, PositiveInt, model_validator
 
 from stagepipe.gptvq import VectorQuantized, VQGrid, dequantize_stored, gptvq, stored_bytes, stored_tensors
 from stagepipe.methods.base import CompensationOptions, MethodConfig, QuantizedMethod, register
@@ -30,7 +34,9 @@ class GPTVQConfig(MethodConfig):
     name: Literal["gptvq"]
     dim: Literal[1, 2, 4] = Field(2, description="weights per vector (consecutive input columns of a row)")
     bits_per_dim: int = Field(2, ge=1, le=4, description="index bits per weight: 2**(bits_per_dim·dim) centroids")
-    group_columns: int = Field(256, ge=1, description="input columns a codebook covers (--columns-per-group)")
+    group_columns: PositiveInt | list[PositiveInt] = Field(
+        256, description="input columns a codebook covers (--columns-per-group); a list: candidates, the first that "
+                         "tiles a matrix is its group")
     group_weights: int = Field(2048, ge=1, description="weights per codebook (--groupsize); rows = this / group_columns")
     codebook_bits: int = Field(8, ge=2, le=8, description="integer bits of each centroid coordinate (one float16 scale per codebook)")
     kmeans_iters: int = Field(100, ge=0)
@@ -45,13 +51,20 @@ class GPTVQConfig(MethodConfig):
 
     @model_validator(mode="after")
     def _whole_groups(self) -> GPTVQConfig:
-        if self.group_weights % self.group_columns or self.group_columns % self.dim:
-            raise ValueError(f"group_weights: {self.group_weights} must be whole rows of group_columns "
-                             f"{self.group_columns}, itself whole vectors of dim {self.dim}")
+        if not self.column_candidates():
+            raise ValueError("group_columns: the list of candidates is empty")
+        for columns in self.column_candidates():
+            if self.group_weights % columns or columns % self.dim:
+                raise ValueError(f"group_weights: {self.group_weights} must be whole rows of group_columns "
+                                 f"{columns}, itself whole vectors of dim {self.dim}")
         if self.group_weights // self.dim < 1 << (self.bits_per_dim * self.dim):
             raise ValueError(f"group_weights: {self.group_weights} holds fewer vectors than the codebook's "
                              f"{1 << (self.bits_per_dim * self.dim)} centroids")
         return self
+
+    def column_candidates(self) -> list[int]:
+        """``group_columns`` as a list, in order of preference."""
+        return [self.group_columns] if isinstance(self.group_columns, int) else list(self.group_columns)
 
 
 @register
@@ -64,9 +77,24 @@ class GPTVQ(QuantizedMethod):
     right = "gram"
 
     def grid(self) -> VQGrid:
+        """The grid with the first ``group_columns`` candidate (every matrix's when there is one)."""
+        return self._grid(self.cfg.column_candidates()[0])
+
+    def _grid(self, columns: int) -> VQGrid:
         c = self.cfg
-        return VQGrid(c.dim, c.bits_per_dim, c.group_columns, c.group_weights, c.codebook_bits, c.kmeans_iters,
+        return VQGrid(c.dim, c.bits_per_dim, columns, c.group_weights, c.codebook_bits, c.kmeans_iters,
                       c.refine_steps, c.weighting)
+
+    def grid_for(self, m: int, n: int) -> VQGrid:
+        """The grid of an ``m × n`` matrix: the first ``group_columns`` candidate whose groups tile it
+        (``ValueError`` when none does; ``shape_problem`` says so before anything runs)."""
+        grid = self._tiling(m, n)
+        if grid is None:
+            self.grid().check(m, n)
+        return grid or self.grid()
+
+    def _tiling(self, m: int, n: int) -> VQGrid | None:
+        return next((g for g in map(self._grid, self.cfg.column_candidates()) if g.fits(m, n)), None)
 
     def quantization_options(self) -> dict[str, Any]:
         c = self.cfg
@@ -81,24 +109,25 @@ class GPTVQ(QuantizedMethod):
     def quantize(self, w: torch.Tensor, gram: torch.Tensor | None) -> VectorQuantized:
         if gram is None:
             raise ValueError("gptvq needs the input Gram")
-        return gptvq(w, gram, self.grid(), self.cfg.damp)
+        return gptvq(w, gram, self.grid_for(*w.shape), self.cfg.damp)
 
     def stored_bytes(self, m: int, n: int) -> int:
-        return stored_bytes(m, n, self.grid())
+        return stored_bytes(m, n, self.grid_for(m, n))
 
     def stored_tensors(self, quantized: VectorQuantized) -> dict[str, torch.Tensor]:
         return stored_tensors(quantized)
 
     def unpack_stored(self, tensors: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
-        return dequantize_stored(tensors, self.grid(), shape)
+        return dequantize_stored(tensors, self.grid_for(*shape), shape)
 
     def shape_problem(self, shapes: dict[str, tuple[int, int]]) -> str | None:
-        grid = self.grid()
-        bad = sorted({(m, n) for m, n in shapes.values() if not grid.fits(m, n)})
+        grids = [self._grid(columns) for columns in self.cfg.column_candidates()]
+        bad = sorted({(m, n) for m, n in shapes.values() if not any(grid.fits(m, n) for grid in grids)})
         if bad:
-            return (f"method.group_columns/group_weights: groups of {grid.group_rows} rows × {grid.group_columns} "
-                    f"columns of {grid.dim}-vectors do not tile the target shapes {bad}; choose group_columns "
-                    "dividing every input size and rows dividing every output size")
+            groups = " or ".join(f"{grid.group_rows} rows × {grid.group_columns} columns" for grid in grids)
+            return (f"method.group_columns/group_weights: groups of {groups} of {grids[0].dim}-vectors do not tile "
+                    f"the target shapes {bad}; choose group_columns dividing every input size and rows dividing "
+                    "every output size (a list of candidates may give each shape its own)")
         return None
 
     def nominal_bits(self) -> float:
@@ -111,7 +140,7 @@ class GPTVQ(QuantizedMethod):
     def cost_flops64(self, m: int, n: int) -> float:
         """GPTQ's sweep plus, per column group, ``kmeans_iters`` rounds over every row group's vectors
         (assignment: ``4·D·K`` FLOPs per vector) and the M-step's Adam steps (a ``tr(ΔW H ΔWᵀ)`` each)."""
-        grid = self.grid()
+        grid = self._tiling(m, n) or self.grid()  # an estimate: a shape no group tiles fails its check later
         rounds = (n // grid.group_columns) * grid.kmeans_iters
         kmeans = rounds * (m * grid.group_columns // grid.dim * grid.centroids * 4 * grid.dim + self.ROUND_OVERHEAD_FLOPS)
         return super().cost_flops64(m, n) + kmeans + grid.refine_steps * 4 * m * n * n
@@ -120,8 +149,8 @@ class GPTVQ(QuantizedMethod):
         c = self.cfg
         return f"{c.dim}-D vectors, {c.bits_per_dim} bits per dimension, {c.group_weights} weights per codebook"
 
-    def layout_spec(self) -> dict[str, int]:
-        """``VQLinear``'s fields (``config.lowrank_vq`` per linear)."""
-        grid = self.grid()
+    def layout_spec(self, m: int, n: int) -> dict[str, int]:
+        """``VQLinear``'s fields (``config.lowrank_vq`` per linear) for an ``m × n`` target."""
+        grid = self.grid_for(m, n)
         return {"dim": grid.dim, "bits_per_dim": grid.bits_per_dim, "group_rows": grid.group_rows,
                 "group_columns": grid.group_columns}

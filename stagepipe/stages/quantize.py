@@ -230,7 +230,7 @@ class QuantizeStage(StoredBytesAllocation, PipelineStage):
         compensation = method.compensation()
         if method.storage() == "vq" or compensation is not None:
             shapes = block_linear_shapes(ctx.facts)
-            specs = {name: {**method.layout_spec(), **({"rank": min(compensation.rank, *shapes[name])} if compensation else {})}
+            specs = {name: {**method.layout_spec(*shapes[name]), **({"rank": min(compensation.rank, *shapes[name])} if compensation else {})}
                      for name in sorted(ranks)}
             return modeling_lowrank, {"lowrank_ranks": {}, ("lowrank_vq" if method.storage() == "vq" else "lowrank_grid"): specs}
         grid = method.grid()
