@@ -220,8 +220,9 @@ def table(rows: list[dict], rows_name: str, seq_len: int) -> list[str]:
         lines += ["", zeroshot_note(rows)]
     made = sorted({r["commit"] for r in rows if r.get("commit")})
     if made:
-        lines += ["", f"Made at commit{'s' if len(made) > 1 else ''} {', '.join(made)} (each row's `commit` in the JSON); "
-                  f"{sum(not r.get('commit') for r in rows)} rows predate that field (their commits: git log of the JSON)."]
+        lines += ["", f"Made at commit{'s' if len(made) > 1 else ''} {', '.join(made)} (each row's `commit` in the JSON)"
+                  + ("; rows without one predate that field (git log of the JSON names their commits)."
+                     if any(not r.get("commit") for r in rows) else ".")]
     return lines
 
 

@@ -24,3 +24,9 @@ def test_table_pairs_rows_and_shows_the_zero_shot_average() -> None:
     anchor = next(line for line in lines if line.startswith("| gptq 3-bit"))
     assert anchor.endswith("| — | — | — |")
     assert any("left out as at chance for the dense model: arc_challenge" in line for line in lines)
+
+
+def test_the_table_names_the_commits_its_rows_were_made_at() -> None:
+    rows = [_row("old", [2.0, 2.1], None, None), {**_row("new", [1.9, 2.0], "old", None), "commit": "abc1234"}]
+    assert table(rows, "gemma3", 512)[-1] == ("Made at commit abc1234 (each row's `commit` in the JSON); rows without "
+                                             "one predate that field (git log of the JSON names their commits).")
