@@ -6,6 +6,7 @@ with ``--rows gemma3``) with method options changed; all share one workspace (sn
 the dense evaluation run once). Writes ``OUT/<name>.{md,json}``; ``--only`` runs a subset of rows
 (the others are kept from an earlier JSON); ``--render`` rewrites the table from the JSON alone;
 ``--model-dirs SHORT=ROW …`` prints the rows' model directories for ``benchmarks/inference.py --models``;
+``--pair ROW AGAINST`` prints two rows' perplexity ratio paired over the test windows (from the JSON);
 ``--pair-zeroshot ROW AGAINST`` compares two rows' zero-shot accuracy paired over documents.
 
     python benchmarks/memory_grid.py [--base pipelines/methods/gptq.yaml] [--out docs/quantize]
@@ -226,6 +227,20 @@ def table(rows: list[dict], rows_name: str, seq_len: int) -> list[str]:
     return lines
 
 
+def pair_line(rows: list[dict], name: str, against: str, seq_len: int) -> str:
+    """``name``'s perplexity over ``against``'s, paired over the same test windows, with both rows'
+    bits per weight (one clear line when a row is not in the JSON)."""
+    by_name = {r["row"]: r for r in rows}
+    missing = [n for n in (name, against) if n not in by_name]
+    if missing:
+        raise SystemExit(f"--pair: no row {missing[0]!r} in the grid's JSON (rows: {', '.join(by_name)})")
+    a, b = by_name[name], by_name[against]
+    ratio = compare(a["window_nll"], b["window_nll"], seq_len - 1)
+    verdict = "" if ratio.resolved else " (inside the noise)"
+    return (f"{name} ({a['bits_per_weight']:.4f} b/w, {a['ppl']:.3f}) / {against} ({b['bits_per_weight']:.4f} b/w, "
+            f"{b['ppl']:.3f}): ×{num(ratio.ratio)} [{num(ratio.low)}, {num(ratio.high)}]{verdict}")
+
+
 def dense_average(rows: list[dict]) -> float:
     """The dense model's mean ``acc`` over the tasks (the same for every scored row)."""
     return next(r["zeroshot"]["average"]["dense"] for r in rows if r.get("zeroshot"))
@@ -299,10 +314,16 @@ def main() -> None:
     parser.add_argument("--model-dirs", nargs="+", metavar="SHORT=ROW",
                         help="print `dense=DIR SHORT=DIR …` of these rows' assembled models (for benchmarks/inference.py "
                              "--models); runs what is missing, writes no table")
+    parser.add_argument("--pair", nargs=2, metavar=("ROW", "AGAINST"),
+                        help="print ROW's perplexity over AGAINST's, paired over the test windows, from OUT/NAME.json "
+                             "(any two rows, not only a row and its anchor); runs nothing")
     parser.add_argument("--pair-zeroshot", nargs=2, metavar=("ROW", "AGAINST"),
                         help="print acc(ROW) − acc(AGAINST) per task and for the mean, paired over the documents the "
                              "finished zeroshot partitions scored (with --tasks and --task-limit as they ran); runs nothing")
     args = parser.parse_args()
+    if args.pair:
+        return print(pair_line(json.loads((Path(args.out) / f"{args.name}.json").read_text()), *args.pair,
+                               yaml.safe_load(Path(args.base).read_text())["evaluation"]["seq_len"]))
     if args.pair_zeroshot:
         return print(zeroshot_pair_lines(base_with_tasks(args), args.rows, args.pair_zeroshot, Path(args.workspace)))
     if args.model_dirs:

@@ -3,7 +3,9 @@ average beside the retention when a row was scored (a row without one says so, n
 
 from __future__ import annotations
 
-from benchmarks.memory_grid import table
+import pytest
+
+from benchmarks.memory_grid import pair_line, table
 
 
 def _row(name: str, nll: list[float], anchor: str | None, zeroshot: dict | None) -> dict:
@@ -30,3 +32,11 @@ def test_the_table_names_the_commits_its_rows_were_made_at() -> None:
     rows = [_row("old", [2.0, 2.1], None, None), {**_row("new", [1.9, 2.0], "old", None), "commit": "abc1234"}]
     assert table(rows, "gemma3", 512)[-1] == ("Made at commit abc1234 (each row's `commit` in the JSON); rows without "
                                              "one predate that field (git log of the JSON names their commits).")
+
+
+def test_any_two_rows_pair_over_the_windows() -> None:
+    rows = [_row("a", [2.0, 2.1, 2.2, 2.3], None, None), _row("b", [1.9, 2.0, 2.1, 2.2], None, None)]
+    line = pair_line(rows, "b", "a", 11)
+    assert line.startswith("b (3.2500 b/w, 10.000) / a (3.2500 b/w, 10.000): ×0.990") and "noise" not in line
+    with pytest.raises(SystemExit, match="--pair: no row 'c' in the grid's JSON"):
+        pair_line(rows, "c", "a", 11)
