@@ -91,6 +91,8 @@ ROWS = {
          "gptvq 2-D 2-bit, 2,048 per codebook"),
         ("gptvq 2-D 2-bit, 2,048 per codebook", {"name": "gptvq", "dim": 2, "bits_per_dim": 2, "group_columns": 64,
                                                   "group_weights": 2048}, None),
+        ("gptvq 2-D 3-bit, 6,144 per codebook", {"name": "gptvq", "dim": 2, "bits_per_dim": 3, "group_columns": 192,
+                                                  "group_weights": 6144}, "gptq 3-bit g64"),
         ("gptq 2-bit g64", {"name": "gptq", "bits": 2, "group_size": 64}, None),
         # ranks and widths chosen together (rank_bits) within the bytes of the quantisation row it is paired with;
         # ε measured under the input Gram alone (the first model), and in K-FAC's own metric pair (the default)
