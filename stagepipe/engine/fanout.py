@@ -70,8 +70,10 @@ def hang_if_asked(label: str) -> None:
     once = os.environ.get("STAGEPIPE_TEST_HANG_ONCE")
     if once is not None and os.path.exists(once):
         return
-    if once is not None:
-        Path(once).write_text(f"{socket.gethostname()} {os.getpid()} {ray_node_id()}")
+    if once is not None:  # whole or absent: a watcher never reads it half written
+        partial = Path(f"{once}.{os.getpid()}.partial")
+        partial.write_text(f"{socket.gethostname()} {os.getpid()} {ray_node_id()}")
+        partial.replace(once)
     print(f"STAGEPIPE_TEST: hanging in {label}", flush=True)
     time.sleep(3600)
 
