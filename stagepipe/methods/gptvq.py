@@ -90,8 +90,8 @@ class GPTVQ(QuantizedMethod):
         (``ValueError`` when none does; ``shape_problem`` says so before anything runs)."""
         grid = self._tiling(m, n)
         if grid is None:
-            self.grid().check(m, n)
-        return grid or self.grid()
+            raise ValueError(self.shape_problem({"": (m, n)}))
+        return grid
 
     def _tiling(self, m: int, n: int) -> VQGrid | None:
         return next((g for g in map(self._grid, self.cfg.column_candidates()) if g.fits(m, n)), None)
@@ -121,9 +121,9 @@ class GPTVQ(QuantizedMethod):
         return dequantize_stored(tensors, self.grid_for(*shape), shape)
 
     def shape_problem(self, shapes: dict[str, tuple[int, int]]) -> str | None:
-        grids = [self._grid(columns) for columns in self.cfg.column_candidates()]
-        bad = sorted({(m, n) for m, n in shapes.values() if not any(grid.fits(m, n) for grid in grids)})
+        bad = sorted({(m, n) for m, n in shapes.values() if self._tiling(m, n) is None})
         if bad:
+            grids = [self._grid(columns) for columns in self.cfg.column_candidates()]
             groups = " or ".join(f"{grid.group_rows} rows × {grid.group_columns} columns" for grid in grids)
             return (f"method.group_columns/group_weights: groups of {groups} of {grids[0].dim}-vectors do not tile "
                     f"the target shapes {bad}; choose group_columns dividing every input size and rows dividing "
