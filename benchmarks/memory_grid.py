@@ -104,10 +104,18 @@ ROWS = {
     "gemma3": [
         ("gptq 4-bit g64", {"bits": 4, "group_size": 64}, None),
         ("rtn 4-bit g64", {"name": "rtn", "bits": 4, "group_size": 64}, "gptq 4-bit g64"),
+        # 256 entries per codebook, as many as GPTQ 4-bit g64's bytes allow with 4,096-bit codebooks: 4.1255 bits
+        ("gptvq 2-D 4-bit, 32,768 per codebook", {"name": "gptvq", "dim": 2, "bits_per_dim": 4,
+                                                   "group_columns": [128, 512], "group_weights": 32768},
+         "gptq 4-bit g64"),
         ("gptq 3-bit g64", {"bits": 3, "group_size": 64}, None),
         ("rtn 3-bit g64", {"name": "rtn", "bits": 3, "group_size": 64}, "gptq 3-bit g64"),
         ("gptvq 2-D 3-bit, 8,192 per codebook", {"name": "gptvq", "dim": 2, "bits_per_dim": 3, "group_columns": 128,
                                                   "group_weights": 8192}, "gptq 3-bit g64"),
+        # twice the codebook group pays for a rank-1 EoRA branch within the 2-D 3-bit row's bytes: 3.1013 bits
+        ("gptvq 2-D 3-bit, 16,384 per codebook + EoRA rank 1",
+         {"name": "gptvq", "dim": 2, "bits_per_dim": 3, "group_columns": 128, "group_weights": 16384,
+          "compensate": {"rank": 1}}, "gptvq 2-D 3-bit, 8,192 per codebook"),
         ("gptq 2-bit g64", {"bits": 2, "group_size": 64}, None),
         ("rtn 2-bit g64", {"name": "rtn", "bits": 2, "group_size": 64}, "gptq 2-bit g64"),
         ("gptvq 2-D 2-bit, 2,048 per codebook", {"name": "gptvq", "dim": 2, "bits_per_dim": 2, "group_columns": 128,
