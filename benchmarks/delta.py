@@ -15,15 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import time
 from pathlib import Path
 
 import yaml
 
 try:  # run as a script (this directory on the path) or imported as benchmarks.delta
+    from provenance import head_commit
     from zeroshot_rows import retained_text
 except ModuleNotFoundError:
+    from benchmarks.provenance import head_commit
     from benchmarks.zeroshot_rows import retained_text
 
 from stagepipe.config import parse_pipeline
@@ -116,7 +117,7 @@ def main() -> None:
             print(f"{label:18s} ratio {ratio:g}: {rows[-1]['perplexity']['compressed']}", flush=True)
     rows.append({"label": "bitdelta", **run(config(base, {"name": "bitdelta"}, BITDELTA_RATIO, tasks=args.tasks or None,
                                                    task_limit=args.task_limit), args.workspace)})
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    commit = head_commit()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.json").write_text(json.dumps({"commit": commit, "impart_choice": chosen, "impart_note": note,
                                                        "impart_tried": tried, "rows": rows}, indent=1))

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 from pathlib import Path
 
 import torch
 import yaml
+from provenance import head_commit
 from quality import ROOT, grid_config  # benchmarks/quality.py (this directory)
 from transformers import AutoModelForCausalLM
 
@@ -76,7 +76,7 @@ def main() -> None:
     base = yaml.safe_load(Path(args.base).read_text())
     rows = {f"{m}@{k}": distortion(grid_config(base, m, k), Path(args.workspace), args.batch)
             for k in args.fractions for m in args.methods}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    commit = head_commit()
     Path(args.out).write_text(json.dumps({"commit": commit, "base": Path(args.base).name, "measure":
                                           "sum ||h_c - h_d||^2 / sum ||h_d||^2 per block output, calibration windows",
                                           "rows": rows}, indent=1))

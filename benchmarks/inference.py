@@ -105,6 +105,8 @@ def measure(model_dir: str, device: str, prompt: int, new_tokens: int, batch: in
 
 
 def main() -> None:
+    from provenance import head_commit  # benchmarks/provenance.py (this directory, on the path above)
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default=str(ROOT / "pipelines" / "smollm2_demo.yaml"))
     parser.add_argument("--kept", type=float, nargs="+", default=[0.8, 0.6])
@@ -152,7 +154,7 @@ def main() -> None:
             print(f"round {round_ + 1}/{args.rounds} {name}: {runs[name][-1]}", flush=True)
     rows = {name: {key: statistics.median(r[key] for r in results) if results[0][key] is not None else None
                    for key in results[0]} for name, results in runs.items()}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    commit = head_commit()
     setup = {key: getattr(args, key) for key in ("kept", "rounds", "repeats", "prompt", "new_tokens", "batch", "threads",
                                                  "device", "models", "label")}
     out = Path(args.out)

@@ -18,10 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 from pathlib import Path
 
 import yaml
+
+try:  # run as a script (this directory on the path) or imported as benchmarks.memory_grid (tests)
+    from provenance import head_commit
+except ModuleNotFoundError:
+    from benchmarks.provenance import head_commit
 
 from stagepipe.config import parse_pipeline
 from stagepipe.intervals import compare
@@ -344,7 +348,7 @@ def main() -> None:
             raise SystemExit(f"--render: {Path(args.out) / (args.name + '.json')} does not exist; run the grid first")
         args.only = []
     base = base_with_tasks(args)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    commit = head_commit()
     out = Path(args.out)
     earlier = {r["row"]: r for r in json.loads((out / f"{args.name}.json").read_text())} if (
         args.only is not None and (out / f"{args.name}.json").exists()) else {}

@@ -17,15 +17,16 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import time
 from pathlib import Path
 
 import yaml
 
 try:  # run as a script (this directory on the path) or imported as benchmarks.quality (scripts/render_docs.py)
+    from provenance import head_commit
     from zeroshot_rows import finished_scores, paired_lines, plot_retention, retained_cell, zeroshot_lines
 except ModuleNotFoundError:
+    from benchmarks.provenance import head_commit
     from benchmarks.zeroshot_rows import (
         finished_scores,
         paired_lines,
@@ -180,7 +181,7 @@ def main() -> None:
                               **({"task_limit": args.task_limit} if args.task_limit else {})}
     if args.pair_zeroshot:
         return print("\n".join(zeroshot_pair_lines(base, args.pair_zeroshot, args.fractions, Path(args.workspace))))
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    commit = head_commit()
     rows = [dict(run_point(base, m, k, Path(args.workspace)), commit=commit) for m in args.methods for k in args.fractions]
     if args.merge and (out / "results.json").is_file():
         old = json.loads((out / "results.json").read_text())

@@ -26,11 +26,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import subprocess
 from pathlib import Path
 
 import torch
 import yaml
+from provenance import head_commit
 from quality import ROOT, grid_config, method_block  # benchmarks/quality.py (this directory)
 from transformers import AutoModelForCausalLM
 
@@ -120,7 +120,7 @@ def main() -> None:
         base, _ = with_option(base, key, option_value(value))
     points = [validation_point(base, args.entry, args.kept, args.option, v, Path(args.workspace)) for v in args.values]
     chosen = min(points, key=lambda p: p["validation"]["ppl"])
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    commit = head_commit()
     what = f"`{args.entry}` at kept {args.kept}" if args.entry else f"`{Path(args.base).name}`"
     call = (f"--entry {args.entry} " if args.entry else "") + (f"--set {' '.join(args.set)} " if args.set else "")
     tail = f" --kept {args.kept}" if args.entry else ""
