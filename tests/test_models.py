@@ -166,3 +166,39 @@ def test_grid_linear_decodes_compressed_tensors_packing_exactly(bits: int, group
     linear = GridLinear(20, 6, False, bits, group)
     linear.load_state_dict(stored)
     assert torch.equal(linear.decoded_weight(torch.float64), dequantize_stored(stored, grid))
+
+
+@pytest.mark.parametrize("width", [1, 2, 3, 4, 5, 6, 7, 8, 12, 16])
+def test_unpack_reads_every_width_as_the_stage_packs_it(width: int) -> None:
+    """The modeling code's word-at-a-time ``_unpack`` gives exactly ``quantize.unpack`` (one bit at a
+    time, the stage's reference) for every code width the quantisers write, on one stream and on
+    rows that are streams of their own (``GridLinear``'s padded int32 words)."""
+    from stagepipe.models.modeling_lowrank import _unpack
+    from stagepipe.quantize import pack, unpack
+
+    generator = torch.Generator().manual_seed(width)
+    values = torch.randint(0, 1 << width, (37,), generator=generator)
+    stream = pack(values, width)
+    assert torch.equal(_unpack(stream, width, 37), unpack(stream, width, 37))
+    assert torch.equal(_unpack(stream, width, 37), values)
+    rows = torch.randint(0, 1 << width, (3, 11), generator=generator)
+    padded = torch.stack([torch.cat([pack(row, width), torch.zeros(3, dtype=torch.uint8)]) for row in rows])
+    assert torch.equal(_unpack(padded, width, 11), rows)
+
+
+@pytest.mark.parametrize("dim, bits_per_dim", [(1, 3), (2, 2), (2, 3), (2, 4), (4, 2), (4, 3)])
+def test_vq_linear_decodes_the_stored_codes_exactly(dim: int, bits_per_dim: int) -> None:
+    """``VQLinear`` decodes to exactly ``gptvq.dequantize_stored`` — every group's own codebook and
+    scale, several row and column groups — so the model's weights are the quantiser's."""
+    from stagepipe.gptvq import VectorQuantized, VQGrid, dequantize_stored, stored_tensors
+    from stagepipe.models.modeling_lowrank import VQLinear
+
+    m, n, generator = 8, 32, torch.Generator().manual_seed(dim * 10 + bits_per_dim)
+    grid = VQGrid(dim=dim, bits_per_dim=bits_per_dim, group_columns=16, group_weights=64)
+    codes = torch.randint(0, grid.centroids, (m, n // dim), generator=generator)
+    books = torch.randint(-127, 128, (m // grid.group_rows, n // 16, grid.centroids, dim), generator=generator).double()
+    scales = torch.rand(m // grid.group_rows, n // 16, generator=generator, dtype=torch.float64).half().double()
+    stored = stored_tensors(VectorQuantized(codes=codes, codebooks=books, scales=scales, weight=torch.zeros(m, n), grid=grid))
+    linear = VQLinear(n, m, False, dim, bits_per_dim, grid.group_rows, grid.group_columns)
+    linear.load_state_dict(stored)
+    assert torch.equal(linear.decoded_weight(torch.float64), dequantize_stored(stored, grid, (m, n)))

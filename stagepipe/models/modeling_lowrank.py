@@ -23,6 +23,8 @@ bits where a joint allocation chose a width per linear).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from transformers import (
@@ -152,10 +154,26 @@ class _Compensated(nn.Module):
         return y
 
 
-def _bits_of(data: torch.Tensor) -> torch.Tensor:
-    """The little-endian bits of a byte tensor, last dimension × 8."""
-    shifts = torch.arange(8, device=data.device)
-    return ((data.to(torch.int64)[..., None] >> shifts) & 1).flatten(-2)
+def _unpack(data: torch.Tensor, width: int, count: int) -> torch.Tensor:
+    """The first ``count`` ``width``-bit integers (int64) of each little-endian byte stream along the
+    last dimension of ``data``. Bytes are read in blocks that hold a whole number of integers
+    (``lcm(width, 8)/8`` bytes, at most 8 for every width the quantisers write), each block one int64
+    word and every integer a shift and a mask of it: no tensor of single bits, so decoding a layer at
+    every call costs a few elementwise passes over its codes."""
+    block = math.lcm(width, 8) // 8
+    if block > 8:
+        raise ValueError(f"{width}-bit codes: a block of {block} bytes does not fit one 64-bit word")
+    data = data.to(torch.int64)
+    pad = (-data.shape[-1]) % block
+    if pad:
+        data = torch.cat([data, data.new_zeros(*data.shape[:-1], pad)], dim=-1)
+    data = data.reshape(*data.shape[:-1], -1, block)
+    word = data[..., 0]
+    for byte in range(1, block):
+        word = word | (data[..., byte] << (8 * byte))
+    mask = (1 << width) - 1
+    values = torch.stack([(word >> (width * i)) & mask for i in range(8 * block // width)], dim=-1)
+    return values.flatten(-2)[..., :count]
 
 
 class VQLinear(_Compensated):
@@ -179,12 +197,14 @@ class VQLinear(_Compensated):
     def decoded_weight(self, dtype: torch.dtype) -> torch.Tensor:
         width, count = self.bits_per_dim * self.dim, self.out_features * self.in_features // self.dim
         device = self.weight_codes.device
-        bits = _bits_of(self.weight_codes)[: count * width].reshape(count, width)
-        index = (bits << torch.arange(width, device=device)).sum(1).reshape(self.out_features, -1)
+        index = _unpack(self.weight_codes, width, count).reshape(self.out_features, -1)
         values = self.weight_codebooks.to(dtype) * self.weight_scales.to(dtype)[..., None, None]
+        group_columns, entries = values.shape[1], values.shape[2]
         rows = torch.arange(self.out_features, device=device) // self.group_rows
         columns = torch.arange(index.shape[1], device=device) // (self.group_columns // self.dim)
-        return values[rows[:, None], columns[None, :], index].reshape(self.out_features, self.in_features)
+        # each vector's row in the codebooks flattened to (groups · entries) × dim: one gather
+        flat = (rows[:, None] * group_columns + columns[None, :]) * entries + index
+        return values.reshape(-1, self.dim).index_select(0, flat.reshape(-1)).reshape(self.out_features, self.in_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, dim={self.dim}, "
@@ -211,9 +231,7 @@ class GridLinear(_Compensated):
         if torch.tensor([1], dtype=torch.int32).view(torch.uint8)[0] != 1:
             raise RuntimeError("GridLinear decodes int32 words as little-endian bytes")
         device = self.weight_packed.device
-        bits = _bits_of(self.weight_packed.contiguous().view(torch.uint8))[:, : self.in_features * self.bits]
-        codes = (bits.reshape(self.out_features, self.in_features, self.bits)
-                 << torch.arange(self.bits, device=device)).sum(-1)
+        codes = _unpack(self.weight_packed.contiguous().view(torch.uint8), self.bits, self.in_features)
         columns = torch.arange(self.in_features, device=device) // (self.group_size or self.in_features)
         return (codes - (1 << (self.bits - 1))).to(dtype) * self.weight_scale.to(dtype)[:, columns]
 
